@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (the main job on the embedded demo data) and `make test`.
+# Each creates .venv and installs the tested set (constraints.txt) first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO ?= demo
+WORKERS ?= $(shell nproc)
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: venv
+	$(PY) -m preprocess make-demo $(DEMO)/src
+	$(PY) -m preprocess shard --src $(DEMO)/src/train --out $(DEMO)/shards --split train --workers $(WORKERS)
+	$(PY) -m preprocess shard --src $(DEMO)/src/val --devkit $(DEMO)/src/devkit --out $(DEMO)/shards --split val --workers $(WORKERS)
+	@echo "demo shards and manifest: $(DEMO)/shards/manifest.json"
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) -m preprocess bench
+
+clean:
+	rm -rf $(DEMO) .pytest_cache
