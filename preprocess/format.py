@@ -34,7 +34,11 @@ IMAGE_SIZE = 256  # stored side length; training crops 227 from it
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
-class FormatError(Exception):
+class UserError(Exception):
+    """An error the user can fix (a path, a flag, the data): the CLIs print it on one line and exit 2."""
+
+
+class FormatError(UserError):
     """A dataset directory that does not match this format (missing manifest, wrong schema...)."""
 
 
