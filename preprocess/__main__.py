@@ -31,10 +31,9 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-class shuffle")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the stored images")
-    p.add_argument("--task-index", type=int, default=_env_int("SLURM_ARRAY_TASK_ID") or 0,
-                   help="this task's index in an array job (default: $SLURM_ARRAY_TASK_ID or 0)")
-    p.add_argument("--task-count", type=int, default=_env_int("SLURM_ARRAY_TASK_COUNT") or 1,
-                   help="tasks in the array job (default: $SLURM_ARRAY_TASK_COUNT or 1)")
+    p.add_argument("--task-index", type=int, default=0,
+                   help="this task's index in an array job, 0-based (slurm/preprocess.sh passes it)")
+    p.add_argument("--task-count", type=int, default=1, help="tasks in the array job")
     p.add_argument("--stats-images", type=int, default=10000,
                    help="train images sampled for the mean image and RGB PCA (0 = all)")
     p.add_argument("--no-finalize", action="store_true",
