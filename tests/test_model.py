@@ -1,0 +1,158 @@
+"""The single-device AlexNet: the paper's shapes, parameter count, LRN, init, dropout, the
+state-dict conversion to and from towers, the optional knobs and the layer-table CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.model import (AlexNet, ModelConfig, build_model, local_response_norm, layer_table, main,
+                            merge_tower_state_dicts, tower_state_dict, unwrap)
+
+NARROW = {"num_classes": 10, "widths": (16, 32, 48, 48, 32), "fc_width": 64}
+
+
+@pytest.fixture(scope="module")
+def alexnet() -> AlexNet:
+    torch.manual_seed(0)
+    return AlexNet()
+
+
+def paper_lrn(a: torch.Tensor, n: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75) -> torch.Tensor:
+    """b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta, channel by channel."""
+    channels = a.shape[1]
+    b = torch.empty_like(a)
+    for i in range(channels):
+        lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
+        b[:, i] = a[:, i] / (k + alpha * a[:, lo:hi + 1].square().sum(1)) ** beta
+    return b
+
+
+def test_shape_trace(alexnet: AlexNet) -> None:
+    shapes = {row.name: row.output for row in layer_table(alexnet)}
+    assert shapes == {
+        "conv1": (96, 55, 55), "norm1": (96, 55, 55), "pool1": (96, 27, 27),
+        "conv2": (256, 27, 27), "norm2": (256, 27, 27), "pool2": (256, 13, 13),
+        "conv3": (384, 13, 13), "conv4": (384, 13, 13), "conv5": (256, 13, 13), "pool5": (256, 6, 6),
+        "fc6": (4096,), "fc7": (4096,), "fc8": (1000,),
+    }
+    assert alexnet.eval()(torch.randn(2, 3, 227, 227)).shape == (2, 1000)
+
+
+def test_parameter_count(alexnet: AlexNet) -> None:
+    assert sum(p.numel() for p in alexnet.parameters()) == 60_965_224
+
+
+def test_lrn_is_the_papers_formula() -> None:
+    a = 30 * torch.randn(2, 12, 3, 3, dtype=torch.float64)  # large enough that alpha * sum matters
+    expected = paper_lrn(a)
+    torch.testing.assert_close(local_response_norm(a), expected)
+    torch.testing.assert_close(F.local_response_norm(a, 5, alpha=5e-4, beta=0.75, k=2.0), expected)
+    assert not torch.allclose(F.local_response_norm(a, 5, alpha=1e-4, beta=0.75, k=2.0), expected)
+
+
+def test_grouped_lrn_normalises_each_tower_on_its_own() -> None:
+    a = 30 * torch.randn(2, 12, 3, 3, dtype=torch.float64)
+    per_tower = torch.cat([paper_lrn(a[:, :6]), paper_lrn(a[:, 6:])], 1)
+    torch.testing.assert_close(local_response_norm(a, groups=2), per_tower)
+    mixed = ~torch.isclose(paper_lrn(a), per_tower).flatten(2).all(2).all(0)
+    assert mixed.nonzero().flatten().tolist() == [4, 5, 6, 7]  # only the channels by the boundary
+
+
+def test_paper_initialisation(alexnet: AlexNet) -> None:
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
+        layer = getattr(alexnet, name)
+        assert layer.weight.std().item() == pytest.approx(0.01, rel=0.03), name
+        assert abs(layer.weight.mean().item()) < 1e-3, name
+        expected_bias = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+        assert torch.equal(layer.bias, torch.full_like(layer.bias, expected_bias)), name
+
+
+def test_dropout_only_in_training() -> None:
+    model = AlexNet(**NARROW, dropout=0.5)
+    undropped = AlexNet(**NARROW, dropout=0.0)
+    undropped.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 227, 227)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), undropped.eval()(x))  # inverted dropout: nothing to rescale at test
+
+
+def test_fc7_features_and_conv1_filters(alexnet: AlexNet) -> None:
+    x = torch.randn(2, 3, 227, 227)
+    alexnet.eval()
+    with torch.no_grad():
+        features = alexnet.fc7_features(x)
+        assert features.shape == (2, 4096) and features.min() >= 0
+        torch.testing.assert_close(alexnet.fc8(features), alexnet(x))
+    filters = alexnet.conv1_filters()
+    assert [f.shape for f in filters] == [(48, 3, 11, 11)] * 2
+    assert torch.equal(torch.cat(filters), alexnet.conv1.weight)
+
+
+def test_tower_state_dicts(alexnet: AlexNet) -> None:
+    full = alexnet.state_dict()
+    towers = [tower_state_dict(full, r) for r in range(2)]
+    assert {k: tuple(v.shape) for k, v in towers[1].items() if k.endswith("weight")} == {
+        "conv1.weight": (48, 3, 11, 11), "conv2.weight": (128, 48, 5, 5), "conv3.weight": (192, 256, 3, 3),
+        "conv4.weight": (192, 192, 3, 3), "conv5.weight": (128, 192, 3, 3), "fc6.weight": (2048, 9216),
+        "fc7.weight": (2048, 4096), "fc8.weight": (500, 4096),
+    }
+    merged = merge_tower_state_dicts(towers)
+    assert merged.keys() == full.keys() and all(torch.equal(merged[k], full[k]) for k in full)
+    again = [tower_state_dict(merged, r) for r in range(2)]
+    assert all(torch.equal(again[r][k], towers[r][k]) for r in range(2) for k in full)
+    assert all(torch.equal(v, full[k]) for k, v in tower_state_dict(full, 0, tp_size=1).items())
+
+
+def test_odd_number_of_classes_gives_tower_0_the_larger_half() -> None:
+    full = AlexNet(**{**NARROW, "num_classes": 7}).state_dict()
+    assert [tower_state_dict(full, r)["fc8.bias"].numel() for r in range(2)] == [4, 3]
+
+
+@pytest.mark.parametrize("option, value", [("widths", (16, 32, 47, 48, 32)), ("fc_width", 63)])
+def test_odd_widths_are_refused(option: str, value: object) -> None:
+    with pytest.raises(ValueError, match=option):
+        ModelConfig(**{**NARROW, option: value})
+    with pytest.raises(ValueError, match=option):
+        AlexNet(**{**NARROW, option: value})
+
+
+def test_build_model_knobs_keep_logits_and_state_dict_keys() -> None:
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(**NARROW)).eval()
+    torch.manual_seed(0)
+    channels_last = build_model(ModelConfig(**NARROW, channels_last=True)).eval()
+    assert channels_last.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 227, 227)
+    torch.testing.assert_close(channels_last(x), plain(x))
+    compiled = build_model(ModelConfig(**NARROW, compile=True))  # compiles lazily: no forward here
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
+    assert unwrap(torch.compile(plain)) is plain and unwrap(compiled) is compiled
+
+
+def test_runs_under_bf16_autocast() -> None:
+    model = AlexNet(**NARROW)
+    x = torch.randn(2, 3, 227, 227)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+        loss = F.cross_entropy(logits, torch.tensor([1, 2]))
+    loss.backward()
+    assert logits.dtype == torch.bfloat16
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x).float()
+    torch.testing.assert_close(low, model(x).detach(), rtol=0.02, atol=0.02)
+
+
+def test_layer_table_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    main([])
+    single = capsys.readouterr().out
+    assert "60,965,224" in single.splitlines()[-1] and "1,448.8" in single.splitlines()[-1]
+    main(["--tp", "2", "--num-classes", "7"])
+    towers = capsys.readouterr().out
+    assert "tower 1 of 2" in towers and "48 x 55 x 55" in towers
+    assert "both towers: 56,896,903 parameters" in towers
