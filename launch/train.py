@@ -1,0 +1,113 @@
+"""Training entry point for torchrun, srun and plain python.
+
+    python -m launch.train --data SHARDS --run-dir RUN --tp 1          # one process
+    torchrun --nproc_per_node=2 -m launch.train --data SHARDS --run-dir RUN      # the paper's 2-GPU split
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        -m launch.train --data SHARDS --run-dir RUN                    # 16 replicas x 2 towers
+
+This is the only module that reads the process environment (RANK, WORLD_SIZE, LOCAL_RANK, set by
+torchrun or by ``launch.submit`` under srun). It initialises the process group (NCCL on GPUs, gloo
+on CPU), builds the (dp x tp) mesh, turns SIGUSR1/SIGTERM into a stop request that the trainer
+acts on at the next step boundary (checkpoint, then exit 0 so the Slurm script can requeue), and
+resumes from the run directory's latest checkpoint automatically (also after an elastic restart).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from preprocess.format import UserError
+
+
+@dataclass(frozen=True)
+class ProcessEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_environ(cls) -> "ProcessEnv":
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs progress; other ranks only warnings and errors (no print-patching)."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def install_stop_handlers(stop: threading.Event, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    """A signal only sets a flag: the checkpoint happens collectively at the next step boundary."""
+    def handler(signum: int, frame: object) -> None:
+        logging.getLogger("alexnet").warning("received %s: checkpointing at the next step boundary",
+                                             signal.Signals(signum).name)
+        stop.set()
+
+    for sig in signals:
+        signal.signal(sig, handler)
+
+
+def select_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--train.device cuda, but no CUDA device is visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def run(argv: list[str] | None = None, stop: threading.Event | None = None, env: ProcessEnv | None = None):
+    """Parse, set up, train; returns the trainer's Outcome. Shared by the CLI and launch.submit."""
+    from pipeline import config
+    from pipeline.mesh import ParallelDims, build_mesh
+    from pipeline.train import Trainer, write_run_config
+
+    env = env or ProcessEnv.from_environ()
+    setup_logging(env.rank)
+    cfg, args = config.parse(argv)
+    if not cfg.data.data:
+        raise UserError("--data is required: the preprocessed dataset directory (with manifest.json)")
+    dims = ParallelDims(env.world_size, env.rank, cfg.train.tp)
+    device = select_device(cfg.train.device, env.local_rank)
+    if stop is None:
+        stop = threading.Event()
+        install_stop_handlers(stop)
+    if env.world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=10),
+                                device_id=device if device.type == "cuda" else None)
+    try:
+        mesh = build_mesh(dims, device.type)
+        if dims.is_main:
+            write_run_config(cfg)
+            logging.getLogger("alexnet").info("%s on %s; run dir %s", dims.describe(), device, cfg.run_dir)
+        return Trainer(cfg, mesh, device, stop).fit(resume=args.resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        outcome = run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if outcome.preempted:
+        logging.getLogger("alexnet").warning("stopped for preemption at step %d; resume picks up from latest",
+                                             outcome.progress.step)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

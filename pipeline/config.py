@@ -1,0 +1,298 @@
+"""One config tree for a run: defaults are the paper's recipe; a file and the command line override.
+
+Every field of every section is a command-line option (``--optim.lr 0.02``); the most used have
+short aliases (``--lr``, ``--batch-size``, ``--tp`` ...). The docstring under a field is its
+``--help`` text. Precedence: defaults < ``--config FILE`` (TOML or JSON, sections as tables) <
+command line. The resolved config is written to ``RUN_DIR/config.json`` at start and into every
+checkpoint's meta.json.
+
+Batch size is *global* (the paper's 128 images per step, split over two GPUs); each data-parallel
+rank gets ``batch_size / dp_size`` and both tensor-parallel ranks of a pair see the same batch.
+If you change it, the usual linear rule (Goyal et al., 2017) keeps training comparable:
+``lr = 0.01 * batch_size / 128``, with a few epochs of warm-up (``--schedule.warmup-epochs``)
+for large batches. Nothing scales the rate automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoint import CheckpointConfig
+from pipeline.data import DataConfig
+from pipeline.model import ModelConfig
+from pipeline.schedule import ScheduleConfig
+from preprocess.format import UserError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    """initial learning rate (the paper: 0.01)"""
+    momentum: float = 0.9
+    """SGD momentum (the paper: 0.9)"""
+    weight_decay: float = 5e-4
+    """L2 weight decay (the paper: 0.0005)"""
+    batch_size: int = 128
+    """global batch size per step, split evenly over data-parallel ranks (the paper: 128)"""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 90
+    """epochs to train (the paper: roughly 90 passes)"""
+    max_steps: int = 0
+    """stop after this many optimizer steps in total (0 = no limit); for smoke tests and demos"""
+    seed: int = 0
+    """run seed: data order, augmentation, init and dropout derive from it"""
+    tp: int = 2
+    """tensor-parallel degree: 2 = the paper's split over two GPUs, 1 = one device per replica"""
+    amp: str = "none"
+    """mixed precision: none (the paper) or bf16 autocast"""
+    log_every: int = 20
+    """steps between console/TensorBoard scalars (each costs a device sync)"""
+    control_every: int = 10
+    """steps between the collective checks for signals, LR-drop requests and timed checkpoints"""
+    val_every: int = 1
+    """validate every this many epochs"""
+    ten_crop: bool = True
+    """validate with the paper's 10-crop test (else the centre crop)"""
+    histogram_every: int = 1000
+    """steps between weight histograms in TensorBoard (0 = never)"""
+    device: str = "auto"
+    """auto (CUDA if available), cuda or cpu"""
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("none", "bf16"):
+            raise UserError(f"--train.amp must be none or bf16 (got {self.amp!r})")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise UserError(f"--train.device must be auto, cuda or cpu (got {self.device!r})")
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/alexnet"
+    """run directory: config.json, checkpoints/, tensorboard/, logs"""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The issue-level flags users type most; each maps onto one field of the tree.
+ALIASES = {
+    "--data": "data.data",
+    "--run-dir": "run_dir",
+    "--epochs": "train.epochs",
+    "--batch-size": "optim.batch_size",
+    "--lr": "optim.lr",
+    "--tp": "train.tp",
+    "--loader": "data.loader",
+    "--seed": "train.seed",
+    "--max-steps": "train.max_steps",
+    "--num-classes": "model.num_classes",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (its help text)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _leaves(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, type, str]]:
+    """(dotted path, field, resolved type, help) for every scalar field of the tree."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(kind):
+            out += _leaves(kind, path + ".")
+        else:
+            out.append((path, f, kind, field_docs(cls).get(f.name, "")))
+    return out
+
+
+def _parser_for(kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin is typing.Union or (origin is not None and type(None) in args):  # X | None
+        inner = [a for a in args if a is not type(None)][0]
+        base = _parser_for(inner)
+        return lambda s: None if s.lower() in ("none", "null", "") else base(s)
+    if kind is bool:
+        return _parse_bool
+    if origin in (list, tuple):
+        item = _parser_for(args[0]) if args else str
+        return lambda s: [item(x) for x in s.split(",") if x.strip()]
+    if kind in (int, float, str):
+        return kind
+    return str
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def build_parser(prog: str = "python -m launch.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="TOML or JSON file with config sections (e.g. configs/demo.toml)")
+    parser.add_argument("--resume", help="checkpoint directory to start from (default: RUN_DIR's latest, if any)")
+    reverse = {v: k for k, v in ALIASES.items()}
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for path, f, kind, help_text in _leaves(RunConfig):
+        section = path.split(".")[0] if "." in path else "run"
+        group = groups.setdefault(section, parser.add_argument_group(section))
+        flags = [f"--{path.replace('_', '-')}"]
+        if path in reverse and reverse[path] not in flags:
+            flags.insert(0, reverse[path])
+        default = _default_of(f)
+        group.add_argument(*flags, dest=path, type=_parser_for(kind), default=argparse.SUPPRESS,
+                           metavar=_metavar(kind), help=f"{help_text} (default: {_show(default)})")
+    return parser
+
+
+def _metavar(kind: Any) -> str:
+    if kind is bool:
+        return "BOOL"
+    origin = typing.get_origin(kind)
+    if origin in (list, tuple):
+        return "A,B,..."
+    return getattr(kind, "__name__", "VALUE").upper().replace("NONETYPE", "")
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        return tomllib.loads(text)
+    except Exception as e:
+        raise UserError(f"{path}: not valid {path.suffix[1:].upper() or 'TOML'} ({e})") from None
+
+
+def from_dict(data: dict[str, Any], base: RunConfig | None = None, source: str = "config") -> RunConfig:
+    """Apply a nested mapping onto ``base`` (default: the paper's recipe), checking every key."""
+    flat: dict[str, Any] = {}
+
+    def walk(obj: dict[str, Any], prefix: str) -> None:
+        for key, value in obj.items():
+            path = f"{prefix}{key.replace('-', '_')}"
+            if isinstance(value, dict):
+                walk(value, path + ".")
+            else:
+                flat[path] = value
+
+    walk(data, "")
+    return _apply(base or RunConfig(), flat, source)
+
+
+def _apply(base: RunConfig, flat: dict[str, Any], source: str) -> RunConfig:
+    known = {path: (f, kind) for path, f, kind, _ in _leaves(RunConfig)}
+    tree = base.to_dict()
+    for path, value in flat.items():
+        if path not in known:
+            raise UserError(f"{source}: unknown option {path!r} (see --help for the list)")
+        node = tree
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    try:
+        return _build(RunConfig, tree)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        kind, value = hints[f.name], values[f.name]
+        kwargs[f.name] = _build(kind, value) if dataclasses.is_dataclass(kind) else _coerce(kind, value)
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any) -> Any:
+    """Config files give ints for floats and lists for tuples: normalise to the field's type."""
+    if value is None:
+        return None
+    origin = typing.get_origin(kind)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple:
+        return tuple(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"expected true/false, got {value!r}")
+    return value
+
+
+def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
+    """Defaults < --config file < command line; returns the config and the raw namespace."""
+    args = build_parser().parse_args(argv)
+    cfg = RunConfig()
+    if args.config is not None:
+        cfg = from_dict(read_file(args.config), cfg, str(args.config))
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
+    cfg = _apply(cfg, overrides, "command line")
+    return cfg, args
+
+
+def save(cfg: RunConfig, run_dir: Path) -> Path:
+    from preprocess.format import write_json_atomic
+
+    path = Path(run_dir) / "config.json"
+    write_json_atomic(path, cfg.to_dict())
+    return path

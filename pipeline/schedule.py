@@ -1,0 +1,133 @@
+"""The paper's learning-rate schedule: divide by 10 when validation error stops improving.
+
+The paper adjusted the rate by hand ("the heuristic which we followed was to divide the learning
+rate by 10 when the validation error rate stopped improving with the current learning rate ...
+reduced three times prior to termination"). Three ways to get that here:
+
+- ``manual``: an operator runs ``python -m launch.lr_drop RUN_DIR`` while the job runs; the
+  request is a file in the run directory that rank 0 notices, and the decision reaches every rank
+  through a collective, so all ranks drop at the same step boundary. Honoured under every policy.
+- ``plateau``: the paper's rule written down: after a validation, if top-1 error has not improved
+  on the best so far by more than ``threshold`` for ``patience`` validations in a row, drop.
+- ``milestones``: fixed epochs (torchvision's reference recipe uses every 30 epochs).
+
+At most ``max_drops`` drops (the paper: three). The history of drops (step, epoch, reason, new
+rate) is part of the checkpoint and logged to TensorBoard. An optional linear warm-up (off in the
+paper's recipe) scales the rate during the first ``warmup_epochs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+POLICIES = ("plateau", "milestones", "manual")
+MANUAL_REQUEST = "lr_drop.request"
+
+
+@dataclass
+class ScheduleConfig:
+    policy: str = "plateau"
+    """plateau (the paper's rule), milestones (fixed epochs) or manual (operator requests only)"""
+    factor: float = 0.1
+    """multiply the learning rate by this at each drop (the paper: divide by 10)"""
+    max_drops: int = 3
+    """stop dropping after this many (the paper: three times over ~90 epochs)"""
+    patience: int = 5
+    """plateau: validations without improvement before a drop"""
+    threshold: float = 0.001
+    """plateau: top-1 error must fall by more than this (absolute, 0..1) to count as improvement"""
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
+    """milestones: drop at the start of these epochs"""
+    warmup_epochs: float = 0.0
+    """linear warm-up from 0 over this many epochs (0 = none, as the paper)"""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"schedule.policy must be one of {', '.join(POLICIES)} (got {self.policy!r})")
+        if not 0 < self.factor < 1:
+            raise ValueError(f"schedule.factor must be in (0, 1) (got {self.factor})")
+
+
+class LRSchedule:
+    """Learning rate as a function of progress and of the drops taken so far."""
+
+    def __init__(self, cfg: ScheduleConfig, base_lr: float):
+        self.cfg = cfg
+        self.base_lr = base_lr
+        self.drops: list[dict[str, Any]] = []
+        self.best_error: float | None = None
+        self.bad_validations = 0
+
+    def lr(self, epoch_progress: float) -> float:
+        """Rate at a point measured in (fractional) epochs since the start of training."""
+        rate = self.base_lr * self.cfg.factor ** len(self.drops)
+        if self.cfg.warmup_epochs > 0 and epoch_progress < self.cfg.warmup_epochs:
+            rate *= (epoch_progress + 1e-8) / self.cfg.warmup_epochs
+        return rate
+
+    def can_drop(self) -> bool:
+        return len(self.drops) < self.cfg.max_drops
+
+    def drop(self, *, step: int, epoch: int, reason: str) -> bool:
+        """Take one drop now; False when the budget of drops is used up."""
+        if not self.can_drop():
+            return False
+        self.drops.append({"step": step, "epoch": epoch, "reason": reason,
+                           "lr": self.base_lr * self.cfg.factor ** (len(self.drops) + 1)})
+        self.bad_validations = 0
+        return True
+
+    def on_epoch_start(self, *, epoch: int, step: int) -> bool:
+        """Milestone drops; an epoch passed over by a resume is not dropped for twice."""
+        if self.cfg.policy != "milestones":
+            return False
+        done = {d["epoch"] for d in self.drops if d["reason"] == "milestone"}
+        if epoch in self.cfg.milestones and epoch not in done:
+            return self.drop(step=step, epoch=epoch, reason="milestone")
+        return False
+
+    def on_validation(self, *, top1_error: float, epoch: int, step: int) -> bool:
+        """The plateau rule; returns whether the rate dropped."""
+        if self.best_error is None or top1_error < self.best_error - self.cfg.threshold:
+            self.best_error = top1_error if self.best_error is None else min(self.best_error, top1_error)
+            self.bad_validations = 0
+            return False
+        self.best_error = min(self.best_error, top1_error)
+        self.bad_validations += 1
+        if self.cfg.policy == "plateau" and self.bad_validations >= self.cfg.patience:
+            return self.drop(step=step, epoch=epoch, reason="plateau")
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"drops": list(self.drops), "best_error": self.best_error,
+                "bad_validations": self.bad_validations, "base_lr": self.base_lr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.drops = list(state["drops"])
+        self.best_error = state["best_error"]
+        self.bad_validations = int(state["bad_validations"])
+
+
+def request_manual_drop(run_dir: str | Path, note: str = "") -> Path:
+    """Ask a running job to drop its rate at its next control step (what ``launch.lr_drop`` does)."""
+    run_dir = Path(run_dir)
+    path = run_dir / MANUAL_REQUEST
+    tmp = run_dir / f".{MANUAL_REQUEST}.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps({"requested_at": time.time(), "note": note}) + "\n")
+    os.replace(tmp, path)  # the job sees the request complete or not at all
+    return path
+
+
+def take_manual_request(run_dir: str | Path, step: int) -> bool:
+    """Rank 0 only: consume a pending request (renamed aside, so it is applied once)."""
+    path = Path(run_dir) / MANUAL_REQUEST
+    try:
+        os.replace(path, Path(run_dir) / f"lr_drop.applied-step{step}")
+    except FileNotFoundError:
+        return False
+    return True

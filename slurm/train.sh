@@ -1,0 +1,90 @@
+#!/bin/bash
+# Multi-node AlexNet training on Slurm: one torchrun per node (through srun), c10d rendezvous on the
+# job's first node, GPUs of a node paired into the paper's two towers, DDP across the pairs.
+#
+#   sbatch slurm/train.sh --data /scratch/shards --run-dir /scratch/runs/alexnet
+#   sbatch -N 4 --gpus-per-node=8 slurm/train.sh --data /scratch/shards --run-dir /scratch/runs/a4 --config configs/paper.toml
+#
+# Arguments after the script name go to `python -m launch.train` (see its --help). Environment
+# overrides: NPROC_PER_NODE (default: GPUs on the node, else 2), RDZV_PORT (29500), MAX_RESTARTS
+# (elastic restarts after a crashed rank, 3), PYTHON (default: the repo's .venv, else python3),
+# RUN_DIR (when no --run-dir is given; default runs/alexnet-$SLURM_JOB_ID).
+#
+# Preemption and time limits: Slurm signals this script (USR1, 120 s before the limit, or TERM when
+# preempted); the script drops a stop request into the run directory, the job checkpoints at the
+# next step boundary and exits, and the script requeues itself. The requeued job resumes from the
+# run directory's latest checkpoint. Operators can trigger the same with `scancel -b --signal=USR1 JOB`.
+#SBATCH --job-name=alexnet
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=2
+#SBATCH --cpus-per-task=16
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -uo pipefail
+
+repo=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
+cd "$repo"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON=$repo/.venv/bin/python; else PYTHON=python3; fi
+fi
+
+# The run directory must be stable across requeues: take --run-dir from the arguments or set one.
+args=("$@")
+run_dir=""
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        --run-dir|--run_dir) run_dir=${args[i + 1]:-} ;;
+        --run-dir=*|--run_dir=*) run_dir=${args[i]#*=} ;;
+    esac
+done
+if [[ -z "$run_dir" ]]; then
+    run_dir=${RUN_DIR:-runs/alexnet-${SLURM_JOB_ID:-local}}
+    args+=(--run-dir "$run_dir")
+fi
+mkdir -p "$run_dir"
+
+nodes=${SLURM_JOB_NUM_NODES:-1}
+head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" 2>/dev/null | head -n 1)
+head_node=${head_node:-$(hostname)}
+gpus=${SLURM_GPUS_ON_NODE:-}
+nproc=${NPROC_PER_NODE:-${gpus:-2}}
+port=${RDZV_PORT:-29500}
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-2} / nproc > 0 ? ${SLURM_CPUS_PER_TASK:-2} / nproc : 1 ))}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # fail fast on a dead peer
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# Site-specific NCCL settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) belong in the environment.
+
+requeue=0
+on_signal() {
+    echo "$(date +%T) signal received: asking the job to checkpoint and stop (run dir $run_dir)"
+    touch "$run_dir/preempt.request"
+    requeue=1
+}
+trap on_signal USR1 TERM
+
+echo "$(date +%T) job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $nproc process(es), rendezvous $head_node:$port"
+srun --kill-on-bad-exit=0 --ntasks-per-node=1 \
+    "$PYTHON" -m torch.distributed.run \
+        --nnodes="$nodes" --nproc-per-node="$nproc" \
+        --rdzv-backend=c10d --rdzv-endpoint="$head_node:$port" --rdzv-id="${SLURM_JOB_ID:-local}" \
+        --max-restarts="${MAX_RESTARTS:-3}" \
+        -m launch.train "${args[@]}" &
+step=$!
+# A trap runs only while bash waits, so wait in a loop until the step has really ended.
+while true; do
+    wait "$step"
+    status=$?
+    kill -0 "$step" 2>/dev/null || break
+done
+
+if [[ $requeue == 1 ]]; then
+    echo "$(date +%T) training stopped for preemption (exit $status); requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$status"
