@@ -16,11 +16,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# preprocess -> train (the paper's two-tower split as 2 CPU processes over gloo) -> 10-crop evaluation
 demo: venv
 	$(PY) -m preprocess make-demo $(DEMO)/src
 	$(PY) -m preprocess shard --src $(DEMO)/src/train --out $(DEMO)/shards --split train --workers $(WORKERS)
 	$(PY) -m preprocess shard --src $(DEMO)/src/val --devkit $(DEMO)/src/devkit --out $(DEMO)/shards --split val --workers $(WORKERS)
-	@echo "demo shards and manifest: $(DEMO)/shards/manifest.json"
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m launch.train \
+		--config configs/demo.toml --data $(DEMO)/shards --run-dir $(DEMO)/run --tp 2
+	$(PY) -m pipeline.evaluate --run-dir $(DEMO)/run --checkpoint best --ten-crop true
+	@echo "TensorBoard logs: $(DEMO)/run/tensorboard  (view: $(VENV)/bin/tensorboard --logdir $(DEMO)/run/tensorboard)"
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -48,6 +48,7 @@ seed do not get identical (symmetric) towers.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ TOWERS = 2
 PAPER_WIDTHS = (96, 256, 384, 384, 256)
 INPUT_SIZE = (3, 227, 227)
 _ONE_BIAS = frozenset({"conv2", "conv4", "conv5", "fc6", "fc7"})
+INITS = ("paper", "kaiming")
 
 
 def tower_sizes(n: int, tp_size: int = TOWERS) -> tuple[int, ...]:
@@ -118,8 +120,12 @@ class AlexNet(nn.Module):
     """Both towers on one device (``tp_group=None`` or a 1-rank group) or this rank's tower."""
 
     def __init__(self, num_classes: int = 1000, widths: Sequence[int] = PAPER_WIDTHS, fc_width: int = 4096,
-                 dropout: float = 0.5, lrn: bool = True, *, tp_group: ProcessGroup | None = None) -> None:
+                 dropout: float = 0.5, lrn: bool = True, *, tp_group: ProcessGroup | None = None,
+                 init: str = "paper") -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"model.init must be one of {', '.join(INITS)} (got {init!r})")
+        self.init = init
         check_widths(num_classes, widths, fc_width)
         if tp_group is not None and dist.get_world_size(tp_group) == 1:
             tp_group = None
@@ -161,13 +167,20 @@ class AlexNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        """The paper's init, each weight drawn for the full layer and this tower's rows kept."""
+        """The init, each weight drawn for the full layer and this tower's rows kept.
+
+        ``paper``: N(0, 0.01) weights, biases 1 in conv2/4/5, fc6, fc7. ``kaiming``: N(0, 2/fan_in)
+        (He et al., 2015) and zero biases, for small datasets where the paper's init sits at chance
+        for many epochs (the demo)."""
         generator = torch.Generator().manual_seed(seed)
         for name, n in self.full_width.items():
             layer = getattr(self, name)
-            full = torch.empty(n, *layer.weight.shape[1:], device="cpu").normal_(0.0, 0.01, generator=generator)
+            shape = (n, *layer.weight.shape[1:])
+            fan_in = math.prod(shape[1:])
+            std = 0.01 if self.init == "paper" else math.sqrt((1.0 if name == "fc8" else 2.0) / fan_in)
+            full = torch.empty(shape, device="cpu").normal_(0.0, std, generator=generator)
             layer.weight.copy_(full.split(tower_sizes(n, self.tp_size))[self.tp_rank])
-            layer.bias.fill_(1.0 if name in _ONE_BIAS else 0.0)
+            layer.bias.fill_(1.0 if self.init == "paper" and name in _ONE_BIAS else 0.0)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits [N, num_classes]; in the tower form every rank returns the full logits."""
@@ -219,6 +232,8 @@ class ModelConfig:
     """dropout probability on the outputs of fc6 and fc7 during training (the paper: 0.5)"""
     lrn: bool = True
     """local response normalisation after conv1 and conv2 (the paper: on)"""
+    init: str = "paper"
+    """paper: N(0, 0.01) and the paper's biases; kaiming: He-normal, zero biases (small-data demos)"""
     channels_last: bool = False
     """store conv weights channels-last; convolutions then run channels-last from the first one on"""
     compile: bool = False
@@ -231,7 +246,8 @@ class ModelConfig:
 
 def build_model(cfg: ModelConfig, tp_group: ProcessGroup | None = None) -> AlexNet:
     """The single-device model (``tp_group`` None or of size 1) or this rank's tower (size 2)."""
-    model = AlexNet(cfg.num_classes, cfg.widths, cfg.fc_width, cfg.dropout, cfg.lrn, tp_group=tp_group)
+    model = AlexNet(cfg.num_classes, cfg.widths, cfg.fc_width, cfg.dropout, cfg.lrn, tp_group=tp_group,
+                    init=cfg.init)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.compile:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt
+from pipeline import evaluate
 from pipeline import config as config_mod
 from pipeline import data as data_mod
 from pipeline import model as model_mod
@@ -200,45 +201,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def validate(self, epoch: int) -> float:
         """Top-1/top-5 error over every val image exactly once (counts all-reduced over dp ranks)."""
         ten_crop = self.cfg.train.ten_crop
-        self.ddp.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # top1, top5, seen, loss sum
         loader = data_mod.val_loader(self.cfg.data, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp_size,
                                      device=self.device, ten_crop=ten_crop, batch_size=self.local_batch,
                                      num_classes=self.cfg.model.num_classes)
-        for images, labels in loader:
-            if labels.numel() == 0:
-                continue
-            probs, logits = self._predict(images, ten_crop)
-            top1, top5 = topk_correct(probs, labels)
-            loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
-            totals += torch.tensor([top1, top5, labels.numel(), float(loss)], dtype=torch.float64, device=self.device)
+        # The towers compute collectively, so both tp ranks run the model; their counts are equal.
+        totals = evaluate.count(self.model, loader, ten_crop=ten_crop, amp=self.cfg.train.amp == "bf16")
+        totals_t = totals.as_tensor(self.device)
         if self.mesh.dp_group is not None and self.dims.dp_size > 1:
-            dist.all_reduce(totals, group=self.mesh.dp_group)
-        top1, top5, seen, loss_sum = totals.tolist()
-        if seen == 0:
-            raise UserError(f"{self.cfg.data.data}: the val split produced no images")
-        top1_err, top5_err = 1 - top1 / seen, 1 - top5 / seen
-        self.writer.scalars({"val/top1_error": top1_err, "val/top5_error": top5_err,
-                             "val/loss": loss_sum / seen}, self.progress.step)
+            dist.all_reduce(totals_t, group=self.mesh.dp_group)
+        result = evaluate.EvalCounts.from_tensor(totals_t).summary()
+        self.writer.scalars({"val/top1_error": result["top1_error"], "val/top5_error": result["top5_error"],
+                             "val/loss": result["loss"]}, self.progress.step)
         if self.dims.is_main:
             log.info("epoch %d val: top-1 error %.2f%%, top-5 error %.2f%% over %d images (%s)", epoch,
-                     100 * top1_err, 100 * top5_err, int(seen), "10-crop" if ten_crop else "centre crop")
-        self.ddp.train()
-        return top1_err
-
-    def _predict(self, images: torch.Tensor, ten_crop: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax probabilities; for 10 views per image, the paper's average of the 10 softmaxes."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.amp == "bf16"):
-            if ten_crop:
-                b, views = images.shape[:2]
-                logits = self.model(images.flatten(0, 1)).float()
-                return logits.softmax(dim=1).view(b, views, -1).mean(dim=1), logits
-            logits = self.model(images).float()
-        return logits.softmax(dim=1), logits
+                     100 * result["top1_error"], 100 * result["top5_error"], result["images"],
+                     "10-crop" if ten_crop else "centre crop")
+        return result["top1_error"]
 
     def _is_best(self, val_error: float | None) -> bool:
         if val_error is None:
@@ -349,13 +330,15 @@ class Trainer:
         if self.device.type == "cuda":
             values["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.writer.scalars(values, step)
-        filters = self.model_conv1_filters() if step % (self.cfg.train.log_every * 10) == 0 else None
+        first = step == run_start_step + 1
+        # Every rank takes part: gathering the other tower's filters is a collective.
+        filters = self.model_conv1_filters() if first or step % (self.cfg.train.log_every * 10) == 0 else None
         if not self.dims.is_main:
             return
         if filters is not None:
             for t, f in enumerate(filters):
                 self.writer.images(f"conv1_filters/tower{t}", f, step)
-        if step == 0:
+        if first:
             self.writer.images("inputs/augmented", images[:16], step)
         if self.cfg.train.histogram_every and step % self.cfg.train.histogram_every == 0:
             self.writer.histograms({f"weights/{k}": v for k, v in self.model.named_parameters()}, step)
