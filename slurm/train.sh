@@ -50,6 +50,10 @@ mkdir -p "$run_dir"
 nodes=${SLURM_JOB_NUM_NODES:-1}
 head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" 2>/dev/null | head -n 1)
 head_node=${head_node:-$(hostname)}
+# Rendezvous at the head node's address as Slurm knows it (NodeAddr; it defaults to the node name,
+# but differs where node names do not resolve, e.g. several slurmd on one host).
+head_addr=$(scontrol show node -o "$head_node" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+head_addr=${head_addr:-$head_node}
 gpus=${SLURM_GPUS_ON_NODE:-}
 nproc=${NPROC_PER_NODE:-${gpus:-2}}
 port=${RDZV_PORT:-29500}
@@ -67,11 +71,11 @@ on_signal() {
 }
 trap on_signal USR1 TERM
 
-echo "$(date +%T) job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $nproc process(es), rendezvous $head_node:$port"
+echo "$(date +%T) job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $nproc process(es), rendezvous $head_addr:$port"
 srun --kill-on-bad-exit=0 --ntasks-per-node=1 \
     "$PYTHON" -m torch.distributed.run \
         --nnodes="$nodes" --nproc-per-node="$nproc" \
-        --rdzv-backend=c10d --rdzv-endpoint="$head_node:$port" --rdzv-id="${SLURM_JOB_ID:-local}" \
+        --rdzv-backend=c10d --rdzv-endpoint="$head_addr:$port" --rdzv-id="${SLURM_JOB_ID:-local}" \
         --max-restarts="${MAX_RESTARTS:-3}" \
         -m launch.train "${args[@]}" &
 step=$!
