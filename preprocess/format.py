@@ -14,6 +14,7 @@ This module has no heavy imports (no torch, no PIL): ``pipeline`` imports it to 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -182,6 +183,12 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"{path}: no space left on the device; free space and re-run "
+                            "(everything already complete is kept)") from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -1,0 +1,177 @@
+"""Shared fixtures and helpers for the end-to-end tests (Slurm, emulated nodes, faults, TensorBoard).
+
+    from tests._fixtures import demo_data, demo_shards  # noqa: F401  (fixtures, used by name)
+
+``demo_data`` is the procedural demo dataset (4 classes x 24 train / 6 val images) through the real
+preprocessing: ``ROOT/src`` (the source tree and devkit) and ``ROOT/shards`` (train + val shards,
+manifest). It is built once per test session however many modules import the fixture (pytest makes
+one fixture instance per importing module, so the work is cached here) and must be treated as
+read-only: a test that damages data copies it first.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+HARNESS = str(REPO / "tests" / "_train_harness.py")
+
+# The demo dataset's shape and the small-run flags every end-to-end test shares.
+DEMO_CLASSES, DEMO_TRAIN, DEMO_VAL = 4, 24, 6
+TRAIN_SHARD_SIZE = 40
+NARROW = ["--num-classes", "4", "--model.widths", "16,32,48,48,32", "--model.fc-width", "64"]
+SMALL_RUN = [*NARROW, "--batch-size", "8", "--data.workers", "1", "--train.ten-crop", "false",
+             "--checkpoint.every-minutes", "0"]
+
+_CACHE: dict[str, Path] = {}
+
+
+def preprocess(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`python -m preprocess ARGS` from the repository (captured, bounded)."""
+    proc = subprocess.run([PYTHON, "-m", "preprocess", *args], cwd=REPO, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout, env=small_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python -m preprocess {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def shard_args(src: Path, out: Path, split: str = "train", workers: int = 1) -> list[str]:
+    """The `shard` arguments the demo dataset is built with (the manifest comparison relies on them)."""
+    args = ["shard", "--src", str(src / split), "--out", str(out), "--split", split, "--workers", str(workers),
+            "--no-progress"]
+    if split == "train":
+        args += ["--shard-size", str(TRAIN_SHARD_SIZE)]
+    else:
+        args += ["--devkit", str(src / "devkit")]
+    return args
+
+
+def build_demo(root: Path) -> Path:
+    preprocess("make-demo", str(root / "src"), "--classes", str(DEMO_CLASSES), "--train-per-class", str(DEMO_TRAIN),
+               "--val-per-class", str(DEMO_VAL))
+    preprocess(*shard_args(root / "src", root / "shards", "train"))
+    preprocess(*shard_args(root / "src", root / "shards", "val"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ROOT with ROOT/src (demo source tree) and ROOT/shards (preprocessed train + val); read-only."""
+    if "root" not in _CACHE or not (_CACHE["root"] / "shards" / "manifest.json").exists():
+        _CACHE["root"] = build_demo(tmp_path_factory.mktemp("demo-shared"))
+    return _CACHE["root"]
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_data: Path) -> Path:
+    """The preprocessed demo dataset directory (manifest.json, train/, val/); read-only."""
+    return demo_data / "shards"
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+def small_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment with one OpenMP thread and the repository importable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def kill_group(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """TERM then KILL the process group of ``proc`` (started with start_new_session=True); reap it."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    # Members of the group may outlive its leader (workers of a killed torchrun): sweep them too.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=5)
+
+
+def wait_for(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[Any] | None = None,
+             poll: float = 0.05) -> Any:
+    """Poll ``predicate()`` until it is truthy (its value); fail after ``timeout`` s or if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+
+
+def run_logged(argv: Sequence[str], log: Path, env: Mapping[str, str], timeout: float,
+               cwd: Path = REPO) -> int:
+    """Run to completion with stdout+stderr into ``log``; kill its whole group on timeout."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            raise AssertionError(f"{' '.join(argv[:4])} ... ran past {timeout:.0f} s:\n{tail(log)}") from None
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
+
+
+def tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except FileNotFoundError:
+        return f"({path} missing)"

@@ -1,0 +1,270 @@
+"""Faults on a real run: a worker killed mid-epoch, a kill during a checkpoint write, a truncated shard,
+a full disk under the preprocessing output. Each must end in a resumable state or a one-line error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import META, Checkpointer, export_model
+from tests._fixtures import (HARNESS, PYTHON, REPO, SMALL_RUN, children, cmdline, demo_data, demo_shards,  # noqa: F401
+                             kill_group, preprocess, run_logged, shard_args, small_env, tail, wait_for)
+
+RUN_TIMEOUT = 300  # seconds for any one training run (they take 10-40 s on 2 cores)
+
+
+def _latest(run_dir: Path) -> Path | None:
+    return Checkpointer(run_dir, None, rank=1).latest()  # rank != 0: never creates directories
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+# ------------------------------------------------------------------------------------------------
+# kill -9 of one worker under torchrun's elastic restarts
+
+
+def test_killed_worker_restarts_and_resumes(demo_shards: Path, tmp_path: Path) -> None:
+    run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "torchrun.log"
+    out.mkdir()
+    # 2 epochs of 12 steps, the paper's tower pair (tp=2) as 2 local processes, a checkpoint every 2 steps.
+    argv = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
+            "--monitor-interval=0.2", HARNESS, "--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN,
+            "--tp", "2", "--epochs", "2", "--checkpoint.every-steps", "2", "--train.log-every", "1"]
+    env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"})
+    with log.open("wb") as sink:
+        agent = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=sink,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        first = wait_for(lambda: _latest(run_dir), 180, "the first checkpoint", agent, poll=0.02)
+        workers = [p for p in children(agent.pid) if HARNESS in cmdline(p)]
+        assert len(workers) == 2, (workers, tail(log))
+        victim = next(p for p in workers if _environ(p).get("LOCAL_RANK") == "1")
+        step_at_kill = json.loads((first / META).read_text())["step"]
+        os.kill(victim, signal.SIGKILL)
+        assert step_at_kill < 24, "the run ended before the kill: not mid-epoch"
+        rc = agent.wait(timeout=RUN_TIMEOUT)
+    finally:
+        kill_group(agent)
+    text = log.read_text(errors="replace")
+    assert rc == 0, text[-6000:]
+
+    # torchrun saw the worker die and restarted the group once; rank 0 of the new group resumed.
+    assert f"failed (exitcode: -9) local_rank: 1 (pid: {victim})" in text, text[-6000:]
+    assert text.count("world 2 = dp 1 x tp 2") == 2, text[-6000:]  # the first and the restarted group
+    resumed = re.findall(r"resumed from (\S+): epoch (\d+), step (\d+)", text)
+    assert len(resumed) == 1, text[-6000:]
+    resumed_step = int(resumed[0][2])
+    assert step_at_kill <= resumed_step < 24 and resumed_step % 2 == 0, resumed
+    outcome = json.loads((out / "outcome-rank0.json").read_text())
+    assert outcome["progress"] == {"epoch": 2, "step": 24, "step_in_epoch": 0}, outcome
+
+    # Every checkpoint left is complete and loads; nothing half-written is left behind.
+    checkpoints = _checkpoints(run_dir)
+    assert checkpoints and not [p for p in checkpoints if p.name.endswith(".tmp")], checkpoints
+    assert _latest(run_dir).name == "step-00000024"
+    for path in checkpoints:
+        assert (path / META).exists(), path
+        weights = export_model(path)
+        assert weights["conv1.weight"].shape == (16, 3, 11, 11)
+        assert all(bool(v.isfinite().all()) for v in weights.values()), path
+
+
+# ------------------------------------------------------------------------------------------------
+# kill -9 while a checkpoint is being written
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_shards: Path, tmp_path: Path) -> None:
+    """The paper-width model (~435 MB per checkpoint, a few seconds to write): killed mid-write."""
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    argv = [PYTHON, "-m", "launch.train", "--data", str(demo_shards), "--run-dir", str(run_dir),
+            "--num-classes", "4", "--tp", "1", "--batch-size", "2", "--data.workers", "1",
+            "--train.ten-crop", "false", "--checkpoint.every-minutes", "0", "--checkpoint.every-steps", "1",
+            "--max-steps", "2", "--train.log-every", "1"]
+    ckpt_dir = run_dir / "checkpoints"
+
+    def writing() -> Path | None:
+        """A step-N.tmp with data in it while an older complete checkpoint is `latest`."""
+        latest = _latest(run_dir)
+        if latest is None:
+            return None
+        for tmp in ckpt_dir.glob("step-*.tmp"):
+            if tmp.name > latest.name and any(f.is_file() and f.stat().st_size > 0 for f in tmp.iterdir()):
+                return tmp
+        return None
+
+    try:
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(argv, cwd=REPO, env=small_env(), stdin=subprocess.DEVNULL, stdout=sink,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            tmp = wait_for(writing, 240, "a checkpoint being written after a complete one", proc, poll=0.01)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            kill_group(proc)
+        assert proc.returncode == -signal.SIGKILL
+        assert tmp.is_dir(), f"{tmp} was completed before the kill landed"
+        previous = _latest(run_dir)
+        assert previous is not None and previous.name < tmp.name.removesuffix(".tmp"), (previous, tmp)
+        assert (ckpt_dir / "latest").read_text().strip() == previous.name
+        weights = export_model(previous)
+        assert weights["conv1.weight"].shape == (96, 3, 11, 11) and weights["fc6.weight"].shape == (4096, 9216)
+        del weights
+
+        # The same command again: resumes from the previous checkpoint, finishes, and the .tmp is gone.
+        rc = run_logged(argv, log, small_env(), timeout=RUN_TIMEOUT)
+        text = log.read_text(errors="replace")
+        assert rc == 0, text[-4000:]
+        assert f"resumed from {previous}" in text, text[-4000:]
+        assert not list(ckpt_dir.glob("*.tmp")), list(ckpt_dir.iterdir())
+        assert _latest(run_dir).name == "step-00000002"
+        assert all((p / META).exists() for p in _checkpoints(run_dir)), _checkpoints(run_dir)
+        meta = json.loads((_latest(run_dir) / META).read_text())
+        assert meta["progress"]["step"] == 2
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)  # ~1.3 GB of checkpoints
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged shards: one-line errors, exit code 2
+
+
+def _train_error(data: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
+    proc = subprocess.run([PYTHON, "-m", "launch.train", "--data", str(data), "--run-dir", str(run_dir), *SMALL_RUN,
+                           "--tp", "1", *extra], cwd=REPO, env=small_env(), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
+    return proc.returncode, proc.stderr
+
+
+def _one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-4000:]
+    return errors[0]
+
+
+def test_truncated_shard_is_a_one_line_error(demo_shards: Path, tmp_path: Path) -> None:
+    data = tmp_path / "shards"
+    shutil.copytree(demo_shards, data)
+    shard = data / "train" / "train-000001.tar"
+    os.truncate(shard, shard.stat().st_size // 2)
+    rc, stderr = _train_error(data, tmp_path / "run", "--max-steps", "2")
+    assert rc == 2, stderr[-4000:]
+    line = _one_error_line(stderr)
+    assert str(shard) in line and "truncated" in line, line
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").glob("step-*"))
+
+
+def test_corrupt_shard_of_the_right_size_is_a_one_line_error(demo_shards: Path, tmp_path: Path) -> None:
+    """Same size as the manifest says, so only DALI's reader/decoder finds it: still one line, exit 2."""
+    data = tmp_path / "shards"
+    shutil.copytree(demo_shards, data)
+    shard = data / "train" / "train-000001.tar"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:  # zero the middle half: tar headers and JPEG bytes of ~20 samples
+        f.seek(size // 4)
+        f.write(b"\0" * (size // 2))
+    rc, stderr = _train_error(data, tmp_path / "run", "--epochs", "1")
+    assert rc == 2, stderr[-4000:]
+    line = _one_error_line(stderr)
+    assert "DALI" in line and (str(shard) in line or str(data / "train") in line), line
+
+
+# ------------------------------------------------------------------------------------------------
+# A full disk under the preprocessing output
+
+
+def _mount_tmpfs(directory: Path, size_kb: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(directory)],
+                          capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or f'exit {proc.returncode}'}")
+
+
+def _umount(directory: Path) -> None:
+    if subprocess.run(["umount", str(directory)], capture_output=True, timeout=30).returncode != 0:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True, timeout=30)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _assert_only_complete_shards_visible(split_dir: Path) -> list[str]:
+    """Every .tar under its final name has a done-record whose checksum and size match; no temporaries."""
+    visible = sorted(p.name for p in split_dir.glob("*.tar"))
+    for name in visible:
+        done = json.loads((split_dir / (name[:-len(".tar")] + ".json")).read_text())
+        assert done["sha256"] == _sha256(split_dir / name) and done["bytes"] == (split_dir / name).stat().st_size, name
+        assert (split_dir / (name[:-len(".tar")] + ".idx")).exists(), name
+    leftovers = [p.name for p in split_dir.iterdir() if ".tmp." in p.name]
+    assert not leftovers, leftovers
+    return visible
+
+
+@pytest.mark.parametrize("where", [
+    "shards",
+    "finalize",
+])
+def test_disk_full_during_preprocessing(demo_data: Path, tmp_path: Path, where: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    if not shutil.which("mount") or not shutil.which("umount"):
+        pytest.skip("no mount/umount")
+    src = demo_data / "src"
+    normal = tmp_path / "normal"
+    preprocess(*shard_args(src, normal, "train", workers=2))
+    tars = sorted((normal / "train").glob("*.tar"))
+    assert len(tars) == 3
+    split_bytes = sum(p.stat().st_size for p in (normal / "train").iterdir())
+    if where == "shards":  # room for the first shard only: the second one fails mid-write
+        size_kb = math.ceil((tars[0].stat().st_size + 128 * 1024) / 1024)
+        assert size_kb * 1024 < tars[0].stat().st_size + tars[1].stat().st_size
+    else:  # room for every shard, not for the 768 KiB mean image that finalize writes
+        size_kb = math.ceil((split_bytes + 64 * 1024) / 1024)
+
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, size_kb)
+    try:
+        out = mnt / "shards"
+        full = preprocess(*shard_args(src, out, "train", workers=1), check=False)
+        assert full.returncode == 2, full.stderr[-4000:]
+        line = _one_error_line(full.stderr)
+        assert "no space left" in line.lower(), line
+        visible = _assert_only_complete_shards_visible(out / "train")
+        if where == "shards":
+            assert visible == [tars[0].name], visible
+        assert not (out / "manifest.json").exists()
+
+        # More space (the same mount, grown), the same command: completes, rewriting only what is missing.
+        grown = subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], capture_output=True, text=True,
+                               timeout=30)
+        assert grown.returncode == 0, grown.stderr
+        again = preprocess(*shard_args(src, out, "train", workers=2))
+        assert f"{len(visible)} already complete" in again.stderr, again.stderr
+        assert (out / "manifest.json").read_text() == (normal / "manifest.json").read_text()
+        for tar in tars:
+            assert _sha256(out / "train" / tar.name) == _sha256(tar), tar.name
+        assert _sha256(out / "mean_image.npy") == _sha256(normal / "mean_image.npy")
+    finally:
+        _umount(mnt)
+    assert not os.path.ismount(mnt)
