@@ -74,6 +74,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preprocess.format import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 PORT_BASE, PORT_RANGE = 20000, 20000
 # `scontrol show job` states in which a job will not run again by itself.
@@ -83,7 +85,7 @@ TERMINAL = frozenset({
 })
 
 
-class SubmitError(Exception):
+class SubmitError(UserError):
     """A bad option or an impossible layout: reported as one `error:` line, exit status 2."""
 
 
