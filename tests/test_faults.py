@@ -49,7 +49,9 @@ def test_killed_worker_restarts_and_resumes(demo_shards: Path, tmp_path: Path) -
     argv = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
             "--monitor-interval=0.2", HARNESS, "--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN,
             "--tp", "2", "--epochs", "2", "--checkpoint.every-steps", "2", "--train.log-every", "1"]
-    env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"})
+    # As slurm/train.sh does: without it the restarted group reads the dead group's addresses from torchrun's
+    # shared rendezvous store and gloo's init fails with "Connection refused" (pytorch/pytorch#135712).
+    env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     with log.open("wb") as sink:
         agent = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=sink,
                                  stderr=subprocess.STDOUT, start_new_session=True)
