@@ -2,6 +2,10 @@
 
     python -m launch.train --data SHARDS --run-dir RUN --tp 1          # one process
     torchrun --nproc_per_node=2 -m launch.train --data SHARDS --run-dir RUN      # the paper's 2-GPU split
+
+With torchrun's elastic restarts (--max-restarts), set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (as
+slurm/train.sh does): otherwise restarted workers may read the dead workers' addresses from the
+shared rendezvous store and fail to connect (PyTorch issues #135712, #167288).
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         -m launch.train --data SHARDS --run-dir RUN                    # 16 replicas x 2 towers
 
@@ -49,6 +53,12 @@ def setup_logging(rank: int) -> None:
 def install_stop_handlers(stop: threading.Event, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
     """A signal only sets a flag: the checkpoint happens collectively at the next step boundary."""
     def handler(signum: int, frame: object) -> None:
+        if stop.is_set() and signum == signal.SIGTERM:
+            # A second SIGTERM (torchrun's shutdown, or an impatient operator) means now: a rank
+            # stuck in a collective must not outlive its launcher.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         logging.getLogger("alexnet").warning("received %s: checkpointing at the next step boundary",
                                              signal.Signals(signum).name)
         stop.set()

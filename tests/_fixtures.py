@@ -117,24 +117,47 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
-def kill_group(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
-    """TERM then KILL the process group of ``proc`` (started with start_new_session=True); reap it."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None:
-            break
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found, then theirs), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
         try:
-            os.killpg(proc.pid, sig)
+            os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
-            break
+            pass
+
+
+def kill_group(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """TERM, then KILL, ``proc`` (started with start_new_session=True), its group and all its descendants.
+
+    torchrun starts its workers in sessions of their own, so the group alone misses them; and the
+    trainer turns SIGTERM into a stop request, so a worker stuck in a collective ignores it: whatever
+    is below ``proc`` (collected before anything dies and is re-parented) gets SIGKILL in the end.
+    """
+    below = descendants(proc.pid) if proc.poll() is None else []
+    if proc.poll() is None:
         try:
-            proc.wait(timeout=wait)
+            os.killpg(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            continue
-    # Members of the group may outlive its leader (workers of a killed torchrun): sweep them too.
+            pass
+    below += [p for p in (descendants(proc.pid) if proc.poll() is None else []) if p not in below]
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    _signal(below, signal.SIGKILL)
     if proc.poll() is None:
         proc.wait(timeout=5)
 
