@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocess.format import UserError
+from preprocess.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PORT_BASE, PORT_RANGE = 20000, 20000
@@ -277,7 +277,7 @@ def resolve_train_argv(train_argv: list[str]) -> tuple[list[str], Path, int]:
     unpickling.
     """
     from pipeline import config
-    from preprocess.format import UserError
+    from preprocess.errors import UserError
 
     try:
         cfg, args = config.parse(train_argv)
@@ -430,11 +430,11 @@ def wait_slurm(job: Any) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        plan = make_plan(argv)
-    except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _submit(argv))
+
+
+def _submit(argv: list[str]) -> int:
+    plan = make_plan(argv)
     if plan.dry_run:
         print(f"# dry run: nothing submitted; {plan.notes[0]}")
         print(f"# executor: {plan.executor}; folder: {plan.folder}; run dir: {plan.run_dir}")

@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from preprocess.format import UserError
+from preprocess.errors import UserError, run_cli
 
 
 @dataclass(frozen=True)
@@ -108,15 +108,14 @@ def run(argv: list[str] | None = None, stop: threading.Event | None = None, env:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> int:
         outcome = run(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if outcome.preempted:
-        logging.getLogger("alexnet").warning("stopped for preemption at step %d; resume picks up from latest",
-                                             outcome.progress.step)
-    return 0
+        if outcome.preempted:
+            logging.getLogger("alexnet").warning("stopped for preemption at step %d; resume picks up from latest",
+                                                 outcome.progress.step)
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

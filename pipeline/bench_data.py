@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from pipeline.data import DataConfig, resolve_workers, train_loader
-from preprocess.format import UserError
+from preprocess.errors import UserError, run_cli
 
 
 def measure(cfg: DataConfig, *, batch_size: int, steps: int, device: Any) -> dict[str, float]:
@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loaders", default="dali,torch", help="comma-separated: dali, torch")
     parser.add_argument("--device", default="cpu", help="where batches are delivered: cpu or cuda[:N]")
     args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from preprocess.format import UserError, fsync_dir, write_bytes_atomic, write_json_atomic
+from preprocess.errors import UserError
+from preprocess.files import fsync_dir, write_bytes_atomic, write_json_atomic
 
 LATEST = "latest"
 BEST = "best"

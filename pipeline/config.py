@@ -31,7 +31,7 @@ from pipeline.checkpoint import CheckpointConfig
 from pipeline.data import DataConfig
 from pipeline.model import ModelConfig
 from pipeline.schedule import ScheduleConfig
-from preprocess.format import UserError
+from preprocess.errors import UserError
 
 
 @dataclass
@@ -291,7 +291,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
 
 
 def save(cfg: RunConfig, run_dir: Path) -> Path:
-    from preprocess.format import write_json_atomic
+    from preprocess.files import write_json_atomic
 
     path = Path(run_dir) / "config.json"
     write_json_atomic(path, cfg.to_dict())

@@ -81,7 +81,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from preprocess import format as fmt
-from preprocess.format import FormatError, UserError
+from preprocess.errors import UserError
+from preprocess.format import FormatError
 
 LOADERS = ("dali", "torch")
 MEANS = ("image", "channel")

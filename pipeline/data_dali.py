@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.data import Normalization, Split, derive_seed, finish_batch, parse_labels
 from preprocess import format as fmt
-from preprocess.format import UserError
+from preprocess.errors import UserError
 
 READER = "reader"  # the reader's name: the iterator reads the epoch size and shard layout from it
 

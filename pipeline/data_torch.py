@@ -27,7 +27,8 @@ import numpy as np
 
 from pipeline.data import TEN_CROP_VIEWS, Normalization, Split, finish_batch, rank_range
 from preprocess import format as fmt
-from preprocess.format import FormatError, UserError
+from preprocess.errors import UserError
+from preprocess.format import FormatError
 
 
 @dataclass(frozen=True)

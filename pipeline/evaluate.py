@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.metrics import topk_correct
-from preprocess.format import UserError, write_json_atomic
+from preprocess.errors import UserError, run_cli
+from preprocess.files import write_json_atomic
 
 
 @dataclass
@@ -101,22 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
-    try:
-        path = _checkpoint_path(args.run_dir, args.checkpoint)
-        meta = Checkpointer.read_meta(path)
-        cfg = config_mod.from_dict(meta["config"], source=str(path / "meta.json"))
-        if args.data:
-            cfg.data.data = args.data
-        device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                              else "cpu")
-        model = build_model(cfg.model).to(device)
-        model.load_state_dict(export_model(path))
-        loader = data_mod.val_loader(cfg.data, dp_rank=0, dp_size=1, device=device, batch_size=args.batch_size,
-                                     ten_crop=args.ten_crop, num_classes=cfg.model.num_classes)
-        result: dict[str, Any] = count(model, loader, ten_crop=args.ten_crop).summary()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    path = _checkpoint_path(args.run_dir, args.checkpoint)
+    meta = Checkpointer.read_meta(path)
+    cfg = config_mod.from_dict(meta["config"], source=str(path / "meta.json"))
+    if args.data:
+        cfg.data.data = args.data
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    model = build_model(cfg.model).to(device)
+    model.load_state_dict(export_model(path))
+    loader = data_mod.val_loader(cfg.data, dp_rank=0, dp_size=1, device=device, batch_size=args.batch_size,
+                                 ten_crop=args.ten_crop, num_classes=cfg.model.num_classes)
+    result: dict[str, Any] = count(model, loader, ten_crop=args.ten_crop).summary()
     result.update({"checkpoint": str(path), "step": meta["step"], "ten_crop": args.ten_crop})
     out = args.run_dir / f"eval-{path.name}.json"
     write_json_atomic(out, result)

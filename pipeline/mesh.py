@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from preprocess.format import UserError
+from preprocess.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from pipeline.config import RunConfig
 from pipeline.mesh import Mesh
 from pipeline.metrics import MetricWriter, StepTimer, format_eta, topk_correct
 from pipeline.schedule import LRSchedule, take_manual_request
-from preprocess.format import UserError, read_manifest
+from preprocess.errors import UserError
+from preprocess.format import read_manifest
 
 log = logging.getLogger("alexnet")
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from preprocess import format as fmt
-from preprocess.format import UserError
+from preprocess.errors import UserError, run_cli
 
 
 def _env_int(name: str) -> int | None:
@@ -99,14 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; completed shards are kept, re-run the same command to resume", file=sys.stderr)
-        return 130
+    return run_cli(lambda: args.run(args),
+                   on_interrupt="interrupted; completed shards are kept, re-run the same command to resume")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ import simplejpeg
 from PIL import Image, ImageDraw, features
 
 from preprocess import image
-from preprocess.format import IMAGE_SIZE, UserError
+from preprocess.errors import UserError
+from preprocess.format import IMAGE_SIZE
 
 LARGE_SHARE = 0.08  # share of images with a long side of 1500..4000 px
 LARGE_LONG_SIDE = (1500, 4000)

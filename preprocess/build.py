@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from preprocess import format as fmt
 from preprocess import shards, stats
-from preprocess.format import UserError
+from preprocess.errors import UserError
 
 
 @dataclass

@@ -14,13 +14,15 @@ This module has no heavy imports (no torch, no PIL): ``pipeline`` imports it to 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from preprocess.errors import UserError
+from preprocess.files import write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -33,10 +35,6 @@ LABEL_EXT = "cls"
 IMAGE_SIZE = 256  # stored side length; training crops 227 from it
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-class UserError(Exception):
-    """An error the user can fix (a path, a flag, the data): the CLIs print it on one line and exit 2."""
 
 
 class FormatError(UserError):
@@ -171,41 +169,6 @@ class Manifest:
             stats=Stats.from_dict(d["stats"]) if d.get("stats") else None,
             schema_version=version,
         )
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``path`` so that it appears complete or not at all (tmp name, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"{path}: no space left on the device; free space and re-run "
-                            "(everything already complete is kept)") from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: str | Path) -> None:
-    """Make a rename inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def manifest_path(root: str | Path) -> Path:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from preprocess import format as fmt
-from preprocess.format import UserError
+from preprocess.errors import UserError
+from preprocess.files import write_bytes_atomic, write_json_atomic
 
 TAR_BLOCK = 512
 # Fixed member metadata so that the same images give byte-identical shards (and checksums) on re-runs.
@@ -108,7 +109,7 @@ def save_plan(out: Path, plan: Plan) -> None:
             "use the same --src/--shard-size/--seed, or delete that split's output directory"
         )
     if existing != wanted:
-        fmt.write_json_atomic(path, wanted)
+        write_json_atomic(path, wanted)
 
 
 def read_plan(out: Path, split: str) -> dict[str, Any]:
@@ -169,7 +170,7 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, str, int]:
         size = tar_tmp.stat().st_size
         index = f"v1.2 {len(index_lines)}\n" + "".join(line + "\n" for line in index_lines)
         os.replace(tar_tmp, path)
-        fmt.write_bytes_atomic(idx_path, index.encode())
+        write_bytes_atomic(idx_path, index.encode())
     except BaseException:
         tar_tmp.unlink(missing_ok=True)
         raise
@@ -276,7 +277,7 @@ def process_shard(out: Path, plan_dict: dict[str, Any], index: int, items: Seque
             "bytes": size,
             "skipped": skipped,
         }
-        fmt.write_json_atomic(path.with_name(fmt.done_name(path.name)), done)
+        write_json_atomic(path.with_name(fmt.done_name(path.name)), done)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"{path}: no space left on the output device; free space and re-run "

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
 
 from preprocess import format as fmt
-from preprocess.format import UserError
+from preprocess.errors import UserError
 
 DEVKIT_DIR = "ILSVRC2012_devkit_t12"
 META_MAT = "data/meta.mat"

@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 
 from preprocess import format as fmt
+from preprocess.errors import UserError
+from preprocess.files import write_bytes_atomic
 
 
 @dataclass
@@ -70,7 +72,7 @@ def per_shard_quota(shard_samples: Sequence[int], total: int) -> list[int]:
 def finish(moments: PixelMoments, out: Path) -> fmt.Stats:
     """Mean image to ``out/mean_image.npy``; channel mean/std and the RGB eigen-decomposition."""
     if moments.images == 0:
-        raise fmt.UserError(f"{out}: no train images to compute statistics from")
+        raise UserError(f"{out}: no train images to compute statistics from")
     pixels = moments.images * moments.image_sum.shape[0] * moments.image_sum.shape[1]
     mean = moments.pixel_sum / pixels
     cov = moments.outer_sum / pixels - np.outer(mean, mean)
@@ -85,7 +87,7 @@ def finish(moments: PixelMoments, out: Path) -> fmt.Stats:
 
     buf = io.BytesIO()
     np.save(buf, mean_image)
-    fmt.write_bytes_atomic(Path(out) / fmt.MEAN_IMAGE_NAME, buf.getvalue())
+    write_bytes_atomic(Path(out) / fmt.MEAN_IMAGE_NAME, buf.getvalue())
     return fmt.Stats(
         images=moments.images,
         mean=[float(v) for v in mean],

@@ -58,19 +58,19 @@ def main() -> int:
     if os.environ.get("HARNESS_DATA") == "fixed":
         install_fixed_data()
     from launch.train import run
-    from preprocess.format import UserError
+    from preprocess.errors import run_cli
 
     rank = int(os.environ.get("RANK", 0))
     out = Path(os.environ["HARNESS_OUT"])
-    try:
+
+    def body() -> int:
         outcome = run(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    record = {"progress": vars(outcome.progress), "preempted": outcome.preempted, "lr_drops": outcome.lr_drops,
-              "val_top1_error": outcome.val_top1_error}
-    (out / f"outcome-rank{rank}.json").write_text(json.dumps(record))
-    return 0
+        record = {"progress": vars(outcome.progress), "preempted": outcome.preempted,
+                  "lr_drops": outcome.lr_drops, "val_top1_error": outcome.val_top1_error}
+        (out / f"outcome-rank{rank}.json").write_text(json.dumps(record))
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

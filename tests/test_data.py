@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline import data as D
 from pipeline import data_dali, data_torch
 from preprocess import format as fmt
-from preprocess.format import UserError
+from preprocess.errors import UserError
 from tests._data_fixtures import EIGVAL, EIGVEC, CHANNEL_MEAN, CHANNEL_STD, coordinate_image, make_dataset
 
 CROP = 227

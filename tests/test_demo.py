@@ -13,7 +13,7 @@ import scipy.io
 from PIL import Image
 
 from preprocess import demo
-from preprocess.format import UserError
+from preprocess.errors import UserError
 from preprocess.sources import open_source
 
 SMALL = dict(classes=3, train_per_class=5, val_per_class=2)

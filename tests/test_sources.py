@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from preprocess.format import UserError
+from preprocess.errors import UserError
 from preprocess.sources import SourceItem, open_source
 
 # ILSVRC2012_IDs as the devkit numbers them: meta.mat order, deliberately NOT sorted-wnid order.
