@@ -14,6 +14,8 @@ torchrun or by ``launch.submit`` under srun). It initialises the process group (
 on CPU), builds the (dp x tp) mesh, turns SIGUSR1/SIGTERM into a stop request that the trainer
 acts on at the next step boundary (checkpoint, then exit 0 so the Slurm script can requeue), and
 resumes from the run directory's latest checkpoint automatically (also after an elastic restart).
+Before anything is written, global rank 0 takes the run directory's writer lease (pipeline.lease):
+a second job on the same --run-dir fails at once, on every rank, with one line naming the holder.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from preprocess.errors import UserError, run_cli
+
+if TYPE_CHECKING:
+    from pipeline.lease import Lease
 
 
 @dataclass(frozen=True)
@@ -96,15 +102,44 @@ def run(argv: list[str] | None = None, stop: threading.Event | None = None, env:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=10),
                                 device_id=device if device.type == "cuda" else None)
+    lease, outcome = None, None
     try:
+        lease = take_lease(cfg.run_dir, cfg.train.lease_minutes, env.rank)  # before anything is written
         mesh = build_mesh(dims, device.type)
         if dims.is_main:
             write_run_config(cfg)
             logging.getLogger("alexnet").info("%s on %s; run dir %s", dims.describe(), device, cfg.run_dir)
-        return Trainer(cfg, mesh, device, stop).fit(resume=args.resume)
+        outcome = Trainer(cfg, mesh, device, stop, heartbeat=lease.heartbeat if lease else None).fit(resume=args.resume)
+        return outcome
     finally:
+        # A run stopped for preemption keeps its lease: the requeued job (the same holder) takes it over.
+        if lease is not None and not (outcome is not None and outcome.preempted):
+            lease.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def take_lease(run_dir: str, minutes: float, rank: int) -> Lease | None:
+    """Global rank 0 takes RUN_DIR's writer lease (pipeline.lease); every rank learns the outcome and a
+    refusal fails all of them with the same one-line error. The lease on rank 0, else None."""
+    from pipeline.lease import Holder, Lease
+
+    lease, error = None, None
+    if rank == 0:
+        try:
+            lease = Lease.take(run_dir, Holder.from_environ(), timeout_s=minutes * 60)
+        except UserError as e:
+            error = str(e)
+        except OSError as e:
+            error = (f"--run-dir {run_dir}: cannot take the writer lease ({e.strerror or e}); "
+                     "check the path and its permissions")
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
+    return lease
 
 
 def main(argv: list[str] | None = None) -> int:

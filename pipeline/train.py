@@ -15,6 +15,7 @@ import pickle
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,10 @@ class Outcome:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, mesh: Mesh, device: torch.device, stop: threading.Event):
+    def __init__(self, cfg: RunConfig, mesh: Mesh, device: torch.device, stop: threading.Event,
+                 heartbeat: Callable[[], None] | None = None):
         self.cfg = cfg
+        self.heartbeat = heartbeat  # the run dir's writer lease, refreshed by the main rank at each control step
         self.mesh = mesh
         self.dims = mesh.dims
         self.device = device
@@ -173,6 +176,8 @@ class Trainer:
         Returns True when the run must stop (checkpointed) for preemption.
         """
         main = self.dims.is_main
+        if main and self.heartbeat is not None:
+            self.heartbeat()
         flags = torch.zeros(4, device=self.device)
         flags[0] = float(self.stop.is_set() or (main and (self.run_dir / PREEMPT_REQUEST).exists()))
         flags[1] = float(main and take_manual_request(self.run_dir, self.progress.step))
