@@ -18,7 +18,14 @@ runs in every task, reads ``submitit.JobEnvironment()`` (global rank, local rank
 node list), builds ``launch.train.ProcessEnv`` from it and calls ``launch.train.run``. Rendezvous:
 ``MASTER_ADDR`` is the first node's address as Slurm knows it (``scontrol show node`` NodeAddr,
 which differs from the name where node names do not resolve, else the name) and ``MASTER_PORT``
-is 20000 + job id % 20000: the same in every task and again after a requeue (same job id).
+is 20000 + job id % 12000 (the formula slurm/train.sh uses for multi-node jobs): the same in every
+task and again after a requeue (same job id), different for jobs that share a node (unless their ids
+differ by a multiple of 12000), and below the usual ephemeral port range (32768-60999) so that no
+outgoing connection holds it by chance.
+
+One job per run directory: submitting refuses a run directory that another live job writes
+(``RUN_DIR/writer.lease``, pipeline/lease.py), and rank 0 of the job takes that lease before
+writing anything; a requeue of the same job takes its own lease over.
 
 Preemption and time limits. Slurm sends USR2 to every task ``--signal-delay-s`` before the time
 limit (and on preemption where the cluster has ``PreemptParameters=send_user_signal``); an
@@ -77,7 +84,7 @@ from typing import Any
 from preprocess.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-PORT_BASE, PORT_RANGE = 20000, 20000
+PORT_BASE, PORT_RANGE = 20000, 12000  # ports 20000-31999; slurm/train.sh has the same formula
 # `scontrol show job` states in which a job will not run again by itself.
 TERMINAL = frozenset({
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
@@ -93,7 +100,7 @@ class SubmitError(UserError):
 
 
 def rendezvous_port(job_id: str) -> int:
-    """MASTER_PORT for a job: stable across requeues (same id), spread over 20000-39999."""
+    """MASTER_PORT for a job: stable across requeues (same id), spread over 20000-31999."""
     digits = re.sub(r"\D", "", str(job_id)) or "0"
     return PORT_BASE + int(digits) % PORT_RANGE
 
@@ -447,6 +454,9 @@ def _submit(argv: list[str]) -> int:
         print("error: no sbatch on PATH: not a Slurm login node (use --local to run here)", file=sys.stderr)
         return 2
 
+    from pipeline.lease import check
+
+    check(plan.run_dir, None)  # another live job writes this run directory: say so now, not in the job's log
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     executor = make_executor(plan)
     try:

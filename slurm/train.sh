@@ -6,9 +6,17 @@
 #   sbatch -N 4 --gpus-per-node=8 slurm/train.sh --data /scratch/shards --run-dir /scratch/runs/a4 --config configs/paper.toml
 #
 # Arguments after the script name go to `python -m launch.train` (see its --help). Environment
-# overrides: NPROC_PER_NODE (default: GPUs on the node, else 2), RDZV_PORT (29500), MAX_RESTARTS
+# overrides: NPROC_PER_NODE (default: GPUs on the node, else 2), RDZV_PORT (see below), MAX_RESTARTS
 # (elastic restarts after a crashed rank, 3), PYTHON (default: the repo's .venv, else python3),
 # RUN_DIR (when no --run-dir is given; default runs/alexnet-$SLURM_JOB_ID).
+#
+# Jobs sharing a node never share a rendezvous: a one-node job rendezvouses on localhost at a port
+# the kernel picks (torchrun's c10d store on port 0), a multi-node job on its first node at port
+# 20000 + SLURM_JOB_ID % 12000 (launch.submit.rendezvous_port: the same formula; below the usual
+# ephemeral range 32768-60999, stable across requeues). An explicit RDZV_PORT wins in both cases.
+# One job per run directory: a run directory written by another live job (RUN_DIR/writer.lease,
+# see pipeline/lease.py) fails this job at once with one `error:` line naming that job; a requeue
+# of this job takes its own lease over.
 #
 # Preemption and time limits: Slurm signals this script (USR1, 120 s before the limit, or TERM when
 # preempted); the script drops a stop request into the run directory, the job checkpoints at the
@@ -56,7 +64,13 @@ head_addr=$(scontrol show node -o "$head_node" 2>/dev/null | tr ' ' '\n' | sed -
 head_addr=${head_addr:-$head_node}
 gpus=${SLURM_GPUS_ON_NODE:-}
 nproc=${NPROC_PER_NODE:-${gpus:-2}}
-port=${RDZV_PORT:-29500}
+if [[ -n "${RDZV_PORT:-}" ]]; then
+    endpoint=$head_addr:$RDZV_PORT
+elif [[ "$nodes" == 1 ]]; then
+    endpoint=localhost:0   # this node only: a free port, nothing shared with other jobs on the node
+else
+    endpoint=$head_addr:$((20000 + ${SLURM_JOB_ID:-0} % 12000))   # = launch.submit.rendezvous_port
+fi
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-2} / nproc > 0 ? ${SLURM_CPUS_PER_TASK:-2} / nproc : 1 ))}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # fail fast on a dead peer
@@ -68,6 +82,10 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # Site-specific NCCL settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) belong in the environment.
 
+# Fail now, not after the ranks start, when another live job writes this run directory (the ranks'
+# own lease taking in launch.train still settles a race between two jobs starting together).
+"$PYTHON" -m pipeline.lease check "$run_dir" || exit $?
+
 requeue=0
 on_signal() {
     echo "$(date +%T) signal received: asking the job to checkpoint and stop (run dir $run_dir)"
@@ -76,11 +94,11 @@ on_signal() {
 }
 trap on_signal USR1 TERM
 
-echo "$(date +%T) job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $nproc process(es), rendezvous $head_addr:$port"
+echo "$(date +%T) job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $nproc process(es), rendezvous $endpoint"
 srun --kill-on-bad-exit=0 --ntasks-per-node=1 \
     "$PYTHON" -m torch.distributed.run \
         --nnodes="$nodes" --nproc-per-node="$nproc" \
-        --rdzv-backend=c10d --rdzv-endpoint="$head_addr:$port" --rdzv-id="${SLURM_JOB_ID:-local}" \
+        --rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="${SLURM_JOB_ID:-local}" \
         --max-restarts="${MAX_RESTARTS:-3}" \
         -m launch.train "${args[@]}" &
 step=$!

@@ -1,6 +1,8 @@
 """slurm/train.sh as real Slurm jobs on the two-node local cluster (tests/cluster.py, conftest.py):
-one node (the tower pair as 2 processes), preemption by SIGUSR1 -> checkpoint -> requeue -> resume,
-and two nodes (dp=2 x tp=2, 4 processes). The nodes have 2 CPUs and no GPUs, so jobs are submitted
+one node (the tower pair as 2 processes), preemption by SIGUSR1 -> checkpoint -> requeue -> resume
+(the run directory's lease passes to the requeued job), two nodes (dp=2 x tp=2, 4 processes), two
+jobs sharing one node (their own rendezvous each), and a second job on a run directory that a live
+job writes (refused at once with one line). The nodes have 2 CPUs and no GPUs, so jobs are submitted
 with --gpus-per-node=0 --cpus-per-task=2 (the script's header asks for 2 GPUs and 16 CPUs)."""
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoint import META, Checkpointer, export_model
+from launch.submit import rendezvous_port
+from pipeline.lease import LEASE_NAME
 from tests._fixtures import PYTHON, REPO, SMALL_RUN, demo_data, demo_shards, free_port  # noqa: F401
 from tests.cluster import TERMINAL, SlurmCluster
 
@@ -23,10 +27,12 @@ RESOURCES = ["--gpus-per-node=0", "--cpus-per-task=2"]
 STEPS_PER_EPOCH = 12  # 94 demo train images, batch 8
 
 
-def _submit(cluster: SlurmCluster, tmp_path: Path, train_args: list[str], nodes: int = 1) -> str:
+def _submit(cluster: SlurmCluster, tmp_path: Path, train_args: list[str], nodes: int = 1,
+            resources: list[str] = RESOURCES, env: dict[str, str] | None = None) -> str:
+    """sbatch slurm/train.sh with the script's own rendezvous choice (no RDZV_PORT unless `env` sets one)."""
     # The log goes to tmp_path, not the script's default (%x-%j.out in the submit directory: the repo).
-    return cluster.sbatch([f"--nodes={nodes}", *RESOURCES, f"--output={tmp_path}/%x-%j.out", SCRIPT, *train_args],
-                          env={"PYTHON": PYTHON, "RDZV_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    return cluster.sbatch([f"--nodes={nodes}", *resources, f"--output={tmp_path}/%x-%j.out", SCRIPT, *train_args],
+                          env={"PYTHON": PYTHON, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=REPO)
 
 
 def _log(record: dict[str, str]) -> str:
@@ -56,8 +62,9 @@ def _meta(path: Path) -> dict:
 
 def test_one_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    port = free_port()
     job = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN,
-                                            "--epochs", "1", "--train.log-every", "4"])
+                                            "--epochs", "1", "--train.log-every", "4"], env={"RDZV_PORT": str(port)})
     try:
         (record,) = slurm_cluster.wait(job, timeout=240)
     finally:
@@ -66,6 +73,8 @@ def test_one_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, 
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log
     assert Path(record["StdOut"]).parent == tmp_path
     assert "1 node(s) x 2 process(es)" in log and "world 2 = dp 1 x tp 2" in log, log
+    assert f"rendezvous 127.0.0.1:{port}" in log, log  # an explicit RDZV_PORT wins over the per-job choice
+    assert not (run_dir / LEASE_NAME).exists(), "a cleanly finished job left its lease behind"
     latest = _latest(run_dir)
     assert latest.name == f"step-{STEPS_PER_EPOCH:08d}"
     meta = _meta(latest)
@@ -114,6 +123,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, demo
     first, _, second = log.partition(f"job {job} restart 1:")
     assert second, f"no second run in the log:\n{log}"
     assert "signal received" in first and f"requeueing job {job}" in first, first
+    assert f"Slurm job {job} on cluster alexnet-local takes over from its previous incarnation" in second, second
     stopped = re.search(r"stop requested: checkpointed at step (\d+)", first)
     assert stopped, first
     step = int(stopped.group(1))
@@ -127,6 +137,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, demo
     latest = _latest(run_dir)
     assert _meta(latest)["progress"] == {"epoch": epochs, "step": total, "step_in_epoch": 0}
     assert not (run_dir / "preempt.request").exists()
+    assert not (run_dir / LEASE_NAME).exists()
 
 
 def test_two_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
@@ -143,6 +154,7 @@ def test_two_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, 
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log
     assert record["NodeList"] == "n[1-2]" and record["NumNodes"] == "2", record
     assert "2 node(s) x 2 process(es)" in log and "world 4 = dp 2 x tp 2" in log, log
+    assert f"rendezvous 127.0.0.1:{rendezvous_port(job)}" in log, log  # the job's own port, as launch.submit's
     latest = _latest(run_dir)
     meta = _meta(latest)
     assert meta["progress"]["step"] == steps
@@ -150,3 +162,78 @@ def test_two_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, 
     weights = export_model(latest)  # the checkpoint loads offline, into the single-device model
     assert weights["conv1.weight"].shape == (16, 3, 11, 11) and weights["fc8.weight"].shape == (4, 64)
     assert all(bool(v.isfinite().all()) for v in weights.values())
+
+
+def _wait_for_steps(cluster: SlurmCluster, job: str, pattern: str, timeout: float = 300) -> None:
+    """Until the job's log matches `pattern` (a training step); fails if the job ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (record,) = cluster.jobs(job)
+        if re.search(pattern, _log(record)):
+            return
+        assert record["JobState"] not in TERMINAL, f"job {job} ended first:\n{_log(record)}"
+        assert time.monotonic() < deadline, f"no {pattern!r} after {timeout:.0f} s:\n{_log(record)}"
+        time.sleep(0.5)
+
+
+def test_two_jobs_on_one_node_both_complete(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
+    """Two one-node jobs placed on the same node, the shorter ending first: neither joins the other's
+    rendezvous (with a fixed port the longer one died when the shorter one's store went away)."""
+    on_n1 = ["--nodelist=n1", "--gpus-per-node=0", "--cpus-per-task=1"]  # 1 CPU each: both fit on n1
+    long_steps, short_steps = 2 * STEPS_PER_EPOCH, 4
+    long_job = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(tmp_path / "long"),
+                                                 *SMALL_RUN, "--epochs", "2", "--train.log-every", "1"],
+                       resources=on_n1)
+    short_job = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(tmp_path / "short"),
+                                                  *SMALL_RUN, "--epochs", "1", "--max-steps", str(short_steps)],
+                        resources=on_n1)
+    try:
+        (short,) = slurm_cluster.wait(short_job, timeout=400)
+        (long,) = slurm_cluster.wait(long_job, timeout=600)
+    finally:
+        _cancel(slurm_cluster, short_job)
+        _cancel(slurm_cluster, long_job)
+    for record in (short, long):
+        assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", _log(record)
+        assert record["NodeList"] == "n1", record
+        assert "rendezvous localhost:0" in _log(record)
+    # They did overlap, and the short one ended while the long one was running.
+    assert long["StartTime"] <= short["EndTime"] <= long["EndTime"], (short, long)
+    assert _meta(_latest(tmp_path / "short"))["progress"]["step"] == short_steps
+    assert _meta(_latest(tmp_path / "long"))["progress"]["step"] == long_steps
+
+
+def test_second_job_on_a_live_run_dir_fails_at_once(slurm_cluster: SlurmCluster, demo_shards: Path,
+                                                      tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    epochs = 2
+    first = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN,
+                                              "--epochs", str(epochs), "--train.log-every", "1"])
+    second = None
+    try:
+        _wait_for_steps(slurm_cluster, first, rf"step [1-9]/{epochs * STEPS_PER_EPOCH} ")
+        lease = json.loads((run_dir / LEASE_NAME).read_text())
+        assert lease["holder"] == f"Slurm job {first} on cluster alexnet-local", lease
+        # The user resubmits (another seed) while the first job runs.
+        second = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(run_dir),
+                                                   *SMALL_RUN, "--epochs", str(epochs), "--seed", "1"])
+        (refused,) = slurm_cluster.wait(second, timeout=300)
+        assert slurm_cluster.job_state(first) == "RUNNING"  # refused while the first one still ran
+        (done,) = slurm_cluster.wait(first, timeout=600)
+    finally:
+        _cancel(slurm_cluster, first)
+        if second:
+            _cancel(slurm_cluster, second)
+    log = _log(refused)
+    assert (refused["JobState"], refused["ExitCode"]) == ("FAILED", "2:0"), log
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, log
+    assert errors[0].startswith(f"error: {run_dir} is being written by Slurm job {first} on cluster alexnet-local "
+                                "(started "), log
+    assert f"stop it (scancel {first}), or use another --run-dir" in errors[0], log
+    assert "Traceback" not in log and "step 1/" not in log, log
+    assert done["JobState"] == "COMPLETED" and done["ExitCode"] == "0:0", _log(done)
+    # Only the first job wrote: its seed in the config, its steps in the checkpoints, no lease left.
+    assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 0
+    assert _meta(_latest(run_dir))["progress"]["step"] == epochs * STEPS_PER_EPOCH
+    assert not (run_dir / LEASE_NAME).exists()

@@ -1,6 +1,7 @@
 """launch.submit: the CLI and its executor parameters (no Slurm), then real jobs through submitit on the
 local two-node Slurm cluster (tests/cluster.py): a short run, a preemption (USR2 -> collective
-checkpoint -> requeue -> resume -> COMPLETED) and dp 2 x tp 2 over two nodes."""
+checkpoint -> requeue -> resume -> COMPLETED, the run directory's lease passing to the requeued job;
+a resubmission into the live run directory refused) and dp 2 x tp 2 over two nodes."""
 
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def test_the_callable_pickles_small_and_checkpoints_a_fresh_copy() -> None:
     assert isinstance(resubmission.function, submit.TrainJob) and resubmission.function is not job
     assert resubmission.function.argv == job.argv and resubmission.args == () and resubmission.kwargs == {}
     pickle.dumps(resubmission)  # submitit dumps it as the requeued job's pickle
-    assert submit.rendezvous_port("7") == 20007 and submit.rendezvous_port("45007") == 25007
+    assert submit.rendezvous_port("7") == 20007 and submit.rendezvous_port("45007") == 29007
 
 
 @pytest.mark.parametrize("rank, sig, requeues", [(0, signal.SIGUSR2, True), (1, signal.SIGUSR2, False),
@@ -305,6 +306,14 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster
     while _record(slurm_cluster, job)["Restarts"] == "0":
         assert time.monotonic() < deadline, f"not requeued:\n{_logs(folder, job)}"
         time.sleep(0.5)
+    # Submitting again into the run directory while the job waits for its requeue is refused, on one line.
+    again = subprocess.run([sys.executable, "-m", "launch.submit", *CPU_JOB, "--", "--data", str(demo_shards),
+                            "--run-dir", str(run_dir), *NARROW], cwd=tmp_path,
+                           env=slurm_cluster.env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+    assert again.returncode == 2 and "submitted job" not in again.stdout, f"{again.stdout}\n{again.stderr}"
+    assert again.stderr.startswith(f"error: {run_dir} is being written by Slurm job {job} on cluster alexnet-local "
+                                   "(started ") and again.stderr.count("\n") == 1, again.stderr
     records = slurm_cluster.wait(job, timeout=180)
     report = _logs(folder, job)
     assert (records[0]["JobState"], records[0]["ExitCode"], records[0]["Restarts"]) == ("COMPLETED", "0:0", "1"), report
@@ -317,6 +326,9 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster
     first_run, _, second_run = rank0.partition(f"job {job} restart 1:")
     assert f"Requeued job {job}" in first_run, report
     assert re.search(rf"resumed from \S+/step-{stop_step:08d}: epoch \d+, step {stop_step},", second_run), report
+    # The lease passed to the requeued job (same job id) and was given back at the end.
+    assert f"Slurm job {job} on cluster alexnet-local takes over from its previous incarnation" in second_run, report
+    assert not (run_dir / "writer.lease").exists()
     rank1 = (folder / f"{job}_1_log.err").read_text()
     assert f"rank 1 stopped at step {stop_step} with a checkpoint; rank 0 requeues the job" in rank1, report
 
