@@ -196,10 +196,17 @@ class Lease:
             log.warning("could not refresh the writer lease %s: %s", self.path, e)
 
     def release(self) -> None:
-        """Give the run directory back (a clean end). Leaves a lease that is no longer ours alone."""
-        current = _read(self.path)
-        if current is not None and current.get("token") == self.token:
-            _remove(self.path, current)
+        """Give the run directory back (a clean end). Leaves a lease that is no longer ours alone.
+
+        Never raises OSError: it runs on the way out, where it must not hide the run's own error.
+        """
+        try:
+            current = _read(self.path)
+            if current is not None and current.get("token") == self.token:
+                _remove(self.path, current)
+        except OSError as e:
+            log.warning("could not release the writer lease %s (%s); the next run takes it over once it is "
+                        "stale, or delete it", self.path, e)
 
 
 def stale_reason(record: Mapping[str, Any], now: float | None = None) -> str | None:
@@ -305,10 +312,14 @@ def _tmp_name(path: Path, what: str) -> Path:
 
 def _write_tmp(path: Path, record: Mapping[str, Any]) -> Path:
     tmp = _tmp_name(path, "new")
-    with open(tmp, "x") as f:
-        f.write(json.dumps(record, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "x") as f:
+            f.write(json.dumps(record, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk leaves no half-written lease behind
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 

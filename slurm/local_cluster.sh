@@ -176,7 +176,7 @@ install_packages() {
 # --- configuration -------------------------------------------------------------------------------
 
 host=$(hostname -s)
-cpus=${SLURM_CPUS_PER_NODE:-$(nproc)}
+cpus=${SLURM_CPUS_PER_NODE:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}  # nproc obeys OMP_NUM_THREADS
 mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
 
 spec() {  # what a running cluster must match to be reused as is

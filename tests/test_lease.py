@@ -250,3 +250,20 @@ def test_launch_train_refuses_a_held_run_dir_before_writing_anything(tmp_path: P
     assert two.returncode != 0
     assert two.stderr.count(f"error: {run_dir} is being written by Slurm job 7") == 2, two.stderr[-3000:]
     assert sorted(p.name for p in run_dir.iterdir()) == [LEASE_NAME]  # no config.json, no checkpoints/
+
+
+def test_a_full_disk_neither_stops_training_at_a_heartbeat_nor_leaves_files(tmp_path: Path, caplog,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    lease = Lease.take(tmp_path, remote("a"), timeout_s=600)
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with caplog.at_level(logging.WARNING, logger="alexnet"):
+        lease.heartbeat(force=True)  # warned, not raised: the next beat retries
+    assert "could not refresh the writer lease" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [LEASE_NAME]  # no half-written temporary file
+    monkeypatch.undo()
+    lease.release()
+    assert list(tmp_path.iterdir()) == []
