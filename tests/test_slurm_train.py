@@ -195,8 +195,9 @@ def test_two_jobs_on_one_node_both_complete(slurm_cluster: SlurmCluster, demo_sh
         _cancel(slurm_cluster, long_job)
     for record in (short, long):
         assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", _log(record)
+    for record in (short, long):
         assert record["NodeList"] == "n1", record
-        assert "rendezvous localhost:0" in _log(record)
+        assert "rendezvous localhost:0" in _log(record), _log(record)
     # They did overlap, and the short one ended while the long one was running.
     assert long["StartTime"] <= short["EndTime"] <= long["EndTime"], (short, long)
     assert _meta(_latest(tmp_path / "short"))["progress"]["step"] == short_steps
