@@ -71,8 +71,9 @@ class TrainConfig:
     device: str = "auto"
     """auto (CUDA if available), cuda or cpu"""
     lease_minutes: float = 30.0
-    """minutes without a heartbeat (sent every control step) after which this run's lease on RUN_DIR
-    (writer.lease) is stale and another job may take the run directory over; above the longest validation"""
+    """minutes without a heartbeat (refreshed at control steps, at most once a minute) after which this
+    run's lease on RUN_DIR (writer.lease) is stale and another job may take the run directory over;
+    keep it above the longest validation"""
 
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16"):

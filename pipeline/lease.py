@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if len(args) != 2 or args[0] != "check":
-            print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+            print("usage: " + __doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
             return 2
         check(args[1], Holder.from_environ())
         return 0
