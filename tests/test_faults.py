@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import META, Checkpointer, export_model
+from pipeline import checkpoint
+from pipeline.checkpoint import META, export_model
 from tests._fixtures import (HARNESS, PYTHON, REPO, SMALL_RUN, children, cmdline, demo_data, demo_shards,  # noqa: F401
                              kill_group, preprocess, run_logged, shard_args, small_env, tail, wait_for)
 
@@ -23,7 +24,7 @@ RUN_TIMEOUT = 300  # seconds for any one training run (they take 10-40 s on 2 co
 
 
 def _latest(run_dir: Path) -> Path | None:
-    return Checkpointer(run_dir, None, rank=1).latest()  # rank != 0: never creates directories
+    return checkpoint.latest(run_dir)
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
