@@ -251,6 +251,7 @@ def _apply(base: RunConfig, flat: dict[str, Any], source: str) -> RunConfig:
         for p in parents:
             node = node[p]
         node[leaf] = value
+    _check_ranges(tree)  # before the sections' own checks, so the message names the option
     try:
         return _build(RunConfig, tree)
     except (TypeError, ValueError) as e:
@@ -333,15 +334,25 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Every range in RANGES; a one-line error naming the option. Returns ``cfg``."""
-    for path, (ok, want) in RANGES.items():
-        node: Any = cfg
-        for part in path.split("."):
-            node = getattr(node, part, None)
-        if node is not None and not ok(node):
-            raise UserError(f"--{_flag(path)} must be {want} (got {_show(node)})")
+    _check_ranges(cfg.to_dict())
     if not cfg.run_dir:
         raise UserError("--run-dir must not be empty")
     return cfg
+
+
+def _check_ranges(tree: dict[str, Any]) -> None:
+    for path, (ok, want) in RANGES.items():
+        node: Any = tree
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        try:
+            good = ok(node)
+        except TypeError:  # a value of the wrong type: the type check names it
+            continue
+        if not good:
+            raise UserError(f"--{_flag(path)} must be {want} (got {_show(node)})")
 
 
 def check_paths(cfg: RunConfig) -> None:
