@@ -54,6 +54,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 BEST = "best"
 META = "meta.json"
+LINEAGE = "lineage"
 FORMAT_VERSION = 2
 _TMP = ".tmp"
 _HASH_CHUNK = 8 << 20
@@ -289,13 +290,38 @@ def resolve(run_dir: str | Path | None, which: str) -> Path:
     return path
 
 
+def _current_lineage(run_dir: str | Path) -> int | None:
+    try:
+        return int((checkpoints_dir(run_dir) / LINEAGE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def candidates(run_dir: str | Path) -> list[Path]:
-    """Where an automatic resume looks, in order: what ``latest`` names, then every checkpoint newest first."""
-    order = []
+    """Where an automatic resume looks, newest intended state first.
+
+    The checkpoint ``latest`` names, preceded by its child when a save was killed between renaming its
+    directory and moving ``latest`` (the newest checkpoint, of the current lineage, whose parent ``latest``
+    names); then its ancestors (the same lineage, walking back); then every other checkpoint, newest first.
+    """
+    found = complete(run_dir)
+    by_name = {p.name: (p, m) for p, m in found}
+    order: list[Path] = []
     pointed = _pointer(run_dir, LATEST)
     if pointed is not None:
+        if found:
+            newest, meta = found[-1]
+            if (newest != pointed and meta.get("parent") == pointed.name
+                    and meta.get("lineage") == _current_lineage(run_dir)):
+                order.append(newest)
         order.append(pointed)
-    order += [p for p, _ in reversed(complete(run_dir)) if p != pointed]
+        name = pointed.name
+        while name in by_name and (parent := by_name[name][1].get("parent")) in by_name:
+            if by_name[parent][0] in order:
+                break
+            order.append(by_name[parent][0])
+            name = parent
+    order += [p for p, _ in reversed(found) if p not in order]
     return order
 
 
@@ -409,6 +435,7 @@ class Checkpointer:
         self.rank = rank
         self.group = process_group
         self.lineage: int | None = None  # set by restore(); None: a fresh lineage at the first save
+        self.parent: str | None = None  # the checkpoint the live state descends from
         self.last_saved_step: int | None = None
         self._last_save = time.monotonic()
 
@@ -474,6 +501,7 @@ class Checkpointer:
                                   f"{latest(self.run_dir)} is intact; fix it and re-run the same command")
         self._last_save = time.monotonic()
         self.last_saved_step = step
+        self.parent = name
         return self.dir / name
 
     def _prepare(self, step: int) -> str:
@@ -492,13 +520,14 @@ class Checkpointer:
         """Rank 0, after every rank's data is on disk: checksums + index, rename, move the pointers, prune."""
         existing = complete(self.run_dir)
         if self.lineage is None:
-            self.lineage = 1 + max((m.get("lineage", 0) for _, m in existing), default=-1)
+            self._start_lineage(existing)
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(tmp.iterdir()) if p.is_file() and p.name != META}
         index = {item.fqn: {"file": info.relative_path, "offset": info.offset, "length": info.length}
                  for item, info in written.storage_data.items()}
         meta = {"format": FORMAT_VERSION, "step": state.progress.step, "saved_at": time.time(),
                 "seq": 1 + max((m["seq"] for _, m in existing), default=-1), "lineage": self.lineage,
+                "parent": self.parent,
                 **state.meta(), "files": files, "tensors": index}
         write_json_atomic(tmp / META, meta)
         final = self.dir / name
@@ -508,6 +537,7 @@ class Checkpointer:
         if is_best and self.cfg.keep_best:
             write_bytes_atomic(self.dir / BEST, name.encode())
         self._prune(final)
+        self.parent = name
 
     def _prune(self, just_written: Path) -> None:
         protected = {just_written.name}
@@ -580,13 +610,23 @@ class Checkpointer:
         return None
 
     def _continue_lineage(self, path: Path, meta: dict[str, Any]) -> None:
-        """Resuming from the newest checkpoint of a lineage continues it; from an older one starts a new one."""
+        """Resuming from the newest checkpoint of a lineage continues it; from an older one starts a new one,
+        recorded at once (with ``latest`` naming the checkpoint resumed) so a crash before the first save
+        comes back here, not to the abandoned lineage."""
+        self.parent = path.name
         found = complete(self.run_dir)
         same = [m["seq"] for _, m in found if m.get("lineage") == meta.get("lineage")]
         if same and meta["seq"] == max(same):
             self.lineage = meta.get("lineage", 0)
+            return
+        if self.rank == 0:
+            self._start_lineage(found)
+            write_bytes_atomic(self.dir / LATEST, path.name.encode())
+            log.info("resumed from %s, not the newest of its lineage: new lineage %d (the old one is kept "
+                     "until this one has %d checkpoints)", path.name, self.lineage, self.cfg.keep_last)
         else:
-            self.lineage = 1 + max((m.get("lineage", 0) for _, m in found), default=-1)
-            if self.rank == 0:
-                log.info("resumed from %s, not the newest of its lineage: new lineage %d (the old one is kept "
-                         "until this one has %d checkpoints)", path.name, self.lineage, self.cfg.keep_last)
+            self.lineage = -1  # only rank 0 names lineages; other ranks never prune
+
+    def _start_lineage(self, existing: list[tuple[Path, dict[str, Any]]]) -> None:
+        self.lineage = 1 + max([m.get("lineage", 0) for _, m in existing] + [_current_lineage(self.run_dir) or 0])
+        write_bytes_atomic(self.dir / LINEAGE, str(self.lineage).encode())

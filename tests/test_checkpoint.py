@@ -244,3 +244,27 @@ def test_pointers_and_resolve(tmp_path: Path) -> None:
         checkpoint.resolve(tmp_path, str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match="no best checkpoint"):
         checkpoint.resolve(tmp_path / "empty", BEST)
+
+
+def test_killed_between_rename_and_pointer_move_resumes_the_newer_one(tmp_path: Path) -> None:
+    state, saver = _state(tmp_path), _saver(tmp_path)
+    previous = _save_at(saver, state, 10)
+    newer = _save_at(saver, state, 20)
+    (checkpoint.checkpoints_dir(tmp_path) / LATEST).write_text(previous.name)  # the pointer never moved
+    assert _saver(tmp_path).restore(_state(tmp_path), None) == newer
+
+
+def test_a_crash_right_after_an_explicit_resume_comes_back_to_it(tmp_path: Path) -> None:
+    """--resume of an older checkpoint, killed before the first save: the requeue (no --resume) must not
+    return to the abandoned lineage, even to a child of the checkpoint resumed."""
+    state, saver = _state(tmp_path), _saver(tmp_path)
+    chosen = _save_at(saver, state, 10)
+    _save_at(saver, state, 20)  # its child, to be abandoned
+    assert _saver(tmp_path).restore(_state(tmp_path), str(chosen)) == chosen
+    assert checkpoint.latest(tmp_path) == chosen
+    again = _saver(tmp_path)
+    resumed = _state(tmp_path)
+    assert again.restore(resumed, None) == chosen
+    first = _save_at(again, resumed, 15)  # the new lineage's first save, then the pointer is lost
+    (checkpoint.checkpoints_dir(tmp_path) / LATEST).write_text(chosen.name)
+    assert _saver(tmp_path).restore(_state(tmp_path), None) == first
