@@ -34,7 +34,8 @@ class FileLock:
         self.stale_after = stale_after
         self.timeout = timeout  # None: wait until the holder releases it or it goes stale
         self.poll = poll
-        self._inode: int | None = None
+        # Kept open while held, so that the inode cannot be freed and reused: release compares inodes.
+        self._fd: int | None = None
 
     def __enter__(self) -> "FileLock":
         self.acquire()
@@ -56,13 +57,17 @@ class FileLock:
             delay = min(delay * 1.5, 1.0)
 
     def release(self) -> None:
+        if self._fd is None:
+            return
         # Delete only our own file: if ours was broken as stale, the file there now is another holder's.
         try:
-            if self._inode is not None and os.stat(self.path).st_ino == self._inode:
+            if _same_file(os.stat(self.path), os.fstat(self._fd)):
                 self.path.unlink()
         except FileNotFoundError:
             pass
-        self._inode = None
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
     def _try_create(self) -> bool:
         try:
@@ -73,9 +78,11 @@ class FileLock:
             holder = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
             os.write(fd, json.dumps(holder).encode())
             os.fsync(fd)
-            self._inode = os.fstat(fd).st_ino
-        finally:
+        except BaseException:
             os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
+        self._fd = fd
         return True
 
     def _break_if_stale(self) -> None:
@@ -83,29 +90,29 @@ class FileLock:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return
-        try:
+        try:  # fd stays open until the end, so the judged file's inode cannot be reused meanwhile
             judged = os.fstat(fd)
             holder = _parse_holder(os.read(fd, 4096))
+            why = self._stale_reason(holder, judged.st_mtime)
+            if why is None:
+                return
+            aside = self.path.with_name(f"{self.path.name}.stale.{socket.gethostname()}.{os.getpid()}")
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                return  # another waiter broke it first
+            if not _same_file(os.stat(aside), judged):
+                # Between our look and the rename, someone broke the stale lock and took a fresh one:
+                # put theirs back (link fails rather than replace a lock taken meanwhile).
+                try:
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    pass
+                os.unlink(aside)
+                return
+            os.unlink(aside)
         finally:
             os.close(fd)
-        why = self._stale_reason(holder, judged.st_mtime)
-        if why is None:
-            return
-        aside = self.path.with_name(f"{self.path.name}.stale.{socket.gethostname()}.{os.getpid()}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return  # another waiter broke it first
-        if os.stat(aside).st_ino != judged.st_ino:
-            # Between our look and the rename, someone broke the stale lock and took a fresh one:
-            # put theirs back (link fails rather than replace a lock taken meanwhile).
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-            os.unlink(aside)
-            return
-        os.unlink(aside)
         print(f"warning: {self.path}: broke a stale lock held by {_describe(holder)} ({why})",
               file=sys.stderr, flush=True)
 
@@ -116,6 +123,10 @@ class FileLock:
         if holder and holder["host"] == socket.gethostname() and not _alive(holder["pid"]):
             return "that process is gone"
         return None
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _alive(pid: int) -> bool:
@@ -149,5 +160,8 @@ def _read_holder(path: Path) -> dict | None:
 def _describe(holder: dict | None) -> str:
     if not holder:
         return "an unknown process"
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["time"]))
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["time"]))
+    except (OverflowError, OSError, ValueError):
+        when = "an unknown time"
     return f"pid {holder['pid']} on {holder['host']} since {when}"

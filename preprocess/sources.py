@@ -247,8 +247,8 @@ def _scan_directory(src: str) -> tuple[bool, list[_Entry]]:
     src = os.path.abspath(src)  # items are read by worker processes: no cwd dependence
     with os.scandir(src) as it:
         top = sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
-    folders = [e for e in top if e.is_dir()]
-    files = [e for e in top if not e.is_dir()]
+    folders = [e for e in top if _is_dir(e)]
+    files = [e for e in top if not _is_dir(e)]
     if folders and files:
         # Refuse rather than guess: the loose files would have no label, or the folders no meaning.
         raise UserError(f"{src}: has both class folders ({folders[0].name}/ ...) and loose files "
@@ -267,6 +267,13 @@ def _scan_directory(src: str) -> tuple[bool, list[_Entry]]:
     return False, entries
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop (ELOOP): not a directory; reading it records why
+        return False
+
+
 def _walk_files(folder: str, seen: set[tuple[int, int]]) -> Iterator[tuple[str, str]]:
     """(path, error) of the non-hidden non-directories under ``folder``, recursively (as torchvision's
     ImageFolder), sorted.
@@ -281,7 +288,7 @@ def _walk_files(folder: str, seen: set[tuple[int, int]]) -> Iterator[tuple[str, 
     with os.scandir(folder) as it:
         entries = sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
     for entry in entries:
-        if not entry.is_dir():
+        if not _is_dir(entry):
             yield entry.path, ""
             continue
         target = os.stat(entry.path)
