@@ -26,7 +26,12 @@ Decisions, each measured or forced by the data (docs/BENCHMARKS.md has the figur
 * Memory: a decode never produces more than ``MAX_DECODED_PIXELS``. JPEGs are decoded at a
   coarser DCT scale to stay below it (a 10000x10000 JPEG is decoded at 1/8 = 1250x1250); formats
   without reduced decoding (PNG, GIF, TIFF...) larger than the limit are skipped with the reason
-  "image too large (WxH)".
+  "image too large (WxH)". Those are box-reduced right after decoding, before any conversion, and
+  oriented last, so the full-size pixels exist once: about 4 bytes a decoded pixel (PIL's RGB),
+  up to 8 for images with transparency or 16-bit samples (one converted copy); README states
+  the budget.
+* A JPEG whose frame header claims more pixels than its data can encode (at least one bit per 8x8
+  block) is rejected: libjpeg would fill the missing blocks with grey and only warn.
 * Bad data raises :class:`BadImage` only, with a short reason for the manifest's ``skipped`` list.
   JPEGs that end early are rejected ("truncated JPEG"); JPEGs with other *recoverable* damage
   that libjpeg repairs (stray bytes before a marker, ...) are accepted, as PIL would accept them.
