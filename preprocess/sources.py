@@ -30,6 +30,7 @@ import errno
 import io
 import os
 import stat
+import struct
 import tarfile
 import zlib
 from collections import Counter
@@ -571,11 +572,47 @@ def _devkit(where: str, meta_mat: bytes, ground_truth: bytes | None) -> _Devkit:
     return _Devkit(where, id_to_wnid, names, truth)
 
 
+_MAT5_HEADER = 128
+_MI_COMPRESSED = 15
+
+
+def _inflated_mat(meta_mat: bytes, where: str) -> bytes:
+    """A MAT v5 file with its zlib-compressed variables inflated, at most MAX_DEVKIT_MEMBER_BYTES in all.
+
+    scipy inflates compressed variables without a bound, so a small crafted meta.mat could take
+    any amount of memory; inflating them here first, with a cap, bounds what scipy is given.
+    Anything that is not MAT v5 is passed through for scipy to refuse.
+    """
+    if len(meta_mat) < _MAT5_HEADER or meta_mat[126:128] not in (b"IM", b"MI"):
+        return meta_mat
+    order = "<" if meta_mat[126:128] == b"IM" else ">"
+    parts, total, pos = [meta_mat[:_MAT5_HEADER]], _MAT5_HEADER, _MAT5_HEADER
+    while pos + 8 <= len(meta_mat):
+        kind, size = struct.unpack(order + "II", meta_mat[pos:pos + 8])
+        if kind == _MI_COMPRESSED:
+            inflater = zlib.decompressobj()
+            try:
+                element = inflater.decompress(meta_mat[pos + 8:pos + 8 + size], MAX_DEVKIT_MEMBER_BYTES - total + 1)
+            except zlib.error as e:
+                raise UserError(f"{where}: meta.mat is damaged ({e}); re-download the devkit") from None
+            pos += 8 + size
+        else:
+            end = pos + 8 + size + (-size % 8)  # uncompressed elements are padded to 8 bytes
+            element, pos = meta_mat[pos:end], end
+        total += len(element)
+        if total > MAX_DEVKIT_MEMBER_BYTES:
+            raise UserError(f"{where}: meta.mat inflates to more than {MAX_DEVKIT_MEMBER_BYTES >> 20} MB, far "
+                            "more than the ILSVRC2012 devkit's; is this the right file?")
+        parts.append(element)
+    return b"".join(parts)
+
+
 def _parse_meta(meta_mat: bytes, where: str) -> tuple[dict[int, str], dict[str, str]]:
     """(ILSVRC2012_ID -> wnid of the leaf classes, wnid -> words) from meta.mat's ``synsets``."""
     import numpy as np
     import scipy.io
 
+    meta_mat = _inflated_mat(meta_mat, where)
     try:
         synsets = np.atleast_1d(scipy.io.loadmat(io.BytesIO(meta_mat), squeeze_me=True,
                                                  variable_names=["synsets"])["synsets"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 from PIL import Image
 
 from preprocess import format as fmt
@@ -209,3 +210,21 @@ def test_absurd_max_file_mb_is_refused(tmp_path: Path) -> None:
                 "--max-file-mb", "0")
     _one_line_error(proc, "--max-file-mb")
 
+
+
+def test_compressed_meta_mat_is_read_and_a_zip_bomb_refused(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.mat"
+    _write_meta(plain)
+    synsets = scipy.io.loadmat(str(plain))["synsets"]
+    meta = tmp_path / "meta.mat"
+    scipy.io.savemat(str(meta), {"synsets": synsets}, do_compression=True)  # as MATLAB writes the devkit's
+    assert sources._parse_meta(meta.read_bytes(), "x") == sources._parse_meta(plain.read_bytes(), "x")
+
+    # 70 MB of zeros compress to ~70 KB: scipy alone would inflate whatever a file declares.
+    scipy.io.savemat(str(meta), {"synsets": synsets, "padding": np.zeros(70 << 20, np.uint8)}, do_compression=True)
+    assert meta.stat().st_size < 1 << 20
+    truth = tmp_path / "truth.txt"
+    truth.write_text("1\n2\n")
+    proc = _run("shard", "--src", str(_val_folder(tmp_path / "val")), "--out", str(tmp_path / "out"),
+                "--split", "val", "--devkit", str(meta), "--labels", str(truth), "--no-progress")
+    _one_line_error(proc, str(meta), "inflates to more than 64 MB")
