@@ -6,8 +6,9 @@ filesystems, NFSv3+, Lustre, GPFS) of a small file naming its holder (host, pid,
 released by deleting that file. A holder that died leaves its file behind; such a lock is *stale*
 and is broken with a warning when its holder is on this host and its pid is gone, or when it is
 older than ``stale_after`` seconds (holders keep it for well under a second; another host's pid
-cannot be checked). Breaking renames the stale file away and checks that it was the file judged
-stale, so two waiters cannot both break it and both hold the lock.
+cannot be checked). Breaking renames the stale file away and checks that the file moved is the
+one judged stale (a fresh lock moved by mistake is linked back), so two waiters that both judge a
+lock stale do not both end up holding it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from types import TracebackType
 from preprocess.errors import UserError
 
 STALE_AFTER_S = 300.0
+_SAY_WAITING_AFTER_S = 10.0
 
 
 class FileLock:
@@ -47,12 +49,17 @@ class FileLock:
 
     def acquire(self) -> None:
         started = time.monotonic()
-        delay = self.poll
+        delay, said = self.poll, False
         while not self._try_create():
             self._break_if_stale()
-            if self.timeout is not None and time.monotonic() - started > self.timeout:
+            waited = time.monotonic() - started
+            if self.timeout is not None and waited > self.timeout:
                 raise UserError(f"{self.path}: lock held by {_describe(_read_holder(self.path))} for more than "
                                 f"{self.timeout:.0f} s; if that process is gone, delete {self.path}")
+            if waited > _SAY_WAITING_AFTER_S and not said:
+                print(f"waiting for {self.path}, held by {_describe(_read_holder(self.path))}",
+                      file=sys.stderr, flush=True)
+                said = True
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 
@@ -92,7 +99,10 @@ class FileLock:
             return
         try:  # fd stays open until the end, so the judged file's inode cannot be reused meanwhile
             judged = os.fstat(fd)
-            holder = _parse_holder(os.read(fd, 4096))
+            try:
+                holder = _parse_holder(os.read(fd, 4096))
+            except OSError:  # not a file we wrote (e.g. a directory someone made there): judged by age
+                holder = None
             why = self._stale_reason(holder, judged.st_mtime)
             if why is None:
                 return
