@@ -187,8 +187,9 @@ def _train_stats(out: Path, info: fmt.SplitInfo, workers: int, stats_images: int
     size = int(info.params["image_size"])
     total = stats.PixelMoments.zeros(size)
     with _worker_pool(workers) as pool:
+        # In shard order: floating-point sums in another order would change the manifest between runs.
         for moments in _results(pool, stats.shard_moments, list(zip(paths, quotas, [size] * len(paths))),
-                                ordered=False):
+                                ordered=True):
             total = total + moments
     return stats.finish(total, out)
 

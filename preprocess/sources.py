@@ -47,6 +47,7 @@ SYNSET_MAPPING = "LOC_synset_mapping.txt"  # Kaggle's "wnid words" list, next to
 VAL_NAME = "ILSVRC2012_val_{:08d}"  # val image n (1-based) of the devkit's ground truth
 # meta.mat is ~2 MB and the ground truth ~200 KB: anything far larger is not the devkit.
 MAX_DEVKIT_MEMBER_BYTES = 64 << 20
+MAX_DEVKIT_MEMBERS = 10_000  # the devkit has ~30
 
 _BLOCK = tarfile.BLOCKSIZE
 # Leading bytes of compressed files: such tars cannot be read at an offset without decompressing.
@@ -526,8 +527,8 @@ def _load_devkit(devkit: str) -> _Devkit:
     if devkit.endswith(".mat"):
         return _devkit(devkit, _read_bytes(devkit), None)
     try:
-        with tarfile.open(devkit, "r:*") as tar:  # the devkit ships as .tar.gz; small, so read it whole
-            wanted = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isreg()}
+        with tarfile.open(devkit, "r:*") as tar:  # the devkit ships as .tar.gz: ~30 members, 2.5 MB
+            wanted = {m.name.lstrip("./"): m for m in _devkit_members(tar, devkit) if m.isreg()}
             meta = _find_suffix(wanted, META_MAT)
             truth = _find_suffix(wanted, VAL_GROUND_TRUTH)
             if meta is None:
@@ -537,6 +538,14 @@ def _load_devkit(devkit: str) -> _Devkit:
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise UserError(f"{devkit}: cannot read the devkit archive ({e}); re-download it") from None
     return _devkit(devkit, meta_bytes, text)
+
+
+def _devkit_members(tar: tarfile.TarFile, where: str) -> Iterator[tarfile.TarInfo]:
+    for n, member in enumerate(tar, start=1):
+        if n > MAX_DEVKIT_MEMBERS:
+            raise UserError(f"{where}: more than {MAX_DEVKIT_MEMBERS} members, not the ILSVRC2012 devkit; "
+                            "is this the right archive?")
+        yield member
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> bytes:
