@@ -74,7 +74,7 @@ class SourceItem:
     path: str  # file that holds the bytes
     offset: int = 0  # byte offset of the payload in `path`
     size: int = -1  # payload length; -1 = the whole file
-    error: str = ""  # set when the entry cannot be read as one byte range (e.g. a GNU sparse member)
+    error: str = ""  # why it is skipped unread, known from the scan (a GNU sparse member, a directory loop)
 
     def read(self, max_bytes: int | None = None) -> bytes:
         """The image file's bytes; OSError if they cannot be had (the writer records it and goes on).

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -109,9 +111,16 @@ def test_reads_are_capped_and_never_open_special_files(tmp_path: Path) -> None:
     assert items[1].read(4096) == b"b" * 10
 
 
-def test_lying_jpeg_header_is_rejected_not_decoded_grey() -> None:
+def test_lying_image_headers_are_rejected_not_decoded_grey() -> None:
     with pytest.raises(image.BadImage, match=r"corrupt JPEG \(header says 30000×30000"):
         image.process(_lying_jpeg(30000, 30000))
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, "PNG")
+    png = bytearray(buf.getvalue())
+    png[16:24] = struct.pack(">II", 7000, 7000)  # IHDR width, height (+ its CRC below)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    with pytest.raises(image.BadImage, match="^truncated PNG$"):
+        image.process(bytes(png))
     # A real large flat JPEG of the same kind of content is still accepted (the bound is 1 bit per block).
     buf = io.BytesIO()
     Image.new("L", (4000, 3000), 90).save(buf, "JPEG", quality=20, optimize=True)
