@@ -425,6 +425,17 @@ def _first_line(e: BaseException) -> str:
     return line.strip()[:300]
 
 
+def _space_hint(directory: Path, needed: int) -> str:
+    """torch.save reports a full disk as an opaque stream error; say what the file system says."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return ""
+    if free < 2 * needed:
+        return f" (no space left on the device: {free / 2**20:.1f} MiB free in {directory})"
+    return ""
+
+
 class Checkpointer:
     """Collective save and restore of a :class:`TrainState` in ``RUN/checkpoints``."""
 
@@ -481,12 +492,13 @@ class Checkpointer:
         if error:
             raise CheckpointError(f"{error}; nothing was written, free space or fix permissions and re-run")
         tmp = self.dir / (name + _TMP)
+        tensors = state.tensors()
         try:
-            written = dcp.save(state.tensors(), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+            written = dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
                                process_group=self.group)
             error = None
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-            written, error = None, _first_line(e)
+            written, error = None, _first_line(e) + _space_hint(self.dir, sum(t.nbytes for t in tensors.values()))
         if self.rank == 0:
             if error is None:
                 try:

@@ -348,3 +348,45 @@ def test_kill_soak_resumes_to_the_uninterrupted_weights(demo_shards: Path, tmp_p
     a, b = export_model(_latest(straight)), export_model(final)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
     print(f"kill soak: {kills} SIGKILLs survived, {in_write} during a checkpoint write")
+
+
+# ------------------------------------------------------------------------------------------------
+# A full disk during a checkpoint save
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(demo_shards: Path, tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root")
+    argv = lambda run_dir: [PYTHON, "-m", "launch.train", "--data", str(demo_shards), "--run-dir",  # noqa: E731
+                            str(run_dir), *SMALL_RUN, "--tp", "1", "--max-steps", "4",
+                            "--checkpoint.every-steps", "1", "--checkpoint.keep-last", "10"]
+    # How much a run needs up to its second checkpoint, measured on a roomy disk.
+    roomy = tmp_path / "roomy"
+    assert run_logged(argv(roomy), tmp_path / "roomy.log", small_env(), RUN_TIMEOUT) == 0, tail(tmp_path / "roomy.log")
+    sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in _checkpoints(roomy)}
+    one = max(sizes.values())
+    rest = sum(f.stat().st_size for f in roomy.rglob("*") if f.is_file() and "checkpoints" not in f.parts)
+    size_kb = (rest + 2 * one + one // 2) // 1024 + 64
+
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, size_kb)
+    try:
+        run_dir, log = mnt / "run", tmp_path / "full.log"
+        rc = run_logged(argv(run_dir), log, small_env(), RUN_TIMEOUT)
+        text = log.read_text(errors="replace")
+        assert rc == 2, text[-4000:]
+        line = _one_error_line(text)
+        assert "checkpoint at step" in line and "no space left" in line.lower() and "intact" in line, line
+        kept = _latest(run_dir)
+        assert kept is not None and checkpoint.verify(kept) is None
+        assert not list((run_dir / "checkpoints").glob("*.tmp")), list((run_dir / "checkpoints").iterdir())
+
+        grown = subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], capture_output=True, text=True,
+                               timeout=30)
+        assert grown.returncode == 0, grown.stderr
+        assert run_logged(argv(run_dir), log, small_env(), RUN_TIMEOUT) == 0, tail(log)
+        assert f"resumed from {kept}" in log.read_text(errors="replace")
+        a, b = export_model(_latest(roomy)), export_model(_latest(run_dir))
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    finally:
+        _umount(mnt)
