@@ -3,8 +3,9 @@
     python -m launch.lr_drop RUN_DIR [--note "val error flat since epoch 40"]
 
 Writes a request file into the run directory; global rank 0 of the job notices it at its next
-control step and every rank applies the drop at the same step boundary. The drop is recorded in
-the checkpoint and in TensorBoard; the request file is renamed ``lr_drop.applied-stepN``.
+control step and every rank applies the drop at the same step boundary. The request is renamed
+``lr_drop.applied-stepN`` (or ``rejected-stepN`` when no drop is left, reported in the log and in
+TensorBoard); the drop is recorded in the checkpoint and in TensorBoard.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline.schedule import request_manual_drop
+from preprocess.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,13 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="the job's --run-dir")
     parser.add_argument("--note", default="", help="why (kept with the request)")
     args = parser.parse_args(argv)
-    if not (args.run_dir / "config.json").exists():
-        print(f"error: {args.run_dir}: not a run directory (no config.json); pass the job's --run-dir",
-              file=sys.stderr)
-        return 2
-    path = request_manual_drop(args.run_dir, args.note)
-    print(f"requested an LR drop: {path}; the job applies it at its next control step")
-    return 0
+
+    def body() -> int:
+        if not (args.run_dir / "config.json").is_file():
+            raise UserError(f"{args.run_dir}: not a run directory (no config.json); pass the job's --run-dir")
+        path = request_manual_drop(args.run_dir, args.note)
+        print(f"requested an LR drop: {path}; the job applies it at its next control step")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,8 @@ from preprocess.errors import UserError, run_cli
 
 if TYPE_CHECKING:
     from pipeline.lease import Lease
+
+SAME_INTERRUPT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -56,17 +59,30 @@ def setup_logging(rank: int) -> None:
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
 
 
-def install_stop_handlers(stop: threading.Event, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
-    """A signal only sets a flag: the checkpoint happens collectively at the next step boundary."""
+def install_stop_handlers(stop: threading.Event,
+                          signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)) -> None:
+    """A signal only sets a flag: every rank checkpoints together at the next control step, then exits 0.
+
+    A second SIGTERM or SIGINT means "now": the rank dies of the signal at once, without a traceback; the
+    checkpoint the first one asked for is kept if it finished, and a half-written one is never visible.
+    Under torchrun, Ctrl-C reaches a rank twice within milliseconds (the terminal's SIGINT to the process
+    group, then torchrun's forwarded copy): a repeat within ``SAME_INTERRUPT_S`` counts as the same one.
+    """
+    first_at: dict[int, float] = {}
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+
     def handler(signum: int, frame: object) -> None:
-        if stop.is_set() and signum == signal.SIGTERM:
-            # A second SIGTERM (torchrun's shutdown, or an impatient operator) means now: a rank
-            # stuck in a collective must not outlive its launcher.
+        now = time.monotonic()
+        echo = under_torchrun and signum in first_at and now - first_at[signum] < SAME_INTERRUPT_S
+        if stop.is_set() and signum in (signal.SIGTERM, signal.SIGINT) and not echo:
+            # A rank stuck in a collective must not outlive its launcher or an impatient operator.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        logging.getLogger("alexnet").warning("received %s: checkpointing at the next step boundary",
-                                             signal.Signals(signum).name)
+        first_at.setdefault(signum, now)
+        if not stop.is_set():
+            logging.getLogger("alexnet").warning("received %s: checkpointing at the next step boundary "
+                                                 "(again to stop at once)", signal.Signals(signum).name)
         stop.set()
 
     for sig in signals:
@@ -82,17 +98,22 @@ def select_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def run(argv: list[str] | None = None, stop: threading.Event | None = None, env: ProcessEnv | None = None):
-    """Parse, set up, train; returns the trainer's Outcome. Shared by the CLI and launch.submit."""
+def run(argv: list[str] | None = None, stop: threading.Event | None = None, env: ProcessEnv | None = None,
+        loaders: Any = None):
+    """Parse, check, set up, train; returns the trainer's Outcome. Shared by the CLI and launch.submit.
+
+    Every option and path is checked before anything is written to the run directory.
+    """
     from pipeline import config
     from pipeline.mesh import ParallelDims, build_mesh
-    from pipeline.train import Trainer, write_run_config
+    from pipeline.train import Loaders, Trainer, write_run_config
+    from preprocess.format import read_manifest
 
     env = env or ProcessEnv.from_environ()
     setup_logging(env.rank)
     cfg, args = config.parse(argv)
-    if not cfg.data.data:
-        raise UserError("--data is required: the preprocessed dataset directory (with manifest.json)")
+    config.check_paths(cfg)
+    config.resolve_num_classes(cfg, len(read_manifest(cfg.data.data).classes))
     dims = ParallelDims(env.world_size, env.rank, cfg.train.tp)
     device = select_device(cfg.train.device, env.local_rank)
     if stop is None:
@@ -109,7 +130,8 @@ def run(argv: list[str] | None = None, stop: threading.Event | None = None, env:
         if dims.is_main:
             write_run_config(cfg)
             logging.getLogger("alexnet").info("%s on %s; run dir %s", dims.describe(), device, cfg.run_dir)
-        outcome = Trainer(cfg, mesh, device, stop, heartbeat=lease.heartbeat if lease else None).fit(resume=args.resume)
+        trainer = Trainer(cfg, mesh, device, stop, loaders or Loaders(), heartbeat=lease.heartbeat if lease else None)
+        outcome = trainer.fit(resume=args.resume)
         return outcome
     finally:
         # A run stopped for preemption keeps its lease: the requeued job (the same holder) takes it over.
@@ -144,10 +166,7 @@ def take_lease(run_dir: str, minutes: float, rank: int) -> Lease | None:
 
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
-        outcome = run(argv)
-        if outcome.preempted:
-            logging.getLogger("alexnet").warning("stopped for preemption at step %d; resume picks up from latest",
-                                                 outcome.progress.step)
+        run(argv)  # a stop by signal is a clean exit: the trainer logged where and how to continue
         return 0
 
     return run_cli(body)

@@ -1,48 +1,63 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP): atomic, resumable, reshardable over (dp, tp).
+"""The training state and its checkpoints: atomic, verified, lineage-safe, reshardable over (dp, tp).
 
 Layout::
 
-    RUN/checkpoints/step-00001234/   one DCP checkpoint (.metadata + one __R_0.distcp per writing rank)
-                                     + meta.json (progress, schedule, config, metrics; written last)
-    RUN/checkpoints/latest           name of the newest complete checkpoint (replaced atomically)
+    RUN/checkpoints/step-00001234/   torch.distributed.checkpoint (DCP) files + meta.json (written last)
+    RUN/checkpoints/latest           name of the checkpoint a restart resumes from (replaced atomically)
     RUN/checkpoints/best             name of the checkpoint with the best val top-1
 
-The saved model is always in the *tower* form, whatever tp the run used: keys
-``tower{t}.model.<name>`` and ``tower{t}.momentum.<name>`` for t in {0, 1}. A tp=2 rank writes
-its own tower; a tp=1 rank splits its grouped model into the two towers first (the conversion in
-``pipeline.model`` is exact). Replicas on other dp ranks write the same keys, which DCP
-deduplicates, so each tower is stored once. Loading asks DCP for the keys the new layout needs,
-so a checkpoint loads into tp=1 or tp=2 and any number of dp ranks. Per-rank RNG states
-(``rng.rank{r}``) are restored only when the layout is unchanged (bit-exact resume); a different
-layout resumes with fresh per-rank seeds.
+``meta.json`` holds the progress, schedule, config and layout, the sha256 and size of every file, and an
+index of where each tensor lies (file, offset, length). Loading reads tensors through that index with
+``torch.load(weights_only=True)``: nothing from a run directory is ever unpickled by this project (DCP's
+own ``.metadata`` is a pickle, so it is not read here). Every load verifies the checksums first; an
+automatic resume walks back from ``latest`` to the newest checkpoint that verifies.
 
-Atomicity: a checkpoint is written into ``step-N.tmp``; only after every rank's data and the
-metadata are on disk does global rank 0 write meta.json, rename the directory to ``step-N`` and
-then replace ``latest``. A crash at any point leaves ``latest`` pointing at the previous complete
-checkpoint; leftover ``.tmp`` directories are ignored and removed by the next save.
+The model is always stored in tower form (``tower{t}.model.*``, ``tower{t}.momentum.*``) whatever tp the
+run used, so a checkpoint loads into tp=1 or tp=2 and any number of dp replicas. Per-rank RNG states
+(tensors, ``rng.rank{r}.*``) are restored only when the layout is unchanged.
+
+Retention never deletes the checkpoint just written, the one ``latest`` names or ``best``. A resume from
+a checkpoint that is not the newest of its lineage starts a new lineage; the abandoned one is kept until
+the new one has ``keep_last`` checkpoints. Names are never reused: re-saving a step writes a new
+directory and only then moves ``latest``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
+import math
 import os
+import random
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
+from pipeline import model as model_lib
 from preprocess.errors import UserError
 from preprocess.files import fsync_dir, write_bytes_atomic, write_json_atomic
 
+log = logging.getLogger("alexnet")
+
+CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 BEST = "best"
 META = "meta.json"
+LINEAGE = "lineage"
+FORMAT_VERSION = 2
+_TMP = ".tmp"
+_HASH_CHUNK = 8 << 20
 
 
 @dataclass
@@ -52,26 +67,390 @@ class CheckpointConfig:
     every_steps: int = 0
     """also save every this many optimizer steps; 0 = never by step count"""
     keep_last: int = 3
-    """keep this many newest checkpoints (plus the best one)"""
+    """keep this many newest checkpoints of the current lineage (plus best and the one latest names)"""
     keep_best: bool = True
     """keep the checkpoint with the best validation top-1 error"""
+    allow_world_writable: bool = False
+    """resume even from a checkpoint directory anyone may write to (its files could be swapped)"""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be saved or loaded; the message names it and what to do."""
+
+
+class NonFiniteState(UserError):
+    """Training diverged: weights or loss are NaN/inf; nothing non-finite is saved."""
+
+
+# ---------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # the epoch in progress (or the next one, at an epoch boundary)
+    step: int = 0  # optimizer steps taken since the start of training
+    step_in_epoch: int = 0  # steps of ``epoch`` already taken
+
+
+class TrainState:
+    """Everything a restart needs: model towers, SGD momentum, RNG, progress, schedule, config, layout.
+
+    ``state_dict()`` gives ``{"tensors": ..., "meta": ...}``: tensors (this rank's towers and RNG) go to DCP,
+    the JSON-able rest to meta.json. The trainer owns the live objects; this class only translates.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+                 config: Any, layout: dict[str, int], rank: int, tp_rank: int, towers: int = 2):
+        self.model, self.optimizer, self.schedule, self.config = model, optimizer, schedule, config
+        self.layout, self.rank, self.tp_rank = layout, rank, tp_rank
+        self.towers = towers  # 1: a one-column model (no split), stored as a single tower
+        self.progress = Progress()
+        self.best_top1_error: float | None = None
+
+    # -- tower form
+
+    def _held_towers(self) -> list[int]:
+        """The towers this rank holds: its own under tp=2, all of them under tp=1."""
+        return [self.tp_rank] if self.layout["tp_size"] == 2 else list(range(self.towers))
+
+    def _to_towers(self, full: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+        if self.layout["tp_size"] == 2 or self.towers == 1:
+            return {self._held_towers()[0]: full}
+        return {t: model_lib.tower_state_dict(full, t) for t in range(self.towers)}
+
+    def _from_towers(self, towers: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if self.layout["tp_size"] == 2 or self.towers == 1:
+            return towers[self._held_towers()[0]]
+        return model_lib.merge_tower_state_dicts([towers[t] for t in range(self.towers)])
+
+    def _model_and_momentum(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        model_sd = {k: v.detach().cpu() for k, v in model_lib.unwrap(self.model).state_dict().items()}
+        momentum = {}
+        for name, p in self.model.named_parameters():
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            momentum[name] = (buf if buf is not None else torch.zeros_like(p)).detach().cpu()
+        return model_sd, momentum
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        model_sd, momentum = self._model_and_momentum()
+        out: dict[str, torch.Tensor] = {}
+        for part, full in (("model", model_sd), ("momentum", momentum)):
+            for t, sd in self._to_towers(full).items():
+                out.update({f"tower{t}.{part}.{k}": v for k, v in sd.items()})
+        out.update({f"rng.rank{self.rank}.{k}": v for k, v in rng_tensors().items()})
+        return out
+
+    def tensor_templates(self, with_rng: bool) -> dict[str, torch.Tensor]:
+        """The keys (and shapes) a load into this layout needs."""
+        wanted = {k: v for k, v in self.tensors().items() if with_rng or not k.startswith("rng.")}
+        return wanted
+
+    def meta(self) -> dict[str, Any]:
+        return {"progress": vars(self.progress).copy(), "layout": dict(self.layout),
+                "schedule": self.schedule.state_dict(), "best_top1_error": self.best_top1_error,
+                "config": self.config.to_dict()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tensors": self.tensors(), "meta": self.meta()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load ``{"tensors", "meta"}``; RNG tensors are applied when present (same layout only)."""
+        tensors, meta = state["tensors"], state["meta"]
+        parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {"model": {}, "momentum": {}}
+        for key, value in tensors.items():
+            if key.startswith("tower"):
+                head, part, name = key.split(".", 2)
+                parts[part].setdefault(int(head[len("tower"):]), {})[name] = value
+        model_lib.unwrap(self.model).load_state_dict(self._from_towers(parts["model"]))
+        momentum = self._from_towers(parts["momentum"])
+        for name, p in self.model.named_parameters():
+            self.optimizer.state[p]["momentum_buffer"] = momentum[name].to(p.device, p.dtype).clone()
+        prefix = f"rng.rank{self.rank}."
+        rng = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if rng:
+            set_rng_tensors(rng)
+        self.schedule.load_state_dict(meta["schedule"])
+        self.best_top1_error = meta["best_top1_error"]
+        self.progress = Progress(**meta["progress"])
+
+    def all_finite(self, device: torch.device, group: Any = None) -> bool:
+        """Weights and momentum finite on every rank (collective when distributed)."""
+        bad = torch.zeros((), device=device)
+        for p in self.model.parameters():
+            if not torch.isfinite(p.detach()).all():
+                bad.fill_(1)
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and not torch.isfinite(buf).all():
+                bad.fill_(1)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+        return not bool(bad)
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """This process's RNG states as plain tensors (no pickle): torch, CUDA, Python, NumPy."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {"torch": torch.get_rng_state(),
+           "python": torch.tensor([version, *words], dtype=torch.int64),
+           "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
+           "numpy": torch.tensor([*keys.tolist(), pos, has_gauss], dtype=torch.int64),
+           "numpy_gauss": torch.tensor([cached], dtype=torch.float64)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_tensors(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"].tolist()
+    gauss = float(state["python_gauss"][0])
+    random.setstate((py[0], tuple(py[1:]), None if math.isnan(gauss) else gauss))
+    npy = state["numpy"].tolist()
+    np.random.set_state(("MT19937", np.array(npy[:624], dtype=np.uint32), npy[624], npy[625],
+                         float(state["numpy_gauss"][0])))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- finding
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
 
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {META}); pass another one") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}/{META}: unreadable ({e}); pass another checkpoint") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a checkpoint of format {FORMAT_VERSION} (written by another version "
+                              "or damaged); pass another one")
+    return meta
+
+
+def complete(run_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Checkpoints whose meta.json reads, oldest save first."""
+    root = checkpoints_dir(run_dir)
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith("step-") and not p.name.endswith(_TMP) and p.is_dir():
+                try:
+                    found.append((p, read_meta(p)))
+                except CheckpointError:
+                    continue
+    return sorted(found, key=lambda item: item[1]["seq"])
+
+
+def _pointer(run_dir: str | Path, name: str) -> Path | None:
+    root = checkpoints_dir(run_dir)
+    try:
+        target = (root / name).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        return None
+    if not target or "/" in target or target in (".", ".."):
+        return None
+    return root / target
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """What ``latest`` names when it reads complete, else the newest complete checkpoint, else None."""
+    pointed = _pointer(run_dir, LATEST)
+    if pointed is not None and (pointed / META).is_file():
+        return pointed
+    found = complete(run_dir)
+    return found[-1][0] if found else None
+
+
+def resolve(run_dir: str | Path | None, which: str) -> Path:
+    """``best`` / ``latest`` of a run dir, or a checkpoint directory path; a one-line error when absent."""
+    if which in (BEST, LATEST):
+        if run_dir is None:
+            raise CheckpointError(f"--checkpoint {which} needs a --run-dir")
+        path = latest(run_dir) if which == LATEST else _pointer(run_dir, BEST)
+        if path is None or not path.is_dir():
+            raise CheckpointError(f"{checkpoints_dir(run_dir)}: no {which} checkpoint yet "
+                                  "(has the run finished an epoch?)")
+        return path
+    path = Path(which)
+    if not path.is_dir() and run_dir is not None and (checkpoints_dir(run_dir) / which).is_dir():
+        path = checkpoints_dir(run_dir) / which
+    if not path.is_dir():
+        raise CheckpointError(f"{which}: no such checkpoint directory; pass best, latest or a step-N directory")
+    return path
+
+
+def _current_lineage(run_dir: str | Path) -> int | None:
+    try:
+        return int((checkpoints_dir(run_dir) / LINEAGE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def candidates(run_dir: str | Path) -> list[Path]:
+    """Where an automatic resume looks, newest intended state first.
+
+    The checkpoint ``latest`` names, preceded by its child when a save was killed between renaming its
+    directory and moving ``latest`` (the newest checkpoint, of the current lineage, whose parent ``latest``
+    names); then its ancestors (the same lineage, walking back); then every other checkpoint, newest first.
+    """
+    found = complete(run_dir)
+    by_name = {p.name: (p, m) for p, m in found}
+    order: list[Path] = []
+    pointed = _pointer(run_dir, LATEST)
+    if pointed is not None:
+        if found:
+            newest, meta = found[-1]
+            if (newest != pointed and meta.get("parent") == pointed.name
+                    and meta.get("lineage") == _current_lineage(run_dir)):
+                order.append(newest)
+        order.append(pointed)
+        name = pointed.name
+        while name in by_name and (parent := by_name[name][1].get("parent")) in by_name:
+            if by_name[parent][0] in order:
+                break
+            order.append(by_name[parent][0])
+            name = parent
+    order += [p for p, _ in reversed(found) if p not in order]
+    return order
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: str | Path) -> str | None:
+    """None if every file listed in meta.json is present with its size and sha256; else why not."""
+    path = Path(path)
+    if not path.is_dir():
+        return "missing"
+    try:
+        meta = read_meta(path)
+    except CheckpointError as e:
+        return str(e).split(": ", 1)[-1]
+    for name, want in meta["files"].items():
+        f = path / name
+        try:
+            size = f.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != want["size"]:
+            return f"{name} has {size} bytes, {want['size']} were written (truncated or damaged)"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256 (damaged)"
+    return None
+
+
+def check_permissions(path: Path, allow_world_writable: bool) -> None:
+    """Refuse a checkpoint anyone could have replaced, as ssh refuses a loose key."""
+    if allow_world_writable:
+        return
+    for p in (path, path.parent):
+        mode = p.stat().st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            raise CheckpointError(f"{p} is world-writable (mode {stat.S_IMODE(mode):o}): anyone could swap its files; "
+                                  f"`chmod o-w {p}` or pass --checkpoint.allow-world-writable true")
+
+
+def read_tensors(path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint through meta.json's index, with ``torch.load(weights_only=True)`` (no pickle)."""
+    path = Path(path)
+    index = read_meta(path)["tensors"]
+    wanted = list(index) if keys is None else keys
+    out = {}
+    handles: dict[str, Any] = {}
+    try:
+        for key in wanted:
+            if key not in index:
+                raise CheckpointError(f"{path}: has no tensor {key!r}; it was saved by another model or layout")
+            where = index[key]
+            f = handles.get(where["file"]) or handles.setdefault(where["file"], open(path / where["file"], "rb"))
+            f.seek(where["offset"])
+            blob = f.read(where["length"])
+            try:
+                out[key] = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{path}: tensor {key} does not load ({str(e).splitlines()[0][:200]}); "
+                                      "pass another checkpoint") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e}); pass another checkpoint") from None
+    finally:
+        for f in handles.values():
+            f.close()
+    return out
+
+
+def read_towers(path: str | Path) -> dict[int, dict[str, torch.Tensor]]:
+    """All tower tensors of a checkpoint, offline: ``{tower: {"model.x": t, "momentum.x": t}}``."""
+    towers: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in read_tensors(path, [k for k in read_meta(path)["tensors"] if k.startswith("tower")]).items():
+        head, rest = key.split(".", 1)
+        towers.setdefault(int(head[len("tower"):]), {})[rest] = value
+    return towers
+
+
+def export_model(path: str | Path) -> dict[str, torch.Tensor]:
+    """The single-device AlexNet state dict of a checkpoint (verified first), for ``AlexNet.load_state_dict``."""
+    reason = verify(path)
+    if reason:
+        raise CheckpointError(f"{path}: {reason}; pass another checkpoint")
+    towers = read_towers(path)
+    models = [{k[len("model."):]: v for k, v in towers[t].items() if k.startswith("model.")} for t in sorted(towers)]
+    return models[0] if len(models) == 1 else model_lib.merge_tower_state_dicts(models)
+
+
+# ---------------------------------------------------------------------------------------------- save/load
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = next((ln for ln in text if "Error" in ln or "error" in ln), text[0] if text else type(e).__name__)
+    return line.strip()[:300]
+
+
+def _space_hint(directory: Path, needed: int) -> str:
+    """torch.save reports a full disk as an opaque stream error; say what the file system says."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return ""
+    if free < 2 * needed:
+        return f" (no space left on the device: {free / 2**20:.1f} MiB free in {directory})"
+    return ""
+
+
 class Checkpointer:
+    """Collective save and restore of a :class:`TrainState` in ``RUN/checkpoints``."""
+
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, rank: int, process_group: Any = None):
-        self.dir = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self.dir = checkpoints_dir(run_dir)
         self.cfg = cfg
         self.rank = rank
         self.group = process_group
+        self.lineage: int | None = None  # set by restore(); None: a fresh lineage at the first save
+        self.parent: str | None = None  # the checkpoint the live state descends from
+        self.last_saved_step: int | None = None
         self._last_save = time.monotonic()
-        if rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
 
-    # ------------------------------------------------------------------ when
+    # -- when
 
     def time_due(self) -> bool:
         """Global rank 0's clock decides; the trainer shares the decision with every rank."""
@@ -81,129 +460,185 @@ class Checkpointer:
         """Every rank computes the same answer from the step count alone."""
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
 
-    # ------------------------------------------------------------------ save
+    # -- collectives (no-ops in one process)
 
-    def save(self, step: int, towers: dict[int, dict[str, torch.Tensor]], rng: bytes,
-             meta: dict[str, Any], *, is_best: bool = False) -> Path:
-        """Collective: every rank calls it at the same step with the towers it holds."""
-        final = self.dir / step_name(step)
-        tmp = self.dir / (step_name(step) + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-
-        state: dict[str, Any] = {f"rng.rank{self.rank}": io.BytesIO(rng)}
-        for tower, tensors in towers.items():
-            for key, value in tensors.items():
-                state[f"tower{tower}.{key}"] = value.detach()
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
-                 process_group=self.group)
-        # dcp.save returns once every rank's data and the global metadata are written.
-
-        if self.rank == 0:
-            write_json_atomic(tmp / META, {**meta, "step": step, "saved_at": time.time()})
-            if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.dir)
-            write_bytes_atomic(self.dir / LATEST, final.name.encode())
-            if is_best and self.cfg.keep_best:
-                write_bytes_atomic(self.dir / BEST, final.name.encode())
-            self._prune()
-        self._barrier()
-        self._last_save = time.monotonic()
-        return final
-
-    def _prune(self) -> None:
-        keep = {p.name for p in self.complete()[-max(self.cfg.keep_last, 1):]}
-        best = self._pointer(BEST)
-        if best is not None and self.cfg.keep_best:
-            keep.add(best.name)
-        for entry in self.dir.iterdir():
-            if entry.is_dir() and entry.name.startswith("step-") and entry.name not in keep:
-                shutil.rmtree(entry, ignore_errors=True)
-
-    # ------------------------------------------------------------------ find
-
-    def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a directory with meta.json and no .tmp suffix)."""
-        if not self.dir.is_dir():
-            return []
-        found = [p for p in self.dir.iterdir()
-                 if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp") and (p / META).exists()]
-        return sorted(found, key=lambda p: p.name)
-
-    def _pointer(self, name: str) -> Path | None:
-        try:
-            target = (self.dir / name).read_text().strip()
-        except FileNotFoundError:
-            return None
-        path = self.dir / target
-        return path if (path / META).exists() else None
-
-    def latest(self) -> Path | None:
-        """The checkpoint ``latest`` names, else the newest complete one (pointer lost), else None."""
-        pointed = self._pointer(LATEST)
-        if pointed is not None:
-            return pointed
-        found = self.complete()
-        return found[-1] if found else None
-
-    # ------------------------------------------------------------------ load
-
-    @staticmethod
-    def read_meta(path: Path) -> dict[str, Any]:
-        try:
-            return json.loads((Path(path) / META).read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as e:
-            raise UserError(f"{path}: not a complete checkpoint ({e}); pass another --resume") from None
-
-    def load(self, path: Path, templates: dict[int, dict[str, torch.Tensor]],
-             *, want_rng: bool) -> tuple[dict[int, dict[str, torch.Tensor]], bytes | None]:
-        """Fill tower tensors shaped like ``templates`` from ``path``; the RNG only if ``want_rng``."""
-        state: dict[str, Any] = {}
-        for tower, tensors in templates.items():
-            for key, value in tensors.items():
-                state[f"tower{tower}.{key}"] = torch.empty_like(value, device="cpu")
-        if want_rng:
-            state[f"rng.rank{self.rank}"] = io.BytesIO()
-        try:
-            dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), process_group=self.group)
-        except Exception as e:  # DCP wraps missing keys / bad shapes in CheckpointException
-            raise UserError(f"{path}: cannot load this checkpoint into the current model "
-                            f"({str(e).splitlines()[0][:300]}); check --num-classes and widths") from None
-        towers = {t: {k: state[f"tower{t}.{k}"] for k in tensors} for t, tensors in templates.items()}
-        rng = state[f"rng.rank{self.rank}"].getvalue() if want_rng else None
-        return towers, rng
+    def _broadcast(self, obj: Any) -> Any:
+        if not dist.is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
 
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier(group=self.group)
 
+    # -- save
 
-def read_towers(path: str | Path) -> dict[int, dict[str, torch.Tensor]]:
-    """All tower tensors of a checkpoint, offline (no process group): {tower: {"model.x": t, ...}}."""
-    import tempfile
+    def save(self, state: TrainState, device: torch.device, *, is_best: bool = False) -> Path:
+        """Collective: every rank calls it at the same step. Raises a one-line error, never half-saves."""
+        step = state.progress.step
+        if not state.all_finite(device, self.group):
+            raise NonFiniteState(f"weights became NaN/inf by step {step}; not saved, the last good checkpoint "
+                                 f"{latest(self.run_dir)} is kept; lower --lr or check the data")
+        name = None
+        error = None
+        if self.rank == 0:
+            try:
+                name = self._prepare(step)
+            except OSError as e:
+                error = f"cannot create a checkpoint in {self.dir} ({e.strerror or e})"
+        name, error = self._broadcast((name, error))
+        if error:
+            raise CheckpointError(f"{error}; nothing was written, free space or fix permissions and re-run")
+        tmp = self.dir / (name + _TMP)
+        tensors = state.tensors()
+        try:
+            written = dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+                               process_group=self.group)
+            error = None
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            written, error = None, _first_line(e) + _space_hint(self.dir, sum(t.nbytes for t in tensors.values()))
+        if self.rank == 0:
+            if error is None:
+                try:
+                    self._finish(tmp, name, state, written, is_best)
+                except OSError as e:
+                    error = f"{e.strerror or e} ({getattr(e, 'filename', '') or tmp})"
+            if error is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        error = self._broadcast(error)
+        if error is not None:
+            raise CheckpointError(f"checkpoint at step {step} failed: {error}; the previous checkpoint "
+                                  f"{latest(self.run_dir)} is intact; fix it and re-run the same command")
+        self._last_save = time.monotonic()
+        self.last_saved_step = step
+        self.parent = name
+        return self.dir / name
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    def _prepare(self, step: int) -> str:
+        """Rank 0: remove leftovers of killed saves, pick an unused name, create its temporary directory."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for p in self.dir.glob("*" + _TMP):
+            shutil.rmtree(p, ignore_errors=True)
+        name, n = step_name(step), 0
+        while (self.dir / name).exists():
+            n += 1
+            name = f"{step_name(step)}-{n}"
+        (self.dir / (name + _TMP)).mkdir()
+        return name
 
-    with tempfile.TemporaryDirectory() as tmp:
-        flat_path = Path(tmp) / "flat.pt"
-        dcp_to_torch_save(str(path), str(flat_path))
-        flat = torch.load(flat_path, map_location="cpu", weights_only=False)
-    towers: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        if key.startswith("tower"):
-            head, rest = key.split(".", 1)
-            towers.setdefault(int(head[len("tower"):]), {})[rest] = value
-    return towers
+    def _finish(self, tmp: Path, name: str, state: TrainState, written: Any, is_best: bool) -> None:
+        """Rank 0, after every rank's data is on disk: checksums + index, rename, move the pointers, prune."""
+        existing = complete(self.run_dir)
+        if self.lineage is None:
+            self._start_lineage(existing)
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.iterdir()) if p.is_file() and p.name != META}
+        index = {item.fqn: {"file": info.relative_path, "offset": info.offset, "length": info.length}
+                 for item, info in written.storage_data.items()}
+        meta = {"format": FORMAT_VERSION, "step": state.progress.step, "saved_at": time.time(),
+                "seq": 1 + max((m["seq"] for _, m in existing), default=-1), "lineage": self.lineage,
+                "parent": self.parent,
+                **state.meta(), "files": files, "tensors": index}
+        write_json_atomic(tmp / META, meta)
+        final = self.dir / name
+        os.replace(tmp, final)
+        fsync_dir(self.dir)
+        write_bytes_atomic(self.dir / LATEST, name.encode())
+        if is_best and self.cfg.keep_best:
+            write_bytes_atomic(self.dir / BEST, name.encode())
+        self._prune(final)
+        self.parent = name
 
+    def _prune(self, just_written: Path) -> None:
+        protected = {just_written.name}
+        for pointer in (LATEST, BEST):
+            target = _pointer(self.run_dir, pointer)
+            if target is not None:
+                protected.add(target.name)
+        found = complete(self.run_dir)
+        mine = [p for p, m in found if m.get("lineage") == self.lineage]
+        keep = {p.name for p in mine[-max(self.cfg.keep_last, 1):]} | protected
+        others_expired = len(mine) >= self.cfg.keep_last
+        for p, m in found:
+            if p.name in keep or (m.get("lineage") != self.lineage and not others_expired):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("pruned checkpoint %s (step %d, lineage %d)", p.name, m["step"], m.get("lineage", 0))
 
-def export_model(path: str | Path) -> dict[str, torch.Tensor]:
-    """The single-device (grouped) AlexNet state dict of a checkpoint, for ``AlexNet.load_state_dict``."""
-    from pipeline.model import merge_tower_state_dicts
+    # -- restore
 
-    towers = read_towers(path)
-    return merge_tower_state_dicts([{k[len("model."):]: v for k, v in towers[t].items() if k.startswith("model.")}
-                                    for t in sorted(towers)])
+    def restore(self, state: TrainState, resume: str | None) -> Path | None:
+        """Collective: load ``resume`` (best, latest or a path; must verify) or, without it, the newest
+        checkpoint that verifies, walking back from ``latest`` with a warning for each one skipped.
+        Returns the checkpoint loaded, or None for a fresh start."""
+        chosen, error = None, None
+        if self.rank == 0:
+            try:
+                chosen = self._choose(resume)
+            except UserError as e:
+                error = str(e)
+        chosen, error = self._broadcast((chosen and str(chosen), error))
+        if error:
+            raise CheckpointError(error)
+        if chosen is None:
+            return None
+        path = Path(chosen)
+        meta = read_meta(path)
+        same_layout = meta["layout"] == state.layout
+        templates = state.tensor_templates(with_rng=same_layout)
+        tensors = read_tensors(path, list(templates))
+        for key, want in templates.items():
+            got = tensors[key]
+            if got.shape != want.shape or got.dtype != want.dtype:
+                raise CheckpointError(f"{path}: {key} is {tuple(got.shape)} {got.dtype}, this run needs "
+                                      f"{tuple(want.shape)} {want.dtype}; use the checkpoint's model config "
+                                      "(--num-classes, widths) or a new --run-dir")
+        state.load_state_dict({"tensors": tensors, "meta": meta})
+        if not same_layout and state.progress.step_in_epoch:
+            # The epoch's sample order depends on dp_size: replaying the rest of a half-done epoch under
+            # another layout would not be the same samples, so start the next epoch cleanly.
+            log.warning("layout changed (%s -> %s): resuming at the start of epoch %d", meta["layout"],
+                        state.layout, state.progress.epoch + 1)
+            state.progress = Progress(state.progress.epoch + 1, state.progress.step, 0)
+        self._continue_lineage(path, meta)
+        return path
+
+    def _choose(self, resume: str | None) -> Path | None:
+        if resume:
+            path = resolve(self.run_dir, resume)
+            check_permissions(path, self.cfg.allow_world_writable)
+            reason = verify(path)
+            if reason:
+                raise CheckpointError(f"--resume {resume}: {path.name} {reason}; pass another checkpoint")
+            return path
+        for path in candidates(self.run_dir):
+            reason = verify(path)
+            if reason is None:
+                check_permissions(path, self.cfg.allow_world_writable)
+                return path
+            log.warning("skipping checkpoint %s: %s", path.name, reason)
+        return None
+
+    def _continue_lineage(self, path: Path, meta: dict[str, Any]) -> None:
+        """Resuming from the newest checkpoint of a lineage continues it; from an older one starts a new one,
+        recorded at once (with ``latest`` naming the checkpoint resumed) so a crash before the first save
+        comes back here, not to the abandoned lineage."""
+        self.parent = path.name
+        found = complete(self.run_dir)
+        same = [m["seq"] for _, m in found if m.get("lineage") == meta.get("lineage")]
+        if same and meta["seq"] == max(same):
+            self.lineage = meta.get("lineage", 0)
+            return
+        if self.rank == 0:
+            self._start_lineage(found)
+            write_bytes_atomic(self.dir / LATEST, path.name.encode())
+            log.info("resumed from %s, not the newest of its lineage: new lineage %d (the old one is kept "
+                     "until this one has %d checkpoints)", path.name, self.lineage, self.cfg.keep_last)
+        else:
+            self.lineage = -1  # only rank 0 names lineages; other ranks never prune
+
+    def _start_lineage(self, existing: list[tuple[Path, dict[str, Any]]]) -> None:
+        self.lineage = 1 + max([m.get("lineage", 0) for _, m in existing] + [_current_lineage(self.run_dir) or 0])
+        write_bytes_atomic(self.dir / LINEAGE, str(self.lineage).encode())

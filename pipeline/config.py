@@ -21,8 +21,11 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
+import os
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,7 +154,7 @@ def _parser_for(kind: Any) -> Any:
         base = _parser_for(inner)
         return lambda s: None if s.lower() in ("none", "null", "") else base(s)
     if kind is bool:
-        return _parse_bool
+        return parse_bool
     if origin in (list, tuple):
         item = _parser_for(args[0]) if args else str
         return lambda s: [item(x) for x in s.split(",") if x.strip()]
@@ -160,7 +163,7 @@ def _parser_for(kind: Any) -> Any:
     return str
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -252,35 +255,137 @@ def _apply(base: RunConfig, flat: dict[str, Any], source: str) -> RunConfig:
         for p in parents:
             node = node[p]
         node[leaf] = value
+    _check_ranges(tree)  # before the sections' own checks, so the message names the option
     try:
         return _build(RunConfig, tree)
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: {e}") from None
 
 
-def _build(cls: type, values: dict[str, Any]) -> Any:
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
             continue
         kind, value = hints[f.name], values[f.name]
-        kwargs[f.name] = _build(kind, value) if dataclasses.is_dataclass(kind) else _coerce(kind, value)
+        path = f"{prefix}{f.name}"
+        kwargs[f.name] = _build(kind, value, path + ".") if dataclasses.is_dataclass(kind) else _coerce(kind, value, path)
     return cls(**kwargs)
 
 
-def _coerce(kind: Any, value: Any) -> Any:
-    """Config files give ints for floats and lists for tuples: normalise to the field's type."""
-    if value is None:
+def _coerce(kind: Any, value: Any, path: str) -> Any:
+    """Check a file's value against the field's type; ints pass as floats, lists as tuples."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if value is None and type(None) in args:
         return None
-    origin = typing.get_origin(kind)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        kind = [a for a in args if a is not type(None)][0]
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"--{_flag(path)}: expected a list, got {value!r}")
+        items = [_coerce(args[0], v, path) for v in value] if args else list(value)
+        return tuple(items) if origin is tuple else items
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if origin is tuple:
-        return tuple(value)
-    if kind is bool and not isinstance(value, bool):
-        raise ValueError(f"expected true/false, got {value!r}")
+    if kind in (int, str, bool) and type(value) is kind:
+        return value
+    if kind in (int, float, str, bool):
+        want = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+        raise TypeError(f"--{_flag(path)}: expected {want}, got {value!r}")
     return value
+
+
+def _flag(path: str) -> str:
+    return path.replace("_", "-")
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+# Ranges of every numeric option: (test, what the user must give). Checked before anything is written.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "optim.lr": (lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    "optim.momentum": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "optim.weight_decay": (lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    "optim.batch_size": (lambda x: x >= 1, "at least 1"),
+    "train.epochs": (lambda x: x >= 1, "at least 1"),
+    "train.max_steps": (lambda x: x >= 0, ">= 0 (0 = no limit)"),
+    "train.seed": (lambda x: 0 <= x < 2**63, "an integer >= 0"),
+    "train.tp": (lambda x: x in (1, 2), "1 or 2"),
+    "train.log_every": (lambda x: x >= 1, "at least 1"),
+    "train.control_every": (lambda x: x >= 1, "at least 1"),
+    "train.val_every": (lambda x: x >= 1, "at least 1"),
+    "train.histogram_every": (lambda x: x >= 0, ">= 0 (0 = never)"),
+    "train.lease_minutes": (lambda x: _finite(x) and x > 0, "a finite number of minutes > 0"),
+    "model.num_classes": (lambda x: x == 0 or x >= 2, "at least 2, or 0 for the dataset's class count"),
+    "model.widths": (lambda x: len(x) == 5 and all(w >= 2 and w % 2 == 0 for w in x), "five even widths >= 2"),
+    "model.fc_width": (lambda x: x >= 2 and x % 2 == 0, "even and at least 2"),
+    "model.dropout": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "schedule.factor": (lambda x: 0 < x < 1, "in (0, 1)"),
+    "schedule.max_drops": (lambda x: x >= 0, ">= 0"),
+    "schedule.patience": (lambda x: x >= 1, "at least 1"),
+    "schedule.threshold": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1)"),
+    "schedule.milestones": (lambda x: all(m >= 0 for m in x), "epochs >= 0"),
+    "schedule.warmup_epochs": (lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    "checkpoint.every_minutes": (lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0 = never by time)"),
+    "checkpoint.every_steps": (lambda x: x >= 0, ">= 0 (0 = never by step count)"),
+    "checkpoint.keep_last": (lambda x: x >= 1, "at least 1"),
+    "data.lighting_std": (lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+}
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Every range in RANGES; a one-line error naming the option. Returns ``cfg``."""
+    _check_ranges(cfg.to_dict())
+    if not cfg.run_dir:
+        raise UserError("--run-dir must not be empty")
+    return cfg
+
+
+def _check_ranges(tree: dict[str, Any]) -> None:
+    for path, (ok, want) in RANGES.items():
+        node: Any = tree
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        try:
+            good = ok(node)
+        except TypeError:  # a value of the wrong type: the type check names it
+            continue
+        if not good:
+            raise UserError(f"--{_flag(path)} must be {want} (got {_show(node)})")
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """The dataset is a preprocessed directory and the run dir can be one; nothing is created here."""
+    data = Path(cfg.data.data) if cfg.data.data else None
+    if data is None:
+        raise UserError("--data is required: the preprocessed dataset directory (with manifest.json)")
+    if not data.is_dir():
+        raise UserError(f"--data {data}: not a directory; pass the directory `python -m preprocess shard --out` wrote")
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir}: exists and is not a directory; pass a directory")
+    ancestor = run_dir.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"--run-dir {run_dir}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"--run-dir {run_dir}: {ancestor} is not writable")
+
+
+def resolve_num_classes(cfg: RunConfig, manifest_classes: int) -> None:
+    """``--num-classes 0`` (the default) takes the dataset's count; fewer classes than labels is an error."""
+    if cfg.model.num_classes == 0:
+        cfg.model.num_classes = manifest_classes
+    elif cfg.model.num_classes < manifest_classes:
+        raise UserError(f"--num-classes {cfg.model.num_classes} is fewer than the dataset's {manifest_classes} "
+                        "classes; leave it out to use the dataset's count")
 
 
 def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
@@ -291,7 +396,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
         cfg = from_dict(read_file(args.config), cfg, str(args.config))
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
     cfg = _apply(cfg, overrides, "command line")
-    return cfg, args
+    return validate(cfg), args
 
 
 def save(cfg: RunConfig, run_dir: Path) -> Path:

@@ -76,28 +76,14 @@ def count(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Ten
     return counts
 
 
-def _checkpoint_path(run_dir: Path, which: str) -> Path:
-    from pipeline.checkpoint import BEST, LATEST
-
-    if which in (BEST, LATEST):
-        pointer = run_dir / "checkpoints" / which
-        if not pointer.exists():
-            raise UserError(f"{pointer}: no such checkpoint pointer; has {run_dir} finished an epoch?")
-        return run_dir / "checkpoints" / pointer.read_text().strip()
-    return Path(which)
-
-
 def main(argv: list[str] | None = None) -> int:
     from pipeline import config as config_mod
-    from pipeline import data as data_mod
-    from pipeline.checkpoint import Checkpointer, export_model
-    from pipeline.model import build_model
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint directory")
-    parser.add_argument("--ten-crop", type=config_mod._parse_bool, default=True, help="the paper's 10-crop test")
+    parser.add_argument("--ten-crop", type=config_mod.parse_bool, default=True, help="the paper's 10-crop test")
     parser.add_argument("--data", help="dataset directory (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -106,8 +92,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    path = _checkpoint_path(args.run_dir, args.checkpoint)
-    meta = Checkpointer.read_meta(path)
+    from pipeline import config as config_mod
+    from pipeline import data as data_mod
+    from pipeline.checkpoint import export_model, read_meta, resolve
+    from pipeline.model import build_model
+
+    path = resolve(args.run_dir, args.checkpoint)
+    meta = read_meta(path)
     cfg = config_mod.from_dict(meta["config"], source=str(path / "meta.json"))
     if args.data:
         cfg.data.data = args.data

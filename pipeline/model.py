@@ -222,8 +222,8 @@ class AlexNet(nn.Module):
 
 @dataclass
 class ModelConfig:
-    num_classes: int = 1000
-    """classes, i.e. fc8's outputs (the paper: 1000); with tp=2 tower 0 holds the ceil half"""
+    num_classes: int = 0
+    """classes, i.e. fc8's outputs; 0 = the dataset's class count (the paper: 1000); tp=2: tower 0 holds the ceil half"""
     widths: tuple[int, ...] = PAPER_WIDTHS
     """output channels of conv1..conv5 (the paper: 96,256,384,384,256); even: each tower holds half"""
     fc_width: int = 4096
@@ -241,7 +241,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.widths = tuple(self.widths)
-        check_widths(self.num_classes, self.widths, self.fc_width)
+        check_widths(self.num_classes or 1000, self.widths, self.fc_width)  # 0: resolved from the dataset later
 
 
 def build_model(cfg: ModelConfig, tp_group: ProcessGroup | None = None) -> AlexNet:

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preprocess.errors import UserError
+from preprocess.files import write_json_atomic
+
 POLICIES = ("plateau", "milestones", "manual")
 MANUAL_REQUEST = "lr_drop.request"
 
@@ -114,20 +117,55 @@ class LRSchedule:
 
 
 def request_manual_drop(run_dir: str | Path, note: str = "") -> Path:
-    """Ask a running job to drop its rate at its next control step (what ``launch.lr_drop`` does)."""
+    """Ask a running job to drop its rate at its next control step (what ``launch.lr_drop`` does).
+
+    Each request is its own file, so two requests are two files and the job reports both.
+    """
     run_dir = Path(run_dir)
-    path = run_dir / MANUAL_REQUEST
-    tmp = run_dir / f".{MANUAL_REQUEST}.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps({"requested_at": time.time(), "note": note}) + "\n")
-    os.replace(tmp, path)  # the job sees the request complete or not at all
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a directory; pass the job's --run-dir")
+    path = run_dir / f"{MANUAL_REQUEST}.{time.time_ns()}-{os.getpid()}"
+    try:
+        write_json_atomic(path, {"requested_at": time.time(), "note": note})
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the request ({e.strerror or e}); check permissions") from None
     return path
 
 
-def take_manual_request(run_dir: str | Path, step: int) -> bool:
-    """Rank 0 only: consume a pending request (renamed aside, so it is applied once)."""
-    path = Path(run_dir) / MANUAL_REQUEST
-    try:
-        os.replace(path, Path(run_dir) / f"lr_drop.applied-step{step}")
-    except FileNotFoundError:
-        return False
-    return True
+class ManualRequests:
+    """Operators' LR-drop requests in a run directory, as rank 0 sees them at a control step."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def pending(self) -> list[Path]:
+        """Request files, oldest first; anything odd (a directory of that name, unreadable dir) is skipped."""
+        try:
+            found = [p for p in self.run_dir.glob(MANUAL_REQUEST + "*") if p.is_file() and not p.is_symlink()]
+        except OSError:
+            return []
+        return sorted(found, key=lambda p: p.name)
+
+    def settle(self, requests: list[Path], *, step: int, applied: bool, max_drops: int) -> str:
+        """Rename each request after what became of it; returns a line worth reporting ('' if none)."""
+        notes = [self._note(p) for p in requests]
+        outcomes = ["applied"] + ["merged"] * (len(requests) - 1) if applied else ["rejected"] * len(requests)
+        for n, (path, outcome) in enumerate(zip(requests, outcomes)):
+            try:
+                os.replace(path, self.run_dir / (f"lr_drop.{outcome}-step{step}" + (f"-{n}" if n else "")))
+            except OSError:
+                pass  # gone or unwritable: the decision is made and reported either way
+        if not applied:
+            return (f"LR-drop request at step {step} rejected: all {max_drops} drops are used up "
+                    f"(--schedule.max-drops); notes: {'; '.join(notes)}")
+        if len(requests) > 1:
+            return (f"{len(requests)} LR-drop requests were pending at step {step}: applied one drop, the other "
+                    f"{len(requests) - 1} merged into it (request again for another drop); notes: {'; '.join(notes)}")
+        return ""
+
+    @staticmethod
+    def _note(path: Path) -> str:
+        try:
+            return json.loads(path.read_text()[:4096]).get("note", "") or path.name
+        except (OSError, ValueError, AttributeError):
+            return path.name

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import random
 import threading
 import time
@@ -25,32 +24,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import checkpoint as ckpt
-from pipeline import evaluate
-from pipeline import config as config_mod
-from pipeline import data as data_mod
-from pipeline import model as model_mod
+from pipeline import config, data, evaluate, model
+from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState
 from pipeline.config import RunConfig
 from pipeline.mesh import Mesh
 from pipeline.metrics import MetricWriter, StepTimer, format_eta, topk_correct
-from pipeline.schedule import LRSchedule, take_manual_request
+from pipeline.schedule import LRSchedule, ManualRequests
 from preprocess.errors import UserError
-from preprocess.format import read_manifest
 
 log = logging.getLogger("alexnet")
 
 PREEMPT_REQUEST = "preempt.request"
 
 
-class NonFiniteLoss(UserError):
-    """Training diverged; the last good checkpoint is kept."""
+@dataclass(frozen=True)
+class Loaders:
+    """Where batches come from: ``pipeline.data`` by default; tests pass their own (same signatures)."""
 
-
-@dataclass
-class Progress:
-    epoch: int = 0  # the epoch in progress (or the next one, at an epoch boundary)
-    step: int = 0  # optimizer steps taken since the start of training
-    step_in_epoch: int = 0  # steps of ``epoch`` already taken
+    train: Callable[..., Any] = data.train_loader
+    val: Callable[..., Any] = data.val_loader
 
 
 @dataclass
@@ -59,41 +51,47 @@ class Outcome:
     preempted: bool
     val_top1_error: float | None
     lr_drops: list[dict[str, Any]]
+    checkpoint: Path | None = None
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, mesh: Mesh, device: torch.device, stop: threading.Event,
-                 heartbeat: Callable[[], None] | None = None):
+                 loaders: Loaders = Loaders(), heartbeat: Callable[[], None] | None = None):
         self.cfg = cfg
         self.heartbeat = heartbeat  # the run dir's writer lease, refreshed by the main rank at each control step
         self.mesh = mesh
         self.dims = mesh.dims
         self.device = device
         self.stop = stop
+        self.loaders = loaders
         self.run_dir = Path(cfg.run_dir)
-        self.manifest = read_manifest(cfg.data.data)
 
         _seed_everything(cfg.train.seed, self.dims.rank)
-        self.model = model_mod.build_model(cfg.model, tp_group=mesh.tp_group).to(device)
-        if cfg.model.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = model.build_model(cfg.model, tp_group=mesh.tp_group).to(device)
         self.ddp = self._wrap_ddp(self.model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                          weight_decay=cfg.optim.weight_decay)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr)
-        self.checkpointer = ckpt.Checkpointer(self.run_dir, cfg.checkpoint, self.dims.rank)
+        layout = {"world_size": self.dims.world_size, "dp_size": self.dims.dp_size, "tp_size": self.dims.tp_size}
+        self.state = TrainState(self.model, self.optimizer, self.schedule, cfg, layout, rank=self.dims.rank,
+                                tp_rank=self.dims.tp_rank, towers=getattr(cfg.model, "towers", 2))
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.dims.rank)
+        self.requests = ManualRequests(self.run_dir)
         self.writer = MetricWriter(self.run_dir, enabled=self.dims.is_main)
-        self.progress = Progress()
-        self.best_top1_error: float | None = None
         self.local_batch = _local_batch(cfg.optim.batch_size, self.dims.dp_size)
+        self.last_checkpoint: Path | None = None
 
-    def _wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+    @property
+    def progress(self) -> Progress:
+        return self.state.progress
+
+    def _wrap_ddp(self, module: torch.nn.Module) -> torch.nn.Module:
         if self.dims.dp_size == 1:
-            return model
+            return module
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=self.mesh.dp_group)
+        return DistributedDataParallel(module, device_ids=device_ids, process_group=self.mesh.dp_group)
 
     # ------------------------------------------------------------------ the loop
 
@@ -107,26 +105,30 @@ class Trainer:
             epoch = self.progress.epoch
             if self.schedule.on_epoch_start(epoch=epoch, step=self.progress.step):
                 self._log_drop()
-            loader = data_mod.train_loader(self.cfg.data, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp_size,
-                                           epoch=epoch, seed=cfg.seed, device=self.device,
-                                           batch_size=self.local_batch, num_classes=self.cfg.model.num_classes)
+            loader = self.loaders.train(self.cfg.data, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp_size,
+                                        epoch=epoch, seed=cfg.seed, device=self.device,
+                                        batch_size=self.local_batch, num_classes=self.cfg.model.num_classes)
             steps_in_epoch = len(loader)
             stopped = self._train_epoch(loader, steps_in_epoch, start, start_step)
             if stopped == "preempt":
-                return Outcome(self.progress, True, val_error, self.schedule.drops)
+                return self._outcome(True, val_error)
             if stopped == "budget":
                 break
-            self.progress = Progress(epoch + 1, self.progress.step, 0)
+            self.state.progress = Progress(epoch + 1, self.progress.step, 0)
             if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
                 val_error = self.validate(epoch)
                 if self.schedule.on_validation(top1_error=val_error, epoch=epoch, step=self.progress.step):
                     self._log_drop()
             self._save(is_best=self._is_best(val_error))
-        if self.progress.step_in_epoch:  # stopped by --max-steps mid-epoch: keep the state
+        if self.checkpointer.last_saved_step != self.progress.step:  # stopped by --max-steps: keep the state
             self._save(is_best=False)
-        self.writer.hparams(_flat_hparams(self.cfg), {"hparam/val_top1_error": val_error if val_error is not None else -1})
+        self.writer.hparams(_flat_hparams(self.cfg),
+                            {"hparam/val_top1_error": val_error if val_error is not None else -1})
         self.writer.close()
-        return Outcome(self.progress, False, val_error, self.schedule.drops)
+        return self._outcome(False, val_error)
+
+    def _outcome(self, preempted: bool, val_error: float | None) -> Outcome:
+        return Outcome(self.progress, preempted, val_error, self.schedule.drops, self.last_checkpoint)
 
     def _train_epoch(self, loader: Any, steps_in_epoch: int, run_start: float, run_start_step: int) -> str | None:
         cfg = self.cfg.train
@@ -173,34 +175,50 @@ class Trainer:
     def _control(self, nonfinite: torch.Tensor, save_now: bool = False) -> bool:
         """One all-reduce decides for every rank: stop (signal), LR drop (request), save (timer), NaN.
 
-        Returns True when the run must stop (checkpointed) for preemption.
+        Returns True when the run must stop (checkpointed) for preemption or an interrupt.
         """
         main = self.dims.is_main
         if main and self.heartbeat is not None:
             self.heartbeat()
+        pending = self.requests.pending() if main else []
         flags = torch.zeros(4, device=self.device)
         flags[0] = float(self.stop.is_set() or (main and (self.run_dir / PREEMPT_REQUEST).exists()))
-        flags[1] = float(main and take_manual_request(self.run_dir, self.progress.step))
+        flags[1] = float(bool(pending))
         flags[2] = float(save_now or (main and self.checkpointer.time_due()))
         flags[3] = nonfinite
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, drop, save_due, bad = (bool(v) for v in flags.tolist())
         if bad:
-            raise NonFiniteLoss(f"loss became NaN/inf by step {self.progress.step}; stopped without saving, "
-                                f"the last good checkpoint is {self.checkpointer.latest()}; "
-                                "lower --lr or check the data")
-        if drop and self.schedule.drop(step=self.progress.step, epoch=self.progress.epoch, reason="manual"):
-            self._log_drop()
+            raise NonFiniteState(f"loss became NaN/inf by step {self.progress.step}; stopped without saving, "
+                                 f"the last good checkpoint is {self.last_checkpoint or 'none'}; "
+                                 "lower --lr or check the data")
+        if drop:
+            self._manual_drop(pending)
         if stop:
             self._save(is_best=False)
             if main:
                 (self.run_dir / PREEMPT_REQUEST).unlink(missing_ok=True)
-                log.info("stop requested: checkpointed at step %d; exiting for requeue", self.progress.step)
+                log.warning("stopped at epoch %d, step %d (%d steps into the epoch): checkpoint %s; run the same "
+                            "command to continue", self.progress.epoch, self.progress.step,
+                            self.progress.step_in_epoch, self.last_checkpoint)
             return True
         if save_due:
             self._save(is_best=False)
         return False
+
+    def _manual_drop(self, pending: list[Path]) -> None:
+        """Apply an operator's request on every rank; rank 0 records what became of each request file."""
+        step, epoch = self.progress.step, self.progress.epoch
+        applied = self.schedule.drop(step=step, epoch=epoch, reason="manual")
+        if applied:
+            self._log_drop()
+        if not self.dims.is_main:
+            return
+        note = self.requests.settle(pending, step=step, applied=applied, max_drops=self.cfg.schedule.max_drops)
+        if note:
+            log.warning("%s", note)
+            self.writer.text("lr_drop_requests", note, step)
 
     def _step_budget_spent(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.progress.step
@@ -210,9 +228,9 @@ class Trainer:
     def validate(self, epoch: int) -> float:
         """Top-1/top-5 error over every val image exactly once (counts all-reduced over dp ranks)."""
         ten_crop = self.cfg.train.ten_crop
-        loader = data_mod.val_loader(self.cfg.data, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp_size,
-                                     device=self.device, ten_crop=ten_crop, batch_size=self.local_batch,
-                                     num_classes=self.cfg.model.num_classes)
+        loader = self.loaders.val(self.cfg.data, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp_size,
+                                  device=self.device, ten_crop=ten_crop, batch_size=self.local_batch,
+                                  num_classes=self.cfg.model.num_classes)
         # The towers compute collectively, so both tp ranks run the model; their counts are equal.
         totals = evaluate.count(self.model, loader, ten_crop=ten_crop, amp=self.cfg.train.amp == "bf16")
         totals_t = totals.as_tensor(self.device)
@@ -228,87 +246,28 @@ class Trainer:
         return result["top1_error"]
 
     def _is_best(self, val_error: float | None) -> bool:
-        if val_error is None:
+        best = self.state.best_top1_error
+        if val_error is None or (best is not None and val_error >= best):
             return False
-        if self.best_top1_error is None or val_error < self.best_top1_error:
-            self.best_top1_error = val_error
-            return True
-        return False
+        self.state.best_top1_error = val_error
+        return True
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _tower_state(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Model weights and SGD momentum of the towers this rank holds, in the canonical tower form."""
-        params = dict(self.model.named_parameters())
-        momentum = {}
-        for name, p in params.items():
-            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-            momentum[name] = buf if buf is not None else torch.zeros_like(p)
-        model_sd = {k: v.detach().cpu() for k, v in model_mod.unwrap(self.model).state_dict().items()}
-        momentum = {k: v.detach().cpu() for k, v in momentum.items()}
-        if self.dims.tp_size == 2:
-            return {self.dims.tp_rank: _prefixed(model_sd, momentum)}
-        return {t: _prefixed(model_mod.tower_state_dict(model_sd, t), model_mod.tower_state_dict(momentum, t))
-                for t in (0, 1)}
-
-    def _load_tower_state(self, towers: dict[int, dict[str, torch.Tensor]]) -> None:
-        model_sd = {t: _unprefixed(towers[t], "model.") for t in towers}
-        momentum = {t: _unprefixed(towers[t], "momentum.") for t in towers}
-        if self.dims.tp_size == 2:
-            model_sd, momentum = model_sd[self.dims.tp_rank], momentum[self.dims.tp_rank]
-        else:
-            model_sd = model_mod.merge_tower_state_dicts([model_sd[0], model_sd[1]])
-            momentum = model_mod.merge_tower_state_dicts([momentum[0], momentum[1]])
-        model_mod.unwrap(self.model).load_state_dict(model_sd)
-        for name, p in self.model.named_parameters():
-            self.optimizer.state[p]["momentum_buffer"] = momentum[name].to(p.device, p.dtype).clone()
-
     def _save(self, is_best: bool) -> None:
-        meta = {
-            "progress": vars(self.progress).copy(),
-            "layout": {"world_size": self.dims.world_size, "dp_size": self.dims.dp_size, "tp_size": self.dims.tp_size},
-            "schedule": self.schedule.state_dict(),
-            "best_top1_error": self.best_top1_error,
-            "config": self.cfg.to_dict(),
-        }
-        path = self.checkpointer.save(self.progress.step, self._tower_state(), _rng_state(), meta, is_best=is_best)
+        path = self.checkpointer.save(self.state, self.device, is_best=is_best)
+        self.last_checkpoint = path
         if self.dims.is_main:
             log.info("checkpoint %s (epoch %d, step %d)", path, self.progress.epoch, self.progress.step)
 
     def _resume(self, resume: str | None) -> None:
-        path = Path(resume) if resume else self.checkpointer.latest()
-        if resume and not (path / ckpt.META).exists():
-            raise UserError(f"--resume {resume}: not a complete checkpoint directory (no {ckpt.META})")
+        path = self.checkpointer.restore(self.state, resume)
         if path is None:
             return
-        meta = ckpt.Checkpointer.read_meta(path)
-        _check_compatible(meta["config"], self.cfg, path)
-        same_layout = meta["layout"] == {"world_size": self.dims.world_size, "dp_size": self.dims.dp_size,
-                                         "tp_size": self.dims.tp_size}
-        towers, rng = self.checkpointer.load(path, self._templates(), want_rng=same_layout)
-        self._load_tower_state(towers)
-        self.schedule.load_state_dict(meta["schedule"])
-        self.best_top1_error = meta["best_top1_error"]
-        self.progress = Progress(**meta["progress"])
-        if rng is not None:
-            _set_rng_state(rng)
-        elif self.progress.step_in_epoch:
-            # The epoch's sample order depends on dp_size: with another layout, replaying the rest of a
-            # half-done epoch would not be the same samples, so start the next epoch cleanly.
-            log.warning("layout changed (%s -> %s): resuming at the start of epoch %d",
-                        meta["layout"], self.dims.describe(), self.progress.epoch + 1)
-            self.progress = Progress(self.progress.epoch + 1, self.progress.step, 0)
+        self.last_checkpoint = path
         if self.dims.is_main:
             log.info("resumed from %s: epoch %d, step %d, lr drops %d", path, self.progress.epoch,
                      self.progress.step, len(self.schedule.drops))
-
-    def _templates(self) -> dict[int, dict[str, torch.Tensor]]:
-        sd = {k: v.detach().cpu() for k, v in model_mod.unwrap(self.model).state_dict().items()}
-        params = {k: v for k, v in sd.items() if k in dict(self.model.named_parameters())}
-        if self.dims.tp_size == 2:
-            return {self.dims.tp_rank: _prefixed(sd, params)}
-        return {t: _prefixed(model_mod.tower_state_dict(sd, t), model_mod.tower_state_dict(params, t))
-                for t in (0, 1)}
 
     # ------------------------------------------------------------------ logging
 
@@ -360,7 +319,7 @@ class Trainer:
 
     def model_conv1_filters(self) -> list[torch.Tensor]:
         """Both towers' conv1 filters (the paper's figure 3); collective under tp=2."""
-        return [f.detach().cpu() for f in model_mod.unwrap(self.model).conv1_filters()]
+        return [f.detach().cpu() for f in model.unwrap(self.model).conv1_filters()]
 
     def _log_drop(self) -> None:
         drop = self.schedule.drops[-1]
@@ -378,43 +337,11 @@ def _local_batch(global_batch: int, dp_size: int) -> int:
     return global_batch // dp_size
 
 
-def _prefixed(model_sd: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {**{f"model.{k}": v for k, v in model_sd.items()}, **{f"momentum.{k}": v for k, v in momentum.items()}}
-
-
-def _unprefixed(d: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
-
-
 def _seed_everything(seed: int, rank: int) -> None:
     """Init is identical on every rank (same seed); DDP also broadcasts dp rank 0's weights."""
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> bytes:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    return pickle.dumps(state)
-
-
-def _set_rng_state(blob: bytes) -> None:
-    state = pickle.loads(blob)
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _check_compatible(saved: dict[str, Any], cfg: RunConfig, path: Path) -> None:
-    """A checkpoint only loads into the same model shape and dataset classes."""
-    for key in ("num_classes", "widths", "fc_width"):
-        old, new = saved["model"].get(key), getattr(cfg.model, key)
-        if old is not None and list(np.atleast_1d(old)) != list(np.atleast_1d(new)):
-            raise UserError(f"{path}: checkpoint has model.{key}={old}, this run {new}; "
-                            "use the same model config or a new --run-dir")
 
 
 def _flat_hparams(cfg: RunConfig) -> dict[str, Any]:
@@ -429,4 +356,4 @@ def _flat_hparams(cfg: RunConfig) -> dict[str, Any]:
 
 def write_run_config(cfg: RunConfig) -> None:
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    config_mod.save(cfg, Path(cfg.run_dir))
+    config.save(cfg, Path(cfg.run_dir))

@@ -17,6 +17,7 @@ def _env_int(name: str) -> int | None:
 
 
 def add_shard_arguments(p: argparse.ArgumentParser) -> None:
+    from preprocess import shards
     from preprocess.build import default_workers
 
     p.add_argument("--src", required=True,
@@ -31,6 +32,9 @@ def add_shard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-class shuffle")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the stored images")
+    p.add_argument("--max-file-mb", type=int, default=shards.ShardParams.max_file_mb,
+                   help="source files (or archive members) larger than this are skipped unread and listed "
+                        "in the manifest (ImageNet's largest JPEG is ~15 MB)")
     p.add_argument("--task-index", type=int, default=0,
                    help="this task's index in an array job, 0-based (slurm/preprocess.sh passes it)")
     p.add_argument("--task-count", type=int, default=1, help="tasks in the array job")
@@ -49,10 +53,12 @@ def run_shard(args: argparse.Namespace) -> int:
         raise UserError(f"--quality must be in 1..100 (got {args.quality})")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1 (got {args.workers})")
+    if not 1 <= args.max_file_mb <= 1 << 20:
+        raise UserError(f"--max-file-mb must be in 1..{1 << 20} (got {args.max_file_mb})")
     job = ShardJob(
         src=args.src, out=args.out,
         params=shards.ShardParams(split=args.split, shard_size=args.shard_size, seed=args.seed,
-                                  quality=args.quality),
+                                  quality=args.quality, max_file_mb=args.max_file_mb),
         workers=args.workers, task_index=args.task_index, task_count=args.task_count,
         devkit=args.devkit, labels=args.labels, stats_images=args.stats_images,
         finalize=not args.no_finalize, progress=not args.no_progress and sys.stderr.isatty(),

@@ -2,25 +2,32 @@
 
 On one machine a single ``shard`` run writes every shard with a process pool and finalizes. As a
 Slurm array, each task writes its subset; the task that finds every shard complete when it is
-done verifies them all and writes the manifest (``finalize`` does the same by hand).
+done verifies them all and writes the manifest (``finalize`` does the same by hand), under a
+lock file that needs no flock (preprocess.locks).
+
+Ctrl-C reaches every process of a terminal's process group: pool workers ignore it and the parent
+alone acts, terminating the workers, removing this task's unfinished shard files and printing
+one line (run_cli); completed shards stay and a re-run continues.
 """
 
 from __future__ import annotations
 
 import collections
-import fcntl
+import multiprocessing
 import os
+import signal
 import sys
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from preprocess import format as fmt
 from preprocess import shards, stats
 from preprocess.errors import UserError
+from preprocess.locks import FileLock
 
 
 @dataclass
@@ -52,8 +59,8 @@ def run_shard_job(job: ShardJob) -> dict[str, Any]:
     plan_dict = plan.to_dict()
 
     mine = shards.tasks_shards(len(plan.shards), job.task_index, job.task_count)
-    shards.remove_stale_tmp(shards.split_dir(out, job.params.split),
-                            [plan.shard_file(out, i).name for i in mine])
+    shards.remove_unfinished(shards.split_dir(out, job.params.split),
+                             [plan.shard_file(out, i).name for i in mine])
     todo = [i for i in mine if shards.verify_shard(plan.shard_file(out, i), plan.fingerprint) is None]
     _log(f"{job.params.split}: {plan.num_items} images -> {len(plan.shards)} shards; this task owns "
          f"{len(mine)}, {len(mine) - len(todo)} already complete, {len(todo)} to write "
@@ -103,24 +110,20 @@ def _open_source(job: ShardJob) -> Any:
 def _write_shards(out: Path, plan: shards.Plan, plan_dict: dict[str, Any], todo: list[int],
                   job: ShardJob) -> list[dict[str, Any]]:
     images = sum(len(plan.shards[i]) for i in todo)
-    with _progress(images, job.progress, f"{job.params.split} shards") as bar:
-        if job.workers <= 1 or len(todo) <= 1:
-            results = []
-            for i in todo:
-                results.append(shards.process_shard(out, plan_dict, i, plan.shards[i]))
-                bar.update(len(plan.shards[i]))
-            return results
-        with ProcessPoolExecutor(max_workers=min(job.workers, len(todo))) as pool:
-            return _collect(pool, out, plan, plan_dict, todo, bar)
-
-
-def _collect(pool: Executor, out: Path, plan: shards.Plan, plan_dict: dict[str, Any],
-             todo: list[int], bar: Any) -> list[dict[str, Any]]:
-    futures = {pool.submit(shards.process_shard, out, plan_dict, i, plan.shards[i]): i for i in todo}
+    calls = [(out, plan_dict, i, plan.shards[i]) for i in todo]
     results = []
-    for future in as_completed(futures):
-        results.append(future.result())  # re-raises a worker's UserError (e.g. disk full) here
-        bar.update(len(plan.shards[futures[future]]))
+    try:
+        with _progress(images, job.progress, f"{job.params.split} shards") as bar, \
+                _worker_pool(min(job.workers, len(todo))) as pool:
+            # A worker's UserError (e.g. disk full) is re-raised here.
+            for result in _results(pool, shards.process_shard, calls, ordered=False):
+                results.append(result)
+                bar.update(result["samples"] + len(result["skipped"]))
+    except BaseException:
+        # Workers were killed mid-shard: leave nothing of theirs behind, only complete shards.
+        shards.remove_unfinished(shards.split_dir(out, job.params.split),
+                                 [plan.shard_file(out, i).name for i in todo])
+        raise
     return results
 
 
@@ -154,8 +157,8 @@ def finalize(out: Path, split: str, workers: int = 1, stats_images: int = 10000)
     out = Path(out)
     plan = shards.read_plan(out, split)
     files = [shards.split_dir(out, split) / fmt.shard_name(split, i) for i in range(plan["num_shards"])]
-    with _pool(workers) as pool:
-        records = list(pool.map(shards.verify_shard, files, [plan["fingerprint"]] * len(files)))
+    with _worker_pool(workers) as pool:
+        records = list(_results(pool, shards.verify_shard, [(f, plan["fingerprint"]) for f in files], ordered=True))
     bad = [f.name for f, r in zip(files, records) if r is None]
     if bad:
         raise UserError(f"{shards.split_dir(out, split)}: {len(bad)} shard(s) missing or failing "
@@ -170,7 +173,7 @@ def finalize(out: Path, split: str, workers: int = 1, stats_images: int = 10000)
         params={**plan["params"], "source": plan["source"], "plan": plan["fingerprint"]},
     )
     split_stats = _train_stats(out, split_info, workers, stats_images) if split == "train" else None
-    with _manifest_lock(out):
+    with FileLock(out / ".manifest.lock"):  # train and val (or two array tasks) may finish together
         manifest = _merge(out, plan["classes"], split, split_info, split_stats)
         fmt.write_manifest(out, manifest)
     _log(f"{split}: verified {len(files)} shards, {split_info.samples} images, "
@@ -183,8 +186,10 @@ def _train_stats(out: Path, info: fmt.SplitInfo, workers: int, stats_images: int
     paths = [str(out / s.path) for s in info.shards]
     size = int(info.params["image_size"])
     total = stats.PixelMoments.zeros(size)
-    with _pool(workers) as pool:
-        for moments in pool.map(stats.shard_moments, paths, quotas, [size] * len(paths)):
+    with _worker_pool(workers) as pool:
+        # In shard order: floating-point sums in another order would change the manifest between runs.
+        for moments in _results(pool, stats.shard_moments, list(zip(paths, quotas, [size] * len(paths))),
+                                ordered=True):
             total = total + moments
     return stats.finish(total, out)
 
@@ -208,28 +213,48 @@ def _merge(out: Path, classes: list[dict[str, Any]], split: str, info: fmt.Split
 
 
 @contextmanager
-def _manifest_lock(out: Path) -> Iterator[None]:
-    """Serialise manifest updates: train and val (or two array tasks) may finish together."""
-    with open(out / ".manifest.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A process pool (None: run inline) whose workers ignore Ctrl-C and die with the parent's interrupt."""
+    if workers <= 1:
+        yield None
+        return
+    before = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_interrupts)
+    try:
+        yield pool
+    except BaseException:
+        with _interrupts_ignored():  # a second Ctrl-C must not leave workers running on their own
+            for child in set(multiprocessing.active_children()) - before:
+                child.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
-class _InlineExecutor:
-    def map(self, fn: Any, *iterables: Any) -> Iterator[Any]:
-        return map(fn, *iterables)
+def _results(pool: ProcessPoolExecutor | None, fn: Callable[..., Any], calls: list[tuple[Any, ...]], *,
+             ordered: bool) -> Iterator[Any]:
+    """``fn(*call)`` for every call, in the pool or inline; in call order or as they complete."""
+    if pool is None:
+        for call in calls:
+            yield fn(*call)
+        return
+    with _interrupts_ignored():  # workers are forked by submit: they start with Ctrl-C ignored
+        futures = [pool.submit(fn, *call) for call in calls]
+    for future in futures if ordered else as_completed(futures):
+        yield future.result()
+
+
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextmanager
-def _pool(workers: int) -> Iterator[Any]:
-    if workers <= 1:
-        yield _InlineExecutor()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            yield pool
+def _interrupts_ignored() -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _log(message: str) -> None:

@@ -26,7 +26,12 @@ Decisions, each measured or forced by the data (docs/BENCHMARKS.md has the figur
 * Memory: a decode never produces more than ``MAX_DECODED_PIXELS``. JPEGs are decoded at a
   coarser DCT scale to stay below it (a 10000x10000 JPEG is decoded at 1/8 = 1250x1250); formats
   without reduced decoding (PNG, GIF, TIFF...) larger than the limit are skipped with the reason
-  "image too large (WxH)".
+  "image too large (WxH)". Those are box-reduced right after decoding, before any conversion, and
+  oriented last, so the full-size pixels exist once: about 4 bytes a decoded pixel (PIL's RGB),
+  up to 8 for images with transparency or 16-bit samples (one converted copy); README states
+  the budget.
+* A JPEG whose frame header claims more pixels than its data can encode (at least one bit per 8x8
+  block) is rejected: libjpeg would fill the missing blocks with grey and only warn.
 * Bad data raises :class:`BadImage` only, with a short reason for the manifest's ``skipped`` list.
   JPEGs that end early are rejected ("truncated JPEG"); JPEGs with other *recoverable* damage
   that libjpeg repairs (stray bytes before a marker, ...) are accepted, as PIL would accept them.
@@ -35,12 +40,13 @@ Decisions, each measured or forced by the data (docs/BENCHMARKS.md has the figur
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import Callable
 
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from preprocess.format import IMAGE_SIZE
 
@@ -55,6 +61,8 @@ OUTPUT_SUBSAMPLING = "420"
 RESAMPLE = Image.Resampling.BILINEAR
 
 _JPEG_SOI = b"\xff\xd8\xff"
+_HUFFMAN_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7))
+_SOF_MARKERS = _HUFFMAN_SOF | {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # + arithmetic coding
 _TURBOJPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")  # what TurboJPEG converts to RGB correctly
 _MAX_REASON_DETAIL = 80
 
@@ -87,6 +95,7 @@ def decode_rgb(data: bytes, min_side: int = 0) -> np.ndarray:
     if not data:
         raise BadImage("empty file")
     if data.startswith(_JPEG_SOI):
+        _require_plausible_jpeg_size(data)
         return _decode_jpeg(data, min_side)
     return _decode_with_pil(data, min_side)
 
@@ -96,14 +105,22 @@ def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
 
     Done as one resampling pass: PIL maps the central square of the source (fractional box
     coordinates, so no rounding shift) onto the output, which is the same geometry as resizing
-    the whole image and cropping, at a fraction of the work.
+    the whole image and cropping, at a fraction of the work. Only the central square, plus the
+    filter's reach around it, is copied into PIL when that saves most of the copy (a long
+    panorama); otherwise the whole array is, which keeps results bit-identical to the plain
+    resize-and-crop (moving the box by whole pixels changes PIL's rounding slightly).
     """
     height, width = rgb.shape[:2]
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
-    box = (left, top, left + side, top + side)
-    resized = Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), RESAMPLE, box=box)
-    return np.asarray(resized)
+    reach = int(side / size) + 2  # the bilinear filter's support in source pixels, rounded up
+    x0, y0 = max(0, int(left) - reach), max(0, int(top) - reach)
+    x1, y1 = min(width, math.ceil(left + side) + reach), min(height, math.ceil(top + side) + reach)
+    if (x1 - x0) * (y1 - y0) * 2 > width * height:
+        x0, y0, x1, y1 = 0, 0, width, height
+    box = (left - x0, top - y0, left - x0 + side, top - y0 + side)
+    patch = Image.fromarray(np.ascontiguousarray(rgb[y0:y1, x0:x1]))
+    return np.asarray(patch.resize((size, size), RESAMPLE, box=box))
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = DEFAULT_QUALITY) -> bytes:
@@ -169,6 +186,43 @@ def _decode_jpeg(data: bytes, min_side: int) -> np.ndarray:
             # TurboJPEG's message says more than PIL's generic "broken data stream".
             raise BadImage(f"undecodable JPEG ({_short(error)})") from None
     return apply_orientation(rgb, jpeg_orientation(data))
+
+
+def _require_plausible_jpeg_size(data: bytes) -> None:
+    """Reject a JPEG whose header claims more pixels than its data can hold.
+
+    Every 8x8 luma block of a Huffman-coded JPEG costs at least one bit (its DC code), however
+    flat the image. libjpeg fills what the data does not cover with grey and only warns, so a
+    tiny file claiming 30000x30000 would otherwise decode "successfully" to a flat grey image.
+    Arithmetic-coded JPEGs (no such bound) are left to the decoder.
+    """
+    frame = jpeg_frame(data)
+    if frame is None:
+        return  # no frame header before the scan: the decoder gives the reason
+    marker, width, height = frame
+    min_bytes = _scaled(width, 8) * _scaled(height, 8) // 8
+    if marker in _HUFFMAN_SOF and len(data) < min_bytes:
+        raise BadImage(f"corrupt JPEG (header says {width}×{height}, too large for its {len(data)} bytes)")
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(SOF marker, width, height) from a JPEG's frame header; None if there is none before the scan."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in (0xDA, 0xD9):
+            return None
+        if marker in _SOF_MARKERS and pos + 9 <= len(data):
+            height = int.from_bytes(data[pos + 5:pos + 7], "big")
+            width = int.from_bytes(data[pos + 7:pos + 9], "big")
+            return marker, width, height
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
 
 
 def _turbo_decode(data: bytes, width: int, height: int) -> tuple[np.ndarray | None, Exception | None]:
@@ -264,20 +318,22 @@ def _decode_with_pil(data: bytes, min_side: int) -> np.ndarray:
         warnings.simplefilter("ignore")
         image = _open_with_pil(data)
         kind = image.format or "image"
+        source_mode = image.mode
         dct_scalable = isinstance(image, JpegImagePlugin.JpegImageFile)  # JPEG and MPO
         try:
             image = _load_reduced(image, min_side, dct_scalable)
-            image = _exif_transposed(image)
-            rgb = _pil_to_rgb(image)
+            orientation = _exif_orientation(image)
+            if not dct_scalable:
+                image = _box_reduced(image, min_side)
+            rgb = _pil_to_rgb(image, source_mode)
         except (BadImage, MemoryError):
             raise
         except Image.DecompressionBombError:
             raise BadImage(f"image too large ({image.width}×{image.height})") from None
         except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error...
             raise BadImage(_pil_failure_reason(kind, e)) from None
-    if min_side > 0 and not dct_scalable:
-        rgb = _box_reduce(rgb, min_side)
-    return rgb
+    # Turned last, on the small array: a full-size transposed copy would double the peak memory.
+    return apply_orientation(rgb, orientation)
 
 
 def _open_with_pil(data: bytes) -> Image.Image:
@@ -309,19 +365,40 @@ def _load_reduced(image: Image.Image, min_side: int, dct_scalable: bool) -> Imag
     return image
 
 
-def _exif_transposed(image: Image.Image) -> Image.Image:
+def _exif_orientation(image: Image.Image) -> int:
     try:
-        return ImageOps.exif_transpose(image)
+        orientation = int(image.getexif().get(0x0112, 1))
     except Exception:  # unreadable EXIF: keep the stored orientation rather than lose the image
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def _box_reduced(image: Image.Image, min_side: int) -> Image.Image:
+    """Integer box-filter reduction keeping the shorter side >= min_side (non-JPEG sources).
+
+    Done on the decoded image before any conversion, so that the full-size pixels exist once
+    (PIL: 4 bytes a pixel) and every later copy is small, as DCT scaling does for JPEGs.
+    """
+    factor = min(image.size) // min_side if min_side > 0 else 1
+    if factor < 2:
         return image
+    if image.mode in ("1", "P", "PA") or (image.has_transparency_data and image.mode not in ("RGBA", "LA")):
+        # Palette indices and colour keys cannot be averaged: to RGB(A) first.
+        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+    elif image.mode.startswith("I;16"):
+        image = image.convert("I")
+    try:
+        return image.reduce(factor)
+    except ValueError:  # a mode PIL cannot reduce
+        return image.convert("RGBA" if image.has_transparency_data else "RGB").reduce(factor)
 
 
-def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+def _pil_to_rgb(image: Image.Image, source_mode: str) -> np.ndarray:
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return np.asarray(image)
     if mode.startswith("I") or mode == "F":  # 16/32-bit grey or float: PIL has no scaling conversion
-        return np.repeat(_grey_to_uint8(np.asarray(image), mode)[:, :, None], 3, axis=2)
+        return np.repeat(_grey_to_uint8(np.asarray(image), source_mode)[:, :, None], 3, axis=2)
     if image.has_transparency_data:  # RGBA, LA, PA, or a palette/colour key with transparency
         return np.asarray(_on_white(image.convert("RGBA")))
     try:
@@ -342,17 +419,6 @@ def _on_white(rgba: Image.Image) -> Image.Image:
     background = Image.new("RGB", rgba.size, (255, 255, 255))
     background.paste(rgba, mask=rgba.getchannel("A"))
     return background
-
-
-def _box_reduce(rgb: np.ndarray, min_side: int) -> np.ndarray:
-    """Integer box-filter reduction keeping the shorter side >= min_side (non-JPEG sources).
-
-    Keeps the returned array small and the final resize cheap, as DCT scaling does for JPEGs.
-    """
-    factor = min(rgb.shape[:2]) // min_side
-    if factor < 2:
-        return rgb
-    return np.asarray(Image.fromarray(rgb).reduce(factor))
 
 
 # --------------------------------------------------------------------------------------------

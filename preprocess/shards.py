@@ -43,6 +43,7 @@ class ShardParams:
     seed: int = 0
     image_size: int = fmt.IMAGE_SIZE
     quality: int = 90
+    max_file_mb: int = 64  # larger source files are skipped, never read
 
 
 @dataclass
@@ -205,13 +206,18 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp.{os.getpid()}")
 
 
-def remove_stale_tmp(directory: Path, shard_names: Sequence[str]) -> None:
-    """Delete temporaries a killed run left for the shards this task owns (never another task's)."""
+def remove_unfinished(directory: Path, shard_names: Sequence[str]) -> None:
+    """Delete what a killed or interrupted run left of the shards this task owns (never another task's):
+    temporaries, and a tar or index whose done-record was never written."""
     owned = {f".{name}" for name in shard_names} | {f".{fmt.index_name(name)}" for name in shard_names}
     owned |= {f".{fmt.done_name(name)}" for name in shard_names}
     for entry in directory.iterdir():
         if ".tmp." in entry.name and entry.name.split(".tmp.", 1)[0] in owned:
             entry.unlink(missing_ok=True)
+    for name in shard_names:
+        if not (directory / fmt.done_name(name)).exists():
+            (directory / name).unlink(missing_ok=True)
+            (directory / fmt.index_name(name)).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,18 +254,19 @@ def verify_shard(shard_path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 def process_shard(out: Path, plan_dict: dict[str, Any], index: int, items: Sequence[Any]) -> dict[str, Any]:
     """Transform a shard's source images and write the shard; images that fail are recorded, not fatal."""
-    from preprocess import image
+    from preprocess import image, sources
 
     params = ShardParams(**plan_dict["params"])
     path = split_dir(out, params.split) / fmt.shard_name(params.split, index)
     skipped: list[dict[str, str]] = []
+    max_bytes = params.max_file_mb << 20
 
     def samples() -> Iterable[Sample]:
         for item in items:
             try:
-                data = item.read()
+                data = item.read(max_bytes)
                 jpeg = image.process(data, size=params.image_size, quality=params.quality)
-            except image.BadImage as e:
+            except (image.BadImage, sources.SkippedFile) as e:
                 skipped.append({"file": item.origin, "reason": str(e)})
                 continue
             except OSError as e:
@@ -267,6 +274,7 @@ def process_shard(out: Path, plan_dict: dict[str, Any], index: int, items: Seque
                 continue
             yield Sample(item.key, item.label, jpeg)
 
+    done_path = path.with_name(fmt.done_name(path.name))
     try:
         count, sha, size = write_shard(path, samples())
         done = {
@@ -277,9 +285,12 @@ def process_shard(out: Path, plan_dict: dict[str, Any], index: int, items: Seque
             "bytes": size,
             "skipped": skipped,
         }
-        write_json_atomic(path.with_name(fmt.done_name(path.name)), done)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        write_json_atomic(done_path, done)
+    except BaseException as e:
+        if not done_path.exists():  # a shard is complete with its done-record, or not there at all
+            path.unlink(missing_ok=True)
+            path.with_name(fmt.index_name(path.name)).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"{path}: no space left on the output device; free space and re-run "
                             "(completed shards are kept and skipped)") from None
         raise

@@ -4,6 +4,7 @@ Three kinds of input, told apart by what is on disk:
 
 * an ImageFolder tree ``SRC/<wnid>/*``: the folder names are the classes (sorted, torchvision's
   convention) and every non-hidden file is an item (bad contents are the decoder's business);
+  symlinks are followed (a directory reached twice, i.e. a loop, is walked once);
 * a flat folder of val images ``SRC/ILSVRC2012_val_00000001.JPEG``: labels from the devkit
   (``--devkit``) or Kaggle's ``LOC_val_solution.csv`` (``--labels``);
 * the official archives, read in place: ``ILSVRC2012_img_train.tar`` (an uncompressed tar of
@@ -14,14 +15,24 @@ Three kinds of input, told apart by what is on disk:
 The devkit's ground truth numbers classes by ILSVRC2012_ID, which follows meta.mat's own order,
 NOT sorted-wnid order: an ID must go through meta.mat to its wnid and then to the wnid's index in
 the class list. Reading the IDs as indices is the classic ImageNet val mislabeling bug.
+
+Nothing is read unbounded and nothing can block: an item is opened only once ``stat`` shows a
+regular file within the size cap, opened non-blocking and checked again, and read to at most the
+cap; FIFOs, devices, symlink loops, dangling links and oversize files or archive members become
+:class:`SkippedFile` with the reason, which the shard writer lists in the manifest. Devkit members
+are read with a cap too.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
+import stat
+import struct
 import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
@@ -34,6 +45,9 @@ META_MAT = "data/meta.mat"
 VAL_GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 SYNSET_MAPPING = "LOC_synset_mapping.txt"  # Kaggle's "wnid words" list, next to LOC_val_solution.csv
 VAL_NAME = "ILSVRC2012_val_{:08d}"  # val image n (1-based) of the devkit's ground truth
+# meta.mat is ~2 MB and the ground truth ~200 KB: anything far larger is not the devkit.
+MAX_DEVKIT_MEMBER_BYTES = 64 << 20
+MAX_DEVKIT_MEMBERS = 10_000  # the devkit has ~30
 
 _BLOCK = tarfile.BLOCKSIZE
 # Leading bytes of compressed files: such tars cannot be read at an offset without decompressing.
@@ -46,6 +60,10 @@ _COMPRESSED_MAGIC = {
 }
 
 
+class SkippedFile(OSError):
+    """A source file that is not read at all (FIFO, device, loop, dangling link, too large): ``str`` is why."""
+
+
 @dataclass(frozen=True, slots=True)
 class SourceItem:
     """One image: small and picklable, since the shard writer ships lists of these to workers."""
@@ -56,20 +74,70 @@ class SourceItem:
     path: str  # file that holds the bytes
     offset: int = 0  # byte offset of the payload in `path`
     size: int = -1  # payload length; -1 = the whole file
-    error: str = ""  # set when the entry cannot be read as one byte range (e.g. a GNU sparse member)
+    error: str = ""  # why it is skipped unread, known from the scan (a GNU sparse member, a directory loop)
 
-    def read(self) -> bytes:
-        """The image file's bytes; OSError if they cannot be had (the writer records it and goes on)."""
+    def read(self, max_bytes: int | None = None) -> bytes:
+        """The image file's bytes; OSError if they cannot be had (the writer records it and goes on).
+
+        :class:`SkippedFile` for what must not be read: not a regular file, or more than ``max_bytes``.
+        """
         if self.error:
-            raise OSError(self.error)
-        with open(self.path, "rb") as f:
-            if self.size < 0:
-                return f.read()
+            raise SkippedFile(self.error)
+        if self.size > (max_bytes if max_bytes is not None else self.size):
+            raise SkippedFile(_too_large(self.size, max_bytes))  # type: ignore[arg-type]
+        if self.size < 0:
+            return read_regular_file(self.path, max_bytes)
+        with open(self.path, "rb") as f:  # the archive, a regular file (checked when it was scanned)
             f.seek(self.offset)
             data = f.read(self.size)
         if len(data) != self.size:
             raise OSError(f"archive ends inside this member ({len(data)} of {self.size} bytes)")
         return data
+
+
+def read_regular_file(path: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path`` (symlinks followed) if it is a regular file of at most ``max_bytes``.
+
+    Raises :class:`SkippedFile` otherwise, without opening anything that is not a regular file
+    (opening a FIFO blocks until a writer appears; /dev/zero never ends).
+    """
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise SkippedFile(_stat_failure(path, e)) from None
+    _require_regular(info, max_bytes)
+    # O_NONBLOCK: should the path have become a FIFO since the stat, the open must not wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb", closefd=True) as f:
+        _require_regular(os.fstat(fd), max_bytes)
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise SkippedFile(_too_large(len(data), max_bytes))  # grew since the fstat
+    return data
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _require_regular(info: os.stat_result, max_bytes: int | None) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _KINDS if test(info.st_mode)), "a special file")
+        raise SkippedFile(f"not a regular file ({kind})")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise SkippedFile(_too_large(info.st_size, max_bytes))
+
+
+def _stat_failure(path: str, error: OSError) -> str:
+    if error.errno == errno.ELOOP:
+        return "symlink loop"
+    if error.errno == errno.ENOENT and os.path.islink(path):
+        return "dangling symlink (its target does not exist)"
+    return f"unreadable ({error.strerror or error})"
+
+
+def _too_large(size: int, max_bytes: int) -> str:
+    return f"file too large ({size / 2**20:.1f} MB > --max-file-mb {max_bytes >> 20})"
 
 
 @dataclass
@@ -181,8 +249,8 @@ def _scan_directory(src: str) -> tuple[bool, list[_Entry]]:
     src = os.path.abspath(src)  # items are read by worker processes: no cwd dependence
     with os.scandir(src) as it:
         top = sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
-    folders = [e for e in top if e.is_dir()]
-    files = [e for e in top if not e.is_dir()]
+    folders = [e for e in top if _is_dir(e)]
+    files = [e for e in top if not _is_dir(e)]
     if folders and files:
         # Refuse rather than guess: the loose files would have no label, or the folders no meaning.
         raise UserError(f"{src}: has both class folders ({folders[0].name}/ ...) and loose files "
@@ -190,31 +258,46 @@ def _scan_directory(src: str) -> tuple[bool, list[_Entry]]:
     if not top:
         raise UserError(f"{src}: empty directory, no images found")
     if files:
-        return True, [_Entry(e.name, e.path, e.path) for e in files if _is_file_like(e)]
+        return True, [_Entry(e.name, e.path, e.path) for e in files]
     entries = []
     for folder in folders:
-        found = [_Entry(os.path.basename(p), p, p, wnid=folder.name) for p in _walk_files(folder.path)]
+        found = [_Entry(os.path.basename(p), p, p, error=error, wnid=folder.name)
+                 for p, error in _walk_files(folder.path, set())]
         if not found:
             raise UserError(f"{folder.path}: empty class folder; remove it or restore its images")
         entries += found
     return False, entries
 
 
-def _is_file_like(entry: os.DirEntry) -> bool:
-    # Regular files and symlinks (a broken link becomes an item whose read fails and is recorded);
-    # not FIFOs or devices, which a worker could block on.
-    return entry.is_file() or entry.is_symlink()
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop (ELOOP): not a directory; reading it records why
+        return False
 
 
-def _walk_files(folder: str) -> Iterator[str]:
-    """Non-hidden files under ``folder``, recursively (as torchvision's ImageFolder), sorted."""
+def _walk_files(folder: str, seen: set[tuple[int, int]]) -> Iterator[tuple[str, str]]:
+    """(path, error) of the non-hidden non-directories under ``folder``, recursively (as torchvision's
+    ImageFolder), sorted.
+
+    Symlinked directories are followed, but one already walked in this class (``seen``: device,
+    inode) is not walked again, so a link to an ancestor cannot loop; it becomes an item with an
+    error instead. Anything that is not a directory is yielded, FIFOs and broken links included:
+    reading decides, and records why it skipped them.
+    """
+    info = os.stat(folder)
+    seen.add((info.st_dev, info.st_ino))
     with os.scandir(folder) as it:
         entries = sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
     for entry in entries:
-        if entry.is_dir():
-            yield from _walk_files(entry.path)
-        elif _is_file_like(entry):
-            yield entry.path
+        if not _is_dir(entry):
+            yield entry.path, ""
+            continue
+        target = os.stat(entry.path)
+        if (target.st_dev, target.st_ino) in seen:
+            yield entry.path, "symlink loop (links to a directory already walked)"
+        else:
+            yield from _walk_files(entry.path, seen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +519,7 @@ def _load_devkit(devkit: str) -> _Devkit:
             meta = os.path.join(base, META_MAT)
             if os.path.isfile(meta):
                 truth = os.path.join(base, VAL_GROUND_TRUTH)
-                text = _read_bytes(truth).decode() if os.path.isfile(truth) else None
+                text = _read_bytes(truth) if os.path.isfile(truth) else None
                 return _devkit(devkit, _read_bytes(meta), text)
         raise UserError(f"{devkit}: no {DEVKIT_DIR}/{META_MAT} in this directory; is it the ILSVRC2012 devkit?")
     if not os.path.isfile(devkit):
@@ -444,22 +527,43 @@ def _load_devkit(devkit: str) -> _Devkit:
     if devkit.endswith(".mat"):
         return _devkit(devkit, _read_bytes(devkit), None)
     try:
-        with tarfile.open(devkit, "r:*") as tar:  # the devkit ships as .tar.gz; small, so read it whole
-            wanted = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isreg()}
+        with tarfile.open(devkit, "r:*") as tar:  # the devkit ships as .tar.gz: ~30 members, 2.5 MB
+            wanted = {m.name.lstrip("./"): m for m in _devkit_members(tar, devkit) if m.isreg()}
             meta = _find_suffix(wanted, META_MAT)
             truth = _find_suffix(wanted, VAL_GROUND_TRUTH)
             if meta is None:
                 raise UserError(f"{devkit}: has no {META_MAT}; is it ILSVRC2012_devkit_t12.tar.gz?")
-            meta_bytes = tar.extractfile(meta).read()  # type: ignore[union-attr]
-            text = tar.extractfile(truth).read().decode() if truth else None  # type: ignore[union-attr]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise UserError(f"{devkit}: cannot read the devkit archive ({e})") from None
+            meta_bytes = _read_member(tar, meta, devkit)
+            text = _read_member(tar, truth, devkit) if truth else None
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{devkit}: cannot read the devkit archive ({e}); re-download it") from None
     return _devkit(devkit, meta_bytes, text)
 
 
+def _devkit_members(tar: tarfile.TarFile, where: str) -> Iterator[tarfile.TarInfo]:
+    for n, member in enumerate(tar, start=1):
+        if n > MAX_DEVKIT_MEMBERS:
+            raise UserError(f"{where}: more than {MAX_DEVKIT_MEMBERS} members, not the ILSVRC2012 devkit; "
+                            "is this the right archive?")
+        yield member
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> bytes:
+    """A member's bytes, refusing one that claims (or turns out) to be larger than a devkit's files."""
+    if member.size > MAX_DEVKIT_MEMBER_BYTES:
+        raise UserError(f"{where}: member {member.name} is {member.size >> 20} MB, far larger than the "
+                        "ILSVRC2012 devkit's; is this the right archive?")
+    data = tar.extractfile(member).read(MAX_DEVKIT_MEMBER_BYTES + 1)  # type: ignore[union-attr]
+    if len(data) != member.size:
+        raise UserError(f"{where}: member {member.name} ends early (truncated download?); re-download it")
+    return data
+
+
 def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        return read_regular_file(path, MAX_DEVKIT_MEMBER_BYTES)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read this devkit file ({e.strerror or e})") from None
 
 
 def _find_suffix(members: dict[str, tarfile.TarInfo], suffix: str) -> tarfile.TarInfo | None:
@@ -469,10 +573,47 @@ def _find_suffix(members: dict[str, tarfile.TarInfo], suffix: str) -> tarfile.Ta
     return None
 
 
-def _devkit(where: str, meta_mat: bytes, ground_truth: str | None) -> _Devkit:
+def _devkit(where: str, meta_mat: bytes, ground_truth: bytes | None) -> _Devkit:
     id_to_wnid, names = _parse_meta(meta_mat, where)
-    truth = _parse_ground_truth(ground_truth, f"{where} ({VAL_GROUND_TRUTH})") if ground_truth else None
+    truth = None
+    if ground_truth:
+        truth = _parse_ground_truth(ground_truth.decode("utf-8", errors="replace"), f"{where} ({VAL_GROUND_TRUTH})")
     return _Devkit(where, id_to_wnid, names, truth)
+
+
+_MAT5_HEADER = 128
+_MI_COMPRESSED = 15
+
+
+def _inflated_mat(meta_mat: bytes, where: str) -> bytes:
+    """A MAT v5 file with its zlib-compressed variables inflated, at most MAX_DEVKIT_MEMBER_BYTES in all.
+
+    scipy inflates compressed variables without a bound, so a small crafted meta.mat could take
+    any amount of memory; inflating them here first, with a cap, bounds what scipy is given.
+    Anything that is not MAT v5 is passed through for scipy to refuse.
+    """
+    if len(meta_mat) < _MAT5_HEADER or meta_mat[126:128] not in (b"IM", b"MI"):
+        return meta_mat
+    order = "<" if meta_mat[126:128] == b"IM" else ">"
+    parts, total, pos = [meta_mat[:_MAT5_HEADER]], _MAT5_HEADER, _MAT5_HEADER
+    while pos + 8 <= len(meta_mat):
+        kind, size = struct.unpack(order + "II", meta_mat[pos:pos + 8])
+        if kind == _MI_COMPRESSED:
+            inflater = zlib.decompressobj()
+            try:
+                element = inflater.decompress(meta_mat[pos + 8:pos + 8 + size], MAX_DEVKIT_MEMBER_BYTES - total + 1)
+            except zlib.error as e:
+                raise UserError(f"{where}: meta.mat is damaged ({e}); re-download the devkit") from None
+            pos += 8 + size
+        else:
+            end = pos + 8 + size + (-size % 8)  # uncompressed elements are padded to 8 bytes
+            element, pos = meta_mat[pos:end], end
+        total += len(element)
+        if total > MAX_DEVKIT_MEMBER_BYTES:
+            raise UserError(f"{where}: meta.mat inflates to more than {MAX_DEVKIT_MEMBER_BYTES >> 20} MB, far "
+                            "more than the ILSVRC2012 devkit's; is this the right file?")
+        parts.append(element)
+    return b"".join(parts)
 
 
 def _parse_meta(meta_mat: bytes, where: str) -> tuple[dict[int, str], dict[str, str]]:
@@ -480,13 +621,16 @@ def _parse_meta(meta_mat: bytes, where: str) -> tuple[dict[int, str], dict[str, 
     import numpy as np
     import scipy.io
 
+    meta_mat = _inflated_mat(meta_mat, where)
     try:
-        synsets = np.atleast_1d(scipy.io.loadmat(io.BytesIO(meta_mat), squeeze_me=True)["synsets"])
+        synsets = np.atleast_1d(scipy.io.loadmat(io.BytesIO(meta_mat), squeeze_me=True,
+                                                 variable_names=["synsets"])["synsets"])
         records = [(int(s["ILSVRC2012_ID"]), str(s["WNID"]), str(s["words"]), int(s["num_children"]))
                    for s in synsets]
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise UserError(f"{where}: meta.mat is not the ILSVRC2012 devkit's (synsets with ILSVRC2012_ID, "
-                        f"WNID, words, num_children): {e}") from None
+    except Exception as e:  # scipy raises a zoo of types for damaged files (MatReadError, zlib, struct...)
+        detail = " ".join(str(e).split())[:100] or type(e).__name__
+        raise UserError(f"{where}: meta.mat is damaged or not the ILSVRC2012 devkit's (expected synsets with "
+                        f"ILSVRC2012_ID, WNID, words, num_children): {detail}; re-download the devkit") from None
     # The classes are the leaves (num_children == 0): 1000 in ILSVRC2012, IDs 1..1000.
     id_to_wnid = {i: wnid for i, wnid, _, children in records if children == 0}
     if not id_to_wnid:

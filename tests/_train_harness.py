@@ -40,8 +40,9 @@ class FixedLoader:
             yield images[lo:hi].to(self.device), labels[lo:hi].to(self.device)
 
 
-def install_fixed_data() -> None:
-    from pipeline import data
+def fixed_loaders():
+    """Loaders with the signatures of pipeline.data's, handed to the trainer instead of the real ones."""
+    from pipeline.train import Loaders
 
     def train_loader(cfg, *, dp_rank, dp_size, epoch, seed, device, batch_size, num_classes=None):
         return FixedLoader(dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, num_classes=num_classes,
@@ -51,12 +52,11 @@ def install_fixed_data() -> None:
         return FixedLoader(dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, num_classes=num_classes,
                            epoch=99, device=device, views=10 if ten_crop else 0, steps=2)
 
-    data.train_loader, data.val_loader = train_loader, val_loader
+    return Loaders(train=train_loader, val=val_loader)
 
 
 def main() -> int:
-    if os.environ.get("HARNESS_DATA") == "fixed":
-        install_fixed_data()
+    loaders = fixed_loaders() if os.environ.get("HARNESS_DATA") == "fixed" else None
     from launch.train import run
     from preprocess.errors import run_cli
 
@@ -64,7 +64,7 @@ def main() -> int:
     out = Path(os.environ["HARNESS_OUT"])
 
     def body() -> int:
-        outcome = run(sys.argv[1:])
+        outcome = run(sys.argv[1:], loaders=loaders)
         record = {"progress": vars(outcome.progress), "preempted": outcome.preempted,
                   "lr_drops": outcome.lr_drops, "val_top1_error": outcome.val_top1_error}
         (out / f"outcome-rank{rank}.json").write_text(json.dumps(record))

@@ -11,19 +11,22 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import META, Checkpointer, export_model
-from tests._fixtures import (HARNESS, PYTHON, REPO, SMALL_RUN, children, cmdline, demo_data, demo_shards,  # noqa: F401
+from pipeline import checkpoint
+from pipeline.checkpoint import META, export_model
+from tests._fixtures import (HARNESS, PYTHON, REPO, SMALL_RUN, children, cmdline, demo_data,  # noqa: F401
+                             demo_shards, descendants,  # noqa: F401
                              kill_group, preprocess, run_logged, shard_args, small_env, tail, wait_for)
 
 RUN_TIMEOUT = 300  # seconds for any one training run (they take 10-40 s on 2 cores)
 
 
 def _latest(run_dir: Path) -> Path | None:
-    return Checkpointer(run_dir, None, rank=1).latest()  # rank != 0: never creates directories
+    return checkpoint.latest(run_dir)
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -270,3 +273,120 @@ def test_disk_full_during_preprocessing(demo_data: Path, tmp_path: Path, where: 
     finally:
         _umount(mnt)
     assert not os.path.ismount(mnt)
+
+
+# ------------------------------------------------------------------------------------------------
+# The kill soak: SIGKILL at random moments, the same command again, the same weights at the end
+
+SOAK_KILLS = 10
+
+
+def _soak_argv(data: Path, run_dir: Path) -> list[str]:
+    # 2 epochs x 12 steps of the tower pair (tp=2) as 2 ranks; a checkpoint at every step, so kills land
+    # in checkpoint writes as well as in steps, validation and start-up.
+    return [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", HARNESS, "--data",
+            str(data), "--run-dir", str(run_dir), *SMALL_RUN, "--tp", "2", "--epochs", "2",
+            "--checkpoint.every-steps", "1", "--checkpoint.keep-last", "2", "--train.log-every", "1"]
+
+
+def _progress_step(run_dir: Path) -> int:
+    latest = _latest(run_dir)
+    return json.loads((latest / META).read_text())["step"] if latest else -1
+
+
+def test_kill_soak_resumes_to_the_uninterrupted_weights(demo_shards: Path, tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(1234)
+    straight, soaked = tmp_path / "straight", tmp_path / "soaked"
+    out = tmp_path / "out"
+    out.mkdir()
+    env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"})
+    log = tmp_path / "soak.log"
+    assert run_logged(_soak_argv(demo_shards, straight), tmp_path / "straight.log", env, RUN_TIMEOUT) == 0, \
+        tail(tmp_path / "straight.log")
+
+    kills = in_write = 0
+    ckpt_dir = soaked / "checkpoints"
+    while kills < SOAK_KILLS:
+        before = _progress_step(soaked)
+        if before >= 23:
+            break  # too close to the end to kill again
+        with log.open("ab") as sink:
+            proc = subprocess.Popen(_soak_argv(demo_shards, soaked), cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            if kills % 2:  # aim at a checkpoint write: the moment a temporary directory has data in it
+                def writing() -> bool:
+                    return any(f.is_file() and f.stat().st_size > 0
+                               for tmp in ckpt_dir.glob("*.tmp") for f in tmp.iterdir())
+                wait_for(lambda: _progress_step(soaked) > before and writing(), RUN_TIMEOUT,
+                         "a checkpoint write", proc, poll=0.002)
+            else:  # anywhere after the run made progress: in a step, in validation, in a save
+                wait_for(lambda: _progress_step(soaked) > before, RUN_TIMEOUT, "progress", proc, poll=0.01)
+                time.sleep(rng.uniform(0, 1.5))
+            in_write += any(ckpt_dir.glob("*.tmp"))
+            for pid in [proc.pid, *descendants(proc.pid)]:  # the whole tree at once, as a node loss would
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait(timeout=30)
+        finally:
+            kill_group(proc)
+        kills += 1
+        # Whatever moment the kill hit, an intact checkpoint is there to resume from.
+        assert any(checkpoint.verify(p) is None for p in checkpoint.candidates(soaked)), list(ckpt_dir.iterdir())
+
+    assert run_logged(_soak_argv(demo_shards, soaked), log, env, RUN_TIMEOUT) == 0, tail(log)
+    text = log.read_text(errors="replace")
+    assert kills >= SOAK_KILLS and in_write >= 3, (kills, in_write)
+    assert "error:" not in text and text.count("resumed from") >= kills, text[-4000:]
+    final = _latest(soaked)
+    assert final is not None and checkpoint.verify(final) is None
+    assert json.loads((final / META).read_text())["progress"] == {"epoch": 2, "step": 24, "step_in_epoch": 0}
+    a, b = export_model(_latest(straight)), export_model(final)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    print(f"kill soak: {kills} SIGKILLs survived, {in_write} during a checkpoint write")
+
+
+# ------------------------------------------------------------------------------------------------
+# A full disk during a checkpoint save
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(demo_shards: Path, tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root")
+    argv = lambda run_dir: [PYTHON, "-m", "launch.train", "--data", str(demo_shards), "--run-dir",  # noqa: E731
+                            str(run_dir), *SMALL_RUN, "--tp", "1", "--max-steps", "4",
+                            "--checkpoint.every-steps", "1", "--checkpoint.keep-last", "10"]
+    # How much a run needs up to its second checkpoint, measured on a roomy disk.
+    roomy = tmp_path / "roomy"
+    assert run_logged(argv(roomy), tmp_path / "roomy.log", small_env(), RUN_TIMEOUT) == 0, tail(tmp_path / "roomy.log")
+    sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in _checkpoints(roomy)}
+    one = max(sizes.values())
+    rest = sum(f.stat().st_size for f in roomy.rglob("*") if f.is_file() and "checkpoints" not in f.parts)
+    size_kb = (rest + 2 * one + one // 2) // 1024 + 64
+
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, size_kb)
+    try:
+        run_dir, log = mnt / "run", tmp_path / "full.log"
+        rc = run_logged(argv(run_dir), log, small_env(), RUN_TIMEOUT)
+        text = log.read_text(errors="replace")
+        assert rc == 2, text[-4000:]
+        line = _one_error_line(text)
+        assert "checkpoint at step" in line and "no space left" in line.lower() and "intact" in line, line
+        kept = _latest(run_dir)
+        assert kept is not None and checkpoint.verify(kept) is None
+        assert not list((run_dir / "checkpoints").glob("*.tmp")), list((run_dir / "checkpoints").iterdir())
+
+        grown = subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], capture_output=True, text=True,
+                               timeout=30)
+        assert grown.returncode == 0, grown.stderr
+        assert run_logged(argv(run_dir), log, small_env(), RUN_TIMEOUT) == 0, tail(log)
+        assert f"resumed from {kept}" in log.read_text(errors="replace")
+        a, b = export_model(_latest(roomy)), export_model(_latest(run_dir))
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    finally:
+        _umount(mnt)

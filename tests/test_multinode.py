@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import Checkpointer, export_model, read_towers
+from pipeline import checkpoint
+from pipeline.checkpoint import export_model, read_towers
 from preprocess import format as fmt
 from tests._fixtures import HARNESS, NARROW, PYTHON, REPO, run_logged, small_env, tail
 from tests.netns import Node, NodePair, netns_skip_reason
@@ -44,7 +45,7 @@ def four_class_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _latest(run_dir: Path) -> Path:
-    path = Checkpointer(run_dir, None, rank=1).latest()
+    path = checkpoint.latest(run_dir)
     assert path is not None, f"no checkpoint in {run_dir}"
     return path
 

@@ -210,9 +210,9 @@ def test_kill_mid_run_leaves_no_finished_partial_shard(image_folder: Path, tmp_p
         "import sys, time\n"
         "from preprocess import sources\n"
         "_read = sources.SourceItem.read\n"
-        "def slow(self):\n"
+        "def slow(self, *args):\n"
         "    time.sleep(0.15)\n"
-        "    return _read(self)\n"
+        "    return _read(self, *args)\n"
         "sources.SourceItem.read = slow\n"
         "from preprocess.__main__ import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
@@ -276,3 +276,50 @@ def test_clear_errors(image_folder: Path, tmp_path: Path, case: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_keeps_finished_shards_and_a_rerun_completes(image_folder: Path, tmp_path: Path) -> None:
+    """SIGINT to the whole process group, as a terminal sends it, during a 2-worker run of 11 shards."""
+    reference, out = tmp_path / "reference", tmp_path / "shards"
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "preprocess", "shard", "--src", str(image_folder), "--out", str(out),
+                "--split", "train", "--shard-size", "2", "--workers", "2", "--no-progress"]
+
+    cmd = command(out)
+    hooks = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "_hooks"), str(REPO)])}
+    subprocess.run(command(reference), cwd=REPO, env={**os.environ, **hooks}, check=True, capture_output=True,
+                   timeout=120)
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **hooks, "ALEXNET_TEST_SLOW_READ": "0.2"},
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (done_before := list((out / "train").glob("train-*.json"))):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    message = "interrupted; completed shards are kept, re-run the same command to resume"
+    assert err.strip().splitlines()[-1] == message and err.count("interrupted") == 1, err
+
+    # Only complete shards are left, with their done-records; nothing temporary, no manifest yet.
+    names = [p.name for p in (out / "train").iterdir()]
+    assert not [n for n in names if ".tmp." in n], names
+    tars = sorted((out / "train").glob("*.tar"))
+    # The run stopped: at most the two shards in flight finished after the signal, nothing new started.
+    assert len(done_before) <= len(tars) <= len(done_before) + 2, names
+    for tar in tars:
+        done = shards.read_done(tar)
+        assert done is not None and shards.file_sha256(tar) == done["sha256"]
+        assert tar.with_name(fmt.index_name(tar.name)).exists()
+    assert not fmt.manifest_path(out).exists()
+
+    rerun = subprocess.run(cmd, cwd=REPO, env={**os.environ, **hooks}, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(tars)} already complete" in rerun.stderr
+    assert fmt.manifest_path(out).read_text() == fmt.manifest_path(reference).read_text()

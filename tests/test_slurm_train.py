@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import META, Checkpointer, export_model
 from launch.submit import rendezvous_port
+from pipeline import checkpoint
+from pipeline.checkpoint import META, export_model
 from pipeline.lease import LEASE_NAME
 from tests._fixtures import PYTHON, REPO, SMALL_RUN, demo_data, demo_shards, free_port  # noqa: F401
 from tests.cluster import TERMINAL, SlurmCluster
@@ -51,7 +52,7 @@ def _cancel(cluster: SlurmCluster, job: str) -> None:
 
 
 def _latest(run_dir: Path) -> Path:
-    path = Checkpointer(run_dir, None, rank=1).latest()
+    path = checkpoint.latest(run_dir)
     assert path is not None, f"no checkpoint in {run_dir}"
     return path
 

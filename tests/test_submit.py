@@ -248,9 +248,9 @@ def _results(folder: Path, job: str, tasks: int) -> list[dict]:
 
 
 def _latest(run_dir: Path) -> Path:
-    from pipeline.checkpoint import Checkpointer
+    from pipeline import checkpoint
 
-    path = Checkpointer(run_dir, None, rank=1).latest()  # rank != 0: never creates directories
+    path = checkpoint.latest(run_dir)
     assert path is not None, f"no checkpoint in {run_dir}"
     return path
 

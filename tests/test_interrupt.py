@@ -1,0 +1,117 @@
+"""Ctrl-C in a terminal run stops like a preemption: every rank checkpoints at the next control step and
+exits cleanly, the same command resumes exactly; a second Ctrl-C ends it at once, leaving nothing partial."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from pipeline import checkpoint
+from pipeline.checkpoint import META, export_model
+from tests._fixtures import (HARNESS, PYTHON, REPO, SMALL_RUN, demo_data, demo_shards,  # noqa: F401
+                             descendants, kill_group, run_logged, small_env, tail, wait_for)
+
+RUN_TIMEOUT = 300
+
+
+def _argv(data: Path, run_dir: Path, nproc: int) -> list[str]:
+    common = ["--data", str(data), "--run-dir", str(run_dir), *SMALL_RUN, "--epochs", "2",
+              "--train.control-every", "1", "--train.log-every", "1"]
+    if nproc == 1:
+        return [PYTHON, HARNESS, *common, "--tp", "1"]
+    return [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", HARNESS, *common,
+            "--tp", "2"]
+
+
+def _logged_step(log: Path) -> int:
+    """The newest training step the run has logged (rank 0's progress lines)."""
+    steps = [int(line.split(" step ", 1)[1].split("/", 1)[0]) for line in log.read_text(errors="replace").splitlines()
+             if " step " in line and "/" in line.split(" step ", 1)[1]]
+    return max(steps, default=0)
+
+
+def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with log.open("ab") as sink:
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _interrupt_and_resume(data: Path, tmp_path: Path, nproc: int) -> None:
+    straight, stopped, out = tmp_path / "straight", tmp_path / "stopped", tmp_path / "out"
+    out.mkdir()
+    env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"})
+    assert run_logged(_argv(data, straight, nproc), tmp_path / "straight.log", env, RUN_TIMEOUT) == 0, \
+        tail(tmp_path / "straight.log")
+
+    log = tmp_path / "stopped.log"
+    proc = _start(_argv(data, stopped, nproc), log, env)
+    try:
+        wait_for(lambda: _logged_step(log) >= 3, RUN_TIMEOUT, "step 3", proc)
+        # What a terminal does: SIGINT to the foreground process group. torchrun also forwards a copy to
+        # each worker, so under torchrun every rank sees it twice within milliseconds.
+        os.killpg(proc.pid, signal.SIGINT)
+        for pid in descendants(proc.pid):
+            os.kill(pid, signal.SIGINT)
+        proc.wait(timeout=RUN_TIMEOUT)
+    finally:
+        kill_group(proc)
+    text = log.read_text(errors="replace")
+    if nproc == 1:
+        assert proc.returncode == 0, text[-4000:]
+    assert "KeyboardInterrupt" not in text, text[-4000:]
+    ranks = [json.loads((out / f"outcome-rank{r}.json").read_text()) for r in range(nproc)]
+    assert all(r["preempted"] for r in ranks), ranks  # every rank returned from the trainer, none crashed
+    step = ranks[0]["progress"]["step"]
+    assert 3 <= step < 24 and all(r["progress"] == ranks[0]["progress"] for r in ranks), ranks
+    saved = checkpoint.latest(stopped)
+    assert saved is not None and checkpoint.verify(saved) is None
+    assert json.loads((saved / META).read_text())["progress"]["step"] == step  # at a step boundary
+    assert "run the same command to continue" in text, text[-4000:]
+    if nproc == 1:
+        assert "Traceback" not in text, text[-4000:]
+    else:  # torchrun itself reports the signal it got; no rank prints one
+        assert text.count("Traceback") <= 1 and "SignalException" in text.split("Traceback")[-1], text[-4000:]
+
+    assert run_logged(_argv(data, stopped, nproc), log, env, RUN_TIMEOUT) == 0, tail(log)
+    assert f"resumed from {saved}" in log.read_text(errors="replace")
+    a, b = export_model(checkpoint.latest(straight)), export_model(checkpoint.latest(stopped))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+
+def test_ctrl_c_single_process_checkpoints_and_resumes_exactly(demo_shards: Path, tmp_path: Path) -> None:
+    _interrupt_and_resume(demo_shards, tmp_path, nproc=1)
+
+
+def test_ctrl_c_under_torchrun_checkpoints_on_every_rank(demo_shards: Path, tmp_path: Path) -> None:
+    _interrupt_and_resume(demo_shards, tmp_path, nproc=2)
+
+
+def test_second_ctrl_c_exits_at_once_and_leaves_nothing_partial(demo_shards: Path, tmp_path: Path) -> None:
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    # The paper-width model: its checkpoint takes seconds to write, so the second Ctrl-C can land inside one.
+    argv = [PYTHON, "-m", "launch.train", "--data", str(demo_shards), "--run-dir", str(run_dir), "--tp", "1",
+            "--batch-size", "2", "--data.workers", "1", "--train.ten-crop", "false", "--checkpoint.every-minutes",
+            "0", "--checkpoint.every-steps", "1", "--train.log-every", "1", "--train.control-every", "1"]
+    proc = _start(argv, log, small_env())
+    try:
+        wait_for(lambda: checkpoint.latest(run_dir), RUN_TIMEOUT, "the first checkpoint", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_for(lambda: list((run_dir / "checkpoints").glob("*.tmp")), RUN_TIMEOUT, "the next save", proc, 0.005)
+        time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        proc.wait(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        kill_group(proc)
+    text = log.read_text(errors="replace")
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, text[-4000:])
+    assert waited < 30 and "Traceback" not in text, text[-4000:]
+    # Whatever was half-written stays invisible: every checkpoint a restart could see verifies.
+    for path in checkpoint.candidates(run_dir):
+        assert checkpoint.verify(path) is None, path
+    assert checkpoint.latest(run_dir) is not None
