@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from preprocess import format as fmt
+
 from pipeline import lease as lease_mod
 from pipeline.lease import LEASE_NAME, Holder, Lease, LeaseHeld, LeaseLost
 from tests._fixtures import PYTHON, REPO, TORCHRUN, small_env
@@ -237,9 +239,11 @@ def test_check_cli_exits_2_with_one_line(tmp_path: Path) -> None:
 
 def test_launch_train_refuses_a_held_run_dir_before_writing_anything(tmp_path: Path) -> None:
     """Plain python and torchrun with 2 ranks: every rank fails with the holder's line, nothing is written."""
-    run_dir = tmp_path / "run"
+    run_dir, data = tmp_path / "run", tmp_path / "data"
     _foreign_lease(run_dir)
-    args = ["-m", "launch.train", "--data", str(tmp_path / "no-data"), "--run-dir", str(run_dir), "--tp", "1",
+    data.mkdir()
+    fmt.write_manifest(data, fmt.Manifest(classes=[{"index": i, "wnid": f"n{i}", "name": ""} for i in range(4)]))
+    args = ["-m", "launch.train", "--data", str(data), "--run-dir", str(run_dir), "--tp", "1",
             "--train.device", "cpu"]
     single = subprocess.run([PYTHON, *args], cwd=REPO, env=small_env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 2, single.stderr
