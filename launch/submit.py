@@ -391,14 +391,23 @@ def log_paths(plan: Plan, job_id: str) -> list[tuple[Path, Path]]:
 # ---------------------------------------------------------------------------------- waiting
 
 
+# `scontrol show job -o`: one line per job (per array task), space-separated Key=Value pairs whose
+# values may hold spaces (Command=script args...); a new key starts with a letter after a space.
+_FIELD_SPLIT = re.compile(r" (?=[A-Za-z][A-Za-z0-9_:/]*=)")
+
+
+def parse_job_records(text: str) -> list[dict[str, str]]:
+    """`scontrol show job -o` output -> one dict per line (job or array task)."""
+    return [dict(item.partition("=")[::2] for item in _FIELD_SPLIT.split(line.strip()))
+            for line in text.splitlines() if line.strip().startswith("JobId=")]
+
+
 def _job_record(job_id: str) -> dict[str, str] | None:
     """`scontrol show job -o JOB` as a dict; None once Slurm has forgotten the job."""
     proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
                           timeout=60, stdin=subprocess.DEVNULL)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("JobId=")), None)
-    if proc.returncode != 0 or line is None:
-        return None
-    return {k: v for k, _, v in (item.partition("=") for item in re.split(r" (?=[A-Za-z][A-Za-z0-9_:/]*=)", line))}
+    records = parse_job_records(proc.stdout)
+    return records[0] if proc.returncode == 0 and records else None
 
 
 def _results_status(job: Any) -> int:

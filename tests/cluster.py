@@ -23,19 +23,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launch.submit import TERMINAL, parse_job_records  # the launcher's own reading of Slurm
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
 
-# Where a job ends up; `wait` returns once every record of the job is in one of these.
-TERMINAL = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE", "REVOKED",
-})
 UNAVAILABLE_EXIT = 3  # slurm/local_cluster.sh: Slurm is not installed and cannot be installed here
-
-# `scontrol show job -o`: one line per job (per array task), space-separated Key=Value pairs whose
-# values may hold spaces (Command=script args...); a new key starts with a letter after a space.
-_FIELD_SPLIT = re.compile(r" (?=[A-Za-z][A-Za-z0-9_:/]*=)")
 
 
 class SlurmUnavailable(RuntimeError):
@@ -60,21 +53,6 @@ def slurm_skip_reason() -> str | None:
     if not installed and not shutil.which("apt-get"):
         return "Slurm (slurm-wlm, munge) is not installed and there is no apt-get to install it"
     return None
-
-
-def parse_job_records(text: str) -> list[dict[str, str]]:
-    """`scontrol show job -o` output -> one dict per line (job or array task)."""
-    records = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("JobId="):
-            continue
-        record = {}
-        for item in _FIELD_SPLIT.split(line):
-            key, _, value = item.partition("=")
-            record[key] = value
-        records.append(record)
-    return records
 
 
 @dataclass
