@@ -1,16 +1,13 @@
 """Shared fixtures and helpers for the end-to-end tests (Slurm, emulated nodes, faults, TensorBoard).
 
-    from tests._fixtures import demo_data, demo_shards  # noqa: F401  (fixtures, used by name)
-
-``demo_data`` is the procedural demo dataset (4 classes x 24 train / 6 val images) through the real
+``build_demo`` makes the procedural demo dataset (4 classes x 24 train / 6 val images) through the real
 preprocessing: ``ROOT/src`` (the source tree and devkit) and ``ROOT/shards`` (train + val shards,
-manifest). It is built once per test session however many modules import the fixture (pytest makes
-one fixture instance per importing module, so the work is cached here) and must be treated as
-read-only: a test that damages data copies it first.
+manifest); conftest.py's ``demo_data``/``demo_shards`` fixtures build it once per session.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -21,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -34,9 +30,6 @@ TRAIN_SHARD_SIZE = 40
 NARROW = ["--num-classes", "4", "--model.widths", "16,32,48,48,32", "--model.fc-width", "64"]
 SMALL_RUN = [*NARROW, "--batch-size", "8", "--data.workers", "1", "--train.ten-crop", "false",
              "--checkpoint.every-minutes", "0"]
-
-_CACHE: dict[str, Path] = {}
-
 
 def preprocess(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`python -m preprocess ARGS` from the repository (captured, bounded)."""
@@ -66,18 +59,34 @@ def build_demo(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ROOT with ROOT/src (demo source tree) and ROOT/shards (preprocessed train + val); read-only."""
-    if "root" not in _CACHE or not (_CACHE["root"] / "shards" / "manifest.json").exists():
-        _CACHE["root"] = build_demo(tmp_path_factory.mktemp("demo-shared"))
-    return _CACHE["root"]
+# --------------------------------------------------------------------------------------------
+# Source images
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
 
 
-@pytest.fixture(scope="session")
-def demo_shards(demo_data: Path) -> Path:
-    """The preprocessed demo dataset directory (manifest.json, train/, val/); read-only."""
-    return demo_data / "shards"
+def jpeg_of_colour(rgb: tuple[int, int, int], size: tuple[int, int], seed: int) -> bytes:
+    """A noisy JPEG around one colour (PIL, quality 85), ``size`` = (width, height)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(rgb, dtype=np.float32) + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def make_image_folder(root: Path) -> Path:
+    """An ImageFolder tree: 3 classes x 7 images of distinct colours and sizes, plus one undecodable file."""
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    for c, wnid in enumerate(WNIDS):
+        (root / wnid).mkdir(parents=True)
+        for i in range(7):
+            size = (300 + 40 * i, 260 + 10 * c)
+            (root / wnid / f"{wnid}_{i}.JPEG").write_bytes(jpeg_of_colour(colours[c], size, seed=10 * c + i))
+    (root / WNIDS[0] / f"{WNIDS[0]}_broken.JPEG").write_bytes(b"this is not an image")
+    return root
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real single-host Slurm cluster (session-scoped) and the `slurm` marker."""
+"""Shared fixtures: the demo dataset through the real preprocessing, and a real single-host Slurm cluster
+(both session-scoped), and the `slurm` / `netns` markers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._fixtures import build_demo, make_image_folder
 from tests.cluster import SlurmCluster, SlurmUnavailable, slurm_skip_reason
 
 # Not the default state dir and ports of slurm/local_cluster.sh, so a developer's own local cluster
@@ -45,3 +47,22 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ROOT with ROOT/src (demo source tree, 4 classes) and ROOT/shards (train + val); read-only: a test that
+    damages data copies it first."""
+    return build_demo(tmp_path_factory.mktemp("demo-shared"))
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_data: Path) -> Path:
+    """The preprocessed demo dataset directory (manifest.json, train/, val/); read-only."""
+    return demo_data / "shards"
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A small ImageFolder source tree (3 classes x 7 images, one undecodable file) under tmp_path/train."""
+    return make_image_folder(tmp_path / "train")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from preprocess import format as fmt
 from preprocess import image, sources
-from tests.test_shards import _jpeg
+from tests._fixtures import jpeg_of_colour as _jpeg
 from tests.test_sources import _tar_bytes, _val_name, _write_meta
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
-from tests._fixtures import (HARNESS, PYTHON, REPO, SMALL_RUN, demo_data, demo_shards,  # noqa: F401
-                             descendants, kill_group, run_logged, small_env, tail, wait_for)
+from tests._fixtures import (HARNESS, PYTHON, REPO, SMALL_RUN, descendants, kill_group, run_logged, small_env,
+                             tail, wait_for)
 
 RUN_TIMEOUT = 300
 

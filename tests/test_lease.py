@@ -13,7 +13,6 @@ import logging
 import multiprocessing
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 

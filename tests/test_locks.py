@@ -16,7 +16,6 @@ import pytest
 from preprocess import format as fmt
 from preprocess.errors import UserError
 from preprocess.locks import FileLock
-from tests.test_shards import image_folder  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = REPO / "tests" / "_hooks"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -19,34 +18,9 @@ from PIL import Image
 from preprocess import format as fmt
 from preprocess import shards
 from preprocess.__main__ import main as preprocess_main
+from tests._fixtures import WNIDS
 
-WNIDS = ["n01440764", "n01443537", "n01484850"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _jpeg(rgb: tuple[int, int, int], size: tuple[int, int], seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    base = np.array(rgb, dtype=np.float32)
-    noise = rng.normal(0, 20, (size[1], size[0], 3))
-    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
-@pytest.fixture
-def image_folder(tmp_path: Path) -> Path:
-    """3 classes x 7 images of distinct colours and sizes, plus one undecodable file."""
-    root = tmp_path / "train"
-    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
-    for c, wnid in enumerate(WNIDS):
-        (root / wnid).mkdir(parents=True)
-        for i in range(7):
-            size = (300 + 40 * i, 260 + 10 * c)
-            (root / wnid / f"{wnid}_{i}.JPEG").write_bytes(_jpeg(colours[c], size, seed=10 * c + i))
-    (root / WNIDS[0] / f"{WNIDS[0]}_broken.JPEG").write_bytes(b"this is not an image")
-    return root
-
 
 def _shard(src: Path, out: Path, *extra: str) -> int:
     return preprocess_main(["shard", "--src", str(src), "--out", str(out), "--split", "train",

@@ -18,7 +18,7 @@ from launch.submit import rendezvous_port
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
 from pipeline.lease import LEASE_NAME
-from tests._fixtures import PYTHON, REPO, SMALL_RUN, demo_data, demo_shards, free_port  # noqa: F401
+from tests._fixtures import PYTHON, REPO, SMALL_RUN, free_port
 from tests.cluster import TERMINAL, SlurmCluster
 
 pytestmark = pytest.mark.slurm

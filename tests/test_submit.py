@@ -201,23 +201,6 @@ def test_import_is_light() -> None:
 # ------------------------------------------------------------------------------- real Slurm jobs
 
 
-@pytest.fixture(scope="module")
-def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The procedural demo (4 classes, ~100 train / 24 val images) through the real preprocessing."""
-    root = tmp_path_factory.mktemp("submit-demo")
-
-    def run(*args: str) -> None:
-        subprocess.run([sys.executable, "-m", "preprocess", *args], cwd=REPO, check=True, capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=300)
-
-    run("make-demo", str(root / "src"), "--classes", "4", "--train-per-class", "24", "--val-per-class", "6")
-    run("shard", "--src", str(root / "src" / "train"), "--out", str(root / "shards"), "--split", "train",
-        "--shard-size", "40", "--workers", "1")
-    run("shard", "--src", str(root / "src" / "val"), "--devkit", str(root / "src" / "devkit"),
-        "--out", str(root / "shards"), "--split", "val", "--workers", "1")
-    return root / "shards"
-
-
 def _submit(cluster: SlurmCluster, cwd: Path, job_args: list[str], train_args: list[str],
             timeout: float = 240) -> tuple[str, subprocess.CompletedProcess[str]]:
     """`python -m launch.submit` against the test cluster, from outside the repo; (job id, process)."""

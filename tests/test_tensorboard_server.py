@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._fixtures import HARNESS, PYTHON, REPO, SMALL_RUN, demo_data, demo_shards, kill_group, run_logged, small_env, tail  # noqa: F401
+from tests._fixtures import HARNESS, PYTHON, SMALL_RUN, kill_group, run_logged, small_env, tail
 
 TENSORBOARD = str(Path(PYTHON).with_name("tensorboard"))
 STARTUP_TIMEOUT = 90  # s until the server answers with the run's scalars (~5 s on 2 cores)

@@ -85,20 +85,6 @@ def test_one_process_equals_dp2_x_tp2(four_class_manifest: Path, tmp_path: Path)
     assert sorted(towers) == [0, 1] and towers[0]["model.conv1.weight"].shape == (8, 3, 11, 11)
 
 
-@pytest.fixture(scope="module")
-def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small real dataset: the procedural demo (4 classes) through the real preprocessing."""
-    root = tmp_path_factory.mktemp("demo")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "preprocess", *a], cwd=REPO, check=True,  # noqa: E731
-                                    capture_output=True)
-    run("make-demo", str(root / "src"), "--classes", "4", "--train-per-class", "24", "--val-per-class", "6")
-    run("shard", "--src", str(root / "src" / "train"), "--out", str(root / "shards"), "--split", "train",
-        "--shard-size", "40", "--workers", "1")
-    run("shard", "--src", str(root / "src" / "val"), "--devkit", str(root / "src" / "devkit"),
-        "--out", str(root / "shards"), "--split", "val", "--workers", "1")
-    return root / "shards"
-
-
 def _small(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     """A narrow model on the real DALI pipeline (CPU), small batches."""
     return ["--data", str(shards), "--run-dir", str(run_dir), "--num-classes", "4", *NARROW,
