@@ -2,65 +2,20 @@
 
     python -m launch.submit -- --data /scratch/shards --run-dir /scratch/runs/alexnet
     python -m launch.submit --nodes 4 --gpus-per-node 8 --partition gpu -- --data /scratch/shards \\
-        --run-dir /scratch/runs/a4 --config configs/paper.toml           # 16 replicas x 2 towers
+        --run-dir /scratch/runs/a4 --config configs/paper_4node_8gpu.toml     # 16 replicas x 2 towers
     python -m launch.submit --gpus-per-node 0 --tasks-per-node 2 --cpus-per-task 4 -- --data ...   # CPU cluster
     python -m launch.submit --local --gpus-per-node 0 -- --data demo/shards --run-dir runs/laptop  # no Slurm
     python -m launch.submit --dry-run -- --data ...     # print the sbatch script; submit nothing
 
 Options before ``--`` shape the job; everything after ``--`` goes to ``python -m launch.train``
-(checked here before anything is submitted; --data, --run-dir, --config and --resume are made
-absolute). It returns once the job is queued and prints the job id and log paths; ``--wait``
-waits for the end (requeues included) and returns the job's exit status.
+and is checked here before anything is submitted (paths are made absolute). Returns once the job is
+queued (``--wait``: once it ends, requeues included).
 
-Processes. submitit starts the tasks itself (``srun`` with ``--ntasks-per-node``: one per GPU by
-default, 2 on a CPU-only cluster, the paper's pair), so there is no torchrun: ``TrainJob.__call__``
-runs in every task, reads ``submitit.JobEnvironment()`` (global rank, local rank, number of tasks,
-node list), builds ``launch.train.ProcessEnv`` from it and calls ``launch.train.run``. Rendezvous:
-``MASTER_ADDR`` is the first node's address as Slurm knows it (``scontrol show node`` NodeAddr,
-which differs from the name where node names do not resolve, else the name) and ``MASTER_PORT``
-is 20000 + job id % 12000 (the formula slurm/train.sh uses for multi-node jobs): the same in every
-task and again after a requeue (same job id), different for jobs that share a node (unless their ids
-differ by a multiple of 12000), and below the usual ephemeral port range (32768-60999) so that no
-outgoing connection holds it by chance.
-
-One job per run directory: submitting refuses a run directory that another live job writes
-(``RUN_DIR/writer.lease``, pipeline/lease.py), and rank 0 of the job takes that lease before
-writing anything; a requeue of the same job takes its own lease over.
-
-Preemption and time limits. Slurm sends USR2 to every task ``--signal-delay-s`` before the time
-limit (and on preemption where the cluster has ``PreemptParameters=send_user_signal``); an
-operator can do the same with ``scancel --signal=USR2 JOB``. submitit's own USR2 handler calls
-``checkpoint()`` on global rank 0 *only*, then requeues the job and exits at once. That is too
-early here: the other ranks are mid-step and a checkpoint is collective. So:
-
-1. ``TrainJob.__call__`` runs after submitit has installed its handlers. On every rank it saves
-   submitit's USR2 handler and installs its own for USR2 and SIGTERM, which only set the stop
-   Event that ``launch.train.run`` hands to the trainer.
-2. The trainer checks the Event in its collective control step (every ``--train.control-every``
-   steps): all ranks stop at the same step boundary, write one checkpoint together and return
-   ``Outcome(preempted=True)``.
-3. Then, if USR2 was among the signals, global rank 0 calls the saved submitit handler: submitit's
-   own requeue path. It calls ``TrainJob.checkpoint()``, which returns
-   ``DelayedSubmission(TrainJob(argv))`` (dumped as the job's new pickle), runs
-   ``scontrol requeue JOB`` and exits. The other ranks just return.
-4. The requeued job (same id, same arguments, same run directory) resumes from the run
-   directory's latest checkpoint: ``launch.train`` always does.
-
-``checkpoint()`` is also right when submitit calls it on its own, e.g. on a USR2 that arrives
-before ``__call__`` has replaced submitit's handler: the callable carries no state beyond its
-arguments, so the requeued job resumes from the newest checkpoint on disk (the epoch-end or timed
-ones; the steps since are redone). A stop by SIGTERM alone (``scancel``, a preemption without the
-user signal) checkpoints but does not requeue: Slurm decides what happens to the job. Nor does a
-stop requested through ``RUN_DIR/preempt.request``. submitit counts a USR2 received late in the
-allocation (past 80 % of it, or past the limit minus 10 minutes) as a time-out, and stops requeueing
-after ``--max-timeouts`` of them (the job then fails with "timed-out too many times").
-
-``--local`` runs the same callable through submitit's local executor (tasks are subprocesses of a
-controller on this machine, no Slurm): for laptops. Its controller sends USR2 before
-``--time-min`` runs out and restarts the tasks when rank 0 asks for a requeue.
-
-This module imports neither torch nor the training code at import time: the job's tasks unpickle
-``TrainJob`` quickly, and the training code is imported inside ``__call__``.
+Every task runs ``TrainJob`` (no torchrun: submitit starts one task per GPU). submitit gives
+``checkpoint()`` to global rank 0 only, but a checkpoint is collective, so each task turns USR2/TERM
+into the trainer's stop flag; after the collective save, rank 0 goes through submitit's requeue. The
+rendezvous port is derived from the job id, as in slurm/train.sh. How and why in docs/launching.md.
+This module imports no torch at import time: tasks unpickle ``TrainJob`` quickly.
 """
 
 from __future__ import annotations

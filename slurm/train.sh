@@ -3,7 +3,8 @@
 # job's first node, GPUs of a node paired into the paper's two towers, DDP across the pairs.
 #
 #   sbatch slurm/train.sh --data /scratch/shards --run-dir /scratch/runs/alexnet
-#   sbatch -N 4 --gpus-per-node=8 slurm/train.sh --data /scratch/shards --run-dir /scratch/runs/a4 --config configs/paper.toml
+#   sbatch -N 4 --gpus-per-node=8 slurm/train.sh --data /scratch/shards --run-dir /scratch/runs/a4 \
+#       --config configs/paper_4node_8gpu.toml
 #
 # Arguments after the script name go to `python -m launch.train` (see its --help). Environment
 # overrides: NPROC_PER_NODE (default: GPUs on the node, else 2), RDZV_PORT (see below), MAX_RESTARTS
