@@ -27,7 +27,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from pipeline.data import DataConfig, resolve_workers, train_loader
+from pipeline.data import DataConfig, train_loader
+from pipeline.data.common import resolve_workers
 from preprocess.errors import UserError, run_cli
 
 

@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 
 from pipeline import data as D
-from pipeline import data_dali, data_torch
+from pipeline.data import common as C
+from pipeline.data import dali_pipeline as data_dali
+from pipeline.data import torch_loader as data_torch
 from preprocess import format as fmt
 from preprocess.errors import UserError
 from tests._data_fixtures import EIGVAL, EIGVEC, CHANNEL_MEAN, CHANNEL_STD, coordinate_image, make_dataset
@@ -93,31 +95,31 @@ def read_window(view: np.ndarray) -> tuple[int, int, bool]:
 def test_rank_ranges_steps_and_even_steps() -> None:
     for total in range(0, 40):
         for n in (1, 2, 3, 4, 7):
-            ranges = [D.rank_range(total, r, n) for r in range(n)]
+            ranges = [C.rank_range(total, r, n) for r in range(n)]
             assert ranges[0][0] == 0 and ranges[-1][1] == total
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
             sizes = [e - s for s, e in ranges]
             assert max(sizes) - min(sizes) <= 1
             for b in (1, 2, 5):
-                assert D.steps_per_epoch(total, n, b) * b >= max(sizes)
+                assert C.steps_per_epoch(total, n, b) * b >= max(sizes)
     # A rank one sample short: its last full batch is split rather than followed by an empty one.
     src = [(torch.zeros(5, 1), torch.arange(5)), (torch.zeros(0, 1), torch.zeros(0, dtype=torch.long))]
-    out = list(D.even_steps(src, 2))
+    out = list(C.even_steps(src, 2))
     assert [len(l) for _, l in out] == [3, 2] and torch.equal(torch.cat([l for _, l in out]), torch.arange(5))
     src = [(torch.zeros(4, 1), torch.arange(4)), (torch.zeros(2, 1), torch.arange(4, 6))]
-    assert [len(l) for _, l in D.even_steps(src, 2)] == [4, 2]
-    assert D.derive_seed("a", 1) == D.derive_seed("a", 1) != D.derive_seed("a", 2)
-    assert D.shard_order(10, 0, 0) != D.shard_order(10, 0, 1) and sorted(D.shard_order(10, 0, 1)) == list(range(10))
+    assert [len(l) for _, l in C.even_steps(src, 2)] == [4, 2]
+    assert C.derive_seed("a", 1) == C.derive_seed("a", 1) != C.derive_seed("a", 2)
+    assert C.shard_order(10, 0, 0) != C.shard_order(10, 0, 1) and sorted(C.shard_order(10, 0, 1)) == list(range(10))
 
 
 def test_parse_labels() -> None:
     raw = torch.tensor([[49, 50, 51, 0], [55, 0, 0, 0], [48, 0, 0, 0], [57, 57, 57, 57]], dtype=torch.uint8)
-    assert D.parse_labels(raw).tolist() == [123, 7, 0, 9999]
-    assert D.parse_labels(torch.zeros(0, 3, dtype=torch.uint8)).tolist() == []
+    assert C.parse_labels(raw).tolist() == [123, 7, 0, 9999]
+    assert C.parse_labels(torch.zeros(0, 3, dtype=torch.uint8)).tolist() == []
     with pytest.raises(fmt.FormatError, match="not a decimal number"):
-        D.parse_labels(torch.tensor([[49, 65]], dtype=torch.uint8))
+        C.parse_labels(torch.tensor([[49, 65]], dtype=torch.uint8))
     with pytest.raises(fmt.FormatError):
-        D.parse_labels(torch.tensor([[0, 0]], dtype=torch.uint8))  # empty label
+        C.parse_labels(torch.tensor([[0, 0]], dtype=torch.uint8))  # empty label
 
 
 def test_config_validation() -> None:
@@ -226,7 +228,7 @@ def test_dali_crop_windows_and_mirror(coord_ds: Path) -> None:
 
 def augmentation_params(root: Path, n_batches: int, batch: int = 32, **norm_kw) -> dict[str, np.ndarray]:
     """DALI's per-sample window offsets, mirrors and lighting offsets over many samples (reader wraps)."""
-    split, norm = D.open_split(cfg_for(root, **norm_kw), "train")
+    split, norm = D.open_dataset(cfg_for(root, **norm_kw), "train")
     pipe = data_dali.build(split, norm, train=True, dp_rank=0, dp_size=1, seed=11, device_id=None, batch_size=batch,
                            workers=2, shuffle_buffer=64, with_params=True)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("images", "pos_x", "pos_y", "mirror", "offset")}
@@ -268,12 +270,12 @@ def check_lighting_covariance(offset: np.ndarray, tolerance: float = 0.16) -> No
 
 
 def test_lighting_offset_statistics_torch(flat_ds: Path) -> None:
-    split, norm = D.open_split(cfg_for(flat_ds, "torch"), "train")
+    split, norm = D.open_dataset(cfg_for(flat_ds, "torch"), "train")
     offsets = np.concatenate([data_torch.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=s, train=True).offset
                               for s in range(80)])  # 1280 samples
     check_lighting_covariance(offsets)
     # And the pixels carry exactly the planned offsets.
-    plan = data_torch.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=D.augment_seed(0, 0, 0), train=True)
+    plan = data_torch.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=C.augment_seed(0, 0, 0), train=True)
     images, _ = next(iter(D.train_loader(cfg_for(flat_ds, "torch"), dp_rank=0, dp_size=1, epoch=0, seed=0,
                                          device="cpu", batch_size=4)))
     assert torch.allclose(images, 128 + torch.from_numpy(plan.offset[:4])[:, :, None, None], atol=1e-3)
@@ -286,7 +288,7 @@ def test_mean_image_follows_the_window_and_mirror(tmp_path: Path) -> None:
     reference = decoded(root, "train")
     # DALI: read the windows from the pipeline's parameters.
     p = augmentation_params(root, n_batches=2, batch=8, lighting_std=0.0)
-    split, _ = D.open_split(cfg_for(root), "train")
+    split, _ = D.open_dataset(cfg_for(root), "train")
     for i in range(16):
         view = p["images"][i].transpose(1, 2, 0)
         x, y = p["x"][i], p["y"][i]
@@ -296,7 +298,7 @@ def test_mean_image_follows_the_window_and_mirror(tmp_path: Path) -> None:
             expected = expected[:, ::-1]
         assert np.abs(view - expected).max() <= 3
     # torch: the planned windows.
-    split, norm = D.open_split(cfg_for(root, "torch", lighting_std=0.0), "train")
+    split, norm = D.open_dataset(cfg_for(root, "torch", lighting_std=0.0), "train")
     plan = data_torch.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=4, train=True)
     dataset = data_torch.ShardSamples(split, norm, plan, ten_crop=False)
     for i in range(8):
@@ -365,7 +367,7 @@ def test_fallback_matches_dali_in_distribution(coord_ds: Path) -> None:
 
 
 def test_fallback_window_offsets_uniform(coord_ds: Path) -> None:
-    split, norm = D.open_split(cfg_for(coord_ds, "torch"), "train")
+    split, norm = D.open_dataset(cfg_for(coord_ds, "torch"), "train")
     xs = np.concatenate([data_torch.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=s, train=True).x
                          for s in range(40)])
     counts = np.bincount(xs, minlength=MAX_OFFSET + 1)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.data import TEN_CROP_VIEWS, Normalization, Split, finish_batch, rank_range
+from pipeline.data.common import TEN_CROP_VIEWS, EpochRequest, Normalization, Split, finish_batch, rank_range
 from preprocess import format as fmt
 from preprocess.errors import UserError
 from preprocess.format import FormatError
@@ -202,25 +202,26 @@ def _user_error_line(error: BaseException) -> str:
     return last
 
 
-def batches(cfg: Any, split: Split, norm: Normalization, *, train: bool, dp_rank: int, dp_size: int, seed: int,
-            device: Any, batch_size: int, ten_crop: bool, workers: int) -> Callable[[], Iterator[tuple[Any, Any]]]:
+def batches(request: EpochRequest) -> Callable[[], Iterator[tuple[Any, Any]]]:
     """What ``pipeline.data`` calls: a function that starts the epoch's DataLoader and yields (images, labels)."""
+    r = request
 
     def run() -> Iterator[tuple[Any, Any]]:
         from torch.utils.data import DataLoader, default_collate
         # Import what the workers use before they fork, so each epoch's workers do not import it again.
         import simplejpeg  # noqa: F401
 
-        plan = plan_epoch(split, norm, dp_rank=dp_rank, dp_size=dp_size, seed=seed, train=train)
-        n = len(plan.keys)
-        dataset = ShardSamples(split, norm, plan, ten_crop=ten_crop)
-        loader = DataLoader(dataset, batch_sampler=[range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)],
-                            num_workers=workers, collate_fn=default_collate, pin_memory=device.type == "cuda",
-                            prefetch_factor=4 if workers else None, persistent_workers=False)
+        plan = plan_epoch(r.split, r.norm, dp_rank=r.dp_rank, dp_size=r.dp_size, seed=r.seed, train=r.train)
+        n, b = len(plan.keys), r.batch_size
+        dataset = ShardSamples(r.split, r.norm, plan, ten_crop=r.ten_crop)
+        loader = DataLoader(dataset, batch_sampler=[range(i, min(i + b, n)) for i in range(0, n, b)],
+                            num_workers=r.workers, collate_fn=default_collate, pin_memory=r.device.type == "cuda",
+                            prefetch_factor=4 if r.workers else None, persistent_workers=False)
         batches = iter(loader)
         try:
             for images, labels in batches:
-                yield finish_batch(images, labels, split, device=device, dtype=cfg.dtype, channels_last=cfg.channels_last)
+                yield finish_batch(images, labels, r.split, device=r.device, dtype=r.dtype,
+                                   channels_last=r.channels_last)
         except UserError as e:
             raise type(e)(_user_error_line(e)) from None
         finally:

@@ -1,72 +1,10 @@
-"""The input pipeline: AlexNet's augmentation from the preprocessed WebDataset shards.
+"""What both input-pipeline implementations share: the checked dataset, seeds, rank ranges, batches.
 
-Two interchangeable implementations behind one interface, chosen by ``DataConfig.loader``:
-
-- ``"dali"`` (``pipeline.data_dali``): NVIDIA DALI reads the shards through their ``.idx`` files,
-  decodes on the GPU (``device="mixed"``) when the training device is CUDA and on CPU threads
-  otherwise (laptops, tests), and does crop, flip, lighting and per-channel normalisation in one
-  fused ``crop_mirror_normalize`` per view (the mean image is subtracted just before it).
-- ``"torch"`` (``pipeline.data_torch``): a ``torch.utils.data.DataLoader`` over the same shards
-  (read through the same index files), decoding with libjpeg-turbo (``simplejpeg``) in worker
-  processes, for machines without DALI (macOS) and as the reference the tests compare DALI with.
-
-Interface (all the training loop needs)::
-
-    cfg = DataConfig(data="/data/shards")            # a section of pipeline.config.RunConfig
-    for epoch in range(start_epoch, epochs):
-        loader = train_loader(cfg, dp_rank=r, dp_size=n, epoch=epoch, seed=run_seed,
-                              device=device, batch_size=per_rank_batch)
-        len(loader)                                   # steps this epoch: the same on every rank
-        for images, labels in loader: ...             # images [B, 3, crop, crop] on ``device``
-    for images, labels in val_loader(cfg, dp_rank=r, dp_size=n, device=device, batch_size=b,
-                                     ten_crop=True): # images [B, 10, 3, crop, crop]
-        ...
-
-``batch_size`` is per data-parallel rank (``pipeline.config``'s global batch divided by the dp
-size). Images are float32 (or bfloat16 with ``dtype``) with logical shape NCHW; with
-``channels_last`` the same logical shape is stored NHWC (``torch.channels_last``). Labels are
-int64 class indices on ``device``.
-
-What a training sample is (the paper, section 4.1): a random ``crop``x``crop`` window of the
-256x256 stored image (offsets uniform over all integer positions), mirrored with probability
-1/2, plus PCA lighting: ``offset = eigvec @ (alpha * sqrt(eigval))`` with ``alpha ~ N(0,
-lighting_std)`` per image and principal component, added to every pixel; then the mean is
-subtracted. ``mean="image"`` subtracts the 256x256 train mean image (the paper; its crop, taken
-with the same window and mirror, is what is subtracted) and leaves the 0..255 scale;
-``mean="channel"`` subtracts the per-channel mean and divides by the per-channel std (the usual
-modern normalisation). Lighting scale: the manifest's ``eigval`` are variances on the 0..255
-scale (about 9000 for ImageNet's first component), so the formula with the raw eigenvalues would
-shift pixels by ~900 levels; like Krizhevsky's own data provider (cuda-convnet2 multiplies
-N(0, 0.1) by the per-component *standard deviations*), we use ``sqrt(eigval)``, a shift of a few
-intensity levels. Validation takes the centre crop, or the paper's 10 views: views 0..4 are the
-top-left, top-right, bottom-left, bottom-right and centre windows and view ``5 + i`` is view ``i``
-mirrored; the evaluator averages the 10 softmaxes.
-
-Splitting, epochs and the remainder policy. A rank's samples are DALI's: the split's shards are
-concatenated (training: in an order permuted per epoch from ``(seed, epoch)`` only, so every rank
-agrees) and dp rank ``r`` of ``n`` takes the contiguous sample range
-``[floor(r*N/n), floor((r+1)*N/n))``. Every sample is seen exactly once per epoch across the dp
-ranks (training and validation alike): nothing is dropped and nothing is padded into the output.
-Ranks differ by at most one sample, but DDP needs the same number of steps everywhere, so
-``len(loader) = ceil(ceil(N/n) / batch_size)`` on every rank; the last step's batch is partial,
-and where a rank would run out one step early its last full batch is split in two (so a batch is
-empty only when a rank holds fewer samples than there are steps: toy datasets, or batch size 1).
-Validation follows the same rules, so summing correct counts over ranks counts each image once.
-
-Randomness. Augmentation and shuffling derive from ``(seed, dp_rank, epoch)`` only, never from
-the global rank, so the two tensor-parallel ranks of a pair build identical pipelines and see
-identical batches (same samples, order, crops, flips and lighting); another epoch gives another
-order. (Tested bit-identical with CPU decoding. On GPUs the pair decodes with nvJPEG on the same
-node's GPU model; we expect, but could not check here, bit-identical output there too.) Each epoch is a fresh pipeline, so an epoch is reproducible from its seed: a resume at an
-epoch boundary continues exactly. A resume mid-epoch rebuilds the same epoch and skips its first
-``k`` batches (they are decoded and discarded; the remaining batches are the same ones); the
-reader shuffles through a buffer of ``shuffle_buffer`` encoded images on top of the shard order
-permutation and the cross-class shuffle the shards were written with.
-
-Errors the user can fix raise ``preprocess.format.UserError`` with one line: a missing or
-truncated shard or index (named), a manifest without statistics, a class count that differs from
-the model's (``num_classes``) or a label beyond it, an image or label that cannot be decoded
-(the torch loader names the sample; DALI's error names the operator and points to it).
+``pipeline.data`` (the interface) opens a split here and hands an implementation one
+:class:`EpochRequest`; the implementations (``dali_pipeline``, ``torch_loader``) import only this
+module, so neither knows about the other or about the user-facing config. Everything here is a pure
+function of its arguments: every dp rank (and both ranks of a tensor-parallel pair) evaluates it
+identically, which is what makes the split exactly-once and the pair's batches identical.
 """
 
 from __future__ import annotations
@@ -76,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -84,48 +22,10 @@ from preprocess import format as fmt
 from preprocess.errors import UserError
 from preprocess.format import FormatError
 
-LOADERS = ("dali", "torch")
-MEANS = ("image", "channel")
-DTYPES = ("float32", "bfloat16")
+if TYPE_CHECKING:
+    import torch
+
 TEN_CROP_VIEWS = 10
-
-
-@dataclass
-class DataConfig:
-    data: str = "demo/shards"
-    """preprocessed dataset directory (manifest.json + shards), from `python -m preprocess shard`"""
-    loader: str = "dali"
-    """input pipeline: dali (GPU decode on CUDA, CPU threads otherwise) or torch (DataLoader fallback)"""
-    crop: int = 227
-    """side of the square training/validation crop taken from the 256x256 stored images"""
-    mean: str = "image"
-    """mean subtraction: image (the paper: the 256x256 train mean image, 0..255 scale) or channel (mean/std per channel)"""
-    lighting_std: float = 0.1
-    """std of the PCA lighting coefficients alpha (the paper: 0.1; 0 = off)"""
-    shuffle_buffer: int = 4096
-    """encoded images in the reader's shuffle buffer (on top of the per-epoch shard order)"""
-    workers: int = 0
-    """CPU threads (dali) or worker processes (torch) per rank; 0 = this process's CPUs / local ranks"""
-    dtype: str = "float32"
-    """image dtype handed to the model: float32 or bfloat16"""
-    channels_last: bool = False
-    """hand images over in NHWC memory (torch.channels_last) instead of NCHW"""
-
-    def __post_init__(self) -> None:
-        if self.loader not in LOADERS:
-            raise UserError(f"--data.loader must be one of {', '.join(LOADERS)} (got {self.loader!r})")
-        if self.mean not in MEANS:
-            raise UserError(f"--data.mean must be one of {', '.join(MEANS)} (got {self.mean!r})")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--data.dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
-        if not 1 <= self.crop <= fmt.IMAGE_SIZE:
-            raise UserError(f"--data.crop must be in 1..{fmt.IMAGE_SIZE} (got {self.crop})")
-        if self.lighting_std < 0:
-            raise UserError(f"--data.lighting-std must be >= 0 (got {self.lighting_std})")
-        if self.shuffle_buffer < 1:
-            raise UserError(f"--data.shuffle-buffer must be at least 1 (got {self.shuffle_buffer})")
-        if self.workers < 0:
-            raise UserError(f"--data.workers must be >= 0 (got {self.workers})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,9 +76,40 @@ class Normalization:
         return self.max_offset // 2
 
 
-def open_split(cfg: DataConfig, split: str, *, num_classes: int | None = None) -> tuple[Split, Normalization]:
-    """Read the manifest and check everything a loader relies on; raise UserError naming what is wrong."""
-    root = Path(cfg.data)
+@dataclass(frozen=True)
+class EpochRequest:
+    """What an implementation is asked for: one dp rank's epoch of one split, fully determined."""
+
+    split: Split  # in reading order (training: this epoch's shard order)
+    norm: Normalization
+    train: bool  # random crop/mirror/lighting and shuffling, else the centre crop or the 10 views
+    dp_rank: int
+    dp_size: int
+    seed: int  # the rank's epoch seed (``augment_seed``); 0 for validation
+    device: torch.device
+    batch_size: int  # per dp rank
+    ten_crop: bool
+    workers: int  # DALI threads or DataLoader worker processes
+    shuffle_buffer: int  # DALI's reader shuffle buffer (encoded images)
+    dtype: str  # "float32" or "bfloat16"
+    channels_last: bool
+
+
+class Implementation(Protocol):
+    """An input-pipeline implementation module (``pipeline.data.IMPLEMENTATIONS`` names them)."""
+
+    def batches(self, request: EpochRequest) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """A function that runs the epoch and yields (images, labels) batches, then stops."""
+        ...
+
+
+def open_split(data: str | Path, split: str, *, crop: int, mean: str, lighting_std: float,
+               num_classes: int | None = None) -> tuple[Split, Normalization]:
+    """Read the manifest and check everything a loader relies on; raise UserError naming what is wrong.
+
+    ``mean`` is ``"image"`` (the paper's mean image) or ``"channel"`` (per-channel mean/std).
+    """
+    root = Path(data)
     manifest = fmt.read_manifest(root)
     info = manifest.split(split)
     if num_classes is not None and num_classes != manifest.num_classes:
@@ -207,7 +138,8 @@ def open_split(cfg: DataConfig, split: str, *, num_classes: int | None = None) -
     if sum(counts) != info.samples:
         raise FormatError(f"{fmt.manifest_path(root)}: {split} shards hold {sum(counts)} samples but the split "
                           f"says {info.samples}; re-run `python -m preprocess finalize`")
-    return Split(root, split, tuple(shards), tuple(indexes), tuple(counts), manifest.num_classes), _normalization(cfg, manifest, root)
+    return Split(root, split, tuple(shards), tuple(indexes), tuple(counts), manifest.num_classes), \
+        _normalization(manifest, root, crop=crop, mean=mean, lighting_std=lighting_std)
 
 
 def _index_count(index: Path) -> int:
@@ -223,7 +155,7 @@ def _index_count(index: Path) -> int:
     return int(header[1])
 
 
-def _normalization(cfg: DataConfig, manifest: fmt.Manifest, root: Path) -> Normalization:
+def _normalization(manifest: fmt.Manifest, root: Path, *, crop: int, mean: str, lighting_std: float) -> Normalization:
     stats = manifest.stats
     if stats is None:
         raise UserError(f"{fmt.manifest_path(root)}: manifest has no train statistics (mean, PCA eigval/eigvec); "
@@ -234,7 +166,7 @@ def _normalization(cfg: DataConfig, manifest: fmt.Manifest, root: Path) -> Norma
                         f"(eigval {stats.eigval}, eigvec {stats.eigvec}); re-run `python -m preprocess finalize`")
     lighting = (eigvec * np.sqrt(eigval)[None, :]).astype(np.float32)
     size = fmt.IMAGE_SIZE
-    if cfg.mean == "image":
+    if mean == "image":
         path = root / stats.mean_image
         try:
             mean_image = np.load(path)
@@ -245,13 +177,13 @@ def _normalization(cfg: DataConfig, manifest: fmt.Manifest, root: Path) -> Norma
             raise UserError(f"{path}: not a readable .npy mean image ({e})") from None
         if mean_image.shape != (size, size, 3):
             raise UserError(f"{path}: mean image has shape {mean_image.shape}, expected ({size}, {size}, 3)")
-        return Normalization(size, cfg.crop, np.ascontiguousarray(mean_image, np.float32), (0.0, 0.0, 0.0),
-                             (1.0, 1.0, 1.0), lighting, cfg.lighting_std)
+        return Normalization(size, crop, np.ascontiguousarray(mean_image, np.float32), (0.0, 0.0, 0.0),
+                             (1.0, 1.0, 1.0), lighting, lighting_std)
     if len(stats.mean) != 3 or len(stats.std) != 3 or min(stats.std) <= 0:
         raise UserError(f"{fmt.manifest_path(root)}: manifest's channel mean/std are malformed "
                         f"({stats.mean}, {stats.std}); re-run `python -m preprocess finalize`")
-    return Normalization(size, cfg.crop, None, tuple(map(float, stats.mean)), tuple(map(float, stats.std)),
-                         lighting, cfg.lighting_std)
+    return Normalization(size, crop, None, tuple(map(float, stats.mean)), tuple(map(float, stats.std)),
+                         lighting, lighting_std)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,54 +332,3 @@ class Loader:
         # A rank with fewer samples than steps (only in toy setups) still takes every step.
         for _ in range(self.steps - given):
             yield self._empty()
-
-
-# --------------------------------------------------------------------------------------------
-# The factories
-
-
-def train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, epoch: int, seed: int, device: Any,
-                 batch_size: int, num_classes: int | None = None) -> Loader:
-    """One epoch of augmented training batches for data-parallel rank ``dp_rank`` of ``dp_size``.
-
-    ``batch_size`` is per dp rank. Both tensor-parallel ranks of a pair pass the same ``dp_rank``
-    and get identical batches. ``num_classes`` (the model's) is checked against the manifest.
-    """
-    split, norm = open_split(cfg, "train", num_classes=num_classes)
-    split = split.reordered(shard_order(len(split.shards), seed, epoch))
-    return _build(cfg, split, norm, train=True, dp_rank=dp_rank, dp_size=dp_size,
-                  seed=augment_seed(seed, dp_rank, epoch), device=device, batch_size=batch_size, ten_crop=False)
-
-
-def val_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, device: Any, batch_size: int,
-               ten_crop: bool = False, num_classes: int | None = None) -> Loader:
-    """Every validation image once across the dp ranks: centre crop, or the 10 views [B, 10, 3, crop, crop]."""
-    split, norm = open_split(cfg, "val", num_classes=num_classes)
-    return _build(cfg, split, norm, train=False, dp_rank=dp_rank, dp_size=dp_size, seed=0, device=device,
-                  batch_size=batch_size, ten_crop=ten_crop)
-
-
-def _build(cfg: DataConfig, split: Split, norm: Normalization, *, train: bool, dp_rank: int, dp_size: int,
-           seed: int, device: Any, batch_size: int, ten_crop: bool) -> Loader:
-    import torch
-
-    if batch_size < 1:
-        raise UserError(f"batch size per data-parallel rank must be at least 1 (got {batch_size})")
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
-    device = torch.device(device)
-    start, end = rank_range(split.total, dp_rank, dp_size)
-    steps = steps_per_epoch(split.total, dp_size, batch_size)
-    if cfg.loader == "dali":
-        from pipeline import data_dali as impl
-    else:
-        from pipeline import data_torch as impl  # type: ignore[no-redef]
-    make = impl.batches(cfg, split, norm, train=train, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
-                        device=device, batch_size=batch_size, ten_crop=ten_crop, workers=resolve_workers(cfg.workers))
-    shape = (0, TEN_CROP_VIEWS, 3, cfg.crop, cfg.crop) if ten_crop else (0, 3, cfg.crop, cfg.crop)
-
-    def empty() -> tuple[Any, Any]:
-        images = torch.zeros(shape, dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32, device=device)
-        return images, torch.zeros(0, dtype=torch.int64, device=device)
-
-    return Loader(make, steps=steps, samples=end - start, total=split.total, empty=empty)

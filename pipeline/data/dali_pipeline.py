@@ -1,29 +1,13 @@
 """The DALI implementation of ``pipeline.data``: small pipeline functions, as in DALI's ImageNet example.
 
-One pipeline per epoch (seeded from ``(seed, dp_rank, epoch)``): a fresh reader starts its shard
-at the beginning with an empty shuffle buffer, so an epoch is exactly the rank's sample range,
-reproducible, with no samples carried over from the previous epoch. The iterator is bounded by the
-reader (``reader_name``) with ``LastBatchPolicy.PARTIAL``: every rank gets
-``ceil(ceil(N/n)/batch)`` batches, the last one partial and, on a rank one sample short, possibly
-empty; ``pipeline.data.even_steps`` splits instead of yielding that empty batch. The reader pads
-its range with copies of the last sample (``pad_last_batch``) rather than reading into the next
-epoch; the iterator drops the copies. Checked with 1, 2 and 3 ranks over uneven shards in
-``tests/test_data.py``. What we saw with DALI 2.4 (3 ranks, 47 samples in 5 uneven shards):
-the first epoch of a fresh pipeline is exactly-once with any ``pad_last_batch`` /
-``stick_to_shard`` / buffer setting; a pipeline *reused* across epochs (``iterator.reset()``)
-stays exactly-once only with ``pad_last_batch=True`` -- without it the reader runs on into the
-next epoch's samples and the shuffle buffer mixes the two (later epochs repeated up to a quarter
-of their samples), and without ``stick_to_shard`` the iterator also moves each rank to the next
-rank's range every epoch. The reader's ``seed`` must be set explicitly: with ``-1`` it did not
-follow the pipeline seed (another pipeline seed, the same order).
-
-Decoding runs on the GPU (``device="mixed"``: nvJPEG, and the hardware decoder where the GPU has
-one) when the training device is CUDA, else on ``workers`` CPU threads (libjpeg-turbo); the graph
-after the decoder is the same either way. Per view, one ``crop_mirror_normalize`` does the crop,
-the mirror, the lighting and the per-channel mean/std (its per-sample ``mean`` argument is
-``channel_mean - lighting_offset``), the layout (CHW/HWC) and the conversion to float. The paper's
-mean *image* is subtracted from the full decoded image just before (one elementwise pass on
-256x256), so its crop always matches the window and the mirror of every view.
+One pipeline per epoch, seeded from the rank's epoch seed: a fresh reader starts its range with an
+empty shuffle buffer, so an epoch is exactly the rank's sample range, reproducible, with nothing
+carried over from the previous epoch. The iterator is bounded by the reader (``reader_name``,
+``LastBatchPolicy.PARTIAL``); ``common.even_steps`` turns a trailing empty batch into a split of
+the last full one. Decoding runs on the GPU (``device="mixed"``) when the training device is CUDA,
+else on CPU threads; the graph after the decoder is the same either way, one fused
+``crop_mirror_normalize`` per view. Why the reader options are what they are (seen with DALI 2.4):
+``docs/data-pipeline.md``.
 """
 
 from __future__ import annotations
@@ -32,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.data import Normalization, Split, derive_seed, finish_batch, parse_labels
+from pipeline.data.common import EpochRequest, Normalization, Split, derive_seed, finish_batch, parse_labels
 from preprocess import format as fmt
 from preprocess.errors import UserError
 
@@ -222,23 +206,23 @@ def dali_message(error: BaseException) -> str:
     return (f"{operator}: {cause}" if operator else cause)[:400]
 
 
-def batches(cfg: Any, split: Split, norm: Normalization, *, train: bool, dp_rank: int, dp_size: int, seed: int,
-            device: Any, batch_size: int, ten_crop: bool, workers: int) -> Callable[[], Iterator[tuple[Any, Any]]]:
+def batches(request: EpochRequest) -> Callable[[], Iterator[tuple[Any, Any]]]:
     """What ``pipeline.data`` calls: a function that builds the epoch's pipeline and yields (images, labels)."""
-    device_id = device.index if device.type == "cuda" else None
-    if device.type == "cuda" and device_id is None:
+    r = request
+    device_id = r.device.index if r.device.type == "cuda" else None
+    if r.device.type == "cuda" and device_id is None:
         import torch
 
         device_id = torch.cuda.current_device()
 
     def run() -> Iterator[tuple[Any, Any]]:
-        pipe = build(split, norm, train=train, dp_rank=dp_rank, dp_size=dp_size, seed=seed, device_id=device_id,
-                     batch_size=batch_size, workers=workers, shuffle_buffer=cfg.shuffle_buffer,
-                     channels_last=cfg.channels_last, ten_crop=ten_crop)
+        pipe = build(r.split, r.norm, train=r.train, dp_rank=r.dp_rank, dp_size=r.dp_size, seed=r.seed,
+                     device_id=device_id, batch_size=r.batch_size, workers=r.workers, shuffle_buffer=r.shuffle_buffer,
+                     channels_last=r.channels_last, ten_crop=r.ten_crop)
         try:
-            for batch in iterate(pipe, ["images", "labels"], split):
-                yield finish_batch(batch["images"], parse_labels(batch["labels"]), split, device=device, dtype=cfg.dtype,
-                                   channels_last=cfg.channels_last, input_channels_last=cfg.channels_last)
+            for batch in iterate(pipe, ["images", "labels"], r.split):
+                yield finish_batch(batch["images"], parse_labels(batch["labels"]), r.split, device=r.device,
+                                   dtype=r.dtype, channels_last=r.channels_last, input_channels_last=r.channels_last)
         finally:
             del pipe  # free the epoch's buffers before the next epoch builds its pipeline
 
