@@ -1,13 +1,14 @@
-"""The DALI implementation of ``pipeline.data``: small pipeline functions, as in DALI's ImageNet example.
+"""The DALI implementation of ``pipeline.data``: decode, crop, mirror, lighting and normalisation in DALI.
 
-One pipeline per epoch, seeded from the rank's epoch seed: a fresh reader starts its range with an
-empty shuffle buffer, so an epoch is exactly the rank's sample range, reproducible, with nothing
-carried over from the previous epoch. The iterator is bounded by the reader (``reader_name``,
-``LastBatchPolicy.PARTIAL``); ``common.even_steps`` turns a trailing empty batch into a split of
-the last full one. Decoding runs on the GPU (``device="mixed"``) when the training device is CUDA,
-else on CPU threads; the graph after the decoder is the same either way, one fused
-``crop_mirror_normalize`` per view. Why the reader options are what they are (seen with DALI 2.4):
-``docs/data-pipeline.md``.
+It executes the epoch plan of ``common.plan_epoch``: an ``external_source`` hands DALI each batch's
+JPEG bytes (read at the index files' offsets, checked and named by ``common.SampleReader``) with
+the plan's windows, mirrors and lighting, so a batch depends on nothing but its plan positions: an
+epoch can start at any batch without reading or decoding the ones before it, and the batches equal
+the torch fallback's up to the JPEG decoder. Decoding runs on the GPU (``device="mixed"``) when the
+training device is CUDA, else on CPU threads; one fused ``crop_mirror_normalize`` per view does the
+window, mirror, ``(x - (channel_mean - lighting)) / channel_std``, layout and float conversion. The
+paper's mean image is subtracted from the cropped window while the output is copied out of DALI
+(``common.MeanWindows``), which costs no extra pass. Notes: ``docs/data-pipeline.md``.
 """
 
 from __future__ import annotations
@@ -16,34 +17,37 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.data.common import EpochRequest, Normalization, Split, derive_seed, finish_batch, parse_labels
-from preprocess import format as fmt
+from pipeline.data.common import (EpochRequest, MeanWindows, Normalization, SampleReader, finish_batch,
+                                  ten_view_windows)
 from preprocess.errors import UserError
 
-READER = "reader"  # the reader's name: the iterator reads the epoch size and shard layout from it
 
+class Feed:
+    """The ``external_source``: call ``i`` returns the epoch's ``i``-th batch of encoded samples and their parameters."""
 
-# --------------------------------------------------------------------------------------------
-# Graph pieces
+    def __init__(self, request: EpochRequest, reader: SampleReader):
+        self.request = request
+        self.reader = reader
+        norm = request.norm
+        self.channel_mean = np.asarray(norm.channel_mean, np.float32)
+        self.max_offset = norm.max_offset
 
-
-def read(split: Split, *, shard_id: int, num_shards: int, shuffle: bool, buffer: int, seed: int) -> tuple[Any, Any]:
-    from nvidia.dali import fn
-
-    return fn.readers.webdataset(
-        paths=[str(p) for p in split.shards],
-        index_paths=[str(p) for p in split.indexes],
-        ext=[fmt.IMAGE_EXT, fmt.LABEL_EXT],
-        missing_component_behavior="error",  # a sample without image or label is a broken shard
-        shard_id=shard_id,
-        num_shards=num_shards,
-        random_shuffle=shuffle,
-        initial_fill=buffer,
-        seed=seed,
-        pad_last_batch=True,  # fill the last batch with copies (dropped) instead of next-epoch reads
-        stick_to_shard=True,  # a pipeline lives one epoch; never drift to another rank's range
-        name=READER,
-    )
+    def __call__(self, i: int) -> tuple[Any, ...]:
+        if i >= len(self.request.batches):
+            raise StopIteration
+        lo, hi = self.request.batches[i]
+        jpegs = [np.frombuffer(self.reader.jpeg(j), np.uint8) for j in range(lo, hi)]
+        labels = np.array([self.reader.label(j) for j in range(lo, hi)], np.int64)
+        if not self.request.train:
+            return jpegs, labels
+        p = self.request.plan
+        scale = 1.0 / self.max_offset if self.max_offset else 0.0
+        # Normalised positions k / max_offset: DALI rounds them back to exactly k.
+        pos_x = (p.x[lo:hi] * scale).astype(np.float32) if scale else np.full(hi - lo, 0.5, np.float32)
+        pos_y = (p.y[lo:hi] * scale).astype(np.float32) if scale else np.full(hi - lo, 0.5, np.float32)
+        mirror = p.mirror[lo:hi].astype(np.int32)
+        mean = self.channel_mean[None, :] - p.offset[lo:hi]  # the lighting offset, folded into the mean
+        return jpegs, labels, pos_x, pos_y, mirror, mean.astype(np.float32)
 
 
 def decode(jpegs: Any, *, gpu: bool) -> Any:
@@ -52,143 +56,109 @@ def decode(jpegs: Any, *, gpu: bool) -> Any:
     return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
 
-def labels(cls: Any) -> Any:
-    """``.cls`` bytes padded with zeros to the longest in the batch: one uint8 tensor; torch parses the digits."""
-    from nvidia.dali import fn
-
-    return fn.pad(cls, fill_value=0)
-
-
-def subtract_mean_image(images: Any, norm: Normalization, *, gpu: bool) -> Any:
-    """float HWC = decoded image - the mean image; a no-op for per-channel means (the crop op does those)."""
-    from nvidia.dali import types
-
-    if norm.mean_image is None:
-        return images
-    return images - types.Constant(norm.mean_image, layout="HWC", device="gpu" if gpu else "cpu")
-
-
-def lighting_offset(norm: Normalization) -> Any:
-    """Per sample: ``lighting @ alpha`` with alpha ~ N(0, lighting_std) per principal component (shape [3])."""
-    from nvidia.dali import fn
-
-    alpha = fn.random.normal(shape=[1, 3], stddev=norm.lighting_std)
-    # coord_transform computes M @ x for every row x of its input: here the one row alpha.
-    offset = fn.coord_transform(alpha, M=norm.lighting.flatten().tolist())
-    return fn.reshape(offset, shape=[3])
-
-
-def crop_normalize(images: Any, norm: Normalization, *, pos_x: Any, pos_y: Any, mirror: Any, offset: Any,
+def crop_normalize(images: Any, norm: Normalization, *, pos_x: Any, pos_y: Any, mirror: Any, mean: Any,
                    layout: str) -> Any:
-    """One fused pass: window, mirror, ``(x + offset - channel_mean) / channel_std``, float, layout."""
+    """One fused pass: window, mirror, ``(x - mean) / channel_std``, float, layout."""
     from nvidia.dali import fn, types
 
-    mean: Any = list(norm.channel_mean)
-    if offset is not None:
-        mean = types.Constant(np.asarray(norm.channel_mean, np.float32)) - offset
     return fn.crop_mirror_normalize(images, crop=(norm.crop, norm.crop), crop_pos_x=pos_x, crop_pos_y=pos_y,
                                     mirror=mirror, mean=mean, std=list(norm.channel_std), dtype=types.FLOAT,
                                     output_layout=layout)
 
 
-def offset_positions(norm: Normalization) -> list[float]:
-    """Every integer window offset 0..size-crop as a normalised crop position (DALI rounds it back exactly)."""
-    if norm.max_offset == 0:
-        return [0.5]
-    return [k / norm.max_offset for k in range(norm.max_offset + 1)]
+def training_graph(feed: Feed, norm: Normalization, *, gpu: bool, layout: str) -> tuple[Any, Any]:
+    """The plan's window, mirror and lighting per sample (fed with the bytes). Call inside a DALI ``Pipeline``."""
+    from nvidia.dali import fn, types
+
+    jpegs, labels, pos_x, pos_y, mirror, mean = fn.external_source(
+        source=feed, num_outputs=6, batch=True,
+        dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
+    out = crop_normalize(decode(jpegs, gpu=gpu), norm, pos_x=pos_x, pos_y=pos_y, mirror=mirror, mean=mean,
+                         layout=layout)
+    return out, labels
 
 
-# --------------------------------------------------------------------------------------------
-# Pipelines
-
-
-def training_pipeline(split: Split, norm: Normalization, *, shard_id: int, num_shards: int, shuffle_buffer: int,
-                      seed: int, gpu: bool, layout: str, with_params: bool = False) -> tuple[Any, ...]:
-    """Random crop, mirror with p=1/2, PCA lighting, mean subtraction. Call inside a DALI ``Pipeline``.
-
-    With ``with_params`` it also returns the per-sample crop positions (normalised), mirror flags
-    and lighting offsets, which the tests compare with the pixels.
-    """
-    from nvidia.dali import fn
-
-    # The reader does not derive its seed from the pipeline's (seen with DALI 2.4: other pipeline
-    # seeds, same order), so it gets its own, from the same epoch seed.
-    jpegs, cls = read(split, shard_id=shard_id, num_shards=num_shards, shuffle=True, buffer=shuffle_buffer,
-                      seed=derive_seed("reader", seed))
-    images = subtract_mean_image(decode(jpegs, gpu=gpu), norm, gpu=gpu)
-    positions = offset_positions(norm)
-    # Discrete uniform over the integer offsets: a continuous position would give the two edge
-    # offsets half the probability of the others after rounding.
-    pos_x = fn.random.uniform(values=positions)
-    pos_y = fn.random.uniform(values=positions)
-    mirror = fn.random.coin_flip(probability=0.5)
-    offset = lighting_offset(norm) if norm.lighting_std > 0 else None
-    out = crop_normalize(images, norm, pos_x=pos_x, pos_y=pos_y, mirror=mirror, offset=offset, layout=layout)
-    if with_params:
-        return out, labels(cls), pos_x, pos_y, mirror, offset if offset is not None else fn.zeros(shape=[3])
-    return out, labels(cls)
-
-
-def eval_pipeline(split: Split, norm: Normalization, *, shard_id: int, num_shards: int, gpu: bool, layout: str,
-                  ten_crop: bool) -> tuple[Any, Any]:
+def eval_graph(feed: Feed, norm: Normalization, *, gpu: bool, layout: str, ten_crop: bool) -> tuple[Any, Any]:
     """Centre crop, or the 10 views stacked on a new leading axis: [10, C, H, W] (or [10, H, W, C])."""
-    from nvidia.dali import fn
+    from nvidia.dali import fn, types
 
-    jpegs, cls = read(split, shard_id=shard_id, num_shards=num_shards, shuffle=False, buffer=1, seed=0)
-    images = subtract_mean_image(decode(jpegs, gpu=gpu), norm, gpu=gpu)
-    center = norm.center_offset() / norm.max_offset if norm.max_offset else 0.5
-    if not ten_crop:
-        out = crop_normalize(images, norm, pos_x=center, pos_y=center, mirror=0, offset=None, layout=layout)
-        return out, labels(cls)
-    windows = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (center, center)]  # tl, tr, bl, br, centre
-    views = [crop_normalize(images, norm, pos_x=x, pos_y=y, mirror=mirror, offset=None, layout=layout)
-             for mirror in (0, 1) for x, y in windows]
-    return fn.stack(*views), labels(cls)
-
-
-# --------------------------------------------------------------------------------------------
-# Running them
+    jpegs, labels = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
+    images = decode(jpegs, gpu=gpu)
+    m = norm.max_offset
+    mean = list(norm.channel_mean)
+    c = norm.center_offset()
+    windows = ten_view_windows(m, c) if ten_crop else [(False, c, c)]
+    views = [crop_normalize(images, norm, pos_x=left / m if m else 0.5, pos_y=top / m if m else 0.5,
+                            mirror=int(mirror), mean=mean, layout=layout) for mirror, top, left in windows]
+    return (fn.stack(*views) if ten_crop else views[0]), labels
 
 
-def build(split: Split, norm: Normalization, *, train: bool, dp_rank: int, dp_size: int, seed: int,
-          device_id: int | None, batch_size: int, workers: int, shuffle_buffer: int = 1, channels_last: bool = False,
-          ten_crop: bool = False, with_params: bool = False) -> Any:
+def build(request: EpochRequest, feed: Feed, *, device_id: int | None) -> Any:
     """A built DALI pipeline; ``device_id=None`` runs it on the CPU only."""
     from nvidia.dali import Pipeline
 
     gpu = device_id is not None
-    layout = "HWC" if channels_last else "CHW"
-    pipe = Pipeline(batch_size=batch_size, num_threads=workers, device_id=device_id, seed=seed)
+    layout = "HWC" if request.channels_last else "CHW"
+    pipe = Pipeline(batch_size=request.batch_size, num_threads=request.workers, device_id=device_id, seed=0)
     with pipe:
-        if train:
-            outputs = training_pipeline(split, norm, shard_id=dp_rank, num_shards=dp_size,
-                                        shuffle_buffer=shuffle_buffer, seed=seed, gpu=gpu, layout=layout, with_params=with_params)
+        if request.train:
+            outputs = training_graph(feed, request.norm, gpu=gpu, layout=layout)
         else:
-            outputs = eval_pipeline(split, norm, shard_id=dp_rank, num_shards=dp_size, gpu=gpu, layout=layout,
-                                    ten_crop=ten_crop)
+            outputs = eval_graph(feed, request.norm, gpu=gpu, layout=layout, ten_crop=request.ten_crop)
         pipe.set_outputs(*outputs)
     try:
         pipe.build()
     except RuntimeError as e:
-        raise UserError(f"{split.describe()}: DALI cannot open the shards: {dali_message(e)}") from None
+        raise UserError(f"{request.split.describe()}: DALI cannot build the input pipeline: {dali_message(e)}") from None
     return pipe
 
 
-def iterate(pipe: Any, names: list[str], split: Split) -> Iterator[dict[str, Any]]:
-    """The pipeline's batches for one epoch (bounded by the reader), DALI errors as one-line UserErrors."""
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+class Output:
+    """Copies a DALI batch into a torch tensor, subtracting the mean image's windows in the same pass."""
 
-    it = DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL,
-                             auto_reset=False, prepare_first_batch=False)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except RuntimeError as e:
-            raise UserError(f"{split.describe()}: DALI failed reading or decoding a sample ({dali_message(e)}); "
-                            "--loader torch names the broken sample") from None
-        yield batch[0]
+    def __init__(self, request: EpochRequest, device: Any):
+        self.request = request
+        self.device = device
+        norm = request.norm
+        self.means = MeanWindows(norm, device, channels_last=request.channels_last) if norm.mean_image is not None else None
+        self.fixed = None  # the mean under the validation views: the same for every sample
+        if self.means is not None and not request.train:
+            c = norm.center_offset()
+            self.fixed = (self.means.ten_views(norm.max_offset, c) if request.ten_crop
+                          else self.means.window(c, c, False))
+
+    def __call__(self, images: Any, lo: int, hi: int) -> Any:
+        import torch
+
+        chw = (lambda t: t.movedim(-1, -3)) if self.request.channels_last else (lambda t: t)
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            out = torch.empty(images.as_tensor().shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(images, out, cuda_stream=torch.cuda.current_stream(self.device))
+            if self.fixed is not None:
+                chw(out).sub_(self.fixed)
+            elif self.means is not None:
+                self._subtract_windows(chw(out), chw(out), lo, hi)
+            return out
+        source = torch.from_numpy(np.asarray(images.as_tensor()))  # DALI's buffer, valid until the next run
+        out = torch.empty_like(source)
+        if self.fixed is not None:
+            torch.sub(chw(source), self.fixed, out=chw(out))
+        elif self.means is not None:
+            self._subtract_windows(chw(source), chw(out), lo, hi)
+        else:
+            out.copy_(source)
+        return out
+
+    def _subtract_windows(self, source: Any, out: Any, lo: int, hi: int) -> None:
+        import torch
+
+        assert self.means is not None
+        p = self.request.plan
+        for k, (top, left, mirror) in enumerate(zip(p.y[lo:hi].tolist(), p.x[lo:hi].tolist(),
+                                                    p.mirror[lo:hi].tolist())):
+            torch.sub(source[k], self.means.window(top, left, mirror), out=out[k])
 
 
 def dali_message(error: BaseException) -> str:
@@ -216,14 +186,26 @@ def batches(request: EpochRequest) -> Callable[[], Iterator[tuple[Any, Any]]]:
         device_id = torch.cuda.current_device()
 
     def run() -> Iterator[tuple[Any, Any]]:
-        pipe = build(r.split, r.norm, train=r.train, dp_rank=r.dp_rank, dp_size=r.dp_size, seed=r.seed,
-                     device_id=device_id, batch_size=r.batch_size, workers=r.workers, shuffle_buffer=r.shuffle_buffer,
-                     channels_last=r.channels_last, ten_crop=r.ten_crop)
+        import torch
+
+        if not r.batches:
+            return
+        reader = SampleReader(r.split, r.plan, r.norm.image_size)
+        feed = Feed(r, reader)
+        pipe = build(r, feed, device_id=device_id)
+        output = Output(r, r.device)
         try:
-            for batch in iterate(pipe, ["images", "labels"], r.split):
-                yield finish_batch(batch["images"], parse_labels(batch["labels"]), r.split, device=r.device,
-                                   dtype=r.dtype, channels_last=r.channels_last, input_channels_last=r.channels_last)
+            for lo, hi in r.batches:
+                try:
+                    images, labels = pipe.run()
+                except RuntimeError as e:
+                    raise UserError(f"{r.split.describe()}: DALI failed decoding a sample of positions {lo}..{hi - 1} "
+                                    f"({dali_message(e)}); --data.loader torch names the broken sample") from None
+                labels = torch.from_numpy(np.array(labels.as_tensor(), np.int64).reshape(-1))
+                yield finish_batch(output(images, lo, hi), labels, device=r.device, dtype=r.dtype,
+                                   channels_last=r.channels_last, input_channels_last=r.channels_last)
         finally:
             del pipe  # free the epoch's buffers before the next epoch builds its pipeline
+            reader.close()
 
     return run
