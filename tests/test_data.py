@@ -136,7 +136,8 @@ def test_config_validation() -> None:
 
 def test_labels_read_back_through_dali(tmp_path: Path) -> None:
     written = [0, 3, 42, 999, 1234, 7, 10, 100]  # 1 to 4 ASCII digits: DALI pads them to the batch's longest
-    root = make_dataset(tmp_path / "labels", {"train": [5], "val": [5, 3]}, label=lambda i: written[i % 8] if i >= 5 else i,
+    root = make_dataset(tmp_path / "labels", {"train": [5], "val": [5, 3]},
+                        label=lambda i: written[i % 8] if i >= 5 else i,
                         num_classes=1235, quality=50)
     loader = D.val_loader(cfg_for(root), dp_rank=0, dp_size=1, device="cpu", batch_size=3)
     got = torch.cat([labels for _, labels in loader])
@@ -174,8 +175,8 @@ def test_each_sample_exactly_once_across_ranks(coverage_ds: Path, loader: str, d
 
 def test_dali_and_torch_give_each_rank_the_same_samples(coverage_ds: Path) -> None:
     for rank in range(3):
-        sets = [sorted(int(l) for _, ls in D.train_loader(cfg_for(coverage_ds, loader), dp_rank=rank, dp_size=3, epoch=1,
-                                                            seed=9, device="cpu", batch_size=8) for l in ls)
+        sets = [sorted(int(l) for _, ls in D.train_loader(cfg_for(coverage_ds, loader), dp_rank=rank, dp_size=3,
+                                                            epoch=1, seed=9, device="cpu", batch_size=8) for l in ls)
                 for loader in LOADERS]
         assert sets[0] == sets[1]
 
@@ -361,7 +362,8 @@ def test_output_dtype_and_layout(coord_ds: Path, loader: str) -> None:
     expected = (x - CHANNEL_MEAN[0]) / CHANNEL_STD[0]
     assert abs(float(images[0, 0, 50, 100]) - expected) < 0.05
     views, _ = next(iter(D.val_loader(cfg, dp_rank=0, dp_size=1, device="cpu", batch_size=2, ten_crop=True)))
-    assert views.shape == (2, 10, 3, CROP, CROP) and views.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    assert views.shape == (2, 10, 3, CROP, CROP)
+    assert views.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
 
 
 # --------------------------------------------------------------------------------------------

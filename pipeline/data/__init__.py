@@ -52,7 +52,7 @@ class DataConfig:
     crop: int = 227
     """side of the square training/validation crop taken from the 256x256 stored images"""
     mean: str = "image"
-    """mean subtraction: image (the paper: the 256x256 train mean image, 0..255 scale) or channel (mean/std per channel)"""
+    """mean subtraction: image (the paper: the 256x256 train mean image, 0..255 scale) or channel (mean/std)"""
     lighting_std: float = 0.1
     """std of the PCA lighting coefficients alpha (the paper: 0.1; 0 = off)"""
     verify: str = "full"

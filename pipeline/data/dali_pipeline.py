@@ -23,7 +23,7 @@ from preprocess.errors import UserError
 
 
 class Feed:
-    """The ``external_source``: call ``i`` returns the epoch's ``i``-th batch of encoded samples and their parameters."""
+    """The ``external_source``: call ``i`` gives the ``i``-th batch to make, encoded, with its parameters."""
 
     def __init__(self, request: EpochRequest, reader: SampleReader):
         self.request = request
@@ -109,7 +109,8 @@ def build(request: EpochRequest, feed: Feed, *, device_id: int | None) -> Any:
     try:
         pipe.build()
     except RuntimeError as e:
-        raise UserError(f"{request.split.describe()}: DALI cannot build the input pipeline: {dali_message(e)}") from None
+        raise UserError(f"{request.split.describe()}: DALI cannot build the input pipeline: "
+                        f"{dali_message(e)}") from None
     return pipe
 
 
@@ -120,7 +121,8 @@ class Output:
         self.request = request
         self.device = device
         norm = request.norm
-        self.means = MeanWindows(norm, device, channels_last=request.channels_last) if norm.mean_image is not None else None
+        self.means = (MeanWindows(norm, device, channels_last=request.channels_last)
+                      if norm.mean_image is not None else None)
         self.fixed = None  # the mean under the validation views: the same for every sample
         if self.means is not None and not request.train:
             c = norm.center_offset()
