@@ -3,18 +3,22 @@
 Interface (all the training loop and the evaluator need)::
 
     loader = train_loader(cfg, dp_rank=r, dp_size=n, epoch=e, seed=run_seed, device=device,
-                          batch_size=per_rank_batch, num_classes=classes)
-    len(loader)                          # steps this epoch: the same on every dp rank
+                          batch_size=per_rank_batch, num_classes=classes,
+                          start_batch=k, verify_cache=run_dir / "verified-shards")
+    loader.steps_in_epoch                # the epoch's steps: the same on every dp rank
+    len(loader)                          # the batches it yields: steps_in_epoch - start_batch
     for images, labels in loader: ...    # images [B, 3, crop, crop] on ``device``, labels int64
     val_loader(cfg, dp_rank=r, dp_size=n, device=device, batch_size=b, ten_crop=True)  # [B, 10, 3, crop, crop]
 
 Contract: every sample is seen exactly once per epoch across the dp ranks (nothing dropped or
 padded; ranks take equal step counts); augmentation and order derive from ``(seed, dp_rank,
-epoch)`` only, so both ranks of a tensor-parallel pair get identical batches and an epoch is
-reproducible; errors the user can fix are one-line ``UserError``s naming the file. The
-implementation is picked by ``DataConfig.loader`` from :data:`IMPLEMENTATIONS` (DALI, or a
-PyTorch DataLoader where DALI is missing); both import only ``pipeline.data.common``. The
-augmentation, the split and the design choices are described in ``docs/data-pipeline.md``.
+epoch)`` only, so both ranks of a tensor-parallel pair get identical batches, an epoch is
+reproducible, and it can resume at any batch without reading the batches before it; the shards
+read are checked against the manifest's sha256; errors the user can fix are one-line
+``UserError``s naming the file and sample. The implementation is picked by ``DataConfig.loader``
+from :data:`IMPLEMENTATIONS` (DALI, or a PyTorch DataLoader where DALI is missing); both import
+only ``pipeline.data.common``. Design and measurements: ``docs/data-pipeline.md``,
+``docs/BENCHMARKS.md``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ MEANS = ("image", "channel")
 DTYPES = ("float32", "bfloat16")
 VERIFY = ("full", "size")
 
-__all__ = ["DataConfig", "IMPLEMENTATIONS", "Loader", "train_loader", "val_loader"]
+__all__ = ["DataConfig", "IMPLEMENTATIONS", "Loader", "open_dataset", "train_loader", "val_loader"]
 
 
 @dataclass
