@@ -1,7 +1,8 @@
 """The input pipeline (pipeline.data): augmentation geometry and statistics, exactly-once splitting,
-tensor-parallel determinism, the 10 views, labels, DALI vs the torch fallback, and clear errors.
+tensor-parallel determinism, the 10 views, labels, DALI vs the torch fallback, the mean image on the
+window, exact mid-epoch resume, shard integrity, and one-line errors for crafted inputs.
 
-Everything runs DALI CPU-only (device_id=None) on a few 256x256 fixture images. Images whose
+Everything runs DALI on the CPU on a few 256x256 fixture images. Images whose
 pixels encode their coordinates (R = x, G = y, B = a per-image tag; JPEG quality 100 without
 chroma subsampling, so within a level or two of exact) make crop windows and mirrors readable
 from the output; flat images make the lighting offset readable.
@@ -94,7 +95,7 @@ def read_window(view: np.ndarray) -> tuple[int, int, bool]:
 # Pure helpers
 
 
-def test_rank_ranges_steps_and_even_steps() -> None:
+def test_rank_ranges_steps_and_batch_bounds() -> None:
     for total in range(0, 40):
         for n in (1, 2, 3, 4, 7):
             ranges = [C.rank_range(total, r, n) for r in range(n)]

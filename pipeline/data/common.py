@@ -233,7 +233,7 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
 
 
 def augment_seed(seed: int, dp_rank: int, epoch: int) -> int:
-    """Seed of one rank's epoch: shuffle buffer, crops, flips, lighting. Shared by a tensor-parallel pair."""
+    """Seed of one rank's epoch plan: order, windows, flips, lighting. Shared by a tensor-parallel pair."""
     return derive_seed("augment", seed, dp_rank, epoch)
 
 
