@@ -1,0 +1,522 @@
+"""What both input-pipeline implementations share: the checked dataset, seeds, rank ranges, batches.
+
+``pipeline.data`` (the interface) opens a split here and hands an implementation one
+:class:`EpochRequest`; the implementations (``dali_pipeline``, ``torch_loader``) import only this
+module, so neither knows about the other or about the user-facing config. Everything here is a pure
+function of its arguments: every dp rank (and both ranks of a tensor-parallel pair) evaluates it
+identically, which is what makes the split exactly-once and the pair's batches identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from preprocess import format as fmt
+from preprocess.errors import UserError
+from preprocess.format import FormatError
+
+if TYPE_CHECKING:
+    import torch
+
+TEN_CROP_VIEWS = 10
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset on disk: checked once per loader, in Python, before any pipeline runs
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split's shards, in reading order, with their sample counts (from the manifest)."""
+
+    root: Path
+    name: str
+    shards: tuple[Path, ...]
+    indexes: tuple[Path, ...]
+    counts: tuple[int, ...]
+    sha256: tuple[str, ...]
+    num_classes: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def reordered(self, order: Sequence[int]) -> "Split":
+        def pick(values: tuple[Any, ...]) -> tuple[Any, ...]:
+            return tuple(values[i] for i in order)
+
+        return Split(self.root, self.name, pick(self.shards), pick(self.indexes), pick(self.counts), pick(self.sha256),
+                     self.num_classes)
+
+    def describe(self) -> str:
+        return f"{self.root / self.name} ({len(self.shards)} shards)"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The numbers the augmentation needs, on the 0..255 scale, RGB."""
+
+    image_size: int
+    crop: int
+    mean_image: np.ndarray | None  # float32 HxWx3 when mean="image", else None
+    channel_mean: tuple[float, float, float]  # subtracted per channel (zeros when mean="image")
+    channel_std: tuple[float, float, float]  # divided per channel (ones when mean="image")
+    lighting: np.ndarray  # 3x3: offset = lighting @ alpha, columns eigvec[:, i] * sqrt(eigval[i])
+    lighting_std: float
+
+    @property
+    def max_offset(self) -> int:
+        return self.image_size - self.crop
+
+    def center_offset(self) -> int:
+        """Top/left of the centre window; the torch fallback and DALI use this same integer."""
+        return self.max_offset // 2
+
+
+@dataclass(frozen=True)
+class EpochRequest:
+    """What an implementation is asked for: these batches of this plan, augmented, on ``device``."""
+
+    split: Split  # in reading order (training: this epoch's shard order)
+    norm: Normalization
+    plan: Plan  # the rank's epoch: samples in order, windows, mirrors, lighting offsets
+    batches: list[tuple[int, int]]  # plan positions [lo, hi) of each batch to yield, all non-empty
+    train: bool  # random windows/mirrors/lighting from the plan, else the centre crop or the 10 views
+    ten_crop: bool
+    batch_size: int  # the largest batch
+    device: torch.device
+    workers: int  # DALI threads or DataLoader worker processes
+    dtype: str  # "float32" or "bfloat16"
+    channels_last: bool
+
+
+class Implementation(Protocol):
+    """An input-pipeline implementation module (``pipeline.data.IMPLEMENTATIONS`` names them)."""
+
+    def batches(self, request: EpochRequest) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """A function that runs the epoch and yields (images, labels) batches, then stops."""
+        ...
+
+
+def open_split(data: str | Path, split: str, *, crop: int, mean: str, lighting_std: float,
+               num_classes: int | None = None) -> tuple[Split, Normalization]:
+    """Read the manifest and check everything a loader relies on; raise UserError naming what is wrong.
+
+    ``mean`` is ``"image"`` (the paper's mean image) or ``"channel"`` (per-channel mean/std).
+    """
+    root = Path(data)
+    manifest = read_manifest(root)
+    info = manifest.split(split)
+    if num_classes is not None and num_classes != manifest.num_classes:
+        raise UserError(f"{fmt.manifest_path(root)}: the dataset has {manifest.num_classes} classes but the "
+                        f"model has {num_classes}; set --num-classes {manifest.num_classes} or use another dataset")
+    if not info.shards or info.samples == 0:
+        raise FormatError(f"{root / split}: the {split} split has no samples")
+    shards, indexes, counts, hashes = [], [], [], []
+    for shard in info.shards:
+        path, index = inside(root, shard.path, "shard"), inside(root, shard.index, "index")
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise UserError(f"{path}: shard listed in the manifest is missing; copy it back or re-run "
+                            f"`python -m preprocess shard --split {split}`") from None
+        if size != shard.bytes:
+            raise UserError(f"{path}: shard is {size} bytes, the manifest says {shard.bytes} (truncated or "
+                            f"corrupt copy); copy it again or re-run `python -m preprocess shard --split {split}`")
+        indexed = _index_count(index)
+        if indexed != shard.samples:
+            raise UserError(f"{index}: index lists {indexed} samples, the manifest {shard.samples} for {path.name}; "
+                            f"re-run `python -m preprocess shard --split {split}`")
+        shards.append(path)
+        indexes.append(index)
+        counts.append(shard.samples)
+        hashes.append(shard.sha256)
+    if sum(counts) != info.samples:
+        raise FormatError(f"{fmt.manifest_path(root)}: {split} shards hold {sum(counts)} samples but the split "
+                          f"says {info.samples}; re-run `python -m preprocess finalize`")
+    return Split(root, split, tuple(shards), tuple(indexes), tuple(counts), tuple(hashes), manifest.num_classes), \
+        _normalization(manifest, root, crop=crop, mean=mean, lighting_std=lighting_std)
+
+
+def read_manifest(root: Path) -> fmt.Manifest:
+    """The manifest, with a missing key or a value of the wrong type as one line naming it."""
+    try:
+        manifest = fmt.read_manifest(root)
+        for info in manifest.splits.values():
+            for shard in info.shards:
+                if not (isinstance(shard.path, str) and isinstance(shard.index, str) and isinstance(shard.sha256, str)
+                        and type(shard.samples) is int and type(shard.bytes) is int):
+                    raise TypeError(f"shard entry {shard.path!r} has a field of the wrong type")
+        return manifest
+    except KeyError as e:
+        problem = f"missing key {e}"
+    except (TypeError, ValueError, AttributeError) as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise FormatError(f"{fmt.manifest_path(root)}: malformed manifest ({problem}); "
+                      "re-run `python -m preprocess finalize`")
+
+
+def inside(root: Path, relative: str, what: str) -> Path:
+    """``root / relative``, refused when it leaves the dataset directory (``..``, or an absolute path elsewhere)."""
+    path = Path(os.path.normpath(root / relative))
+    base = Path(os.path.normpath(root))
+    if path == base or not path.is_relative_to(base):
+        raise FormatError(f"{fmt.manifest_path(root)}: {what} path {relative!r} is outside the dataset directory; "
+                          "a manifest may only name files under it")
+    return path
+
+
+def _index_count(index: Path) -> int:
+    """Sample count from a DALI index header (``v1.2 N``); only the first line is read."""
+    try:
+        with open(index, "rb") as f:
+            header = f.readline(100).split()
+    except FileNotFoundError:
+        raise UserError(f"{index}: DALI index file is missing; re-run `python -m preprocess shard` "
+                        "(or create it with DALI's wds2idx)") from None
+    if len(header) != 2 or not header[0].startswith(b"v1.") or not header[1].isdigit():
+        raise UserError(f"{index}: not a DALI index file (bad header {b' '.join(header)[:40]!r})")
+    return int(header[1])
+
+
+def _normalization(manifest: fmt.Manifest, root: Path, *, crop: int, mean: str, lighting_std: float) -> Normalization:
+    stats = manifest.stats
+    if stats is None:
+        raise UserError(f"{fmt.manifest_path(root)}: manifest has no train statistics (mean, PCA eigval/eigvec); "
+                        "run `python -m preprocess finalize` after sharding the train split")
+    eigval, eigvec = np.asarray(stats.eigval, np.float64), np.asarray(stats.eigvec, np.float64)
+    if eigval.shape != (3,) or eigvec.shape != (3, 3) or not np.all(np.isfinite(eigvec)) or np.any(eigval < 0):
+        raise UserError(f"{fmt.manifest_path(root)}: manifest's PCA statistics are malformed "
+                        f"(eigval {stats.eigval}, eigvec {stats.eigvec}); re-run `python -m preprocess finalize`")
+    lighting = (eigvec * np.sqrt(eigval)[None, :]).astype(np.float32)
+    size = fmt.IMAGE_SIZE
+    if mean == "image":
+        path = inside(root, stats.mean_image, "mean image")
+        try:
+            mean_image = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise UserError(f"{path}: mean image listed in the manifest is missing; "
+                            "re-run `python -m preprocess finalize`") from None
+        except ValueError as e:
+            raise UserError(f"{path}: not a readable .npy mean image ({e})") from None
+        if mean_image.shape != (size, size, 3):
+            raise UserError(f"{path}: mean image has shape {mean_image.shape}, expected ({size}, {size}, 3)")
+        return Normalization(size, crop, np.ascontiguousarray(mean_image, np.float32), (0.0, 0.0, 0.0),
+                             (1.0, 1.0, 1.0), lighting, lighting_std)
+    if len(stats.mean) != 3 or len(stats.std) != 3 or min(stats.std) <= 0:
+        raise UserError(f"{fmt.manifest_path(root)}: manifest's channel mean/std are malformed "
+                        f"({stats.mean}, {stats.std}); re-run `python -m preprocess finalize`")
+    return Normalization(size, crop, None, tuple(map(float, stats.mean)), tuple(map(float, stats.std)),
+                         lighting, lighting_std)
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds, shard order, rank ranges, step counts: pure functions every rank evaluates identically
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 31-bit seed from its parts (stable across processes and Python versions, unlike hash())."""
+    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """Training's shard order for an epoch: from (seed, epoch) only, so all dp ranks agree on it."""
+    return np.random.default_rng(derive_seed("shard-order", seed, epoch)).permutation(num_shards).tolist()
+
+
+def augment_seed(seed: int, dp_rank: int, epoch: int) -> int:
+    """Seed of one rank's epoch plan: order, windows, flips, lighting. Shared by a tensor-parallel pair."""
+    return derive_seed("augment", seed, dp_rank, epoch)
+
+
+def rank_range(total: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
+    """The contiguous sample range DALI's readers give shard ``dp_rank`` of ``dp_size``."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
+    return total * dp_rank // dp_size, total * (dp_rank + 1) // dp_size
+
+
+def steps_per_epoch(total: int, dp_size: int, batch_size: int) -> int:
+    """Steps every rank takes: enough for the largest rank's samples (ranks differ by at most one)."""
+    return math.ceil(math.ceil(total / dp_size) / batch_size)
+
+
+def resolve_workers(workers: int) -> int:
+    """0 = the CPUs this process may use, shared among the local ranks (torchrun's LOCAL_WORLD_SIZE)."""
+    if workers > 0:
+        return workers
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cpus // max(local, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# An epoch's plan: which sample each position is and how it is augmented, drawn up front
+
+
+def read_index(path: Path) -> list[tuple[str, int, int, int, int]]:
+    """(key, jpg offset, jpg size, cls offset, cls size) per sample of a DALI index file (wds2idx v1.2)."""
+    rows = []
+    try:
+        with open(path) as f:
+            header = f.readline().split()
+            for line_no, line in enumerate(f, start=2):
+                parts = line.split()
+                members = {}
+                for i in range(0, len(parts) - 3, 4):  # groups of: ext offset size name
+                    offset, size = parts[i + 1], parts[i + 2]
+                    if not (offset.isdigit() and size.isdigit()):
+                        raise UserError(f"{path}:{line_no}: index row has a non-numeric offset or size "
+                                        f"({offset!r}, {size!r}); re-run `python -m preprocess shard`")
+                    members[parts[i]] = (int(offset), int(size), parts[i + 3])
+                if fmt.IMAGE_EXT not in members or fmt.LABEL_EXT not in members:
+                    raise UserError(f"{path}:{line_no}: sample without both .{fmt.IMAGE_EXT} and .{fmt.LABEL_EXT} "
+                                    "(or an index without member names); re-run `python -m preprocess shard`")
+                jpg, cls = members[fmt.IMAGE_EXT], members[fmt.LABEL_EXT]
+                rows.append((jpg[2].split(".", 1)[0], jpg[0], jpg[1], cls[0], cls[1]))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text DALI index file; re-run `python -m preprocess shard`") from None
+    if len(header) != 2 or not header[1].isdigit() or int(header[1]) != len(rows):
+        raise UserError(f"{path}: index header says {header[1:]} samples, it lists {len(rows)}")
+    return rows
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per position in this rank's epoch: where the sample is and how to augment it."""
+
+    shard: np.ndarray  # int32 index into ``Split.shards``
+    jpg: np.ndarray  # int64 [n, 2] offset, size of the .jpg member
+    cls: np.ndarray  # int64 [n, 2] offset, size of the .cls member
+    keys: list[str]
+    x: np.ndarray  # int32 window left
+    y: np.ndarray  # int32 window top
+    mirror: np.ndarray  # bool
+    offset: np.ndarray  # float32 [n, 3] lighting offset
+
+
+def plan_epoch(split: Split, norm: Normalization, *, dp_rank: int, dp_size: int, seed: int, train: bool) -> Plan:
+    """This rank's samples (its contiguous range) in epoch order, with their augmentation drawn.
+
+    Everything random about an epoch is drawn here, from the epoch seed, indexed by position: the
+    result does not depend on the implementation's threads or workers, and starting at any batch
+    needs nothing but this plan (no sample before it is read or decoded).
+    """
+    start, end = rank_range(split.total, dp_rank, dp_size)
+    shard_ids, jpgs, clss, keys = [], [], [], []
+    first = 0
+    for s, count in enumerate(split.counts):
+        lo, hi = max(start, first), min(end, first + count)
+        if lo < hi:  # only the shards overlapping this rank's range are read
+            rows = read_index(split.indexes[s])[lo - first : hi - first]
+            shard_ids += [s] * len(rows)
+            keys += [r[0] for r in rows]
+            jpgs += [(r[1], r[2]) for r in rows]
+            clss += [(r[3], r[4]) for r in rows]
+        first += count
+    n = end - start
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n) if train else np.arange(n)
+    if train:
+        x = rng.integers(0, norm.max_offset + 1, n)
+        y = rng.integers(0, norm.max_offset + 1, n)
+        mirror = rng.random(n) < 0.5
+        alpha = rng.normal(0.0, norm.lighting_std, (n, 3)) if norm.lighting_std > 0 else np.zeros((n, 3))
+        offset = (alpha @ norm.lighting.T.astype(np.float64)).astype(np.float32)
+    else:
+        x = y = np.full(n, norm.center_offset())
+        mirror = np.zeros(n, bool)
+        offset = np.zeros((n, 3), np.float32)
+    jpg_arr = np.asarray(jpgs, np.int64).reshape(n, 2)[order]
+    cls_arr = np.asarray(clss, np.int64).reshape(n, 2)[order]
+    return Plan(np.asarray(shard_ids, np.int32)[order], jpg_arr, cls_arr, [keys[i] for i in order],
+                x.astype(np.int32), y.astype(np.int32), mirror, offset)
+
+
+def batch_bounds(samples: int, steps: int, batch_size: int) -> list[tuple[int, int]]:
+    """The plan positions ``[lo, hi)`` of each of the epoch's ``steps`` batches on a rank with ``samples``.
+
+    Full batches, then the rest. DDP needs the same step count on every rank, and a rank may hold
+    one sample less than the largest: where full batches would leave a step without samples, the
+    last non-empty batch is split over the remaining steps (the first pieces one larger), so a
+    batch is empty only when a rank holds fewer samples than there are steps (toy datasets).
+    """
+    bounds = [(lo, min(lo + batch_size, samples)) for lo in range(0, samples, batch_size)][:steps]
+    if bounds and len(bounds) < steps:
+        lo, hi = bounds.pop()
+        pieces = steps - len(bounds)
+        size, extra = divmod(hi - lo, pieces)
+        for i in range(pieces):
+            step = size + (1 if i < extra else 0)
+            bounds.append((lo, lo + step))
+            lo += step
+    bounds += [(samples, samples)] * (steps - len(bounds))
+    return bounds
+
+
+class SampleReader:
+    """Reads a plan's samples from the shards: JPEG bytes and label, checked, errors naming the sample.
+
+    The JPEG's header (not its pixels) is read here, so a stored image of the wrong size is
+    reported before any decoder sees it, whatever the normalisation.
+    """
+
+    def __init__(self, split: Split, plan: Plan, image_size: int):
+        self.paths = [str(p) for p in split.shards]
+        self.plan = plan
+        self.num_classes = split.num_classes
+        self.image_size = image_size
+        self._files: dict[int, Any] = {}  # open shard files, per process
+
+    def __getstate__(self) -> dict[str, Any]:  # worker processes open their own files
+        return {**self.__dict__, "_files": {}}
+
+    def where(self, i: int) -> str:
+        return f"{self.paths[int(self.plan.shard[i])]}: sample {self.plan.keys[i]}"
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(self.paths[shard], "rb")
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise UserError(f"{self.paths[shard]}: shard ends before byte {offset + size} (truncated)")
+        return data
+
+    def label(self, i: int) -> int:
+        p = self.plan
+        raw = self._read(int(p.shard[i]), int(p.cls[i, 0]), int(p.cls[i, 1]))
+        try:
+            label = fmt.decode_label(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise FormatError(f"{self.where(i)}: .{fmt.LABEL_EXT} is not a decimal number ({raw[:20]!r})") from None
+        if not 0 <= label < self.num_classes:
+            raise FormatError(f"{self.where(i)}: label {label} is outside the manifest's {self.num_classes} "
+                              "classes; the shards and the manifest do not belong together")
+        return label
+
+    def jpeg(self, i: int) -> bytes:
+        import simplejpeg
+
+        p = self.plan
+        data = self._read(int(p.shard[i]), int(p.jpg[i, 0]), int(p.jpg[i, 1]))
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError as e:
+            raise UserError(f"{self.where(i)}: cannot decode its JPEG ({str(e).splitlines()[0]})") from None
+        size = self.image_size
+        if (height, width) != (size, size):
+            raise FormatError(f"{self.where(i)}: image is {height}x{width}, the format stores {size}x{size}; "
+                              "re-run `python -m preprocess shard`")
+        return data
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+class MeanWindows:
+    """Windows of the mean image as views (no copies): subtracted from the cropped window, not the full image.
+
+    Subtracting the 256x256 mean image before cropping costs a full-image float pass; the crop's
+    window of it (of its mirror image for mirrored views, so the slice stays a view) is all that
+    is needed, and gives the same numbers within float rounding.
+    """
+
+    def __init__(self, norm: Normalization, device: torch.device | None = None, *, channels_last: bool = False):
+        import torch
+
+        assert norm.mean_image is not None
+        hwc = norm.mean_image
+        # Logical CHW; stored like the images it is subtracted from (HWC memory for channels_last).
+        mean, mirrored = (torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1) for a in (hwc, hwc[:, ::-1]))
+        if not channels_last:
+            mean, mirrored = mean.contiguous(), mirrored.contiguous()
+        self.crop, self.width = norm.crop, hwc.shape[1]
+        self.mean, self.mirrored = mean.to(device), mirrored.to(device)
+
+    def window(self, top: int, left: int, mirror: bool) -> torch.Tensor:
+        """[3, crop, crop]: the mean under the (mirrored) window at ``top``, ``left``."""
+        c = self.crop
+        if mirror:  # the mirrored window of the mean = a window of the mirrored mean
+            return self.mirrored[:, top:top + c, self.width - left - c:self.width - left]
+        return self.mean[:, top:top + c, left:left + c]
+
+    def ten_views(self, max_offset: int, center: int) -> torch.Tensor:
+        """[10, 3, crop, crop]: the mean under the 10 validation views, in ``ten_view_windows`` order."""
+        import torch
+
+        return torch.stack([self.window(top, left, mirror) for mirror, top, left in ten_view_windows(max_offset,
+                                                                                                   center)])
+
+
+def ten_view_windows(max_offset: int, center: int) -> list[tuple[bool, int, int]]:
+    """(mirror, top, left) of the paper's 10 views: tl, tr, bl, br, centre, then the same mirrored."""
+    m, c = max_offset, center
+    return [(mirror, top, left) for mirror in (False, True) for top, left in ((0, 0), (0, m), (m, 0), (m, m), (c, c))]
+
+
+# --------------------------------------------------------------------------------------------
+# Batches: layout, dtype and the equal step count, shared by both implementations
+
+
+def finish_batch(images: torch.Tensor, labels: torch.Tensor, *, device: torch.device, dtype: str,
+                 channels_last: bool, input_channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move to ``device``, cast, and give NCHW logical shape (NHWC storage when ``channels_last``).
+
+    ``images`` arrive [B, 3, H, W] / [B, V, 3, H, W], or with ``input_channels_last`` (DALI wrote
+    HWC) [B, H, W, 3] / [B, V, H, W, 3]; ``labels`` int64 on the CPU (checked when read).
+    """
+    import torch
+
+    images = images.to(device, non_blocking=True)
+    if dtype == "bfloat16":
+        images = images.to(torch.bfloat16)  # keeps the strides
+    if input_channels_last:
+        images = images.movedim(-1, -3)  # a view: logical NCHW over NHWC storage, no copy
+    elif channels_last:
+        images = images.movedim(-3, -1).contiguous().movedim(-1, -3)  # one copy, on the device
+    return images, labels.to(device, non_blocking=True)
+
+
+class Loader:
+    """One rank's epoch from batch ``start_batch`` on; iterating again replays it.
+
+    ``len()`` is the number of batches it yields (``steps_in_epoch - start_batch``, equal on all
+    dp ranks); ``samples`` is how many real samples this rank has in the whole epoch, ``total``
+    the split's size. ``make`` yields the non-empty batches; the rest are empty ones.
+    """
+
+    def __init__(self, make: Callable[[], Iterator[tuple[Any, Any]]], *, steps_in_epoch: int, start_batch: int,
+                 samples: int, total: int, empty: Callable[[], tuple[Any, Any]]):
+        self._make = make
+        self._empty = empty
+        self.steps_in_epoch = steps_in_epoch
+        self.start_batch = start_batch
+        self.samples = samples
+        self.total = total
+
+    def __len__(self) -> int:
+        return self.steps_in_epoch - self.start_batch
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        given = 0
+        for batch in self._make():
+            given += 1
+            yield batch
+        # A rank with fewer samples than steps (only in toy setups) still takes every step.
+        for _ in range(len(self) - given):
+            yield self._empty()
