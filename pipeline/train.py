@@ -35,6 +35,7 @@ from preprocess.errors import UserError
 log = logging.getLogger("alexnet")
 
 PREEMPT_REQUEST = "preempt.request"
+VERIFIED_SHARDS = "verified-shards"  # shards whose sha256 this run dir has checked (by size and mtime)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Trainer:
         self.stop = stop
         self.loaders = loaders
         self.run_dir = Path(cfg.run_dir)
+        self.verify_cache = self.run_dir / VERIFIED_SHARDS
 
         _seed_everything(cfg.train.seed, self.dims.rank)
         self.model = model.build_model(cfg.model, tp_group=mesh.tp_group).to(device)
@@ -105,10 +107,12 @@ class Trainer:
             epoch = self.progress.epoch
             if self.schedule.on_epoch_start(epoch=epoch, step=self.progress.step):
                 self._log_drop()
+            # A mid-epoch resume starts the epoch's order at the next batch, without decoding the ones before.
             loader = self.loaders.train(self.cfg.data, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp_size,
                                         epoch=epoch, seed=cfg.seed, device=self.device,
-                                        batch_size=self.local_batch, num_classes=self.cfg.model.num_classes)
-            steps_in_epoch = len(loader)
+                                        batch_size=self.local_batch, num_classes=self.cfg.model.num_classes,
+                                        start_batch=self.progress.step_in_epoch, verify_cache=self.verify_cache)
+            steps_in_epoch = loader.steps_in_epoch
             stopped = self._train_epoch(loader, steps_in_epoch, start, start_step)
             if stopped == "preempt":
                 return self._outcome(True, val_error)
@@ -134,12 +138,8 @@ class Trainer:
         cfg = self.cfg.train
         self.ddp.train()
         timer = StepTimer()
-        skip = self.progress.step_in_epoch  # a mid-epoch resume replays the epoch's order and skips ahead
         nonfinite = torch.zeros((), device=self.device)
-        for i, (images, labels) in enumerate(loader):
-            if i < skip:
-                timer.reset()
-                continue
+        for i, (images, labels) in enumerate(loader, start=self.progress.step_in_epoch):
             timer.data_ready()
             lr = self.schedule.lr(self.progress.epoch + i / max(steps_in_epoch, 1))
             for group in self.optimizer.param_groups:
@@ -230,7 +230,7 @@ class Trainer:
         ten_crop = self.cfg.train.ten_crop
         loader = self.loaders.val(self.cfg.data, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp_size,
                                   device=self.device, ten_crop=ten_crop, batch_size=self.local_batch,
-                                  num_classes=self.cfg.model.num_classes)
+                                  num_classes=self.cfg.model.num_classes, verify_cache=self.verify_cache)
         # The towers compute collectively, so both tp ranks run the model; their counts are equal.
         totals = evaluate.count(self.model, loader, ten_crop=ten_crop, amp=self.cfg.train.amp == "bf16")
         totals_t = totals.as_tensor(self.device)

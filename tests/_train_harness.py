@@ -20,17 +20,17 @@ STEPS_PER_EPOCH = 4
 
 class FixedLoader:
     def __init__(self, *, dp_rank: int, dp_size: int, batch_size: int, num_classes: int, epoch: int,
-                 device: torch.device, views: int = 0, steps: int = STEPS_PER_EPOCH):
+                 device: torch.device, views: int = 0, steps: int = STEPS_PER_EPOCH, start: int = 0):
         self.dp_rank, self.dp_size, self.batch, self.num_classes = dp_rank, dp_size, batch_size, num_classes
-        self.epoch, self.device, self.views, self.steps = epoch, device, views, steps
+        self.epoch, self.device, self.views, self.steps_in_epoch, self.start = epoch, device, views, steps, start
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps_in_epoch - self.start
 
     def __iter__(self):
         global_batch = self.batch * self.dp_size
         lo, hi = self.dp_rank * self.batch, (self.dp_rank + 1) * self.batch
-        for step in range(self.steps):
+        for step in range(self.start, self.steps_in_epoch):
             g = torch.Generator().manual_seed(1000 * self.epoch + step)
             labels = torch.randint(0, self.num_classes, (global_batch,), generator=g)
             images = torch.randn(global_batch, 3, 227, 227, generator=g)
@@ -44,11 +44,13 @@ def fixed_loaders():
     """Loaders with the signatures of pipeline.data's, handed to the trainer instead of the real ones."""
     from pipeline.train import Loaders
 
-    def train_loader(cfg, *, dp_rank, dp_size, epoch, seed, device, batch_size, num_classes=None):
+    def train_loader(cfg, *, dp_rank, dp_size, epoch, seed, device, batch_size, num_classes=None, start_batch=0,
+                     verify_cache=None):
         return FixedLoader(dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, num_classes=num_classes,
-                           epoch=epoch, device=device)
+                           epoch=epoch, device=device, start=start_batch)
 
-    def val_loader(cfg, *, dp_rank, dp_size, device, batch_size, ten_crop=False, num_classes=None):
+    def val_loader(cfg, *, dp_rank, dp_size, device, batch_size, ten_crop=False, num_classes=None,
+                   verify_cache=None):
         return FixedLoader(dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, num_classes=num_classes,
                            epoch=99, device=device, views=10 if ten_crop else 0, steps=2)
 
