@@ -11,8 +11,8 @@ the loader (dp rank = process rank), as training's validation does; the counts a
 processes, so each image counts exactly once. An ensemble averages its members' softmax outputs
 (each member's views averaged first), the paper's "average of several CNNs"; the result lists
 the ensemble and every member side by side. The trainer shares ``count``/``EvalCounts``.
-The result is printed and written to ``RUN/eval-<checkpoint>.json`` (an ensemble: the first
-member's ``RUN/eval-ensemble.json``) or ``--out``.
+The result is printed and written to ``RUN/eval-<checkpoint>.json`` (``-centre`` before ``.json``
+for the centre crop; an ensemble: the first member's ``RUN/eval-ensemble.json``) or ``--out``.
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ def _report(args: argparse.Namespace, members: list[Member], tallies: list[Tally
     if ensemble is None:
         result: dict[str, Any] = {**tallies[0].summary(names, args.confused), "checkpoint": str(members[0].path),
                                   "step": members[0].step, "ten_crop": args.ten_crop}
-        out = args.out or members[0].run_dir / f"eval-{members[0].path.name}.json"
+        out = args.out or members[0].run_dir / f"eval-{members[0].path.name}{'' if args.ten_crop else '-centre'}.json"
     else:
         result = {**ensemble.summary(names, args.confused), "ten_crop": args.ten_crop, "members": rows}
         out = args.out or members[0].run_dir / "eval-ensemble.json"
