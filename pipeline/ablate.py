@@ -217,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.ablate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory of the runs, the table and the curves")
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.toml",
-                        help="base config of every run (default: configs/demo.toml)")
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo.toml"),
+                        help="base config of every run (default: configs/demo.toml); 'paper': no file, the "
+                             "defaults (the paper's recipe)")
     parser.add_argument("--data", default="demo/shards", help="dataset directory (default: demo/shards)")
     parser.add_argument("--switches", default=",".join(SWITCHES),
                         help=f"comma-separated, from {', '.join(SWITCHES)} (default: all)")
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(own)
     args.train_args = train_args
     args.out = args.out.resolve()  # the runs start in the repository, not in the caller's directory
-    args.config = args.config.resolve() if args.config else None
+    args.config = None if args.config in ("paper", "") else Path(args.config).resolve()
     args.data = str(Path(args.data).resolve()) if args.data else None
     return run_cli(lambda: ablate(args))
 
