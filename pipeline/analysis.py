@@ -205,8 +205,9 @@ def split_loader(member: Member, split: str, *, dp_rank: int, dp_size: int, devi
 def read_image(data_dir: str | Path, split: str, index: int) -> tuple[np.ndarray, int]:
     """Sample ``index`` of ``split`` (manifest order) as stored (256x256 RGB uint8) and its label,
     read through the shard's DALI index file (one seek per image)."""
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     root = Path(data_dir)
     for shard in fmt.read_manifest(root).split(split).shards:

@@ -18,7 +18,6 @@ for the centre crop; an ensemble: the first member's ``RUN/eval-ensemble.json``)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass

@@ -170,7 +170,7 @@ def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) ->
            + [f"| {d['step']} | {d['epoch']} | {d['reason']} | {d['lr']:.2e} |" for d in drops]) if drops else [
         f"None (policy `{config['schedule']['policy']}`)."]
     md += ["", "## Curves", ""]
-    md += [f"![curves](curves.png)", "", f"Tags: {', '.join(drawn)}."] if drawn else ["No TensorBoard scalars."]
+    md += ["![curves](curves.png)", "", f"Tags: {', '.join(drawn)}."] if drawn else ["No TensorBoard scalars."]
     md += ["", "## Speed", ""]
     for tag, label, scale, unit in (("perf/images_per_s", "throughput", 1, " images/s"),
                                     ("perf/data_wait_fraction", "time waiting for data", 100, "%"),

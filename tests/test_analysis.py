@@ -11,8 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.analysis import (FeatureStore, colour_fraction, filters_figure, main, nearest, read_image,
-                               write_rank_features)
+from pipeline.analysis import (
+    FeatureStore,
+    colour_fraction,
+    filters_figure,
+    main,
+    nearest,
+    read_image,
+    write_rank_features,
+)
 from tests._analysis_fixtures import demo_data, demo_shards, trained_run  # noqa: F401
 
 
