@@ -107,6 +107,19 @@ def submit(args: argparse.Namespace, argv: list[str], name: str) -> str:
 # ---------------------------------------------------------------------------- summaries
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether the run's latest checkpoint has reached its configured epochs (or --max-steps)."""
+    from pipeline.evaluate import resolve_checkpoint
+
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        meta = json.loads((resolve_checkpoint(run_dir, "latest") / "meta.json").read_text())
+    except (OSError, ValueError, UserError):
+        return False
+    progress, train = meta["progress"], config["train"]
+    return progress["epoch"] >= train["epochs"] or 0 < train["max_steps"] <= progress["step"]
+
+
 def summarise_run(run_dir: Path, target: float) -> dict[str, Any] | None:
     """Final numbers and curves of a finished run from its TensorBoard scalars (None if it has none)."""
     scalars = read_scalars(run_dir)
@@ -256,6 +269,10 @@ def ablate(args: argparse.Namespace) -> int:
         for seed in seeds:
             name = run_name(switch, seed)
             result_path = args.out / name / RESULT
+            if not result_path.exists() and finished(args.out / name):  # e.g. a submitted job that is done
+                summary = summarise_run(args.out / name, args.target_error)
+                if summary is not None:
+                    write_json_atomic(result_path, summary)
             if not result_path.exists() and not args.collect:
                 if args.submit:
                     print(f"{name}: job {submit(args, train_argv(args, switch, seed), name)}")
@@ -269,6 +286,8 @@ def ablate(args: argparse.Namespace) -> int:
                 write_json_atomic(result_path, summary)
             if result_path.exists():
                 results.setdefault(switch, []).append(json.loads(result_path.read_text()))
+            else:
+                print(f"{name}: not finished; left out of the table")
     if args.submit and not args.collect:
         print(f"submitted; when the jobs are done: python -m pipeline.ablate --out {args.out} --collect "
               f"--switches {args.switches} --seeds {args.seeds}")

@@ -50,6 +50,10 @@ def test_runner_trains_one_switch_per_run_and_tabulates(demo_shards: Path, tmp_p
     assert ablate.main(args) == 0  # finished runs are not trained again
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/train.log")} == logs
     assert "training" not in capsys.readouterr().out
+    (out / "tanh-seed0" / ablate.RESULT).unlink()  # as after --submit: a finished run without a summary
+    assert ablate.main([*args[:args.index("--")], "--collect"]) == 0
+    assert "| tanh |" in (out / "ablation.md").read_text() and (out / "tanh-seed0" / ablate.RESULT).exists()
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/train.log")} == logs
 
 
 def fake_results(values: dict[str, list[float]]) -> dict[str, list[dict]]:
