@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # preprocess -> train (the paper's two-tower split as 2 CPU processes over gloo) -> 10-crop evaluation
+# -> figure 4 (nearest training images) -> the run report (curves, errors vs the paper, figure 3)
 demo: venv
 	$(PY) -m preprocess make-demo $(DEMO)/src
 	$(PY) -m preprocess shard --src $(DEMO)/src/train --out $(DEMO)/shards --split train --workers $(WORKERS)
@@ -24,6 +25,9 @@ demo: venv
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m launch.train \
 		--config configs/demo.toml --data $(DEMO)/shards --run-dir $(DEMO)/run --tp 2
 	$(PY) -m pipeline.evaluate --run-dir $(DEMO)/run --checkpoint best --ten-crop true
+	$(PY) -m pipeline.analysis neighbours --run-dir $(DEMO)/run --checkpoint best
+	$(PY) -m pipeline.report $(DEMO)/run
+	@echo "Run report: $(DEMO)/run/report/report.md (figures in $(DEMO)/run/report and $(DEMO)/run/figures)"
 	@echo "TensorBoard logs: $(DEMO)/run/tensorboard  (view: $(VENV)/bin/tensorboard --logdir $(DEMO)/run/tensorboard)"
 
 test: venv

@@ -324,6 +324,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.widths": (lambda x: len(x) == 5 and all(w >= 2 and w % 2 == 0 for w in x), "five even widths >= 2"),
     "model.fc_width": (lambda x: x >= 2 and x % 2 == 0, "even and at least 2"),
     "model.dropout": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "model.towers": (lambda x: x in (1, 2), "1 or 2"),
     "schedule.factor": (lambda x: 0 < x < 1, "in (0, 1)"),
     "schedule.max_drops": (lambda x: x >= 0, ">= 0"),
     "schedule.patience": (lambda x: x >= 1, "at least 1"),
@@ -342,6 +343,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_ranges(cfg.to_dict())
     if not cfg.run_dir:
         raise UserError("--run-dir must not be empty")
+    if cfg.model.towers == 1 and cfg.train.tp == 2:
+        raise UserError("--model.towers 1 (one full-width column) has nothing to split: use it with --tp 1")
     return cfg
 
 

@@ -42,6 +42,17 @@ the global RNG: under the same ``torch.manual_seed`` a tower equals ``tower_stat
 single-device model, so tp=1 and tp=2 runs start from the same weights, and two ranks with the same
 seed do not get identical (symmetric) towers.
 
+Dropout masks do not depend on the layout: every rank draws the mask of the *full* layer from
+the global RNG and keeps its tower's columns, so under the same seed a tower's mask is its slice
+of the mask a single device draws, and a tp=2 run trains like a tp=1 run step for step. This needs
+equal RNG states on the two ranks of a pair (the trainer seeds every rank with the run seed).
+
+Ablation switches (``ModelConfig``; defaults are the paper): ``activation`` relu|tanh,
+``overlap_pool`` (3/2 max-pooling, else 2/2, same output shapes), ``lrn``, ``dropout`` and
+``towers``: 2 (the paper's two columns) or 1 (one full-width column, no grouping: conv2/4/5 and
+LRN see every channel; tp=1 only). A one-column model is stored as the single tower 0
+(``to_towers``/``from_towers``).
+
 ``python -m pipeline.model [--num-classes N] [--tp 1|2]`` prints the layer table.
 """
 
@@ -66,6 +77,7 @@ PAPER_WIDTHS = (96, 256, 384, 384, 256)
 INPUT_SIZE = (3, 227, 227)
 _ONE_BIAS = frozenset({"conv2", "conv4", "conv5", "fc6", "fc7"})
 INITS = ("paper", "kaiming")
+ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
 
 
 def tower_sizes(n: int, tp_size: int = TOWERS) -> tuple[int, ...]:
@@ -121,14 +133,24 @@ class AlexNet(nn.Module):
 
     def __init__(self, num_classes: int = 1000, widths: Sequence[int] = PAPER_WIDTHS, fc_width: int = 4096,
                  dropout: float = 0.5, lrn: bool = True, *, tp_group: ProcessGroup | None = None,
-                 init: str = "paper") -> None:
+                 init: str = "paper", activation: str = "relu", overlap_pool: bool = True,
+                 towers: int = TOWERS) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"model.init must be one of {', '.join(INITS)} (got {init!r})")
-        self.init = init
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation must be one of {', '.join(ACTIVATIONS)} (got {activation!r})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1) (got {dropout})")
+        if towers not in (1, TOWERS):
+            raise ValueError(f"model.towers must be 1 or {TOWERS} (got {towers})")
+        self.init, self.activation, self.towers, self.dropout_p = init, activation, towers, dropout
+        self.act = ACTIVATIONS[activation]
         check_widths(num_classes, widths, fc_width)
         if tp_group is not None and dist.get_world_size(tp_group) == 1:
             tp_group = None
+        if towers == 1 and tp_group is not None:
+            raise ValueError("model.towers=1 (one full-width column) has nothing to split: run it with --tp 1")
         self.tp_group = tp_group
         self.tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
         self.tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
@@ -138,31 +160,36 @@ class AlexNet(nn.Module):
         self.full_width = dict(zip(("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"),
                                    (*self.widths, fc_width, fc_width, num_classes)))
         own = {name: tower_sizes(n, self.tp_size)[self.tp_rank] for name, n in self.full_width.items()}
-        towers_here = TOWERS // self.tp_size  # 2: grouped convolutions and LRN; 1: one tower
+        # 2: grouped convolutions and LRN; 1: one tower, or the one-column model
+        towers_here = towers // self.tp_size
 
-        # nn layers consume the global RNG differently in the two forms, so draw the init seed first
+        # nn layers' own init consumes the global RNG by layer size, i.e. differently per layout (and per
+        # tower with an odd class count); it is overwritten anyway, so it runs on a forked RNG: after
+        # construction the global RNG has advanced by this one draw in every layout, and the dropout
+        # masks drawn from it next are the same whatever the split.
         init_seed = int(torch.randint(2**62, (), device="cpu"))
-        self.conv1 = nn.Conv2d(3, own["conv1"], 11, stride=4)
-        self.norm1 = LocalResponseNorm(towers_here) if lrn else nn.Identity()
-        self.pool1 = nn.MaxPool2d(3, 2)  # overlapping pooling: z=3, s=2
-        self.conv2 = nn.Conv2d(own["conv1"], own["conv2"], 5, padding=2, groups=towers_here)
-        self.norm2 = LocalResponseNorm(towers_here) if lrn else nn.Identity()
-        self.pool2 = nn.MaxPool2d(3, 2)
-        self.conv3 = nn.Conv2d(self.widths[1], own["conv3"], 3, padding=1)  # sees both towers
-        self.conv4 = nn.Conv2d(own["conv3"], own["conv4"], 3, padding=1, groups=towers_here)
-        self.conv5 = nn.Conv2d(own["conv4"], own["conv5"], 3, padding=1, groups=towers_here)
-        self.pool5 = nn.MaxPool2d(3, 2)
-        self.fc6 = nn.Linear(self.widths[4] * 6 * 6, own["fc6"])
-        self.fc7 = nn.Linear(fc_width, own["fc7"])
-        self.fc8 = nn.Linear(fc_width, own["fc8"])
+        pool = (3, 2) if overlap_pool else (2, 2)  # overlapping pooling: z=3, s=2; 2/2 gives the same shapes
+        with torch.random.fork_rng(devices=[]):
+            self.conv1 = nn.Conv2d(3, own["conv1"], 11, stride=4)
+            self.norm1 = LocalResponseNorm(towers_here) if lrn else nn.Identity()
+            self.pool1 = nn.MaxPool2d(*pool)
+            self.conv2 = nn.Conv2d(own["conv1"], own["conv2"], 5, padding=2, groups=towers_here)
+            self.norm2 = LocalResponseNorm(towers_here) if lrn else nn.Identity()
+            self.pool2 = nn.MaxPool2d(*pool)
+            self.conv3 = nn.Conv2d(self.widths[1], own["conv3"], 3, padding=1)  # sees both towers
+            self.conv4 = nn.Conv2d(own["conv3"], own["conv4"], 3, padding=1, groups=towers_here)
+            self.conv5 = nn.Conv2d(own["conv4"], own["conv5"], 3, padding=1, groups=towers_here)
+            self.pool5 = nn.MaxPool2d(*pool)
+            self.fc6 = nn.Linear(self.widths[4] * 6 * 6, own["fc6"])
+            self.fc7 = nn.Linear(fc_width, own["fc7"])
+            self.fc8 = nn.Linear(fc_width, own["fc8"])
         # Applied to the outputs of fc6 and fc7 ("dropout in the first two fully-connected layers";
-        # as in Caffe's reference net), before the exchange: each unit's mask is drawn by the rank
-        # that owns it, so both ranks see the same dropped vector. PyTorch's dropout is "inverted":
-        # it scales kept units by 1/(1-p) in training and is the identity at test time, where the
+        # as in Caffe's reference net), before the exchange: each unit is dropped by the rank that
+        # owns it, so both ranks see the same dropped vector (``_dropout``). Inverted dropout: kept
+        # units are scaled by 1/(1-p) in training and nothing happens at test time, where the
         # paper multiplies the outputs by 0.5 at test time. Both make the expected training
         # activation equal the test activation; the nets differ only by a factor 2 folded into the
         # next layer's weights.
-        self.dropout = nn.Dropout(dropout)
         self.reset_parameters(init_seed)
 
     @torch.no_grad()
@@ -184,30 +211,41 @@ class AlexNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits [N, num_classes]; in the tower form every rank returns the full logits."""
-        h = self._exchange(self.dropout(self._fc7(x)))
+        h = self._exchange(self._dropout(self._fc7(x), "fc7"))
         return self._gather(self.fc8(h), self.num_classes)
 
     def fc7_features(self, x: Tensor) -> Tensor:
-        """fc7's activations [N, fc_width] (post-ReLU, no dropout) for the paper's nearest-neighbour
+        """fc7's activations [N, fc_width] (post-activation, no dropout) for the paper's nearest-neighbour
         retrieval; the tower form gathers the full vector (a collective: call it on both ranks)."""
         return self._gather(self._fc7(x), self.fc_width)
 
     @torch.no_grad()
     def conv1_filters(self) -> list[Tensor]:
         """conv1's kernels per tower, ``[w/2, 3, 11, 11]`` each (the paper's figure 3: colour-agnostic
-        on one GPU, colour-specific on the other); a collective in the tower form."""
+        on one GPU, colour-specific on the other; one ``[w, 3, 11, 11]`` for the one-column model);
+        a collective in the tower form."""
         weight = self._gather(self.conv1.weight.detach(), self.widths[0], dim=0)
-        return list(weight.split(tower_sizes(self.widths[0])))
+        return list(weight.split(tower_sizes(self.widths[0], self.towers)))
 
     def _fc7(self, x: Tensor) -> Tensor:
-        """This module's fc7 units, post-ReLU."""
-        x = self.pool1(self.norm1(F.relu(self.conv1(x))))
-        x = self.pool2(self.norm2(F.relu(self.conv2(x))))
-        x = F.relu(self.conv3(self._exchange(x)))
-        x = F.relu(self.conv4(x))
-        x = self.pool5(F.relu(self.conv5(x)))
-        x = F.relu(self.fc6(self._exchange(x).flatten(1)))  # channels in tower order: the full layout
-        return F.relu(self.fc7(self._exchange(self.dropout(x))))
+        """This module's fc7 units, post-activation."""
+        act = self.act
+        x = self.pool1(self.norm1(act(self.conv1(x))))
+        x = self.pool2(self.norm2(act(self.conv2(x))))
+        x = act(self.conv3(self._exchange(x)))
+        x = act(self.conv4(x))
+        x = self.pool5(act(self.conv5(x)))
+        x = act(self.fc6(self._exchange(x).flatten(1)))  # channels in tower order: the full layout
+        return act(self.fc7(self._exchange(self._dropout(x, "fc6"))))
+
+    def _dropout(self, x: Tensor, layer: str) -> Tensor:
+        """Inverted dropout whose mask is this tower's columns of the full layer's mask (layout-free)."""
+        if not self.training or self.dropout_p == 0.0:
+            return x
+        n = self.full_width[layer]
+        offset = sum(tower_sizes(n, self.tp_size)[:self.tp_rank])
+        keep = torch.rand(x.shape[0], n, device=x.device).narrow(1, offset, x.shape[1]) >= self.dropout_p
+        return x * keep.to(x.dtype) / (1.0 - self.dropout_p)
 
     def _exchange(self, x: Tensor) -> Tensor:
         """Both towers' units for a cross-tower layer (identity when this module holds both)."""
@@ -234,6 +272,12 @@ class ModelConfig:
     """local response normalisation after conv1 and conv2 (the paper: on)"""
     init: str = "paper"
     """paper: N(0, 0.01) and the paper's biases; kaiming: He-normal, zero biases (small-data demos)"""
+    activation: str = "relu"
+    """non-linearity after every conv and hidden fc layer: relu (the paper) or tanh (its figure 1)"""
+    overlap_pool: bool = True
+    """max-pooling 3x3 stride 2 (the paper's overlapping pooling); false: 2x2 stride 2 (same shapes)"""
+    towers: int = 2
+    """2: the paper's two columns (grouped conv2/4/5, per-tower LRN); 1: one full-width column (tp=1 only)"""
     channels_last: bool = False
     """store conv weights channels-last; convolutions then run channels-last from the first one on"""
     compile: bool = False
@@ -242,12 +286,18 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.widths = tuple(self.widths)
         check_widths(self.num_classes or 1000, self.widths, self.fc_width)  # 0: resolved from the dataset later
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation must be one of {', '.join(ACTIVATIONS)} (got {self.activation!r})")
+        if self.towers not in (1, TOWERS):
+            raise ValueError(f"model.towers must be 1 or {TOWERS} (got {self.towers})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1) (got {self.dropout})")
 
 
 def build_model(cfg: ModelConfig, tp_group: ProcessGroup | None = None) -> AlexNet:
     """The single-device model (``tp_group`` None or of size 1) or this rank's tower (size 2)."""
     model = AlexNet(cfg.num_classes, cfg.widths, cfg.fc_width, cfg.dropout, cfg.lrn, tp_group=tp_group,
-                    init=cfg.init)
+                    init=cfg.init, activation=cfg.activation, overlap_pool=cfg.overlap_pool, towers=cfg.towers)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -279,6 +329,19 @@ def merge_tower_state_dicts(towers: Sequence[Mapping[str, Tensor]]) -> dict[str,
     if len(towers) not in (1, TOWERS) or any(set(t) != set(towers[0]) for t in towers):
         raise ValueError(f"expected 1 or {TOWERS} tower states with the same keys; got {[sorted(t) for t in towers]}")
     return {name: torch.cat([t[name] for t in towers]) for name in towers[0]}
+
+
+def to_towers(full: Mapping[str, Tensor], towers: int = TOWERS) -> dict[int, dict[str, Tensor]]:
+    """A single-device state (or momentum) in the stored tower form: {0: ..., 1: ...} for the paper's
+    two columns, {0: everything} for the one-column model (``towers=1``)."""
+    return {t: tower_state_dict(full, t, towers) for t in range(towers)}
+
+
+def from_towers(towers: Mapping[int, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The single-device state from the stored tower form (inverse of ``to_towers``; 1 or 2 towers)."""
+    if sorted(towers) not in ([0], list(range(TOWERS))):
+        raise ValueError(f"expected towers 0..{TOWERS - 1} or tower 0 alone; got {sorted(towers)}")
+    return merge_tower_state_dicts([towers[t] for t in sorted(towers)])
 
 
 # ---------------------------------------------------------------------------- layer table

@@ -76,7 +76,7 @@ class Trainer:
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr)
         layout = {"world_size": self.dims.world_size, "dp_size": self.dims.dp_size, "tp_size": self.dims.tp_size}
         self.state = TrainState(self.model, self.optimizer, self.schedule, cfg, layout, rank=self.dims.rank,
-                                tp_rank=self.dims.tp_rank, towers=getattr(cfg.model, "towers", 2))
+                                tp_rank=self.dims.tp_rank, towers=cfg.model.towers)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.dims.rank)
         self.requests = ManualRequests(self.run_dir)
         self.writer = MetricWriter(self.run_dir, enabled=self.dims.is_main)

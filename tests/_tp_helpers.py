@@ -52,6 +52,7 @@ def tp_ranks(rank: int, workdir: str) -> None:
         cases = torch.load(root / "cases.pt")
         results: dict[str, Any] = {name: _run_case(case, group, rank) for name, case in cases.items()}
         results["collectives"] = _run_collectives(group, rank)
+        results["training"] = train_steps(torch.load(root / "training.pt"), group)
         torch.save(results, root / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -97,3 +98,21 @@ def _run_collectives(group: dist.ProcessGroup, rank: int) -> dict[str, torch.Ten
     v = gather_replicated(u[None], group, dim=1, sizes=sizes)
     (v * torch.arange(5.0)).sum().backward()  # the same consumer on both ranks
     return {"exchanged": y.detach(), "exchange_grad": x.grad, "gathered": v.detach(), "gather_grad": u.grad}
+
+
+def train_steps(run: dict[str, Any], group: dist.ProcessGroup | None) -> dict[str, list[torch.Tensor]]:
+    """A few SGD steps with the paper's dropout from ``torch.manual_seed(run["seed"])``, as the trainer
+    seeds every rank: one device (``group`` None) or this rank's tower; the losses and logits of each step."""
+    torch.manual_seed(run["seed"])
+    model = build_model(ModelConfig(**run["cfg"]), group).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    losses, logits = [], []
+    for x, y in run["batches"]:
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        logits.append(out.detach())
+    return {"losses": losses, "logits": logits}

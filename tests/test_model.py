@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import (AlexNet, ModelConfig, build_model, local_response_norm, layer_table, main,
-                            merge_tower_state_dicts, tower_state_dict, unwrap)
+from pipeline.model import (AlexNet, ModelConfig, build_model, from_towers, local_response_norm, layer_table, main,
+                            merge_tower_state_dicts, to_towers, tower_state_dict, unwrap)
 
 NARROW = {"num_classes": 10, "widths": (16, 32, 48, 48, 32), "fc_width": 64}
 
@@ -156,3 +156,53 @@ def test_layer_table_cli(capsys: pytest.CaptureFixture[str]) -> None:
     towers = capsys.readouterr().out
     assert "tower 1 of 2" in towers and "48 x 55 x 55" in towers
     assert "both towers: 56,896,903 parameters" in towers
+
+
+def test_ablation_switches_change_only_what_they_name(alexnet: AlexNet) -> None:
+    shapes = [(r.name, r.output) for r in layer_table(alexnet)]
+    torch.manual_seed(0)
+    flat = AlexNet(overlap_pool=False)
+    assert [(r.name, r.output) for r in layer_table(flat)] == shapes  # 2/2 pooling keeps the shapes
+    assert (flat.pool1.kernel_size, flat.pool1.stride) == (2, 2)
+    assert (alexnet.pool1.kernel_size, alexnet.pool1.stride) == (3, 2)
+    x = torch.randn(2, 3, 227, 227)
+    relu, tanh = (build_model(ModelConfig(**NARROW, init="kaiming", activation=a)).eval() for a in ("relu", "tanh"))
+    tanh.load_state_dict(relu.state_dict())
+    with torch.no_grad():
+        assert relu.fc7_features(x).min() >= 0 and tanh.fc7_features(x).min() < 0
+        assert not torch.allclose(relu(x), tanh(x))
+    with pytest.raises(ValueError, match="activation"):
+        ModelConfig(activation="sigmoid")
+    with pytest.raises(ValueError, match="towers"):
+        ModelConfig(towers=3)
+    with pytest.raises(ValueError, match="dropout"):
+        ModelConfig(dropout=1.0)
+
+
+def test_one_full_width_column() -> None:
+    with torch.device("meta"):
+        column = AlexNet(towers=1)
+    # conv2, conv4 and conv5 see all channels: 1,413,120 more weights than the paper's two towers
+    assert sum(p.numel() for p in column.parameters()) == 60_965_224 + 1_413_120
+    assert column.conv2.groups == column.conv4.groups == column.conv5.groups == 1 and column.norm1.groups == 1
+    torch.manual_seed(0)
+    narrow = AlexNet(**NARROW, towers=1)
+    assert [f.shape for f in narrow.conv1_filters()] == [(16, 3, 11, 11)]
+    full = narrow.state_dict()
+    stored = to_towers(full, towers=1)
+    assert list(stored) == [0] and all(torch.equal(stored[0][k], full[k]) for k in full)
+    back = from_towers(stored)
+    assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
+    two = to_towers(AlexNet(**NARROW).state_dict())
+    assert list(two) == [0, 1] and from_towers(two)["conv2.weight"].shape == (32, 8, 5, 5)
+    with pytest.raises(ValueError, match="tower"):
+        from_towers({1: two[1]})
+
+
+def test_dropout_masks_whole_units_with_the_papers_rate() -> None:
+    model = AlexNet(**NARROW, dropout=0.5).train()
+    x = torch.ones(400, 64)
+    dropped = model._dropout(x, "fc6")
+    assert set(dropped.unique().tolist()) == {0.0, 2.0}  # inverted dropout: kept units scaled by 1/(1-p)
+    assert (dropped == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert torch.equal(model.eval()._dropout(x, "fc6"), x)

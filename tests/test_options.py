@@ -43,6 +43,7 @@ BAD_OPTIONS = [
     (["--model.widths", "16,32,48,48"], "--model.widths"),
     (["--batch-size", "0"], "--optim.batch-size"),
     (["--tp", "3"], "--train.tp"),
+    (["--model.towers", "1", "--tp", "2"], "--model.towers 1"),
 ]
 
 

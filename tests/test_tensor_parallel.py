@@ -10,10 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model import AlexNet, ModelConfig, build_model, tower_state_dict
-from tests._tp_helpers import WORLD, spawn_two_ranks, tp_ranks
+from tests._tp_helpers import WORLD, spawn_two_ranks, tp_ranks, train_steps
 
 NARROW = {"widths": (16, 32, 48, 48, 32), "fc_width": 64, "dropout": 0.0}
 CASES = {"even classes": {**NARROW, "num_classes": 10}, "odd classes": {**NARROW, "num_classes": 7}}
+_gen = torch.Generator().manual_seed(7)
+# the paper's dropout (0.5) and an odd class count (the towers' fc8 blocks differ in size)
+TRAINING = {"cfg": {**NARROW, "num_classes": 7, "dropout": 0.5, "init": "kaiming"}, "seed": 3,
+            "batches": [(torch.randn(4, 3, 227, 227, generator=_gen), torch.randint(7, (4,), generator=_gen))
+                        for _ in range(3)]}
 
 
 def random_state(model: AlexNet, seed: int) -> dict[str, torch.Tensor]:
@@ -56,9 +61,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                        "x": torch.randn(4, 3, 227, 227, generator=gen),
                        "y": torch.randint(cfg["num_classes"], (4,), generator=gen)}
     torch.save(cases, workdir / "cases.pt")
+    torch.save(TRAINING, workdir / "training.pt")
     spawn_two_ranks(tp_ranks, (str(workdir),))
     ranks = [torch.load(workdir / f"rank{r}.pt") for r in range(WORLD)]
-    return {"ranks": ranks, "reference": {name: single_device(case) for name, case in cases.items()}}
+    return {"ranks": ranks, "reference": {name: single_device(case) for name, case in cases.items()},
+            "training": train_steps(TRAINING, None)}
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -120,3 +127,17 @@ def test_collective_gradients(runs: dict[str, Any]) -> None:
         assert torch.equal(got["exchange_grad"], 3 * torch.arange(6.0)[3 * r:3 * r + 3])
         assert torch.equal(got["gathered"], torch.tensor([[1.0, 1, 1, 2, 2]]))
         assert torch.equal(got["gather_grad"], torch.arange(5.0)[[slice(0, 3), slice(3, 5)][r]])
+
+
+def test_same_seed_trains_the_same_with_dropout_in_either_layout(runs: dict[str, Any]) -> None:
+    """tp=2 draws each tower's dropout mask as its slice of the single device's: same losses, same logits."""
+    ref = runs["training"]
+    assert len(ref["losses"]) == 3 and len(set(float(v) for v in ref["losses"])) == 3  # it did train
+    for rank in runs["ranks"]:
+        for step, (loss, logits) in enumerate(zip(rank["training"]["losses"], rank["training"]["logits"])):
+            assert_close(loss, ref["losses"][step])
+            assert_close(logits, ref["logits"][step])
+    torch.manual_seed(TRAINING["seed"])
+    model = build_model(ModelConfig(**TRAINING["cfg"])).train()
+    torch.manual_seed(TRAINING["seed"] + 1)  # the same weights with other masks: the comparison has teeth
+    assert not torch.allclose(model(TRAINING["batches"][0][0]), ref["logits"][0], rtol=1e-3, atol=1e-3)

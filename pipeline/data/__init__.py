@@ -112,9 +112,11 @@ def train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, epoch: int, see
 
 
 def val_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, device: torch.device | str, batch_size: int,
-               ten_crop: bool = False, num_classes: int | None = None, verify_cache: Path | None = None) -> Loader:
-    """Every validation image once across the dp ranks: centre crop, or the 10 views [B, 10, 3, crop, crop]."""
-    split, norm = open_dataset(cfg, "val", num_classes=num_classes)
+               ten_crop: bool = False, num_classes: int | None = None, verify_cache: Path | None = None,
+               split: str = "val") -> Loader:
+    """Every image of ``split`` (default val) once across the dp ranks, in manifest order, without
+    augmentation: centre crop, or the 10 views [B, 10, 3, crop, crop]."""
+    split, norm = open_dataset(cfg, split, num_classes=num_classes)
     return _build(cfg, split, norm, train=False, dp_rank=dp_rank, dp_size=dp_size, seed=0, device=device,
                   batch_size=batch_size, ten_crop=ten_crop, start_batch=0, verify_cache=verify_cache)
 

@@ -1,0 +1,213 @@
+"""A run report to paste into a paper or an issue: ``RUN/report/report.md`` and its PNGs.
+
+    python -m pipeline.report RUN_DIR [--checkpoint best] [--no-evaluate]
+
+What it holds: the resolved config and every field that differs from the paper's recipe (the
+defaults of ``pipeline.config.RunConfig``); the LR drops (step, epoch, reason, new rate, from the
+checkpoint); train and val curves (``curves.png``, from the TensorBoard scalars); final centre-crop
+and 10-crop top-1/top-5 errors beside the paper's Table 2 (ILSVRC-2012 val, one CNN: 40.7% / 18.2%);
+throughput and data-wait; conv1's kernels per tower with their colour fraction (figure 3); figure 4
+when ``python -m pipeline.analysis neighbours`` has made it; the checkpoints on disk. The errors are
+read from ``RUN/eval-<checkpoint>*.json`` when they exist, else evaluated here on one device
+(``--no-evaluate`` leaves them out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preprocess.errors import UserError, run_cli
+from preprocess.files import write_bytes_atomic, write_json_atomic
+
+PAPER_TABLE2 = {"top1_error": 0.407, "top5_error": 0.182}
+"""The paper's Table 2, one CNN, ILSVRC-2012 val (its 10-view test)."""
+CURVES = (("train/loss", "val/loss"), ("train/top1_error", "val/top1_error", "val/top5_error"), ("train/lr",))
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in ``RUN/tensorboard`` as {tag: [(step, value), ...]} by step; a step logged again
+    after a resume keeps its latest value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, dict[int, tuple[float, float]]] = {}
+    for path in sorted((Path(run_dir) / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            for event in acc.Scalars(tag):
+                old = found.setdefault(tag, {}).get(event.step)
+                if old is None or event.wall_time >= old[0]:
+                    found[tag][event.step] = (event.wall_time, event.value)
+    return {tag: sorted((step, value) for step, (_, value) in steps.items()) for tag, steps in found.items()}
+
+
+def save_figure(fig: Any, out: Path, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG, atomically (complete or absent)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out, buffer.getvalue())
+
+
+def curves_figure(scalars: dict[str, list[tuple[int, float]]], out: Path) -> list[str]:
+    """Loss, errors and LR against the step, one panel each; returns the tags drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4), dpi=100)
+    drawn = []
+    for ax, tags in zip(axes, CURVES):
+        for tag in tags:
+            if scalars.get(tag):
+                ax.plot(*zip(*scalars[tag]), marker="o" if tag.startswith("val/") else None, ms=3, lw=1, label=tag)
+                drawn.append(tag)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out)
+    plt.close(fig)
+    return drawn
+
+
+def config_diff(config: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, this run's value, the paper's) for every field that differs from the defaults."""
+    from pipeline.config import RunConfig
+
+    paper = RunConfig().to_dict()
+    rows = []
+    for section, values in config.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            default = paper.get(section, {}).get(key)
+            if key == "data" or list(value if isinstance(value, (list, tuple)) else [value]) == list(
+                    default if isinstance(default, (list, tuple)) else [default]):
+                continue
+            rows.append((f"{section}.{key}", value, default))
+    return rows
+
+
+def final_errors(run_dir: Path, checkpoint: Path, evaluate_missing: bool) -> dict[str, dict[str, Any]]:
+    """{"centre crop": result, "10-crop": result} from the eval JSONs, or evaluated here."""
+    from pipeline.evaluate import evaluate_members, load_member
+
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(run_dir.glob("eval-*.json")):
+        result = json.loads(path.read_text())
+        if result.get("checkpoint") == str(checkpoint) and "ten_crop" in result:
+            found["10-crop" if result["ten_crop"] else "centre crop"] = result
+    member = None
+    for views, ten_crop in (("centre crop", False), ("10-crop", True)):
+        if views in found or not evaluate_missing:
+            continue
+        member = member or load_member(checkpoint)
+        [tally], _ = evaluate_members([member], ten_crop=ten_crop, batch_size=32, device=torch.device("cpu"))
+        found[views] = {**tally.counts().summary(), "checkpoint": str(checkpoint), "ten_crop": ten_crop}
+        write_json_atomic(run_dir / f"eval-{checkpoint.name}{'' if ten_crop else '-centre'}.json", found[views])
+    return found
+
+
+def checkpoints_table(run_dir: Path) -> list[str]:
+    from pipeline.checkpoint import META
+
+    root = run_dir / "checkpoints"
+    pointers = {name: (root / name).read_text().strip() for name in ("latest", "best") if (root / name).exists()}
+    lines = ["| checkpoint | epoch | step | val top-1 (best so far) | size | |", "|---|---|---|---|---|---|"]
+    for path in sorted(p for p in root.glob("step-*") if (p / META).exists()):
+        meta = json.loads((path / META).read_text())
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        marks = ", ".join(name for name, target in pointers.items() if target == path.name)
+        best = meta.get("best_top1_error")
+        lines.append(f"| `{path.name}` | {meta['progress']['epoch']} | {meta['progress']['step']} | "
+                     f"{'' if best is None else f'{100 * best:.2f}%'} | {size / 2**20:.1f} MiB | {marks} |")
+    return lines
+
+
+def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) -> Path:
+    from pipeline import analysis
+    from pipeline.checkpoint import resolve as resolve_checkpoint
+    from pipeline.evaluate import load_member
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise UserError(f"{run_dir}: no config.json; is this a run directory?")
+    config = json.loads((run_dir / "config.json").read_text())
+    checkpoint = resolve_checkpoint(run_dir, which)
+    member = load_member(checkpoint)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    out = run_dir / "report"
+    scalars = read_scalars(run_dir)
+    drawn = curves_figure(scalars, out / "curves.png") if scalars else []
+    filters = analysis.filters(member)
+    errors = final_errors(run_dir, checkpoint, evaluate_missing)
+
+    md = [f"# Run report: `{run_dir.name}`", "",
+          f"Checkpoint `{checkpoint.name}` (epoch {meta['progress']['epoch']}, step {meta['progress']['step']}); "
+          f"layout {meta['layout']}; data `{config['data']['data']}`.", "", "## Errors", "",
+          "| test | images | top-1 error | top-5 error |", "|---|---|---|---|"]
+    for views, result in errors.items():
+        md.append(f"| {views} | {result['images']} | {100 * result['top1_error']:.2f}% | "
+                  f"{100 * result['top5_error']:.2f}% |")
+    md.append(f"| the paper, Table 2 (one CNN, ILSVRC-2012 val) | 50000 | {100 * PAPER_TABLE2['top1_error']:.1f}% | "
+              f"{100 * PAPER_TABLE2['top5_error']:.1f}% |")
+    md += ["", "## Differences from the paper's recipe", ""]
+    diff = config_diff(config)
+    md += (["| option | this run | the paper |", "|---|---|---|"]
+           + [f"| `{k}` | {v} | {d} |" for k, v, d in diff]) if diff else ["None: the paper's recipe."]
+    md += ["", "## Learning-rate drops", ""]
+    drops = meta.get("schedule", {}).get("drops", [])
+    md += (["| step | epoch | reason | new rate |", "|---|---|---|---|"]
+           + [f"| {d['step']} | {d['epoch']} | {d['reason']} | {d['lr']:.2e} |" for d in drops]) if drops else [
+        f"None (policy `{config['schedule']['policy']}`)."]
+    md += ["", "## Curves", ""]
+    md += ["![curves](curves.png)", "", f"Tags: {', '.join(drawn)}."] if drawn else ["No TensorBoard scalars."]
+    md += ["", "## Speed", ""]
+    for tag, label, scale, unit in (("perf/images_per_s", "throughput", 1, " images/s"),
+                                    ("perf/data_wait_fraction", "time waiting for data", 100, "%"),
+                                    ("perf/step_time_s", "step time", 1000, " ms")):
+        values = [v for _, v in scalars.get(tag, [])[1:]] or [v for _, v in scalars.get(tag, [])]
+        if values:
+            md.append(f"- {label}: median {scale * statistics.median(values):.3g}{unit} over {len(values)} logs")
+    md += ["", "## conv1 kernels (the paper's figure 3)", "",
+           f"![conv1 kernels](../figures/{Path(filters['png']).name})", "",
+           "Colour fraction per tower (0 = grey kernels, about 0.67 = noise): "
+           + ", ".join(f"tower {t}: {f:.3f}" for t, f in enumerate(filters["colour_fraction"])), ""]
+    neighbours = run_dir / "figures" / f"neighbours-{checkpoint.name}.png"
+    md += ["## Nearest training images in fc7 space (figure 4)", ""]
+    md += [f"![neighbours](../figures/{neighbours.name})"] if neighbours.exists() else [
+        f"Not made yet: `python -m pipeline.analysis neighbours --run-dir {run_dir} --checkpoint {which}`."]
+    md += ["", "## Checkpoints", "", *checkpoints_table(run_dir), "",
+           "## Resolved config", "", "```json", json.dumps(config, indent=1), "```", ""]
+    path = out / "report.md"
+    write_bytes_atomic(path, "\n".join(md).encode())
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint directory")
+    parser.add_argument("--no-evaluate", action="store_true", help="do not evaluate missing errors here")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        print(f"written: {report(args.run_dir, args.checkpoint, not args.no_evaluate)}")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""A tiny trained run for the evaluation, figure, report and ablation tests, built once per session.
+
+    from tests._analysis_fixtures import trained_run  # noqa: F401  (fixture, used by name)
+
+The demo dataset (``tests._fixtures``: 4 classes, 24 val images) trained for one epoch of 12 steps
+with a narrow model over the paper's two-tower split (2 gloo processes), checkpoints at steps 6
+and 12, centre-crop validation at the end (so ``best`` exists). Read-only for the tests.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests._fixtures import NARROW, REPO, TORCHRUN, demo_data, demo_shards, free_port, small_env  # noqa: F401
+
+_CACHE: dict[str, Path] = {}
+
+TRAIN_ARGS = [*NARROW, "--batch-size", "8", "--data.workers", "1", "--train.ten-crop", "false",
+              "--checkpoint.every-minutes", "0", "--checkpoint.every-steps", "6", "--epochs", "1",
+              "--model.init", "kaiming", "--data.mean", "channel", "--lr", "0.02", "--train.log-every", "4"]
+
+
+def train(shards: Path, run_dir: Path, extra: list[str] = (), nproc: int = 2, timeout: float = 600) -> Path:
+    """``launch.train`` under torchrun (gloo, CPU) with the tiny-run flags; raises with its log on failure."""
+    cmd = [TORCHRUN, f"--nproc_per_node={nproc}", f"--master-port={free_port()}", "-m", "launch.train",
+           "--data", str(shards), "--run-dir", str(run_dir), "--tp", "2" if nproc == 2 else "1", *TRAIN_ARGS,
+           *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=small_env(), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    """RUN_DIR of the tiny tp=2 run (checkpoints step 6 and 12, best = 12); read-only."""
+    if "run" not in _CACHE or not (_CACHE["run"] / "checkpoints" / "best").exists():
+        _CACHE["run"] = train(demo_shards, tmp_path_factory.mktemp("trained") / "run")
+    return _CACHE["run"]
