@@ -1,6 +1,4 @@
-"""A tiny trained run for the evaluation, figure, report and ablation tests, built once per session.
-
-    from tests._analysis_fixtures import trained_run  # noqa: F401  (fixture, used by name)
+"""A tiny trained run for the evaluation, figure, report and ablation tests (conftest.py's ``trained_run``).
 
 The demo dataset (``tests._fixtures``: 4 classes, 24 val images) trained for one epoch of 12 steps
 with a narrow model over the paper's two-tower split (2 gloo processes), checkpoints at steps 6
@@ -12,11 +10,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from tests._fixtures import NARROW, REPO, TORCHRUN, demo_data, demo_shards, free_port, small_env  # noqa: F401
-
-_CACHE: dict[str, Path] = {}
+from tests._fixtures import NARROW, REPO, TORCHRUN, free_port, small_env
 
 TRAIN_ARGS = [*NARROW, "--batch-size", "8", "--data.workers", "1", "--train.ten-crop", "false",
               "--checkpoint.every-minutes", "0", "--checkpoint.every-steps", "6", "--epochs", "1",
@@ -33,11 +27,3 @@ def train(shards: Path, run_dir: Path, extra: list[str] = (), nproc: int = 2, ti
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return run_dir
-
-
-@pytest.fixture(scope="session")
-def trained_run(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
-    """RUN_DIR of the tiny tp=2 run (checkpoints step 6 and 12, best = 12); read-only."""
-    if "run" not in _CACHE or not (_CACHE["run"] / "checkpoints" / "best").exists():
-        _CACHE["run"] = train(demo_shards, tmp_path_factory.mktemp("trained") / "run")
-    return _CACHE["run"]

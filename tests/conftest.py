@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._analysis_fixtures import train
 from tests._fixtures import build_demo, make_image_folder
 from tests.cluster import SlurmCluster, SlurmUnavailable, slurm_skip_reason
 
@@ -66,3 +67,9 @@ def demo_shards(demo_data: Path) -> Path:
 def image_folder(tmp_path: Path) -> Path:
     """A small ImageFolder source tree (3 classes x 7 images, one undecodable file) under tmp_path/train."""
     return make_image_folder(tmp_path / "train")
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RUN_DIR of a tiny tp=2 run on the demo data (checkpoints at steps 6 and 12, best = 12); read-only."""
+    return train(demo_shards, tmp_path_factory.mktemp("trained") / "run")

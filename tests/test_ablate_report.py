@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from pipeline import ablate, report
-from tests._analysis_fixtures import demo_data, demo_shards, trained_run  # noqa: F401
 from tests._fixtures import NARROW
 
 TINY = ["--", *NARROW, "--batch-size", "16", "--data.workers", "1", "--train.ten-crop", "false", "--epochs", "1",

@@ -20,7 +20,6 @@ from pipeline.analysis import (
     read_image,
     write_rank_features,
 )
-from tests._analysis_fixtures import demo_data, demo_shards, trained_run  # noqa: F401
 
 
 def run_analysis(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -12,7 +12,6 @@ import torch
 
 from pipeline import data
 from pipeline.evaluate import Tally, class_names, evaluate_members, load_member, main, predict
-from tests._analysis_fixtures import demo_data, demo_shards, trained_run  # noqa: F401
 from tests._fixtures import REPO, TORCHRUN, free_port, small_env
 
 CPU = torch.device("cpu")
@@ -153,4 +152,4 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFi
     status, _, stderr = evaluate(capsys, "--ensemble", str(tmp_path / "nothing-here"))
     assert status == 2 and stderr.startswith("error: ") and len(stderr.splitlines()) == 1
     status, _, stderr = evaluate(capsys, "--run-dir", str(tmp_path))
-    assert status == 2 and "no such checkpoint pointer" in stderr
+    assert status == 2 and "no best checkpoint yet" in stderr and len(stderr.splitlines()) == 1
