@@ -125,7 +125,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, demo
     assert second, f"no second run in the log:\n{log}"
     assert "signal received" in first and f"requeueing job {job}" in first, first
     assert f"Slurm job {job} on cluster alexnet-local takes over from its previous incarnation" in second, second
-    stopped = re.search(r"stop requested: checkpointed at step (\d+)", first)
+    stopped = re.search(r"stopped at epoch \d+, step (\d+) ", first)
     assert stopped, first
     step = int(stopped.group(1))
     assert 2 <= step < total, step

@@ -302,7 +302,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster
     assert (records[0]["JobState"], records[0]["ExitCode"], records[0]["Restarts"]) == ("COMPLETED", "0:0", "1"), report
 
     rank0 = rank0_log.read_text()
-    stopped = re.search(r"stop requested: checkpointed at step (\d+); exiting for requeue", rank0)
+    stopped = re.search(r"stopped at epoch \d+, step (\d+) .*run the same command to continue", rank0)
     assert stopped, report
     stop_step = int(stopped.group(1))
     assert 3 <= stop_step < steps and stop_step % 2 == 0, report  # a control step, before the end
