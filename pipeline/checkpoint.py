@@ -107,21 +107,17 @@ class TrainState:
         self.progress = Progress()
         self.best_top1_error: float | None = None
 
-    # -- tower form
-
-    def _held_towers(self) -> list[int]:
-        """The towers this rank holds: its own under tp=2, all of them under tp=1."""
-        return [self.tp_rank] if self.layout["tp_size"] == 2 else list(range(self.towers))
+    # -- tower form: under tp=2 a rank holds its own tower; under tp=1 all of them (model.to_towers)
 
     def _to_towers(self, full: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
-        if self.layout["tp_size"] == 2 or self.towers == 1:
-            return {self._held_towers()[0]: full}
-        return {t: model_lib.tower_state_dict(full, t) for t in range(self.towers)}
+        if self.layout["tp_size"] == 2:
+            return {self.tp_rank: full}
+        return model_lib.to_towers(full, self.towers)
 
     def _from_towers(self, towers: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        if self.layout["tp_size"] == 2 or self.towers == 1:
-            return towers[self._held_towers()[0]]
-        return model_lib.merge_tower_state_dicts([towers[t] for t in range(self.towers)])
+        if self.layout["tp_size"] == 2:
+            return towers[self.tp_rank]
+        return model_lib.from_towers(towers)
 
     def _model_and_momentum(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         model_sd = {k: v.detach().cpu() for k, v in model_lib.unwrap(self.model).state_dict().items()}
@@ -412,8 +408,8 @@ def export_model(path: str | Path) -> dict[str, torch.Tensor]:
     if reason:
         raise CheckpointError(f"{path}: {reason}; pass another checkpoint")
     towers = read_towers(path)
-    models = [{k[len("model."):]: v for k, v in towers[t].items() if k.startswith("model.")} for t in sorted(towers)]
-    return models[0] if len(models) == 1 else model_lib.merge_tower_state_dicts(models)
+    return model_lib.from_towers({t: {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+                                  for t, tensors in towers.items()})
 
 
 # ---------------------------------------------------------------------------------------------- save/load

@@ -268,3 +268,17 @@ def test_a_crash_right_after_an_explicit_resume_comes_back_to_it(tmp_path: Path)
     first = _save_at(again, resumed, 15)  # the new lineage's first save, then the pointer is lost
     (checkpoint.checkpoints_dir(tmp_path) / LATEST).write_text(chosen.name)
     assert _saver(tmp_path).restore(_state(tmp_path), None) == first
+
+
+def test_one_column_model_round_trips(tmp_path: Path) -> None:
+    """The ablation's one full-width column (no split) is stored as a single tower."""
+    cfg = RunConfig(run_dir=str(tmp_path))
+    cfg.model = ModelConfig(num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16, towers=1)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = TrainState(model, optimizer, LRSchedule(cfg.schedule, 0.01), cfg, dict(LAYOUT), rank=0, tp_rank=0,
+                       towers=1)
+    path = _save_at(_saver(tmp_path), state, 3)
+    assert sorted(checkpoint.read_towers(path)) == [0]
+    exported = checkpoint.export_model(path)
+    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
