@@ -73,12 +73,16 @@ class TrainConfig:
     """steps between weight histograms in TensorBoard (0 = never)"""
     device: str = "auto"
     """auto (CUDA if available), cuda or cpu"""
+    grad_compression: str = "none"
+    """data-parallel gradient all-reduce: none (fp32) or bf16 (DDP's bf16_compress_hook: half the bytes)"""
 
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16"):
             raise UserError(f"--train.amp must be none or bf16 (got {self.amp!r})")
         if self.device not in ("auto", "cuda", "cpu"):
             raise UserError(f"--train.device must be auto, cuda or cpu (got {self.device!r})")
+        if self.grad_compression not in ("none", "bf16"):
+            raise UserError(f"--train.grad-compression must be none or bf16 (got {self.grad_compression!r})")
 
 
 @dataclass

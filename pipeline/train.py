@@ -90,7 +90,12 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids, process_group=self.mesh.dp_group)
+        ddp = DistributedDataParallel(module, device_ids=device_ids, process_group=self.mesh.dp_group)
+        if self.cfg.train.grad_compression == "bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(self.mesh.dp_group, default_hooks.bf16_compress_hook)
+        return ddp
 
     # ------------------------------------------------------------------ the loop
 
