@@ -334,6 +334,60 @@ def checkpoint_stall(device: str, *, saves: int, directory: Path, model_cfg: Any
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+# ------------------------------------------------------------------------------------------------ scaling on paper
+
+
+@dataclass(frozen=True)
+class ScalingAssumptions:
+    """The model behind ``--scaling`` (docs/BENCHMARKS.md states and discusses each)."""
+
+    step_s: float = 128 / 15064  # compiled paper model, bf16, batch 128 per GPU, one H100 (bench_model)
+    parameters: float = 60.97e6  # the paper model with 1000 classes
+    gpus_per_node: int = 8
+    nvlink_bytes_per_s: float = 360e9  # NCCL all-reduce bus bandwidth inside an NVSwitch node
+    link_efficiency: float = 0.8  # of the inter-node line rate that an all-reduce achieves
+    overlap_window: float = 0.6  # share of the step after the FC gradients are ready (the conv backward)
+    last_bucket: float = 0.04  # share of the gradient bytes produced last (conv layers): never hidden
+
+
+def scaling_estimate(nodes: int, link_gbps: float, *, grad_bytes_per_param: int, overlap: bool,
+                     a: ScalingAssumptions = ScalingAssumptions()) -> dict[str, float]:
+    """Step time and efficiency of data parallelism over ``nodes`` x 8 GPUs, one ``link_gbps`` NIC per node.
+
+    Hierarchical ring all-reduce: reduce-scatter and all-gather inside the node over NVLink
+    (2(g-1)/g of the bytes), then each GPU's 1/g across nodes, the g rings sharing the NIC (2(n-1)/n of
+    the bytes through it). Overlap hides communication behind the conv layers' backward pass, except
+    the last bucket's.
+    """
+    size = a.parameters * grad_bytes_per_param
+    g = a.gpus_per_node
+    inside = 2 * (g - 1) / g * size / a.nvlink_bytes_per_s
+    across = 2 * (nodes - 1) / nodes * size / (a.link_efficiency * link_gbps * 1e9 / 8)
+    comm = inside + across
+    exposed = max(a.last_bucket * comm, comm - a.overlap_window * a.step_s) if overlap else comm
+    step = a.step_s + exposed
+    return {"allreduce_s": comm, "step_s": step, "efficiency": a.step_s / step,
+            "images_per_s": nodes * g * 128 / step}
+
+
+def print_scaling(a: ScalingAssumptions = ScalingAssumptions()) -> None:
+    print(f"per-GPU step {1000 * a.step_s:.2f} ms at batch 128, {a.parameters / 1e6:.2f}M parameters; "
+          "efficiency = step alone / step with the all-reduce")
+    print("| link/node | nodes | GPUs | all-reduce fp32 | fp32 | fp32 + overlap | all-reduce bf16 | bf16 | "
+          "bf16 + overlap | img/s (bf16 + overlap) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for link in (100, 200, 400, 3200):  # 3200: eight 400 Gb/s NICs per node (one per GPU, DGX H100-style)
+        for nodes in (1, 2, 8, 32):
+            cells = []
+            for width in (4, 2):
+                seq = scaling_estimate(nodes, link, grad_bytes_per_param=width, overlap=False, a=a)
+                ovl = scaling_estimate(nodes, link, grad_bytes_per_param=width, overlap=True, a=a)
+                cells += [f"{1000 * seq['allreduce_s']:.1f} ms", f"{100 * seq['efficiency']:.0f}%",
+                          f"{100 * ovl['efficiency']:.0f}%"]
+            label = "8x400" if link == 3200 else str(link)
+            print(f"| {label} Gb/s | {nodes} | {8 * nodes} | {' | '.join(cells)} | {ovl['images_per_s']:,.0f} |")
+
+
 # ------------------------------------------------------------------------------------------------ the command
 
 
@@ -391,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the checkpoint stall writes (the disk run dirs live on); default: a "
                              "temporary directory under the current one, removed afterwards")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--scaling", action="store_true",
+                        help="print the data-parallel scaling estimate (arithmetic only) and exit")
     parser.add_argument("--gpu-report", action="store_true",
                         help="the GPU input path side by side (pipeline.bench_gpu); needs CUDA and --data")
     return parser
@@ -404,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.scaling:
+        print_scaling()
+        return 0
     if args.gpu_report:
         from pipeline import bench_gpu
 

@@ -66,6 +66,20 @@ def test_recording_counts_only_the_window() -> None:
         record.window(1, 4)
 
 
+def test_scaling_estimate_follows_its_stated_model() -> None:
+    a = bench_train.ScalingAssumptions()
+    one = bench_train.scaling_estimate(1, 100, grad_bytes_per_param=4, overlap=False)
+    assert one["allreduce_s"] == pytest.approx(2 * 7 / 8 * 4 * a.parameters / a.nvlink_bytes_per_s)  # NVLink only
+    for link in (100, 400):
+        for nodes in (2, 8, 32):
+            fp32 = bench_train.scaling_estimate(nodes, link, grad_bytes_per_param=4, overlap=False)
+            bf16 = bench_train.scaling_estimate(nodes, link, grad_bytes_per_param=2, overlap=False)
+            hidden = bench_train.scaling_estimate(nodes, link, grad_bytes_per_param=4, overlap=True)
+            assert bf16["allreduce_s"] == pytest.approx(fp32["allreduce_s"] / 2)
+            assert fp32["efficiency"] < bf16["efficiency"] and fp32["efficiency"] < hidden["efficiency"] < 1
+            assert fp32["step_s"] == pytest.approx(a.step_s + fp32["allreduce_s"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--loaders", "dali"], "pass --data"),
