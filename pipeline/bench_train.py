@@ -8,7 +8,8 @@ TensorBoard, control all-reduce, checkpoint timer, as configured by default) and
 (forward, loss, backward, step, nothing else), taking turns (``--rounds``; the best round counts, so a
 neighbour's load on a shared machine hits both). Both read the same batches from the same loader, which
 records when each batch is asked for and handed over: the window is ``--steps`` steps after ``--warmup``,
-and data wait is the time spent inside the loader. Loaders: the real one (``pipeline.data.train_loader``
+and data wait is the time spent inside the loader; the process's CPU time per step, which hardly moves
+with a shared machine's load, is reported beside the wall clock. Loaders: the real one (``pipeline.data.train_loader``
 on ``--data``, epochs chained) and an in-memory synthetic one that isolates the loop's own cost.
 
 Tower split: median step time (forward, backward, SGD) of the model on one device against its two
@@ -77,6 +78,7 @@ class Recording:
     asked: list[float] = field(default_factory=list)
     got: list[float] = field(default_factory=list)
     images: list[int] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # this process's CPU seconds (all threads) at the window's ends
 
     def window(self, warmup: int, steps: int) -> dict[str, float]:
         """Steps ``warmup .. warmup+steps-1``: from asking for the first to asking for the one after the last."""
@@ -85,15 +87,17 @@ class Recording:
         span = self.asked[warmup + steps] - self.asked[warmup]
         wait = sum(self.got[i] - self.asked[i] for i in range(warmup, warmup + steps))
         images = sum(self.images[warmup:warmup + steps])
+        cpu = self.cpu[1] - self.cpu[0] if len(self.cpu) == 2 else float("nan")
         return {"images": images, "seconds": span, "images_per_s": images / span, "step_s": span / steps,
-                "data_wait_fraction": wait / span}
+                "data_wait_fraction": wait / span, "cpu_s_per_step": cpu / steps}
 
 
 class RecordingLoader:
     """``len()`` = the steps to run; iterating draws from ``source`` and timestamps every hand-over.
 
     The clock is read after a device sync at the window's two ends only (``sync_at``), so queued GPU work
-    is counted without adding a sync to every step.
+    is counted without adding a sync to every step. The process's CPU time is read there too: on a shared
+    machine it moves far less with the neighbours' load than the wall clock does.
     """
 
     def __init__(self, source: Iterator[tuple[Any, Any]], steps: int, record: Recording,
@@ -107,6 +111,7 @@ class RecordingLoader:
         for i in range(self.steps + 1):
             if i in self.sync_at:
                 self.sync()
+                self.record.cpu.append(time.process_time())
             self.record.asked.append(time.perf_counter())
             if i == self.steps:
                 return
@@ -219,9 +224,11 @@ def loop_overhead(setup: Setup, data_cfg: Any, *, synthetic: bool, warmup: int, 
                 record = run_plain(setup, source, warmup=warmup, steps=steps)
             per_loop[name].append(record.window(warmup, steps))
     best = {name: max(rs, key=lambda w: w["images_per_s"]) for name, rs in per_loop.items()}
+    least_cpu = {name: min(w["cpu_s_per_step"] for w in rs) for name, rs in per_loop.items()}
     return {"loader": "synthetic" if synthetic else data_cfg.loader, "trainer": best["trainer"],
             "plain": best["plain"], "rounds": per_loop,
-            "overhead": best["plain"]["images_per_s"] / best["trainer"]["images_per_s"] - 1}
+            "overhead": best["plain"]["images_per_s"] / best["trainer"]["images_per_s"] - 1,
+            "cpu_s_per_step": least_cpu, "cpu_overhead": least_cpu["trainer"] / least_cpu["plain"] - 1}
 
 
 # ------------------------------------------------------------------------------------------------ tp=2 vs tp=1
@@ -548,9 +555,11 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"{name:<10} {which:<8} {best['images_per_s']:>9.1f} {1000 * best['step_s']:>9.1f} "
                   f"{100 * best['data_wait_fraction']:>9.1f}% {every:>24}")
         extra_ms = 1000 * (loop["trainer"]["step_s"] - loop["plain"]["step_s"])
+        cpu = loop["cpu_s_per_step"]
         print(f"{name:<10} Trainer overhead vs the plain loop: {100 * loop['overhead']:+.1f}% "
-              f"(plain / trainer = {1 + loop['overhead']:.3f}x, {extra_ms:+.2f} ms/step); both loops "
-              f"{loop['trainer']['images']} images")
+              f"(plain / trainer = {1 + loop['overhead']:.3f}x, {extra_ms:+.2f} ms/step); in CPU time "
+              f"{100 * loop['cpu_overhead']:+.1f}% ({1000 * cpu['plain']:.1f} vs {1000 * cpu['trainer']:.1f} "
+              f"CPU-ms/step, least of the rounds); both loops {loop['trainer']['images']} images")
     split = report.get("tower_split")
     if split and "skipped" in split:
         print(f"tower split: skipped ({split['skipped']})")

@@ -39,6 +39,8 @@ def test_trainer_and_plain_loop_see_the_same_batches(demo_shards: Path, tmp_path
             assert 0 <= loop[which]["data_wait_fraction"] < 1
             assert loop[which]["images_per_s"] > 0
         assert loop["overhead"] == pytest.approx(loop["plain"]["images_per_s"] / loop["trainer"]["images_per_s"] - 1)
+        cpu = loop["cpu_s_per_step"]
+        assert cpu["trainer"] > 0 and loop["cpu_overhead"] == pytest.approx(cpu["trainer"] / cpu["plain"] - 1)
     assert report["setup"]["num_classes"] == DEMO_CLASSES
     assert {"date", "torch", "cpu", "command"} <= set(report["environment"])
     assert not list(tmp_path.glob("bench-train-*")), "scratch run dirs are removed"
@@ -62,6 +64,7 @@ def test_recording_counts_only_the_window() -> None:
     assert len(list(loader)) == 4
     window = record.window(1, 2)
     assert window["images"] == 12  # batches 1 and 2: 5 + 7
+    assert window["cpu_s_per_step"] >= 0 and len(record.cpu) == 2
     with pytest.raises(RuntimeError, match="fewer than"):
         record.window(1, 4)
 
