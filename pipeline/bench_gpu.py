@@ -74,7 +74,8 @@ def dali_graph(data_cfg: Any, *, batch_size: int, workers: int, gpu: bool, hw_de
         alpha = fn.random.normal(shape=[1, 3], stddev=norm.lighting_std)
         offset = fn.reshape(fn.coord_transform(alpha, M=norm.lighting.flatten().tolist()), shape=[3])
         mean = types.Constant(np.asarray(norm.channel_mean, np.float32)) - offset
-        out = fn.crop_mirror_normalize(images, crop=(norm.crop, norm.crop), crop_pos_x=fn.random.uniform(values=positions),
+        out = fn.crop_mirror_normalize(images, crop=(norm.crop, norm.crop),
+                                       crop_pos_x=fn.random.uniform(values=positions),
                                        crop_pos_y=fn.random.uniform(values=positions),
                                        mirror=fn.random.coin_flip(probability=0.5), mean=mean,
                                        std=list(norm.channel_std), dtype=types.FLOAT, output_layout="CHW")

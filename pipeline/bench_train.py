@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -512,7 +511,8 @@ def measure(args: argparse.Namespace, device: str) -> dict[str, Any]:
     if unknown:
         raise UserError(f"--loaders: unknown {', '.join(sorted(unknown))}; use synthetic, dali or torch")
     if any(x != "synthetic" for x in loaders) and not args.data:
-        raise UserError("--loaders dali/torch read real shards: pass --data SHARDS (a `python -m preprocess shard` output)")
+        raise UserError("--loaders dali/torch read real shards: pass --data SHARDS "
+                        "(a `python -m preprocess shard` output)")
     num_classes = len(read_manifest(args.data).classes) if args.data else 1000
     setup = resolve_setup(args, device, num_classes)
     report: dict[str, Any] = {"environment": environment(device), "setup": asdict(setup),

@@ -121,7 +121,8 @@ def test_gpu_report_pieces_run_on_cpu(demo_shards: Path) -> None:
 
 
 def test_grad_compression_option_is_checked(tmp_path: Path) -> None:
-    assert config.parse(["--data", str(tmp_path), "--train.grad-compression", "bf16"])[0].train.grad_compression == "bf16"
+    cfg, _ = config.parse(["--data", str(tmp_path), "--train.grad-compression", "bf16"])
+    assert cfg.train.grad_compression == "bf16"
     with pytest.raises(UserError, match="--train.grad-compression must be none or bf16"):
         config.parse(["--data", str(tmp_path), "--train.grad-compression", "fp8"])
 
