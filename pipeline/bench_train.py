@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -78,6 +79,7 @@ class Recording:
     got: list[float] = field(default_factory=list)
     images: list[int] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # this process's CPU seconds (all threads) at the window's ends
+    main_cpu: list[float] = field(default_factory=list)  # the loop's thread alone (loader threads excluded)
 
     def window(self, warmup: int, steps: int) -> dict[str, float]:
         """Steps ``warmup .. warmup+steps-1``: from asking for the first to asking for the one after the last."""
@@ -87,8 +89,9 @@ class Recording:
         wait = sum(self.got[i] - self.asked[i] for i in range(warmup, warmup + steps))
         images = sum(self.images[warmup:warmup + steps])
         cpu = self.cpu[1] - self.cpu[0] if len(self.cpu) == 2 else float("nan")
+        main = self.main_cpu[1] - self.main_cpu[0] if len(self.main_cpu) == 2 else float("nan")
         return {"images": images, "seconds": span, "images_per_s": images / span, "step_s": span / steps,
-                "data_wait_fraction": wait / span, "cpu_s_per_step": cpu / steps}
+                "data_wait_fraction": wait / span, "cpu_s_per_step": cpu / steps, "main_cpu_s_per_step": main / steps}
 
 
 class RecordingLoader:
@@ -111,6 +114,7 @@ class RecordingLoader:
             if i in self.sync_at:
                 self.sync()
                 self.record.cpu.append(time.process_time())
+                self.record.main_cpu.append(time.thread_time())
             self.record.asked.append(time.perf_counter())
             if i == self.steps:
                 return
@@ -224,10 +228,15 @@ def loop_overhead(setup: Setup, data_cfg: Any, *, synthetic: bool, warmup: int, 
             per_loop[name].append(record.window(warmup, steps))
     best = {name: max(rs, key=lambda w: w["images_per_s"]) for name, rs in per_loop.items()}
     least_cpu = {name: min(w["cpu_s_per_step"] for w in rs) for name, rs in per_loop.items()}
+    least_main = {name: min(w["main_cpu_s_per_step"] for w in rs) for name, rs in per_loop.items()}
     return {"loader": "synthetic" if synthetic else data_cfg.loader, "trainer": best["trainer"],
             "plain": best["plain"], "rounds": per_loop,
             "overhead": best["plain"]["images_per_s"] / best["trainer"]["images_per_s"] - 1,
-            "cpu_s_per_step": least_cpu, "cpu_overhead": least_cpu["trainer"] / least_cpu["plain"] - 1}
+            "cpu_s_per_step": least_cpu, "cpu_overhead": least_cpu["trainer"] / least_cpu["plain"] - 1,
+            "main_cpu_s_per_step": least_main, "main_cpu_overhead": least_main["trainer"] / least_main["plain"] - 1,
+            # a neighbour's load drifts slowly: the two loops of one round ran back to back
+            "paired_cpu_overhead_median": statistics.median(
+                t["cpu_s_per_step"] / p["cpu_s_per_step"] - 1 for t, p in zip(per_loop["trainer"], per_loop["plain"]))}
 
 
 # ------------------------------------------------------------------------------------------------ tp=2 vs tp=1
@@ -555,11 +564,14 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"{name:<10} {which:<8} {best['images_per_s']:>9.1f} {1000 * best['step_s']:>9.1f} "
                   f"{100 * best['data_wait_fraction']:>9.1f}% {every:>24}")
         extra_ms = 1000 * (loop["trainer"]["step_s"] - loop["plain"]["step_s"])
-        cpu = loop["cpu_s_per_step"]
+        cpu, main = loop["cpu_s_per_step"], loop["main_cpu_s_per_step"]
         print(f"{name:<10} Trainer overhead vs the plain loop: {100 * loop['overhead']:+.1f}% "
               f"(plain / trainer = {1 + loop['overhead']:.3f}x, {extra_ms:+.2f} ms/step); in CPU time "
               f"{100 * loop['cpu_overhead']:+.1f}% ({1000 * cpu['plain']:.1f} vs {1000 * cpu['trainer']:.1f} "
-              f"CPU-ms/step, least of the rounds); both loops {loop['trainer']['images']} images")
+              f"CPU-ms/step, least of the rounds); the loop's thread alone {100 * loop['main_cpu_overhead']:+.1f}% "
+              f"({1000 * main['plain']:.1f} vs {1000 * main['trainer']:.1f}); "
+              f"both loops {loop['trainer']['images']} images; round by round (median) "
+              f"{100 * loop['paired_cpu_overhead_median']:+.1f}% CPU")
     split = report.get("tower_split")
     if split and "skipped" in split:
         print(f"tower split: skipped ({split['skipped']})")

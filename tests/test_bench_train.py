@@ -41,6 +41,8 @@ def test_trainer_and_plain_loop_see_the_same_batches(demo_shards: Path, tmp_path
         assert loop["overhead"] == pytest.approx(loop["plain"]["images_per_s"] / loop["trainer"]["images_per_s"] - 1)
         cpu = loop["cpu_s_per_step"]
         assert cpu["trainer"] > 0 and loop["cpu_overhead"] == pytest.approx(cpu["trainer"] / cpu["plain"] - 1)
+        assert 0 < loop["main_cpu_s_per_step"]["trainer"] <= cpu["trainer"]  # one thread of the process
+        assert loop["paired_cpu_overhead_median"] > -1
     assert report["setup"]["num_classes"] == DEMO_CLASSES
     assert {"date", "torch", "cpu", "command"} <= set(report["environment"])
     assert not list(tmp_path.glob("bench-train-*")), "scratch run dirs are removed"
