@@ -28,8 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.bench_train import (Recording, RecordingLoader, Setup, _sync, environment, loop_overhead,
-                                  resolve_setup, run_plain)
+from pipeline.bench_train import (Recording, RecordingLoader, Setup, _sync, data_config, environment,
+                                  loop_overhead, resolve_setup, run_plain)
 from preprocess.errors import UserError
 
 HW_DECODER_LOADS = (0.0, 0.35, 0.65, 0.9, 1.0)
@@ -183,7 +183,7 @@ def gpu_report(args: argparse.Namespace, device: str) -> dict[str, Any]:
     import torch
 
     from pipeline.bench_model import time_steps
-    from pipeline.data import DataConfig, resolve_workers
+    from pipeline.data import resolve_workers
     from pipeline.model import build_model
     from preprocess.format import read_manifest
 
@@ -191,8 +191,8 @@ def gpu_report(args: argparse.Namespace, device: str) -> dict[str, Any]:
     workers = resolve_workers(args.workers)
     setup = resolve_setup(args, device, len(read_manifest(args.data).classes))
     tuned = replace(setup, amp="bf16", channels_last=True, compile=gpu)
-    ours = DataConfig(data=args.data, loader="dali", workers=workers, channels_last=tuned.channels_last)
-    plain_cfg = DataConfig(data=args.data, loader="dali", workers=workers)
+    ours = data_config(data=args.data, loader="dali", workers=workers, channels_last=tuned.channels_last)
+    plain_cfg = data_config(data=args.data, loader="dali", workers=workers)
     w, n = args.warmup, args.steps
     report: dict[str, Any] = {"environment": environment(device), "setup": asdict(tuned), "workers": workers,
                               "warmup": w, "steps": n}
