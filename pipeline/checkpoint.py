@@ -62,8 +62,10 @@ _HASH_CHUNK = 8 << 20
 
 @dataclass
 class CheckpointConfig:
+    every_epochs: int = 1
+    """save at the end of every this many epochs (and whenever validation finds a new best)"""
     every_minutes: float = 30.0
-    """also save every this many minutes (besides every epoch); 0 = never by time"""
+    """also save every this many minutes; 0 = never by time"""
     every_steps: int = 0
     """also save every this many optimizer steps; 0 = never by step count"""
     keep_last: int = 3
@@ -451,6 +453,9 @@ class Checkpointer:
     def time_due(self) -> bool:
         """Global rank 0's clock decides; the trainer shares the decision with every rank."""
         return self.cfg.every_minutes > 0 and time.monotonic() - self._last_save >= 60 * self.cfg.every_minutes
+
+    def epoch_due(self, epochs_done: int) -> bool:
+        return epochs_done % self.cfg.every_epochs == 0
 
     def step_due(self, step: int) -> bool:
         """Every rank computes the same answer from the step count alone."""

@@ -77,12 +77,16 @@ class TrainConfig:
     """minutes without a heartbeat (refreshed at control steps, at most once a minute) after which this
     run's lease on RUN_DIR (writer.lease) is stale and another job may take the run directory over;
     keep it above the longest validation"""
+    grad_compression: str = "none"
+    """data-parallel gradient all-reduce: none (fp32) or bf16 (DDP's bf16_compress_hook: half the bytes)"""
 
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16"):
             raise UserError(f"--train.amp must be none or bf16 (got {self.amp!r})")
         if self.device not in ("auto", "cuda", "cpu"):
             raise UserError(f"--train.device must be auto, cuda or cpu (got {self.device!r})")
+        if self.grad_compression not in ("none", "bf16"):
+            raise UserError(f"--train.grad-compression must be none or bf16 (got {self.grad_compression!r})")
 
 
 @dataclass
@@ -331,6 +335,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "schedule.threshold": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1)"),
     "schedule.milestones": (lambda x: all(m >= 0 for m in x), "epochs >= 0"),
     "schedule.warmup_epochs": (lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    "checkpoint.every_epochs": (lambda x: x >= 1, "at least 1"),
     "checkpoint.every_minutes": (lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0 = never by time)"),
     "checkpoint.every_steps": (lambda x: x >= 0, ">= 0 (0 = never by step count)"),
     "checkpoint.keep_last": (lambda x: x >= 1, "at least 1"),

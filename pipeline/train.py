@@ -93,7 +93,12 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids, process_group=self.mesh.dp_group)
+        ddp = DistributedDataParallel(module, device_ids=device_ids, process_group=self.mesh.dp_group)
+        if self.cfg.train.grad_compression == "bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(self.mesh.dp_group, default_hooks.bf16_compress_hook)
+        return ddp
 
     # ------------------------------------------------------------------ the loop
 
@@ -123,7 +128,9 @@ class Trainer:
                 val_error = self.validate(epoch)
                 if self.schedule.on_validation(top1_error=val_error, epoch=epoch, step=self.progress.step):
                     self._log_drop()
-            self._save(is_best=self._is_best(val_error))
+            is_best = self._is_best(val_error)
+            if is_best or self.checkpointer.epoch_due(epoch + 1):  # a new best is always kept
+                self._save(is_best=is_best)
         if self.checkpointer.last_saved_step != self.progress.step:  # stopped by --max-steps: keep the state
             self._save(is_best=False)
         self.writer.hparams(_flat_hparams(self.cfg),
