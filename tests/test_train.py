@@ -184,3 +184,13 @@ def test_paper_model_end_to_end(demo_shards: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(next(run_dir.glob("eval-step-*.json")).read_text())
     assert result["images"] == 24 and result["ten_crop"] is True
+
+
+def test_epoch_end_saves_every_n_epochs(four_class_manifest: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _train(tmp_path / "o", ["--data", str(four_class_manifest), "--run-dir", str(run_dir), *NARROW, "--tp", "1",
+                            "--batch-size", "4", "--epochs", "4", "--train.val-every", "4", "--train.ten-crop",
+                            "false", "--checkpoint.every-epochs", "2", "--checkpoint.every-minutes", "0"],
+           data="fixed")
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["step-00000008", "step-00000016"], names  # 4 steps an epoch: epochs 2 and 4 only
