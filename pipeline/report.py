@@ -85,6 +85,7 @@ def config_diff(config: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     from pipeline.config import RunConfig
 
     paper = RunConfig().to_dict()
+    paper["model"]["num_classes"] = 1000  # the default 0 means "the dataset's count"; ImageNet's is 1000
     rows = []
     for section, values in config.items():
         if not isinstance(values, dict):
