@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO ?= demo
 WORKERS ?= $(shell nproc)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -30,8 +30,13 @@ demo: venv
 	@echo "Run report: $(DEMO)/run/report/report.md (figures in $(DEMO)/run/report and $(DEMO)/run/figures)"
 	@echo "TensorBoard logs: $(DEMO)/run/tensorboard  (view: $(VENV)/bin/tensorboard --logdir $(DEMO)/run/tensorboard)"
 
-test: venv
+test: lint
 	$(PY) -m pytest -q tests
+
+# ruff's lint and format check (settings in pyproject.toml); `ruff format .` fixes the formatting
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: venv
 	$(PY) -m preprocess bench

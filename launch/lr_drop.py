@@ -19,8 +19,9 @@ from preprocess.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.lr_drop", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.lr_drop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path, help="the job's --run-dir")
     parser.add_argument("--note", default="", help="why (kept with the request)")
     args = parser.parse_args(argv)

@@ -41,10 +41,20 @@ from preprocess.errors import UserError, run_cli
 REPO = Path(__file__).resolve().parents[1]
 PORT_BASE, PORT_RANGE = 20000, 12000  # ports 20000-31999; slurm/train.sh has the same formula
 # `scontrol show job` states in which a job will not run again by itself.
-TERMINAL = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE", "REVOKED",
-})
+TERMINAL = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "REVOKED",
+    }
+)
 
 
 class SubmitError(UserError):
@@ -63,8 +73,13 @@ def rendezvous_port(job_id: str) -> int:
 def node_address(name: str) -> str:
     """The address Slurm knows node `name` by (NodeAddr), else the name itself."""
     try:
-        out = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True, text=True,
-                             timeout=30, stdin=subprocess.DEVNULL).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "node", "-o", name],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return name
     match = re.search(r"(?:^|\s)NodeAddr=(\S+)", out)
@@ -103,8 +118,11 @@ class TrainJob:
         if self._stop is None or not self._stop.is_set():
             # submitit called us on its own (a signal before __call__ replaced its handler): no
             # stop checkpoint was taken, the requeued job redoes the steps since the newest one.
-            print("launch.submit: requeued without a stop checkpoint; resuming from the latest one",
-                  file=sys.stderr, flush=True)
+            print(
+                "launch.submit: requeued without a stop checkpoint; resuming from the latest one",
+                file=sys.stderr,
+                flush=True,
+            )
         return DelayedSubmission(TrainJob(self.argv), *args, **kwargs)
 
     def __call__(self) -> dict[str, Any]:
@@ -140,9 +158,12 @@ class TrainJob:
             cpus = os.environ.get("SLURM_CPUS_PER_TASK") or str(max(1, (os.cpu_count() or 1) // per_node))
             os.environ["OMP_NUM_THREADS"] = cpus
         node = os.environ.get("SLURMD_NODENAME", job_env.hostname)
-        print(f"launch.submit: job {job_env.job_id} restart {os.environ.get('SLURM_RESTART_COUNT', 0)}: "
-              f"task {rank}/{world} (local {local_rank}) on {node}, rendezvous {master}:{os.environ['MASTER_PORT']}",
-              file=sys.stderr, flush=True)
+        print(
+            f"launch.submit: job {job_env.job_id} restart {os.environ.get('SLURM_RESTART_COUNT', 0)}: "
+            f"task {rank}/{world} (local {local_rank}) on {node}, rendezvous {master}:{os.environ['MASTER_PORT']}",
+            file=sys.stderr,
+            flush=True,
+        )
 
         from launch.train import ProcessEnv, run
 
@@ -150,17 +171,29 @@ class TrainJob:
             outcome = run(self.argv, stop=stop, env=ProcessEnv(rank=rank, world_size=world, local_rank=local_rank))
         finally:
             training = False
-        summary = {"rank": rank, "preempted": outcome.preempted, "epoch": outcome.progress.epoch,
-                   "step": outcome.progress.step, "val_top1_error": outcome.val_top1_error}
+        summary = {
+            "rank": rank,
+            "preempted": outcome.preempted,
+            "epoch": outcome.progress.epoch,
+            "step": outcome.progress.step,
+            "val_top1_error": outcome.val_top1_error,
+        }
         if outcome.preempted and preempt_sig in self._signals and rank == 0 and callable(submitit_handler):
-            print(f"launch.submit: stopped at step {outcome.progress.step} with a checkpoint; requeueing "
-                  f"job {job_env.job_id}", file=sys.stderr, flush=True)
+            print(
+                f"launch.submit: stopped at step {outcome.progress.step} with a checkpoint; requeueing "
+                f"job {job_env.job_id}",
+                file=sys.stderr,
+                flush=True,
+            )
             # submitit's handler: checkpoint() -> dump the resubmission -> requeue -> sys.exit.
             submitit_handler(preempt_sig, None)
         elif outcome.preempted:
-            print(f"launch.submit: rank {rank} stopped at step {outcome.progress.step} with a checkpoint"
-                  + ("; rank 0 requeues the job" if preempt_sig in self._signals and rank else ""),
-                  file=sys.stderr, flush=True)
+            print(
+                f"launch.submit: rank {rank} stopped at step {outcome.progress.step} with a checkpoint"
+                + ("; rank 0 requeues the job" if preempt_sig in self._signals and rank else ""),
+                file=sys.stderr,
+                flush=True,
+            )
         return summary
 
 
@@ -185,38 +218,76 @@ class Plan:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.submit", usage="python -m launch.submit [options] -- <launch.train arguments>",
+        prog="python -m launch.submit",
+        usage="python -m launch.submit [options] -- <launch.train arguments>",
         description=__doc__.split("\n\n")[0] + " Options before `--` shape the job; the rest goes to "
         "`python -m launch.train` (see its --help).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     job = parser.add_argument_group("job layout")
     job.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default: %(default)s)")
-    job.add_argument("--gpus-per-node", type=int, default=2, metavar="G",
-                     help="GPUs per node; 0 on a CPU-only cluster (default: %(default)s)")
-    job.add_argument("--tasks-per-node", type=int, default=None, metavar="T",
-                     help="processes per node (default: G, one per GPU; 2 when G is 0, the paper's pair)")
-    job.add_argument("--cpus-per-task", type=int, default=8, metavar="C",
-                     help="CPU cores per process: data loading, OMP_NUM_THREADS in the job (default: %(default)s)")
-    job.add_argument("--mem-gb", type=float, default=None, metavar="GB",
-                     help="memory per node (default: the partition's default)")
+    job.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=2,
+        metavar="G",
+        help="GPUs per node; 0 on a CPU-only cluster (default: %(default)s)",
+    )
+    job.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=None,
+        metavar="T",
+        help="processes per node (default: G, one per GPU; 2 when G is 0, the paper's pair)",
+    )
+    job.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=8,
+        metavar="C",
+        help="CPU cores per process: data loading, OMP_NUM_THREADS in the job (default: %(default)s)",
+    )
+    job.add_argument(
+        "--mem-gb", type=float, default=None, metavar="GB", help="memory per node (default: the partition's default)"
+    )
     job.add_argument("--partition", default=None, metavar="P", help="partition (default: the cluster's default)")
-    job.add_argument("--time-min", type=int, default=24 * 60, metavar="M", help="time limit in minutes (default: %(default)s)")
+    job.add_argument(
+        "--time-min", type=int, default=24 * 60, metavar="M", help="time limit in minutes (default: %(default)s)"
+    )
     job.add_argument("--job-name", default="alexnet", help="job name (default: %(default)s)")
     pre = parser.add_argument_group("preemption")
-    pre.add_argument("--signal-delay-s", type=int, default=120, metavar="S",
-                     help="USR2 this many seconds before the time limit: checkpoint at the next step "
-                          "boundary, then requeue (default: %(default)s)")
-    pre.add_argument("--max-timeouts", type=int, default=3, metavar="K",
-                     help="requeues after reaching the time limit before giving up (preemptions do not count; default: %(default)s)")
+    pre.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=120,
+        metavar="S",
+        help="USR2 this many seconds before the time limit: checkpoint at the next step "
+        "boundary, then requeue (default: %(default)s)",
+    )
+    pre.add_argument(
+        "--max-timeouts",
+        type=int,
+        default=3,
+        metavar="K",
+        help="requeues after reaching the time limit before giving up (preemptions do not count; default: %(default)s)",
+    )
     out = parser.add_argument_group("submission")
-    out.add_argument("--folder", type=Path, default=None, metavar="LOGDIR",
-                     help="submitit's folder: job pickles and per-task logs (default: RUN_DIR/submitit)")
-    out.add_argument("--local", action="store_true",
-                     help="no Slurm: run the tasks on this machine with submitit's local executor")
-    out.add_argument("--dry-run", action="store_true",
-                     help="print the job (the sbatch script for Slurm) and submit nothing")
-    out.add_argument("--wait", action="store_true",
-                     help="wait for the job to end (requeues included); exit with its exit status")
+    out.add_argument(
+        "--folder",
+        type=Path,
+        default=None,
+        metavar="LOGDIR",
+        help="submitit's folder: job pickles and per-task logs (default: RUN_DIR/submitit)",
+    )
+    out.add_argument(
+        "--local", action="store_true", help="no Slurm: run the tasks on this machine with submitit's local executor"
+    )
+    out.add_argument(
+        "--dry-run", action="store_true", help="print the job (the sbatch script for Slurm) and submit nothing"
+    )
+    out.add_argument(
+        "--wait", action="store_true", help="wait for the job to end (requeues included); exit with its exit status"
+    )
     return parser
 
 
@@ -224,7 +295,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """Options before the first `--`, launch.train arguments after it."""
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], argv[i + 1:]
+        return argv[:i], argv[i + 1 :]
     return argv, []
 
 
@@ -244,16 +315,19 @@ def resolve_train_argv(train_argv: list[str]) -> tuple[list[str], Path, int]:
     try:
         cfg, args = config.parse(train_argv)
     except SystemExit as e:  # argparse already printed what was wrong
-        raise SubmitError(f"bad launch.train arguments after `--` (exit {e.code}); see "
-                          "python -m launch.train --help") from None
+        raise SubmitError(
+            f"bad launch.train arguments after `--` (exit {e.code}); see python -m launch.train --help"
+        ) from None
     except UserError as e:
         raise SubmitError(str(e)) from None
     if not cfg.data.data:
         raise SubmitError("--data is required after `--`: the preprocessed dataset directory (with manifest.json)")
     data = Path(cfg.data.data).expanduser()
     if not (data / "manifest.json").exists():
-        raise SubmitError(f"--data {cfg.data.data}: no manifest.json there (the job would fail at start); "
-                          "pass the directory `python -m preprocess shard --out` wrote")
+        raise SubmitError(
+            f"--data {cfg.data.data}: no manifest.json there (the job would fail at start); "
+            "pass the directory `python -m preprocess shard --out` wrote"
+        )
     run_dir = Path(_absolute(cfg.run_dir))
     # The job may start in another directory and is requeued: pin every path (the last flag wins).
     extra = []
@@ -280,30 +354,41 @@ def make_plan(argv: list[str]) -> Plan:
     if tasks < 1:
         raise SubmitError(f"--tasks-per-node must be positive (got {tasks})")
     if opts.gpus_per_node and tasks > opts.gpus_per_node:
-        raise SubmitError(f"--tasks-per-node {tasks} > --gpus-per-node {opts.gpus_per_node}: each process "
-                          "drives one GPU (pass --gpus-per-node 0 for CPU-only processes)")
+        raise SubmitError(
+            f"--tasks-per-node {tasks} > --gpus-per-node {opts.gpus_per_node}: each process "
+            "drives one GPU (pass --gpus-per-node 0 for CPU-only processes)"
+        )
     if opts.local and opts.nodes != 1:
         raise SubmitError("--local runs on this machine only: --nodes must be 1")
     train_argv, run_dir, tp = resolve_train_argv(train_argv)
     num_tasks = opts.nodes * tasks
     if num_tasks % tp:
-        raise SubmitError(f"{opts.nodes} node(s) x {tasks} task(s) = {num_tasks} processes, not divisible by "
-                          f"--tp {tp}")
+        raise SubmitError(f"{opts.nodes} node(s) x {tasks} task(s) = {num_tasks} processes, not divisible by --tp {tp}")
     folder = Path(_absolute(opts.folder)) if opts.folder else run_dir / "submitit"
     # The job imports launch.submit to unpickle TrainJob: put this checkout first on its path.
     setup = [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"]
     if opts.local:
-        params: dict[str, Any] = {"timeout_min": opts.time_min, "tasks_per_node": tasks,
-                                  "gpus_per_node": opts.gpus_per_node, "signal_delay_s": opts.signal_delay_s,
-                                  "setup": setup}
+        params: dict[str, Any] = {
+            "timeout_min": opts.time_min,
+            "tasks_per_node": tasks,
+            "gpus_per_node": opts.gpus_per_node,
+            "signal_delay_s": opts.signal_delay_s,
+            "setup": setup,
+        }
     else:
-        params = {"job_name": opts.job_name, "nodes": opts.nodes, "ntasks_per_node": tasks,
-                  "cpus_per_task": opts.cpus_per_task, "time": opts.time_min,
-                  "signal_delay_s": opts.signal_delay_s, "setup": setup,
-                  # a crashed rank ends the step (the others would wait in a collective otherwise)
-                  "srun_args": ["--kill-on-bad-exit=1"],
-                  # `scontrol requeue` from inside the job needs a requeueable job
-                  "additional_parameters": {"requeue": True}}
+        params = {
+            "job_name": opts.job_name,
+            "nodes": opts.nodes,
+            "ntasks_per_node": tasks,
+            "cpus_per_task": opts.cpus_per_task,
+            "time": opts.time_min,
+            "signal_delay_s": opts.signal_delay_s,
+            "setup": setup,
+            # a crashed rank ends the step (the others would wait in a collective otherwise)
+            "srun_args": ["--kill-on-bad-exit=1"],
+            # `scontrol requeue` from inside the job needs a requeueable job
+            "additional_parameters": {"requeue": True},
+        }
         if opts.gpus_per_node:
             params["gpus_per_node"] = opts.gpus_per_node
         if opts.partition:
@@ -311,8 +396,17 @@ def make_plan(argv: list[str]) -> Plan:
         if opts.mem_gb is not None:
             gb = opts.mem_gb
             params["mem"] = f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB"
-    plan = Plan("local" if opts.local else "slurm", params, folder, run_dir, train_argv, opts.max_timeouts,
-                num_tasks, dry_run=opts.dry_run, wait=opts.wait)
+    plan = Plan(
+        "local" if opts.local else "slurm",
+        params,
+        folder,
+        run_dir,
+        train_argv,
+        opts.max_timeouts,
+        num_tasks,
+        dry_run=opts.dry_run,
+        wait=opts.wait,
+    )
     plan.notes.append(f"{opts.nodes} node(s) x {tasks} task(s) = world {num_tasks} = dp {num_tasks // tp} x tp {tp}")
     return plan
 
@@ -339,8 +433,9 @@ def make_executor(plan: Plan) -> Any:
 def log_paths(plan: Plan, job_id: str) -> list[tuple[Path, Path]]:
     from submitit.core.utils import JobPaths
 
-    return [(p.stdout, p.stderr) for p in (JobPaths(plan.folder, job_id=job_id, task_id=t)
-                                           for t in range(plan.num_tasks))]
+    return [
+        (p.stdout, p.stderr) for p in (JobPaths(plan.folder, job_id=job_id, task_id=t) for t in range(plan.num_tasks))
+    ]
 
 
 # ---------------------------------------------------------------------------------- waiting
@@ -353,14 +448,22 @@ _FIELD_SPLIT = re.compile(r" (?=[A-Za-z][A-Za-z0-9_:/]*=)")
 
 def parse_job_records(text: str) -> list[dict[str, str]]:
     """`scontrol show job -o` output -> one dict per line (job or array task)."""
-    return [dict(item.partition("=")[::2] for item in _FIELD_SPLIT.split(line.strip()))
-            for line in text.splitlines() if line.strip().startswith("JobId=")]
+    return [
+        dict(item.partition("=")[::2] for item in _FIELD_SPLIT.split(line.strip()))
+        for line in text.splitlines()
+        if line.strip().startswith("JobId=")
+    ]
 
 
 def _job_record(job_id: str) -> dict[str, str] | None:
     """`scontrol show job -o JOB` as a dict; None once Slurm has forgotten the job."""
-    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        ["scontrol", "show", "job", "-o", str(job_id)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     records = parse_job_records(proc.stdout)
     return records[0] if proc.returncode == 0 and records else None
 
@@ -389,8 +492,11 @@ def wait_slurm(job: Any) -> int:
         if state in TERMINAL:
             code = int(record.get("ExitCode", "1:0").split(":")[0] or 1)
             if state != "COMPLETED":
-                print(f"job {job.job_id} ended {state} (reason {record.get('Reason')}, exit code "
-                      f"{record.get('ExitCode')})", file=sys.stderr)
+                print(
+                    f"job {job.job_id} ended {state} (reason {record.get('Reason')}, exit code "
+                    f"{record.get('ExitCode')})",
+                    file=sys.stderr,
+                )
                 return code or 1
             return code
         time.sleep(min(30.0, 1.0 + (time.monotonic() - start) / 10))

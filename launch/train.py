@@ -55,12 +55,17 @@ class ProcessEnv:
 
 def setup_logging(rank: int) -> None:
     """Rank 0 logs progress; other ranks only warnings and errors (no print-patching)."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
 
 
-def install_stop_handlers(stop: threading.Event,
-                          signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)) -> None:
+def install_stop_handlers(
+    stop: threading.Event, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+) -> None:
     """A signal only sets a flag: every rank checkpoints together at the next control step, then exits 0.
 
     A second SIGTERM or SIGINT means "now": the rank dies of the signal at once, without a traceback; the
@@ -81,8 +86,10 @@ def install_stop_handlers(stop: threading.Event,
             return
         first_at.setdefault(signum, now)
         if not stop.is_set():
-            logging.getLogger("alexnet").warning("received %s: checkpointing at the next step boundary "
-                                                 "(again to stop at once)", signal.Signals(signum).name)
+            logging.getLogger("alexnet").warning(
+                "received %s: checkpointing at the next step boundary (again to stop at once)",
+                signal.Signals(signum).name,
+            )
         stop.set()
 
     for sig in signals:
@@ -98,8 +105,12 @@ def select_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def run(argv: list[str] | None = None, stop: threading.Event | None = None, env: ProcessEnv | None = None,
-        loaders: Any = None):
+def run(
+    argv: list[str] | None = None,
+    stop: threading.Event | None = None,
+    env: ProcessEnv | None = None,
+    loaders: Any = None,
+):
     """Parse, check, set up, train; returns the trainer's Outcome. Shared by the CLI and launch.submit.
 
     Every option and path is checked before anything is written to the run directory.
@@ -121,8 +132,13 @@ def run(argv: list[str] | None = None, stop: threading.Event | None = None, env:
         install_stop_handlers(stop)
     if env.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=10),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(minutes=10),
+            device_id=device if device.type == "cuda" else None,
+        )
     lease, outcome = None, None
     try:
         lease = take_lease(cfg.run_dir, cfg.train.lease_minutes, env.rank)  # before anything is written
@@ -153,8 +169,10 @@ def take_lease(run_dir: str, minutes: float, rank: int) -> Lease | None:
         except UserError as e:
             error = str(e)
         except OSError as e:
-            error = (f"--run-dir {run_dir}: cannot take the writer lease ({e.strerror or e}); "
-                     "check the path and its permissions")
+            error = (
+                f"--run-dir {run_dir}: cannot take the writer lease ({e.strerror or e}); "
+                "check the path and its permissions"
+            )
     if dist.is_initialized():
         box = [error]
         dist.broadcast_object_list(box, src=0)

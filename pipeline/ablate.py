@@ -51,14 +51,18 @@ class Switch:
 
 
 SWITCHES = {
-    "tanh": Switch("ReLU -> tanh", ("--model.activation", "tanh"),
-                   "ReLU reaches 25% train error ~6x sooner (fig. 1)", "speed"),
+    "tanh": Switch(
+        "ReLU -> tanh", ("--model.activation", "tanh"), "ReLU reaches 25% train error ~6x sooner (fig. 1)", "speed"
+    ),
     "no-lrn": Switch("LRN off", ("--model.lrn", "false"), "LRN: -1.4% top-1, -1.2% top-5"),
     "no-overlap": Switch("pooling 3/2 -> 2/2", ("--model.overlap-pool", "false"), "overlap: -0.4% top-1, -0.3% top-5"),
     "no-lighting": Switch("PCA lighting off", ("--data.lighting-std", "0"), "lighting: > -1% top-1"),
     "no-dropout": Switch("dropout off", ("--model.dropout", "0"), "without dropout: substantial overfitting"),
-    "one-column": Switch("2 towers -> 1 full-width column", ("--model.towers", "1", "--tp", "1"),
-                         "two GPUs: -1.7% top-1, -1.2% top-5 (vs. a half-width one-GPU net)"),
+    "one-column": Switch(
+        "2 towers -> 1 full-width column",
+        ("--model.towers", "1", "--tp", "1"),
+        "two GPUs: -1.7% top-1, -1.2% top-5 (vs. a half-width one-GPU net)",
+    ),
 }
 
 
@@ -81,20 +85,33 @@ def launch_local(args: argparse.Namespace, argv: list[str], log: Path) -> None:
     if args.nproc == 1:
         cmd = [sys.executable, "-m", "launch.train", *argv]
     else:
-        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "launch.train", *argv]
+        cmd = [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "launch.train",
+            *argv,
+        ]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        status = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL).returncode
+        status = subprocess.run(
+            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        ).returncode
     if status != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
         raise UserError(f"run {log.parent.name} failed (exit {status}): {tail[0][:300]}; full log {log}")
 
 
 def submit(args: argparse.Namespace, argv: list[str], name: str) -> str:
-    cmd = ["sbatch", "--parsable", f"--job-name=ablate-{name}", *shlex.split(args.sbatch_args),
-           str(REPO / "slurm" / "train.sh"), *argv]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--job-name=ablate-{name}",
+        *shlex.split(args.sbatch_args),
+        str(REPO / "slurm" / "train.sh"),
+        *argv,
+    ]
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     except FileNotFoundError:
@@ -126,16 +143,21 @@ def summarise_run(run_dir: Path, target: float) -> dict[str, Any] | None:
     train, val = scalars.get("train/top1_error", []), scalars.get("val/top1_error", [])
     if not train or not val:
         return None
-    tail = [v for _, v in train[-max(1, len(train) // 5):]]
-    return {"train_top1_error": statistics.fmean(tail), "val_top1_error": val[-1][1],
-            "val_top5_error": scalars.get("val/top5_error", [(0, math.nan)])[-1][1],
-            "steps_to_target": steps_to(train, target), "train_curve": train, "val_curve": val}
+    tail = [v for _, v in train[-max(1, len(train) // 5) :]]
+    return {
+        "train_top1_error": statistics.fmean(tail),
+        "val_top1_error": val[-1][1],
+        "val_top5_error": scalars.get("val/top5_error", [(0, math.nan)])[-1][1],
+        "steps_to_target": steps_to(train, target),
+        "train_curve": train,
+        "val_curve": val,
+    }
 
 
 def steps_to(curve: list[tuple[int, float]], target: float, window: int = 3) -> int | None:
     """The first step at which the mean of the last ``window`` logged values is at or below ``target``."""
     for i in range(len(curve)):
-        recent = [v for _, v in curve[max(0, i - window + 1):i + 1]]
+        recent = [v for _, v in curve[max(0, i - window + 1) : i + 1]]
         if statistics.fmean(recent) <= target:
             return curve[i][0]
     return None
@@ -160,15 +182,20 @@ def verdict(delta: float, spread: float | None, seeds: int) -> str:
 
 
 def table(results: dict[str, list[dict[str, Any]]], seeds: list[int], target: float) -> str:
-    pct = lambda m, s: f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if s is not None else "")  # noqa: E731
+    def pct(m: float, s: float | None) -> str:
+        return f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if s is not None else "")
+
     base_val, base_val_sd = mean_spread([r["val_top1_error"] for r in results["base"]])
     base_steps, base_steps_sd = mean_spread([r["steps_to_target"] for r in results["base"]])
-    lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± sample std over seeds; errors in %. "
-             f"'steps to {100 * target:.0f}%': first logged step where the train top-1 error "
-             f"(mean of 3 logged batches) is at most {100 * target:.0f}%.", "",
-             "| run | switched off | paper's claim | train top-1 | val top-1 | Δ val top-1 | val top-5 | "
-             f"steps to {100 * target:.0f}% | direction |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))}; mean ± sample std over seeds; errors in %. "
+        f"'steps to {100 * target:.0f}%': first logged step where the train top-1 error "
+        f"(mean of 3 logged batches) is at most {100 * target:.0f}%.",
+        "",
+        "| run | switched off | paper's claim | train top-1 | val top-1 | Δ val top-1 | val top-5 | "
+        f"steps to {100 * target:.0f}% | direction |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, runs in results.items():
         val, val_sd = mean_spread([r["val_top1_error"] for r in runs])
         train, train_sd = mean_spread([r["train_top1_error"] for r in runs])
@@ -179,8 +206,10 @@ def table(results: dict[str, list[dict[str, Any]]], seeds: list[int], target: fl
         if reached and reached < len(runs):
             steps_text += f" ({reached}/{len(runs)} runs)"
         if name == "base":
-            lines.append(f"| base | (paper's choices) | | {pct(train, train_sd)} | {pct(val, val_sd)} | | "
-                         f"{pct(top5, top5_sd)} | {steps_text} | |")
+            lines.append(
+                f"| base | (paper's choices) | | {pct(train, train_sd)} | {pct(val, val_sd)} | | "
+                f"{pct(top5, top5_sd)} | {steps_text} | |"
+            )
             continue
         switch = SWITCHES[name]
         if switch.measure == "speed":
@@ -191,8 +220,10 @@ def table(results: dict[str, list[dict[str, Any]]], seeds: list[int], target: fl
         else:
             spreads = [s for s in (val_sd, base_val_sd) if s is not None]
             direction = verdict(val - base_val, max(spreads) if len(spreads) == 2 else None, len(runs))
-        lines.append(f"| {name} | {switch.what} | {switch.claim} | {pct(train, train_sd)} | {pct(val, val_sd)} | "
-                     f"{100 * (val - base_val):+.1f} | {pct(top5, top5_sd)} | {steps_text} | {direction} |")
+        lines.append(
+            f"| {name} | {switch.what} | {switch.claim} | {pct(train, train_sd)} | {pct(val, val_sd)} | "
+            f"{100 * (val - base_val):+.1f} | {pct(top5, top5_sd)} | {steps_text} | {direction} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -225,22 +256,31 @@ def curves_figure(results: dict[str, list[dict[str, Any]]], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m pipeline.ablate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory of the runs, the table and the curves")
-    parser.add_argument("--config", default=str(REPO / "configs" / "demo.toml"),
-                        help="base config of every run (default: configs/demo.toml); 'paper': no file, the "
-                             "defaults (the paper's recipe)")
+    parser.add_argument(
+        "--config",
+        default=str(REPO / "configs" / "demo.toml"),
+        help="base config of every run (default: configs/demo.toml); 'paper': no file, the "
+        "defaults (the paper's recipe)",
+    )
     parser.add_argument("--data", default="demo/shards", help="dataset directory (default: demo/shards)")
-    parser.add_argument("--switches", default=",".join(SWITCHES),
-                        help=f"comma-separated, from {', '.join(SWITCHES)} (default: all)")
+    parser.add_argument(
+        "--switches", default=",".join(SWITCHES), help=f"comma-separated, from {', '.join(SWITCHES)} (default: all)"
+    )
     parser.add_argument("--seeds", default="0,1", help="comma-separated run seeds (default: 0,1)")
     parser.add_argument("--tp", type=int, default=1, choices=(1, 2), help="layout of every run (default: 1)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per local run (torchrun when > 1)")
-    parser.add_argument("--target-error", type=float, default=0.25,
-                        help="train top-1 error whose first crossing the table reports (the paper's fig. 1: 0.25)")
+    parser.add_argument(
+        "--target-error",
+        type=float,
+        default=0.25,
+        help="train top-1 error whose first crossing the table reports (the paper's fig. 1: 0.25)",
+    )
     parser.add_argument("--submit", action="store_true", help="queue every run with sbatch slurm/train.sh and return")
     parser.add_argument("--sbatch-args", default="", help="extra sbatch options for --submit, one string")
     parser.add_argument("--collect", action="store_true", help="train nothing: the table of the finished runs")
@@ -281,16 +321,20 @@ def ablate(args: argparse.Namespace) -> int:
                 launch_local(args, train_argv(args, switch, seed), args.out / name / "train.log")
                 summary = summarise_run(args.out / name, args.target_error)
                 if summary is None:
-                    raise UserError(f"{args.out / name}: finished without validation scalars; "
-                                    "give enough --epochs for one validation")
+                    raise UserError(
+                        f"{args.out / name}: finished without validation scalars; "
+                        "give enough --epochs for one validation"
+                    )
                 write_json_atomic(result_path, summary)
             if result_path.exists():
                 results.setdefault(switch, []).append(json.loads(result_path.read_text()))
             else:
                 print(f"{name}: not finished; left out of the table")
     if args.submit and not args.collect:
-        print(f"submitted; when the jobs are done: python -m pipeline.ablate --out {args.out} --collect "
-              f"--switches {args.switches} --seeds {args.seeds}")
+        print(
+            f"submitted; when the jobs are done: python -m pipeline.ablate --out {args.out} --collect "
+            f"--switches {args.switches} --seeds {args.seeds}"
+        )
         return 0
     if "base" not in results:
         raise UserError(f"{args.out}: no finished base run to compare with")

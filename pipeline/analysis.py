@@ -26,10 +26,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ def filter_grid(filters: torch.Tensor, columns: int = 16) -> np.ndarray:
     grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, 3))
     for i in range(n):
         r, c = divmod(i, columns)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = f[i]
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = f[i]
     return grid
 
 
@@ -132,12 +133,13 @@ class FeatureStore:
                 continue
             features = np.memmap(self.rank_file(r), dtype=FEATURE_DTYPE, mode="r", shape=(count, self.dim))
             for lo in range(0, count, rows):
-                yield start + lo, np.array(features[lo:lo + rows])  # a copy: the file stays read-only
+                yield start + lo, np.array(features[lo : lo + rows])  # a copy: the file stays read-only
             del features
 
 
-def write_rank_features(root: Path, rank: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-                        count: int, dim: int) -> None:
+def write_rank_features(
+    root: Path, rank: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], count: int, dim: int
+) -> None:
     """Stream ``count`` feature rows to ``root/features-rank<rank>.f16`` (complete or absent) + labels."""
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"features-rank{rank}.f16", root / f"features-rank{rank}.f16.tmp"
@@ -148,8 +150,8 @@ def write_rank_features(root: Path, rank: int, batches: Iterator[tuple[torch.Ten
         n = feats.shape[0]
         if row + n > count:
             raise RuntimeError(f"rank {rank}: the loader gave more than its {count} samples")
-        features[row:row + n] = feats.to(torch.float16).cpu().numpy()
-        labels[row:row + n] = batch_labels.cpu().numpy()
+        features[row : row + n] = feats.to(torch.float16).cpu().numpy()
+        labels[row : row + n] = batch_labels.cpu().numpy()
         row += n
     if row != count:
         raise RuntimeError(f"rank {rank}: the loader gave {row} samples, expected {count}")
@@ -162,8 +164,15 @@ def write_rank_features(root: Path, rank: int, batches: Iterator[tuple[torch.Ten
     fsync_dir(root)
 
 
-def nearest(queries: torch.Tensor, store: FeatureStore, k: int, *, chunk_rows: int = 16384,
-            device: torch.device | str = "cpu", margin: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(
+    queries: torch.Tensor,
+    store: FeatureStore,
+    k: int,
+    *,
+    chunk_rows: int = 16384,
+    device: torch.device | str = "cpu",
+    margin: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` stored rows nearest to each query (Euclidean), exhaustively over every chunk:
     (distances [q, k] ascending, sample indices [q, k]). Memory: one chunk plus [q, chunk] distances.
 
@@ -189,13 +198,21 @@ def nearest(queries: torch.Tensor, store: FeatureStore, k: int, *, chunk_rows: i
 # ---------------------------------------------------------------------------- figure 4: images
 
 
-def split_loader(member: Member, split: str, *, dp_rank: int, dp_size: int, device: torch.device,
-                 batch_size: int) -> Any:
+def split_loader(
+    member: Member, split: str, *, dp_rank: int, dp_size: int, device: torch.device, batch_size: int
+) -> Any:
     """Centre crops of ``split`` without augmentation, every image once across ranks in manifest order."""
     from pipeline import data
 
-    return data.val_loader(member.cfg.data, dp_rank=dp_rank, dp_size=dp_size, device=device, batch_size=batch_size,
-                           num_classes=member.cfg.model.num_classes, split=split)
+    return data.val_loader(
+        member.cfg.data,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        device=device,
+        batch_size=batch_size,
+        num_classes=member.cfg.model.num_classes,
+        split=split,
+    )
 
 
 def read_image(data_dir: str | Path, split: str, index: int) -> tuple[np.ndarray, int]:
@@ -222,7 +239,7 @@ def read_image(data_dir: str | Path, split: str, index: int) -> tuple[np.ndarray
 
 def centre(image: np.ndarray, crop: int) -> np.ndarray:
     top, left = (image.shape[0] - crop) // 2, (image.shape[1] - crop) // 2
-    return image[top:top + crop, left:left + crop]
+    return image[top : top + crop, left : left + crop]
 
 
 def neighbours_figure(rows: list[dict[str, Any]], out: Path, dpi: int = 100) -> dict[str, Any]:
@@ -269,8 +286,9 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 
 
 @torch.no_grad()
-def extract_train_features(member: Member, root: Path, *, rank: int, world: int, device: torch.device,
-                           batch_size: int) -> FeatureStore:
+def extract_train_features(
+    member: Member, root: Path, *, rank: int, world: int, device: torch.device, batch_size: int
+) -> FeatureStore:
     """Every process writes the fc7 features of its part of the train split; rank 0 writes meta.json
     last. Reuses the files when their meta.json names this checkpoint."""
     meta_path = root / "meta.json"
@@ -287,16 +305,33 @@ def extract_train_features(member: Member, root: Path, *, rank: int, world: int,
         counts = [int(c) for c in gathered]
     if rank == 0:
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-        write_json_atomic(meta_path, {"checkpoint": str(member.path), "dim": model.fc_width, "counts": counts,
-                                      "starts": [int(s) for s in starts], "dtype": "float16"})
+        write_json_atomic(
+            meta_path,
+            {
+                "checkpoint": str(member.path),
+                "dim": model.fc_width,
+                "counts": counts,
+                "starts": [int(s) for s in starts],
+                "dtype": "float16",
+            },
+        )
     if world > 1:
         dist.barrier()
     return FeatureStore.open(root)
 
 
 @torch.no_grad()
-def neighbours(member: Member, *, images: int, k: int, device: torch.device, batch_size: int, chunk_rows: int,
-               rank: int = 0, world: int = 1) -> dict[str, Any] | None:
+def neighbours(
+    member: Member,
+    *,
+    images: int,
+    k: int,
+    device: torch.device,
+    batch_size: int,
+    chunk_rows: int,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, Any] | None:
     """Figure 4 for ``member``: features (all ranks), then search and drawing (rank 0); its summary."""
     started = time.perf_counter()
     root = member.run_dir / "analysis" / f"fc7-{member.path.name}"
@@ -326,32 +361,54 @@ def neighbours(member: Member, *, images: int, k: int, device: torch.device, bat
         if label != int(query_labels[i]):
             raise RuntimeError(f"val sample {i}: the loader's label {int(query_labels[i])} is not the shard's {label}")
         top = probs[i].topk(min(5, probs.shape[1]))
-        found = [{"index": int(j), "distance": float(d), "label": int(train_labels[j]), "name": names[train_labels[j]]}
-                 for d, j in zip(dists[i], idx[i])]
-        rows.append({"index": i, "label": label, "label_name": names[label], "image": centre(image, crop),
-                     "top5": [{"class": int(c), "name": names[int(c)], "probability": float(p)}
-                              for p, c in zip(top.values, top.indices)],
-                     "neighbours": found,
-                     "neighbour_images": [centre(read_image(member.cfg.data.data, "train", n["index"])[0], crop)
-                                          for n in found]})
+        found = [
+            {"index": int(j), "distance": float(d), "label": int(train_labels[j]), "name": names[train_labels[j]]}
+            for d, j in zip(dists[i], idx[i])
+        ]
+        rows.append(
+            {
+                "index": i,
+                "label": label,
+                "label_name": names[label],
+                "image": centre(image, crop),
+                "top5": [
+                    {"class": int(c), "name": names[int(c)], "probability": float(p)}
+                    for p, c in zip(top.values, top.indices)
+                ],
+                "neighbours": found,
+                "neighbour_images": [
+                    centre(read_image(member.cfg.data.data, "train", n["index"])[0], crop) for n in found
+                ],
+            }
+        )
     out = member.run_dir / "figures" / f"neighbours-{member.path.name}.png"
     figure = neighbours_figure(rows, out)
-    summary = {**figure, "checkpoint": str(member.path), "features": str(root), "train_images": sum(store.counts),
-               "feature_bytes": sum(store.counts) * store.dim * 2, "chunk_rows": chunk_rows,
-               "seconds": {"extract": extracted - started, "search": searched - extracted,
-                           "figure": time.perf_counter() - searched},
-               "queries": [{key: row[key] for key in ("index", "label", "label_name", "top5", "neighbours")}
-                           for row in rows]}
+    summary = {
+        **figure,
+        "checkpoint": str(member.path),
+        "features": str(root),
+        "train_images": sum(store.counts),
+        "feature_bytes": sum(store.counts) * store.dim * 2,
+        "chunk_rows": chunk_rows,
+        "seconds": {
+            "extract": extracted - started,
+            "search": searched - extracted,
+            "figure": time.perf_counter() - searched,
+        },
+        "queries": [{key: row[key] for key in ("index", "label", "label_name", "top5", "neighbours")} for row in rows],
+    }
     write_json_atomic(out.with_suffix(".json"), summary)
     return summary
 
 
-def filters(member: Member, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+def filters(member: Member, device: torch.device | None = None) -> dict[str, Any]:
     """Figure 3 for ``member``: ``RUN/figures/conv1-filters-<checkpoint>.png`` and its JSON summary."""
-    towers = member.build(device).conv1_filters()
+    towers = member.build(device or torch.device("cpu")).conv1_filters()
     out = member.run_dir / "figures" / f"conv1-filters-{member.path.name}.png"
-    summary = {**filters_figure(towers, out, f"conv1 kernels, {member.run_dir.name} step {member.step}"),
-               "checkpoint": str(member.path)}
+    summary = {
+        **filters_figure(towers, out, f"conv1 kernels, {member.run_dir.name} step {member.step}"),
+        "checkpoint": str(member.path),
+    }
     write_json_atomic(out.with_suffix(".json"), summary)
     return summary
 
@@ -360,11 +417,14 @@ def filters(member: Member, device: torch.device = torch.device("cpu")) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.analysis", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="figure", required=True)
-    for name, help_text in (("filters", "figure 3: conv1 kernels per tower and their colour fraction"),
-                            ("neighbours", "figure 4: top-5 predictions and nearest training images in fc7 space")):
+    for name, help_text in (
+        ("filters", "figure 3: conv1 kernels per tower and their colour fraction"),
+        ("neighbours", "figure 4: top-5 predictions and nearest training images in fc7 space"),
+    ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--run-dir", type=Path, required=True)
         p.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint directory")
@@ -385,25 +445,42 @@ def _run(args: argparse.Namespace) -> int:
     member = load_member(resolve_checkpoint(args.run_dir, args.checkpoint), data=args.data)
     if args.figure == "filters":
         summary = filters(member, device)
-        print(f"{summary['png']} ({summary['size'][0]}x{summary['size'][1]}): colour fraction per tower "
-              + ", ".join(f"{f:.3f}" for f in summary["colour_fraction"]))
+        print(
+            f"{summary['png']} ({summary['size'][0]}x{summary['size'][1]}): colour fraction per tower "
+            + ", ".join(f"{f:.3f}" for f in summary["colour_fraction"])
+        )
         return 0
     if min(args.images, args.k, args.batch_size, args.chunk_rows) < 1:
         raise UserError("--images, --k, --batch-size and --chunk-rows must be at least 1")
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(minutes=60), device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(minutes=60),
+            device_id=device if device.type == "cuda" else None,
+        )
     try:
-        summary = neighbours(member, images=args.images, k=args.k, device=device, batch_size=args.batch_size,
-                             chunk_rows=args.chunk_rows, rank=rank, world=world)
+        summary = neighbours(
+            member,
+            images=args.images,
+            k=args.k,
+            device=device,
+            batch_size=args.batch_size,
+            chunk_rows=args.chunk_rows,
+            rank=rank,
+            world=world,
+        )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if summary is not None:
         s = summary["seconds"]
-        print(f"{summary['png']} ({summary['size'][0]}x{summary['size'][1]}): {len(summary['queries'])} val images, "
-              f"{summary['train_images']} train features ({summary['feature_bytes'] / 2**20:.1f} MiB float16); "
-              f"extract {s['extract']:.1f} s, search {s['search']:.2f} s")
+        print(
+            f"{summary['png']} ({summary['size'][0]}x{summary['size'][1]}): {len(summary['queries'])} val images, "
+            f"{summary['train_images']} train features ({summary['feature_bytes'] / 2**20:.1f} MiB float16); "
+            f"extract {s['extract']:.1f} s, search {s['search']:.2f} s"
+        )
     return 0
 
 

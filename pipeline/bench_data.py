@@ -23,14 +23,13 @@ import datetime
 import os
 import platform
 import resource
-import sys
 import time
 from dataclasses import replace
 from typing import Any
 
 from pipeline.data import DataConfig, train_loader
 from pipeline.data.common import resolve_workers
-from preprocess.errors import UserError, run_cli
+from preprocess.errors import run_cli
 
 
 def time_to_first_batch(cfg: DataConfig, *, batch_size: int, device: Any, at: float, skip: bool) -> tuple[int, float]:
@@ -42,8 +41,9 @@ def time_to_first_batch(cfg: DataConfig, *, batch_size: int, device: Any, at: fl
     steps = len(train_loader(cfg, dp_rank=0, dp_size=1, epoch=0, seed=0, device=device, batch_size=batch_size))
     k = min(int(at * steps), steps - 1)
     start = time.perf_counter()
-    loader = train_loader(cfg, dp_rank=0, dp_size=1, epoch=0, seed=0, device=device, batch_size=batch_size,
-                          start_batch=0 if skip else k)
+    loader = train_loader(
+        cfg, dp_rank=0, dp_size=1, epoch=0, seed=0, device=device, batch_size=batch_size, start_batch=0 if skip else k
+    )
     for i, _ in enumerate(loader):
         if skip and i < k:
             continue
@@ -84,8 +84,12 @@ def measure(cfg: DataConfig, *, batch_size: int, steps: int, device: Any) -> dic
         epoch += 1
     cpu = _cpu_seconds() - cpu_before
     delivered = images + len(startups) * batch_size  # start-up batches cost CPU too
-    return {"images_per_s": images / busy if busy else float("nan"), "startup_s": sum(startups) / len(startups),
-            "images": images, "images_per_cpu_s": delivered / cpu if cpu else float("nan")}
+    return {
+        "images_per_s": images / busy if busy else float("nan"),
+        "startup_s": sum(startups) / len(startups),
+        "images": images,
+        "images_per_cpu_s": delivered / cpu if cpu else float("nan"),
+    }
 
 
 def _cpu_seconds() -> float:
@@ -95,8 +99,9 @@ def _cpu_seconds() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.bench_data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True, help="preprocessed dataset directory (manifest.json + shards)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (per rank)")
     parser.add_argument("--workers", type=int, default=0, help="DALI threads = DataLoader workers (0 = all CPUs)")
@@ -105,10 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loaders", default="dali,torch", help="comma-separated: dali, torch")
     parser.add_argument("--means", default="image", help="comma-separated --data.mean values: image, channel")
     parser.add_argument("--device", default="cpu", help="where batches are delivered: cpu or cuda[:N]")
-    parser.add_argument("--resume-at", default="", help="comma-separated epoch fractions (e.g. 0.1,0.9): time to "
-                        "the first batch of a resumed epoch instead of throughput")
-    parser.add_argument("--no-baseline", action="store_true", help="with --resume-at: skip the decode-and-discard "
-                        "baseline (slow late in the epoch)")
+    parser.add_argument(
+        "--resume-at",
+        default="",
+        help="comma-separated epoch fractions (e.g. 0.1,0.9): time to "
+        "the first batch of a resumed epoch instead of throughput",
+    )
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="with --resume-at: skip the decode-and-discard baseline (slow late in the epoch)",
+    )
     parser.add_argument("--verify", action="store_true", help="time the sha256 check of every train shard instead")
     args = parser.parse_args(argv)
     return run_cli(lambda: _run(args))
@@ -119,10 +131,14 @@ def _header(args: argparse.Namespace, device: Any, workers: int) -> None:
     import torch
     import torchvision
 
-    print(f"# input pipeline, {datetime.date.today().isoformat()}, {platform.node() or 'host'}: "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, device {device}")
-    print(f"# torch {torch.__version__}, torchvision {torchvision.__version__}, DALI {nvidia.dali.__version__}, "
-          f"Python {platform.python_version()}; batch {args.batch_size}, {workers} workers/threads")
+    print(
+        f"# input pipeline, {datetime.date.today().isoformat()}, {platform.node() or 'host'}: "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, device {device}"
+    )
+    print(
+        f"# torch {torch.__version__}, torchvision {torchvision.__version__}, DALI {nvidia.dali.__version__}, "
+        f"Python {platform.python_version()}; batch {args.batch_size}, {workers} workers/threads"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -144,24 +160,31 @@ def _run(args: argparse.Namespace) -> int:
             results[(name, mean)].append(measure(cfg, batch_size=args.batch_size, steps=args.steps, device=device))
     _header(args, device, workers)
     print(f"# {args.steps} steps x {args.rounds} rounds")
-    print(f"{'loader':<8} {'mean':<8} {'img/s (best)':>13} {'img/s (all rounds)':>24} {'img/CPU-s':>10} "
-          f"{'start-up s':>11}")
+    print(
+        f"{'loader':<8} {'mean':<8} {'img/s (best)':>13} {'img/s (all rounds)':>24} {'img/CPU-s':>10} "
+        f"{'start-up s':>11}"
+    )
     best, per_cpu = {}, {}
     for (name, mean), rounds in results.items():
         best[name, mean] = max(r["images_per_s"] for r in rounds)
         per_cpu[name, mean] = max(r["images_per_cpu_s"] for r in rounds)
         every = ", ".join(f"{r['images_per_s']:.0f}" for r in rounds)
         startup = sum(r["startup_s"] for r in rounds) / len(rounds)
-        print(f"{name:<8} {mean:<8} {best[name, mean]:>13.0f} {every:>24} {per_cpu[name, mean]:>10.0f} "
-              f"{startup:>11.2f}")
+        print(
+            f"{name:<8} {mean:<8} {best[name, mean]:>13.0f} {every:>24} {per_cpu[name, mean]:>10.0f} {startup:>11.2f}"
+        )
     for mean in {m for _, m in configs}:
         if ("dali", mean) in best and ("torch", mean) in best:
-            print(f"mean={mean}: DALI / DataLoader {best['dali', mean] / best['torch', mean]:.2f}x images/s, "
-                  f"{per_cpu['dali', mean] / per_cpu['torch', mean]:.2f}x images per CPU-second")
+            print(
+                f"mean={mean}: DALI / DataLoader {best['dali', mean] / best['torch', mean]:.2f}x images/s, "
+                f"{per_cpu['dali', mean] / per_cpu['torch', mean]:.2f}x images per CPU-second"
+            )
     for name in loaders:
         if (name, "image") in best and (name, "channel") in best:
-            print(f"{name}: mean image / per-channel {best[name, 'image'] / best[name, 'channel']:.2f}x images/s, "
-                  f"{per_cpu[name, 'image'] / per_cpu[name, 'channel']:.2f}x images per CPU-second")
+            print(
+                f"{name}: mean image / per-channel {best[name, 'image'] / best[name, 'channel']:.2f}x images/s, "
+                f"{per_cpu[name, 'image'] / per_cpu[name, 'channel']:.2f}x images per CPU-second"
+            )
     return 0
 
 
@@ -172,8 +195,13 @@ def _resume(args: argparse.Namespace, base: DataConfig, loaders: list[str], devi
         cfg = replace(base, loader=name, verify="size")
         for skip in (False,) if args.no_baseline else (False, True):
             for at in fractions:
-                k, seconds = min((time_to_first_batch(cfg, batch_size=args.batch_size, device=device, at=at, skip=skip)
-                                  for _ in range(args.rounds)), key=lambda r: r[1])
+                k, seconds = min(
+                    (
+                        time_to_first_batch(cfg, batch_size=args.batch_size, device=device, at=at, skip=skip)
+                        for _ in range(args.rounds)
+                    ),
+                    key=lambda r: r[1],
+                )
                 rows.append((name, "decode and discard" if skip else "start_batch", at, k, seconds))
     _header(args, device, workers)
     print(f"# time from train_loader() to the first batch of a resumed epoch, best of {args.rounds}")
@@ -204,8 +232,10 @@ def _verify(args: argparse.Namespace, base: DataConfig) -> int:
             totals[how][1] += seconds
             print(f"{path.name} ({how}): {size / 1e9:.2f} GB in {seconds:.2f} s ({size / 1e9 / seconds:.2f} GB/s)")
     for how, (size, seconds) in totals.items():
-        print(f"all {len(split.shards)} train shards, {how}: {size / 1e9:.2f} GB in {seconds:.2f} s "
-              f"({size / 1e9 / seconds:.2f} GB/s)")
+        print(
+            f"all {len(split.shards)} train shards, {how}: {size / 1e9:.2f} GB in {seconds:.2f} s "
+            f"({size / 1e9 / seconds:.2f} GB/s)"
+        )
     return 0
 
 

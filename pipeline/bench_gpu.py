@@ -25,11 +25,21 @@ import itertools
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from pipeline.bench_train import (Recording, RecordingLoader, Setup, _sync, data_config, environment,
-                                  loop_overhead, resolve_setup, run_plain)
+from pipeline.bench_train import (
+    Recording,
+    RecordingLoader,
+    Setup,
+    _sync,
+    data_config,
+    environment,
+    loop_overhead,
+    resolve_setup,
+    run_plain,
+)
 from preprocess.errors import UserError
 
 HW_DECODER_LOADS = (0.0, 0.35, 0.65, 0.9, 1.0)
@@ -52,8 +62,9 @@ def open_train(data_cfg: Any) -> tuple[Any, Any]:
 # ------------------------------------------------------------------------------------------------ input alone
 
 
-def dali_graph(data_cfg: Any, *, batch_size: int, workers: int, gpu: bool, hw_decoder_load: float,
-               seed: int = 0) -> Any:
+def dali_graph(
+    data_cfg: Any, *, batch_size: int, workers: int, gpu: bool, hw_decoder_load: float, seed: int = 0
+) -> Any:
     """A built bare DALI pipeline: read, decode, mean image, random window + mirror + lighting, float CHW."""
     import numpy as np
     from nvidia.dali import Pipeline, fn, types
@@ -63,10 +74,15 @@ def dali_graph(data_cfg: Any, *, batch_size: int, workers: int, gpu: bool, hw_de
     positions = [k / norm.max_offset for k in range(norm.max_offset + 1)] if norm.max_offset else [0.5]
     pipe = Pipeline(batch_size=batch_size, num_threads=workers, device_id=0 if gpu else None, seed=seed)
     with pipe:
-        jpegs, cls = fn.readers.webdataset(paths=[str(p) for p in split.shards],
-                                           index_paths=[str(p) for p in split.indexes], ext=["jpg", "cls"],
-                                           random_shuffle=True, initial_fill=SHUFFLE_BUFFER, seed=seed + 1,
-                                           name="reader")
+        jpegs, cls = fn.readers.webdataset(
+            paths=[str(p) for p in split.shards],
+            index_paths=[str(p) for p in split.indexes],
+            ext=["jpg", "cls"],
+            random_shuffle=True,
+            initial_fill=SHUFFLE_BUFFER,
+            seed=seed + 1,
+            name="reader",
+        )
         decoder_args = {"hw_decoder_load": hw_decoder_load} if gpu else {}
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **decoder_args)
         if norm.mean_image is not None:
@@ -74,11 +90,17 @@ def dali_graph(data_cfg: Any, *, batch_size: int, workers: int, gpu: bool, hw_de
         alpha = fn.random.normal(shape=[1, 3], stddev=norm.lighting_std)
         offset = fn.reshape(fn.coord_transform(alpha, M=norm.lighting.flatten().tolist()), shape=[3])
         mean = types.Constant(np.asarray(norm.channel_mean, np.float32)) - offset
-        out = fn.crop_mirror_normalize(images, crop=(norm.crop, norm.crop),
-                                       crop_pos_x=fn.random.uniform(values=positions),
-                                       crop_pos_y=fn.random.uniform(values=positions),
-                                       mirror=fn.random.coin_flip(probability=0.5), mean=mean,
-                                       std=list(norm.channel_std), dtype=types.FLOAT, output_layout="CHW")
+        out = fn.crop_mirror_normalize(
+            images,
+            crop=(norm.crop, norm.crop),
+            crop_pos_x=fn.random.uniform(values=positions),
+            crop_pos_y=fn.random.uniform(values=positions),
+            mirror=fn.random.coin_flip(probability=0.5),
+            mean=mean,
+            std=list(norm.channel_std),
+            dtype=types.FLOAT,
+            output_layout="CHW",
+        )
         pipe.set_outputs(out, fn.pad(cls, fill_value=0))
     pipe.build()
     return pipe
@@ -109,12 +131,28 @@ def torchvision_batches(data_cfg: Any, *, batch_size: int, workers: int, device:
     import webdataset as wds
 
     split, norm = open_train(data_cfg)
-    transform = T.Compose([T.RandomCrop(norm.crop), T.RandomHorizontalFlip(), T.ToTensor(),
-                           T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    dataset = (wds.WebDataset([str(p) for p in split.shards], shardshuffle=len(split.shards), empty_check=False)
-               .shuffle(1000).decode("pil").to_tuple("jpg", "cls").map_tuple(transform, int))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.startswith("cuda"), persistent_workers=workers > 0)
+    transform = T.Compose(
+        [
+            T.RandomCrop(norm.crop),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    dataset = (
+        wds.WebDataset([str(p) for p in split.shards], shardshuffle=len(split.shards), empty_check=False)
+        .shuffle(1000)
+        .decode("pil")
+        .to_tuple("jpg", "cls")
+        .map_tuple(transform, int)
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.startswith("cuda"),
+        persistent_workers=workers > 0,
+    )
     for _ in itertools.count():
         for images, labels in loader:
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -136,8 +174,9 @@ def compare_devices(data_cfg: Any, *, batch_size: int, gpu_device: str, batches:
     from pipeline.data import train_loader
 
     def take(device: str) -> tuple[Any, Any]:
-        loader = train_loader(data_cfg, dp_rank=0, dp_size=1, epoch=0, seed=0, device=torch.device(device),
-                              batch_size=batch_size)
+        loader = train_loader(
+            data_cfg, dp_rank=0, dp_size=1, epoch=0, seed=0, device=torch.device(device), batch_size=batch_size
+        )
         got = list(itertools.islice(iter(loader), batches))
         return torch.cat([b[0].float().cpu() for b in got]), torch.cat([b[1].cpu() for b in got])
 
@@ -146,14 +185,22 @@ def compare_devices(data_cfg: Any, *, batch_size: int, gpu_device: str, batches:
     n = min(len(cpu_labels), len(gpu_labels))
     same_order = n > 0 and bool(torch.equal(cpu_labels[:n], gpu_labels[:n]))
     per_image = (cpu_images[:n] - gpu_images[:n]).abs().mean(dim=(1, 2, 3))
-    channel = {name: {"cpu": t[0].mean(dim=(0, 2, 3)).tolist(), "gpu": t[1].mean(dim=(0, 2, 3)).tolist()}
-               for name, t in {"mean": (cpu_images, gpu_images)}.items()}
+    channel = {
+        name: {"cpu": t[0].mean(dim=(0, 2, 3)).tolist(), "gpu": t[1].mean(dim=(0, 2, 3)).tolist()}
+        for name, t in {"mean": (cpu_images, gpu_images)}.items()
+    }
     channel["std"] = {"cpu": cpu_images.std(dim=(0, 2, 3)).tolist(), "gpu": gpu_images.std(dim=(0, 2, 3)).tolist()}
     mean_gap = max(abs(a - b) for a, b in zip(channel["mean"]["cpu"], channel["mean"]["gpu"]))
     match = same_order and float(per_image.max()) <= SAME_IMAGE_MAE and mean_gap <= SAME_CHANNEL_MEAN
-    return {"images": n, "same_order": same_order, "image_mae_max": float(per_image.max()),
-            "image_mae_mean": float(per_image.mean()), "channel": channel, "channel_mean_gap": mean_gap,
-            "match": match}
+    return {
+        "images": n,
+        "same_order": same_order,
+        "image_mae_max": float(per_image.max()),
+        "image_mae_mean": float(per_image.mean()),
+        "channel": channel,
+        "channel_mean_gap": mean_gap,
+        "match": match,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -163,8 +210,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        raise UserError("--gpu-report needs a CUDA GPU and none is visible; run it on a GPU machine "
-                        "(the CPU figures: python -m pipeline.bench_train without --gpu-report)")
+        raise UserError(
+            "--gpu-report needs a CUDA GPU and none is visible; run it on a GPU machine "
+            "(the CPU figures: python -m pipeline.bench_train without --gpu-report)"
+        )
     if not args.data:
         raise UserError("--gpu-report reads real shards: pass --data SHARDS (a `python -m preprocess shard` output)")
     report = gpu_report(args, "cuda")
@@ -194,40 +243,61 @@ def gpu_report(args: argparse.Namespace, device: str) -> dict[str, Any]:
     ours = data_config(data=args.data, loader="dali", workers=workers, channels_last=tuned.channels_last)
     plain_cfg = data_config(data=args.data, loader="dali", workers=workers)
     w, n = args.warmup, args.steps
-    report: dict[str, Any] = {"environment": environment(device), "setup": asdict(tuned), "workers": workers,
-                              "warmup": w, "steps": n}
+    report: dict[str, Any] = {
+        "environment": environment(device),
+        "setup": asdict(tuned),
+        "workers": workers,
+        "warmup": w,
+        "steps": n,
+    }
     report["dali_alone"] = {}
     for load in HW_DECODER_LOADS if gpu else (0.0,):
         pipe = dali_graph(plain_cfg, batch_size=setup.batch_size, workers=workers, gpu=gpu, hw_decoder_load=load)
         report["dali_alone"][str(load)] = rate(dali_batches(pipe, setup.batch_size), warmup=w, steps=n, device=device)
         del pipe
     report["loader_alone"] = rate(our_batches(ours, tuned), warmup=w, steps=n, device=device)
-    report["torchvision_alone"] = rate(torchvision_batches(plain_cfg, batch_size=setup.batch_size, workers=workers,
-                                                           device=device), warmup=w, steps=n, device=device)
+    report["torchvision_alone"] = rate(
+        torchvision_batches(plain_cfg, batch_size=setup.batch_size, workers=workers, device=device),
+        warmup=w,
+        steps=n,
+        device=device,
+    )
     report["model_alone"] = {}
     for name, s in (("fp32", setup), ("bf16 + channels_last + compile", tuned)):
         torch.manual_seed(0)
         model = build_model(replace(s, num_classes=1000).model_config()).to(device)
-        seconds = time_steps(model, batch=s.batch_size, steps=n, device=torch.device(device), bf16=s.amp == "bf16",
-                             channels_last=s.channels_last, warmup=max(w, 1))
+        seconds = time_steps(
+            model,
+            batch=s.batch_size,
+            steps=n,
+            device=torch.device(device),
+            bf16=s.amp == "bf16",
+            channels_last=s.channels_last,
+            warmup=max(w, 1),
+        )
         report["model_alone"][name] = {"step_s": seconds, "images_per_s": s.batch_size / seconds}
         del model
     scratch = Path(tempfile.mkdtemp(prefix="bench-gpu-", dir=Path.cwd()))
     try:
-        report["together"] = loop_overhead(tuned, ours, synthetic=False, warmup=w, steps=n, rounds=args.rounds,
-                                           scratch=scratch)
+        report["together"] = loop_overhead(
+            tuned, ours, synthetic=False, warmup=w, steps=n, rounds=args.rounds, scratch=scratch
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    baseline = run_plain(tuned, torchvision_batches(plain_cfg, batch_size=setup.batch_size, workers=workers,
-                                                    device=device), warmup=w, steps=n)
+    baseline = run_plain(
+        tuned,
+        torchvision_batches(plain_cfg, batch_size=setup.batch_size, workers=workers, device=device),
+        warmup=w,
+        steps=n,
+    )
     report["torchvision_with_model"] = baseline.window(w, n)
-    report["gpu_vs_cpu_augmentation"] = compare_devices(ours, batch_size=min(setup.batch_size, 32),
-                                                        gpu_device=device)
+    report["gpu_vs_cpu_augmentation"] = compare_devices(ours, batch_size=min(setup.batch_size, 32), gpu_device=device)
     model_rate = report["model_alone"]["bf16 + channels_last + compile"]["images_per_s"]
     trainer = report["together"]["trainer"]
-    report["summary"] = {"trainer_vs_model_alone": trainer["images_per_s"] / model_rate,
-                         "trainer_data_wait_fraction": trainer["data_wait_fraction"],
-                         "trainer_vs_torchvision_recipe": trainer["images_per_s"]
-                         / report["torchvision_with_model"]["images_per_s"],
-                         "augmentation_matches_cpu": report["gpu_vs_cpu_augmentation"]["match"]}
+    report["summary"] = {
+        "trainer_vs_model_alone": trainer["images_per_s"] / model_rate,
+        "trainer_data_wait_fraction": trainer["data_wait_fraction"],
+        "trainer_vs_torchvision_recipe": trainer["images_per_s"] / report["torchvision_with_model"]["images_per_s"],
+        "augmentation_matches_cpu": report["gpu_vs_cpu_augmentation"]["match"],
+    }
     return report

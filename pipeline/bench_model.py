@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,16 @@ import torch.nn.functional as F
 from pipeline.model import ModelConfig, build_model
 
 
-def time_steps(model: torch.nn.Module, *, batch: int, steps: int, device: torch.device, bf16: bool,
-               channels_last: bool, warmup: int = 5) -> float:
+def time_steps(
+    model: torch.nn.Module,
+    *,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    bf16: bool,
+    channels_last: bool,
+    warmup: int = 5,
+) -> float:
     """Median seconds per training step."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     images = torch.randn(batch, 3, 227, 227, device=device)
@@ -48,8 +56,9 @@ def time_steps(model: torch.nn.Module, *, batch: int, steps: int, device: torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.bench_model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -60,15 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     import torchvision
 
-    variants = [("torchvision alexnet (baseline)", lambda: torchvision.models.alexnet(num_classes=1000), False, False, False),
-                ("paper AlexNet fp32", None, False, False, False),
-                ("paper AlexNet channels_last", None, False, True, False),
-                ("paper AlexNet bf16", None, True, False, False),
-                ("paper AlexNet channels_last + bf16", None, True, True, False)]
+    variants = [
+        ("torchvision alexnet (baseline)", lambda: torchvision.models.alexnet(num_classes=1000), False, False, False),
+        ("paper AlexNet fp32", None, False, False, False),
+        ("paper AlexNet channels_last", None, False, True, False),
+        ("paper AlexNet bf16", None, True, False, False),
+        ("paper AlexNet channels_last + bf16", None, True, True, False),
+    ]
     if not args.no_compile:
-        variants += [("torchvision alexnet bf16 + compile", lambda: torchvision.models.alexnet(num_classes=1000),
-                      True, True, True),
-                     ("paper AlexNet channels_last + bf16 + compile", None, True, True, True)]
+        variants += [
+            (
+                "torchvision alexnet bf16 + compile",
+                lambda: torchvision.models.alexnet(num_classes=1000),
+                True,
+                True,
+                True,
+            ),
+            ("paper AlexNet channels_last + bf16 + compile", None, True, True, True),
+        ]
     results = []
     for name, factory, bf16, channels_last, compile_ in variants:
         torch.manual_seed(0)
@@ -78,15 +96,20 @@ def main(argv: list[str] | None = None) -> int:
             model = model.to(memory_format=torch.channels_last)
         if compile_:
             model.compile()
-        seconds = time_steps(model, batch=args.batch_size, steps=args.steps, device=device, bf16=bf16,
-                             channels_last=channels_last)
+        seconds = time_steps(
+            model, batch=args.batch_size, steps=args.steps, device=device, bf16=bf16, channels_last=channels_last
+        )
         results.append({"variant": name, "step_ms": 1000 * seconds, "images_per_s": args.batch_size / seconds})
         print(f"{name:48s} {1000 * seconds:8.2f} ms/step {args.batch_size / seconds:9.0f} img/s", flush=True)
     base = results[0]["images_per_s"]
     for r in results:
         r["vs_baseline"] = r["images_per_s"] / base
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "batch_size": args.batch_size, "results": results}
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "results": results,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=1)

@@ -43,8 +43,11 @@ from typing import Any
 from preprocess.errors import UserError, run_cli
 
 # --size: (conv widths, fc width, batch). "tiny" makes the step so cheap that the loop's own per-step cost shows.
-SIZES = {"tiny": ((16, 32, 48, 48, 32), 64, 8), "cpu": ((48, 128, 192, 192, 128), 1024, 16),
-         "paper": ((96, 256, 384, 384, 256), 4096, 128)}
+SIZES = {
+    "tiny": ((16, 32, 48, 48, 32), 64, 8),
+    "cpu": ((48, 128, 192, 192, 128), 1024, 16),
+    "paper": ((96, 256, 384, 384, 256), 4096, 128),
+}
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,13 @@ class Setup:
     def model_config(self) -> Any:
         from pipeline.model import ModelConfig
 
-        return ModelConfig(num_classes=self.num_classes, widths=self.widths, fc_width=self.fc_width,
-                           channels_last=self.channels_last, compile=self.compile)
+        return ModelConfig(
+            num_classes=self.num_classes,
+            widths=self.widths,
+            fc_width=self.fc_width,
+            channels_last=self.channels_last,
+            compile=self.compile,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -87,11 +95,18 @@ class Recording:
             raise RuntimeError(f"the loop took {len(self.asked) - 1} steps, fewer than {warmup + steps}")
         span = self.asked[warmup + steps] - self.asked[warmup]
         wait = sum(self.got[i] - self.asked[i] for i in range(warmup, warmup + steps))
-        images = sum(self.images[warmup:warmup + steps])
+        images = sum(self.images[warmup : warmup + steps])
         cpu = self.cpu[1] - self.cpu[0] if len(self.cpu) == 2 else float("nan")
         main = self.main_cpu[1] - self.main_cpu[0] if len(self.main_cpu) == 2 else float("nan")
-        return {"images": images, "seconds": span, "images_per_s": images / span, "step_s": span / steps,
-                "data_wait_fraction": wait / span, "cpu_s_per_step": cpu / steps, "main_cpu_s_per_step": main / steps}
+        return {
+            "images": images,
+            "seconds": span,
+            "images_per_s": images / span,
+            "step_s": span / steps,
+            "data_wait_fraction": wait / span,
+            "cpu_s_per_step": cpu / steps,
+            "main_cpu_s_per_step": main / steps,
+        }
 
 
 class RecordingLoader:
@@ -102,8 +117,14 @@ class RecordingLoader:
     machine it moves far less with the neighbours' load than the wall clock does.
     """
 
-    def __init__(self, source: Iterator[tuple[Any, Any]], steps: int, record: Recording,
-                 sync: Callable[[], None], sync_at: tuple[int, int]):
+    def __init__(
+        self,
+        source: Iterator[tuple[Any, Any]],
+        steps: int,
+        record: Recording,
+        sync: Callable[[], None],
+        sync_at: tuple[int, int],
+    ):
         self.source, self.steps, self.record, self.sync, self.sync_at = source, steps, record, sync, sync_at
 
     def __len__(self) -> int:
@@ -136,9 +157,16 @@ def real_batches(data_cfg: Any, setup: Setup) -> Iterator[tuple[Any, Any]]:
     from pipeline import data
 
     for epoch in itertools.count():
-        yield from data.train_loader(data_cfg, dp_rank=0, dp_size=1, epoch=epoch, seed=setup.seed,
-                                     device=torch.device(setup.device), batch_size=setup.batch_size,
-                                     num_classes=setup.num_classes)
+        yield from data.train_loader(
+            data_cfg,
+            dp_rank=0,
+            dp_size=1,
+            epoch=epoch,
+            seed=setup.seed,
+            device=torch.device(setup.device),
+            batch_size=setup.batch_size,
+            num_classes=setup.num_classes,
+        )
 
 
 def synthetic_batches(setup: Setup, crop: int = 227, pool: int = 4) -> Iterator[tuple[Any, Any]]:
@@ -180,8 +208,9 @@ def _sync(device: str) -> Callable[[], None]:
 # ------------------------------------------------------------------------------------------------ the two loops
 
 
-def run_trainer(setup: Setup, data_cfg: Any, source: Iterator[tuple[Any, Any]], *, warmup: int, steps: int,
-                run_dir: Path) -> Recording:
+def run_trainer(
+    setup: Setup, data_cfg: Any, source: Iterator[tuple[Any, Any]], *, warmup: int, steps: int, run_dir: Path
+) -> Recording:
     """``Trainer.fit`` for ``warmup + steps + 1`` steps of one long epoch, defaults otherwise (a fresh run dir)."""
     import torch
 
@@ -195,13 +224,24 @@ def run_trainer(setup: Setup, data_cfg: Any, source: Iterator[tuple[Any, Any]], 
     def train(cfg: Any, **_: Any) -> RecordingLoader:
         return RecordingLoader(source, total, record, _sync(setup.device), (warmup, warmup + steps))
 
-    cfg = RunConfig(run_dir=str(run_dir), data=data_cfg, model=setup.model_config(),
-                    optim=OptimConfig(batch_size=setup.batch_size),
-                    train=TrainConfig(epochs=1, max_steps=total, seed=setup.seed, tp=1, amp=setup.amp,
-                                      device="cuda" if setup.device.startswith("cuda") else "cpu"))
+    cfg = RunConfig(
+        run_dir=str(run_dir),
+        data=data_cfg,
+        model=setup.model_config(),
+        optim=OptimConfig(batch_size=setup.batch_size),
+        train=TrainConfig(
+            epochs=1,
+            max_steps=total,
+            seed=setup.seed,
+            tp=1,
+            amp=setup.amp,
+            device="cuda" if setup.device.startswith("cuda") else "cpu",
+        ),
+    )
     device = torch.device(setup.device)
-    trainer = Trainer(cfg, build_mesh(ParallelDims(1, 0, 1), device.type), device, threading.Event(),
-                      Loaders(train=train))
+    trainer = Trainer(
+        cfg, build_mesh(ParallelDims(1, 0, 1), device.type), device, threading.Event(), Loaders(train=train)
+    )
     trainer.fit()
     return record
 
@@ -232,8 +272,9 @@ def run_plain(setup: Setup, source: Iterator[tuple[Any, Any]], *, warmup: int, s
     return record
 
 
-def loop_overhead(setup: Setup, data_cfg: Any, *, synthetic: bool, warmup: int, steps: int, rounds: int,
-                  scratch: Path) -> dict[str, Any]:
+def loop_overhead(
+    setup: Setup, data_cfg: Any, *, synthetic: bool, warmup: int, steps: int, rounds: int, scratch: Path
+) -> dict[str, Any]:
     """Trainer vs plain loop, alternating rounds on fresh loaders; the best round of each counts."""
     per_loop: dict[str, list[dict[str, float]]] = {"trainer": [], "plain": []}
     for r in range(rounds):
@@ -249,14 +290,21 @@ def loop_overhead(setup: Setup, data_cfg: Any, *, synthetic: bool, warmup: int, 
     best = {name: max(rs, key=lambda w: w["images_per_s"]) for name, rs in per_loop.items()}
     least_cpu = {name: min(w["cpu_s_per_step"] for w in rs) for name, rs in per_loop.items()}
     least_main = {name: min(w["main_cpu_s_per_step"] for w in rs) for name, rs in per_loop.items()}
-    return {"loader": "synthetic" if synthetic else data_cfg.loader, "trainer": best["trainer"],
-            "plain": best["plain"], "rounds": per_loop,
-            "overhead": best["plain"]["images_per_s"] / best["trainer"]["images_per_s"] - 1,
-            "cpu_s_per_step": least_cpu, "cpu_overhead": least_cpu["trainer"] / least_cpu["plain"] - 1,
-            "main_cpu_s_per_step": least_main, "main_cpu_overhead": least_main["trainer"] / least_main["plain"] - 1,
-            # a neighbour's load drifts slowly: the two loops of one round ran back to back
-            "paired_cpu_overhead_median": statistics.median(
-                t["cpu_s_per_step"] / p["cpu_s_per_step"] - 1 for t, p in zip(per_loop["trainer"], per_loop["plain"]))}
+    return {
+        "loader": "synthetic" if synthetic else data_cfg.loader,
+        "trainer": best["trainer"],
+        "plain": best["plain"],
+        "rounds": per_loop,
+        "overhead": best["plain"]["images_per_s"] / best["trainer"]["images_per_s"] - 1,
+        "cpu_s_per_step": least_cpu,
+        "cpu_overhead": least_cpu["trainer"] / least_cpu["plain"] - 1,
+        "main_cpu_s_per_step": least_main,
+        "main_cpu_overhead": least_main["trainer"] / least_main["plain"] - 1,
+        # a neighbour's load drifts slowly: the two loops of one round ran back to back
+        "paired_cpu_overhead_median": statistics.median(
+            t["cpu_s_per_step"] / p["cpu_s_per_step"] - 1 for t, p in zip(per_loop["trainer"], per_loop["plain"])
+        ),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ tp=2 vs tp=1
@@ -281,8 +329,14 @@ def _tp_worker(rank: int, setup: Setup, steps: int, port: int, out: str) -> None
         torch.manual_seed(setup.seed)  # both towers see the same batch, as in training
         device = torch.device("cuda", rank) if cuda else torch.device("cpu")
         model = build_model(setup.model_config(), tp_group=dist.group.WORLD).to(device)
-        seconds = time_steps(model, batch=setup.batch_size, steps=steps, device=device, bf16=setup.amp == "bf16",
-                             channels_last=setup.channels_last)
+        seconds = time_steps(
+            model,
+            batch=setup.batch_size,
+            steps=steps,
+            device=device,
+            bf16=setup.amp == "bf16",
+            channels_last=setup.channels_last,
+        )
         if rank == 0:
             Path(out).write_text(json.dumps({"step_s": seconds}))
     finally:
@@ -304,16 +358,32 @@ def tower_split(setup: Setup, *, steps: int, rounds: int, scratch: Path) -> dict
     for r in range(rounds):
         torch.manual_seed(setup.seed)
         model = build_model(setup.model_config()).to(setup.device)
-        one.append(time_steps(model, batch=setup.batch_size, steps=steps, device=torch.device(setup.device),
-                              bf16=setup.amp == "bf16", channels_last=setup.channels_last))
+        one.append(
+            time_steps(
+                model,
+                batch=setup.batch_size,
+                steps=steps,
+                device=torch.device(setup.device),
+                bf16=setup.amp == "bf16",
+                channels_last=setup.channels_last,
+            )
+        )
         del model
         out = scratch / f"tp-{r}.json"
-        mp.start_processes(importable._tp_worker, args=(setup, steps, _free_port(), str(out)), nprocs=2,
-                           start_method="spawn")
+        mp.start_processes(
+            importable._tp_worker, args=(setup, steps, _free_port(), str(out)), nprocs=2, start_method="spawn"
+        )
         two.append(json.loads(out.read_text())["step_s"])
     t1, t2 = min(one), min(two)
-    return {"tp1_step_s": t1, "tp2_step_s": t2, "tp1_rounds": one, "tp2_rounds": two, "speedup": t1 / t2,
-            "split_efficiency": t1 / (2 * t2), "threads_per_process": torch.get_num_threads()}
+    return {
+        "tp1_step_s": t1,
+        "tp2_step_s": t2,
+        "tp1_rounds": one,
+        "tp2_rounds": two,
+        "speedup": t1 / t2,
+        "split_efficiency": t1 / (2 * t2),
+        "threads_per_process": torch.get_num_threads(),
+    }
 
 
 def _free_port() -> int:
@@ -364,9 +434,15 @@ def checkpoint_stall(device: str, *, saves: int, directory: Path, model_cfg: Any
         if verify(path) is not None:
             raise RuntimeError(f"{path} does not verify")
         hashing.append(time.perf_counter() - start)
-    return {"bytes": size, "saves": saves, "blocked_s": min(blocked), "blocked_rounds": blocked,
-            "state_to_host_s": min(to_host), "verify_hash_s": min(hashing),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "bytes": size,
+        "saves": saves,
+        "blocked_s": min(blocked),
+        "blocked_rounds": blocked,
+        "state_to_host_s": min(to_host),
+        "verify_hash_s": min(hashing),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ scaling on paper
@@ -385,8 +461,14 @@ class ScalingAssumptions:
     last_bucket: float = 0.04  # share of the gradient bytes produced last (conv layers): never hidden
 
 
-def scaling_estimate(nodes: int, link_gbps: float, *, grad_bytes_per_param: int, overlap: bool,
-                     a: ScalingAssumptions = ScalingAssumptions()) -> dict[str, float]:
+def scaling_estimate(
+    nodes: int,
+    link_gbps: float,
+    *,
+    grad_bytes_per_param: int,
+    overlap: bool,
+    a: ScalingAssumptions = ScalingAssumptions(),
+) -> dict[str, float]:
     """Step time and efficiency of data parallelism over ``nodes`` x 8 GPUs, one ``link_gbps`` NIC per node.
 
     Hierarchical ring all-reduce: reduce-scatter and all-gather inside the node over NVLink
@@ -401,15 +483,18 @@ def scaling_estimate(nodes: int, link_gbps: float, *, grad_bytes_per_param: int,
     comm = inside + across
     exposed = max(a.last_bucket * comm, comm - a.overlap_window * a.step_s) if overlap else comm
     step = a.step_s + exposed
-    return {"allreduce_s": comm, "step_s": step, "efficiency": a.step_s / step,
-            "images_per_s": nodes * g * 128 / step}
+    return {"allreduce_s": comm, "step_s": step, "efficiency": a.step_s / step, "images_per_s": nodes * g * 128 / step}
 
 
 def print_scaling(a: ScalingAssumptions = ScalingAssumptions()) -> None:
-    print(f"per-GPU step {1000 * a.step_s:.2f} ms at batch 128, {a.parameters / 1e6:.2f}M parameters; "
-          "efficiency = step alone / step with the all-reduce")
-    print("| link/node | nodes | GPUs | all-reduce fp32 | fp32 | fp32 + overlap | all-reduce bf16 | bf16 | "
-          "bf16 + overlap | img/s (bf16 + overlap) |")
+    print(
+        f"per-GPU step {1000 * a.step_s:.2f} ms at batch 128, {a.parameters / 1e6:.2f}M parameters; "
+        "efficiency = step alone / step with the all-reduce"
+    )
+    print(
+        "| link/node | nodes | GPUs | all-reduce fp32 | fp32 | fp32 + overlap | all-reduce bf16 | bf16 | "
+        "bf16 + overlap | img/s (bf16 + overlap) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for link in (100, 200, 400, 3200):  # 3200: eight 400 Gb/s NICs per node (one per GPU, DGX H100-style)
         for nodes in (1, 2, 8, 32):
@@ -417,8 +502,11 @@ def print_scaling(a: ScalingAssumptions = ScalingAssumptions()) -> None:
             for width in (4, 2):
                 seq = scaling_estimate(nodes, link, grad_bytes_per_param=width, overlap=False, a=a)
                 ovl = scaling_estimate(nodes, link, grad_bytes_per_param=width, overlap=True, a=a)
-                cells += [f"{1000 * seq['allreduce_s']:.1f} ms", f"{100 * seq['efficiency']:.0f}%",
-                          f"{100 * ovl['efficiency']:.0f}%"]
+                cells += [
+                    f"{1000 * seq['allreduce_s']:.1f} ms",
+                    f"{100 * seq['efficiency']:.0f}%",
+                    f"{100 * ovl['efficiency']:.0f}%",
+                ]
             label = "8x400" if link == 3200 else str(link)
             print(f"| {label} Gb/s | {nodes} | {8 * nodes} | {' | '.join(cells)} | {ovl['images_per_s']:,.0f} |")
 
@@ -430,10 +518,17 @@ def environment(device: str) -> dict[str, Any]:
     """Machine, versions and date: what a figure in docs/BENCHMARKS.md must come with."""
     import torch
 
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "host": platform.node(), "cpu": _cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "device": device, "load_average": list(os.getloadavg()),
-            "command": "python -m pipeline.bench_train " + " ".join(sys.argv[1:])}
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+        "load_average": list(os.getloadavg()),
+        "command": "python -m pipeline.bench_train " + " ".join(sys.argv[1:]),
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     try:
@@ -456,15 +551,26 @@ def _cpu_model() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="preprocessed dataset (manifest.json + shards) for the real loader; "
-                                       "without it only the synthetic loader runs")
-    parser.add_argument("--loaders", default="",
-                        help="comma-separated from synthetic, dali, torch (default: synthetic, plus dali with --data)")
-    parser.add_argument("--size", choices=("auto", *SIZES), default="auto",
-                        help="model and batch: tiny (batch 8), cpu (a narrow model, batch 16) or paper (the paper's "
-                             "model, batch 128); auto = paper on a GPU, else cpu")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.bench_train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data",
+        help="preprocessed dataset (manifest.json + shards) for the real loader; "
+        "without it only the synthetic loader runs",
+    )
+    parser.add_argument(
+        "--loaders",
+        default="",
+        help="comma-separated from synthetic, dali, torch (default: synthetic, plus dali with --data)",
+    )
+    parser.add_argument(
+        "--size",
+        choices=("auto", *SIZES),
+        default="auto",
+        help="model and batch: tiny (batch 8), cpu (a narrow model, batch 16) or paper (the paper's "
+        "model, batch 128); auto = paper on a GPU, else cpu",
+    )
     parser.add_argument("--batch-size", type=int, default=0, help="override the size's batch")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per loop and round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
@@ -473,17 +579,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=0, help="loader threads/workers (0 = this process's CPUs)")
     parser.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast in both loops")
     parser.add_argument("--tp-steps", type=int, default=10, help="timed steps per tp round (0 = skip the tp check)")
-    parser.add_argument("--checkpoint-saves", type=int, default=3,
-                        help="saves of the full-size paper model to time (0 = skip; --size tiny saves the tiny "
-                             "model instead, for tests)")
-    parser.add_argument("--checkpoint-dir", type=Path,
-                        help="where the checkpoint stall writes (the disk run dirs live on); default: a "
-                             "temporary directory under the current one, removed afterwards")
+    parser.add_argument(
+        "--checkpoint-saves",
+        type=int,
+        default=3,
+        help="saves of the full-size paper model to time (0 = skip; --size tiny saves the tiny "
+        "model instead, for tests)",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="where the checkpoint stall writes (the disk run dirs live on); default: a "
+        "temporary directory under the current one, removed afterwards",
+    )
     parser.add_argument("--json", type=Path, help="also write the report here")
-    parser.add_argument("--scaling", action="store_true",
-                        help="print the data-parallel scaling estimate (arithmetic only) and exit")
-    parser.add_argument("--gpu-report", action="store_true",
-                        help="the GPU input path side by side (pipeline.bench_gpu); needs CUDA and --data")
+    parser.add_argument(
+        "--scaling", action="store_true", help="print the data-parallel scaling estimate (arithmetic only) and exit"
+    )
+    parser.add_argument(
+        "--gpu-report",
+        action="store_true",
+        help="the GPU input path side by side (pipeline.bench_gpu); needs CUDA and --data",
+    )
     return parser
 
 
@@ -523,8 +640,9 @@ def resolve_setup(args: argparse.Namespace, device: str, num_classes: int) -> Se
     batch = args.batch_size or batch
     if batch < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch})")
-    return Setup(widths=widths, fc_width=fc_width, num_classes=num_classes, batch_size=batch, device=device,
-                 amp=args.amp)
+    return Setup(
+        widths=widths, fc_width=fc_width, num_classes=num_classes, batch_size=batch, device=device, amp=args.amp
+    )
 
 
 def measure(args: argparse.Namespace, device: str) -> dict[str, Any]:
@@ -534,31 +652,49 @@ def measure(args: argparse.Namespace, device: str) -> dict[str, Any]:
     from preprocess.format import read_manifest
 
     loaders = [x.strip() for x in args.loaders.split(",") if x.strip()] or (
-        ["synthetic", "dali"] if args.data else ["synthetic"])
+        ["synthetic", "dali"] if args.data else ["synthetic"]
+    )
     unknown = set(loaders) - {"synthetic", "dali", "torch"}
     if unknown:
         raise UserError(f"--loaders: unknown {', '.join(sorted(unknown))}; use synthetic, dali or torch")
     if any(x != "synthetic" for x in loaders) and not args.data:
-        raise UserError("--loaders dali/torch read real shards: pass --data SHARDS "
-                        "(a `python -m preprocess shard` output)")
+        raise UserError(
+            "--loaders dali/torch read real shards: pass --data SHARDS (a `python -m preprocess shard` output)"
+        )
     num_classes = len(read_manifest(args.data).classes) if args.data else 1000
     setup = resolve_setup(args, device, num_classes)
-    report: dict[str, Any] = {"environment": environment(device), "setup": asdict(setup),
-                              "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "loops": {}}
+    report: dict[str, Any] = {
+        "environment": environment(device),
+        "setup": asdict(setup),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "loops": {},
+    }
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-", dir=args.checkpoint_dir or Path.cwd()))
     try:
         for name in loaders:
-            data_cfg = data_config(data=args.data or "", loader=name if name != "synthetic" else "dali",
-                                   workers=args.workers)
-            report["loops"][name] = loop_overhead(setup, data_cfg, synthetic=name == "synthetic", warmup=args.warmup,
-                                                  steps=args.steps, rounds=args.rounds, scratch=scratch)
+            data_cfg = data_config(
+                data=args.data or "", loader=name if name != "synthetic" else "dali", workers=args.workers
+            )
+            report["loops"][name] = loop_overhead(
+                setup,
+                data_cfg,
+                synthetic=name == "synthetic",
+                warmup=args.warmup,
+                steps=args.steps,
+                rounds=args.rounds,
+                scratch=scratch,
+            )
         if args.tp_steps:
-            report["tower_split"] = tower_split(replace(setup, num_classes=1000), steps=args.tp_steps,
-                                                rounds=args.rounds, scratch=scratch)
+            report["tower_split"] = tower_split(
+                replace(setup, num_classes=1000), steps=args.tp_steps, rounds=args.rounds, scratch=scratch
+            )
         if args.checkpoint_saves:
             model_cfg = None if args.size != "tiny" else replace(setup, num_classes=1000).model_config()
-            report["checkpoint"] = checkpoint_stall(device, saves=args.checkpoint_saves, directory=scratch / "ckpt",
-                                                    model_cfg=model_cfg)
+            report["checkpoint"] = checkpoint_stall(
+                device, saves=args.checkpoint_saves, directory=scratch / "ckpt", model_cfg=model_cfg
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report["environment"]["load_average_end"] = list(os.getloadavg())
@@ -567,44 +703,56 @@ def measure(args: argparse.Namespace, device: str) -> dict[str, Any]:
 
 def print_report(report: dict[str, Any]) -> None:
     env, setup = report["environment"], report["setup"]
-    print(f"# {env['date']}, {env['host']}: {env['cpu']}, {env['cpus']} CPUs, device {env['device']}"
-          f"{' (' + env['gpu'] + ')' if 'gpu' in env else ''}; load average {env['load_average'][0]:.2f} -> "
-          f"{env['load_average_end'][0]:.2f}")
-    print(f"# torch {env['torch']}, DALI {env.get('dali', '-')}, Python {env['python']}; model widths "
-          f"{','.join(map(str, setup['widths']))} fc {setup['fc_width']}, {setup['num_classes']} classes, batch "
-          f"{setup['batch_size']}, amp {setup['amp']}; {report['steps']} steps after {report['warmup']}, "
-          f"{report['rounds']} alternating rounds (best)")
+    print(
+        f"# {env['date']}, {env['host']}: {env['cpu']}, {env['cpus']} CPUs, device {env['device']}"
+        f"{' (' + env['gpu'] + ')' if 'gpu' in env else ''}; load average {env['load_average'][0]:.2f} -> "
+        f"{env['load_average_end'][0]:.2f}"
+    )
+    print(
+        f"# torch {env['torch']}, DALI {env.get('dali', '-')}, Python {env['python']}; model widths "
+        f"{','.join(map(str, setup['widths']))} fc {setup['fc_width']}, {setup['num_classes']} classes, batch "
+        f"{setup['batch_size']}, amp {setup['amp']}; {report['steps']} steps after {report['warmup']}, "
+        f"{report['rounds']} alternating rounds (best)"
+    )
     print(f"# {env['command']}")
     print(f"{'loader':<10} {'loop':<8} {'img/s':>9} {'step ms':>9} {'data wait':>10} {'img/s all rounds':>24}")
     for name, loop in report["loops"].items():
         for which in ("plain", "trainer"):
             best = loop[which]
             every = ", ".join(f"{r['images_per_s']:.0f}" for r in loop["rounds"][which])
-            print(f"{name:<10} {which:<8} {best['images_per_s']:>9.1f} {1000 * best['step_s']:>9.1f} "
-                  f"{100 * best['data_wait_fraction']:>9.1f}% {every:>24}")
+            print(
+                f"{name:<10} {which:<8} {best['images_per_s']:>9.1f} {1000 * best['step_s']:>9.1f} "
+                f"{100 * best['data_wait_fraction']:>9.1f}% {every:>24}"
+            )
         extra_ms = 1000 * (loop["trainer"]["step_s"] - loop["plain"]["step_s"])
         cpu, main = loop["cpu_s_per_step"], loop["main_cpu_s_per_step"]
-        print(f"{name:<10} Trainer overhead vs the plain loop: {100 * loop['overhead']:+.1f}% "
-              f"(plain / trainer = {1 + loop['overhead']:.3f}x, {extra_ms:+.2f} ms/step); in CPU time "
-              f"{100 * loop['cpu_overhead']:+.1f}% ({1000 * cpu['plain']:.1f} vs {1000 * cpu['trainer']:.1f} "
-              f"CPU-ms/step, least of the rounds); the loop's thread alone {100 * loop['main_cpu_overhead']:+.1f}% "
-              f"({1000 * main['plain']:.1f} vs {1000 * main['trainer']:.1f}); "
-              f"both loops {loop['trainer']['images']} images; round by round (median) "
-              f"{100 * loop['paired_cpu_overhead_median']:+.1f}% CPU")
+        print(
+            f"{name:<10} Trainer overhead vs the plain loop: {100 * loop['overhead']:+.1f}% "
+            f"(plain / trainer = {1 + loop['overhead']:.3f}x, {extra_ms:+.2f} ms/step); in CPU time "
+            f"{100 * loop['cpu_overhead']:+.1f}% ({1000 * cpu['plain']:.1f} vs {1000 * cpu['trainer']:.1f} "
+            f"CPU-ms/step, least of the rounds); the loop's thread alone {100 * loop['main_cpu_overhead']:+.1f}% "
+            f"({1000 * main['plain']:.1f} vs {1000 * main['trainer']:.1f}); "
+            f"both loops {loop['trainer']['images']} images; round by round (median) "
+            f"{100 * loop['paired_cpu_overhead_median']:+.1f}% CPU"
+        )
     split = report.get("tower_split")
     if split and "skipped" in split:
         print(f"tower split: skipped ({split['skipped']})")
     elif split:
-        print(f"tower split (1000 classes, same batch): tp=1 {1000 * split['tp1_step_s']:.1f} ms/step on one device, "
-              f"tp=2 {1000 * split['tp2_step_s']:.1f} ms/step on two: {split['speedup']:.2f}x faster, "
-              f"{100 * split['split_efficiency']:.0f}% of a perfect split "
-              f"({split['threads_per_process']} thread(s) per process)")
+        print(
+            f"tower split (1000 classes, same batch): tp=1 {1000 * split['tp1_step_s']:.1f} ms/step on one device, "
+            f"tp=2 {1000 * split['tp2_step_s']:.1f} ms/step on two: {split['speedup']:.2f}x faster, "
+            f"{100 * split['split_efficiency']:.0f}% of a perfect split "
+            f"({split['threads_per_process']} thread(s) per process)"
+        )
     ckpt = report.get("checkpoint")
     if ckpt:
-        print(f"checkpoint stall ({ckpt['parameters'] / 1e6:.1f}M parameters, {ckpt['bytes'] / 1e9:.2f} GB "
-              f"weights + momentum): blocked {ckpt['blocked_s']:.2f} s per save (best of {ckpt['saves']}: "
-              f"{', '.join(f'{s:.2f}' for s in ckpt['blocked_rounds'])}); of which state to host "
-              f"{ckpt['state_to_host_s']:.2f} s, re-hashing for the integrity check ~{ckpt['verify_hash_s']:.2f} s")
+        print(
+            f"checkpoint stall ({ckpt['parameters'] / 1e6:.1f}M parameters, {ckpt['bytes'] / 1e9:.2f} GB "
+            f"weights + momentum): blocked {ckpt['blocked_s']:.2f} s per save (best of {ckpt['saves']}: "
+            f"{', '.join(f'{s:.2f}' for s in ckpt['blocked_rounds'])}); of which state to host "
+            f"{ckpt['state_to_host_s']:.2f} s, re-hashing for the integrity check ~{ckpt['verify_hash_s']:.2f} s"
+        )
 
 
 if __name__ == "__main__":

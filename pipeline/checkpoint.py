@@ -101,8 +101,17 @@ class TrainState:
     the JSON-able rest to meta.json. The trainer owns the live objects; this class only translates.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
-                 config: Any, layout: dict[str, int], rank: int, tp_rank: int, towers: int = 2):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: Any,
+        config: Any,
+        layout: dict[str, int],
+        rank: int,
+        tp_rank: int,
+        towers: int = 2,
+    ):
         self.model, self.optimizer, self.schedule, self.config = model, optimizer, schedule, config
         self.layout, self.rank, self.tp_rank = layout, rank, tp_rank
         self.towers = towers  # 1: a one-column model (no split), stored as a single tower
@@ -144,9 +153,13 @@ class TrainState:
         return wanted
 
     def meta(self) -> dict[str, Any]:
-        return {"progress": vars(self.progress).copy(), "layout": dict(self.layout),
-                "schedule": self.schedule.state_dict(), "best_top1_error": self.best_top1_error,
-                "config": self.config.to_dict()}
+        return {
+            "progress": vars(self.progress).copy(),
+            "layout": dict(self.layout),
+            "schedule": self.schedule.state_dict(),
+            "best_top1_error": self.best_top1_error,
+            "config": self.config.to_dict(),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"tensors": self.tensors(), "meta": self.meta()}
@@ -158,13 +171,13 @@ class TrainState:
         for key, value in tensors.items():
             if key.startswith("tower"):
                 head, part, name = key.split(".", 2)
-                parts[part].setdefault(int(head[len("tower"):]), {})[name] = value
+                parts[part].setdefault(int(head[len("tower") :]), {})[name] = value
         model_lib.unwrap(self.model).load_state_dict(self._from_towers(parts["model"]))
         momentum = self._from_towers(parts["momentum"])
         for name, p in self.model.named_parameters():
             self.optimizer.state[p]["momentum_buffer"] = momentum[name].to(p.device, p.dtype).clone()
         prefix = f"rng.rank{self.rank}."
-        rng = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        rng = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if rng:
             set_rng_tensors(rng)
         self.schedule.load_state_dict(meta["schedule"])
@@ -189,11 +202,13 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     """This process's RNG states as plain tensors (no pickle): torch, CUDA, Python, NumPy."""
     version, words, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    out = {"torch": torch.get_rng_state(),
-           "python": torch.tensor([version, *words], dtype=torch.int64),
-           "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
-           "numpy": torch.tensor([*keys.tolist(), pos, has_gauss], dtype=torch.int64),
-           "numpy_gauss": torch.tensor([cached], dtype=torch.float64)}
+    out = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor([version, *words], dtype=torch.int64),
+        "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
+        "numpy": torch.tensor([*keys.tolist(), pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = torch.cuda.get_rng_state()
     return out
@@ -205,8 +220,9 @@ def set_rng_tensors(state: dict[str, torch.Tensor]) -> None:
     gauss = float(state["python_gauss"][0])
     random.setstate((py[0], tuple(py[1:]), None if math.isnan(gauss) else gauss))
     npy = state["numpy"].tolist()
-    np.random.set_state(("MT19937", np.array(npy[:624], dtype=np.uint32), npy[624], npy[625],
-                         float(state["numpy_gauss"][0])))
+    np.random.set_state(
+        ("MT19937", np.array(npy[:624], dtype=np.uint32), npy[624], npy[625], float(state["numpy_gauss"][0]))
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -231,8 +247,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}/{META}: unreadable ({e}); pass another checkpoint") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: not a checkpoint of format {FORMAT_VERSION} (written by another version "
-                              "or damaged); pass another one")
+        raise CheckpointError(
+            f"{path}: not a checkpoint of format {FORMAT_VERSION} (written by another version "
+            "or damaged); pass another one"
+        )
     return meta
 
 
@@ -277,8 +295,9 @@ def resolve(run_dir: str | Path | None, which: str) -> Path:
             raise CheckpointError(f"--checkpoint {which} needs a --run-dir")
         path = latest(run_dir) if which == LATEST else _pointer(run_dir, BEST)
         if path is None or not path.is_dir():
-            raise CheckpointError(f"{checkpoints_dir(run_dir)}: no {which} checkpoint yet "
-                                  "(has the run finished an epoch?)")
+            raise CheckpointError(
+                f"{checkpoints_dir(run_dir)}: no {which} checkpoint yet (has the run finished an epoch?)"
+            )
         return path
     path = Path(which)
     if not path.is_dir() and run_dir is not None and (checkpoints_dir(run_dir) / which).is_dir():
@@ -309,8 +328,11 @@ def candidates(run_dir: str | Path) -> list[Path]:
     if pointed is not None:
         if found:
             newest, meta = found[-1]
-            if (newest != pointed and meta.get("parent") == pointed.name
-                    and meta.get("lineage") == _current_lineage(run_dir)):
+            if (
+                newest != pointed
+                and meta.get("parent") == pointed.name
+                and meta.get("lineage") == _current_lineage(run_dir)
+            ):
                 order.append(newest)
         order.append(pointed)
         name = pointed.name
@@ -363,8 +385,10 @@ def check_permissions(path: Path, allow_world_writable: bool) -> None:
     for p in (path, path.parent):
         mode = p.stat().st_mode
         if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-            raise CheckpointError(f"{p} is world-writable (mode {stat.S_IMODE(mode):o}): anyone could swap its files; "
-                                  f"`chmod o-w {p}` or pass --checkpoint.allow-world-writable true")
+            raise CheckpointError(
+                f"{p} is world-writable (mode {stat.S_IMODE(mode):o}): anyone could swap its files; "
+                f"`chmod o-w {p}` or pass --checkpoint.allow-world-writable true"
+            )
 
 
 def read_tensors(path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -385,8 +409,9 @@ def read_tensors(path: str | Path, keys: list[str] | None = None) -> dict[str, t
             try:
                 out[key] = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
             except Exception as e:
-                raise CheckpointError(f"{path}: tensor {key} does not load ({str(e).splitlines()[0][:200]}); "
-                                      "pass another checkpoint") from None
+                raise CheckpointError(
+                    f"{path}: tensor {key} does not load ({str(e).splitlines()[0][:200]}); pass another checkpoint"
+                ) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e}); pass another checkpoint") from None
     finally:
@@ -400,7 +425,7 @@ def read_towers(path: str | Path) -> dict[int, dict[str, torch.Tensor]]:
     towers: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in read_tensors(path, [k for k in read_meta(path)["tensors"] if k.startswith("tower")]).items():
         head, rest = key.split(".", 1)
-        towers.setdefault(int(head[len("tower"):]), {})[rest] = value
+        towers.setdefault(int(head[len("tower") :]), {})[rest] = value
     return towers
 
 
@@ -410,8 +435,12 @@ def export_model(path: str | Path) -> dict[str, torch.Tensor]:
     if reason:
         raise CheckpointError(f"{path}: {reason}; pass another checkpoint")
     towers = read_towers(path)
-    return model_lib.from_towers({t: {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-                                  for t, tensors in towers.items()})
+    return model_lib.from_towers(
+        {
+            t: {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+            for t, tensors in towers.items()
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------- save/load
@@ -480,8 +509,10 @@ class Checkpointer:
         """Collective: every rank calls it at the same step. Raises a one-line error, never half-saves."""
         step = state.progress.step
         if not state.all_finite(device, self.group):
-            raise NonFiniteState(f"weights became NaN/inf by step {step}; not saved, the last good checkpoint "
-                                 f"{latest(self.run_dir)} is kept; lower --lr or check the data")
+            raise NonFiniteState(
+                f"weights became NaN/inf by step {step}; not saved, the last good checkpoint "
+                f"{latest(self.run_dir)} is kept; lower --lr or check the data"
+            )
         name = None
         error = None
         if self.rank == 0:
@@ -495,8 +526,9 @@ class Checkpointer:
         tmp = self.dir / (name + _TMP)
         tensors = state.tensors()
         try:
-            written = dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
-                               process_group=self.group)
+            written = dcp.save(
+                tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=self.group
+            )
             error = None
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
             written, error = None, _first_line(e) + _space_hint(self.dir, sum(t.nbytes for t in tensors.values()))
@@ -510,8 +542,10 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
         error = self._broadcast(error)
         if error is not None:
-            raise CheckpointError(f"checkpoint at step {step} failed: {error}; the previous checkpoint "
-                                  f"{latest(self.run_dir)} is intact; fix it and re-run the same command")
+            raise CheckpointError(
+                f"checkpoint at step {step} failed: {error}; the previous checkpoint "
+                f"{latest(self.run_dir)} is intact; fix it and re-run the same command"
+            )
         self._last_save = time.monotonic()
         self.last_saved_step = step
         self.parent = name
@@ -534,14 +568,26 @@ class Checkpointer:
         existing = complete(self.run_dir)
         if self.lineage is None:
             self._start_lineage(existing)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file() and p.name != META}
-        index = {item.fqn: {"file": info.relative_path, "offset": info.offset, "length": info.length}
-                 for item, info in written.storage_data.items()}
-        meta = {"format": FORMAT_VERSION, "step": state.progress.step, "saved_at": time.time(),
-                "seq": 1 + max((m["seq"] for _, m in existing), default=-1), "lineage": self.lineage,
-                "parent": self.parent,
-                **state.meta(), "files": files, "tensors": index}
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tmp.iterdir())
+            if p.is_file() and p.name != META
+        }
+        index = {
+            item.fqn: {"file": info.relative_path, "offset": info.offset, "length": info.length}
+            for item, info in written.storage_data.items()
+        }
+        meta = {
+            "format": FORMAT_VERSION,
+            "step": state.progress.step,
+            "saved_at": time.time(),
+            "seq": 1 + max((m["seq"] for _, m in existing), default=-1),
+            "lineage": self.lineage,
+            "parent": self.parent,
+            **state.meta(),
+            "files": files,
+            "tensors": index,
+        }
         write_json_atomic(tmp / META, meta)
         final = self.dir / name
         os.replace(tmp, final)
@@ -560,7 +606,7 @@ class Checkpointer:
                 protected.add(target.name)
         found = complete(self.run_dir)
         mine = [p for p, m in found if m.get("lineage") == self.lineage]
-        keep = {p.name for p in mine[-max(self.cfg.keep_last, 1):]} | protected
+        keep = {p.name for p in mine[-max(self.cfg.keep_last, 1) :]} | protected
         others_expired = len(mine) >= self.cfg.keep_last
         for p, m in found:
             if p.name in keep or (m.get("lineage") != self.lineage and not others_expired):
@@ -593,15 +639,21 @@ class Checkpointer:
         for key, want in templates.items():
             got = tensors[key]
             if got.shape != want.shape or got.dtype != want.dtype:
-                raise CheckpointError(f"{path}: {key} is {tuple(got.shape)} {got.dtype}, this run needs "
-                                      f"{tuple(want.shape)} {want.dtype}; use the checkpoint's model config "
-                                      "(--num-classes, widths) or a new --run-dir")
+                raise CheckpointError(
+                    f"{path}: {key} is {tuple(got.shape)} {got.dtype}, this run needs "
+                    f"{tuple(want.shape)} {want.dtype}; use the checkpoint's model config "
+                    "(--num-classes, widths) or a new --run-dir"
+                )
         state.load_state_dict({"tensors": tensors, "meta": meta})
         if not same_layout and state.progress.step_in_epoch:
             # The epoch's sample order depends on dp_size: replaying the rest of a half-done epoch under
             # another layout would not be the same samples, so start the next epoch cleanly.
-            log.warning("layout changed (%s -> %s): resuming at the start of epoch %d", meta["layout"],
-                        state.layout, state.progress.epoch + 1)
+            log.warning(
+                "layout changed (%s -> %s): resuming at the start of epoch %d",
+                meta["layout"],
+                state.layout,
+                state.progress.epoch + 1,
+            )
             state.progress = Progress(state.progress.epoch + 1, state.progress.step, 0)
         self._continue_lineage(path, meta)
         return path
@@ -635,8 +687,13 @@ class Checkpointer:
         if self.rank == 0:
             self._start_lineage(found)
             write_bytes_atomic(self.dir / LATEST, path.name.encode())
-            log.info("resumed from %s, not the newest of its lineage: new lineage %d (the old one is kept "
-                     "until this one has %d checkpoints)", path.name, self.lineage, self.cfg.keep_last)
+            log.info(
+                "resumed from %s, not the newest of its lineage: new lineage %d (the old one is kept "
+                "until this one has %d checkpoints)",
+                path.name,
+                self.lineage,
+                self.cfg.keep_last,
+            )
         else:
             self.lineage = -1  # only rank 0 names lineages; other ranks never prune
 

@@ -119,7 +119,7 @@ ALIASES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The string literal under each field of a dataclass (its help text)."""
     try:
@@ -129,9 +129,13 @@ def field_docs(cls: type) -> dict[str, str]:
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
     for node, following in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
             docs[node.target.id] = " ".join(following.value.value.split())
     return docs
 
@@ -184,8 +188,9 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 
 def build_parser(prog: str = "python -m launch.train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", type=Path, help="TOML or JSON file with config sections (e.g. configs/demo.toml)")
     parser.add_argument("--resume", help="checkpoint directory to start from (default: RUN_DIR's latest, if any)")
     reverse = {v: k for k, v in ALIASES.items()}
@@ -197,8 +202,14 @@ def build_parser(prog: str = "python -m launch.train") -> argparse.ArgumentParse
         if path in reverse and reverse[path] not in flags:
             flags.insert(0, reverse[path])
         default = _default_of(f)
-        group.add_argument(*flags, dest=path, type=_parser_for(kind), default=argparse.SUPPRESS,
-                           metavar=_metavar(kind), help=f"{help_text} (default: {_show(default)})")
+        group.add_argument(
+            *flags,
+            dest=path,
+            type=_parser_for(kind),
+            default=argparse.SUPPRESS,
+            metavar=_metavar(kind),
+            help=f"{help_text} (default: {_show(default)})",
+        )
     return parser
 
 
@@ -274,7 +285,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             continue
         kind, value = hints[f.name], values[f.name]
         path = f"{prefix}{f.name}"
-        kwargs[f.name] = _build(kind, value, path + ".") if dataclasses.is_dataclass(kind) else _coerce(kind, value, path)
+        kwargs[f.name] = (
+            _build(kind, value, path + ".") if dataclasses.is_dataclass(kind) else _coerce(kind, value, path)
+        )
     return cls(**kwargs)
 
 
@@ -392,8 +405,10 @@ def resolve_num_classes(cfg: RunConfig, manifest_classes: int) -> None:
     if cfg.model.num_classes == 0:
         cfg.model.num_classes = manifest_classes
     elif cfg.model.num_classes < manifest_classes:
-        raise UserError(f"--num-classes {cfg.model.num_classes} is fewer than the dataset's {manifest_classes} "
-                        "classes; leave it out to use the dataset's count")
+        raise UserError(
+            f"--num-classes {cfg.model.num_classes} is fewer than the dataset's {manifest_classes} "
+            "classes; leave it out to use the dataset's count"
+        )
 
 
 def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:

@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,8 +52,12 @@ class EvalCounts:
     def summary(self) -> dict[str, float]:
         if self.seen == 0:
             raise UserError("evaluation saw no images: is the val split empty?")
-        return {"top1_error": 1 - self.top1 / self.seen, "top5_error": 1 - self.top5 / self.seen,
-                "loss": self.loss_sum / self.seen, "images": int(self.seen)}
+        return {
+            "top1_error": 1 - self.top1 / self.seen,
+            "top5_error": 1 - self.top5 / self.seen,
+            "loss": self.loss_sum / self.seen,
+            "images": int(self.seen),
+        }
 
 
 @dataclass
@@ -65,8 +70,9 @@ class Tally:
 
     @classmethod
     def zeros(cls, num_classes: int) -> "Tally":
-        return cls(torch.zeros(num_classes, num_classes, dtype=torch.int64),
-                   torch.zeros(num_classes, dtype=torch.int64))
+        return cls(
+            torch.zeros(num_classes, num_classes, dtype=torch.int64), torch.zeros(num_classes, dtype=torch.int64)
+        )
 
     def add(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
         n = self.top5.numel()
@@ -84,20 +90,27 @@ class Tally:
         dist.all_reduce(flat, group=group)
         flat = flat.cpu()
         n = self.top5.numel()
-        self.confusion = flat[:n * n].round().long().view(n, n)
-        self.top5 = flat[n * n:n * n + n].round().long()
+        self.confusion = flat[: n * n].round().long().view(n, n)
+        self.top5 = flat[n * n : n * n + n].round().long()
         self.loss_sum = float(flat[-1])
 
     def counts(self) -> EvalCounts:
-        return EvalCounts(float(self.confusion.trace()), float(self.top5.sum()), float(self.confusion.sum()),
-                          self.loss_sum)
+        return EvalCounts(
+            float(self.confusion.trace()), float(self.top5.sum()), float(self.confusion.sum()), self.loss_sum
+        )
 
     def per_class(self, names: list[str]) -> list[dict[str, Any]]:
         images = self.confusion.sum(1)
-        return [{"class": c, "name": names[c], "images": int(images[c]),
-                 "top1_error": 1 - int(self.confusion[c, c]) / int(images[c]) if images[c] else None,
-                 "top5_error": 1 - int(self.top5[c]) / int(images[c]) if images[c] else None}
-                for c in range(len(names))]
+        return [
+            {
+                "class": c,
+                "name": names[c],
+                "images": int(images[c]),
+                "top1_error": 1 - int(self.confusion[c, c]) / int(images[c]) if images[c] else None,
+                "top5_error": 1 - int(self.top5[c]) / int(images[c]) if images[c] else None,
+            }
+            for c in range(len(names))
+        ]
 
     def confused_pairs(self, names: list[str], limit: int) -> list[dict[str, Any]]:
         """The most frequent (true class, top-1 prediction) pairs with true != predicted."""
@@ -105,14 +118,25 @@ class Tally:
         off.fill_diagonal_(0)
         counts, flat = off.flatten().sort(descending=True, stable=True)
         n, images = off.shape[0], self.confusion.sum(1)
-        return [{"true": int(i) // n, "true_name": names[int(i) // n], "predicted": int(i) % n,
-                 "predicted_name": names[int(i) % n], "count": int(k),
-                 "fraction_of_true": int(k) / int(images[int(i) // n])}
-                for k, i in zip(counts[:limit], flat[:limit]) if k > 0]
+        return [
+            {
+                "true": int(i) // n,
+                "true_name": names[int(i) // n],
+                "predicted": int(i) % n,
+                "predicted_name": names[int(i) % n],
+                "count": int(k),
+                "fraction_of_true": int(k) / int(images[int(i) // n]),
+            }
+            for k, i in zip(counts[:limit], flat[:limit])
+            if k > 0
+        ]
 
     def summary(self, names: list[str], confused: int = 10) -> dict[str, Any]:
-        return {**self.counts().summary(), "per_class": self.per_class(names),
-                "confused_pairs": self.confused_pairs(names, confused)}
+        return {
+            **self.counts().summary(),
+            "per_class": self.per_class(names),
+            "confused_pairs": self.confused_pairs(names, confused),
+        }
 
 
 def predict(model: torch.nn.Module, images: torch.Tensor, *, ten_crop: bool, amp: bool) -> torch.Tensor:
@@ -126,8 +150,9 @@ def predict(model: torch.nn.Module, images: torch.Tensor, *, ten_crop: bool, amp
 
 
 @torch.no_grad()
-def count(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, ten_crop: bool,
-          amp: bool = False) -> EvalCounts:
+def count(
+    model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, ten_crop: bool, amp: bool = False
+) -> EvalCounts:
     """Correct counts over this rank's part of the val split; empty batches count nothing."""
     was_training = model.training
     model.eval()
@@ -146,8 +171,9 @@ def count(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def probabilities(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, ten_crop: bool,
-                  amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def probabilities(
+    model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, ten_crop: bool, amp: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax outputs [n, classes] (float32, CPU) and labels [n] of this rank's part, in loader order."""
     model.eval()
     probs, labels = [], []
@@ -221,8 +247,16 @@ def class_names(data_dir: str) -> list[str]:
 # ---------------------------------------------------------------------------- evaluation of members
 
 
-def evaluate_members(members: list[Member], *, ten_crop: bool, batch_size: int, device: torch.device,
-                     dp_rank: int = 0, dp_size: int = 1, amp: bool = False) -> tuple[list[Tally], Tally | None]:
+def evaluate_members(
+    members: list[Member],
+    *,
+    ten_crop: bool,
+    batch_size: int,
+    device: torch.device,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    amp: bool = False,
+) -> tuple[list[Tally], Tally | None]:
     """This rank's tallies: one per member and, for two or more members, the ensemble's (the mean of
     the members' softmax outputs); sum them over ranks for the whole split."""
     from pipeline import data
@@ -231,16 +265,27 @@ def evaluate_members(members: list[Member], *, ten_crop: bool, batch_size: int, 
     num_classes = members[0].cfg.model.num_classes
     for member in members:
         if member.cfg.model.num_classes != num_classes:
-            raise UserError(f"{member.path}: {member.cfg.model.num_classes} classes, but {members[0].path} has "
-                            f"{num_classes}; an ensemble needs models of the same classes")
+            raise UserError(
+                f"{member.path}: {member.cfg.model.num_classes} classes, but {members[0].path} has "
+                f"{num_classes}; an ensemble needs models of the same classes"
+            )
         model = member.build(device)
-        loader = data.val_loader(member.cfg.data, dp_rank=dp_rank, dp_size=dp_size, device=device,
-                                 ten_crop=ten_crop, batch_size=batch_size, num_classes=num_classes)
+        loader = data.val_loader(
+            member.cfg.data,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            device=device,
+            ten_crop=ten_crop,
+            batch_size=batch_size,
+            num_classes=num_classes,
+        )
         probs, member_labels = probabilities(model, loader, ten_crop=ten_crop, amp=amp)
         del model
         if labels is not None and not torch.equal(labels, member_labels):
-            raise UserError(f"{member.path}: its val images differ from {members[0].path}'s; "
-                            "ensemble members must be evaluated on the same dataset (--data)")
+            raise UserError(
+                f"{member.path}: its val images differ from {members[0].path}'s; "
+                "ensemble members must be evaluated on the same dataset (--data)"
+            )
         labels = member_labels
         outputs.append(probs)
     tallies = [_tally(p, labels, num_classes) for p in outputs]
@@ -261,12 +306,17 @@ def _tally(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Tally
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import parse_bool
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run-dir", type=Path, help="the run to evaluate (its --checkpoint)")
     parser.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint directory")
-    parser.add_argument("--ensemble", nargs="+", metavar="RUN_OR_CHECKPOINT",
-                        help="evaluate the average of these models' softmax outputs (a run dir means its best)")
+    parser.add_argument(
+        "--ensemble",
+        nargs="+",
+        metavar="RUN_OR_CHECKPOINT",
+        help="evaluate the average of these models' softmax outputs (a run dir means its best)",
+    )
     parser.add_argument("--ten-crop", type=parse_bool, default=True, help="the paper's 10-view test (default: true)")
     parser.add_argument("--data", help="dataset directory (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per process and step")
@@ -282,20 +332,27 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline import checkpoint
 
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1),
-                                                                        ("LOCAL_RANK", 0)))
+    rank, world, local_rank = (
+        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
+    )
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA device is visible")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if world > 1:  # under torchrun: one part of the val split per process
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(minutes=30), device_id=device if cuda else None)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(minutes=30),
+            device_id=device if cuda else None,
+        )
     try:
         specs = args.ensemble or [checkpoint.resolve(args.run_dir, args.checkpoint)]
         members = [load_member(spec, "best", args.data) for spec in specs]
-        tallies, ensemble = evaluate_members(members, ten_crop=args.ten_crop, batch_size=args.batch_size,
-                                             device=device, dp_rank=rank, dp_size=world)
+        tallies, ensemble = evaluate_members(
+            members, ten_crop=args.ten_crop, batch_size=args.batch_size, device=device, dp_rank=rank, dp_size=world
+        )
         if world > 1:
             for tally in [*tallies, *([ensemble] if ensemble else [])]:
                 tally.all_reduce()
@@ -312,8 +369,12 @@ def _report(args: argparse.Namespace, members: list[Member], tallies: list[Tally
     views = "10-crop" if args.ten_crop else "centre crop"
     rows = [{"checkpoint": str(m.path), "step": m.step, **t.counts().summary()} for m, t in zip(members, tallies)]
     if ensemble is None:
-        result: dict[str, Any] = {**tallies[0].summary(names, args.confused), "checkpoint": str(members[0].path),
-                                  "step": members[0].step, "ten_crop": args.ten_crop}
+        result: dict[str, Any] = {
+            **tallies[0].summary(names, args.confused),
+            "checkpoint": str(members[0].path),
+            "step": members[0].step,
+            "ten_crop": args.ten_crop,
+        }
         out = args.out or members[0].run_dir / f"eval-{members[0].path.name}{'' if args.ten_crop else '-centre'}.json"
     else:
         result = {**ensemble.summary(names, args.confused), "ten_crop": args.ten_crop, "members": rows}
@@ -324,8 +385,9 @@ def _report(args: argparse.Namespace, members: list[Member], tallies: list[Tally
         label = f"{member.run_dir.name}/{member.path.name}"
         print(f"{label[-47:]:<48}{100 * row['top1_error']:>9.2f}%{100 * row['top5_error']:>9.2f}%")
     if ensemble is not None:
-        print(f"{f'ensemble of {len(members)}':<48}{100 * result['top1_error']:>9.2f}%"
-              f"{100 * result['top5_error']:>9.2f}%")
+        print(
+            f"{f'ensemble of {len(members)}':<48}{100 * result['top1_error']:>9.2f}%{100 * result['top5_error']:>9.2f}%"
+        )
     for pair in result["confused_pairs"][:3]:
         print(f"  confused: {pair['true_name']} -> {pair['predicted_name']} ({pair['count']}x)")
     print(f"written: {out}")

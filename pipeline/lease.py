@@ -39,8 +39,21 @@ LEASE_NAME = "writer.lease"
 log = logging.getLogger("alexnet")
 
 # `squeue -o %T` states of a job that will not run again: its lease is free.
-_ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-                    "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT"})
+_ENDED = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "REVOKED",
+        "SPECIAL_EXIT",
+    }
+)
 
 
 class LeaseHeld(UserError):
@@ -66,30 +79,50 @@ class Holder:
     slurm_cluster: str | None
 
     @classmethod
-    def from_environ(cls, env: Mapping[str, str] | None = None, pid: int | None = None,
-                     parent_pid: int | None = None) -> "Holder":
+    def from_environ(
+        cls, env: Mapping[str, str] | None = None, pid: int | None = None, parent_pid: int | None = None
+    ) -> "Holder":
         env = os.environ if env is None else env
         host = socket.gethostname()
         pid = os.getpid() if pid is None else pid
         job = env.get("SLURM_JOB_ID")
         if job:
             cluster = env.get("SLURM_CLUSTER_NAME", "")
-            return cls(f"slurm:{cluster}:{job}", f"Slurm job {job}" + (f" on cluster {cluster}" if cluster else ""),
-                       f"scancel {job}", None, job, cluster or None)
+            return cls(
+                f"slurm:{cluster}:{job}",
+                f"Slurm job {job}" + (f" on cluster {cluster}" if cluster else ""),
+                f"scancel {job}",
+                None,
+                job,
+                cluster or None,
+            )
         run_id = env.get("TORCHELASTIC_RUN_ID")
         if run_id is not None:
             # torchrun's workers are children of its agent, which lives through elastic restarts.
             agent = os.getppid() if parent_pid is None else parent_pid
             key = f"torchrun:{host}:{agent}" if run_id in ("", "none") else f"torchrun:{run_id}"
-            return cls(key, f"torchrun (agent pid {agent} on {host}, rdzv id {run_id})", f"kill {agent} on {host}",
-                       agent, None, None)
+            return cls(
+                key,
+                f"torchrun (agent pid {agent} on {host}, rdzv id {run_id})",
+                f"kill {agent} on {host}",
+                agent,
+                None,
+                None,
+            )
         local_job = env.get("SUBMITIT_LOCAL_JOB_ID")
         if local_job:
             controller = int(local_job) if local_job.isdigit() else None
-            return cls(f"submitit-local:{host}:{local_job}", f"submitit local job {local_job} on {host}",
-                       f"kill {local_job} on {host}", controller, None, None)
-        return cls(f"process:{host}:{pid}:{_boot_id()}", f"process {pid} on {host}", f"kill {pid} on {host}",
-                   pid, None, None)
+            return cls(
+                f"submitit-local:{host}:{local_job}",
+                f"submitit local job {local_job} on {host}",
+                f"kill {local_job} on {host}",
+                controller,
+                None,
+                None,
+            )
+        return cls(
+            f"process:{host}:{pid}:{_boot_id()}", f"process {pid} on {host}", f"kill {pid} on {host}", pid, None, None
+        )
 
 
 def _boot_id() -> str:
@@ -120,11 +153,24 @@ def _start_ticks(pid: int) -> str | None:
 
 def _record(holder: Holder, token: str, timeout_s: float, started: float, heartbeat: float) -> dict[str, Any]:
     probe = holder.probe_pid
-    return {"version": 1, "token": token, "key": holder.key, "holder": holder.name, "stop_hint": holder.stop_hint,
-            "host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(), "pid_ns": _pid_ns(),
-            "probe_pid": probe, "probe_start": _start_ticks(probe) if probe else None,
-            "slurm_job": holder.slurm_job, "slurm_cluster": holder.slurm_cluster,
-            "timeout_s": timeout_s, "started": started, "heartbeat": heartbeat}
+    return {
+        "version": 1,
+        "token": token,
+        "key": holder.key,
+        "holder": holder.name,
+        "stop_hint": holder.stop_hint,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "boot_id": _boot_id(),
+        "pid_ns": _pid_ns(),
+        "probe_pid": probe,
+        "probe_start": _start_ticks(probe) if probe else None,
+        "slurm_job": holder.slurm_job,
+        "slurm_cluster": holder.slurm_cluster,
+        "timeout_s": timeout_s,
+        "started": started,
+        "heartbeat": heartbeat,
+    }
 
 
 def _ago(seconds: float) -> str:
@@ -173,8 +219,10 @@ class Lease:
                 level = logging.INFO if current.get("key") == holder.key else logging.WARNING
                 log.log(level, "%s %s on %s from %s", holder.name, how, run_dir, current.get("holder", "?"))
                 return cls(run_dir, holder, token, timeout_s, now)
-        raise UserError(f"{path}: could not take the writer lease (it kept changing); is another job starting "
-                        "on this run directory? Try again")
+        raise UserError(
+            f"{path}: could not take the writer lease (it kept changing); is another job starting "
+            "on this run directory? Try again"
+        )
 
     # --------------------------------------------------------------------------------- holding
 
@@ -186,9 +234,11 @@ class Lease:
         current = _read(self.path)
         if current is None or current.get("token") != self.token:
             by = current.get("holder", "another writer") if current else "nobody (the file is gone)"
-            raise LeaseLost(f"{self.path}: this run's writer lease is now held by {by} (no heartbeat for "
-                            f"{_ago(now - self.last_beat)}, judged stale); stopped to avoid two writers in one run "
-                            "directory; resume later from its latest checkpoint, or use another --run-dir")
+            raise LeaseLost(
+                f"{self.path}: this run's writer lease is now held by {by} (no heartbeat for "
+                f"{_ago(now - self.last_beat)}, judged stale); stopped to avoid two writers in one run "
+                "directory; resume later from its latest checkpoint, or use another --run-dir"
+            )
         try:
             _write_replace(self.path, _record(self.holder, self.token, self.timeout_s, self.started, now))
             self.last_beat = now
@@ -205,8 +255,11 @@ class Lease:
             if current is not None and current.get("token") == self.token:
                 _remove(self.path, current)
         except OSError as e:
-            log.warning("could not release the writer lease %s (%s); the next run takes it over once it is "
-                        "stale, or delete it", self.path, e)
+            log.warning(
+                "could not release the writer lease %s (%s); the next run takes it over once it is stale, or delete it",
+                self.path,
+                e,
+            )
 
 
 def stale_reason(record: Mapping[str, Any], now: float | None = None) -> str | None:
@@ -224,8 +277,13 @@ def stale_reason(record: Mapping[str, Any], now: float | None = None) -> str | N
 def _holder_gone(record: Mapping[str, Any]) -> str | None:
     """Proof that the holder has ended: its process is gone from this host, or Slurm says its job ended."""
     probe = record.get("probe_pid")
-    if (probe and record.get("host") == socket.gethostname() and record.get("boot_id") == _boot_id()
-            and record.get("pid_ns") == _pid_ns() and _boot_id()):
+    if (
+        probe
+        and record.get("host") == socket.gethostname()
+        and record.get("boot_id") == _boot_id()
+        and record.get("pid_ns") == _pid_ns()
+        and _boot_id()
+    ):
         if _start_ticks(int(probe)) != record.get("probe_start"):
             return f"process {probe} on {record['host']} has ended"
     job = record.get("slurm_job")
@@ -243,8 +301,13 @@ def _slurm_job_state(job: str, cluster: str | None) -> str | None:
     if not here or (cluster or "") != here:
         return None  # another cluster's job (or no Slurm here): only the heartbeat can tell
     try:
-        proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if proc.returncode == 0:
@@ -255,8 +318,9 @@ def _slurm_job_state(job: str, cluster: str | None) -> str | None:
 
 def _slurm_cluster_name() -> str | None:
     try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30,
-                             stdin=subprocess.DEVNULL).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():
@@ -275,9 +339,11 @@ def held_message(path: Path, record: Mapping[str, Any], now: float | None = None
         since, timeout = f"started {started} ago, last heartbeat {beat} ago", _ago(float(record["timeout_s"]))
     except (KeyError, TypeError, ValueError):
         since, timeout = "no readable times", "?"
-    return (f"{path.parent} is being written by {holder} ({since}); wait for it to end, stop it "
-            f"({record.get('stop_hint', 'its job')}), or use another --run-dir; a lease without a heartbeat for "
-            f"{timeout} is taken over automatically, or delete {path} once that writer is surely gone")
+    return (
+        f"{path.parent} is being written by {holder} ({since}); wait for it to end, stop it "
+        f"({record.get('stop_hint', 'its job')}), or use another --run-dir; a lease without a heartbeat for "
+        f"{timeout} is taken over automatically, or delete {path} once that writer is surely gone"
+    )
 
 
 def check(run_dir: str | Path, holder: Holder | None) -> None:

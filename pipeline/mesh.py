@@ -26,8 +26,10 @@ class ParallelDims:
         if self.tp_size not in (1, 2):
             raise UserError(f"--tp must be 1 or 2 (the paper splits AlexNet over 2 GPUs); got {self.tp_size}")
         if self.world_size % self.tp_size:
-            raise UserError(f"world size {self.world_size} is not divisible by --tp {self.tp_size}; "
-                            "start an even number of processes per node or use --tp 1")
+            raise UserError(
+                f"world size {self.world_size} is not divisible by --tp {self.tp_size}; "
+                "start an even number of processes per node or use --tp 1"
+            )
 
     @property
     def dp_size(self) -> int:

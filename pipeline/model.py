@@ -88,17 +88,22 @@ def tower_sizes(n: int, tp_size: int = TOWERS) -> tuple[int, ...]:
 def check_widths(num_classes: int, widths: Sequence[int], fc_width: int) -> None:
     """Raise ValueError unless every split layer can be halved between the two towers."""
     if len(widths) != 5 or any(w <= 0 or w % 2 for w in widths):
-        raise ValueError(f"widths must be 5 positive even numbers (conv1..conv5; each of the paper's "
-                         f"two towers holds half of every layer); got {tuple(widths)}")
+        raise ValueError(
+            f"widths must be 5 positive even numbers (conv1..conv5; each of the paper's "
+            f"two towers holds half of every layer); got {tuple(widths)}"
+        )
     if fc_width <= 0 or fc_width % 2:
-        raise ValueError(f"fc_width must be a positive even number (fc6 and fc7 are split in half "
-                         f"between the towers); got {fc_width}")
+        raise ValueError(
+            f"fc_width must be a positive even number (fc6 and fc7 are split in half "
+            f"between the towers); got {fc_width}"
+        )
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2 (fc8 is split between the towers); got {num_classes}")
 
 
-def local_response_norm(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
-                        k: float = 2.0, groups: int = 1) -> Tensor:
+def local_response_norm(
+    x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, groups: int = 1
+) -> Tensor:
     """The paper's LRN: b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta.
 
     ``alpha`` multiplies the plain sum; torch's ``F.local_response_norm`` divides it by ``size``.
@@ -116,8 +121,7 @@ def local_response_norm(x: Tensor, size: int = 5, alpha: float = 1e-4, beta: flo
 class LocalResponseNorm(nn.Module):
     """``local_response_norm`` with the paper's constants (k=2, n=5, alpha=1e-4, beta=0.75)."""
 
-    def __init__(self, groups: int = 1, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
-                 k: float = 2.0) -> None:
+    def __init__(self, groups: int = 1, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> None:
         super().__init__()
         self.groups, self.size, self.alpha, self.beta, self.k = groups, size, alpha, beta, k
 
@@ -131,10 +135,20 @@ class LocalResponseNorm(nn.Module):
 class AlexNet(nn.Module):
     """Both towers on one device (``tp_group=None`` or a 1-rank group) or this rank's tower."""
 
-    def __init__(self, num_classes: int = 1000, widths: Sequence[int] = PAPER_WIDTHS, fc_width: int = 4096,
-                 dropout: float = 0.5, lrn: bool = True, *, tp_group: ProcessGroup | None = None,
-                 init: str = "paper", activation: str = "relu", overlap_pool: bool = True,
-                 towers: int = TOWERS) -> None:
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        widths: Sequence[int] = PAPER_WIDTHS,
+        fc_width: int = 4096,
+        dropout: float = 0.5,
+        lrn: bool = True,
+        *,
+        tp_group: ProcessGroup | None = None,
+        init: str = "paper",
+        activation: str = "relu",
+        overlap_pool: bool = True,
+        towers: int = TOWERS,
+    ) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"model.init must be one of {', '.join(INITS)} (got {init!r})")
@@ -157,8 +171,12 @@ class AlexNet(nn.Module):
         if self.tp_size not in (1, TOWERS):
             raise ValueError(f"the paper's split has {TOWERS} towers; got a tensor-parallel group of {self.tp_size}")
         self.widths, self.fc_width, self.num_classes = tuple(widths), fc_width, num_classes
-        self.full_width = dict(zip(("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"),
-                                   (*self.widths, fc_width, fc_width, num_classes)))
+        self.full_width = dict(
+            zip(
+                ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"),
+                (*self.widths, fc_width, fc_width, num_classes),
+            )
+        )
         own = {name: tower_sizes(n, self.tp_size)[self.tp_rank] for name, n in self.full_width.items()}
         # 2: grouped convolutions and LRN; 1: one tower, or the one-column model
         towers_here = towers // self.tp_size
@@ -243,7 +261,7 @@ class AlexNet(nn.Module):
         if not self.training or self.dropout_p == 0.0:
             return x
         n = self.full_width[layer]
-        offset = sum(tower_sizes(n, self.tp_size)[:self.tp_rank])
+        offset = sum(tower_sizes(n, self.tp_size)[: self.tp_rank])
         keep = torch.rand(x.shape[0], n, device=x.device).narrow(1, offset, x.shape[1]) >= self.dropout_p
         return x * keep.to(x.dtype) / (1.0 - self.dropout_p)
 
@@ -261,7 +279,7 @@ class AlexNet(nn.Module):
 @dataclass
 class ModelConfig:
     num_classes: int = 0
-    """classes, i.e. fc8's outputs; 0 = the dataset's class count (the paper: 1000); tp=2: tower 0 holds the ceil half"""
+    """classes (fc8's outputs); 0 = the dataset's class count (the paper: 1000); tp=2: tower 0 holds the ceil half"""
     widths: tuple[int, ...] = PAPER_WIDTHS
     """output channels of conv1..conv5 (the paper: 96,256,384,384,256); even: each tower holds half"""
     fc_width: int = 4096
@@ -296,8 +314,18 @@ class ModelConfig:
 
 def build_model(cfg: ModelConfig, tp_group: ProcessGroup | None = None) -> AlexNet:
     """The single-device model (``tp_group`` None or of size 1) or this rank's tower (size 2)."""
-    model = AlexNet(cfg.num_classes, cfg.widths, cfg.fc_width, cfg.dropout, cfg.lrn, tp_group=tp_group,
-                    init=cfg.init, activation=cfg.activation, overlap_pool=cfg.overlap_pool, towers=cfg.towers)
+    model = AlexNet(
+        cfg.num_classes,
+        cfg.widths,
+        cfg.fc_width,
+        cfg.dropout,
+        cfg.lrn,
+        tp_group=tp_group,
+        init=cfg.init,
+        activation=cfg.activation,
+        overlap_pool=cfg.overlap_pool,
+        towers=cfg.towers,
+    )
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -375,8 +403,11 @@ def layer_table(model: AlexNet, tower: int | None = None) -> list[LayerRow]:
         rows.append(LayerRow(name, shape, sum(p.numel() for p in params.values()), 2 * n_out * fan_in))
 
     kinds = (nn.Conv2d, nn.Linear, nn.MaxPool2d, LocalResponseNorm)
-    hooks = [m.register_forward_hook(lambda m, _, out, name=name: record(name, m, out))
-             for name, m in model.named_children() if isinstance(m, kinds)]
+    hooks = [
+        m.register_forward_hook(lambda m, _, out, name=name: record(name, m, out))
+        for name, m in model.named_children()
+        if isinstance(m, kinds)
+    ]
     training = model.training
     try:
         with torch.no_grad():
@@ -390,8 +421,11 @@ def layer_table(model: AlexNet, tower: int | None = None) -> list[LayerRow]:
 
 def format_table(rows: Sequence[LayerRow], title: str) -> str:
     lines = [title, f"{'layer':<8}{'output':>16}{'params':>14}{'MFLOPs':>11}"]
-    lines += [f"{r.name:<8}{' x '.join(map(str, r.output)):>16}{r.params:>14,}"
-              f"{f'{r.flops / 1e6:,.1f}' if r.flops else '-':>11}" for r in rows]
+    lines += [
+        f"{r.name:<8}{' x '.join(map(str, r.output)):>16}{r.params:>14,}"
+        f"{f'{r.flops / 1e6:,.1f}' if r.flops else '-':>11}"
+        for r in rows
+    ]
     lines.append(f"{'total':<8}{'':>16}{sum(r.params for r in rows):>14,}{sum(r.flops for r in rows) / 1e6:>11,.1f}")
     return "\n".join(lines)
 
@@ -400,10 +434,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.model",
         description="Print AlexNet's layer table: output shape, parameters and forward FLOPs per layer "
-                    "(per image; FLOPs = 2 x multiply-adds of the conv/fc layers), per tower with --tp 2.")
+        "(per image; FLOPs = 2 x multiply-adds of the conv/fc layers), per tower with --tp 2.",
+    )
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--tp", type=int, choices=(1, TOWERS), default=1,
-                        help="1: one device, both towers (grouped convolutions); 2: one tower per GPU")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        choices=(1, TOWERS),
+        default=1,
+        help="1: one device, both towers (grouped convolutions); 2: one tower per GPU",
+    )
     args = parser.parse_args(argv)
     try:
         with torch.device("meta"):  # shapes only: no memory, no arithmetic
@@ -415,12 +455,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(format_table(layer_table(model), f"AlexNet, {args.num_classes} classes, input {shape}, one device"))
         return
     for t in range(TOWERS):
-        print(format_table(layer_table(model, t), f"AlexNet tower {t} of {TOWERS} (tp rank {t}), "
-                                                  f"{args.num_classes} classes, input {shape}"))
+        print(
+            format_table(
+                layer_table(model, t),
+                f"AlexNet tower {t} of {TOWERS} (tp rank {t}), {args.num_classes} classes, input {shape}",
+            )
+        )
         print()
     rows = layer_table(model)
-    print(f"both towers: {sum(r.params for r in rows):,} parameters, "
-          f"{sum(r.flops for r in rows) / 1e6:,.1f} MFLOPs per image")
+    print(
+        f"both towers: {sum(r.params for r in rows):,} parameters, "
+        f"{sum(r.flops for r in rows) / 1e6:,.1f} MFLOPs per image"
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,7 @@ def exchange(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor:
     return _Gather.apply(x, group, dim, sizes, True)
 
 
-def gather_replicated(x: Tensor, group: ProcessGroup, dim: int = 1,
-                      sizes: Sequence[int] | None = None) -> Tensor:
+def gather_replicated(x: Tensor, group: ProcessGroup, dim: int = 1, sizes: Sequence[int] | None = None) -> Tensor:
     """All-gather blocks (``sizes[r]`` along ``dim`` from rank r; default: equal) for a consumer
     that every rank computes identically; backward keeps the own slice of the gradient."""
     sizes = list(sizes) if sizes is not None else [x.shape[dim]] * dist.get_world_size(group)
@@ -48,12 +47,20 @@ def gather_replicated(x: Tensor, group: ProcessGroup, dim: int = 1,
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, group: ProcessGroup, dim: int,
-                sizes: list[int], reduce_grad: bool) -> Tensor:
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        group: ProcessGroup,
+        dim: int,
+        sizes: list[int],
+        reduce_grad: bool,
+    ) -> Tensor:
         rank = dist.get_rank(group)
         if len(sizes) != dist.get_world_size(group) or x.shape[dim] != sizes[rank]:
-            raise ValueError(f"rank {rank} holds {x.shape[dim]} units along dim {dim}; "
-                             f"expected blocks {sizes} over {dist.get_world_size(group)} ranks")
+            raise ValueError(
+                f"rank {rank} holds {x.shape[dim]} units along dim {dim}; "
+                f"expected blocks {sizes} over {dist.get_world_size(group)} ranks"
+            )
         ctx.group, ctx.dim, ctx.reduce_grad = group, dim, reduce_grad
         ctx.offset, ctx.size = sum(sizes[:rank]), sizes[rank]
         return _all_gather(x, group, dim, sizes)

@@ -93,7 +93,8 @@ def config_diff(config: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         for key, value in values.items():
             default = paper.get(section, {}).get(key)
             if key == "data" or list(value if isinstance(value, (list, tuple)) else [value]) == list(
-                    default if isinstance(default, (list, tuple)) else [default]):
+                default if isinstance(default, (list, tuple)) else [default]
+            ):
                 continue
             rows.append((f"{section}.{key}", value, default))
     return rows
@@ -130,8 +131,10 @@ def checkpoints_table(run_dir: Path) -> list[str]:
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         marks = ", ".join(name for name, target in pointers.items() if target == path.name)
         best = meta.get("best_top1_error")
-        lines.append(f"| `{path.name}` | {meta['progress']['epoch']} | {meta['progress']['step']} | "
-                     f"{'' if best is None else f'{100 * best:.2f}%'} | {size / 2**20:.1f} MiB | {marks} |")
+        lines.append(
+            f"| `{path.name}` | {meta['progress']['epoch']} | {meta['progress']['step']} | "
+            f"{'' if best is None else f'{100 * best:.2f}%'} | {size / 2**20:.1f} MiB | {marks} |"
+        )
     return lines
 
 
@@ -153,51 +156,92 @@ def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) ->
     filters = analysis.filters(member)
     errors = final_errors(run_dir, checkpoint, evaluate_missing)
 
-    md = [f"# Run report: `{run_dir.name}`", "",
-          f"Checkpoint `{checkpoint.name}` (epoch {meta['progress']['epoch']}, step {meta['progress']['step']}); "
-          f"layout {meta['layout']}; data `{config['data']['data']}`.", "", "## Errors", "",
-          "| test | images | top-1 error | top-5 error |", "|---|---|---|---|"]
+    md = [
+        f"# Run report: `{run_dir.name}`",
+        "",
+        f"Checkpoint `{checkpoint.name}` (epoch {meta['progress']['epoch']}, step {meta['progress']['step']}); "
+        f"layout {meta['layout']}; data `{config['data']['data']}`.",
+        "",
+        "## Errors",
+        "",
+        "| test | images | top-1 error | top-5 error |",
+        "|---|---|---|---|",
+    ]
     for views, result in errors.items():
-        md.append(f"| {views} | {result['images']} | {100 * result['top1_error']:.2f}% | "
-                  f"{100 * result['top5_error']:.2f}% |")
-    md.append(f"| the paper, Table 2 (one CNN, ILSVRC-2012 val) | 50000 | {100 * PAPER_TABLE2['top1_error']:.1f}% | "
-              f"{100 * PAPER_TABLE2['top5_error']:.1f}% |")
+        md.append(
+            f"| {views} | {result['images']} | {100 * result['top1_error']:.2f}% | {100 * result['top5_error']:.2f}% |"
+        )
+    md.append(
+        f"| the paper, Table 2 (one CNN, ILSVRC-2012 val) | 50000 | {100 * PAPER_TABLE2['top1_error']:.1f}% | "
+        f"{100 * PAPER_TABLE2['top5_error']:.1f}% |"
+    )
     md += ["", "## Differences from the paper's recipe", ""]
     diff = config_diff(config)
-    md += (["| option | this run | the paper |", "|---|---|---|"]
-           + [f"| `{k}` | {v} | {d} |" for k, v, d in diff]) if diff else ["None: the paper's recipe."]
+    md += (
+        (["| option | this run | the paper |", "|---|---|---|"] + [f"| `{k}` | {v} | {d} |" for k, v, d in diff])
+        if diff
+        else ["None: the paper's recipe."]
+    )
     md += ["", "## Learning-rate drops", ""]
     drops = meta.get("schedule", {}).get("drops", [])
-    md += (["| step | epoch | reason | new rate |", "|---|---|---|---|"]
-           + [f"| {d['step']} | {d['epoch']} | {d['reason']} | {d['lr']:.2e} |" for d in drops]) if drops else [
-        f"None (policy `{config['schedule']['policy']}`)."]
+    md += (
+        (
+            ["| step | epoch | reason | new rate |", "|---|---|---|---|"]
+            + [f"| {d['step']} | {d['epoch']} | {d['reason']} | {d['lr']:.2e} |" for d in drops]
+        )
+        if drops
+        else [f"None (policy `{config['schedule']['policy']}`)."]
+    )
     md += ["", "## Curves", ""]
     md += ["![curves](curves.png)", "", f"Tags: {', '.join(drawn)}."] if drawn else ["No TensorBoard scalars."]
     md += ["", "## Speed", ""]
-    for tag, label, scale, unit in (("perf/images_per_s", "throughput", 1, " images/s"),
-                                    ("perf/data_wait_fraction", "time waiting for data", 100, "%"),
-                                    ("perf/step_time_s", "step time", 1000, " ms")):
+    for tag, label, scale, unit in (
+        ("perf/images_per_s", "throughput", 1, " images/s"),
+        ("perf/data_wait_fraction", "time waiting for data", 100, "%"),
+        ("perf/step_time_s", "step time", 1000, " ms"),
+    ):
         values = [v for _, v in scalars.get(tag, [])[1:]] or [v for _, v in scalars.get(tag, [])]
         if values:
             md.append(f"- {label}: median {scale * statistics.median(values):.3g}{unit} over {len(values)} logs")
-    md += ["", "## conv1 kernels (the paper's figure 3)", "",
-           f"![conv1 kernels](../figures/{Path(filters['png']).name})", "",
-           "Colour fraction per tower (0 = grey kernels, about 0.67 = noise): "
-           + ", ".join(f"tower {t}: {f:.3f}" for t, f in enumerate(filters["colour_fraction"])), ""]
+    md += [
+        "",
+        "## conv1 kernels (the paper's figure 3)",
+        "",
+        f"![conv1 kernels](../figures/{Path(filters['png']).name})",
+        "",
+        "Colour fraction per tower (0 = grey kernels, about 0.67 = noise): "
+        + ", ".join(f"tower {t}: {f:.3f}" for t, f in enumerate(filters["colour_fraction"])),
+        "",
+    ]
     neighbours = run_dir / "figures" / f"neighbours-{checkpoint.name}.png"
     md += ["## Nearest training images in fc7 space (figure 4)", ""]
-    md += [f"![neighbours](../figures/{neighbours.name})"] if neighbours.exists() else [
-        f"Not made yet: `python -m pipeline.analysis neighbours --run-dir {run_dir} --checkpoint {which}`."]
-    md += ["", "## Checkpoints", "", *checkpoints_table(run_dir), "",
-           "## Resolved config", "", "```json", json.dumps(config, indent=1), "```", ""]
+    md += (
+        [f"![neighbours](../figures/{neighbours.name})"]
+        if neighbours.exists()
+        else [f"Not made yet: `python -m pipeline.analysis neighbours --run-dir {run_dir} --checkpoint {which}`."]
+    )
+    md += [
+        "",
+        "## Checkpoints",
+        "",
+        *checkpoints_table(run_dir),
+        "",
+        "## Resolved config",
+        "",
+        "```json",
+        json.dumps(config, indent=1),
+        "```",
+        "",
+    ]
     path = out / "report.md"
     write_bytes_atomic(path, "\n".join(md).encode())
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint directory")
     parser.add_argument("--no-evaluate", action="store_true", help="do not evaluate missing errors here")

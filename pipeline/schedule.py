@@ -80,8 +80,14 @@ class LRSchedule:
         """Take one drop now; False when the budget of drops is used up."""
         if not self.can_drop():
             return False
-        self.drops.append({"step": step, "epoch": epoch, "reason": reason,
-                           "lr": self.base_lr * self.cfg.factor ** (len(self.drops) + 1)})
+        self.drops.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "reason": reason,
+                "lr": self.base_lr * self.cfg.factor ** (len(self.drops) + 1),
+            }
+        )
         self.bad_validations = 0
         return True
 
@@ -107,8 +113,12 @@ class LRSchedule:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"drops": list(self.drops), "best_error": self.best_error,
-                "bad_validations": self.bad_validations, "base_lr": self.base_lr}
+        return {
+            "drops": list(self.drops),
+            "best_error": self.best_error,
+            "bad_validations": self.bad_validations,
+            "base_lr": self.base_lr,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.drops = list(state["drops"])
@@ -156,11 +166,15 @@ class ManualRequests:
             except OSError:
                 pass  # gone or unwritable: the decision is made and reported either way
         if not applied:
-            return (f"LR-drop request at step {step} rejected: all {max_drops} drops are used up "
-                    f"(--schedule.max-drops); notes: {'; '.join(notes)}")
+            return (
+                f"LR-drop request at step {step} rejected: all {max_drops} drops are used up "
+                f"(--schedule.max-drops); notes: {'; '.join(notes)}"
+            )
         if len(requests) > 1:
-            return (f"{len(requests)} LR-drop requests were pending at step {step}: applied one drop, the other "
-                    f"{len(requests) - 1} merged into it (request again for another drop); notes: {'; '.join(notes)}")
+            return (
+                f"{len(requests)} LR-drop requests were pending at step {step}: applied one drop, the other "
+                f"{len(requests) - 1} merged into it (request again for another drop); notes: {'; '.join(notes)}"
+            )
         return ""
 
     @staticmethod

@@ -56,8 +56,15 @@ class Outcome:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, mesh: Mesh, device: torch.device, stop: threading.Event,
-                 loaders: Loaders = Loaders(), heartbeat: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        mesh: Mesh,
+        device: torch.device,
+        stop: threading.Event,
+        loaders: Loaders = Loaders(),
+        heartbeat: Callable[[], None] | None = None,
+    ):
         self.cfg = cfg
         self.heartbeat = heartbeat  # the run dir's writer lease, refreshed by the main rank at each control step
         self.mesh = mesh
@@ -71,12 +78,21 @@ class Trainer:
         _seed_everything(cfg.train.seed, self.dims.rank)
         self.model = model.build_model(cfg.model, tp_group=mesh.tp_group).to(device)
         self.ddp = self._wrap_ddp(self.model)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                         weight_decay=cfg.optim.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+        )
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr)
         layout = {"world_size": self.dims.world_size, "dp_size": self.dims.dp_size, "tp_size": self.dims.tp_size}
-        self.state = TrainState(self.model, self.optimizer, self.schedule, cfg, layout, rank=self.dims.rank,
-                                tp_rank=self.dims.tp_rank, towers=cfg.model.towers)
+        self.state = TrainState(
+            self.model,
+            self.optimizer,
+            self.schedule,
+            cfg,
+            layout,
+            rank=self.dims.rank,
+            tp_rank=self.dims.tp_rank,
+            towers=cfg.model.towers,
+        )
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.dims.rank)
         self.requests = ManualRequests(self.run_dir)
         self.writer = MetricWriter(self.run_dir, enabled=self.dims.is_main)
@@ -113,10 +129,18 @@ class Trainer:
             if self.schedule.on_epoch_start(epoch=epoch, step=self.progress.step):
                 self._log_drop()
             # A mid-epoch resume starts the epoch's order at the next batch, without decoding the ones before.
-            loader = self.loaders.train(self.cfg.data, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp_size,
-                                        epoch=epoch, seed=cfg.seed, device=self.device,
-                                        batch_size=self.local_batch, num_classes=self.cfg.model.num_classes,
-                                        start_batch=self.progress.step_in_epoch, verify_cache=self.verify_cache)
+            loader = self.loaders.train(
+                self.cfg.data,
+                dp_rank=self.dims.dp_rank,
+                dp_size=self.dims.dp_size,
+                epoch=epoch,
+                seed=cfg.seed,
+                device=self.device,
+                batch_size=self.local_batch,
+                num_classes=self.cfg.model.num_classes,
+                start_batch=self.progress.step_in_epoch,
+                verify_cache=self.verify_cache,
+            )
             steps_in_epoch = loader.steps_in_epoch
             stopped = self._train_epoch(loader, steps_in_epoch, start, start_step)
             if stopped == "preempt":
@@ -133,8 +157,9 @@ class Trainer:
                 self._save(is_best=is_best)
         if self.checkpointer.last_saved_step != self.progress.step:  # stopped by --max-steps: keep the state
             self._save(is_best=False)
-        self.writer.hparams(_flat_hparams(self.cfg),
-                            {"hparam/val_top1_error": val_error if val_error is not None else -1})
+        self.writer.hparams(
+            _flat_hparams(self.cfg), {"hparam/val_top1_error": val_error if val_error is not None else -1}
+        )
         self.writer.close()
         return self._outcome(False, val_error)
 
@@ -166,8 +191,9 @@ class Trainer:
             timer.step_done(images.shape[0] * self.dims.dp_size)
 
             if log_now:
-                self._log_train(loss, logits, labels, lr, grad_norm, timer, steps_in_epoch, run_start,
-                                run_start_step, images)
+                self._log_train(
+                    loss, logits, labels, lr, grad_norm, timer, steps_in_epoch, run_start, run_start_step, images
+                )
                 timer.reset()
             last = i + 1 == steps_in_epoch
             save_due = self.checkpointer.step_due(self.progress.step) and not last  # the epoch end saves anyway
@@ -197,18 +223,25 @@ class Trainer:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, drop, save_due, bad = (bool(v) for v in flags.tolist())
         if bad:
-            raise NonFiniteState(f"loss became NaN/inf by step {self.progress.step}; stopped without saving, "
-                                 f"the last good checkpoint is {self.last_checkpoint or 'none'}; "
-                                 "lower --lr or check the data")
+            raise NonFiniteState(
+                f"loss became NaN/inf by step {self.progress.step}; stopped without saving, "
+                f"the last good checkpoint is {self.last_checkpoint or 'none'}; "
+                "lower --lr or check the data"
+            )
         if drop:
             self._manual_drop(pending)
         if stop:
             self._save(is_best=False)
             if main:
                 (self.run_dir / PREEMPT_REQUEST).unlink(missing_ok=True)
-                log.warning("stopped at epoch %d, step %d (%d steps into the epoch): checkpoint %s; run the same "
-                            "command to continue", self.progress.epoch, self.progress.step,
-                            self.progress.step_in_epoch, self.last_checkpoint)
+                log.warning(
+                    "stopped at epoch %d, step %d (%d steps into the epoch): checkpoint %s; run the same "
+                    "command to continue",
+                    self.progress.epoch,
+                    self.progress.step,
+                    self.progress.step_in_epoch,
+                    self.last_checkpoint,
+                )
             return True
         if save_due:
             self._save(is_best=False)
@@ -235,21 +268,39 @@ class Trainer:
     def validate(self, epoch: int) -> float:
         """Top-1/top-5 error over every val image exactly once (counts all-reduced over dp ranks)."""
         ten_crop = self.cfg.train.ten_crop
-        loader = self.loaders.val(self.cfg.data, dp_rank=self.dims.dp_rank, dp_size=self.dims.dp_size,
-                                  device=self.device, ten_crop=ten_crop, batch_size=self.local_batch,
-                                  num_classes=self.cfg.model.num_classes, verify_cache=self.verify_cache)
+        loader = self.loaders.val(
+            self.cfg.data,
+            dp_rank=self.dims.dp_rank,
+            dp_size=self.dims.dp_size,
+            device=self.device,
+            ten_crop=ten_crop,
+            batch_size=self.local_batch,
+            num_classes=self.cfg.model.num_classes,
+            verify_cache=self.verify_cache,
+        )
         # The towers compute collectively, so both tp ranks run the model; their counts are equal.
         totals = evaluate.count(self.model, loader, ten_crop=ten_crop, amp=self.cfg.train.amp == "bf16")
         totals_t = totals.as_tensor(self.device)
         if self.mesh.dp_group is not None and self.dims.dp_size > 1:
             dist.all_reduce(totals_t, group=self.mesh.dp_group)
         result = evaluate.EvalCounts.from_tensor(totals_t).summary()
-        self.writer.scalars({"val/top1_error": result["top1_error"], "val/top5_error": result["top5_error"],
-                             "val/loss": result["loss"]}, self.progress.step)
+        self.writer.scalars(
+            {
+                "val/top1_error": result["top1_error"],
+                "val/top5_error": result["top5_error"],
+                "val/loss": result["loss"],
+            },
+            self.progress.step,
+        )
         if self.dims.is_main:
-            log.info("epoch %d val: top-1 error %.2f%%, top-5 error %.2f%% over %d images (%s)", epoch,
-                     100 * result["top1_error"], 100 * result["top5_error"], result["images"],
-                     "10-crop" if ten_crop else "centre crop")
+            log.info(
+                "epoch %d val: top-1 error %.2f%%, top-5 error %.2f%% over %d images (%s)",
+                epoch,
+                100 * result["top1_error"],
+                100 * result["top5_error"],
+                result["images"],
+                "10-crop" if ten_crop else "centre crop",
+            )
         return result["top1_error"]
 
     def _is_best(self, val_error: float | None) -> bool:
@@ -273,8 +324,13 @@ class Trainer:
             return
         self.last_checkpoint = path
         if self.dims.is_main:
-            log.info("resumed from %s: epoch %d, step %d, lr drops %d", path, self.progress.epoch,
-                     self.progress.step, len(self.schedule.drops))
+            log.info(
+                "resumed from %s: epoch %d, step %d, lr drops %d",
+                path,
+                self.progress.epoch,
+                self.progress.step,
+                len(self.schedule.drops),
+            )
 
     # ------------------------------------------------------------------ logging
 
@@ -288,17 +344,33 @@ class Trainer:
             dist.all_reduce(sq, group=self.mesh.tp_group)
         return float(sq.sqrt())
 
-    def _log_train(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lr: float,
-                   grad_norm: float | None, timer: StepTimer, steps_in_epoch: int, run_start: float,
-                   run_start_step: int, images: torch.Tensor) -> None:
+    def _log_train(
+        self,
+        loss: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        lr: float,
+        grad_norm: float | None,
+        timer: StepTimer,
+        steps_in_epoch: int,
+        run_start: float,
+        run_start_step: int,
+        images: torch.Tensor,
+    ) -> None:
         step = self.progress.step
         top1, top5 = topk_correct(logits.detach(), labels)
         n = max(labels.numel(), 1)
         speed = timer.summary()
-        values = {"train/loss": float(loss.detach()), "train/top1_error": 1 - top1 / n, "train/top5_error": 1 - top5 / n,
-                  "train/lr": lr, "perf/images_per_s": speed["images_per_s"],
-                  "perf/data_wait_fraction": speed["data_wait_fraction"], "perf/step_time_s": speed["step_time_s"],
-                  "train/grad_norm": grad_norm}
+        values = {
+            "train/loss": float(loss.detach()),
+            "train/top1_error": 1 - top1 / n,
+            "train/top5_error": 1 - top5 / n,
+            "train/lr": lr,
+            "perf/images_per_s": speed["images_per_s"],
+            "perf/data_wait_fraction": speed["data_wait_fraction"],
+            "perf/step_time_s": speed["step_time_s"],
+            "train/grad_norm": grad_norm,
+        }
         if self.device.type == "cuda":
             values["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.writer.scalars(values, step)
@@ -319,10 +391,20 @@ class Trainer:
             total = min(total, self.cfg.train.max_steps)
         done = step - run_start_step
         eta = (time.monotonic() - run_start) / done * (total - step) if done > 0 else float("nan")
-        log.info("epoch %d step %d/%d (%d/%d in epoch) loss %.4f top-1 err %.1f%% lr %.2e %.0f img/s "
-                 "data %.0f%% ETA %s", self.progress.epoch, step, total, self.progress.step_in_epoch,
-                 steps_in_epoch, float(loss.detach()), 100 * (1 - top1 / n), lr, speed["images_per_s"],
-                 100 * speed["data_wait_fraction"], format_eta(eta) if math.isfinite(eta) else "?")
+        log.info(
+            "epoch %d step %d/%d (%d/%d in epoch) loss %.4f top-1 err %.1f%% lr %.2e %.0f img/s data %.0f%% ETA %s",
+            self.progress.epoch,
+            step,
+            total,
+            self.progress.step_in_epoch,
+            steps_in_epoch,
+            float(loss.detach()),
+            100 * (1 - top1 / n),
+            lr,
+            speed["images_per_s"],
+            100 * speed["data_wait_fraction"],
+            format_eta(eta) if math.isfinite(eta) else "?",
+        )
 
     def model_conv1_filters(self) -> list[torch.Tensor]:
         """Both towers' conv1 filters (the paper's figure 3); collective under tp=2."""
@@ -331,11 +413,19 @@ class Trainer:
     def _log_drop(self) -> None:
         drop = self.schedule.drops[-1]
         self.writer.scalars({"train/lr_drops": len(self.schedule.drops)}, drop["step"])
-        self.writer.text("lr_drops", f"step {drop['step']} epoch {drop['epoch']}: {drop['reason']} -> lr {drop['lr']:.2e}",
-                         drop["step"])
+        self.writer.text(
+            "lr_drops",
+            f"step {drop['step']} epoch {drop['epoch']}: {drop['reason']} -> lr {drop['lr']:.2e}",
+            drop["step"],
+        )
         if self.dims.is_main:
-            log.info("LR drop %d (%s) at step %d: lr now %.2e", len(self.schedule.drops), drop["reason"],
-                     drop["step"], drop["lr"])
+            log.info(
+                "LR drop %d (%s) at step %d: lr now %.2e",
+                len(self.schedule.drops),
+                drop["reason"],
+                drop["step"],
+                drop["lr"],
+            )
 
 
 def _local_batch(global_batch: int, dp_size: int) -> int:

@@ -29,10 +29,11 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import simplejpeg
@@ -161,12 +162,20 @@ def _variant_any_scale(data: bytes) -> bytes:
 
 def _variant_fast_decode(fastdct: bool, fastupsample: bool) -> Transform:
     """Our scale choice with libjpeg-turbo's fast integer IDCT and/or nearest chroma upsampling."""
+
     def transform(data: bytes) -> bytes:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         d = image.dct_denominator(width, height, IMAGE_SIZE)
-        rgb = simplejpeg.decode_jpeg(data, "RGB", fastdct=fastdct, fastupsample=fastupsample,
-                                     min_height=-(-height // d), min_width=-(-width // d))
+        rgb = simplejpeg.decode_jpeg(
+            data,
+            "RGB",
+            fastdct=fastdct,
+            fastupsample=fastupsample,
+            min_height=-(-height // d),
+            min_width=-(-width // d),
+        )
         return image.encode_jpeg(image.resize_center_crop(rgb, IMAGE_SIZE))
+
     return transform
 
 
@@ -178,6 +187,7 @@ def _variant_resample(resample: Image.Resampling) -> Transform:
         box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
         out = Image.fromarray(rgb).resize((IMAGE_SIZE, IMAGE_SIZE), resample, box=box)
         return image.encode_jpeg(np.asarray(out))
+
     return transform
 
 
@@ -206,9 +216,10 @@ def _variant_torch_resize() -> Transform | None:
         h, w = rgb.shape[:2]
         side = min(w, h)
         top, left = (h - side) // 2, (w - side) // 2
-        x = torch.from_numpy(rgb).permute(2, 0, 1)[None, :, top:top + side, left:left + side]
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None, :, top : top + side, left : left + side]
         y = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
         return image.encode_jpeg(y[0].permute(1, 2, 0).contiguous().numpy())
+
     return transform
 
 
@@ -271,9 +282,12 @@ class Rate:
         return self.large_images / self.large_seconds if self.large_seconds else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "images_per_s": _rounded(self.per_s, 1),
-                "typical_images_per_s": _rounded(self.typical_per_s, 1),
-                "large_images_per_s": _rounded(self.large_per_s, 2)}
+        return {
+            **asdict(self),
+            "images_per_s": _rounded(self.per_s, 1),
+            "typical_images_per_s": _rounded(self.typical_per_s, 1),
+            "large_images_per_s": _rounded(self.large_per_s, 2),
+        }
 
 
 def _rounded(value: float, digits: int) -> float | None:
@@ -281,8 +295,9 @@ def _rounded(value: float, digits: int) -> float | None:
     return None if math.isnan(value) else round(value, digits)
 
 
-def time_pipelines(pipelines: Sequence[Pipeline], sources: Sequence[bytes], large: Sequence[bool],
-                   repeat: int) -> list[tuple[Rate, list[Any]]]:
+def time_pipelines(
+    pipelines: Sequence[Pipeline], sources: Sequence[bytes], large: Sequence[bool], repeat: int
+) -> list[tuple[Rate, list[Any]]]:
     """CPU time of every pipeline on every image, best of ``repeat``; with the first pass's outputs.
 
     The pipelines take turns image by image, so that load from elsewhere on a shared machine
@@ -310,7 +325,7 @@ PSNR_CAP_DB = 100.0  # identical images count as this instead of infinity
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
-    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0 ** 2 / mse))
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0**2 / mse))
 
 
 def set_psnr(rate: Rate, outputs: Sequence[bytes], references: Sequence[np.ndarray]) -> None:
@@ -334,14 +349,17 @@ def scaled_decode_fidelity(sources: Sequence[bytes], large: Sequence[bool]) -> d
     The PSNR against the baseline mixes in two JPEG encodings and the baseline's own rounding of
     the crop (up to half an output pixel off centre); this isolates our decode shortcut.
     """
-    values = [psnr(image.resize_center_crop(image.decode_rgb(s, IMAGE_SIZE), IMAGE_SIZE), exact_reference(s))
-              for s in sources]
+    values = [
+        psnr(image.resize_center_crop(image.decode_rgb(s, IMAGE_SIZE), IMAGE_SIZE), exact_reference(s)) for s in sources
+    ]
     typical = [v for v, big in zip(values, large) if not big]
     big = [v for v, b in zip(values, large) if b]
-    return {"mean_db": _rounded(float(np.mean(values)), 2),
-            "typical_mean_db": _rounded(float(np.mean(typical)), 2) if typical else None,
-            "large_mean_db": _rounded(float(np.mean(big)), 2) if big else None,
-            "large_min_db": _rounded(float(np.min(big)), 2) if big else None}
+    return {
+        "mean_db": _rounded(float(np.mean(values)), 2),
+        "typical_mean_db": _rounded(float(np.mean(typical)), 2) if typical else None,
+        "large_mean_db": _rounded(float(np.mean(big)), 2) if big else None,
+        "large_min_db": _rounded(float(np.min(big)), 2) if big else None,
+    }
 
 
 def _pool_process_file(path: str) -> int:
@@ -371,8 +389,7 @@ def pool_rates(paths: Sequence[Path], max_workers: int, repeat: int) -> list[dic
                 for _ in pool.map(_pool_process_file, names, chunksize=4):
                     pass
                 best = min(best, time.perf_counter() - start)
-        results.append({"workers": workers, "seconds": round(best, 3),
-                        "images_per_s": round(len(names) / best, 1)})
+        results.append({"workers": workers, "seconds": round(best, 3), "images_per_s": round(len(names) / best, 1)})
     for row in results:
         row["efficiency"] = round(row["images_per_s"] / (row["workers"] * results[0]["images_per_s"]), 2)
     return results
@@ -390,11 +407,16 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "cpu": model, "cores": _usable_cores(), "load_avg_1min": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(), "pillow": Image.__version__,
+        "cpu": model,
+        "cores": _usable_cores(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "pillow": Image.__version__,
         "pillow_libjpeg_turbo": features.version("libjpeg_turbo"),
-        "simplejpeg": simplejpeg.__version__, "simplejpeg_libjpeg_turbo": _simplejpeg_turbo_version(),
-        "numpy": np.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "simplejpeg": simplejpeg.__version__,
+        "simplejpeg_libjpeg_turbo": _simplejpeg_turbo_version(),
+        "numpy": np.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
@@ -413,12 +435,13 @@ def _simplejpeg_turbo_version() -> str:
         return "unknown"
     marker = b"libjpeg-turbo version "
     at = blob.find(marker)
-    return blob[at + len(marker): blob.find(b" ", at + len(marker))].decode() if at >= 0 else "unknown"
+    return blob[at + len(marker) : blob.find(b" ", at + len(marker))].decode() if at >= 0 else "unknown"
 
 
 def source_summary(sources: Sequence[bytes], sizes: Sequence[tuple[int, int]], large: Sequence[bool]) -> dict[str, Any]:
     return {
-        "images": len(sources), "large_images": int(sum(large)),
+        "images": len(sources),
+        "large_images": int(sum(large)),
         "mean_kb": round(sum(map(len, sources)) / len(sources) / 1024, 1),
         "mean_kb_typical": round(np.mean([len(s) for s, b in zip(sources, large) if not b]) / 1024, 1),
         "mean_width": round(float(np.mean([w for w, _ in sizes]))),
@@ -428,12 +451,14 @@ def source_summary(sources: Sequence[bytes], sizes: Sequence[tuple[int, int]], l
 
 
 def format_table(rates: Sequence[Rate], reference: Rate) -> str:
-    header = (f"{'pipeline':<28} {'img/s':>7} {'vs base':>7} {'typical':>8} {'large':>7} {'PSNR dB':>8} {'min':>6}")
+    header = f"{'pipeline':<28} {'img/s':>7} {'vs base':>7} {'typical':>8} {'large':>7} {'PSNR dB':>8} {'min':>6}"
     lines = [header, "-" * len(header)]
     for r in rates:
         psnr_text = f"{r.psnr_db:8.2f} {r.psnr_min_db:6.2f}" if r.psnr_db is not None else f"{'':>8} {'':>6}"
-        lines.append(f"{r.name:<28} {r.per_s:7.1f} {r.per_s / reference.per_s:6.2f}x "
-                     f"{r.typical_per_s:8.1f} {r.large_per_s:7.2f} {psnr_text}")
+        lines.append(
+            f"{r.name:<28} {r.per_s:7.1f} {r.per_s / reference.per_s:6.2f}x "
+            f"{r.typical_per_s:8.1f} {r.large_per_s:7.2f} {psnr_text}"
+        )
     return "\n".join(lines)
 
 
@@ -442,8 +467,10 @@ def goal_lines(ours: Rate, base: Rate, floor: Rate) -> list[tuple[bool, str]]:
     share = ours.per_s / floor.per_s
     return [
         (speedup >= GOAL_SPEEDUP, f"ours / baseline on one core = {speedup:.2f}x (goal >= {GOAL_SPEEDUP}x)"),
-        (ours.psnr_db is not None and ours.psnr_db >= GOAL_PSNR_DB,
-         f"PSNR of ours vs baseline = {ours.psnr_db:.2f} dB (goal >= {GOAL_PSNR_DB} dB)"),
+        (
+            ours.psnr_db is not None and ours.psnr_db >= GOAL_PSNR_DB,
+            f"PSNR of ours vs baseline = {ours.psnr_db:.2f} dB (goal >= {GOAL_PSNR_DB} dB)",
+        ),
         (share >= GOAL_FLOOR_SHARE, f"ours / bare full decode = {share:.2f} (goal >= {GOAL_FLOOR_SHARE})"),
     ]
 
@@ -454,12 +481,19 @@ def goal_lines(ours: Rate, base: Rate, floor: Rate) -> list[tuple[bool, str]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=400, help="synthetic source images")
-    parser.add_argument("--workers", type=int, default=_usable_cores(),
-                        help="measure the process pool with 1..N workers (0 = skip); N defaults to the usable cores")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=_usable_cores(),
+        help="measure the process pool with 1..N workers (0 = skip); N defaults to the usable cores",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
     parser.add_argument("--repeat", type=int, default=3, help="passes per single-core pipeline (best kept)")
-    parser.add_argument("--variants", action="store_true",
-                        help="also measure the trade-offs tried (filters, DCT scales, fast DCT, encoders, torch resize)")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also measure the trade-offs tried (filters, DCT scales, fast DCT, encoders, torch resize)",
+    )
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
 
 
@@ -475,14 +509,19 @@ def run(args: argparse.Namespace) -> int:
         sizes = [simplejpeg.decode_jpeg_header(s)[1::-1] for s in sources]
         large = [max(w, h) > LARGE_THRESHOLD for w, h in sizes]
         summary = source_summary(sources, sizes, large)
-        print(f"sources: {summary['images']} JPEGs ({summary['large_images']} with long side > "
-              f"{LARGE_THRESHOLD} px), mean {summary['mean_width']}x{summary['mean_height']}, "
-              f"{summary['mean_kb']} KB (typical ones {summary['mean_kb_typical']} KB); "
-              f"generated in {time.perf_counter() - start:.1f} s", flush=True)
+        print(
+            f"sources: {summary['images']} JPEGs ({summary['large_images']} with long side > "
+            f"{LARGE_THRESHOLD} px), mean {summary['mean_width']}x{summary['mean_height']}, "
+            f"{summary['mean_kb']} KB (typical ones {summary['mean_kb_typical']} KB); "
+            f"generated in {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
 
-        pipelines = [Pipeline("baseline (naive PIL)", baseline),
-                     Pipeline("ours (image.process)", image.process),
-                     Pipeline("bare full decode", bare_decode, compare=False)]
+        pipelines = [
+            Pipeline("baseline (naive PIL)", baseline),
+            Pipeline("ours (image.process)", image.process),
+            Pipeline("bare full decode", bare_decode, compare=False),
+        ]
         if args.variants:
             pipelines += variant_pipelines()
         print(f"timing {len(pipelines)} pipelines, {args.repeat} passes...", flush=True)
@@ -497,33 +536,45 @@ def run(args: argparse.Namespace) -> int:
         print(f"\none core (CPU time, best of {args.repeat}; PSNR of the 256x256 output vs the baseline's):")
         print(format_table(rates, base))
         print(f"('typical' = long side <= {LARGE_THRESHOLD} px, 'large' = the rest; img/s)")
-        print(f"ours before encoding vs an exact full-size PIL resize (isolates DCT scaling): "
-              f"typical {fidelity['typical_mean_db']} dB, large {fidelity['large_mean_db']} dB "
-              f"(min {fidelity['large_min_db']}), capped at {PSNR_CAP_DB:.0f} dB = identical")
+        print(
+            f"ours before encoding vs an exact full-size PIL resize (isolates DCT scaling): "
+            f"typical {fidelity['typical_mean_db']} dB, large {fidelity['large_mean_db']} dB "
+            f"(min {fidelity['large_min_db']}), capped at {PSNR_CAP_DB:.0f} dB = identical"
+        )
 
         pool = pool_rates(paths, args.workers, args.repeat) if args.workers else []
     if pool:
         print("\nours in a process pool (wall clock):")
         for row in pool:
-            print(f"  {row['workers']:>2} workers: {row['images_per_s']:7.1f} img/s  "
-                  f"(efficiency {row['efficiency']:.2f})")
+            print(
+                f"  {row['workers']:>2} workers: {row['images_per_s']:7.1f} img/s  (efficiency {row['efficiency']:.2f})"
+            )
     goals = goal_lines(ours, base, floor)
     print()
     for ok, text in goals:
         print(f"{'PASS' if ok else 'MISS'}  {text}")
     info["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     if args.json:
-        result = {"machine": info, "arguments": sys.argv[1:], "sources": summary,
-                  "single_core": [r.to_dict() for r in rates], "scaled_decode_fidelity": fidelity, "pool": pool,
-                  "goals": [{"met": ok, "text": text} for ok, text in goals]}
+        result = {
+            "machine": info,
+            "arguments": sys.argv[1:],
+            "sources": summary,
+            "single_core": [r.to_dict() for r in rates],
+            "scaled_decode_fidelity": fidelity,
+            "pool": pool,
+            "goals": [{"met": ok, "text": text} for ok, text in goals],
+        }
         args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(f"results written to {args.json}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m preprocess.bench", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocess.bench",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

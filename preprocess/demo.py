@@ -89,8 +89,9 @@ QUIRKS = (
 )
 
 
-def make_demo(out: str, *, classes: int = 10, train_per_class: int = 260, val_per_class: int = 50,
-              seed: int = 0) -> dict[str, Any]:
+def make_demo(
+    out: str, *, classes: int = 10, train_per_class: int = 260, val_per_class: int = 50, seed: int = 0
+) -> dict[str, Any]:
     """Write the demo dataset under ``out``; return its summary (also written to OUT/demo.json)."""
     if not 1 <= classes <= len(CLASSES):
         raise UserError(f"--classes must be in 1..{len(CLASSES)} (got {classes})")
@@ -107,9 +108,18 @@ def make_demo(out: str, *, classes: int = 10, train_per_class: int = 260, val_pe
     _write_devkit(root / DEVKIT_DATA, chosen, ids, truth, train_per_class)
 
     summary = {
-        "classes": [{"index": i, "wnid": c.wnid, "name": c.name, "ILSVRC2012_ID": ids[i],
-                     "shape": c.shape, "palette": c.palette, "texture": c.texture}
-                    for i, c in enumerate(chosen)],
+        "classes": [
+            {
+                "index": i,
+                "wnid": c.wnid,
+                "name": c.name,
+                "ILSVRC2012_ID": ids[i],
+                "shape": c.shape,
+                "palette": c.palette,
+                "texture": c.texture,
+            }
+            for i, c in enumerate(chosen)
+        ],
         "train_images": classes * train_per_class,
         "val_images": len(truth),
         "quirks": quirks,
@@ -228,8 +238,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, w: int, h: int, rng: np.r
         corners = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
         draw.polygon(_rotated(corners, cx, cy, angle), fill=255)
     elif shape == "star":
-        corners = [((r if k % 2 == 0 else r * 0.42) * math.cos(k * math.pi / 5 - math.pi / 2),
-                    (r if k % 2 == 0 else r * 0.42) * math.sin(k * math.pi / 5 - math.pi / 2)) for k in range(10)]
+        corners = [
+            (
+                (r if k % 2 == 0 else r * 0.42) * math.cos(k * math.pi / 5 - math.pi / 2),
+                (r if k % 2 == 0 else r * 0.42) * math.sin(k * math.pi / 5 - math.pi / 2),
+            )
+            for k in range(10)
+        ]
         draw.polygon(_rotated(corners, cx, cy, angle), fill=255)
     elif shape == "cross":
         t = r * 0.28
@@ -265,12 +280,16 @@ def _jpeg(image: Image.Image, rng: np.random.Generator, **options: Any) -> bytes
 # Splits
 
 
-def _write_train(directory: Path, classes: tuple[DemoClass, ...], per_class: int, painter: _Painter,
-                 seed: int) -> list[dict[str, str]]:
+def _write_train(
+    directory: Path, classes: tuple[DemoClass, ...], per_class: int, painter: _Painter, seed: int
+) -> list[dict[str, str]]:
     """ImageFolder train split; returns the quirky files it planted."""
     # Quirk k goes to class k % C, image k // C: spread over classes, deterministic for any size.
-    planted = {(k % len(classes), k // len(classes)): quirk for k, (quirk, _) in enumerate(QUIRKS)
-               if k // len(classes) < per_class}
+    planted = {
+        (k % len(classes), k // len(classes)): quirk
+        for k, (quirk, _) in enumerate(QUIRKS)
+        if k // len(classes) < per_class
+    }
     expectation = dict(QUIRKS)
     quirks = []
     for c, cls in enumerate(classes):
@@ -309,8 +328,9 @@ def _quirky_bytes(image: Image.Image, quirk: str, rng: np.random.Generator) -> b
     raise ValueError(quirk)
 
 
-def _write_val(directory: Path, classes: tuple[DemoClass, ...], per_class: int, painter: _Painter,
-               seed: int) -> list[int]:
+def _write_val(
+    directory: Path, classes: tuple[DemoClass, ...], per_class: int, painter: _Painter, seed: int
+) -> list[int]:
     """Flat val split, classes interleaved as in ILSVRC2012; returns the class index of image 1, 2, ..."""
     directory.mkdir(parents=True)
     truth = [c for c in range(len(classes)) for _ in range(per_class)]
@@ -335,8 +355,9 @@ def _ilsvrc_ids(count: int, seed: int) -> list[int]:
     return ids
 
 
-def _write_devkit(directory: Path, classes: tuple[DemoClass, ...], ids: list[int], truth: list[int],
-                  train_per_class: int) -> None:
+def _write_devkit(
+    directory: Path, classes: tuple[DemoClass, ...], ids: list[int], truth: list[int], train_per_class: int
+) -> None:
     directory.mkdir(parents=True)
     lines = "".join(f"{ids[c]}\n" for c in truth)
     (directory / "ILSVRC2012_validation_ground_truth.txt").write_text(lines)
@@ -347,19 +368,41 @@ def _synsets(classes: tuple[DemoClass, ...], ids: list[int], train_per_class: in
     """Rows of meta.mat's ``synsets`` as in the real devkit: leaves (the classes) get IDs 1..N,
     then non-leaf synsets above them (num_children > 0) with higher IDs; rows in ID order."""
     n = len(classes)
-    leaves = [{"ILSVRC2012_ID": ids[c], "WNID": cls.wnid, "words": cls.name,
-               "gloss": f"demo class: a {cls.shape} with {cls.texture} {cls.palette} texture",
-               "num_children": 0, "children": [], "wordnet_height": 0, "num_train_images": train_per_class}
-              for c, cls in enumerate(classes)]
+    leaves = [
+        {
+            "ILSVRC2012_ID": ids[c],
+            "WNID": cls.wnid,
+            "words": cls.name,
+            "gloss": f"demo class: a {cls.shape} with {cls.texture} {cls.palette} texture",
+            "num_children": 0,
+            "children": [],
+            "wordnet_height": 0,
+            "num_train_images": train_per_class,
+        }
+        for c, cls in enumerate(classes)
+    ]
     half = sorted(ids)[: (n + 1) // 2]
-    device = {"ILSVRC2012_ID": n + 1, "WNID": "n03183080", "words": "device",
-              "gloss": "an instrumentality invented for a particular purpose", "num_children": len(half),
-              "children": half, "wordnet_height": 1, "num_train_images": train_per_class * len(half)}
-    top = [n + 1] + sorted(ids)[len(half):]
-    entity = {"ILSVRC2012_ID": n + 2, "WNID": "n00001740", "words": "entity",
-              "gloss": "that which is perceived or known or inferred to have its own distinct existence",
-              "num_children": len(top), "children": top, "wordnet_height": 2,
-              "num_train_images": train_per_class * n}
+    device = {
+        "ILSVRC2012_ID": n + 1,
+        "WNID": "n03183080",
+        "words": "device",
+        "gloss": "an instrumentality invented for a particular purpose",
+        "num_children": len(half),
+        "children": half,
+        "wordnet_height": 1,
+        "num_train_images": train_per_class * len(half),
+    }
+    top = [n + 1] + sorted(ids)[len(half) :]
+    entity = {
+        "ILSVRC2012_ID": n + 2,
+        "WNID": "n00001740",
+        "words": "entity",
+        "gloss": "that which is perceived or known or inferred to have its own distinct existence",
+        "num_children": len(top),
+        "children": top,
+        "wordnet_height": 2,
+        "num_train_images": train_per_class * n,
+    }
     return sorted(leaves, key=lambda s: s["ILSVRC2012_ID"]) + [device, entity]
 
 
@@ -367,13 +410,28 @@ def meta_mat_bytes(synsets: list[dict[str, Any]]) -> bytes:
     """A meta.mat with a ``synsets`` struct array (N x 1, the real file's field order and types)."""
     import scipy.io
 
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
-              "wordnet_height", "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     table = np.zeros((len(synsets), 1), dtype=[(f, object) for f in fields])
     for row, s in enumerate(synsets):
-        table[row, 0] = (float(s["ILSVRC2012_ID"]), s["WNID"], s["words"], s["gloss"],
-                         float(s["num_children"]), np.array(s["children"], dtype=float).reshape(1, -1),
-                         float(s["wordnet_height"]), float(s["num_train_images"]))
+        table[row, 0] = (
+            float(s["ILSVRC2012_ID"]),
+            s["WNID"],
+            s["words"],
+            s["gloss"],
+            float(s["num_children"]),
+            np.array(s["children"], dtype=float).reshape(1, -1),
+            float(s["wordnet_height"]),
+            float(s["num_train_images"]),
+        )
     buf = io.BytesIO()
     scipy.io.savemat(buf, {"synsets": table})
     # savemat stamps the time into the 116-byte text header: fix it, so the same seed gives the same bytes.
@@ -394,11 +452,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    summary = make_demo(str(args.out), classes=args.classes, train_per_class=args.train_per_class,
-                        val_per_class=args.val_per_class, seed=args.seed)
-    print(f"demo dataset in {args.out}: {summary['train_images']} train images in "
-          f"{len(summary['classes'])} classes ({args.out}/train), {summary['val_images']} val images "
-          f"({args.out}/val), devkit {os.path.join(str(args.out), 'devkit')}; "
-          f"{len(summary['quirks'])} quirky train files listed in {args.out}/{MARKER}; "
-          f"{time.monotonic() - started:.1f} s")
+    summary = make_demo(
+        str(args.out),
+        classes=args.classes,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        seed=args.seed,
+    )
+    print(
+        f"demo dataset in {args.out}: {summary['train_images']} train images in "
+        f"{len(summary['classes'])} classes ({args.out}/train), {summary['val_images']} val images "
+        f"({args.out}/val), devkit {os.path.join(str(args.out), 'devkit')}; "
+        f"{len(summary['quirks'])} quirky train files listed in {args.out}/{MARKER}; "
+        f"{time.monotonic() - started:.1f} s"
+    )
     return 0

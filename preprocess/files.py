@@ -24,8 +24,9 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"{path}: no space left on the device; free space and re-run "
-                            "(everything already complete is kept)") from None
+            raise UserError(
+                f"{path}: no space left on the device; free space and re-run (everything already complete is kept)"
+            ) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -141,8 +141,10 @@ class Manifest:
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
-            raise FormatError(f"manifest has no {name!r} split (has: {', '.join(self.splits) or 'none'}); "
-                              f"run `python -m preprocess shard --split {name}` first")
+            raise FormatError(
+                f"manifest has no {name!r} split (has: {', '.join(self.splits) or 'none'}); "
+                f"run `python -m preprocess shard --split {name}` first"
+            )
         return self.splits[name]
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,8 +163,10 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise FormatError(f"manifest schema version {version!r} is not {SCHEMA_VERSION}; "
-                              "re-run `python -m preprocess shard` with this version")
+            raise FormatError(
+                f"manifest schema version {version!r} is not {SCHEMA_VERSION}; "
+                "re-run `python -m preprocess shard` with this version"
+            )
         return cls(
             classes=list(d["classes"]),
             splits={k: SplitInfo.from_dict(v) for k, v in d.get("splits", {}).items()},
@@ -181,8 +185,9 @@ def read_manifest(root: str | Path) -> Manifest:
         with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FormatError(f"{path}: no manifest; is this a preprocessed dataset? "
-                          "(create one with `python -m preprocess shard`)") from None
+        raise FormatError(
+            f"{path}: no manifest; is this a preprocessed dataset? (create one with `python -m preprocess shard`)"
+        ) from None
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e}); re-run `python -m preprocess finalize`") from None
     return Manifest.from_dict(data)

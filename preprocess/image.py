@@ -42,7 +42,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import simplejpeg
@@ -125,8 +125,9 @@ def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def encode_jpeg(rgb: np.ndarray, quality: int = DEFAULT_QUALITY) -> bytes:
     """RGB array -> baseline JPEG (4:2:0, standard Huffman tables) by libjpeg-turbo."""
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=quality, colorspace="RGB",
-                                  colorsubsampling=OUTPUT_SUBSAMPLING)
+    return simplejpeg.encode_jpeg(
+        np.ascontiguousarray(rgb), quality=quality, colorspace="RGB", colorsubsampling=OUTPUT_SUBSAMPLING
+    )
 
 
 def decode_shard_jpeg(data: bytes) -> np.ndarray:
@@ -218,10 +219,10 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
         if marker in (0xDA, 0xD9):
             return None
         if marker in _SOF_MARKERS and pos + 9 <= len(data):
-            height = int.from_bytes(data[pos + 5:pos + 7], "big")
-            width = int.from_bytes(data[pos + 7:pos + 9], "big")
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
             return marker, width, height
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     return None
 
 
@@ -259,9 +260,9 @@ def jpeg_orientation(data: bytes) -> int:
             continue
         if marker in (0xDA, 0xD9):  # start of scan / end of image: metadata comes before these
             return 1
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\x00\x00":
-            return _tiff_orientation(data[pos + 10:pos + 2 + length])
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(data[pos + 10 : pos + 2 + length])
         pos += 2 + length
     return 1
 
@@ -273,7 +274,7 @@ def _tiff_orientation(tiff: bytes) -> int:
         return 1
 
     def uint(offset: int, size: int) -> int:
-        return int.from_bytes(tiff[offset:offset + size], order)  # type: ignore[arg-type]
+        return int.from_bytes(tiff[offset : offset + size], order)  # type: ignore[arg-type]
 
     ifd = uint(4, 4)
     if ifd + 2 > len(tiff):
@@ -426,8 +427,14 @@ def _on_white(rgba: Image.Image) -> Image.Image:
 
 
 # Signatures of the formats worth naming in a reason when PIL can't even open the file.
-_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"),
-               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
 
 
 def _sniff_format(data: bytes) -> str | None:
@@ -464,4 +471,4 @@ def _looks_like_text(head: bytes) -> bool:
 
 def _short(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= _MAX_REASON_DETAIL else text[:_MAX_REASON_DETAIL - 1] + "…"
+    return text if len(text) <= _MAX_REASON_DETAIL else text[: _MAX_REASON_DETAIL - 1] + "…"

@@ -30,8 +30,9 @@ _SAY_WAITING_AFTER_S = 10.0
 class FileLock:
     """``with FileLock(path):`` holds the lock; waits (polling) while another process holds it."""
 
-    def __init__(self, path: str | Path, *, stale_after: float = STALE_AFTER_S, timeout: float | None = None,
-                 poll: float = 0.05):
+    def __init__(
+        self, path: str | Path, *, stale_after: float = STALE_AFTER_S, timeout: float | None = None, poll: float = 0.05
+    ):
         self.path = Path(path)
         self.stale_after = stale_after
         self.timeout = timeout  # None: wait until the holder releases it or it goes stale
@@ -43,8 +44,7 @@ class FileLock:
         self.acquire()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
 
     def acquire(self) -> None:
@@ -54,11 +54,16 @@ class FileLock:
             self._break_if_stale()
             waited = time.monotonic() - started
             if self.timeout is not None and waited > self.timeout:
-                raise UserError(f"{self.path}: lock held by {_describe(_read_holder(self.path))} for more than "
-                                f"{self.timeout:.0f} s; if that process is gone, delete {self.path}")
+                raise UserError(
+                    f"{self.path}: lock held by {_describe(_read_holder(self.path))} for more than "
+                    f"{self.timeout:.0f} s; if that process is gone, delete {self.path}"
+                )
             if waited > _SAY_WAITING_AFTER_S and not said:
-                print(f"waiting for {self.path}, held by {_describe(_read_holder(self.path))}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"waiting for {self.path}, held by {_describe(_read_holder(self.path))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 said = True
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
@@ -123,8 +128,9 @@ class FileLock:
             os.unlink(aside)
         finally:
             os.close(fd)
-        print(f"warning: {self.path}: broke a stale lock held by {_describe(holder)} ({why})",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: {self.path}: broke a stale lock held by {_describe(holder)} ({why})", file=sys.stderr, flush=True
+        )
 
     def _stale_reason(self, holder: dict | None, mtime: float) -> str | None:
         age = time.time() - (holder or {}).get("time", mtime)

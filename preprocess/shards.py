@@ -21,9 +21,10 @@ import io
 import os
 import random
 import tarfile
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from preprocess import format as fmt
 from preprocess.errors import UserError
@@ -291,7 +292,9 @@ def process_shard(out: Path, plan_dict: dict[str, Any], index: int, items: Seque
             path.unlink(missing_ok=True)
             path.with_name(fmt.index_name(path.name)).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"{path}: no space left on the output device; free space and re-run "
-                            "(completed shards are kept and skipped)") from None
+            raise UserError(
+                f"{path}: no space left on the output device; free space and re-run "
+                "(completed shards are kept and skipped)"
+            ) from None
         raise
     return done

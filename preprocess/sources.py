@@ -34,8 +34,9 @@ import struct
 import tarfile
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from preprocess import format as fmt
 from preprocess.errors import UserError
@@ -116,8 +117,13 @@ def read_regular_file(path: str, max_bytes: int | None = None) -> bytes:
     return data
 
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
 
 
 def _require_regular(info: os.stat_result, max_bytes: int | None) -> None:
@@ -146,8 +152,9 @@ class Source:
     items: list[SourceItem]  # sorted by key
 
 
-def open_source(src: str, split: str, *, devkit: str | None = None, labels: str | None = None,
-                classes: list[str] | None = None) -> Source:
+def open_source(
+    src: str, split: str, *, devkit: str | None = None, labels: str | None = None, classes: list[str] | None = None
+) -> Source:
     """List a split's images and their labels.
 
     ``classes``: wnids in index order (from the manifest of a split already written), so that every
@@ -176,15 +183,19 @@ def open_source(src: str, split: str, *, devkit: str | None = None, labels: str 
         default_order = val.classes
     else:
         if labels:
-            raise UserError(f"{labels}: --labels is for flat folders or archives of images; {src} has "
-                            "class folders (or per-class tars), whose names are the labels")
+            raise UserError(
+                f"{labels}: --labels is for flat folders or archives of images; {src} has "
+                "class folders (or per-class tars), whose names are the labels"
+            )
         default_order = sorted({e.wnid for e in entries if e.wnid})
 
     order = _class_order({e.wnid for e in entries if e.wnid}, classes, default_order, src)
     index = {wnid: i for i, wnid in enumerate(order)}
     keys = _unique_keys(entries)
-    items = [SourceItem(key, index[e.wnid or ""], e.origin, e.path, e.offset, e.size, e.error)
-             for key, e in zip(keys, entries)]
+    items = [
+        SourceItem(key, index[e.wnid or ""], e.origin, e.path, e.offset, e.size, e.error)
+        for key, e in zip(keys, entries)
+    ]
     items.sort(key=lambda item: item.key)
     table = [{"index": i, "wnid": wnid, "name": names.get(wnid, "")} for i, wnid in enumerate(order)]
     return Source(classes=table, items=items)
@@ -215,8 +226,7 @@ def _unique_keys(entries: list[_Entry]) -> list[str]:
     keys = [fmt.sample_key(e.name) for e in entries]
     counts = Counter(keys)
     taken = {k for k, n in counts.items() if n == 1}
-    clashing = sorted((i for i, k in enumerate(keys) if counts[k] > 1),
-                      key=lambda i: (keys[i], entries[i].origin))
+    clashing = sorted((i for i, k in enumerate(keys) if counts[k] > 1), key=lambda i: (keys[i], entries[i].origin))
     for i in clashing:
         wnid = entries[i].wnid
         base = f"{fmt.sample_key(wnid)}_{keys[i]}" if wnid else keys[i]
@@ -234,9 +244,11 @@ def _class_order(found: set[str], classes: list[str] | None, default: list[str],
         return default
     unknown = sorted(found - set(classes))
     if unknown:
-        raise UserError(f"{src}: class(es) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} "
-                        f"are not among the dataset's {len(classes)} classes (from the manifest of "
-                        "the split written first); shard every split from the same class set")
+        raise UserError(
+            f"{src}: class(es) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} "
+            f"are not among the dataset's {len(classes)} classes (from the manifest of "
+            "the split written first); shard every split from the same class set"
+        )
     return list(classes)
 
 
@@ -253,16 +265,20 @@ def _scan_directory(src: str) -> tuple[bool, list[_Entry]]:
     files = [e for e in top if not _is_dir(e)]
     if folders and files:
         # Refuse rather than guess: the loose files would have no label, or the folders no meaning.
-        raise UserError(f"{src}: has both class folders ({folders[0].name}/ ...) and loose files "
-                        f"({files[0].name} ...); expected either SRC/<wnid>/* or a flat folder of images")
+        raise UserError(
+            f"{src}: has both class folders ({folders[0].name}/ ...) and loose files "
+            f"({files[0].name} ...); expected either SRC/<wnid>/* or a flat folder of images"
+        )
     if not top:
         raise UserError(f"{src}: empty directory, no images found")
     if files:
         return True, [_Entry(e.name, e.path, e.path) for e in files]
     entries = []
     for folder in folders:
-        found = [_Entry(os.path.basename(p), p, p, error=error, wnid=folder.name)
-                 for p, error in _walk_files(folder.path, set())]
+        found = [
+            _Entry(os.path.basename(p), p, p, error=error, wnid=folder.name)
+            for p, error in _walk_files(folder.path, set())
+        ]
         if not found:
             raise UserError(f"{folder.path}: empty class folder; remove it or restore its images")
         entries += found
@@ -316,8 +332,10 @@ def _scan_archive(path: str) -> tuple[bool, list[_Entry]]:
         tars = [m for m in members if m.name.endswith(".tar")]
         if tars and len(tars) != len(members):
             other = next(m for m in members if not m.name.endswith(".tar"))
-            raise UserError(f"{path}: mixes per-class tars ({tars[0].name} ...) and other members "
-                            f"({other.name} ...); expected ILSVRC2012_img_train.tar or a flat val tar")
+            raise UserError(
+                f"{path}: mixes per-class tars ({tars[0].name} ...) and other members "
+                f"({other.name} ...); expected ILSVRC2012_img_train.tar or a flat val tar"
+            )
         if not tars:
             return True, [_member_entry(m, path, f"{path}:") for m in members]
         entries = []
@@ -335,8 +353,7 @@ def _inner_tar_entries(f: BinaryIO, path: str, inner: tarfile.TarInfo) -> list[_
     _require_uncompressed_tar(f, where)
     wnid = os.path.basename(inner.name)[: -len(".tar")]
     members = _tar_members(f, start, start + inner.size, where)
-    entries = [_member_entry(m, path, f"{where}/", wnid) for m in members
-               if not m.isdir() and not _hidden(m.name)]
+    entries = [_member_entry(m, path, f"{where}/", wnid) for m in members if not m.isdir() and not _hidden(m.name)]
     if not entries:
         raise UserError(f"{where}: class tar with no images")
     return entries
@@ -344,8 +361,9 @@ def _inner_tar_entries(f: BinaryIO, path: str, inner: tarfile.TarInfo) -> list[_
 
 def _member_entry(member: tarfile.TarInfo, path: str, prefix: str, wnid: str | None = None) -> _Entry:
     """An entry for a tar member; members that are not one contiguous byte range carry an error."""
-    entry = _Entry(os.path.basename(member.name), prefix + member.name, path,
-                   member.offset_data, member.size, wnid=wnid)
+    entry = _Entry(
+        os.path.basename(member.name), prefix + member.name, path, member.offset_data, member.size, wnid=wnid
+    )
     if member.issparse():
         entry.error = "GNU sparse tar member (bytes not stored contiguously); extract it and use the folder"
     elif not member.isreg():
@@ -363,9 +381,11 @@ def _require_uncompressed_tar(f: BinaryIO, where: str) -> None:
     f.seek(pos)
     for magic, kind in _COMPRESSED_MAGIC.items():
         if head.startswith(magic):
-            raise UserError(f"{where}: {kind}-compressed; images are read at byte offsets, which needs an "
-                            "uncompressed tar: decompress it first (the official ILSVRC2012 tars are not "
-                            "compressed)")
+            raise UserError(
+                f"{where}: {kind}-compressed; images are read at byte offsets, which needs an "
+                "uncompressed tar: decompress it first (the official ILSVRC2012 tars are not "
+                "compressed)"
+            )
 
 
 def _tar_members(f: BinaryIO, start: int, end: int, where: str) -> list[tarfile.TarInfo]:
@@ -385,8 +405,10 @@ def _tar_members(f: BinaryIO, start: int, end: int, where: str) -> list[tarfile.
             if member.offset >= end:
                 return members  # ran past an inner tar that lacks its end-of-archive blocks
             if member.offset_data + (0 if member.issparse() else _stored_size(member)) > end:
-                raise UserError(f"{where}: member {member.name} runs past the end of the archive "
-                                "(truncated download?); re-download it")
+                raise UserError(
+                    f"{where}: member {member.name} runs past the end of the archive "
+                    "(truncated download?); re-download it"
+                )
             members.append(member)
         stop = tar.offset
     except tarfile.ReadError as e:
@@ -424,9 +446,11 @@ class _ValLabels:
 
 def _val_labels(src: str, split: str, kit: _Devkit | None, labels: str | None) -> _ValLabels:
     if labels is None and kit is None:
-        raise UserError(f"{src}: a flat folder or archive of images has no class folders; give the "
-                        f"{split} labels with --devkit (ILSVRC2012_devkit_t12.tar.gz or its directory) "
-                        "or --labels (LOC_val_solution.csv)")
+        raise UserError(
+            f"{src}: a flat folder or archive of images has no class folders; give the "
+            f"{split} labels with --devkit (ILSVRC2012_devkit_t12.tar.gz or its directory) "
+            "or --labels (LOC_val_solution.csv)"
+        )
     if labels is not None and not os.path.isfile(labels):
         raise UserError(f"{labels}: no such labels file")
     if labels is not None and _is_csv(labels):
@@ -443,8 +467,10 @@ def _val_labels(src: str, split: str, kit: _Devkit | None, labels: str | None) -
     wnid_of = {}
     for n, ilsvrc_id in enumerate(ids, start=1):
         if ilsvrc_id not in kit.id_to_wnid:
-            raise UserError(f"{where}: line {n}: ILSVRC2012_ID {ilsvrc_id} is not a leaf class of "
-                            f"{kit.where}'s meta.mat; is this the ILSVRC2012 devkit?")
+            raise UserError(
+                f"{where}: line {n}: ILSVRC2012_ID {ilsvrc_id} is not a leaf class of "
+                f"{kit.where}'s meta.mat; is this the ILSVRC2012 devkit?"
+            )
         wnid_of[VAL_NAME.format(n)] = kit.id_to_wnid[ilsvrc_id]
     return _ValLabels(wnid_of, sorted(kit.id_to_wnid.values()), kit.names, where)
 
@@ -456,8 +482,10 @@ def _label_flat_entries(entries: list[_Entry], val: _ValLabels, src: str) -> Non
         if entry.wnid is None:
             unlabelled.append(entry.name)
     if unlabelled:
-        raise UserError(f"{src}: {len(unlabelled)} image(s) have no label in {val.where} "
-                        f"(e.g. {', '.join(unlabelled[:3])}); remove them or give the right labels")
+        raise UserError(
+            f"{src}: {len(unlabelled)} image(s) have no label in {val.where} "
+            f"(e.g. {', '.join(unlabelled[:3])}); remove them or give the right labels"
+        )
 
 
 def _is_csv(path: str) -> bool:
@@ -543,16 +571,20 @@ def _load_devkit(devkit: str) -> _Devkit:
 def _devkit_members(tar: tarfile.TarFile, where: str) -> Iterator[tarfile.TarInfo]:
     for n, member in enumerate(tar, start=1):
         if n > MAX_DEVKIT_MEMBERS:
-            raise UserError(f"{where}: more than {MAX_DEVKIT_MEMBERS} members, not the ILSVRC2012 devkit; "
-                            "is this the right archive?")
+            raise UserError(
+                f"{where}: more than {MAX_DEVKIT_MEMBERS} members, not the ILSVRC2012 devkit; "
+                "is this the right archive?"
+            )
         yield member
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> bytes:
     """A member's bytes, refusing one that claims (or turns out) to be larger than a devkit's files."""
     if member.size > MAX_DEVKIT_MEMBER_BYTES:
-        raise UserError(f"{where}: member {member.name} is {member.size >> 20} MB, far larger than the "
-                        "ILSVRC2012 devkit's; is this the right archive?")
+        raise UserError(
+            f"{where}: member {member.name} is {member.size >> 20} MB, far larger than the "
+            "ILSVRC2012 devkit's; is this the right archive?"
+        )
     data = tar.extractfile(member).read(MAX_DEVKIT_MEMBER_BYTES + 1)  # type: ignore[union-attr]
     if len(data) != member.size:
         raise UserError(f"{where}: member {member.name} ends early (truncated download?); re-download it")
@@ -597,11 +629,11 @@ def _inflated_mat(meta_mat: bytes, where: str) -> bytes:
     order = "<" if meta_mat[126:128] == b"IM" else ">"
     parts, total, pos = [meta_mat[:_MAT5_HEADER]], _MAT5_HEADER, _MAT5_HEADER
     while pos + 8 <= len(meta_mat):
-        kind, size = struct.unpack(order + "II", meta_mat[pos:pos + 8])
+        kind, size = struct.unpack(order + "II", meta_mat[pos : pos + 8])
         if kind == _MI_COMPRESSED:
             inflater = zlib.decompressobj()
             try:
-                element = inflater.decompress(meta_mat[pos + 8:pos + 8 + size], MAX_DEVKIT_MEMBER_BYTES - total + 1)
+                element = inflater.decompress(meta_mat[pos + 8 : pos + 8 + size], MAX_DEVKIT_MEMBER_BYTES - total + 1)
             except zlib.error as e:
                 raise UserError(f"{where}: meta.mat is damaged ({e}); re-download the devkit") from None
             pos += 8 + size
@@ -610,8 +642,10 @@ def _inflated_mat(meta_mat: bytes, where: str) -> bytes:
             element, pos = meta_mat[pos:end], end
         total += len(element)
         if total > MAX_DEVKIT_MEMBER_BYTES:
-            raise UserError(f"{where}: meta.mat inflates to more than {MAX_DEVKIT_MEMBER_BYTES >> 20} MB, far "
-                            "more than the ILSVRC2012 devkit's; is this the right file?")
+            raise UserError(
+                f"{where}: meta.mat inflates to more than {MAX_DEVKIT_MEMBER_BYTES >> 20} MB, far "
+                "more than the ILSVRC2012 devkit's; is this the right file?"
+            )
         parts.append(element)
     return b"".join(parts)
 
@@ -623,14 +657,16 @@ def _parse_meta(meta_mat: bytes, where: str) -> tuple[dict[int, str], dict[str, 
 
     meta_mat = _inflated_mat(meta_mat, where)
     try:
-        synsets = np.atleast_1d(scipy.io.loadmat(io.BytesIO(meta_mat), squeeze_me=True,
-                                                 variable_names=["synsets"])["synsets"])
-        records = [(int(s["ILSVRC2012_ID"]), str(s["WNID"]), str(s["words"]), int(s["num_children"]))
-                   for s in synsets]
+        synsets = np.atleast_1d(
+            scipy.io.loadmat(io.BytesIO(meta_mat), squeeze_me=True, variable_names=["synsets"])["synsets"]
+        )
+        records = [(int(s["ILSVRC2012_ID"]), str(s["WNID"]), str(s["words"]), int(s["num_children"])) for s in synsets]
     except Exception as e:  # scipy raises a zoo of types for damaged files (MatReadError, zlib, struct...)
         detail = " ".join(str(e).split())[:100] or type(e).__name__
-        raise UserError(f"{where}: meta.mat is damaged or not the ILSVRC2012 devkit's (expected synsets with "
-                        f"ILSVRC2012_ID, WNID, words, num_children): {detail}; re-download the devkit") from None
+        raise UserError(
+            f"{where}: meta.mat is damaged or not the ILSVRC2012 devkit's (expected synsets with "
+            f"ILSVRC2012_ID, WNID, words, num_children): {detail}; re-download the devkit"
+        ) from None
     # The classes are the leaves (num_children == 0): 1000 in ILSVRC2012, IDs 1..1000.
     id_to_wnid = {i: wnid for i, wnid, _, children in records if children == 0}
     if not id_to_wnid:

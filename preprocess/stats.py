@@ -10,9 +10,9 @@ the manifest states how many were used.
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -42,8 +42,12 @@ class PixelMoments:
         self.outer_sum += pixels.T @ pixels
 
     def __add__(self, other: "PixelMoments") -> "PixelMoments":
-        return PixelMoments(self.images + other.images, self.image_sum + other.image_sum,
-                            self.pixel_sum + other.pixel_sum, self.outer_sum + other.outer_sum)
+        return PixelMoments(
+            self.images + other.images,
+            self.image_sum + other.image_sum,
+            self.pixel_sum + other.pixel_sum,
+            self.outer_sum + other.outer_sum,
+        )
 
 
 def shard_moments(shard_path: str, max_images: int, size: int) -> PixelMoments:

@@ -12,18 +12,51 @@ from pathlib import Path
 
 from tests._fixtures import NARROW, REPO, TORCHRUN, free_port, small_env
 
-TRAIN_ARGS = [*NARROW, "--batch-size", "8", "--data.workers", "1", "--train.ten-crop", "false",
-              "--checkpoint.every-minutes", "0", "--checkpoint.every-steps", "6", "--epochs", "1",
-              "--model.init", "kaiming", "--data.mean", "channel", "--lr", "0.02", "--train.log-every", "4"]
+TRAIN_ARGS = [
+    *NARROW,
+    "--batch-size",
+    "8",
+    "--data.workers",
+    "1",
+    "--train.ten-crop",
+    "false",
+    "--checkpoint.every-minutes",
+    "0",
+    "--checkpoint.every-steps",
+    "6",
+    "--epochs",
+    "1",
+    "--model.init",
+    "kaiming",
+    "--data.mean",
+    "channel",
+    "--lr",
+    "0.02",
+    "--train.log-every",
+    "4",
+]
 
 
 def train(shards: Path, run_dir: Path, extra: list[str] = (), nproc: int = 2, timeout: float = 600) -> Path:
     """``launch.train`` under torchrun (gloo, CPU) with the tiny-run flags; raises with its log on failure."""
-    cmd = [TORCHRUN, f"--nproc_per_node={nproc}", f"--master-port={free_port()}", "-m", "launch.train",
-           "--data", str(shards), "--run-dir", str(run_dir), "--tp", "2" if nproc == 2 else "1", *TRAIN_ARGS,
-           *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=small_env(), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    cmd = [
+        TORCHRUN,
+        f"--nproc_per_node={nproc}",
+        f"--master-port={free_port()}",
+        "-m",
+        "launch.train",
+        "--data",
+        str(shards),
+        "--run-dir",
+        str(run_dir),
+        "--tp",
+        "2" if nproc == 2 else "1",
+        *TRAIN_ARGS,
+        *extra,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=small_env(), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return run_dir

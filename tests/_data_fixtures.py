@@ -7,8 +7,8 @@ same code the real preprocessing uses, so the loaders read exactly the on-disk f
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -20,9 +20,7 @@ SIZE = fmt.IMAGE_SIZE
 
 # A plausible ImageNet-like RGB PCA on the 0..255 scale: covariance eigenvalues (variances), descending.
 EIGVAL = [8900.0, 460.0, 120.0]
-EIGVEC = [[-0.5675, 0.7192, 0.4009],
-          [-0.5808, -0.0045, -0.8140],
-          [-0.5836, -0.6948, 0.4203]]
+EIGVEC = [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]
 CHANNEL_MEAN = [123.7, 116.3, 103.5]
 CHANNEL_STD = [58.4, 57.1, 57.4]
 
@@ -97,7 +95,9 @@ def make_dataset(
         for s, n in enumerate(sizes):
             samples = []
             for _ in range(n):
-                samples.append(Sample(f"{split}_{counter:05d}", label(counter), encode_jpeg(image(counter), quality, subsampling)))
+                samples.append(
+                    Sample(f"{split}_{counter:05d}", label(counter), encode_jpeg(image(counter), quality, subsampling))
+                )
                 max_label = max(max_label, label(counter))
                 counter += 1
             rel = f"{split}/{fmt.shard_name(split, s)}"
@@ -111,8 +111,16 @@ def make_dataset(
     manifest = fmt.Manifest(
         classes=[{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(classes)],
         splits=splits,
-        stats=fmt.Stats(images=counter, mean=CHANNEL_MEAN, std=CHANNEL_STD, mean_image=fmt.MEAN_IMAGE_NAME,
-                        eigval=EIGVAL, eigvec=EIGVEC) if stats else None,
+        stats=fmt.Stats(
+            images=counter,
+            mean=CHANNEL_MEAN,
+            std=CHANNEL_STD,
+            mean_image=fmt.MEAN_IMAGE_NAME,
+            eigval=EIGVAL,
+            eigvec=EIGVEC,
+        )
+        if stats
+        else None,
     )
     fmt.write_manifest(root, manifest)
     return root
@@ -136,9 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         sizes.append(args.images % args.shard_size)
     images = [natural_image(rng) for _ in range(args.images)]
     mean_image = np.mean(images, axis=0, dtype=np.float64).astype(np.float32)
-    make_dataset(args.out, {"train": sizes, "val": [max(1, args.images // 10)]},
-                 image=lambda i: images[i % len(images)], label=lambda i: i % args.classes,
-                 num_classes=args.classes, quality=args.quality, subsampling=2, mean_image=mean_image)
+    make_dataset(
+        args.out,
+        {"train": sizes, "val": [max(1, args.images // 10)]},
+        image=lambda i: images[i % len(images)],
+        label=lambda i: i % args.classes,
+        num_classes=args.classes,
+        quality=args.quality,
+        subsampling=2,
+        mean_image=mean_image,
+    )
     print(f"{args.out}: {args.images} train + {max(1, args.images // 10)} val images, {len(sizes)} train shards")
     return 0
 

@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -28,22 +27,51 @@ HARNESS = str(REPO / "tests" / "_train_harness.py")
 DEMO_CLASSES, DEMO_TRAIN, DEMO_VAL = 4, 24, 6
 TRAIN_SHARD_SIZE = 40
 NARROW = ["--num-classes", "4", "--model.widths", "16,32,48,48,32", "--model.fc-width", "64"]
-SMALL_RUN = [*NARROW, "--batch-size", "8", "--data.workers", "1", "--train.ten-crop", "false",
-             "--checkpoint.every-minutes", "0"]
+SMALL_RUN = [
+    *NARROW,
+    "--batch-size",
+    "8",
+    "--data.workers",
+    "1",
+    "--train.ten-crop",
+    "false",
+    "--checkpoint.every-minutes",
+    "0",
+]
+
 
 def preprocess(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`python -m preprocess ARGS` from the repository (captured, bounded)."""
-    proc = subprocess.run([PYTHON, "-m", "preprocess", *args], cwd=REPO, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout, env=small_env())
+    proc = subprocess.run(
+        [PYTHON, "-m", "preprocess", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        env=small_env(),
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"python -m preprocess {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"python -m preprocess {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
 def shard_args(src: Path, out: Path, split: str = "train", workers: int = 1) -> list[str]:
     """The `shard` arguments the demo dataset is built with (the manifest comparison relies on them)."""
-    args = ["shard", "--src", str(src / split), "--out", str(out), "--split", split, "--workers", str(workers),
-            "--no-progress"]
+    args = [
+        "shard",
+        "--src",
+        str(src / split),
+        "--out",
+        str(out),
+        "--split",
+        split,
+        "--workers",
+        str(workers),
+        "--no-progress",
+    ]
     if split == "train":
         args += ["--shard-size", str(TRAIN_SHARD_SIZE)]
     else:
@@ -52,8 +80,16 @@ def shard_args(src: Path, out: Path, split: str = "train", workers: int = 1) -> 
 
 
 def build_demo(root: Path) -> Path:
-    preprocess("make-demo", str(root / "src"), "--classes", str(DEMO_CLASSES), "--train-per-class", str(DEMO_TRAIN),
-               "--val-per-class", str(DEMO_VAL))
+    preprocess(
+        "make-demo",
+        str(root / "src"),
+        "--classes",
+        str(DEMO_CLASSES),
+        "--train-per-class",
+        str(DEMO_TRAIN),
+        "--val-per-class",
+        str(DEMO_VAL),
+    )
     preprocess(*shard_args(root / "src", root / "shards", "train"))
     preprocess(*shard_args(root / "src", root / "shards", "val"))
     return root
@@ -171,8 +207,9 @@ def kill_group(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
         proc.wait(timeout=5)
 
 
-def wait_for(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[Any] | None = None,
-             poll: float = 0.05) -> Any:
+def wait_for(
+    predicate: Any, timeout: float, what: str, proc: subprocess.Popen[Any] | None = None, poll: float = 0.05
+) -> Any:
     """Poll ``predicate()`` until it is truthy (its value); fail after ``timeout`` s or if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while True:
@@ -186,12 +223,18 @@ def wait_for(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[A
         time.sleep(poll)
 
 
-def run_logged(argv: Sequence[str], log: Path, env: Mapping[str, str], timeout: float,
-               cwd: Path = REPO) -> int:
+def run_logged(argv: Sequence[str], log: Path, env: Mapping[str, str], timeout: float, cwd: Path = REPO) -> int:
     """Run to completion with stdout+stderr into ``log``; kill its whole group on timeout."""
     with log.open("ab") as out:
-        proc = subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -45,8 +45,9 @@ def tp_ranks(rank: int, workdir: str) -> None:
     """One rank: for every case in ``workdir/cases.pt`` build the tower, run it, save what it saw."""
     torch.set_num_threads(1)
     root = Path(workdir)
-    dist.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
     try:
         group = dist.new_group(list(range(WORLD)))  # the model must use the group it is given
         cases = torch.load(root / "cases.pt")

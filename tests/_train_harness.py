@@ -19,8 +19,19 @@ STEPS_PER_EPOCH = 4
 
 
 class FixedLoader:
-    def __init__(self, *, dp_rank: int, dp_size: int, batch_size: int, num_classes: int, epoch: int,
-                 device: torch.device, views: int = 0, steps: int = STEPS_PER_EPOCH, start: int = 0):
+    def __init__(
+        self,
+        *,
+        dp_rank: int,
+        dp_size: int,
+        batch_size: int,
+        num_classes: int,
+        epoch: int,
+        device: torch.device,
+        views: int = 0,
+        steps: int = STEPS_PER_EPOCH,
+        start: int = 0,
+    ):
         self.dp_rank, self.dp_size, self.batch, self.num_classes = dp_rank, dp_size, batch_size, num_classes
         self.epoch, self.device, self.views, self.steps_in_epoch, self.start = epoch, device, views, steps, start
 
@@ -44,15 +55,30 @@ def fixed_loaders():
     """Loaders with the signatures of pipeline.data's, handed to the trainer instead of the real ones."""
     from pipeline.train import Loaders
 
-    def train_loader(cfg, *, dp_rank, dp_size, epoch, seed, device, batch_size, num_classes=None, start_batch=0,
-                     verify_cache=None):
-        return FixedLoader(dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, num_classes=num_classes,
-                           epoch=epoch, device=device, start=start_batch)
+    def train_loader(
+        cfg, *, dp_rank, dp_size, epoch, seed, device, batch_size, num_classes=None, start_batch=0, verify_cache=None
+    ):
+        return FixedLoader(
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            batch_size=batch_size,
+            num_classes=num_classes,
+            epoch=epoch,
+            device=device,
+            start=start_batch,
+        )
 
-    def val_loader(cfg, *, dp_rank, dp_size, device, batch_size, ten_crop=False, num_classes=None,
-                   verify_cache=None):
-        return FixedLoader(dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size, num_classes=num_classes,
-                           epoch=99, device=device, views=10 if ten_crop else 0, steps=2)
+    def val_loader(cfg, *, dp_rank, dp_size, device, batch_size, ten_crop=False, num_classes=None, verify_cache=None):
+        return FixedLoader(
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            batch_size=batch_size,
+            num_classes=num_classes,
+            epoch=99,
+            device=device,
+            views=10 if ten_crop else 0,
+            steps=2,
+        )
 
     return Loaders(train=train_loader, val=val_loader)
 
@@ -67,8 +93,12 @@ def main() -> int:
 
     def body() -> int:
         outcome = run(sys.argv[1:], loaders=loaders)
-        record = {"progress": vars(outcome.progress), "preempted": outcome.preempted,
-                  "lr_drops": outcome.lr_drops, "val_top1_error": outcome.val_top1_error}
+        record = {
+            "progress": vars(outcome.progress),
+            "preempted": outcome.preempted,
+            "lr_drops": outcome.lr_drops,
+            "val_top1_error": outcome.val_top1_error,
+        }
         (out / f"outcome-rank{rank}.json").write_text(json.dumps(record))
         return 0
 

@@ -77,8 +77,14 @@ class SlurmCluster:
         return env
 
     def _script(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", str(SCRIPT), *args], env=self._script_env(), text=True,
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        return subprocess.run(
+            ["bash", str(SCRIPT), *args],
+            env=self._script_env(),
+            text=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+        )
 
     def start(self, fresh: bool = False) -> "SlurmCluster":
         """Bring the cluster up (idempotent; `fresh`: tear down whatever runs under state_dir first)."""
@@ -88,14 +94,17 @@ class SlurmCluster:
         if fresh:
             self.stop()
         # Installing slurm-wlm takes ~30 s on a fresh machine; bring-up itself about a second.
-        proc = self._script("up", "--nodes", str(self.nodes), "--gpus", str(self.gpus),
-                            timeout=600 + self.up_timeout)
+        proc = self._script("up", "--nodes", str(self.nodes), "--gpus", str(self.gpus), timeout=600 + self.up_timeout)
         if proc.returncode == UNAVAILABLE_EXIT:
-            raise SlurmUnavailable(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
-                                   else "slurm/local_cluster.sh could not install Slurm")
+            raise SlurmUnavailable(
+                proc.stderr.strip().splitlines()[-1]
+                if proc.stderr.strip()
+                else "slurm/local_cluster.sh could not install Slurm"
+            )
         if proc.returncode != 0:
-            raise SlurmError(f"slurm/local_cluster.sh up failed (exit {proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+            raise SlurmError(
+                f"slurm/local_cluster.sh up failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
         match = re.search(r"^export SLURM_CONF=(\S+)$", proc.stdout, re.M)
         if not match:
             raise SlurmError(f"slurm/local_cluster.sh up printed no SLURM_CONF:\n{proc.stdout}")
@@ -126,17 +135,29 @@ class SlurmCluster:
         env.update(extra or {})
         return env
 
-    def run(self, args: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path | str = REPO,
-            timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | str = REPO,
+        timeout: float = 30,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
         """A Slurm client command (sbatch, squeue, scontrol, srun, ...) against this cluster."""
-        proc = subprocess.run(list(args), env=self.env(env), cwd=cwd, text=True, capture_output=True,
-                              stdin=subprocess.DEVNULL, timeout=timeout)
+        proc = subprocess.run(
+            list(args),
+            env=self.env(env),
+            cwd=cwd,
+            text=True,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
             raise SlurmError(f"{' '.join(args)} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
         return proc
 
-    def sbatch(self, args: Sequence[str], env: Mapping[str, str] | None = None,
-               cwd: Path | str = REPO) -> str:
+    def sbatch(self, args: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path | str = REPO) -> str:
         """Submit (`sbatch --parsable ARGS`) from `cwd` (the job's SLURM_SUBMIT_DIR); the job id."""
         out = self.run(["sbatch", "--parsable", *args], env=env, cwd=cwd).stdout.strip()
         job_id = out.split(";")[0]
@@ -153,8 +174,9 @@ class SlurmCluster:
         states = sorted({r["JobState"] for r in self.jobs(job_id)})
         return ",".join(states)
 
-    def wait(self, job_id: str, states: Iterable[str] = TERMINAL, timeout: float = 120,
-             poll: float = 0.5) -> list[dict[str, str]]:
+    def wait(
+        self, job_id: str, states: Iterable[str] = TERMINAL, timeout: float = 120, poll: float = 0.5
+    ) -> list[dict[str, str]]:
         """Poll until every record of the job is in one of `states`; the records.
 
         An array job counts once all of its tasks exist as records and are done (a pending array
@@ -165,15 +187,14 @@ class SlurmCluster:
         records: list[dict[str, str]] = []
         while True:
             records = self.jobs(job_id)
-            pending_range = any(not r.get("ArrayTaskId", "0").isdigit() for r in records
-                                if "ArrayTaskId" in r)
+            pending_range = any(not r.get("ArrayTaskId", "0").isdigit() for r in records if "ArrayTaskId" in r)
             if records and not pending_range and all(r["JobState"] in wanted for r in records):
                 return records
             if time.monotonic() > deadline:
-                summary = ", ".join(f"{_task_name(r)}={r.get('JobState')} ({r.get('Reason')})"
-                                    for r in records)
-                raise SlurmError(f"job {job_id} not in {sorted(wanted)} after {timeout:.0f} s: "
-                                 f"{summary}\n{self.diagnostics()}")
+                summary = ", ".join(f"{_task_name(r)}={r.get('JobState')} ({r.get('Reason')})" for r in records)
+                raise SlurmError(
+                    f"job {job_id} not in {sorted(wanted)} after {timeout:.0f} s: {summary}\n{self.diagnostics()}"
+                )
             time.sleep(poll)
 
     def scancel(self, job_id: str, *args: str) -> None:

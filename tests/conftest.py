@@ -25,7 +25,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "slurm: runs jobs on a real local Slurm cluster (root; installs slurm-wlm with apt when missing)",
     )
     config.addinivalue_line(
-        "markers", "netns: emulated nodes in Linux network namespaces (root: CAP_NET_ADMIN, CAP_SYS_ADMIN)",
+        "markers",
+        "netns: emulated nodes in Linux network namespaces (root: CAP_NET_ADMIN, CAP_SYS_ADMIN)",
     )
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PREFIX = "alexnet-"          # namespace names: alexnet-<pid>-a, alexnet-<pid>-b
+PREFIX = "alexnet-"  # namespace names: alexnet-<pid>-a, alexnet-<pid>-b
 _STALE = re.compile(rf"^{re.escape(PREFIX)}[a-z]?(\d+)-[ab]$")  # the tag is (a letter and) the pid
 
 
@@ -40,15 +40,14 @@ class NetnsUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Node:
-    hostname: str   # inside the node: `hostname` prints it, /etc/hosts resolves it to `addr`
-    netns: str      # the network namespace's name (`ip netns exec NETNS ...`)
-    addr: str       # the node's address on the veth pair
-    ifname: str     # the node's end of the veth pair (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)
+    hostname: str  # inside the node: `hostname` prints it, /etc/hosts resolves it to `addr`
+    netns: str  # the network namespace's name (`ip netns exec NETNS ...`)
+    addr: str  # the node's address on the veth pair
+    ifname: str  # the node's end of the veth pair (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)
 
 
 def _ip(*args: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["ip", *args], text=True, capture_output=True, stdin=subprocess.DEVNULL,
-                          timeout=timeout)
+    proc = subprocess.run(["ip", *args], text=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)
     if check and proc.returncode != 0:
         raise NetnsUnavailable(f"ip {' '.join(args)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
     return proc
@@ -105,7 +104,9 @@ def remove_stale() -> None:
 class NodePair:
     """Two emulated nodes, `nodes[0]` and `nodes[1]`, linked by a veth pair in a private /30."""
 
-    def __init__(self, tag: str | None = None, subnet: str = "10.231.7", hostnames: Sequence[str] = ("node-a", "node-b")):
+    def __init__(
+        self, tag: str | None = None, subnet: str = "10.231.7", hostnames: Sequence[str] = ("node-a", "node-b")
+    ):
         tag = tag or str(os.getpid())
         if not re.fullmatch(r"[0-9a-z]{1,9}", tag):
             raise ValueError(f"tag must be 1-9 lowercase letters/digits (veth names are <= 15 chars): {tag!r}")
@@ -133,8 +134,7 @@ class NodePair:
             a, b = self.nodes
             for node in self.nodes:
                 _ip("netns", "add", node.netns)
-            _ip("link", "add", a.ifname, "netns", a.netns, "type", "veth",
-                "peer", "name", b.ifname, "netns", b.netns)
+            _ip("link", "add", a.ifname, "netns", a.netns, "type", "veth", "peer", "name", b.ifname, "netns", b.netns)
             for node in self.nodes:
                 _ip("-n", node.netns, "link", "set", "lo", "up")
                 _ip("-n", node.netns, "addr", "add", f"{node.addr}/{self.prefix_len}", "dev", node.ifname)
@@ -200,21 +200,39 @@ class NodePair:
         if not self._up or self._workdir is None:
             raise RuntimeError("NodePair is not up")
         script = 'mount --bind "$1" /etc/hosts && hostname "$2" && shift 2 && exec "$@"'
-        return ["ip", "netns", "exec", node.netns,
-                "unshare", "--uts", "--mount", "--propagation", "private",
-                "sh", "-c", script, "sh", str(self._workdir / "hosts"), node.hostname, *argv]
+        return [
+            "ip",
+            "netns",
+            "exec",
+            node.netns,
+            "unshare",
+            "--uts",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(self._workdir / "hosts"),
+            node.hostname,
+            *argv,
+        ]
 
-    def popen(self, node: Node, argv: Sequence[str], env: Mapping[str, str] | None = None,
-              **kwargs: Any) -> subprocess.Popen[Any]:
+    def popen(
+        self, node: Node, argv: Sequence[str], env: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> subprocess.Popen[Any]:
         """Start `argv` on `node` in a new session (its own process group); `down` kills it."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
-        proc = subprocess.Popen(self.command(node, argv), env=dict(env) if env is not None else None,
-                                start_new_session=True, **kwargs)
+        proc = subprocess.Popen(
+            self.command(node, argv), env=dict(env) if env is not None else None, start_new_session=True, **kwargs
+        )
         self._procs.append(proc)
         return proc
 
-    def run(self, node: Node, argv: Sequence[str], timeout: float = 30,
-            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, node: Node, argv: Sequence[str], timeout: float = 30, env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run `argv` on `node` to completion (text output captured); kill it on timeout."""
         proc = self.popen(node, argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:

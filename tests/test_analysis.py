@@ -55,12 +55,15 @@ def test_filters_figure_has_the_stated_size(tmp_path: Path) -> None:
 def store_of(tmp_path: Path, parts: list[np.ndarray]) -> FeatureStore:
     """Per-rank float16 files, as the ranks write them, plus the meta.json rank 0 writes."""
     for rank, part in enumerate(parts):
-        batches = ((torch.from_numpy(part[i:i + 5]), torch.zeros(len(part[i:i + 5]), dtype=torch.int64))
-                   for i in range(0, len(part), 5))
+        batches = (
+            (torch.from_numpy(part[i : i + 5]), torch.zeros(len(part[i : i + 5]), dtype=torch.int64))
+            for i in range(0, len(part), 5)
+        )
         write_rank_features(tmp_path, rank, batches, len(part), part.shape[1])
     counts = [len(p) for p in parts]
-    (tmp_path / "meta.json").write_text(json.dumps({"dim": parts[0].shape[1], "counts": counts,
-                                                    "starts": np.cumsum([0, *counts[:-1]]).tolist()}))
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"dim": parts[0].shape[1], "counts": counts, "starts": np.cumsum([0, *counts[:-1]]).tolist()})
+    )
     return FeatureStore.open(tmp_path)
 
 
@@ -86,8 +89,11 @@ def test_a_loader_that_gives_the_wrong_count_leaves_no_feature_file(tmp_path: Pa
     assert not (tmp_path / "features-rank0.f16").exists()
 
 
-def test_figures_of_a_trained_run(trained_run: Path, demo_shards: Path,  # noqa: F811
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_figures_of_a_trained_run(
+    trained_run: Path,
+    demo_shards: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     status, stdout, stderr = run_analysis(capsys, "filters", "--run-dir", str(trained_run))
     assert status == 0, stderr
     best = (trained_run / "checkpoints" / "best").read_text().strip()
@@ -95,8 +101,20 @@ def test_figures_of_a_trained_run(trained_run: Path, demo_shards: Path,  # noqa:
     assert_png(Path(fig3["png"]), fig3["size"])
     assert len(fig3["colour_fraction"]) == 2 and "colour fraction per tower" in stdout
 
-    status, _, stderr = run_analysis(capsys, "neighbours", "--run-dir", str(trained_run), "--images", "3", "--k", "6",
-                                     "--chunk-rows", "16", "--batch-size", "16")
+    status, _, stderr = run_analysis(
+        capsys,
+        "neighbours",
+        "--run-dir",
+        str(trained_run),
+        "--images",
+        "3",
+        "--k",
+        "6",
+        "--chunk-rows",
+        "16",
+        "--batch-size",
+        "16",
+    )
     assert status == 0, stderr
     fig4 = json.loads((trained_run / "figures" / f"neighbours-{best}.json").read_text())
     assert_png(Path(fig4["png"]), fig4["size"])

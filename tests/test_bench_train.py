@@ -18,11 +18,6 @@ from preprocess import format as fmt
 from preprocess.errors import UserError
 from tests._fixtures import DEMO_CLASSES, HARNESS, REPO, TORCHRUN
 
-try:  # the demo dataset fixtures: here, or in conftest.py once they move there
-    from tests._fixtures import demo_data, demo_shards  # noqa: F401
-except ImportError:
-    pass
-
 TINY = ["--size", "tiny", "--warmup", "1", "--steps", "3", "--workers", "1"]
 
 
@@ -33,8 +28,19 @@ def _bench(tmp_path: Path, *args: str) -> dict:
 
 
 def test_trainer_and_plain_loop_see_the_same_batches(demo_shards: Path, tmp_path: Path) -> None:
-    report = _bench(tmp_path, "--data", str(demo_shards), "--loaders", "synthetic,dali", "--rounds", "2",
-                    "--tp-steps", "0", "--checkpoint-saves", "0")
+    report = _bench(
+        tmp_path,
+        "--data",
+        str(demo_shards),
+        "--loaders",
+        "synthetic,dali",
+        "--rounds",
+        "2",
+        "--tp-steps",
+        "0",
+        "--checkpoint-saves",
+        "0",
+    )
     assert set(report["loops"]) == {"synthetic", "dali"}
     for name, loop in report["loops"].items():
         # 3 timed steps of 8 (the demo's 96 train images make 12 full batches an epoch)
@@ -90,11 +96,14 @@ def test_scaling_estimate_follows_its_stated_model() -> None:
             assert fp32["step_s"] == pytest.approx(a.step_s + fp32["allreduce_s"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--loaders", "dali"], "pass --data"),
-    (["--loaders", "dali,fast"], "unknown fast"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--loaders", "dali"], "pass --data"),
+        (["--loaders", "dali,fast"], "unknown fast"),
+    ],
+)
 def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_train.main([*TINY, *argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -103,8 +112,14 @@ def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: 
 
 def test_gpu_report_without_a_gpu_says_so_in_one_line(demo_shards: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.bench_train", "--gpu-report", "--data", str(demo_shards)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench_train", "--gpu-report", "--data", str(demo_shards)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: --gpu-report needs a CUDA GPU")
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -137,13 +152,47 @@ def test_grad_compression_option_is_checked(tmp_path: Path) -> None:
 def _dp2_weights(manifest: Path, tmp_path: Path, compression: str) -> dict[str, torch.Tensor]:
     out, run_dir = tmp_path / f"out-{compression}", tmp_path / f"run-{compression}"
     out.mkdir()
-    args = ["--data", str(manifest), "--run-dir", str(run_dir), "--num-classes", "4", "--model.widths",
-            "16,32,48,48,32", "--model.fc-width", "64", "--model.dropout", "0", "--batch-size", "8", "--lr", "0.05",
-            "--epochs", "1", "--tp", "1", "--train.ten-crop", "false", "--train.grad-compression", compression]
-    env = {**os.environ, "HARNESS_OUT": str(out), "HARNESS_DATA": "fixed", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--standalone", HARNESS, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    args = [
+        "--data",
+        str(manifest),
+        "--run-dir",
+        str(run_dir),
+        "--num-classes",
+        "4",
+        "--model.widths",
+        "16,32,48,48,32",
+        "--model.fc-width",
+        "64",
+        "--model.dropout",
+        "0",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--epochs",
+        "1",
+        "--tp",
+        "1",
+        "--train.ten-crop",
+        "false",
+        "--train.grad-compression",
+        compression,
+    ]
+    env = {
+        **os.environ,
+        "HARNESS_OUT": str(out),
+        "HARNESS_DATA": "fixed",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    proc = subprocess.run(
+        [TORCHRUN, "--nproc_per_node=2", "--standalone", HARNESS, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = checkpoint.latest(run_dir)
     assert path is not None
@@ -154,8 +203,9 @@ def test_bf16_gradient_compression_trains_under_dp2(tmp_path: Path) -> None:
     """gloo all-reduces the bf16 gradients: the run trains, close to fp32 all-reduce but not the same."""
     manifest = tmp_path / "data"
     manifest.mkdir()
-    fmt.write_manifest(manifest, fmt.Manifest(classes=[{"index": i, "wnid": f"n{i:08d}", "name": ""}
-                                                       for i in range(4)]))
+    fmt.write_manifest(
+        manifest, fmt.Manifest(classes=[{"index": i, "wnid": f"n{i:08d}", "name": ""} for i in range(4)])
+    )
     full = _dp2_weights(manifest, tmp_path, "none")
     half = _dp2_weights(manifest, tmp_path, "bf16")
     torch.manual_seed(0)  # the trainer's init for seed 0

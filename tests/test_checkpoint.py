@@ -15,8 +15,16 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from pipeline.checkpoint import (BEST, LATEST, META, CheckpointConfig, CheckpointError, Checkpointer,
-                                 NonFiniteState, TrainState)
+from pipeline.checkpoint import (
+    BEST,
+    LATEST,
+    META,
+    CheckpointConfig,
+    Checkpointer,
+    CheckpointError,
+    NonFiniteState,
+    TrainState,
+)
 from pipeline.config import RunConfig
 from pipeline.model import ModelConfig, build_model
 from pipeline.schedule import LRSchedule
@@ -73,8 +81,9 @@ def test_restore_is_exact_weights_momentum_rng_progress(tmp_path: Path) -> None:
     assert checkpoint.verify(path) is None
     assert _saver(tmp_path).restore(fresh, None) == path
     assert all(torch.equal(saved[k], v) for k, v in fresh.model.state_dict().items())
-    assert all(torch.equal(m, fresh.optimizer.state[p]["momentum_buffer"])
-               for m, p in zip(momentum, fresh.model.parameters()))
+    assert all(
+        torch.equal(m, fresh.optimizer.state[p]["momentum_buffer"]) for m, p in zip(momentum, fresh.model.parameters())
+    )
     assert (random.random(), np.random.rand(), torch.rand(1)) == expect  # bit-exact RNG, no pickle
     assert vars(fresh.progress) == {"epoch": 2, "step": 40, "step_in_epoch": 7}
     assert fresh.best_top1_error == 0.25
@@ -137,6 +146,7 @@ def test_damaged_latest_falls_back_to_the_previous_intact_one(tmp_path: Path, da
         (bad / META).write_text("{not json")
     else:
         import shutil
+
         shutil.rmtree(bad)
 
     with caplog.at_level(logging.WARNING, logger="alexnet"):
@@ -189,8 +199,10 @@ def test_no_file_in_a_checkpoint_is_unpickled(tmp_path: Path) -> None:
 
     # 1. .metadata replaced by an exploit, checksums fixed up: loading still works and runs nothing.
     (path / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
-    meta["files"][".metadata"] = {"size": (path / ".metadata").stat().st_size,
-                                  "sha256": checkpoint._sha256(path / ".metadata")}
+    meta["files"][".metadata"] = {
+        "size": (path / ".metadata").stat().st_size,
+        "sha256": checkpoint._sha256(path / ".metadata"),
+    }
     (path / META).write_text(json.dumps(meta))
     assert checkpoint.export_model(path)
     assert _saver(tmp_path).restore(_state(tmp_path), str(path)) == path
@@ -276,8 +288,7 @@ def test_one_column_model_round_trips(tmp_path: Path) -> None:
     cfg.model = ModelConfig(num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16, towers=1)
     model = build_model(cfg.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    state = TrainState(model, optimizer, LRSchedule(cfg.schedule, 0.01), cfg, dict(LAYOUT), rank=0, tp_rank=0,
-                       towers=1)
+    state = TrainState(model, optimizer, LRSchedule(cfg.schedule, 0.01), cfg, dict(LAYOUT), rank=0, tp_rank=0, towers=1)
     path = _save_at(_saver(tmp_path), state, 3)
     assert sorted(checkpoint.read_towers(path)) == [0]
     exported = checkpoint.export_model(path)

@@ -27,7 +27,7 @@ from pipeline.data import common as C
 from pipeline.data import integrity
 from preprocess import format as fmt
 from preprocess.errors import UserError
-from tests._data_fixtures import EIGVAL, EIGVEC, CHANNEL_MEAN, CHANNEL_STD, coordinate_image, make_dataset
+from tests._data_fixtures import CHANNEL_MEAN, CHANNEL_STD, EIGVAL, EIGVEC, coordinate_image, make_dataset
 
 CROP = 227
 MAX_OFFSET = 256 - CROP
@@ -41,22 +41,30 @@ LOADERS = ["dali", "torch"]
 @pytest.fixture(scope="module")
 def coverage_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Uneven shards: train 7 + 5 + 4, val 3 + 4; label i identifies sample i."""
-    return make_dataset(tmp_path_factory.mktemp("coverage"), {"train": [7, 5, 4], "val": [3, 4]},
-                        image=lambda i: coordinate_image(i), quality=60)
+    return make_dataset(
+        tmp_path_factory.mktemp("coverage"),
+        {"train": [7, 5, 4], "val": [3, 4]},
+        image=lambda i: coordinate_image(i),
+        quality=60,
+    )
 
 
 @pytest.fixture(scope="module")
 def coord_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Coordinate images (B = sample number) for geometry; mean image zeros, so outputs are pixels."""
-    return make_dataset(tmp_path_factory.mktemp("coord"), {"train": [24, 24], "val": [5]},
-                        image=lambda i: coordinate_image(i))
+    return make_dataset(
+        tmp_path_factory.mktemp("coord"), {"train": [24, 24], "val": [5]}, image=lambda i: coordinate_image(i)
+    )
 
 
 @pytest.fixture(scope="module")
 def flat_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Flat grey (128) images: any output deviation is the lighting offset."""
-    return make_dataset(tmp_path_factory.mktemp("flat"), {"train": [16], "val": [2]},
-                        image=lambda i: np.full((256, 256, 3), 128, np.uint8))
+    return make_dataset(
+        tmp_path_factory.mktemp("flat"),
+        {"train": [16], "val": [2]},
+        image=lambda i: np.full((256, 256, 3), 128, np.uint8),
+    )
 
 
 def cfg_for(root: Path, loader: str = "dali", **kw) -> D.DataConfig:
@@ -137,9 +145,13 @@ def test_config_validation() -> None:
 
 def test_labels_read_back_through_dali(tmp_path: Path) -> None:
     written = [0, 3, 42, 999, 1234, 7, 10, 100]  # 1 to 4 ASCII digits: DALI pads them to the batch's longest
-    root = make_dataset(tmp_path / "labels", {"train": [5], "val": [5, 3]},
-                        label=lambda i: written[i % 8] if i >= 5 else i,
-                        num_classes=1235, quality=50)
+    root = make_dataset(
+        tmp_path / "labels",
+        {"train": [5], "val": [5, 3]},
+        label=lambda i: written[i % 8] if i >= 5 else i,
+        num_classes=1235,
+        quality=50,
+    )
     loader = D.val_loader(cfg_for(root), dp_rank=0, dp_size=1, device="cpu", batch_size=3)
     got = torch.cat([labels for _, labels in loader])
     assert got.dtype == torch.int64
@@ -176,9 +188,16 @@ def test_each_sample_exactly_once_across_ranks(coverage_ds: Path, loader: str, d
 
 def test_dali_and_torch_give_each_rank_the_same_samples(coverage_ds: Path) -> None:
     for rank in range(3):
-        sets = [sorted(int(l) for _, ls in D.train_loader(cfg_for(coverage_ds, loader), dp_rank=rank, dp_size=3,
-                                                            epoch=1, seed=9, device="cpu", batch_size=8) for l in ls)
-                for loader in LOADERS]
+        sets = [
+            sorted(
+                int(l)
+                for _, ls in D.train_loader(
+                    cfg_for(coverage_ds, loader), dp_rank=rank, dp_size=3, epoch=1, seed=9, device="cpu", batch_size=8
+                )
+                for l in ls
+            )
+            for loader in LOADERS
+        ]
         assert sets[0] == sets[1]
 
 
@@ -218,7 +237,7 @@ def test_crop_windows_and_mirror(coord_ds: Path, loader: str) -> None:
         for view, label in zip(to_hwc(images), labels.tolist()):
             left, top, mirrored = read_window(view)
             assert 0 <= left <= MAX_OFFSET and 0 <= top <= MAX_OFFSET
-            expected = reference[label][top:top + CROP, left:left + CROP]
+            expected = reference[label][top : top + CROP, left : left + CROP]
             if mirrored:
                 expected = expected[:, ::-1]
             assert np.abs(view - expected).max() <= 3, "the output is exactly that window (mirrored)"
@@ -259,8 +278,11 @@ def check_lighting_covariance(offset: np.ndarray, tolerance: float = 0.16) -> No
 @pytest.mark.parametrize("loader", LOADERS)
 def test_pixels_carry_the_planned_lighting(flat_ds: Path, loader: str) -> None:
     plan = epoch_plan(flat_ds, C.augment_seed(0, 0, 0))
-    images, _ = next(iter(D.train_loader(cfg_for(flat_ds, loader), dp_rank=0, dp_size=1, epoch=0, seed=0,
-                                         device="cpu", batch_size=4)))
+    images, _ = next(
+        iter(
+            D.train_loader(cfg_for(flat_ds, loader), dp_rank=0, dp_size=1, epoch=0, seed=0, device="cpu", batch_size=4)
+        )
+    )
     # Flat 128 input, zero mean image: every pixel of a sample is 128 + that sample's offset.
     assert torch.allclose(images, 128 + torch.from_numpy(plan.offset[:4])[:, :, None, None], atol=1e-3)
     assert plan.offset[:4].std() > 1
@@ -270,8 +292,9 @@ def test_pixels_carry_the_planned_lighting(flat_ds: Path, loader: str) -> None:
 def mean_ds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
     """The same coordinate images twice: with a random mean image, and with a zero one (outputs = pixels)."""
     mean_image = np.random.default_rng(0).uniform(0, 60, (256, 256, 3)).astype(np.float32)
-    root = make_dataset(tmp_path_factory.mktemp("mean"), {"train": [9, 7], "val": [3]}, image=coordinate_image,
-                        mean_image=mean_image)
+    root = make_dataset(
+        tmp_path_factory.mktemp("mean"), {"train": [9, 7], "val": [3]}, image=coordinate_image, mean_image=mean_image
+    )
     zero = tmp_path_factory.mktemp("zero") / "ds"
     shutil.copytree(root, zero)
     np.save(zero / fmt.MEAN_IMAGE_NAME, np.zeros_like(mean_image))
@@ -279,8 +302,9 @@ def mean_ds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.nd
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_mean_image_on_the_window_equals_full_image_subtraction(mean_ds: tuple[Path, Path, np.ndarray],
-                                                                 loader: str) -> None:
+def test_mean_image_on_the_window_equals_full_image_subtraction(
+    mean_ds: tuple[Path, Path, np.ndarray], loader: str
+) -> None:
     """The window's mean is subtracted after cropping; the result is what subtracting the full 256x256 mean
     image first gave (the previous computation: crop_mirror_normalize of ``pixels - mean_image`` with mean
     ``-offset``), within float rounding, for training windows/mirrors/lighting and the 10 views."""
@@ -293,17 +317,19 @@ def test_mean_image_on_the_window_equals_full_image_subtraction(mean_ds: tuple[P
     pixels = next(iter(D.train_loader(cfg_for(zero, loader, lighting_std=0.0), **kw)))[0]  # the cropped pixels
     for i in range(16):
         x, y, mirror, offset = int(plan.x[i]), int(plan.y[i]), bool(plan.mirror[i]), plan.offset[i]
-        window = mean_image[y:y + CROP, x:x + CROP]
+        window = mean_image[y : y + CROP, x : x + CROP]
         if mirror:
             window = window[:, ::-1]
         before = (pixels[i].numpy() - window.transpose(2, 0, 1)) - (np.float32(0) - offset)[:, None, None]
         assert np.abs(out[i].numpy() - before).max() <= 1e-4  # float32 rounding at 0..255 is ~3e-5
-    views = next(iter(D.val_loader(cfg_for(root, loader), dp_rank=0, dp_size=1, device="cpu", batch_size=3,
-                                   ten_crop=True)))[0]
-    plain = next(iter(D.val_loader(cfg_for(zero, loader), dp_rank=0, dp_size=1, device="cpu", batch_size=3,
-                                   ten_crop=True)))[0]
+    views = next(
+        iter(D.val_loader(cfg_for(root, loader), dp_rank=0, dp_size=1, device="cpu", batch_size=3, ten_crop=True))
+    )[0]
+    plain = next(
+        iter(D.val_loader(cfg_for(zero, loader), dp_rank=0, dp_size=1, device="cpu", batch_size=3, ten_crop=True))
+    )[0]
     for v, (mirror, top, left) in enumerate(C.ten_view_windows(MAX_OFFSET, MAX_OFFSET // 2)):
-        window = mean_image[top:top + CROP, left:left + CROP]
+        window = mean_image[top : top + CROP, left : left + CROP]
         if mirror:
             window = window[:, ::-1]
         assert np.abs(views[:, v].numpy() - (plain[:, v].numpy() - window.transpose(2, 0, 1))).max() <= 1e-4
@@ -328,7 +354,7 @@ def test_ten_views_and_centre_crop(coord_ds: Path, loader: str) -> None:
             image = reference[label]
             for v in range(10):
                 left, top = windows[v % 5]
-                expected = image[top:top + CROP, left:left + CROP]
+                expected = image[top : top + CROP, left : left + CROP]
                 if v >= 5:
                     expected = expected[:, ::-1]
                 assert np.abs(sample[v] - expected).max() <= 3, f"view {v}"
@@ -344,8 +370,14 @@ def test_fallback_gives_dalis_batches(mean_ds: tuple[Path, Path, np.ndarray], me
     """Both execute the same epoch plan: the same samples, windows, mirrors and lighting; both decoders are
     libjpeg-turbo, so the pixels agree to a level or two (here: exactly, up to float rounding)."""
     root = mean_ds[0]
-    batches = {loader: list(D.train_loader(cfg_for(root, loader, mean=mean), dp_rank=1, dp_size=2, epoch=1, seed=4,
-                                           device="cpu", batch_size=3)) for loader in LOADERS}
+    batches = {
+        loader: list(
+            D.train_loader(
+                cfg_for(root, loader, mean=mean), dp_rank=1, dp_size=2, epoch=1, seed=4, device="cpu", batch_size=3
+            )
+        )
+        for loader in LOADERS
+    }
     assert len(batches["dali"]) == len(batches["torch"]) == 3
     for (a, la), (b, lb) in zip(batches["dali"], batches["torch"]):
         assert torch.equal(la, lb)
@@ -379,8 +411,9 @@ def broken(coverage_ds: Path, tmp_path: Path) -> Path:
 
 
 def _train(root: Path, loader: str = "dali", **kw) -> list:
-    return list(D.train_loader(cfg_for(root, loader), dp_rank=0, dp_size=1, epoch=0, seed=0, device="cpu",
-                               batch_size=4, **kw))
+    return list(
+        D.train_loader(cfg_for(root, loader), dp_rank=0, dp_size=1, epoch=0, seed=0, device="cpu", batch_size=4, **kw)
+    )
 
 
 def _one_line(error: pytest.ExceptionInfo) -> str:
@@ -442,7 +475,7 @@ def _rewrite_member(root: Path, shard_no: int, sample: int, member: str, payload
     offset, size = (jpg_offset, jpg_size) if member == "jpg" else (cls_offset, cls_size)
     assert len(payload) <= size
     data = bytearray(shard.read_bytes())
-    data[offset:offset + size] = payload.ljust(size, b"\n" if member == "cls" else b"\0")
+    data[offset : offset + size] = payload.ljust(size, b"\n" if member == "cls" else b"\0")
     shard.write_bytes(bytes(data))
     manifest = json.loads(fmt.manifest_path(root).read_text())
     for entry in manifest["splits"]["train"]["shards"]:
@@ -465,10 +498,22 @@ def test_wrong_size_jpeg_names_the_sample(broken: Path, loader: str) -> None:
     small = io.BytesIO()
     Image.fromarray(np.full((200, 200, 3), 90, np.uint8)).save(small, "JPEG", quality=50)
     key = _rewrite_member(broken, 0, 1, "jpg", small.getvalue())  # a valid JPEG, 200x200
-    with pytest.raises(UserError, match=rf"train-000000\.tar: sample {key}: image is 200x200, the format stores "
-                                         r"256x256") as e:
-        list(D.train_loader(cfg_for(broken, loader, mean="channel"), dp_rank=0, dp_size=1, epoch=0, seed=0,
-                            device="cpu", batch_size=4))
+    with pytest.raises(
+        UserError,
+        match=rf"train-000000\.tar: sample {key}: image is 200x200, the format stores "
+        r"256x256",
+    ) as e:
+        list(
+            D.train_loader(
+                cfg_for(broken, loader, mean="channel"),
+                dp_rank=0,
+                dp_size=1,
+                epoch=0,
+                seed=0,
+                device="cpu",
+                batch_size=4,
+            )
+        )
     _one_line(e)
 
 
@@ -525,20 +570,32 @@ def test_same_size_corruption_is_caught_by_the_hash(broken: Path, tmp_path: Path
             _train(broken, loader, verify_cache=tmp_path / "verified")
         _one_line(e)
     # --data.verify size: only the size is checked, and the data loads.
-    assert list(D.train_loader(cfg_for(broken, verify="size"), dp_rank=0, dp_size=1, epoch=0, seed=0, device="cpu",
-                               batch_size=4))
+    assert list(
+        D.train_loader(
+            cfg_for(broken, verify="size"), dp_rank=0, dp_size=1, epoch=0, seed=0, device="cpu", batch_size=4
+        )
+    )
 
 
-def test_verified_shards_are_hashed_once_per_run_dir(broken: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verified_shards_are_hashed_once_per_run_dir(
+    broken: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hashed: list[str] = []
     real = integrity.file_sha256
     monkeypatch.setattr(integrity, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
     cache = tmp_path / "run" / "verified-shards"
 
     def epoch(e: int, rank: int = 0) -> None:
-        D.train_loader(cfg_for(broken, "torch"), dp_rank=rank, dp_size=2, epoch=e, seed=1, device="cpu",
-                       batch_size=4, verify_cache=cache)
+        D.train_loader(
+            cfg_for(broken, "torch"),
+            dp_rank=rank,
+            dp_size=2,
+            epoch=e,
+            seed=1,
+            device="cpu",
+            batch_size=4,
+            verify_cache=cache,
+        )
 
     epoch(0)
     first = sorted(hashed)
@@ -591,7 +648,7 @@ def test_resume_reads_nothing_before_its_batch(broken: Path, loader: str) -> Non
     shard = broken / "train" / fmt.shard_name("train", shard_no)
     _, jpg_offset, jpg_size, _, _ = C.read_index(broken / "train" / fmt.index_name(shard.name))[row]
     data = bytearray(shard.read_bytes())
-    data[jpg_offset:jpg_offset + jpg_size] = b"\0" * jpg_size  # the epoch's first sample can no longer be read
+    data[jpg_offset : jpg_offset + jpg_size] = b"\0" * jpg_size  # the epoch's first sample can no longer be read
     shard.write_bytes(bytes(data))
     with pytest.raises(UserError, match="cannot decode its JPEG"):
         list(D.train_loader(cfg, **kw))

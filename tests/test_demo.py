@@ -19,8 +19,11 @@ SMALL = dict(classes=3, train_per_class=5, val_per_class=2)
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +77,12 @@ def test_quirk_files_are_really_quirky(small: tuple[Path, dict]) -> None:
             modes[quirk] = (im.format, im.mode)
             if quirk == "exif_rotated":
                 assert im.getexif()[0x0112] == 6
-    assert modes == {"cmyk": ("JPEG", "CMYK"), "png": ("PNG", "RGB"), "grayscale": ("JPEG", "L"),
-                     "exif_rotated": ("JPEG", "RGB")}
+    assert modes == {
+        "cmyk": ("JPEG", "CMYK"),
+        "png": ("PNG", "RGB"),
+        "grayscale": ("JPEG", "L"),
+        "exif_rotated": ("JPEG", "RGB"),
+    }
     with pytest.raises(OSError, match="truncated"):
         with Image.open(files["truncated"]) as im:
             im.load()

@@ -25,19 +25,25 @@ def test_every_config_file_loads_and_validates(path: Path) -> None:
 
 def test_paper_config_is_the_paper() -> None:
     cfg, _ = config.parse(["--config", str(REPO / "configs" / "paper.toml")])
-    assert cfg.to_dict() == {**config.RunConfig().to_dict(), "model": {**config.RunConfig().to_dict()["model"],
-                                                                       "num_classes": 1000}}
+    assert cfg.to_dict() == {
+        **config.RunConfig().to_dict(),
+        "model": {**config.RunConfig().to_dict()["model"], "num_classes": 1000},
+    }
 
 
 def _documents() -> list[tuple[str, str]]:
     """(where, text) of everything that shows commands to a user."""
     docs = [("README.md", (REPO / "README.md").read_text())]
     for path in sorted((REPO / "slurm").glob("*.sh")):
-        header = [line[1:] for line in path.read_text().splitlines() if line.startswith("#") and
-                  not line.startswith("#!") and not line.startswith("#SBATCH")]
+        header = [
+            line[1:]
+            for line in path.read_text().splitlines()
+            if line.startswith("#") and not line.startswith("#!") and not line.startswith("#SBATCH")
+        ]
         docs.append((str(path.relative_to(REPO)), "\n".join(header)))
-    for path in sorted([*(REPO / "launch").glob("*.py"), *(REPO / "pipeline").rglob("*.py"),
-                        *(REPO / "preprocess").glob("*.py")]):
+    for path in sorted(
+        [*(REPO / "launch").glob("*.py"), *(REPO / "pipeline").rglob("*.py"), *(REPO / "preprocess").glob("*.py")]
+    ):
         text = path.read_text()
         match = re.match(r'\s*(?:#.*\n)*\s*"""(.*?)"""', text, re.S)
         if match:
@@ -96,10 +102,11 @@ def _parse_module(where: str, module: str, args: list[str]) -> None:
         return _parse_train(where, args)
     if module == "launch.submit" and "--" in args:
         cut = args.index("--")
-        _parse_train(where, args[cut + 1:])
+        _parse_train(where, args[cut + 1 :])
         args = args[:cut]
-    parser_of = getattr(importlib.import_module(module if module != "preprocess" else "preprocess.__main__"),
-                        "build_parser", None)
+    parser_of = getattr(
+        importlib.import_module(module if module != "preprocess" else "preprocess.__main__"), "build_parser", None
+    )
     if parser_of is None or not any(a.startswith("-") for a in args):
         return  # a mention in prose (`python -m preprocess shard`), not a command to run
     parser = parser_of()
@@ -135,11 +142,11 @@ def test_every_documented_command_parses() -> None:
             checked.add(words[2])
         elif words[0] == "torchrun" and "-m" in words:
             i = words.index("-m")
-            _parse_module(where, words[i + 1], words[i + 2:])
+            _parse_module(where, words[i + 1], words[i + 2 :])
         elif words[0] == "sbatch":
             script = next((w for w in words if w.startswith("slurm/")), None)
             if script == "slurm/train.sh":
-                _parse_train(where, words[words.index(script) + 1:])
+                _parse_train(where, words[words.index(script) + 1 :])
             elif script == "slurm/preprocess.sh":
-                _parse_module(where, "preprocess", ["shard", *words[words.index(script) + 1:]])
+                _parse_module(where, "preprocess", ["shard", *words[words.index(script) + 1 :]])
     assert {"launch.train", "launch.submit", "preprocess", "pipeline.evaluate"} <= checked, checked

@@ -18,9 +18,15 @@ CPU = torch.device("cpu")
 
 
 def torchrun_evaluate(*args: str, nproc: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([TORCHRUN, f"--nproc_per_node={nproc}", f"--master-port={free_port()}", "-m",
-                           "pipeline.evaluate", *args], cwd=REPO, env=small_env(), capture_output=True, text=True,
-                          timeout=600, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [TORCHRUN, f"--nproc_per_node={nproc}", f"--master-port={free_port()}", "-m", "pipeline.evaluate", *args],
+        cwd=REPO,
+        env=small_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def evaluate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -47,8 +53,9 @@ def test_ten_views_are_averaged_as_softmaxes() -> None:
         views[0, v, v % 3] = float(v)  # view v of image 0 puts v into channel v mod 3
     views[1] = 1.0
     probs = predict(MeanColour(), views, ten_crop=True, amp=False)
-    expected = torch.stack([torch.tensor([v * (c == v % 3) for c in range(3)], dtype=torch.float).softmax(0)
-                            for v in range(10)]).mean(0)
+    expected = torch.stack(
+        [torch.tensor([v * (c == v % 3) for c in range(3)], dtype=torch.float).softmax(0) for v in range(10)]
+    ).mean(0)
     torch.testing.assert_close(probs[0], expected)
     torch.testing.assert_close(probs[1], torch.full((3,), 1 / 3))
     assert not torch.allclose(expected, views[0].mean((0, 2, 3)).softmax(0))  # not the softmax of the mean
@@ -66,13 +73,17 @@ def test_tally_counts_and_confused_pairs() -> None:
     assert tally.counts().summary()["top1_error"] == pytest.approx(2 / 5)
 
 
-def test_ensemble_is_the_mean_of_the_members_softmaxes(trained_run: Path, tmp_path: Path,  # noqa: F811
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_ensemble_is_the_mean_of_the_members_softmaxes(
+    trained_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     members = checkpoints(trained_run)
     assert len(members) == 2
     out = tmp_path / "ensemble.json"
-    status, stdout, stderr = evaluate(capsys, "--ensemble", *map(str, members), "--ten-crop", "false",
-                                      "--out", str(out))
+    status, stdout, stderr = evaluate(
+        capsys, "--ensemble", *map(str, members), "--ten-crop", "false", "--out", str(out)
+    )
     assert status == 0, stderr
     result = json.loads(out.read_text())
     assert "ensemble of 2" in stdout
@@ -81,8 +92,9 @@ def test_ensemble_is_the_mean_of_the_members_softmaxes(trained_run: Path, tmp_pa
     for path in members:  # by hand: each model's softmax over the centre crops, then the mean
         member = load_member(path)
         model = member.build(CPU)
-        loader = data.val_loader(member.cfg.data, dp_rank=0, dp_size=1, device=CPU, batch_size=64,
-                                 num_classes=member.cfg.model.num_classes)
+        loader = data.val_loader(
+            member.cfg.data, dp_rank=0, dp_size=1, device=CPU, batch_size=64, num_classes=member.cfg.model.num_classes
+        )
         with torch.no_grad():
             batches = [(model(x).softmax(1), y) for x, y in loader if y.numel()]
         probs.append(torch.cat([p for p, _ in batches]))
@@ -95,11 +107,16 @@ def test_ensemble_is_the_mean_of_the_members_softmaxes(trained_run: Path, tmp_pa
     assert result["loss"] == pytest.approx(float(-mean[torch.arange(len(labels)), labels].log().mean()), rel=1e-5)
 
 
-def test_per_class_counts_sum_to_the_totals_with_names(trained_run: Path, demo_shards: Path,  # noqa: F811
-                                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_per_class_counts_sum_to_the_totals_with_names(
+    trained_run: Path,
+    demo_shards: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     out = tmp_path / "eval.json"
-    status, _, stderr = evaluate(capsys, "--run-dir", str(trained_run), "--checkpoint", "best", "--ten-crop", "true",
-                                 "--out", str(out))
+    status, _, stderr = evaluate(
+        capsys, "--run-dir", str(trained_run), "--checkpoint", "best", "--ten-crop", "true", "--out", str(out)
+    )
     assert status == 0, stderr
     result = json.loads(out.read_text())
     per_class = result["per_class"]
@@ -114,11 +131,13 @@ def test_per_class_counts_sum_to_the_totals_with_names(trained_run: Path, demo_s
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_every_image_counts_once_over_ranks(trained_run: Path, ranks: int) -> None:  # noqa: F811
+def test_every_image_counts_once_over_ranks(trained_run: Path, ranks: int) -> None:
     members = [load_member(p) for p in checkpoints(trained_run)]
     alone, alone_ensemble = evaluate_members(members, ten_crop=False, batch_size=4, device=CPU)
-    parts = [evaluate_members(members, ten_crop=False, batch_size=4, device=CPU, dp_rank=r, dp_size=ranks)
-             for r in range(ranks)]
+    parts = [
+        evaluate_members(members, ten_crop=False, batch_size=4, device=CPU, dp_rank=r, dp_size=ranks)
+        for r in range(ranks)
+    ]
     assert all(int(part[0][0].confusion.sum()) > 0 for part in parts)  # every rank had work
     for m in range(len(members)):
         assert torch.equal(sum(part[0][m].confusion for part in parts), alone[m].confusion)
@@ -126,19 +145,24 @@ def test_every_image_counts_once_over_ranks(trained_run: Path, ranks: int) -> No
     assert int(alone_ensemble.confusion.sum()) == 24
 
 
-def test_under_torchrun_equals_one_process(trained_run: Path, demo_shards: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_under_torchrun_equals_one_process(trained_run: Path, demo_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     proc = torchrun_evaluate("--run-dir", str(trained_run), "--ten-crop", "false", "--out", str(out), nproc=3)
     assert proc.returncode == 0, proc.stderr
     three = json.loads(out.read_text())
-    [alone], _ = evaluate_members([load_member(trained_run / "checkpoints" / three["checkpoint"].split("/")[-1])],
-                                  ten_crop=False, batch_size=64, device=CPU)
+    [alone], _ = evaluate_members(
+        [load_member(trained_run / "checkpoints" / three["checkpoint"].split("/")[-1])],
+        ten_crop=False,
+        batch_size=64,
+        device=CPU,
+    )
     assert three["images"] == 24
     assert three["per_class"] == alone.per_class(class_names(str(demo_shards)))
 
 
 def test_a_tp2_checkpoint_evaluates_on_one_device_as_the_towers_validated_it(
-        trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     best = (trained_run / "checkpoints" / "best").read_text().strip()
     meta = json.loads((trained_run / "checkpoints" / best / "meta.json").read_text())
     assert meta["layout"]["tp_size"] == 2

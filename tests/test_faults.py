@@ -18,8 +18,22 @@ import pytest
 
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
-from tests._fixtures import (HARNESS, PYTHON, REPO, SMALL_RUN, children, cmdline, descendants, kill_group,
-                             preprocess, run_logged, shard_args, small_env, tail, wait_for)
+from tests._fixtures import (
+    HARNESS,
+    PYTHON,
+    REPO,
+    SMALL_RUN,
+    children,
+    cmdline,
+    descendants,
+    kill_group,
+    preprocess,
+    run_logged,
+    shard_args,
+    small_env,
+    tail,
+    wait_for,
+)
 
 RUN_TIMEOUT = 300  # seconds for any one training run (they take 10-40 s on 2 cores)
 
@@ -48,15 +62,42 @@ def test_killed_worker_restarts_and_resumes(demo_shards: Path, tmp_path: Path) -
     run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "torchrun.log"
     out.mkdir()
     # 2 epochs of 12 steps, the paper's tower pair (tp=2) as 2 local processes, a checkpoint every 2 steps.
-    argv = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
-            "--monitor-interval=0.2", HARNESS, "--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN,
-            "--tp", "2", "--epochs", "2", "--checkpoint.every-steps", "2", "--train.log-every", "1"]
+    argv = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=2",
+        "--monitor-interval=0.2",
+        HARNESS,
+        "--data",
+        str(demo_shards),
+        "--run-dir",
+        str(run_dir),
+        *SMALL_RUN,
+        "--tp",
+        "2",
+        "--epochs",
+        "2",
+        "--checkpoint.every-steps",
+        "2",
+        "--train.log-every",
+        "1",
+    ]
     # As slurm/train.sh does: without it the restarted group reads the dead group's addresses from torchrun's
     # shared rendezvous store and gloo's init fails with "Connection refused" (pytorch/pytorch#135712).
     env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     with log.open("wb") as sink:
-        agent = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=sink,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        agent = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         first = wait_for(lambda: _latest(run_dir), 180, "the first checkpoint", agent, poll=0.02)
         workers = [p for p in children(agent.pid) if HARNESS in cmdline(p)]
@@ -99,10 +140,33 @@ def test_killed_worker_restarts_and_resumes(demo_shards: Path, tmp_path: Path) -
 def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_shards: Path, tmp_path: Path) -> None:
     """The paper-width model (~435 MB per checkpoint, a few seconds to write): killed mid-write."""
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
-    argv = [PYTHON, "-m", "launch.train", "--data", str(demo_shards), "--run-dir", str(run_dir),
-            "--num-classes", "4", "--tp", "1", "--batch-size", "2", "--data.workers", "1",
-            "--train.ten-crop", "false", "--checkpoint.every-minutes", "0", "--checkpoint.every-steps", "1",
-            "--max-steps", "2", "--train.log-every", "1"]
+    argv = [
+        PYTHON,
+        "-m",
+        "launch.train",
+        "--data",
+        str(demo_shards),
+        "--run-dir",
+        str(run_dir),
+        "--num-classes",
+        "4",
+        "--tp",
+        "1",
+        "--batch-size",
+        "2",
+        "--data.workers",
+        "1",
+        "--train.ten-crop",
+        "false",
+        "--checkpoint.every-minutes",
+        "0",
+        "--checkpoint.every-steps",
+        "1",
+        "--max-steps",
+        "2",
+        "--train.log-every",
+        "1",
+    ]
     ckpt_dir = run_dir / "checkpoints"
 
     def writing() -> Path | None:
@@ -117,8 +181,15 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_shards: Path, 
 
     try:
         with log.open("wb") as sink:
-            proc = subprocess.Popen(argv, cwd=REPO, env=small_env(), stdin=subprocess.DEVNULL, stdout=sink,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=small_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             tmp = wait_for(writing, 240, "a checkpoint being written after a complete one", proc, poll=0.01)
             os.kill(proc.pid, signal.SIGKILL)
@@ -153,9 +224,15 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_shards: Path, 
 
 
 def _train_error(data: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
-    proc = subprocess.run([PYTHON, "-m", "launch.train", "--data", str(data), "--run-dir", str(run_dir), *SMALL_RUN,
-                           "--tp", "1", *extra], cwd=REPO, env=small_env(), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
+    proc = subprocess.run(
+        [PYTHON, "-m", "launch.train", "--data", str(data), "--run-dir", str(run_dir), *SMALL_RUN, "--tp", "1", *extra],
+        cwd=REPO,
+        env=small_env(),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=RUN_TIMEOUT,
+    )
     return proc.returncode, proc.stderr
 
 
@@ -174,7 +251,9 @@ def test_truncated_shard_is_a_one_line_error(demo_shards: Path, tmp_path: Path) 
     assert rc == 2, stderr[-4000:]
     line = _one_error_line(stderr)
     assert str(shard) in line and "truncated" in line, line
-    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list(
+        (tmp_path / "run" / "checkpoints").glob("step-*")
+    )
 
 
 def test_corrupt_shard_of_the_right_size_is_a_one_line_error(demo_shards: Path, tmp_path: Path) -> None:
@@ -198,8 +277,12 @@ def test_corrupt_shard_of_the_right_size_is_a_one_line_error(demo_shards: Path, 
 
 def _mount_tmpfs(directory: Path, size_kb: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(directory)],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or f'exit {proc.returncode}'}")
 
@@ -217,18 +300,21 @@ def _assert_only_complete_shards_visible(split_dir: Path) -> list[str]:
     """Every .tar under its final name has a done-record whose checksum and size match; no temporaries."""
     visible = sorted(p.name for p in split_dir.glob("*.tar"))
     for name in visible:
-        done = json.loads((split_dir / (name[:-len(".tar")] + ".json")).read_text())
+        done = json.loads((split_dir / (name[: -len(".tar")] + ".json")).read_text())
         assert done["sha256"] == _sha256(split_dir / name) and done["bytes"] == (split_dir / name).stat().st_size, name
-        assert (split_dir / (name[:-len(".tar")] + ".idx")).exists(), name
+        assert (split_dir / (name[: -len(".tar")] + ".idx")).exists(), name
     leftovers = [p.name for p in split_dir.iterdir() if ".tmp." in p.name]
     assert not leftovers, leftovers
     return visible
 
 
-@pytest.mark.parametrize("where", [
-    "shards",
-    "finalize",
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "shards",
+        "finalize",
+    ],
+)
 def test_disk_full_during_preprocessing(demo_data: Path, tmp_path: Path, where: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
@@ -260,8 +346,9 @@ def test_disk_full_during_preprocessing(demo_data: Path, tmp_path: Path, where: 
         assert not (out / "manifest.json").exists()
 
         # More space (the same mount, grown), the same command: completes, rewriting only what is missing.
-        grown = subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], capture_output=True, text=True,
-                               timeout=30)
+        grown = subprocess.run(
+            ["mount", "-o", "remount,size=16m", str(mnt)], capture_output=True, text=True, timeout=30
+        )
         assert grown.returncode == 0, grown.stderr
         again = preprocess(*shard_args(src, out, "train", workers=2))
         assert f"{len(visible)} already complete" in again.stderr, again.stderr
@@ -283,9 +370,29 @@ SOAK_KILLS = 10
 def _soak_argv(data: Path, run_dir: Path) -> list[str]:
     # 2 epochs x 12 steps of the tower pair (tp=2) as 2 ranks; a checkpoint at every step, so kills land
     # in checkpoint writes as well as in steps, validation and start-up.
-    return [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", HARNESS, "--data",
-            str(data), "--run-dir", str(run_dir), *SMALL_RUN, "--tp", "2", "--epochs", "2",
-            "--checkpoint.every-steps", "1", "--checkpoint.keep-last", "2", "--train.log-every", "1"]
+    return [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        HARNESS,
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        *SMALL_RUN,
+        "--tp",
+        "2",
+        "--epochs",
+        "2",
+        "--checkpoint.every-steps",
+        "1",
+        "--checkpoint.keep-last",
+        "2",
+        "--train.log-every",
+        "1",
+    ]
 
 
 def _progress_step(run_dir: Path) -> int:
@@ -302,8 +409,9 @@ def test_kill_soak_resumes_to_the_uninterrupted_weights(demo_shards: Path, tmp_p
     out.mkdir()
     env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"})
     log = tmp_path / "soak.log"
-    assert run_logged(_soak_argv(demo_shards, straight), tmp_path / "straight.log", env, RUN_TIMEOUT) == 0, \
-        tail(tmp_path / "straight.log")
+    assert run_logged(_soak_argv(demo_shards, straight), tmp_path / "straight.log", env, RUN_TIMEOUT) == 0, tail(
+        tmp_path / "straight.log"
+    )
 
     kills = in_write = 0
     ckpt_dir = soaked / "checkpoints"
@@ -312,17 +420,32 @@ def test_kill_soak_resumes_to_the_uninterrupted_weights(demo_shards: Path, tmp_p
         if before >= 23:
             break  # too close to the end to kill again
         with log.open("ab") as sink:
-            proc = subprocess.Popen(_soak_argv(demo_shards, soaked), cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                _soak_argv(demo_shards, soaked),
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             if kills % 2:  # aim at a checkpoint write: the moment a temporary directory has data in it
+
                 def writing() -> bool:
-                    return any(f.is_file() and f.stat().st_size > 0
-                               for tmp in ckpt_dir.glob("*.tmp") for f in tmp.iterdir())
-                wait_for(lambda: _progress_step(soaked) > before and writing(), RUN_TIMEOUT,
-                         "a checkpoint write", proc, poll=0.002)
+                    return any(
+                        f.is_file() and f.stat().st_size > 0 for tmp in ckpt_dir.glob("*.tmp") for f in tmp.iterdir()
+                    )
+
+                wait_for(
+                    lambda before=before: _progress_step(soaked) > before and writing(),
+                    RUN_TIMEOUT,
+                    "a checkpoint write",
+                    proc,
+                    poll=0.002,
+                )
             else:  # anywhere after the run made progress: in a step, in validation, in a save
-                wait_for(lambda: _progress_step(soaked) > before, RUN_TIMEOUT, "progress", proc, poll=0.01)
+                wait_for(lambda before=before: _progress_step(soaked) > before, RUN_TIMEOUT, "progress", proc, 0.01)
                 time.sleep(rng.uniform(0, 1.5))
             in_write += any(ckpt_dir.glob("*.tmp"))
             for pid in [proc.pid, *descendants(proc.pid)]:  # the whole tree at once, as a node loss would
@@ -356,9 +479,27 @@ def test_kill_soak_resumes_to_the_uninterrupted_weights(demo_shards: Path, tmp_p
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(demo_shards: Path, tmp_path: Path) -> None:
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("mounting a small tmpfs needs root")
-    argv = lambda run_dir: [PYTHON, "-m", "launch.train", "--data", str(demo_shards), "--run-dir",  # noqa: E731
-                            str(run_dir), *SMALL_RUN, "--tp", "1", "--max-steps", "4",
-                            "--checkpoint.every-steps", "1", "--checkpoint.keep-last", "10"]
+
+    def argv(run_dir: Path) -> list[str]:
+        return [
+            PYTHON,
+            "-m",
+            "launch.train",
+            "--data",
+            str(demo_shards),
+            "--run-dir",
+            str(run_dir),
+            *SMALL_RUN,
+            "--tp",
+            "1",
+            "--max-steps",
+            "4",
+            "--checkpoint.every-steps",
+            "1",
+            "--checkpoint.keep-last",
+            "10",
+        ]
+
     # How much a run needs up to its second checkpoint, measured on a roomy disk.
     roomy = tmp_path / "roomy"
     assert run_logged(argv(roomy), tmp_path / "roomy.log", small_env(), RUN_TIMEOUT) == 0, tail(tmp_path / "roomy.log")
@@ -380,8 +521,9 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(demo_shards: Path,
         assert kept is not None and checkpoint.verify(kept) is None
         assert not list((run_dir / "checkpoints").glob("*.tmp")), list((run_dir / "checkpoints").iterdir())
 
-        grown = subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], capture_output=True, text=True,
-                               timeout=30)
+        grown = subprocess.run(
+            ["mount", "-o", "remount,size=64m", str(mnt)], capture_output=True, text=True, timeout=30
+        )
         assert grown.returncode == 0, grown.stderr
         assert run_logged(argv(run_dir), log, small_env(), RUN_TIMEOUT) == 0, tail(log)
         assert f"resumed from {kept}" in log.read_text(errors="replace")

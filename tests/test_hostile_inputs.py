@@ -28,8 +28,14 @@ TIMEOUT_S = 120  # each command finishes well within this, or it hangs
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "preprocess", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "preprocess", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
 
 
 def _one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -44,8 +50,8 @@ def _lying_jpeg(width: int, height: int) -> bytes:
     """A 16x16 JPEG whose frame header claims width x height (libjpeg decodes it as flat grey)."""
     data = bytearray(_jpeg((120, 60, 30), (16, 16), seed=1))
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 7] = height.to_bytes(2, "big")
-    data[sof + 7:sof + 9] = width.to_bytes(2, "big")
+    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
     return bytes(data)
 
 
@@ -69,8 +75,20 @@ def test_hostile_image_folder_is_skipped_entry_by_entry(tmp_path: Path) -> None:
     (other / "lying.JPEG").write_bytes(_lying_jpeg(30000, 30000))
 
     out = tmp_path / "out"
-    proc = _run("shard", "--src", str(src), "--out", str(out), "--split", "train", "--workers", "1",
-                "--no-progress", "--max-file-mb", "1")
+    proc = _run(
+        "shard",
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+        "--split",
+        "train",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--max-file-mb",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     split = fmt.read_manifest(out).split("train")
@@ -84,7 +102,7 @@ def test_hostile_image_folder_is_skipped_entry_by_entry(tmp_path: Path) -> None:
         "itself": "symlink loop (links to a directory already walked)",
         "big.JPEG": "file too large (2.0 MB > --max-file-mb 1)",
         "lying.JPEG": "corrupt JPEG (header says 30000×30000, too large for its "
-                      f"{len(_lying_jpeg(30000, 30000))} bytes)",
+        f"{len(_lying_jpeg(30000, 30000))} bytes)",
     }
     assert split.samples == 7  # 6 images + the symlinked one
 
@@ -103,8 +121,9 @@ def test_reads_are_capped_and_never_open_special_files(tmp_path: Path) -> None:
     archive = tmp_path / "val.tar"
     archive.write_bytes(_tar_bytes({_val_name(1): b"a" * 5000, _val_name(2): b"b" * 10}))
     labels = tmp_path / "LOC_val_solution.csv"
-    labels.write_text("ImageId,PredictionString\n" + "".join(
-        f"{_val_name(n)[:-5]},n01000001 1 2 3 4\n" for n in (1, 2)))
+    labels.write_text(
+        "ImageId,PredictionString\n" + "".join(f"{_val_name(n)[:-5]},n01000001 1 2 3 4\n" for n in (1, 2))
+    )
     items = sources.open_source(str(archive), "val", labels=str(labels)).items
     with pytest.raises(sources.SkippedFile, match="too large"):
         items[0].read(4096)
@@ -148,8 +167,14 @@ def test_an_image_just_under_the_pixel_cap_stays_within_the_memory_budget(tmp_pa
     big, small = tmp_path / "big.png", tmp_path / "small.png"
     Image.new("RGB", (width, height), (200, 100, 50)).save(big, compress_level=1)
     Image.new("RGB", (300, 200), (200, 100, 50)).save(small)
-    proc = subprocess.run([sys.executable, "-c", _PEAK, str(big), str(small)], cwd=REPO, capture_output=True,
-                          text=True, timeout=TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(big), str(small)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr
     peak = int(proc.stdout)
     assert peak < 4.6 * width * height, f"{peak / 2**20:.0f} MB"
@@ -180,18 +205,47 @@ def test_corrupt_meta_mat_is_one_line_naming_the_file(tmp_path: Path, damage: st
     meta = tmp_path / "meta.mat"
     _write_meta(meta)
     good = meta.read_bytes()
-    meta.write_bytes({"random": np.random.default_rng(0).bytes(4000), "truncated": good[: len(good) // 2],
-                      "not_mat_v5": b"MATLAB 7.3 MAT-file" + b"\0" * 200}[damage])
+    meta.write_bytes(
+        {
+            "random": np.random.default_rng(0).bytes(4000),
+            "truncated": good[: len(good) // 2],
+            "not_mat_v5": b"MATLAB 7.3 MAT-file" + b"\0" * 200,
+        }[damage]
+    )
     truth = tmp_path / "truth.txt"
     truth.write_text("1\n2\n")
-    proc = _run("shard", "--src", str(_val_folder(tmp_path / "val")), "--out", str(tmp_path / "out"),
-                "--split", "val", "--devkit", str(meta), "--labels", str(truth), "--no-progress")
+    proc = _run(
+        "shard",
+        "--src",
+        str(_val_folder(tmp_path / "val")),
+        "--out",
+        str(tmp_path / "out"),
+        "--split",
+        "val",
+        "--devkit",
+        str(meta),
+        "--labels",
+        str(truth),
+        "--no-progress",
+    )
     _one_line_error(proc, str(meta), "meta.mat")
 
-    kit = _devkit_tgz(tmp_path / "devkit.tar.gz", {"data/meta.mat": meta.read_bytes(),
-                                                   "data/ILSVRC2012_validation_ground_truth.txt": b"1\n2\n"})
-    proc = _run("shard", "--src", str(tmp_path / "val"), "--out", str(tmp_path / "out"), "--split", "val",
-                "--devkit", str(kit), "--no-progress")
+    kit = _devkit_tgz(
+        tmp_path / "devkit.tar.gz",
+        {"data/meta.mat": meta.read_bytes(), "data/ILSVRC2012_validation_ground_truth.txt": b"1\n2\n"},
+    )
+    proc = _run(
+        "shard",
+        "--src",
+        str(tmp_path / "val"),
+        "--out",
+        str(tmp_path / "out"),
+        "--split",
+        "val",
+        "--devkit",
+        str(kit),
+        "--no-progress",
+    )
     _one_line_error(proc, str(kit), "meta.mat")
 
 
@@ -199,26 +253,46 @@ def test_oversize_or_truncated_devkit_member_is_refused_unread(tmp_path: Path) -
     meta = tmp_path / "meta.mat"
     _write_meta(meta)
     huge = sources.MAX_DEVKIT_MEMBER_BYTES + 1  # zeros: a few hundred KB of gzip, inflating to 64 MB
-    kit = _devkit_tgz(tmp_path / "devkit.tar.gz", {"data/meta.mat": meta.read_bytes(),
-                                                   "data/ILSVRC2012_validation_ground_truth.txt": b"\0" * huge})
+    kit = _devkit_tgz(
+        tmp_path / "devkit.tar.gz",
+        {"data/meta.mat": meta.read_bytes(), "data/ILSVRC2012_validation_ground_truth.txt": b"\0" * huge},
+    )
     val = _val_folder(tmp_path / "val")
-    proc = _run("shard", "--src", str(val), "--out", str(tmp_path / "out"), "--split", "val", "--devkit", str(kit),
-                "--no-progress")
+    proc = _run(
+        "shard",
+        "--src",
+        str(val),
+        "--out",
+        str(tmp_path / "out"),
+        "--split",
+        "val",
+        "--devkit",
+        str(kit),
+        "--no-progress",
+    )
     _one_line_error(proc, str(kit), "ILSVRC2012_validation_ground_truth.txt", "far larger")
 
     # A gzip stream cut short: one line, not a traceback from tarfile or zlib.
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(kit.read_bytes()[:-5000])
-    proc = _run("shard", "--src", str(val), "--out", str(tmp_path / "out"), "--split", "val", "--devkit", str(cut),
-                "--no-progress")
+    proc = _run(
+        "shard",
+        "--src",
+        str(val),
+        "--out",
+        str(tmp_path / "out"),
+        "--split",
+        "val",
+        "--devkit",
+        str(cut),
+        "--no-progress",
+    )
     _one_line_error(proc, str(cut))
 
 
 def test_absurd_max_file_mb_is_refused(tmp_path: Path) -> None:
-    proc = _run("shard", "--src", str(tmp_path), "--out", str(tmp_path / "o"), "--split", "train",
-                "--max-file-mb", "0")
+    proc = _run("shard", "--src", str(tmp_path), "--out", str(tmp_path / "o"), "--split", "train", "--max-file-mb", "0")
     _one_line_error(proc, "--max-file-mb")
-
 
 
 def test_compressed_meta_mat_is_read_and_a_zip_bomb_refused(tmp_path: Path) -> None:
@@ -234,6 +308,18 @@ def test_compressed_meta_mat_is_read_and_a_zip_bomb_refused(tmp_path: Path) -> N
     assert meta.stat().st_size < 1 << 20
     truth = tmp_path / "truth.txt"
     truth.write_text("1\n2\n")
-    proc = _run("shard", "--src", str(_val_folder(tmp_path / "val")), "--out", str(tmp_path / "out"),
-                "--split", "val", "--devkit", str(meta), "--labels", str(truth), "--no-progress")
+    proc = _run(
+        "shard",
+        "--src",
+        str(_val_folder(tmp_path / "val")),
+        "--out",
+        str(tmp_path / "out"),
+        "--split",
+        "val",
+        "--devkit",
+        str(meta),
+        "--labels",
+        str(truth),
+        "--no-progress",
+    )
     _one_line_error(proc, str(meta), "inflates to more than 64 MB")

@@ -29,7 +29,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def near(pixel: np.ndarray, colour: tuple[int, int, int], tol: int = 40) -> bool:

@@ -12,40 +12,81 @@ from pathlib import Path
 
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
-from tests._fixtures import (HARNESS, PYTHON, REPO, SMALL_RUN, descendants, kill_group, run_logged, small_env,
-                             tail, wait_for)
+from tests._fixtures import (
+    HARNESS,
+    PYTHON,
+    REPO,
+    SMALL_RUN,
+    descendants,
+    kill_group,
+    run_logged,
+    small_env,
+    tail,
+    wait_for,
+)
 
 RUN_TIMEOUT = 300
 
 
 def _argv(data: Path, run_dir: Path, nproc: int) -> list[str]:
-    common = ["--data", str(data), "--run-dir", str(run_dir), *SMALL_RUN, "--epochs", "2",
-              "--train.control-every", "1", "--train.log-every", "1"]
+    common = [
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        *SMALL_RUN,
+        "--epochs",
+        "2",
+        "--train.control-every",
+        "1",
+        "--train.log-every",
+        "1",
+    ]
     if nproc == 1:
         return [PYTHON, HARNESS, *common, "--tp", "1"]
-    return [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", HARNESS, *common,
-            "--tp", "2"]
+    return [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        HARNESS,
+        *common,
+        "--tp",
+        "2",
+    ]
 
 
 def _logged_step(log: Path) -> int:
     """The newest training step the run has logged (rank 0's progress lines)."""
-    steps = [int(line.split(" step ", 1)[1].split("/", 1)[0]) for line in log.read_text(errors="replace").splitlines()
-             if " step " in line and "/" in line.split(" step ", 1)[1]]
+    steps = [
+        int(line.split(" step ", 1)[1].split("/", 1)[0])
+        for line in log.read_text(errors="replace").splitlines()
+        if " step " in line and "/" in line.split(" step ", 1)[1]
+    ]
     return max(steps, default=0)
 
 
 def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     with log.open("ab") as sink:
-        return subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _interrupt_and_resume(data: Path, tmp_path: Path, nproc: int) -> None:
     straight, stopped, out = tmp_path / "straight", tmp_path / "stopped", tmp_path / "out"
     out.mkdir()
     env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"})
-    assert run_logged(_argv(data, straight, nproc), tmp_path / "straight.log", env, RUN_TIMEOUT) == 0, \
-        tail(tmp_path / "straight.log")
+    assert run_logged(_argv(data, straight, nproc), tmp_path / "straight.log", env, RUN_TIMEOUT) == 0, tail(
+        tmp_path / "straight.log"
+    )
 
     log = tmp_path / "stopped.log"
     proc = _start(_argv(data, stopped, nproc), log, env)
@@ -93,9 +134,31 @@ def test_ctrl_c_under_torchrun_checkpoints_on_every_rank(demo_shards: Path, tmp_
 def test_second_ctrl_c_exits_at_once_and_leaves_nothing_partial(demo_shards: Path, tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     # The paper-width model: its checkpoint takes seconds to write, so the second Ctrl-C can land inside one.
-    argv = [PYTHON, "-m", "launch.train", "--data", str(demo_shards), "--run-dir", str(run_dir), "--tp", "1",
-            "--batch-size", "2", "--data.workers", "1", "--train.ten-crop", "false", "--checkpoint.every-minutes",
-            "0", "--checkpoint.every-steps", "1", "--train.log-every", "1", "--train.control-every", "1"]
+    argv = [
+        PYTHON,
+        "-m",
+        "launch.train",
+        "--data",
+        str(demo_shards),
+        "--run-dir",
+        str(run_dir),
+        "--tp",
+        "1",
+        "--batch-size",
+        "2",
+        "--data.workers",
+        "1",
+        "--train.ten-crop",
+        "false",
+        "--checkpoint.every-minutes",
+        "0",
+        "--checkpoint.every-steps",
+        "1",
+        "--train.log-every",
+        "1",
+        "--train.control-every",
+        "1",
+    ]
     proc = _start(argv, log, small_env())
     try:
         wait_for(lambda: checkpoint.latest(run_dir), RUN_TIMEOUT, "the first checkpoint", proc)

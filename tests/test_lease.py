@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from preprocess import format as fmt
-
 from pipeline import lease as lease_mod
 from pipeline.lease import LEASE_NAME, Holder, Lease, LeaseHeld, LeaseLost
+from preprocess import format as fmt
 from tests._fixtures import PYTHON, REPO, TORCHRUN, small_env
 
 MINUTE = 60.0
@@ -84,8 +83,10 @@ def test_a_stale_lease_is_taken_with_a_warning(tmp_path: Path, caplog) -> None:
 
 
 def test_a_lease_of_a_process_that_died_here_is_free_at_once(tmp_path: Path, caplog) -> None:
-    code = ("import os, sys; from pipeline.lease import Lease, Holder; "
-            "Lease.take(sys.argv[1], Holder.from_environ({}), timeout_s=3600); os._exit(9)")
+    code = (
+        "import os, sys; from pipeline.lease import Lease, Holder; "
+        "Lease.take(sys.argv[1], Holder.from_environ({}), timeout_s=3600); os._exit(9)"
+    )
     subprocess.run([PYTHON, "-c", code, str(tmp_path)], cwd=REPO, env=small_env(), check=False, timeout=60)
     record = json.loads((tmp_path / LEASE_NAME).read_text())
     assert record["holder"].startswith("process ") and record["pid"] != os.getpid()
@@ -105,10 +106,20 @@ def test_a_live_process_keeps_its_lease_and_a_reused_pid_does_not(tmp_path: Path
     mine.release()
 
 
-@pytest.mark.parametrize("state, free", [("RUNNING", False), ("PENDING", False), ("COMPLETING", False),
-                                         ("CANCELLED", True), ("UNKNOWN_JOB", True), (None, False)])
-def test_a_slurm_holder_is_free_once_slurm_says_its_job_ended(tmp_path: Path, state: str | None, free: bool,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "state, free",
+    [
+        ("RUNNING", False),
+        ("PENDING", False),
+        ("COMPLETING", False),
+        ("CANCELLED", True),
+        ("UNKNOWN_JOB", True),
+        (None, False),
+    ],
+)
+def test_a_slurm_holder_is_free_once_slurm_says_its_job_ended(
+    tmp_path: Path, state: str | None, free: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     asked = []
     monkeypatch.setattr(lease_mod, "_slurm_job_state", lambda job, cluster: asked.append((job, cluster)) or state)
     env = {"SLURM_JOB_ID": "31", "SLURM_CLUSTER_NAME": "alexnet-local"}
@@ -134,10 +145,12 @@ def test_holder_identity_survives_restarts_and_tells_jobs_apart() -> None:
     assert slurm.stop_hint == "scancel 5" and slurm.probe_pid is None
     # torchrun: an elastic restart has new worker pids but the same agent (and rendezvous id)
     default = {"TORCHELASTIC_RUN_ID": "none"}
-    assert (Holder.from_environ(default, pid=10, parent_pid=9).key
-            == Holder.from_environ(default, pid=11, parent_pid=9).key)
-    assert (Holder.from_environ(default, pid=10, parent_pid=9).key
-            != Holder.from_environ(default, pid=10, parent_pid=8).key)  # another torchrun, same default id
+    assert (
+        Holder.from_environ(default, pid=10, parent_pid=9).key == Holder.from_environ(default, pid=11, parent_pid=9).key
+    )
+    assert (
+        Holder.from_environ(default, pid=10, parent_pid=9).key != Holder.from_environ(default, pid=10, parent_pid=8).key
+    )  # another torchrun, same default id
     named = Holder.from_environ({"TORCHELASTIC_RUN_ID": "abc"}, pid=10, parent_pid=9)
     assert named.key == "torchrun:abc" and named.probe_pid == 9
     assert Holder.from_environ({}, pid=10).key != Holder.from_environ({}, pid=11).key
@@ -150,7 +163,7 @@ def _race(run_dir: str, i: int, barrier, results) -> None:  # a racing taker (in
         results.put(("won", i))
     except LeaseHeld:
         results.put(("refused", i))
-    except BaseException as e:  # noqa: BLE001 - reported to the test
+    except BaseException as e:
         results.put((repr(e), i))
 
 
@@ -242,21 +255,27 @@ def test_launch_train_refuses_a_held_run_dir_before_writing_anything(tmp_path: P
     _foreign_lease(run_dir)
     data.mkdir()
     fmt.write_manifest(data, fmt.Manifest(classes=[{"index": i, "wnid": f"n{i}", "name": ""} for i in range(4)]))
-    args = ["-m", "launch.train", "--data", str(data), "--run-dir", str(run_dir), "--tp", "1",
-            "--train.device", "cpu"]
+    args = ["-m", "launch.train", "--data", str(data), "--run-dir", str(run_dir), "--tp", "1", "--train.device", "cpu"]
     single = subprocess.run([PYTHON, *args], cwd=REPO, env=small_env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 2, single.stderr
     assert single.stderr.strip().splitlines()[-1].startswith(f"error: {run_dir} is being written by Slurm job 7")
     assert "Traceback" not in single.stderr
-    two = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", "--max-restarts=0", *args], cwd=REPO,
-                         env=small_env(), capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc-per-node=2", "--max-restarts=0", *args],
+        cwd=REPO,
+        env=small_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode != 0
     assert two.stderr.count(f"error: {run_dir} is being written by Slurm job 7") == 2, two.stderr[-3000:]
     assert sorted(p.name for p in run_dir.iterdir()) == [LEASE_NAME]  # no config.json, no checkpoints/
 
 
-def test_a_full_disk_neither_stops_training_at_a_heartbeat_nor_leaves_files(tmp_path: Path, caplog,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_neither_stops_training_at_a_heartbeat_nor_leaves_files(
+    tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lease = Lease.take(tmp_path, remote("a"), timeout_s=600)
 
     def full(fd: int) -> None:

@@ -45,9 +45,16 @@ def _env(**extra: str) -> dict[str, str]:
 def test_concurrent_lockers_never_both_hold_it(tmp_path: Path) -> None:
     counter = tmp_path / "counter"
     counter.write_text("0")
-    procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, str(tmp_path / "lock"), str(tmp_path / "inside"),
-                               str(counter), "25"], cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONTENDER, str(tmp_path / "lock"), str(tmp_path / "inside"), str(counter), "25"],
+            cwd=REPO,
+            env=_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -107,23 +114,53 @@ def test_release_never_deletes_another_holders_lock(tmp_path: Path) -> None:
     assert json.loads(lock.read_text())["host"] == "other"
 
 
-def test_array_job_completes_where_flock_is_refused(image_folder: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_array_job_completes_where_flock_is_refused(image_folder: Path, tmp_path: Path) -> None:
     env = _env(ALEXNET_TEST_FLOCK_REFUSED="1")
-    probe = subprocess.run([sys.executable, "-c", "import fcntl; fcntl.flock(0, fcntl.LOCK_EX)"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import fcntl; fcntl.flock(0, fcntl.LOCK_EX)"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert probe.returncode != 0 and "flock refused" in probe.stderr  # the hook is active
 
     def command(out: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "preprocess", "shard", "--src", str(image_folder), "--out", str(out),
-                "--split", "train", "--shard-size", "3", "--workers", "1", "--no-progress", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "preprocess",
+            "shard",
+            "--src",
+            str(image_folder),
+            "--out",
+            str(out),
+            "--split",
+            "train",
+            "--shard-size",
+            "3",
+            "--workers",
+            "1",
+            "--no-progress",
+            *extra,
+        ]
 
     reference = tmp_path / "reference"
     subprocess.run(command(reference), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=120)
 
     out = tmp_path / "shards"
     tasks = 3
-    procs = [subprocess.Popen(command(out, "--task-index", str(i), "--task-count", str(tasks)), cwd=REPO, env=env,
-                              stderr=subprocess.PIPE, text=True) for i in range(tasks)]
+    procs = [
+        subprocess.Popen(
+            command(out, "--task-index", str(i), "--task-count", str(tasks)),
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(tasks)
+    ]
     errors = []
     for proc in procs:
         _, err = proc.communicate(timeout=180)

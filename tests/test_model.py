@@ -7,8 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import (AlexNet, ModelConfig, build_model, from_towers, local_response_norm, layer_table, main,
-                            merge_tower_state_dicts, to_towers, tower_state_dict, unwrap)
+from pipeline.model import (
+    AlexNet,
+    ModelConfig,
+    build_model,
+    from_towers,
+    layer_table,
+    local_response_norm,
+    main,
+    merge_tower_state_dicts,
+    to_towers,
+    tower_state_dict,
+    unwrap,
+)
 
 NARROW = {"num_classes": 10, "widths": (16, 32, 48, 48, 32), "fc_width": 64}
 
@@ -25,17 +36,26 @@ def paper_lrn(a: torch.Tensor, n: int = 5, k: float = 2.0, alpha: float = 1e-4, 
     b = torch.empty_like(a)
     for i in range(channels):
         lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
-        b[:, i] = a[:, i] / (k + alpha * a[:, lo:hi + 1].square().sum(1)) ** beta
+        b[:, i] = a[:, i] / (k + alpha * a[:, lo : hi + 1].square().sum(1)) ** beta
     return b
 
 
 def test_shape_trace(alexnet: AlexNet) -> None:
     shapes = {row.name: row.output for row in layer_table(alexnet)}
     assert shapes == {
-        "conv1": (96, 55, 55), "norm1": (96, 55, 55), "pool1": (96, 27, 27),
-        "conv2": (256, 27, 27), "norm2": (256, 27, 27), "pool2": (256, 13, 13),
-        "conv3": (384, 13, 13), "conv4": (384, 13, 13), "conv5": (256, 13, 13), "pool5": (256, 6, 6),
-        "fc6": (4096,), "fc7": (4096,), "fc8": (1000,),
+        "conv1": (96, 55, 55),
+        "norm1": (96, 55, 55),
+        "pool1": (96, 27, 27),
+        "conv2": (256, 27, 27),
+        "norm2": (256, 27, 27),
+        "pool2": (256, 13, 13),
+        "conv3": (384, 13, 13),
+        "conv4": (384, 13, 13),
+        "conv5": (256, 13, 13),
+        "pool5": (256, 6, 6),
+        "fc6": (4096,),
+        "fc7": (4096,),
+        "fc8": (1000,),
     }
     assert alexnet.eval()(torch.randn(2, 3, 227, 227)).shape == (2, 1000)
 
@@ -96,9 +116,14 @@ def test_tower_state_dicts(alexnet: AlexNet) -> None:
     full = alexnet.state_dict()
     towers = [tower_state_dict(full, r) for r in range(2)]
     assert {k: tuple(v.shape) for k, v in towers[1].items() if k.endswith("weight")} == {
-        "conv1.weight": (48, 3, 11, 11), "conv2.weight": (128, 48, 5, 5), "conv3.weight": (192, 256, 3, 3),
-        "conv4.weight": (192, 192, 3, 3), "conv5.weight": (128, 192, 3, 3), "fc6.weight": (2048, 9216),
-        "fc7.weight": (2048, 4096), "fc8.weight": (500, 4096),
+        "conv1.weight": (48, 3, 11, 11),
+        "conv2.weight": (128, 48, 5, 5),
+        "conv3.weight": (192, 256, 3, 3),
+        "conv4.weight": (192, 192, 3, 3),
+        "conv5.weight": (128, 192, 3, 3),
+        "fc6.weight": (2048, 9216),
+        "fc7.weight": (2048, 4096),
+        "fc8.weight": (500, 4096),
     }
     merged = merge_tower_state_dicts(towers)
     assert merged.keys() == full.keys() and all(torch.equal(merged[k], full[k]) for k in full)

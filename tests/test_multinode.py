@@ -23,7 +23,7 @@ from tests.netns import Node, NodePair, netns_skip_reason
 pytestmark = pytest.mark.netns
 
 RDZV_PORT = 29413  # inside the namespaces only
-TIMEOUT = 240      # seconds for the two-node run (~30 s on 2 cores)
+TIMEOUT = 240  # seconds for the two-node run (~30 s on 2 cores)
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +51,45 @@ def _latest(run_dir: Path) -> Path:
 
 def _veth_bytes(node: Node) -> int:
     """Bytes received on the node's end of the veth pair."""
-    out = subprocess.run(["ip", "-n", node.netns, "-s", "-j", "link", "show", "dev", node.ifname],
-                         capture_output=True, text=True, timeout=10, check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", node.netns, "-s", "-j", "link", "show", "dev", node.ifname],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
     return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
 
 
 def test_two_nodes_equal_one_process(node_pair: NodePair, four_class_manifest: Path, tmp_path: Path) -> None:
     a, b = node_pair.nodes
-    common = ["--data", str(four_class_manifest), *NARROW, "--model.dropout", "0", "--batch-size", "8",
-              "--lr", "0.05", "--epochs", "1", "--train.ten-crop", "false", "--checkpoint.every-minutes", "0"]
+    common = [
+        "--data",
+        str(four_class_manifest),
+        *NARROW,
+        "--model.dropout",
+        "0",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--epochs",
+        "1",
+        "--train.ten-crop",
+        "false",
+        "--checkpoint.every-minutes",
+        "0",
+    ]
 
     # One process, tp=1, on the host.
     single_out = tmp_path / "o1"
     single_out.mkdir()
-    rc = run_logged([PYTHON, HARNESS, *common, "--tp", "1", "--run-dir", str(tmp_path / "r1")], tmp_path / "single.log",
-                    small_env({"HARNESS_OUT": str(single_out), "HARNESS_DATA": "fixed"}), timeout=TIMEOUT)
+    rc = run_logged(
+        [PYTHON, HARNESS, *common, "--tp", "1", "--run-dir", str(tmp_path / "r1")],
+        tmp_path / "single.log",
+        small_env({"HARNESS_OUT": str(single_out), "HARNESS_DATA": "fixed"}),
+        timeout=TIMEOUT,
+    )
     assert rc == 0, tail(tmp_path / "single.log")
 
     # Two nodes x 2 processes, tp=2 (a tower pair per node), dp=2 across the veth; as slurm/train.sh starts them.
@@ -76,12 +100,27 @@ def test_two_nodes_equal_one_process(node_pair: NodePair, four_class_manifest: P
     logs = {n.hostname: tmp_path / f"{n.hostname}.log" for n in (a, b)}
     procs = {}
     for node in (b, a):  # the client first: it must wait for the host's store
-        argv = [PYTHON, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2", "--max-restarts=0",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint={a.hostname}:{RDZV_PORT}", f"--rdzv-id=mn-{node_pair.tag}",
-                "--rdzv-conf=join_timeout=60,read_timeout=60,last_call_timeout=2",
-                HARNESS, *common, "--tp", "2", "--run-dir", str(tmp_path / "r4")]
-        procs[node.hostname] = node_pair.popen(node, argv, env=env, cwd=REPO, stdout=logs[node.hostname].open("wb"),
-                                               stderr=subprocess.STDOUT)
+        argv = [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc-per-node=2",
+            "--max-restarts=0",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={a.hostname}:{RDZV_PORT}",
+            f"--rdzv-id=mn-{node_pair.tag}",
+            "--rdzv-conf=join_timeout=60,read_timeout=60,last_call_timeout=2",
+            HARNESS,
+            *common,
+            "--tp",
+            "2",
+            "--run-dir",
+            str(tmp_path / "r4"),
+        ]
+        procs[node.hostname] = node_pair.popen(
+            node, argv, env=env, cwd=REPO, stdout=logs[node.hostname].open("wb"), stderr=subprocess.STDOUT
+        )
     deadline = time.monotonic() + TIMEOUT
     for proc in procs.values():
         try:
@@ -97,8 +136,9 @@ def test_two_nodes_equal_one_process(node_pair: NodePair, four_class_manifest: P
 
     # Every rank took the same steps; the ranks of each node are a tower pair on that node.
     outcomes = [json.loads((out / f"outcome-rank{r}.json").read_text()) for r in range(4)]
-    assert all(o["progress"] == json.loads((single_out / "outcome-rank0.json").read_text())["progress"]
-               for o in outcomes), outcomes
+    assert all(
+        o["progress"] == json.loads((single_out / "outcome-rank0.json").read_text())["progress"] for o in outcomes
+    ), outcomes
     assert "world 4 = dp 2 x tp 2" in logs[a.hostname].read_text(errors="replace"), report
     # The gradients went over the veth pair (both directions), not over a host interface.
     traffic = {n.hostname: _veth_bytes(n) - rx_before[n.hostname] for n in (a, b)}

@@ -18,9 +18,9 @@ from tests.netns import Node, NodePair, netns_skip_reason
 pytestmark = pytest.mark.netns
 
 RDZV_PORT = 29411  # inside the namespaces only: no clash with anything on the host
-TIMEOUT = 90       # seconds for the whole run (it takes ~15 s on 2 cores)
+TIMEOUT = 90  # seconds for the whole run (it takes ~15 s on 2 cores)
 
-WORKER = r'''
+WORKER = r"""
 import json, os, socket, sys
 from datetime import timedelta
 from pathlib import Path
@@ -38,7 +38,7 @@ Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps({
     "master_addr": os.environ.get("MASTER_ADDR"),
 }))
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,21 @@ def node_pair() -> Iterator[NodePair]:
         yield pair
 
 
-def _torchrun(pair: NodePair, node: Node, endpoint: str, local_addr: bool, script: Path, out: Path,
-              log: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "torch.distributed.run",
-            "--nnodes=2", "--nproc-per-node=2", "--max-restarts=0",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id=netns-{pair.tag}",
-            "--rdzv-conf=join_timeout=60,read_timeout=30,last_call_timeout=2"]
+def _torchrun(
+    pair: NodePair, node: Node, endpoint: str, local_addr: bool, script: Path, out: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=2",
+        "--max-restarts=0",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id=netns-{pair.tag}",
+        "--rdzv-conf=join_timeout=60,read_timeout=30,last_call_timeout=2",
+    ]
     if local_addr:
         argv.append(f"--local-addr={node.addr}")  # what the node advertises (MASTER_ADDR of its ranks)
     argv += [str(script), str(out)]
@@ -78,8 +87,9 @@ def test_gloo_allreduce_two_nodes(node_pair: NodePair, tmp_path: Path, style: st
         # As slurm/train.sh does it: the first node's hostname, resolved through /etc/hosts.
         endpoint, local_addr = f"{a.hostname}:{RDZV_PORT}", False
     logs = {n.hostname: tmp_path / f"{n.hostname}.log" for n in (a, b)}
-    procs = {n.hostname: _torchrun(node_pair, n, endpoint, local_addr, script, out, logs[n.hostname])
-             for n in (b, a)}  # the client first: it must wait for the host's store
+    procs = {
+        n.hostname: _torchrun(node_pair, n, endpoint, local_addr, script, out, logs[n.hostname]) for n in (b, a)
+    }  # the client first: it must wait for the host's store
 
     deadline = time.monotonic() + TIMEOUT
     for proc in procs.values():
@@ -88,8 +98,7 @@ def test_gloo_allreduce_two_nodes(node_pair: NodePair, tmp_path: Path, style: st
         except subprocess.TimeoutExpired:
             pass
     codes = {h: p.poll() for h, p in procs.items()}
-    report = "\n".join(f"--- {h} (exit {codes[h]})\n{logs[h].read_text(errors='replace')[-4000:]}"
-                       for h in logs)
+    report = "\n".join(f"--- {h} (exit {codes[h]})\n{logs[h].read_text(errors='replace')[-4000:]}" for h in logs)
     for proc in procs.values():
         if proc.poll() is None:
             proc.kill()

@@ -48,8 +48,9 @@ BAD_OPTIONS = [
 
 
 @pytest.mark.parametrize("argv,named", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
-def test_bad_option_is_one_line_and_writes_nothing(argv: list[str], named: str, dataset: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_option_is_one_line_and_writes_nothing(
+    argv: list[str], named: str, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     assert launch_train.main(["--data", str(dataset), "--run-dir", str(run_dir), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -61,9 +62,13 @@ def test_config_file_types_are_checked(dataset: Path, tmp_path: Path, capsys: py
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text('{"kept": true}')
-    for text, named in [('[train]\nepochs = "ten"\n', "--train.epochs"), ("[optim]\nlr = true\n", "--optim.lr"),
-                        ("[model]\nwidths = [16, 32, 48, 48, 3.5]\n", "--model.widths"),
-                        ("[train]\nno_such_option = 1\n", "no_such_option"), ("[train\n", "not valid TOML")]:
+    for text, named in [
+        ('[train]\nepochs = "ten"\n', "--train.epochs"),
+        ("[optim]\nlr = true\n", "--optim.lr"),
+        ("[model]\nwidths = [16, 32, 48, 48, 3.5]\n", "--model.widths"),
+        ("[train]\nno_such_option = 1\n", "no_such_option"),
+        ("[train\n", "not valid TOML"),
+    ]:
         cfg = tmp_path / "bad.toml"
         cfg.write_text(text)
         assert launch_train.main(["--config", str(cfg), "--data", str(dataset), "--run-dir", str(run_dir)]) == 2
@@ -76,11 +81,12 @@ def test_config_file_types_are_checked(dataset: Path, tmp_path: Path, capsys: py
 def test_paths_that_are_not_directories(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    for argv, named in [(["--data", str(a_file), "--run-dir", str(tmp_path / "r")], "--data"),
-                        (["--data", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "r")], "--data"),
-                        (["--data", str(dataset), "--run-dir", str(a_file)], "--run-dir"),
-                        (["--data", str(dataset), "--run-dir", str(a_file / "sub")], "--run-dir"),
-                        (["--run-dir", str(tmp_path / "r")], "--data")]:
+    for argv, named in [
+        (["--data", str(a_file), "--run-dir", str(tmp_path / "r")], "--data"),
+        (["--data", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "r")], "--data"),
+        (["--data", str(dataset), "--run-dir", str(a_file)], "--run-dir"),
+        (["--data", str(dataset), "--run-dir", str(a_file / "sub")], "--run-dir"),
+    ]:
         assert launch_train.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and named in err[0], (argv, err)
@@ -123,8 +129,13 @@ def test_lr_drop_cli_odd_paths(tmp_path: Path) -> None:
     unwritable.chmod(0o500)
     try:
         for target in (tmp_path / "missing", a_file, tmp_path, unwritable):
-            proc = subprocess.run([sys.executable, "-m", "launch.lr_drop", str(target)], cwd=REPO,
-                                  capture_output=True, text=True, timeout=60)
+            proc = subprocess.run(
+                [sys.executable, "-m", "launch.lr_drop", str(target)],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             lines = proc.stderr.strip().splitlines()
             if target == unwritable and proc.returncode == 0:  # root ignores permissions
                 continue

@@ -22,9 +22,25 @@ from tests._fixtures import WNIDS
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 def _shard(src: Path, out: Path, *extra: str) -> int:
-    return preprocess_main(["shard", "--src", str(src), "--out", str(out), "--split", "train",
-                            "--shard-size", "5", "--workers", "1", "--no-progress", *extra])
+    return preprocess_main(
+        [
+            "shard",
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--split",
+            "train",
+            "--shard-size",
+            "5",
+            "--workers",
+            "1",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def _read_tar(path: Path) -> list[tarfile.TarInfo]:
@@ -59,8 +75,10 @@ def test_shards_manifest_and_stats(image_folder: Path, tmp_path: Path) -> None:
                 else:
                     labels_seen.append(fmt.decode_label(tar.extractfile(m).read()))
     # Shuffled across classes: the first shard is not a single class.
-    first = [fmt.decode_label(_member_bytes(out / train.shards[0].path, n))
-             for n in [m.name for m in _read_tar(out / train.shards[0].path) if m.name.endswith(".cls")]]
+    first = [
+        fmt.decode_label(_member_bytes(out / train.shards[0].path, n))
+        for n in [m.name for m in _read_tar(out / train.shards[0].path) if m.name.endswith(".cls")]
+    ]
     assert len(set(first)) > 1
     assert sorted(labels_seen) == sorted([0] * 7 + [1] * 7 + [2] * 7)
 
@@ -127,8 +145,13 @@ def test_webdataset_and_dali_read_back(image_folder: Path, tmp_path: Path) -> No
     @pipeline_def(batch_size=4, num_threads=1, device_id=None)
     def read() -> tuple:
         jpeg, cls = fn.readers.webdataset(
-            paths=paths, index_paths=[str(out / s.index) for s in manifest.split("train").shards],
-            ext=["jpg", "cls"], missing_component_behavior="error", name="reader", pad_last_batch=False)
+            paths=paths,
+            index_paths=[str(out / s.index) for s in manifest.split("train").shards],
+            ext=["jpg", "cls"],
+            missing_component_behavior="error",
+            name="reader",
+            pad_last_batch=False,
+        )
         return fn.decoders.image(jpeg, device="cpu", output_type=types.RGB), cls
 
     pipe = read()
@@ -191,8 +214,23 @@ def test_kill_mid_run_leaves_no_finished_partial_shard(image_folder: Path, tmp_p
         "from preprocess.__main__ import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    cmd = [sys.executable, "-c", script, "shard", "--src", str(image_folder), "--out", str(out),
-           "--split", "train", "--shard-size", "5", "--workers", "1", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-c",
+        script,
+        "shard",
+        "--src",
+        str(image_folder),
+        "--out",
+        str(out),
+        "--split",
+        "train",
+        "--shard-size",
+        "5",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not list((out / "train").glob("*.json")) or len(list((out / "train").glob("train-*.json"))) < 2:
@@ -224,8 +262,25 @@ def test_process_pool_gives_the_same_shards(image_folder: Path, tmp_path: Path) 
 def test_changed_options_do_not_mix_with_an_earlier_plan(image_folder: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "shards"
     _shard(image_folder, out)
-    assert preprocess_main(["shard", "--src", str(image_folder), "--out", str(out), "--split", "train",
-                            "--shard-size", "4", "--workers", "1", "--no-progress"]) == 2
+    assert (
+        preprocess_main(
+            [
+                "shard",
+                "--src",
+                str(image_folder),
+                "--out",
+                str(out),
+                "--split",
+                "train",
+                "--shard-size",
+                "4",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "plan.json" in err and "--shard-size" in err
 
@@ -257,15 +312,37 @@ def test_ctrl_c_keeps_finished_shards_and_a_rerun_completes(image_folder: Path, 
     reference, out = tmp_path / "reference", tmp_path / "shards"
 
     def command(out: Path) -> list[str]:
-        return [sys.executable, "-m", "preprocess", "shard", "--src", str(image_folder), "--out", str(out),
-                "--split", "train", "--shard-size", "2", "--workers", "2", "--no-progress"]
+        return [
+            sys.executable,
+            "-m",
+            "preprocess",
+            "shard",
+            "--src",
+            str(image_folder),
+            "--out",
+            str(out),
+            "--split",
+            "train",
+            "--shard-size",
+            "2",
+            "--workers",
+            "2",
+            "--no-progress",
+        ]
 
     cmd = command(out)
     hooks = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "_hooks"), str(REPO)])}
-    subprocess.run(command(reference), cwd=REPO, env={**os.environ, **hooks}, check=True, capture_output=True,
-                   timeout=120)
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **hooks, "ALEXNET_TEST_SLOW_READ": "0.2"},
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    subprocess.run(
+        command(reference), cwd=REPO, env={**os.environ, **hooks}, check=True, capture_output=True, timeout=120
+    )
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **hooks, "ALEXNET_TEST_SLOW_READ": "0.2"},
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (done_before := list((out / "train").glob("train-*.json"))):

@@ -20,8 +20,14 @@ SHARD_SIZE = 25
 
 
 def _preprocess(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "preprocess", *args], cwd=REPO, check=True, timeout=300,
-                   stdin=subprocess.DEVNULL, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "preprocess", *args],
+        cwd=REPO,
+        check=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +42,31 @@ def test_preprocess_array_job(slurm_cluster: SlurmCluster, demo_src: Path, tmp_p
     logs = tmp_path / "logs"
     logs.mkdir()
     job = slurm_cluster.sbatch(
-        [f"--array=0-{TASKS - 1}", "--cpus-per-task=1", "--mem-per-cpu=500M",
-         f"--output={logs}/%x-%A_%a.out",  # not the script's default: the repo root
-         str(REPO / "slurm" / "preprocess.sh"),
-         "--src", str(demo_src / "train"), "--out", str(out), "--split", "train",
-         "--shard-size", str(SHARD_SIZE)],
+        [
+            f"--array=0-{TASKS - 1}",
+            "--cpus-per-task=1",
+            "--mem-per-cpu=500M",
+            f"--output={logs}/%x-%A_%a.out",  # not the script's default: the repo root
+            str(REPO / "slurm" / "preprocess.sh"),
+            "--src",
+            str(demo_src / "train"),
+            "--out",
+            str(out),
+            "--split",
+            "train",
+            "--shard-size",
+            str(SHARD_SIZE),
+        ],
         env={"PYTHON": sys.executable},
         cwd=REPO,  # the job runs in SLURM_SUBMIT_DIR: the repo, so `-m preprocess` imports this clone
     )
     records = slurm_cluster.wait(job, timeout=120)
     task_logs = {int(r["ArrayTaskId"]): Path(r["StdOut"]) for r in records}
     texts = {i: p.read_text() if p.exists() else "(no log)" for i, p in task_logs.items()}
-    report = "\n".join(f"--- task {i}: {records[n]['JobState']} on {records[n]['NodeList']}\n{texts[i]}"
-                       for n, i in enumerate(task_logs))
+    report = "\n".join(
+        f"--- task {i}: {records[n]['JobState']} on {records[n]['NodeList']}\n{texts[i]}"
+        for n, i in enumerate(task_logs)
+    )
     assert sorted(task_logs) == list(range(TASKS)), report
     assert all(r["JobState"] == "COMPLETED" and r["ExitCode"] == "0:0" for r in records), report
 
@@ -72,8 +90,20 @@ def test_preprocess_array_job(slurm_cluster: SlurmCluster, demo_src: Path, tmp_p
 
     # Byte-identical to one local run with the same options.
     local = tmp_path / "local"
-    _preprocess("shard", "--src", str(demo_src / "train"), "--out", str(local), "--split", "train",
-                "--shard-size", str(SHARD_SIZE), "--workers", "1", "--no-progress")
+    _preprocess(
+        "shard",
+        "--src",
+        str(demo_src / "train"),
+        "--out",
+        str(local),
+        "--split",
+        "train",
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--workers",
+        "1",
+        "--no-progress",
+    )
     assert (out / "manifest.json").read_text() == (local / "manifest.json").read_text()
     for name in sorted(p.name for p in (local / "train").iterdir()):
         if name.endswith((".tar", ".idx")):

@@ -28,12 +28,21 @@ RESOURCES = ["--gpus-per-node=0", "--cpus-per-task=2"]
 STEPS_PER_EPOCH = 12  # 94 demo train images, batch 8
 
 
-def _submit(cluster: SlurmCluster, tmp_path: Path, train_args: list[str], nodes: int = 1,
-            resources: list[str] = RESOURCES, env: dict[str, str] | None = None) -> str:
+def _submit(
+    cluster: SlurmCluster,
+    tmp_path: Path,
+    train_args: list[str],
+    nodes: int = 1,
+    resources: list[str] = RESOURCES,
+    env: dict[str, str] | None = None,
+) -> str:
     """sbatch slurm/train.sh with the script's own rendezvous choice (no RDZV_PORT unless `env` sets one)."""
     # The log goes to tmp_path, not the script's default (%x-%j.out in the submit directory: the repo).
-    return cluster.sbatch([f"--nodes={nodes}", *resources, f"--output={tmp_path}/%x-%j.out", SCRIPT, *train_args],
-                          env={"PYTHON": PYTHON, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=REPO)
+    return cluster.sbatch(
+        [f"--nodes={nodes}", *resources, f"--output={tmp_path}/%x-%j.out", SCRIPT, *train_args],
+        env={"PYTHON": PYTHON, "OMP_NUM_THREADS": "1", **(env or {})},
+        cwd=REPO,
+    )
 
 
 def _log(record: dict[str, str]) -> str:
@@ -47,7 +56,7 @@ def _cancel(cluster: SlurmCluster, job: str) -> None:
         if cluster.job_state(job) not in TERMINAL:
             cluster.scancel(job)
             cluster.wait(job, timeout=60)
-    except Exception:  # noqa: BLE001 - best effort, the test's own failure is the one to report
+    except Exception:
         pass
 
 
@@ -64,8 +73,12 @@ def _meta(path: Path) -> dict:
 def test_one_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     port = free_port()
-    job = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN,
-                                            "--epochs", "1", "--train.log-every", "4"], env={"RDZV_PORT": str(port)})
+    job = _submit(
+        slurm_cluster,
+        tmp_path,
+        ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, "--epochs", "1", "--train.log-every", "4"],
+        env={"RDZV_PORT": str(port)},
+    )
     try:
         (record,) = slurm_cluster.wait(job, timeout=240)
     finally:
@@ -88,9 +101,23 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, demo
     run_dir = tmp_path / "run"
     epochs = 3
     total = epochs * STEPS_PER_EPOCH
-    job = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN,
-                                            "--epochs", str(epochs), "--train.log-every", "1",
-                                            "--train.control-every", "1"])
+    job = _submit(
+        slurm_cluster,
+        tmp_path,
+        [
+            "--data",
+            str(demo_shards),
+            "--run-dir",
+            str(run_dir),
+            *SMALL_RUN,
+            "--epochs",
+            str(epochs),
+            "--train.log-every",
+            "1",
+            "--train.control-every",
+            "1",
+        ],
+    )
     try:
         # Wait until the first run has taken steps, then signal the batch shell the way Slurm does before
         # the time limit (#SBATCH --signal=B:USR1@120) and operators do by hand.
@@ -111,8 +138,9 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, demo
             if record.get("Restarts") == "1" and record["JobState"] in TERMINAL:
                 break
             assert record.get("Restarts", "0") in ("0", "1"), record
-            assert not (record.get("Restarts") == "0" and record["JobState"] in TERMINAL), \
+            assert not (record.get("Restarts") == "0" and record["JobState"] in TERMINAL), (
                 f"job ended without a requeue ({record['JobState']}):\n{_log(record)}"
+            )
             assert time.monotonic() < deadline, f"requeued job not done after 300 s: {record}\n{_log(record)}"
             time.sleep(0.5)
     finally:
@@ -144,9 +172,24 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, demo
 def test_two_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     steps = 4
-    job = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN,
-                                            "--epochs", "1", "--max-steps", str(steps), "--train.log-every", "2"],
-                  nodes=2)
+    job = _submit(
+        slurm_cluster,
+        tmp_path,
+        [
+            "--data",
+            str(demo_shards),
+            "--run-dir",
+            str(run_dir),
+            *SMALL_RUN,
+            "--epochs",
+            "1",
+            "--max-steps",
+            str(steps),
+            "--train.log-every",
+            "2",
+        ],
+        nodes=2,
+    )
     try:
         (record,) = slurm_cluster.wait(job, timeout=300)
     finally:
@@ -182,12 +225,38 @@ def test_two_jobs_on_one_node_both_complete(slurm_cluster: SlurmCluster, demo_sh
     rendezvous (with a fixed port the longer one died when the shorter one's store went away)."""
     on_n1 = ["--nodelist=n1", "--gpus-per-node=0", "--cpus-per-task=1"]  # 1 CPU each: both fit on n1
     long_steps, short_steps = 2 * STEPS_PER_EPOCH, 4
-    long_job = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(tmp_path / "long"),
-                                                 *SMALL_RUN, "--epochs", "2", "--train.log-every", "1"],
-                       resources=on_n1)
-    short_job = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(tmp_path / "short"),
-                                                  *SMALL_RUN, "--epochs", "1", "--max-steps", str(short_steps)],
-                        resources=on_n1)
+    long_job = _submit(
+        slurm_cluster,
+        tmp_path,
+        [
+            "--data",
+            str(demo_shards),
+            "--run-dir",
+            str(tmp_path / "long"),
+            *SMALL_RUN,
+            "--epochs",
+            "2",
+            "--train.log-every",
+            "1",
+        ],
+        resources=on_n1,
+    )
+    short_job = _submit(
+        slurm_cluster,
+        tmp_path,
+        [
+            "--data",
+            str(demo_shards),
+            "--run-dir",
+            str(tmp_path / "short"),
+            *SMALL_RUN,
+            "--epochs",
+            "1",
+            "--max-steps",
+            str(short_steps),
+        ],
+        resources=on_n1,
+    )
     try:
         (short,) = slurm_cluster.wait(short_job, timeout=400)
         (long,) = slurm_cluster.wait(long_job, timeout=600)
@@ -205,20 +274,37 @@ def test_two_jobs_on_one_node_both_complete(slurm_cluster: SlurmCluster, demo_sh
     assert _meta(_latest(tmp_path / "long"))["progress"]["step"] == long_steps
 
 
-def test_second_job_on_a_live_run_dir_fails_at_once(slurm_cluster: SlurmCluster, demo_shards: Path,
-                                                      tmp_path: Path) -> None:
+def test_second_job_on_a_live_run_dir_fails_at_once(
+    slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     epochs = 2
-    first = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN,
-                                              "--epochs", str(epochs), "--train.log-every", "1"])
+    first = _submit(
+        slurm_cluster,
+        tmp_path,
+        [
+            "--data",
+            str(demo_shards),
+            "--run-dir",
+            str(run_dir),
+            *SMALL_RUN,
+            "--epochs",
+            str(epochs),
+            "--train.log-every",
+            "1",
+        ],
+    )
     second = None
     try:
         _wait_for_steps(slurm_cluster, first, rf"step [1-9]/{epochs * STEPS_PER_EPOCH} ")
         lease = json.loads((run_dir / LEASE_NAME).read_text())
         assert lease["holder"] == f"Slurm job {first} on cluster alexnet-local", lease
         # The user resubmits (another seed) while the first job runs.
-        second = _submit(slurm_cluster, tmp_path, ["--data", str(demo_shards), "--run-dir", str(run_dir),
-                                                   *SMALL_RUN, "--epochs", str(epochs), "--seed", "1"])
+        second = _submit(
+            slurm_cluster,
+            tmp_path,
+            ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, "--epochs", str(epochs), "--seed", "1"],
+        )
         (refused,) = slurm_cluster.wait(second, timeout=300)
         assert slurm_cluster.job_state(first) == "RUNNING"  # refused while the first one still ran
         (done,) = slurm_cluster.wait(first, timeout=600)
@@ -230,8 +316,9 @@ def test_second_job_on_a_live_run_dir_fails_at_once(slurm_cluster: SlurmCluster,
     assert (refused["JobState"], refused["ExitCode"]) == ("FAILED", "2:0"), log
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, log
-    assert errors[0].startswith(f"error: {run_dir} is being written by Slurm job {first} on cluster alexnet-local "
-                                "(started "), log
+    assert errors[0].startswith(
+        f"error: {run_dir} is being written by Slurm job {first} on cluster alexnet-local (started "
+    ), log
     assert f"stop it (scancel {first}), or use another --run-dir" in errors[0], log
     assert "Traceback" not in log and "step 1/" not in log, log
     assert done["JobState"] == "COMPLETED" and done["ExitCode"] == "0:0", _log(done)

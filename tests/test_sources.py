@@ -29,14 +29,30 @@ def _payload(name: str) -> bytes:
 
 def _write_meta(path: Path, ids: dict[str, int] = META_IDS) -> None:
     """A tiny meta.mat in the devkit's layout: leaves (num_children == 0) plus one non-leaf synset."""
-    fields = ["ILSVRC2012_ID", "WNID", "words", "num_children", "children", "wordnet_height",
-              "num_train_images", "gloss"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+        "gloss",
+    ]
     rows = [(i, w, NAMES[w], 0, np.zeros(0, np.uint16)) for w, i in sorted(ids.items(), key=lambda x: x[1])]
     rows.append((len(ids) + 1, "n00001740", "entity", len(ids), np.arange(1, len(ids) + 1, dtype=np.uint16)))
     synsets = np.zeros((len(rows), 1), dtype=[(f, object) for f in fields])
     for r, (i, wnid, words, children, child_ids) in enumerate(rows):
-        synsets[r, 0] = (np.uint16(i), wnid, words, np.uint16(children), child_ids, np.uint8(children > 0),
-                         np.uint16(0 if children else 1300), f"gloss of {wnid}")
+        synsets[r, 0] = (
+            np.uint16(i),
+            wnid,
+            words,
+            np.uint16(children),
+            child_ids,
+            np.uint8(children > 0),
+            np.uint16(0 if children else 1300),
+            f"gloss of {wnid}",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     scipy.io.savemat(str(path), {"synsets": synsets})
 
@@ -228,7 +244,7 @@ def test_truncated_and_corrupt_tars_refused(tmp_path: Path) -> None:
 
     # A garbage header after the first inner member: tarfile would silently stop listing there.
     inner = bytearray(_tar_bytes({"a.JPEG": b"A" * 600, "b.JPEG": b"B" * 10}))
-    inner[1536:1536 + 512] = b"\x07" * 512
+    inner[1536 : 1536 + 512] = b"\x07" * 512
     bad = tmp_path / "bad.tar"
     bad.write_bytes(_tar_bytes({f"{WNIDS[0]}.tar": bytes(inner)}))
     with pytest.raises(UserError, match="corrupt tar header"):

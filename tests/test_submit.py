@@ -22,8 +22,22 @@ import pytest
 from launch import submit
 from tests.cluster import REPO, SlurmCluster
 
-NARROW = ["--num-classes", "4", "--model.widths", "16,32,48,48,32", "--model.fc-width", "64", "--batch-size", "8",
-          "--data.workers", "1", "--train.ten-crop", "false", "--checkpoint.every-minutes", "0"]
+NARROW = [
+    "--num-classes",
+    "4",
+    "--model.widths",
+    "16,32,48,48,32",
+    "--model.fc-width",
+    "64",
+    "--batch-size",
+    "8",
+    "--data.workers",
+    "1",
+    "--train.ten-crop",
+    "false",
+    "--checkpoint.every-minutes",
+    "0",
+]
 # The test cluster: 2 nodes of 2 CPUs, no GPUs; a short limit (the preemption signal is sent by hand).
 CPU_JOB = ["--gpus-per-node", "0", "--cpus-per-task", "1", "--time-min", "10"]
 
@@ -44,14 +58,28 @@ def test_help_lists_every_option_with_defaults(capsys: pytest.CaptureFixture[str
         submit.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--nodes", "--gpus-per-node", "--tasks-per-node", "--cpus-per-task", "--partition", "--time-min",
-                 "--mem-gb", "--folder", "--signal-delay-s", "--local", "--dry-run", "--wait", "--max-timeouts"):
+    for flag in (
+        "--nodes",
+        "--gpus-per-node",
+        "--tasks-per-node",
+        "--cpus-per-task",
+        "--partition",
+        "--time-min",
+        "--mem-gb",
+        "--folder",
+        "--signal-delay-s",
+        "--local",
+        "--dry-run",
+        "--wait",
+        "--max-timeouts",
+    ):
         assert flag in text, flag
     assert "(default: 120)" in text and "(default: 1440)" in text and "RUN_DIR/submitit" in text
 
 
-def test_executor_parameters_follow_the_flags(manifest_dir: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_executor_parameters_follow_the_flags(
+    manifest_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     # Defaults: one node, one task per GPU (the paper's pair), paths made absolute, logs in RUN_DIR/submitit.
     plan = submit.make_plan(["--", "--data", "shards", "--run-dir", "runs/a"])
@@ -63,9 +91,31 @@ def test_executor_parameters_follow_the_flags(manifest_dir: Path, tmp_path: Path
     assert plan.run_dir == tmp_path / "runs" / "a" and plan.folder == plan.run_dir / "submitit"
     assert plan.train_argv[-4:] == ["--data", str(manifest_dir), "--run-dir", str(tmp_path / "runs" / "a")]
 
-    plan = submit.make_plan(["--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--mem-gb", "64",
-                             "--time-min", "90", "--signal-delay-s", "300", "--folder", "logs", "--max-timeouts",
-                             "5", "--", "--data", str(manifest_dir), "--run-dir", str(tmp_path / "r")])
+    plan = submit.make_plan(
+        [
+            "--nodes",
+            "4",
+            "--gpus-per-node",
+            "8",
+            "--partition",
+            "gpu",
+            "--mem-gb",
+            "64",
+            "--time-min",
+            "90",
+            "--signal-delay-s",
+            "300",
+            "--folder",
+            "logs",
+            "--max-timeouts",
+            "5",
+            "--",
+            "--data",
+            str(manifest_dir),
+            "--run-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     p = plan.parameters
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["partition"], p["mem"]) == (4, 8, 8, "gpu", "64GB")
     assert (p["time"], p["signal_delay_s"], plan.max_timeouts) == (90, 300, 5)
@@ -75,44 +125,64 @@ def test_executor_parameters_follow_the_flags(manifest_dir: Path, tmp_path: Path
     # CPU-only: no GPU request, two tasks per node unless told; --tp 1 allows odd counts.
     p = submit.make_plan([*CPU_JOB, "--", "--data", str(manifest_dir)]).parameters
     assert "gpus_per_node" not in p and p["ntasks_per_node"] == 2 and p["cpus_per_task"] == 1
-    assert submit.make_plan(["--gpus-per-node", "0", "--tasks-per-node", "3", "--", "--data", str(manifest_dir),
-                             "--tp", "1"]).num_tasks == 3
+    assert (
+        submit.make_plan(
+            ["--gpus-per-node", "0", "--tasks-per-node", "3", "--", "--data", str(manifest_dir), "--tp", "1"]
+        ).num_tasks
+        == 3
+    )
 
     local = submit.make_plan(["--local", "--gpus-per-node", "0", "--time-min", "30", "--", "--data", str(manifest_dir)])
     assert local.executor == "local"
-    assert {k: local.parameters[k] for k in ("tasks_per_node", "gpus_per_node", "timeout_min", "signal_delay_s")} \
-        == {"tasks_per_node": 2, "gpus_per_node": 0, "timeout_min": 30, "signal_delay_s": 120}
+    assert {k: local.parameters[k] for k in ("tasks_per_node", "gpus_per_node", "timeout_min", "signal_delay_s")} == {
+        "tasks_per_node": 2,
+        "gpus_per_node": 0,
+        "timeout_min": 30,
+        "signal_delay_s": 120,
+    }
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--gpus-per-node", "0", "--tasks-per-node", "3"], "not divisible by --tp 2"),
-    (["--gpus-per-node", "2", "--tasks-per-node", "4"], "> --gpus-per-node 2"),
-    (["--local", "--nodes", "2"], "--nodes must be 1"),
-    (["--nodes", "0"], "--nodes must be positive"),
-])
-def test_impossible_layouts_are_refused(args: list[str], message: str, manifest_dir: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpus-per-node", "0", "--tasks-per-node", "3"], "not divisible by --tp 2"),
+        (["--gpus-per-node", "2", "--tasks-per-node", "4"], "> --gpus-per-node 2"),
+        (["--local", "--nodes", "2"], "--nodes must be 1"),
+        (["--nodes", "0"], "--nodes must be positive"),
+    ],
+)
+def test_impossible_layouts_are_refused(
+    args: list[str], message: str, manifest_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert submit.main([*args, "--dry-run", "--", "--data", str(manifest_dir)]) == 2
     assert message in capsys.readouterr().err
 
 
-def test_bad_training_arguments_are_refused_before_submission(tmp_path: Path, manifest_dir: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_training_arguments_are_refused_before_submission(
+    tmp_path: Path, manifest_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert submit.main(["--dry-run", "--", "--data", str(tmp_path / "nowhere")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
     assert submit.main(["--dry-run", "--", "--data", str(manifest_dir), "--no-such-flag"]) == 2
     assert "bad launch.train arguments" in capsys.readouterr().err
 
 
-def test_dry_run_prints_the_sbatch_script_and_submits_nothing(manifest_dir: Path, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_prints_the_sbatch_script_and_submits_nothing(
+    manifest_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     assert submit.main(["--dry-run", *CPU_JOB, "--", "--data", str(manifest_dir), "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "nothing submitted" in out and "world 2 = dp 1 x tp 2" in out
-    for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --signal=USR2@120", "#SBATCH --time=10",
-                 "#SBATCH --requeue", "#SBATCH --cpus-per-task=1", "export SUBMITIT_EXECUTOR=slurm",
-                 f"export PYTHONPATH={REPO}"):
+    for line in (
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --time=10",
+        "#SBATCH --requeue",
+        "#SBATCH --cpus-per-task=1",
+        "export SUBMITIT_EXECUTOR=slurm",
+        f"export PYTHONPATH={REPO}",
+    ):
         assert line in out, line
     assert re.search(r"^srun .*--kill-on-bad-exit=1 .* -m submitit.core._submit " + re.escape(str(run_dir)), out, re.M)
     assert "--gpus-per-node" not in out
@@ -133,10 +203,12 @@ def test_the_callable_pickles_small_and_checkpoints_a_fresh_copy() -> None:
     assert submit.rendezvous_port("7") == 20007 and submit.rendezvous_port("45007") == 29007
 
 
-@pytest.mark.parametrize("rank, sig, requeues", [(0, signal.SIGUSR2, True), (1, signal.SIGUSR2, False),
-                                                (0, signal.SIGTERM, False)])
-def test_signal_only_stops_then_rank0_requeues_through_submitit(rank: int, sig: int, requeues: bool,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "rank, sig, requeues", [(0, signal.SIGUSR2, True), (1, signal.SIGUSR2, False), (0, signal.SIGTERM, False)]
+)
+def test_signal_only_stops_then_rank0_requeues_through_submitit(
+    rank: int, sig: int, requeues: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The signal/requeue path in one process, with submitit's job environment and the trainer faked."""
     import submitit
 
@@ -187,8 +259,13 @@ def test_signal_only_stops_then_rank0_requeues_through_submitit(rank: int, sig: 
     if requeues:
         assert calls[2][:2] == ("submitit", signal.SIGUSR2) and calls[2][2].function.argv == job.argv
     else:
-        assert len(calls) == 2 and result == {"rank": rank, "preempted": True, "epoch": 0, "step": 6,
-                                              "val_top1_error": None}
+        assert len(calls) == 2 and result == {
+            "rank": rank,
+            "preempted": True,
+            "epoch": 0,
+            "step": 6,
+            "val_top1_error": None,
+        }
 
 
 def test_import_is_light() -> None:
@@ -201,13 +278,21 @@ def test_import_is_light() -> None:
 # ------------------------------------------------------------------------------- real Slurm jobs
 
 
-def _submit(cluster: SlurmCluster, cwd: Path, job_args: list[str], train_args: list[str],
-            timeout: float = 240) -> tuple[str, subprocess.CompletedProcess[str]]:
+def _submit(
+    cluster: SlurmCluster, cwd: Path, job_args: list[str], train_args: list[str], timeout: float = 240
+) -> tuple[str, subprocess.CompletedProcess[str]]:
     """`python -m launch.submit` against the test cluster, from outside the repo; (job id, process)."""
     env = cluster.env({"PYTHONPATH": str(REPO)})
     env.pop("OMP_NUM_THREADS", None)  # the job sets it from --cpus-per-task
-    proc = subprocess.run([sys.executable, "-m", "launch.submit", *job_args, "--", *train_args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.submit", *job_args, "--", *train_args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     match = re.search(r"^submitted job (\d+)", proc.stdout, re.M)
     assert match, f"no job submitted (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return match.group(1), proc
@@ -246,8 +331,12 @@ def _record(cluster: SlurmCluster, job: str) -> dict[str, str]:
 @pytest.mark.slurm
 def test_submitted_job_trains_and_checkpoints(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    job, proc = _submit(slurm_cluster, tmp_path, ["--wait", *CPU_JOB],
-                        ["--data", str(demo_shards), "--run-dir", "run", *NARROW, "--tp", "2", "--max-steps", "4"])
+    job, proc = _submit(
+        slurm_cluster,
+        tmp_path,
+        ["--wait", *CPU_JOB],
+        ["--data", str(demo_shards), "--run-dir", "run", *NARROW, "--tp", "2", "--max-steps", "4"],
+    )
     folder = run_dir / "submitit"
     report = f"{proc.stdout}\n{proc.stderr}\n{_logs(folder, job)}"
     assert proc.returncode == 0, report
@@ -260,19 +349,39 @@ def test_submitted_job_trains_and_checkpoints(slurm_cluster: SlurmCluster, demo_
     results = _results(folder, job, 2)
     assert [(r["rank"], r["step"], r["preempted"]) for r in results] == [(0, 4, False), (1, 4, False)]
     rank0 = (folder / f"{job}_0_log.err").read_text()
-    assert "world 2 = dp 1 x tp 2 on cpu" in rank0 and f"task 0/2 (local 0) on n1, rendezvous 127.0.0.1:" in rank0
+    assert "world 2 = dp 1 x tp 2 on cpu" in rank0 and "task 0/2 (local 0) on n1, rendezvous 127.0.0.1:" in rank0
 
 
 @pytest.mark.slurm
-def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, demo_shards: Path,
-                                                     tmp_path: Path) -> None:
+def test_preemption_checkpoints_requeues_and_resumes(
+    slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path
+) -> None:
     """USR2 to every task: all ranks stop at one step boundary with a checkpoint, rank 0 requeues through
     submitit, the requeued job resumes from that checkpoint and finishes."""
     run_dir, steps = tmp_path / "run", 36
-    job, proc = _submit(slurm_cluster, tmp_path, CPU_JOB,
-                        ["--data", str(demo_shards), "--run-dir", str(run_dir), *NARROW, "--tp", "2",
-                         "--max-steps", str(steps), "--train.control-every", "2", "--train.log-every", "1",
-                         "--checkpoint.keep-last", "20"], timeout=60)
+    job, proc = _submit(
+        slurm_cluster,
+        tmp_path,
+        CPU_JOB,
+        [
+            "--data",
+            str(demo_shards),
+            "--run-dir",
+            str(run_dir),
+            *NARROW,
+            "--tp",
+            "2",
+            "--max-steps",
+            str(steps),
+            "--train.control-every",
+            "2",
+            "--train.log-every",
+            "1",
+            "--checkpoint.keep-last",
+            "20",
+        ],
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     folder = run_dir / "submitit"
     rank0_log = folder / f"{job}_0_log.err"
@@ -280,7 +389,9 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster
     # Let it take a few steps, then send what Slurm sends before the time limit.
     deadline = time.monotonic() + 120
     while not re.search(r"step [3-9]/", rank0_log.read_text() if rank0_log.exists() else ""):
-        assert time.monotonic() < deadline, f"no training progress:\n{_logs(folder, job)}\n{slurm_cluster.diagnostics()}"
+        assert time.monotonic() < deadline, (
+            f"no training progress:\n{_logs(folder, job)}\n{slurm_cluster.diagnostics()}"
+        )
         assert _record(slurm_cluster, job)["JobState"] in ("PENDING", "RUNNING"), _logs(folder, job)
         time.sleep(0.5)
     slurm_cluster.scancel(job, "--signal=USR2")
@@ -290,13 +401,33 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster
         assert time.monotonic() < deadline, f"not requeued:\n{_logs(folder, job)}"
         time.sleep(0.5)
     # Submitting again into the run directory while the job waits for its requeue is refused, on one line.
-    again = subprocess.run([sys.executable, "-m", "launch.submit", *CPU_JOB, "--", "--data", str(demo_shards),
-                            "--run-dir", str(run_dir), *NARROW], cwd=tmp_path,
-                           env=slurm_cluster.env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True,
-                           timeout=120, stdin=subprocess.DEVNULL)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.submit",
+            *CPU_JOB,
+            "--",
+            "--data",
+            str(demo_shards),
+            "--run-dir",
+            str(run_dir),
+            *NARROW,
+        ],
+        cwd=tmp_path,
+        env=slurm_cluster.env({"PYTHONPATH": str(REPO)}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert again.returncode == 2 and "submitted job" not in again.stdout, f"{again.stdout}\n{again.stderr}"
-    assert again.stderr.startswith(f"error: {run_dir} is being written by Slurm job {job} on cluster alexnet-local "
-                                   "(started ") and again.stderr.count("\n") == 1, again.stderr
+    assert (
+        again.stderr.startswith(
+            f"error: {run_dir} is being written by Slurm job {job} on cluster alexnet-local (started "
+        )
+        and again.stderr.count("\n") == 1
+    ), again.stderr
     records = slurm_cluster.wait(job, timeout=180)
     report = _logs(folder, job)
     assert (records[0]["JobState"], records[0]["ExitCode"], records[0]["Restarts"]) == ("COMPLETED", "0:0", "1"), report
@@ -326,9 +457,12 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster
 @pytest.mark.slurm
 def test_two_nodes_dp2_x_tp2(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    job, proc = _submit(slurm_cluster, tmp_path, ["--wait", "--nodes", "2", *CPU_JOB],
-                        ["--data", str(demo_shards), "--run-dir", str(run_dir), *NARROW, "--tp", "2",
-                         "--max-steps", "2"])
+    job, proc = _submit(
+        slurm_cluster,
+        tmp_path,
+        ["--wait", "--nodes", "2", *CPU_JOB],
+        ["--data", str(demo_shards), "--run-dir", str(run_dir), *NARROW, "--tp", "2", "--max-steps", "2"],
+    )
     folder = run_dir / "submitit"
     report = f"{proc.stdout}\n{proc.stderr}\n{_logs(folder, job)}"
     assert proc.returncode == 0, report
@@ -338,6 +472,8 @@ def test_two_nodes_dp2_x_tp2(slurm_cluster: SlurmCluster, demo_shards: Path, tmp
     assert meta["progress"]["step"] == 2
     assert meta["layout"] == {"world_size": 4, "dp_size": 2, "tp_size": 2}
     assert [r["rank"] for r in _results(folder, job, 4)] == [0, 1, 2, 3]
-    nodes = {t: re.search(r"task \d/4 \(local (\d)\) on (n\d)", (folder / f"{job}_{t}_log.err").read_text()).groups()
-             for t in range(4)}
+    nodes = {
+        t: re.search(r"task \d/4 \(local (\d)\) on (n\d)", (folder / f"{job}_{t}_log.err").read_text()).groups()
+        for t in range(4)
+    }
     assert nodes == {0: ("0", "n1"), 1: ("1", "n1"), 2: ("0", "n2"), 3: ("1", "n2")}, report

@@ -16,9 +16,13 @@ NARROW = {"widths": (16, 32, 48, 48, 32), "fc_width": 64, "dropout": 0.0}
 CASES = {"even classes": {**NARROW, "num_classes": 10}, "odd classes": {**NARROW, "num_classes": 7}}
 _gen = torch.Generator().manual_seed(7)
 # the paper's dropout (0.5) and an odd class count (the towers' fc8 blocks differ in size)
-TRAINING = {"cfg": {**NARROW, "num_classes": 7, "dropout": 0.5, "init": "kaiming"}, "seed": 3,
-            "batches": [(torch.randn(4, 3, 227, 227, generator=_gen), torch.randint(7, (4,), generator=_gen))
-                        for _ in range(3)]}
+TRAINING = {
+    "cfg": {**NARROW, "num_classes": 7, "dropout": 0.5, "init": "kaiming"},
+    "seed": 3,
+    "batches": [
+        (torch.randn(4, 3, 227, 227, generator=_gen), torch.randint(7, (4,), generator=_gen)) for _ in range(3)
+    ],
+}
 
 
 def random_state(model: AlexNet, seed: int) -> dict[str, torch.Tensor]:
@@ -57,15 +61,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for i, (name, cfg) in enumerate(CASES.items()):
         gen = torch.Generator().manual_seed(i)
         state = random_state(AlexNet(**cfg), seed=i)
-        cases[name] = {"cfg": cfg, "seed": 100 + i, "state": state,
-                       "x": torch.randn(4, 3, 227, 227, generator=gen),
-                       "y": torch.randint(cfg["num_classes"], (4,), generator=gen)}
+        cases[name] = {
+            "cfg": cfg,
+            "seed": 100 + i,
+            "state": state,
+            "x": torch.randn(4, 3, 227, 227, generator=gen),
+            "y": torch.randint(cfg["num_classes"], (4,), generator=gen),
+        }
     torch.save(cases, workdir / "cases.pt")
     torch.save(TRAINING, workdir / "training.pt")
     spawn_two_ranks(tp_ranks, (str(workdir),))
     ranks = [torch.load(workdir / f"rank{r}.pt") for r in range(WORLD)]
-    return {"ranks": ranks, "reference": {name: single_device(case) for name, case in cases.items()},
-            "training": train_steps(TRAINING, None)}
+    return {
+        "ranks": ranks,
+        "reference": {name: single_device(case) for name, case in cases.items()},
+        "training": train_steps(TRAINING, None),
+    }
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -103,8 +114,7 @@ def test_fc7_features_and_conv1_filters_are_the_full_ones(runs: dict[str, Any], 
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_tower_built_under_the_same_seed_is_the_single_device_models_tower(runs: dict[str, Any],
-                                                                            case: str) -> None:
+def test_a_tower_built_under_the_same_seed_is_the_single_device_models_tower(runs: dict[str, Any], case: str) -> None:
     for r, rank in enumerate(runs["ranks"]):
         expected = tower_state_dict(runs["reference"][case]["init"], r)
         assert rank[case]["init"].keys() == expected.keys()
@@ -124,7 +134,7 @@ def test_collective_gradients(runs: dict[str, Any]) -> None:
     for r, rank in enumerate(runs["ranks"]):
         got = rank["collectives"]
         assert torch.equal(got["exchanged"], torch.tensor([[0.0, 1, 2, 10, 11, 12]]))
-        assert torch.equal(got["exchange_grad"], 3 * torch.arange(6.0)[3 * r:3 * r + 3])
+        assert torch.equal(got["exchange_grad"], 3 * torch.arange(6.0)[3 * r : 3 * r + 3])
         assert torch.equal(got["gathered"], torch.tensor([[1.0, 1, 1, 2, 2]]))
         assert torch.equal(got["gather_grad"], torch.arange(5.0)[[slice(0, 3), slice(3, 5)][r]])
 

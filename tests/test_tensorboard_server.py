@@ -33,9 +33,26 @@ def test_tensorboard_serves_the_runs_scalars(demo_shards: Path, tmp_path: Path) 
     out.mkdir()
     log = tmp_path / "train.log"
     # One epoch (12 steps of 8 images) with a scalar every step, then validation at the epoch end.
-    rc = run_logged([PYTHON, HARNESS, "--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN,
-                     "--tp", "1", "--epochs", "1", "--train.log-every", "1"], log,
-                    small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"}), timeout=240)
+    rc = run_logged(
+        [
+            PYTHON,
+            HARNESS,
+            "--data",
+            str(demo_shards),
+            "--run-dir",
+            str(run_dir),
+            *SMALL_RUN,
+            "--tp",
+            "1",
+            "--epochs",
+            "1",
+            "--train.log-every",
+            "1",
+        ],
+        log,
+        small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"}),
+        timeout=240,
+    )
     assert rc == 0, tail(log)
     outcome = json.loads((out / "outcome-rank0.json").read_text())
     steps = outcome["progress"]["step"]
@@ -43,10 +60,25 @@ def test_tensorboard_serves_the_runs_scalars(demo_shards: Path, tmp_path: Path) 
 
     server_log = tmp_path / "tensorboard.log"
     with server_log.open("wb") as sink:
-        server = subprocess.Popen([TENSORBOARD, "--logdir", str(run_dir / "tensorboard"), "--host", "127.0.0.1",
-                                   "--port", "0", "--reload_interval", "1"],
-                                  cwd=tmp_path, env=small_env(), stdin=subprocess.DEVNULL, stdout=sink,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [
+                TENSORBOARD,
+                "--logdir",
+                str(run_dir / "tensorboard"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--reload_interval",
+                "1",
+            ],
+            cwd=tmp_path,
+            env=small_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         base = None

@@ -23,13 +23,13 @@ NARROW = ["--model.widths", "16,32,48,48,32", "--model.fc-width", "64"]
 
 
 def _env(out: Path, data: str = "real") -> dict[str, str]:
-    env = {**os.environ, "HARNESS_OUT": str(out), "HARNESS_DATA": data, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HARNESS_OUT": str(out), "HARNESS_DATA": data, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return env
 
 
-def _train(out: Path, args: list[str], nproc: int = 1, data: str = "real", timeout: int = 300,
-           check: bool = True) -> subprocess.CompletedProcess:
+def _train(
+    out: Path, args: list[str], nproc: int = 1, data: str = "real", timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     if nproc == 1:
         cmd = [sys.executable, HARNESS, *args]
@@ -68,8 +68,23 @@ def four_class_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_one_process_equals_dp2_x_tp2(four_class_manifest: Path, tmp_path: Path) -> None:
     """The same global batches give the same weights on 1 process and on 4 (dp=2 x tp=2)."""
-    common = ["--data", str(four_class_manifest), "--num-classes", "4", *NARROW, "--model.dropout", "0",
-              "--batch-size", "8", "--lr", "0.05", "--epochs", "1", "--train.ten-crop", "false"]
+    common = [
+        "--data",
+        str(four_class_manifest),
+        "--num-classes",
+        "4",
+        *NARROW,
+        "--model.dropout",
+        "0",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--epochs",
+        "1",
+        "--train.ten-crop",
+        "false",
+    ]
     _train(tmp_path / "o1", [*common, "--tp", "1", "--run-dir", str(tmp_path / "r1")], data="fixed")
     _train(tmp_path / "o4", [*common, "--tp", "2", "--run-dir", str(tmp_path / "r4")], nproc=4, data="fixed")
 
@@ -87,9 +102,28 @@ def test_one_process_equals_dp2_x_tp2(four_class_manifest: Path, tmp_path: Path)
 
 def _small(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     """A narrow model on the real DALI pipeline (CPU), small batches."""
-    return ["--data", str(shards), "--run-dir", str(run_dir), "--num-classes", "4", *NARROW,
-            "--batch-size", "8", "--lr", "0.01", "--train.ten-crop", "false", "--train.log-every", "1",
-            "--data.workers", "1", "--checkpoint.every-minutes", "0", *extra]
+    return [
+        "--data",
+        str(shards),
+        "--run-dir",
+        str(run_dir),
+        "--num-classes",
+        "4",
+        *NARROW,
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--train.ten-crop",
+        "false",
+        "--train.log-every",
+        "1",
+        "--data.workers",
+        "1",
+        "--checkpoint.every-minutes",
+        "0",
+        *extra,
+    ]
 
 
 def test_preempt_then_resume_equals_uninterrupted(demo_shards: Path, tmp_path: Path) -> None:
@@ -99,29 +133,43 @@ def test_preempt_then_resume_equals_uninterrupted(demo_shards: Path, tmp_path: P
 
     stopped.mkdir()
     (stopped / "preempt.request").touch()  # what slurm/train.sh's signal trap writes
-    _train(tmp_path / "o2", _small(demo_shards, stopped, "--tp", "2", "--max-steps", "6",
-                                   "--train.control-every", "3"), nproc=2)
+    _train(
+        tmp_path / "o2",
+        _small(demo_shards, stopped, "--tp", "2", "--max-steps", "6", "--train.control-every", "3"),
+        nproc=2,
+    )
     first = _outcome(tmp_path / "o2")
     assert first["preempted"] and first["progress"] == {"epoch": 0, "step": 3, "step_in_epoch": 3}
     assert not (stopped / "preempt.request").exists()
 
-    _train(tmp_path / "o3", _small(demo_shards, stopped, "--tp", "2", "--max-steps", "6",
-                                   "--train.control-every", "3"), nproc=2)
+    _train(
+        tmp_path / "o3",
+        _small(demo_shards, stopped, "--tp", "2", "--max-steps", "6", "--train.control-every", "3"),
+        nproc=2,
+    )
     assert _outcome(tmp_path / "o3")["progress"]["step"] == 6
     _assert_same_weights(export_model(_latest(straight)), export_model(_latest(stopped)), atol=0)
 
 
 def test_manual_lr_drop_reaches_every_rank_and_survives_tp_change(demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    missing = subprocess.run([sys.executable, "-m", "launch.lr_drop", str(run_dir)], cwd=REPO, capture_output=True,
-                             text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "launch.lr_drop", str(run_dir)], cwd=REPO, capture_output=True, text=True
+    )
     assert missing.returncode == 2 and str(run_dir) in missing.stderr
     run_dir.mkdir()
     (run_dir / "config.json").write_text("{}")  # lr_drop checks it is a run directory
-    subprocess.run([sys.executable, "-m", "launch.lr_drop", str(run_dir), "--note", "test"], cwd=REPO, check=True,
-                   capture_output=True)
-    _train(tmp_path / "o", _small(demo_shards, run_dir, "--tp", "2", "--max-steps", "4",
-                                  "--train.control-every", "2"), nproc=2)
+    subprocess.run(
+        [sys.executable, "-m", "launch.lr_drop", str(run_dir), "--note", "test"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    _train(
+        tmp_path / "o",
+        _small(demo_shards, run_dir, "--tp", "2", "--max-steps", "4", "--train.control-every", "2"),
+        nproc=2,
+    )
     drops = [_outcome(tmp_path / "o", r)["lr_drops"] for r in (0, 1)]
     assert drops[0] == drops[1] and len(drops[0]) == 1
     assert drops[0][0]["step"] == 2 and drops[0][0]["reason"] == "manual"
@@ -138,8 +186,14 @@ def test_manual_lr_drop_reaches_every_rank_and_survives_tp_change(demo_shards: P
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/top1_error", "perf/images_per_s", "perf/data_wait_fraction",
-            "train/grad_norm"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/top1_error",
+        "perf/images_per_s",
+        "perf/data_wait_fraction",
+        "train/grad_norm",
+    } <= tags
     lr = {e.step: e.value for e in events.Scalars("train/lr")}
     assert lr[1] == pytest.approx(0.01) and lr[max(lr)] == pytest.approx(0.001) and max(lr) == 6
     assert {"conv1_filters/tower0", "conv1_filters/tower1", "inputs/augmented"} <= set(events.Tags()["images"])
@@ -149,8 +203,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_shards: Path, tm
     run_dir = tmp_path / "run"
     _train(tmp_path / "o", _small(demo_shards, run_dir, "--tp", "1", "--max-steps", "2"))
     good = _latest(run_dir)
-    proc = _train(tmp_path / "o", _small(demo_shards, run_dir, "--tp", "1", "--max-steps", "12",
-                                         "--lr", "1e12"), check=False)
+    proc = _train(
+        tmp_path / "o", _small(demo_shards, run_dir, "--tp", "1", "--max-steps", "12", "--lr", "1e12"), check=False
+    )
     assert proc.returncode == 2
     assert "NaN" in proc.stderr and str(good) in proc.stderr
     assert _latest(run_dir) == good
@@ -159,9 +214,30 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_shards: Path, tm
 def test_demo_config_learns(demo_shards: Path, tmp_path: Path) -> None:
     """The demo recipe on real shards: loss falls and val accuracy beats chance (25%)."""
     run_dir = tmp_path / "run"
-    _train(tmp_path / "o", ["--config", str(REPO / "configs" / "demo.toml"), "--data", str(demo_shards),
-                            "--run-dir", str(run_dir), "--num-classes", "4", "--tp", "1", "--batch-size", "16",
-                            "--epochs", "6", "--data.workers", "1", "--schedule.milestones", "5"], timeout=600)
+    _train(
+        tmp_path / "o",
+        [
+            "--config",
+            str(REPO / "configs" / "demo.toml"),
+            "--data",
+            str(demo_shards),
+            "--run-dir",
+            str(run_dir),
+            "--num-classes",
+            "4",
+            "--tp",
+            "1",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "6",
+            "--data.workers",
+            "1",
+            "--schedule.milestones",
+            "5",
+        ],
+        timeout=600,
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
@@ -174,13 +250,50 @@ def test_demo_config_learns(demo_shards: Path, tmp_path: Path) -> None:
 def test_paper_model_end_to_end(demo_shards: Path, tmp_path: Path) -> None:
     """The paper's full widths over the two-tower split: train, checkpoint, 10-crop evaluation."""
     run_dir = tmp_path / "run"
-    _train(tmp_path / "o", ["--data", str(demo_shards), "--run-dir", str(run_dir), "--num-classes", "4",
-                            "--tp", "2", "--batch-size", "4", "--max-steps", "2", "--epochs", "1",
-                            "--data.workers", "1", "--train.ten-crop", "true"], nproc=2, timeout=600)
+    _train(
+        tmp_path / "o",
+        [
+            "--data",
+            str(demo_shards),
+            "--run-dir",
+            str(run_dir),
+            "--num-classes",
+            "4",
+            "--tp",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--epochs",
+            "1",
+            "--data.workers",
+            "1",
+            "--train.ten-crop",
+            "true",
+        ],
+        nproc=2,
+        timeout=600,
+    )
     towers = read_towers(_latest(run_dir))
     assert towers[0]["model.fc6.weight"].shape == (2048, 9216)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--run-dir", str(run_dir), "--checkpoint",
-                           "latest", "--ten-crop", "true"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.evaluate",
+            "--run-dir",
+            str(run_dir),
+            "--checkpoint",
+            "latest",
+            "--ten-crop",
+            "true",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(next(run_dir.glob("eval-step-*.json")).read_text())
     assert result["images"] == 24 and result["ten_crop"] is True
@@ -188,9 +301,30 @@ def test_paper_model_end_to_end(demo_shards: Path, tmp_path: Path) -> None:
 
 def test_epoch_end_saves_every_n_epochs(four_class_manifest: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    _train(tmp_path / "o", ["--data", str(four_class_manifest), "--run-dir", str(run_dir), *NARROW, "--tp", "1",
-                            "--batch-size", "4", "--epochs", "4", "--train.val-every", "4", "--train.ten-crop",
-                            "false", "--checkpoint.every-epochs", "2", "--checkpoint.every-minutes", "0"],
-           data="fixed")
+    _train(
+        tmp_path / "o",
+        [
+            "--data",
+            str(four_class_manifest),
+            "--run-dir",
+            str(run_dir),
+            *NARROW,
+            "--tp",
+            "1",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "4",
+            "--train.val-every",
+            "4",
+            "--train.ten-crop",
+            "false",
+            "--checkpoint.every-epochs",
+            "2",
+            "--checkpoint.every-minutes",
+            "0",
+        ],
+        data="fixed",
+    )
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
     assert names == ["step-00000008", "step-00000016"], names  # 4 steps an epoch: epochs 2 and 4 only

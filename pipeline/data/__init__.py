@@ -28,9 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from pipeline.data.common import (TEN_CROP_VIEWS, EpochRequest, Implementation, Loader, Normalization, Split,
-                                  augment_seed, batch_bounds, open_split, plan_epoch, resolve_workers, shard_order,
-                                  steps_per_epoch)
+from pipeline.data.common import (
+    TEN_CROP_VIEWS,
+    EpochRequest,
+    Implementation,
+    Loader,
+    Normalization,
+    Split,
+    augment_seed,
+    batch_bounds,
+    open_split,
+    plan_epoch,
+    resolve_workers,
+    shard_order,
+    steps_per_epoch,
+)
 from pipeline.data.integrity import verify_shards
 from preprocess import format as fmt
 from preprocess.errors import UserError
@@ -87,13 +99,24 @@ class DataConfig:
 
 def open_dataset(cfg: DataConfig, split: str, *, num_classes: int | None = None) -> tuple[Split, Normalization]:
     """The checked split and its normalisation constants, as the loaders see them (tests use this too)."""
-    return open_split(cfg.data, split, crop=cfg.crop, mean=cfg.mean, lighting_std=cfg.lighting_std,
-                      num_classes=num_classes)
+    return open_split(
+        cfg.data, split, crop=cfg.crop, mean=cfg.mean, lighting_std=cfg.lighting_std, num_classes=num_classes
+    )
 
 
-def train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, epoch: int, seed: int, device: torch.device | str,
-                 batch_size: int, num_classes: int | None = None, start_batch: int = 0,
-                 verify_cache: Path | None = None) -> Loader:
+def train_loader(
+    cfg: DataConfig,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    epoch: int,
+    seed: int,
+    device: torch.device | str,
+    batch_size: int,
+    num_classes: int | None = None,
+    start_batch: int = 0,
+    verify_cache: Path | None = None,
+) -> Loader:
     """One epoch of augmented training batches for data-parallel rank ``dp_rank`` of ``dp_size``.
 
     ``batch_size`` is per dp rank. Both tensor-parallel ranks of a pair pass the same ``dp_rank``
@@ -106,19 +129,51 @@ def train_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, epoch: int, see
     """
     split, norm = open_dataset(cfg, "train", num_classes=num_classes)
     split = split.reordered(shard_order(len(split.shards), seed, epoch))
-    return _build(cfg, split, norm, train=True, dp_rank=dp_rank, dp_size=dp_size,
-                  seed=augment_seed(seed, dp_rank, epoch), device=device, batch_size=batch_size, ten_crop=False,
-                  start_batch=start_batch, verify_cache=verify_cache)
+    return _build(
+        cfg,
+        split,
+        norm,
+        train=True,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=augment_seed(seed, dp_rank, epoch),
+        device=device,
+        batch_size=batch_size,
+        ten_crop=False,
+        start_batch=start_batch,
+        verify_cache=verify_cache,
+    )
 
 
-def val_loader(cfg: DataConfig, *, dp_rank: int, dp_size: int, device: torch.device | str, batch_size: int,
-               ten_crop: bool = False, num_classes: int | None = None, verify_cache: Path | None = None,
-               split: str = "val") -> Loader:
+def val_loader(
+    cfg: DataConfig,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    device: torch.device | str,
+    batch_size: int,
+    ten_crop: bool = False,
+    num_classes: int | None = None,
+    verify_cache: Path | None = None,
+    split: str = "val",
+) -> Loader:
     """Every image of ``split`` (default val) once across the dp ranks, in manifest order, without
     augmentation: centre crop, or the 10 views [B, 10, 3, crop, crop]."""
     split, norm = open_dataset(cfg, split, num_classes=num_classes)
-    return _build(cfg, split, norm, train=False, dp_rank=dp_rank, dp_size=dp_size, seed=0, device=device,
-                  batch_size=batch_size, ten_crop=ten_crop, start_batch=0, verify_cache=verify_cache)
+    return _build(
+        cfg,
+        split,
+        norm,
+        train=False,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=0,
+        device=device,
+        batch_size=batch_size,
+        ten_crop=ten_crop,
+        start_batch=0,
+        verify_cache=verify_cache,
+    )
 
 
 def implementation(name: str) -> Implementation:
@@ -126,9 +181,21 @@ def implementation(name: str) -> Implementation:
     return cast(Implementation, importlib.import_module(IMPLEMENTATIONS[name]))
 
 
-def _build(cfg: DataConfig, split: Split, norm: Normalization, *, train: bool, dp_rank: int, dp_size: int,
-           seed: int, device: torch.device | str, batch_size: int, ten_crop: bool, start_batch: int,
-           verify_cache: Path | None) -> Loader:
+def _build(
+    cfg: DataConfig,
+    split: Split,
+    norm: Normalization,
+    *,
+    train: bool,
+    dp_rank: int,
+    dp_size: int,
+    seed: int,
+    device: torch.device | str,
+    batch_size: int,
+    ten_crop: bool,
+    start_batch: int,
+    verify_cache: Path | None,
+) -> Loader:
     import torch
 
     if batch_size < 1:
@@ -137,17 +204,29 @@ def _build(cfg: DataConfig, split: Split, norm: Normalization, *, train: bool, d
         raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
     steps = steps_per_epoch(split.total, dp_size, batch_size)
     if not 0 <= start_batch <= steps:
-        raise UserError(f"cannot start the epoch at batch {start_batch}: it has {steps} steps of {batch_size} "
-                        "per rank (was the batch size or the dp size changed since the checkpoint?)")
+        raise UserError(
+            f"cannot start the epoch at batch {start_batch}: it has {steps} steps of {batch_size} "
+            "per rank (was the batch size or the dp size changed since the checkpoint?)"
+        )
     target = torch.device(device)
     plan = plan_epoch(split, norm, dp_rank=dp_rank, dp_size=dp_size, seed=seed, train=train)
     bounds = [(lo, hi) for lo, hi in batch_bounds(len(plan.keys), steps, batch_size)[start_batch:] if hi > lo]
     if cfg.verify == "full" and bounds:
-        read = sorted(set(plan.shard[bounds[0][0]:].tolist()))
+        read = sorted(set(plan.shard[bounds[0][0] :].tolist()))
         verify_shards(split, read, cache=verify_cache)
-    request = EpochRequest(split=split, norm=norm, plan=plan, batches=bounds, train=train, ten_crop=ten_crop,
-                           batch_size=batch_size, device=target, workers=resolve_workers(cfg.workers),
-                           dtype=cfg.dtype, channels_last=cfg.channels_last)
+    request = EpochRequest(
+        split=split,
+        norm=norm,
+        plan=plan,
+        batches=bounds,
+        train=train,
+        ten_crop=ten_crop,
+        batch_size=batch_size,
+        device=target,
+        workers=resolve_workers(cfg.workers),
+        dtype=cfg.dtype,
+        channels_last=cfg.channels_last,
+    )
     make = implementation(cfg.loader).batches(request)
     shape = (0, TEN_CROP_VIEWS, 3, cfg.crop, cfg.crop) if ten_crop else (0, 3, cfg.crop, cfg.crop)
 
@@ -155,5 +234,6 @@ def _build(cfg: DataConfig, split: Split, norm: Normalization, *, train: bool, d
         images = torch.zeros(shape, dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32, device=target)
         return images, torch.zeros(0, dtype=torch.int64, device=target)
 
-    return Loader(make, steps_in_epoch=steps, start_batch=start_batch, samples=len(plan.keys), total=split.total,
-                  empty=empty)
+    return Loader(
+        make, steps_in_epoch=steps, start_batch=start_batch, samples=len(plan.keys), total=split.total, empty=empty
+    )

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -52,8 +53,15 @@ class Split:
         def pick(values: tuple[Any, ...]) -> tuple[Any, ...]:
             return tuple(values[i] for i in order)
 
-        return Split(self.root, self.name, pick(self.shards), pick(self.indexes), pick(self.counts), pick(self.sha256),
-                     self.num_classes)
+        return Split(
+            self.root,
+            self.name,
+            pick(self.shards),
+            pick(self.indexes),
+            pick(self.counts),
+            pick(self.sha256),
+            self.num_classes,
+        )
 
     def describe(self) -> str:
         return f"{self.root / self.name} ({len(self.shards)} shards)"
@@ -105,8 +113,9 @@ class Implementation(Protocol):
         ...
 
 
-def open_split(data: str | Path, split: str, *, crop: int, mean: str, lighting_std: float,
-               num_classes: int | None = None) -> tuple[Split, Normalization]:
+def open_split(
+    data: str | Path, split: str, *, crop: int, mean: str, lighting_std: float, num_classes: int | None = None
+) -> tuple[Split, Normalization]:
     """Read the manifest and check everything a loader relies on; raise UserError naming what is wrong.
 
     ``mean`` is ``"image"`` (the paper's mean image) or ``"channel"`` (per-channel mean/std).
@@ -115,8 +124,10 @@ def open_split(data: str | Path, split: str, *, crop: int, mean: str, lighting_s
     manifest = read_manifest(root)
     info = manifest.split(split)
     if num_classes is not None and num_classes != manifest.num_classes:
-        raise UserError(f"{fmt.manifest_path(root)}: the dataset has {manifest.num_classes} classes but the "
-                        f"model has {num_classes}; set --num-classes {manifest.num_classes} or use another dataset")
+        raise UserError(
+            f"{fmt.manifest_path(root)}: the dataset has {manifest.num_classes} classes but the "
+            f"model has {num_classes}; set --num-classes {manifest.num_classes} or use another dataset"
+        )
     if not info.shards or info.samples == 0:
         raise FormatError(f"{root / split}: the {split} split has no samples")
     shards, indexes, counts, hashes = [], [], [], []
@@ -125,24 +136,33 @@ def open_split(data: str | Path, split: str, *, crop: int, mean: str, lighting_s
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise UserError(f"{path}: shard listed in the manifest is missing; copy it back or re-run "
-                            f"`python -m preprocess shard --split {split}`") from None
+            raise UserError(
+                f"{path}: shard listed in the manifest is missing; copy it back or re-run "
+                f"`python -m preprocess shard --split {split}`"
+            ) from None
         if size != shard.bytes:
-            raise UserError(f"{path}: shard is {size} bytes, the manifest says {shard.bytes} (truncated or "
-                            f"corrupt copy); copy it again or re-run `python -m preprocess shard --split {split}`")
+            raise UserError(
+                f"{path}: shard is {size} bytes, the manifest says {shard.bytes} (truncated or "
+                f"corrupt copy); copy it again or re-run `python -m preprocess shard --split {split}`"
+            )
         indexed = _index_count(index)
         if indexed != shard.samples:
-            raise UserError(f"{index}: index lists {indexed} samples, the manifest {shard.samples} for {path.name}; "
-                            f"re-run `python -m preprocess shard --split {split}`")
+            raise UserError(
+                f"{index}: index lists {indexed} samples, the manifest {shard.samples} for {path.name}; "
+                f"re-run `python -m preprocess shard --split {split}`"
+            )
         shards.append(path)
         indexes.append(index)
         counts.append(shard.samples)
         hashes.append(shard.sha256)
     if sum(counts) != info.samples:
-        raise FormatError(f"{fmt.manifest_path(root)}: {split} shards hold {sum(counts)} samples but the split "
-                          f"says {info.samples}; re-run `python -m preprocess finalize`")
-    return Split(root, split, tuple(shards), tuple(indexes), tuple(counts), tuple(hashes), manifest.num_classes), \
-        _normalization(manifest, root, crop=crop, mean=mean, lighting_std=lighting_std)
+        raise FormatError(
+            f"{fmt.manifest_path(root)}: {split} shards hold {sum(counts)} samples but the split "
+            f"says {info.samples}; re-run `python -m preprocess finalize`"
+        )
+    return Split(
+        root, split, tuple(shards), tuple(indexes), tuple(counts), tuple(hashes), manifest.num_classes
+    ), _normalization(manifest, root, crop=crop, mean=mean, lighting_std=lighting_std)
 
 
 def read_manifest(root: Path) -> fmt.Manifest:
@@ -151,16 +171,22 @@ def read_manifest(root: Path) -> fmt.Manifest:
         manifest = fmt.read_manifest(root)
         for info in manifest.splits.values():
             for shard in info.shards:
-                if not (isinstance(shard.path, str) and isinstance(shard.index, str) and isinstance(shard.sha256, str)
-                        and type(shard.samples) is int and type(shard.bytes) is int):
+                if not (
+                    isinstance(shard.path, str)
+                    and isinstance(shard.index, str)
+                    and isinstance(shard.sha256, str)
+                    and type(shard.samples) is int
+                    and type(shard.bytes) is int
+                ):
                     raise TypeError(f"shard entry {shard.path!r} has a field of the wrong type")
         return manifest
     except KeyError as e:
         problem = f"missing key {e}"
     except (TypeError, ValueError, AttributeError) as e:
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise FormatError(f"{fmt.manifest_path(root)}: malformed manifest ({problem}); "
-                      "re-run `python -m preprocess finalize`")
+    raise FormatError(
+        f"{fmt.manifest_path(root)}: malformed manifest ({problem}); re-run `python -m preprocess finalize`"
+    )
 
 
 def inside(root: Path, relative: str, what: str) -> Path:
@@ -168,8 +194,10 @@ def inside(root: Path, relative: str, what: str) -> Path:
     path = Path(os.path.normpath(root / relative))
     base = Path(os.path.normpath(root))
     if path == base or not path.is_relative_to(base):
-        raise FormatError(f"{fmt.manifest_path(root)}: {what} path {relative!r} is outside the dataset directory; "
-                          "a manifest may only name files under it")
+        raise FormatError(
+            f"{fmt.manifest_path(root)}: {what} path {relative!r} is outside the dataset directory; "
+            "a manifest may only name files under it"
+        )
     return path
 
 
@@ -179,8 +207,10 @@ def _index_count(index: Path) -> int:
         with open(index, "rb") as f:
             header = f.readline(100).split()
     except FileNotFoundError:
-        raise UserError(f"{index}: DALI index file is missing; re-run `python -m preprocess shard` "
-                        "(or create it with DALI's wds2idx)") from None
+        raise UserError(
+            f"{index}: DALI index file is missing; re-run `python -m preprocess shard` "
+            "(or create it with DALI's wds2idx)"
+        ) from None
     if len(header) != 2 or not header[0].startswith(b"v1.") or not header[1].isdigit():
         raise UserError(f"{index}: not a DALI index file (bad header {b' '.join(header)[:40]!r})")
     return int(header[1])
@@ -189,12 +219,16 @@ def _index_count(index: Path) -> int:
 def _normalization(manifest: fmt.Manifest, root: Path, *, crop: int, mean: str, lighting_std: float) -> Normalization:
     stats = manifest.stats
     if stats is None:
-        raise UserError(f"{fmt.manifest_path(root)}: manifest has no train statistics (mean, PCA eigval/eigvec); "
-                        "run `python -m preprocess finalize` after sharding the train split")
+        raise UserError(
+            f"{fmt.manifest_path(root)}: manifest has no train statistics (mean, PCA eigval/eigvec); "
+            "run `python -m preprocess finalize` after sharding the train split"
+        )
     eigval, eigvec = np.asarray(stats.eigval, np.float64), np.asarray(stats.eigvec, np.float64)
     if eigval.shape != (3,) or eigvec.shape != (3, 3) or not np.all(np.isfinite(eigvec)) or np.any(eigval < 0):
-        raise UserError(f"{fmt.manifest_path(root)}: manifest's PCA statistics are malformed "
-                        f"(eigval {stats.eigval}, eigvec {stats.eigvec}); re-run `python -m preprocess finalize`")
+        raise UserError(
+            f"{fmt.manifest_path(root)}: manifest's PCA statistics are malformed "
+            f"(eigval {stats.eigval}, eigvec {stats.eigvec}); re-run `python -m preprocess finalize`"
+        )
     lighting = (eigvec * np.sqrt(eigval)[None, :]).astype(np.float32)
     size = fmt.IMAGE_SIZE
     if mean == "image":
@@ -202,19 +236,30 @@ def _normalization(manifest: fmt.Manifest, root: Path, *, crop: int, mean: str, 
         try:
             mean_image = np.load(path, allow_pickle=False)
         except FileNotFoundError:
-            raise UserError(f"{path}: mean image listed in the manifest is missing; "
-                            "re-run `python -m preprocess finalize`") from None
+            raise UserError(
+                f"{path}: mean image listed in the manifest is missing; re-run `python -m preprocess finalize`"
+            ) from None
         except ValueError as e:
             raise UserError(f"{path}: not a readable .npy mean image ({e})") from None
         if mean_image.shape != (size, size, 3):
             raise UserError(f"{path}: mean image has shape {mean_image.shape}, expected ({size}, {size}, 3)")
-        return Normalization(size, crop, np.ascontiguousarray(mean_image, np.float32), (0.0, 0.0, 0.0),
-                             (1.0, 1.0, 1.0), lighting, lighting_std)
+        return Normalization(
+            size,
+            crop,
+            np.ascontiguousarray(mean_image, np.float32),
+            (0.0, 0.0, 0.0),
+            (1.0, 1.0, 1.0),
+            lighting,
+            lighting_std,
+        )
     if len(stats.mean) != 3 or len(stats.std) != 3 or min(stats.std) <= 0:
-        raise UserError(f"{fmt.manifest_path(root)}: manifest's channel mean/std are malformed "
-                        f"({stats.mean}, {stats.std}); re-run `python -m preprocess finalize`")
-    return Normalization(size, crop, None, tuple(map(float, stats.mean)), tuple(map(float, stats.std)),
-                         lighting, lighting_std)
+        raise UserError(
+            f"{fmt.manifest_path(root)}: manifest's channel mean/std are malformed "
+            f"({stats.mean}, {stats.std}); re-run `python -m preprocess finalize`"
+        )
+    return Normalization(
+        size, crop, None, tuple(map(float, stats.mean)), tuple(map(float, stats.std)), lighting, lighting_std
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,12 +322,16 @@ def read_index(path: Path) -> list[tuple[str, int, int, int, int]]:
                 for i in range(0, len(parts) - 3, 4):  # groups of: ext offset size name
                     offset, size = parts[i + 1], parts[i + 2]
                     if not (offset.isdigit() and size.isdigit()):
-                        raise UserError(f"{path}:{line_no}: index row has a non-numeric offset or size "
-                                        f"({offset!r}, {size!r}); re-run `python -m preprocess shard`")
+                        raise UserError(
+                            f"{path}:{line_no}: index row has a non-numeric offset or size "
+                            f"({offset!r}, {size!r}); re-run `python -m preprocess shard`"
+                        )
                     members[parts[i]] = (int(offset), int(size), parts[i + 3])
                 if fmt.IMAGE_EXT not in members or fmt.LABEL_EXT not in members:
-                    raise UserError(f"{path}:{line_no}: sample without both .{fmt.IMAGE_EXT} and .{fmt.LABEL_EXT} "
-                                    "(or an index without member names); re-run `python -m preprocess shard`")
+                    raise UserError(
+                        f"{path}:{line_no}: sample without both .{fmt.IMAGE_EXT} and .{fmt.LABEL_EXT} "
+                        "(or an index without member names); re-run `python -m preprocess shard`"
+                    )
                 jpg, cls = members[fmt.IMAGE_EXT], members[fmt.LABEL_EXT]
                 rows.append((jpg[2].split(".", 1)[0], jpg[0], jpg[1], cls[0], cls[1]))
     except UnicodeDecodeError:
@@ -340,8 +389,16 @@ def plan_epoch(split: Split, norm: Normalization, *, dp_rank: int, dp_size: int,
         offset = np.zeros((n, 3), np.float32)
     jpg_arr = np.asarray(jpgs, np.int64).reshape(n, 2)[order]
     cls_arr = np.asarray(clss, np.int64).reshape(n, 2)[order]
-    return Plan(np.asarray(shard_ids, np.int32)[order], jpg_arr, cls_arr, [keys[i] for i in order],
-                x.astype(np.int32), y.astype(np.int32), mirror, offset)
+    return Plan(
+        np.asarray(shard_ids, np.int32)[order],
+        jpg_arr,
+        cls_arr,
+        [keys[i] for i in order],
+        x.astype(np.int32),
+        y.astype(np.int32),
+        mirror,
+        offset,
+    )
 
 
 def batch_bounds(samples: int, steps: int, batch_size: int) -> list[tuple[int, int]]:
@@ -403,8 +460,10 @@ class SampleReader:
         except (ValueError, UnicodeDecodeError):
             raise FormatError(f"{self.where(i)}: .{fmt.LABEL_EXT} is not a decimal number ({raw[:20]!r})") from None
         if not 0 <= label < self.num_classes:
-            raise FormatError(f"{self.where(i)}: label {label} is outside the manifest's {self.num_classes} "
-                              "classes; the shards and the manifest do not belong together")
+            raise FormatError(
+                f"{self.where(i)}: label {label} is outside the manifest's {self.num_classes} "
+                "classes; the shards and the manifest do not belong together"
+            )
         return label
 
     def jpeg(self, i: int) -> bytes:
@@ -418,8 +477,10 @@ class SampleReader:
             raise UserError(f"{self.where(i)}: cannot decode its JPEG ({str(e).splitlines()[0]})") from None
         size = self.image_size
         if (height, width) != (size, size):
-            raise FormatError(f"{self.where(i)}: image is {height}x{width}, the format stores {size}x{size}; "
-                              "re-run `python -m preprocess shard`")
+            raise FormatError(
+                f"{self.where(i)}: image is {height}x{width}, the format stores {size}x{size}; "
+                "re-run `python -m preprocess shard`"
+            )
         return data
 
     def close(self) -> None:
@@ -452,15 +513,16 @@ class MeanWindows:
         """[3, crop, crop]: the mean under the (mirrored) window at ``top``, ``left``."""
         c = self.crop
         if mirror:  # the mirrored window of the mean = a window of the mirrored mean
-            return self.mirrored[:, top:top + c, self.width - left - c:self.width - left]
-        return self.mean[:, top:top + c, left:left + c]
+            return self.mirrored[:, top : top + c, self.width - left - c : self.width - left]
+        return self.mean[:, top : top + c, left : left + c]
 
     def ten_views(self, max_offset: int, center: int) -> torch.Tensor:
         """[10, 3, crop, crop]: the mean under the 10 validation views, in ``ten_view_windows`` order."""
         import torch
 
-        return torch.stack([self.window(top, left, mirror) for mirror, top, left in ten_view_windows(max_offset,
-                                                                                                   center)])
+        return torch.stack(
+            [self.window(top, left, mirror) for mirror, top, left in ten_view_windows(max_offset, center)]
+        )
 
 
 def ten_view_windows(max_offset: int, center: int) -> list[tuple[bool, int, int]]:
@@ -473,8 +535,15 @@ def ten_view_windows(max_offset: int, center: int) -> list[tuple[bool, int, int]
 # Batches: layout, dtype and the equal step count, shared by both implementations
 
 
-def finish_batch(images: torch.Tensor, labels: torch.Tensor, *, device: torch.device, dtype: str,
-                 channels_last: bool, input_channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def finish_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    device: torch.device,
+    dtype: str,
+    channels_last: bool,
+    input_channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Move to ``device``, cast, and give NCHW logical shape (NHWC storage when ``channels_last``).
 
     ``images`` arrive [B, 3, H, W] / [B, V, 3, H, W], or with ``input_channels_last`` (DALI wrote
@@ -500,8 +569,16 @@ class Loader:
     the split's size. ``make`` yields the non-empty batches; the rest are empty ones.
     """
 
-    def __init__(self, make: Callable[[], Iterator[tuple[Any, Any]]], *, steps_in_epoch: int, start_batch: int,
-                 samples: int, total: int, empty: Callable[[], tuple[Any, Any]]):
+    def __init__(
+        self,
+        make: Callable[[], Iterator[tuple[Any, Any]]],
+        *,
+        steps_in_epoch: int,
+        start_batch: int,
+        samples: int,
+        total: int,
+        empty: Callable[[], tuple[Any, Any]],
+    ):
         self._make = make
         self._empty = empty
         self.steps_in_epoch = steps_in_epoch

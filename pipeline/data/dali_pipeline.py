@@ -13,12 +13,12 @@ paper's mean image is subtracted from the cropped window while the output is cop
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from pipeline.data.common import (EpochRequest, MeanWindows, Normalization, SampleReader, finish_batch,
-                                  ten_view_windows)
+from pipeline.data.common import EpochRequest, MeanWindows, Normalization, SampleReader, finish_batch, ten_view_windows
 from preprocess.errors import UserError
 
 
@@ -56,14 +56,23 @@ def decode(jpegs: Any, *, gpu: bool) -> Any:
     return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
 
-def crop_normalize(images: Any, norm: Normalization, *, pos_x: Any, pos_y: Any, mirror: Any, mean: Any,
-                   layout: str) -> Any:
+def crop_normalize(
+    images: Any, norm: Normalization, *, pos_x: Any, pos_y: Any, mirror: Any, mean: Any, layout: str
+) -> Any:
     """One fused pass: window, mirror, ``(x - mean) / channel_std``, float, layout."""
     from nvidia.dali import fn, types
 
-    return fn.crop_mirror_normalize(images, crop=(norm.crop, norm.crop), crop_pos_x=pos_x, crop_pos_y=pos_y,
-                                    mirror=mirror, mean=mean, std=list(norm.channel_std), dtype=types.FLOAT,
-                                    output_layout=layout)
+    return fn.crop_mirror_normalize(
+        images,
+        crop=(norm.crop, norm.crop),
+        crop_pos_x=pos_x,
+        crop_pos_y=pos_y,
+        mirror=mirror,
+        mean=mean,
+        std=list(norm.channel_std),
+        dtype=types.FLOAT,
+        output_layout=layout,
+    )
 
 
 def training_graph(feed: Feed, norm: Normalization, *, gpu: bool, layout: str) -> tuple[Any, Any]:
@@ -71,10 +80,14 @@ def training_graph(feed: Feed, norm: Normalization, *, gpu: bool, layout: str) -
     from nvidia.dali import fn, types
 
     jpegs, labels, pos_x, pos_y, mirror, mean = fn.external_source(
-        source=feed, num_outputs=6, batch=True,
-        dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT])
-    out = crop_normalize(decode(jpegs, gpu=gpu), norm, pos_x=pos_x, pos_y=pos_y, mirror=mirror, mean=mean,
-                         layout=layout)
+        source=feed,
+        num_outputs=6,
+        batch=True,
+        dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT],
+    )
+    out = crop_normalize(
+        decode(jpegs, gpu=gpu), norm, pos_x=pos_x, pos_y=pos_y, mirror=mirror, mean=mean, layout=layout
+    )
     return out, labels
 
 
@@ -88,8 +101,18 @@ def eval_graph(feed: Feed, norm: Normalization, *, gpu: bool, layout: str, ten_c
     mean = list(norm.channel_mean)
     c = norm.center_offset()
     windows = ten_view_windows(m, c) if ten_crop else [(False, c, c)]
-    views = [crop_normalize(images, norm, pos_x=left / m if m else 0.5, pos_y=top / m if m else 0.5,
-                            mirror=int(mirror), mean=mean, layout=layout) for mirror, top, left in windows]
+    views = [
+        crop_normalize(
+            images,
+            norm,
+            pos_x=left / m if m else 0.5,
+            pos_y=top / m if m else 0.5,
+            mirror=int(mirror),
+            mean=mean,
+            layout=layout,
+        )
+        for mirror, top, left in windows
+    ]
     return (fn.stack(*views) if ten_crop else views[0]), labels
 
 
@@ -109,8 +132,9 @@ def build(request: EpochRequest, feed: Feed, *, device_id: int | None) -> Any:
     try:
         pipe.build()
     except RuntimeError as e:
-        raise UserError(f"{request.split.describe()}: DALI cannot build the input pipeline: "
-                        f"{dali_message(e)}") from None
+        raise UserError(
+            f"{request.split.describe()}: DALI cannot build the input pipeline: {dali_message(e)}"
+        ) from None
     return pipe
 
 
@@ -121,13 +145,15 @@ class Output:
         self.request = request
         self.device = device
         norm = request.norm
-        self.means = (MeanWindows(norm, device, channels_last=request.channels_last)
-                      if norm.mean_image is not None else None)
+        self.means = (
+            MeanWindows(norm, device, channels_last=request.channels_last) if norm.mean_image is not None else None
+        )
         self.fixed = None  # the mean under the validation views: the same for every sample
         if self.means is not None and not request.train:
             c = norm.center_offset()
-            self.fixed = (self.means.ten_views(norm.max_offset, c) if request.ten_crop
-                          else self.means.window(c, c, False))
+            self.fixed = (
+                self.means.ten_views(norm.max_offset, c) if request.ten_crop else self.means.window(c, c, False)
+            )
 
     def __call__(self, images: Any, lo: int, hi: int) -> Any:
         import torch
@@ -160,8 +186,9 @@ class Output:
 
         assert self.means is not None
         p = self.request.plan
-        for k, (top, left, mirror) in enumerate(zip(p.y[lo:hi].tolist(), p.x[lo:hi].tolist(),
-                                                    p.mirror[lo:hi].tolist())):
+        for k, (top, left, mirror) in enumerate(
+            zip(p.y[lo:hi].tolist(), p.x[lo:hi].tolist(), p.mirror[lo:hi].tolist())
+        ):
             torch.sub(source[k], self.means.window(top, left, mirror), out=out[k])
 
 
@@ -171,7 +198,7 @@ def dali_message(error: BaseException) -> str:
     operator = next((line for line in lines if line.startswith("Error in ")), "")
     cause = ""
     if "encountered:" in lines:
-        rest = lines[lines.index("encountered:") + 1:]
+        rest = lines[lines.index("encountered:") + 1 :]
         cause = next((line for line in rest if not line.startswith(("Current pipeline", "[/", "Stacktrace"))), "")
     if not cause:
         skip = ("Critical error", "Error in ", "File ", "Current pipeline", "[/", "Stacktrace", "which was used")
@@ -203,11 +230,19 @@ def batches(request: EpochRequest) -> Callable[[], Iterator[tuple[Any, Any]]]:
                 try:
                     images, labels = pipe.run()
                 except RuntimeError as e:
-                    raise UserError(f"{r.split.describe()}: DALI failed decoding a sample of positions {lo}..{hi - 1} "
-                                    f"({dali_message(e)}); --data.loader torch names the broken sample") from None
+                    raise UserError(
+                        f"{r.split.describe()}: DALI failed decoding a sample of positions {lo}..{hi - 1} "
+                        f"({dali_message(e)}); --data.loader torch names the broken sample"
+                    ) from None
                 labels = torch.from_numpy(np.array(labels.as_tensor(), np.int64).reshape(-1))
-                yield finish_batch(output(images, lo, hi), labels, device=r.device, dtype=r.dtype,
-                                   channels_last=r.channels_last, input_channels_last=r.channels_last)
+                yield finish_batch(
+                    output(images, lo, hi),
+                    labels,
+                    device=r.device,
+                    dtype=r.dtype,
+                    channels_last=r.channels_last,
+                    input_channels_last=r.channels_last,
+                )
         finally:
             del pipe  # free the epoch's buffers before the next epoch builds its pipeline
             reader.close()

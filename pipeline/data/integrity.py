@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pipeline.data.common import Split
 from preprocess.errors import UserError
@@ -30,9 +30,11 @@ def verify_shards(split: Split, which: Sequence[int], *, cache: Path | None) -> 
             continue
         actual = file_sha256(path)
         if actual != expected:
-            raise UserError(f"{path}: sha256 {actual[:16]}... does not match the manifest's {expected[:16]}... "
-                            f"(a corrupt copy); copy it again or re-run `python -m preprocess shard --split "
-                            f"{split.name}`")
+            raise UserError(
+                f"{path}: sha256 {actual[:16]}... does not match the manifest's {expected[:16]}... "
+                f"(a corrupt copy); copy it again or re-run `python -m preprocess shard --split "
+                f"{split.name}`"
+            )
         if entry is not None:
             record = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": actual}
             try:
@@ -57,5 +59,10 @@ def _cached(entry: Path, path: Path, stat: os.stat_result, expected: str) -> boo
         record = json.loads(entry.read_text())
     except (OSError, ValueError):
         return False  # no record, or a damaged one: hash again
-    return (isinstance(record, dict) and record.get("path") == str(path) and record.get("size") == stat.st_size
-            and record.get("mtime_ns") == stat.st_mtime_ns and record.get("sha256") == expected)
+    return (
+        isinstance(record, dict)
+        and record.get("path") == str(path)
+        and record.get("size") == stat.st_size
+        and record.get("mtime_ns") == stat.st_mtime_ns
+        and record.get("sha256") == expected
+    )

@@ -9,12 +9,22 @@ view costs three passes. Batches reach the main process through shared memory.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from pipeline.data.common import (TEN_CROP_VIEWS, EpochRequest, MeanWindows, Normalization, Plan, SampleReader, Split,
-                                  finish_batch, ten_view_windows)
+from pipeline.data.common import (
+    TEN_CROP_VIEWS,
+    EpochRequest,
+    MeanWindows,
+    Normalization,
+    Plan,
+    SampleReader,
+    Split,
+    finish_batch,
+    ten_view_windows,
+)
 from preprocess.errors import UserError
 
 
@@ -58,7 +68,7 @@ class ShardSamples:
         import torch
 
         crop = self.norm.crop
-        window = pixels[top:top + crop, left:left + crop]
+        window = pixels[top : top + crop, left : left + crop]
         if mirror:
             window = window[:, ::-1]
         out = torch.empty((3, crop, crop), dtype=torch.float32)
@@ -87,7 +97,7 @@ def _user_error_line(error: BaseException) -> str:
     last = lines[-1] if lines else str(error)
     for prefix in ("preprocess.errors.UserError: ", "preprocess.format.FormatError: "):
         if last.startswith(prefix):
-            return last[len(prefix):]
+            return last[len(prefix) :]
     return last
 
 
@@ -96,14 +106,20 @@ def batches(request: EpochRequest) -> Callable[[], Iterator[tuple[Any, Any]]]:
     r = request
 
     def run() -> Iterator[tuple[Any, Any]]:
-        from torch.utils.data import DataLoader, default_collate
         # Import what the workers use before they fork, so each epoch's workers do not import it again.
         import simplejpeg  # noqa: F401
+        from torch.utils.data import DataLoader, default_collate
 
         dataset = ShardSamples(r.split, r.norm, r.plan, ten_crop=r.ten_crop)
-        loader = DataLoader(dataset, batch_sampler=[range(lo, hi) for lo, hi in r.batches], num_workers=r.workers,
-                            collate_fn=default_collate, pin_memory=r.device.type == "cuda",
-                            prefetch_factor=4 if r.workers else None, persistent_workers=False)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=[range(lo, hi) for lo, hi in r.batches],
+            num_workers=r.workers,
+            collate_fn=default_collate,
+            pin_memory=r.device.type == "cuda",
+            prefetch_factor=4 if r.workers else None,
+            persistent_workers=False,
+        )
         batches = iter(loader)
         try:
             for images, labels in batches:
