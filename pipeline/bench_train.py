@@ -397,8 +397,13 @@ def _free_port() -> int:
 # ------------------------------------------------------------------------------------------------ checkpoint stall
 
 
-def checkpoint_stall(device: str, *, saves: int, directory: Path, model_cfg: Any = None) -> dict[str, Any]:
-    """``Checkpointer.save`` of a model (the full-size paper model) with SGD momentum, ``saves`` times; its parts."""
+def checkpoint_stall(
+    device: str, *, saves: int, directory: Path, model_cfg: Any = None, async_save: bool = False
+) -> dict[str, Any]:
+    """``Checkpointer.save`` of a model (the full-size paper model) with SGD momentum, ``saves`` times; its parts.
+
+    ``async_save``: the time training is blocked is the copy to host memory; the write goes on in the
+    background (``background_s``: from the return of ``save`` until the checkpoint is committed)."""
     import torch
 
     from pipeline.checkpoint import CheckpointConfig, Checkpointer, TrainState, verify
@@ -415,9 +420,9 @@ def checkpoint_stall(device: str, *, saves: int, directory: Path, model_cfg: Any
     cfg = RunConfig(run_dir=str(directory), model=model_cfg)
     layout = {"world_size": 1, "dp_size": 1, "tp_size": 1}
     state = TrainState(model, opt, LRSchedule(ScheduleConfig(), 0.01), cfg, layout, rank=0, tp_rank=0)
-    checkpointer = Checkpointer(directory, CheckpointConfig(keep_last=1), rank=0)
+    checkpointer = Checkpointer(directory, CheckpointConfig(keep_last=1, async_save=async_save), rank=0)
     sync = _sync(device)
-    blocked, to_host, hashing = [], [], []
+    blocked, background, to_host, hashing = [], [], [], []
     size = 0
     for i in range(saves):
         state.progress.step = i + 1
@@ -425,6 +430,9 @@ def checkpoint_stall(device: str, *, saves: int, directory: Path, model_cfg: Any
         start = time.perf_counter()
         path = checkpointer.save(state, torch.device(device))
         blocked.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        checkpointer.wait()
+        background.append(time.perf_counter() - start)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         start = time.perf_counter()
         state.tensors()
@@ -437,8 +445,10 @@ def checkpoint_stall(device: str, *, saves: int, directory: Path, model_cfg: Any
     return {
         "bytes": size,
         "saves": saves,
+        "async_save": async_save,
         "blocked_s": min(blocked),
         "blocked_rounds": blocked,
+        "background_s": min(background),
         "state_to_host_s": min(to_host),
         "verify_hash_s": min(hashing),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -692,9 +702,14 @@ def measure(args: argparse.Namespace, device: str) -> dict[str, Any]:
             )
         if args.checkpoint_saves:
             model_cfg = None if args.size != "tiny" else replace(setup, num_classes=1000).model_config()
-            report["checkpoint"] = checkpoint_stall(
-                device, saves=args.checkpoint_saves, directory=scratch / "ckpt", model_cfg=model_cfg
-            )
+            for key, background in (("checkpoint", False), ("checkpoint_async", True)):
+                report[key] = checkpoint_stall(
+                    device,
+                    saves=args.checkpoint_saves,
+                    directory=scratch / key,
+                    model_cfg=model_cfg,
+                    async_save=background,
+                )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report["environment"]["load_average_end"] = list(os.getloadavg())
@@ -752,6 +767,12 @@ def print_report(report: dict[str, Any]) -> None:
             f"weights + momentum): blocked {ckpt['blocked_s']:.2f} s per save (best of {ckpt['saves']}: "
             f"{', '.join(f'{s:.2f}' for s in ckpt['blocked_rounds'])}); of which state to host "
             f"{ckpt['state_to_host_s']:.2f} s, re-hashing for the integrity check ~{ckpt['verify_hash_s']:.2f} s"
+        )
+    background = report.get("checkpoint_async")
+    if background:
+        print(
+            f"checkpoint stall with --checkpoint.async-save: blocked {background['blocked_s']:.2f} s per save "
+            f"(copy to host memory), then {background['background_s']:.2f} s written in the background"
         )
 
 

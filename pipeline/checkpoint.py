@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ class CheckpointConfig:
     """keep this many newest checkpoints of the current lineage (plus best and the one latest names)"""
     keep_best: bool = True
     """keep the checkpoint with the best validation top-1 error"""
+    async_save: bool = False
+    """write checkpoints in the background (training blocks only for the copy to host memory); worth it
+    when epochs are short (many GPUs), see docs/BENCHMARKS.md"""
     allow_world_writable: bool = False
     """resume even from a checkpoint directory anyone may write to (its files could be swapped)"""
 
@@ -130,16 +134,18 @@ class TrainState:
             return towers[self.tp_rank]
         return model_lib.from_towers(towers)
 
-    def _model_and_momentum(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        model_sd = {k: v.detach().cpu() for k, v in model_lib.unwrap(self.model).state_dict().items()}
+    def _model_and_momentum(self, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """On the host; ``copy``: always a copy (a CPU tensor's ``.cpu()`` is the live tensor itself)."""
+        model_sd = {k: v.detach().to("cpu", copy=copy) for k, v in model_lib.unwrap(self.model).state_dict().items()}
         momentum = {}
         for name, p in self.model.named_parameters():
             buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-            momentum[name] = (buf if buf is not None else torch.zeros_like(p)).detach().cpu()
+            momentum[name] = (buf if buf is not None else torch.zeros_like(p)).detach().to("cpu", copy=copy)
         return model_sd, momentum
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        model_sd, momentum = self._model_and_momentum()
+    def tensors(self, copy: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's tensors; ``copy`` for a background save, which must not see later updates."""
+        model_sd, momentum = self._model_and_momentum(copy)
         out: dict[str, torch.Tensor] = {}
         for part, full in (("model", model_sd), ("momentum", momentum)):
             for t, sd in self._to_towers(full).items():
@@ -463,6 +469,14 @@ def _space_hint(directory: Path, needed: int) -> str:
     return ""
 
 
+@dataclass
+class _PendingSave:
+    step: int
+    name: str
+    thread: threading.Thread | None = None
+    error: str | None = None
+
+
 class Checkpointer:
     """Collective save and restore of a :class:`TrainState` in ``RUN/checkpoints``."""
 
@@ -476,6 +490,9 @@ class Checkpointer:
         self.parent: str | None = None  # the checkpoint the live state descends from
         self.last_saved_step: int | None = None
         self._last_save = time.monotonic()
+        self._pending: _PendingSave | None = None
+        # Collective (every rank builds its Checkpointer at the same point): a CPU group for background saves.
+        self._save_group = dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized() else None
 
     # -- when
 
@@ -506,7 +523,13 @@ class Checkpointer:
     # -- save
 
     def save(self, state: TrainState, device: torch.device, *, is_best: bool = False) -> Path:
-        """Collective: every rank calls it at the same step. Raises a one-line error, never half-saves."""
+        """Collective: every rank calls it at the same step. Raises a one-line error, never half-saves.
+
+        With ``async_save`` the state is copied to host memory here and written by a background thread;
+        the checkpoint becomes visible (``latest`` moves) only once every rank's files are written.
+        ``wait()`` settles it; the next save, a stop and the end of training call it.
+        """
+        self.wait()  # at most one save in flight
         step = state.progress.step
         if not state.all_finite(device, self.group):
             raise NonFiniteState(
@@ -523,11 +546,42 @@ class Checkpointer:
         name, error = self._broadcast((name, error))
         if error:
             raise CheckpointError(f"{error}; nothing was written, free space or fix permissions and re-run")
+        tensors = state.tensors(copy=self.cfg.async_save)
+        meta = {**state.meta(), "step": step}
+        self._last_save = time.monotonic()
+        self.last_saved_step = step
+        if not self.cfg.async_save:
+            self._conclude(step, name, self._write(name, tensors, meta, is_best, self.group))
+            return self.dir / name
+        pending = _PendingSave(step, name)
+
+        def write() -> None:
+            pending.error = self._write(name, tensors, meta, is_best, self._async_group())
+
+        pending.thread = threading.Thread(target=write, name=f"checkpoint-{name}", daemon=True)
+        pending.thread.start()
+        self._pending = pending
+        return self.dir / name
+
+    def failed(self) -> bool:
+        """This rank's save in flight has failed (the trainer shares it at its control step)."""
+        return self._pending is not None and not self._pending.thread.is_alive() and self._pending.error is not None
+
+    def wait(self) -> None:
+        """Collective: finish the save in flight, if any; raises its error on every rank."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.thread.join()
+            self._conclude(pending.step, pending.name, pending.error)
+
+    def _write(
+        self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], is_best: bool, group: Any
+    ) -> str | None:
+        """Every rank writes its files; rank 0 then checksums, commits and prunes. The error, or None."""
         tmp = self.dir / (name + _TMP)
-        tensors = state.tensors()
         try:
             written = dcp.save(
-                tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=self.group
+                tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=group
             )
             error = None
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
@@ -535,21 +589,31 @@ class Checkpointer:
         if self.rank == 0:
             if error is None:
                 try:
-                    self._finish(tmp, name, state, written, is_best)
+                    self._finish(tmp, name, meta, written, is_best)
                 except OSError as e:
                     error = f"{e.strerror or e} ({getattr(e, 'filename', '') or tmp})"
             if error is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-        error = self._broadcast(error)
+        return error
+
+    def _conclude(self, step: int, name: str, error: str | None) -> None:
+        """Collective: every rank learns of a failure on any rank."""
+        if dist.is_initialized():
+            errors: list[str | None] = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(errors, error, group=self.group)
+            error = next((e for e in errors if e), None)
         if error is not None:
             raise CheckpointError(
                 f"checkpoint at step {step} failed: {error}; the previous checkpoint "
                 f"{latest(self.run_dir)} is intact; fix it and re-run the same command"
             )
-        self._last_save = time.monotonic()
-        self.last_saved_step = step
         self.parent = name
-        return self.dir / name
+
+    def _async_group(self) -> Any:
+        """Background saves talk over a gloo group of their own: never interleaved with training's collectives."""
+        if dist.is_initialized() and self._save_group is None:
+            raise RuntimeError("Checkpointer built without its save group")
+        return self._save_group
 
     def _prepare(self, step: int) -> str:
         """Rank 0: remove leftovers of killed saves, pick an unused name, create its temporary directory."""
@@ -563,7 +627,7 @@ class Checkpointer:
         (self.dir / (name + _TMP)).mkdir()
         return name
 
-    def _finish(self, tmp: Path, name: str, state: TrainState, written: Any, is_best: bool) -> None:
+    def _finish(self, tmp: Path, name: str, meta: dict[str, Any], written: Any, is_best: bool) -> None:
         """Rank 0, after every rank's data is on disk: checksums + index, rename, move the pointers, prune."""
         existing = complete(self.run_dir)
         if self.lineage is None:
@@ -579,12 +643,11 @@ class Checkpointer:
         }
         meta = {
             "format": FORMAT_VERSION,
-            "step": state.progress.step,
             "saved_at": time.time(),
             "seq": 1 + max((m["seq"] for _, m in existing), default=-1),
             "lineage": self.lineage,
             "parent": self.parent,
-            **state.meta(),
+            **meta,
             "files": files,
             "tensors": index,
         }

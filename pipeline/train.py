@@ -157,6 +157,7 @@ class Trainer:
                 self._save(is_best=is_best)
         if self.checkpointer.last_saved_step != self.progress.step:  # stopped by --max-steps: keep the state
             self._save(is_best=False)
+        self.checkpointer.wait()  # a background save is on disk before the run says it is done
         self.writer.hparams(
             _flat_hparams(self.cfg), {"hparam/val_top1_error": val_error if val_error is not None else -1}
         )
@@ -214,14 +215,17 @@ class Trainer:
         if main and self.heartbeat is not None:
             self.heartbeat()
         pending = self.requests.pending() if main else []
-        flags = torch.zeros(4, device=self.device)
+        flags = torch.zeros(5, device=self.device)
         flags[0] = float(self.stop.is_set() or (main and (self.run_dir / PREEMPT_REQUEST).exists()))
         flags[1] = float(bool(pending))
         flags[2] = float(save_now or (main and self.checkpointer.time_due()))
         flags[3] = nonfinite
+        flags[4] = float(self.checkpointer.failed())  # a background save failed on this rank
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, drop, save_due, bad = (bool(v) for v in flags.tolist())
+        stop, drop, save_due, bad, save_failed = (bool(v) for v in flags.tolist())
+        if save_failed or bad:
+            self.checkpointer.wait()  # raises a failed save's error on every rank; lets a good one finish
         if bad:
             raise NonFiniteState(
                 f"loss became NaN/inf by step {self.progress.step}; stopped without saving, "
@@ -232,6 +236,7 @@ class Trainer:
             self._manual_drop(pending)
         if stop:
             self._save(is_best=False)
+            self.checkpointer.wait()
             if main:
                 (self.run_dir / PREEMPT_REQUEST).unlink(missing_ok=True)
                 log.warning(

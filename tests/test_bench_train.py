@@ -68,6 +68,9 @@ def test_tower_split_and_checkpoint_stall(tmp_path: Path) -> None:
     assert ckpt["saves"] == 2 and len(ckpt["blocked_rounds"]) == 2
     # weights + momentum in fp32, plus a little metadata and RNG state
     assert 8 * ckpt["parameters"] <= ckpt["bytes"] <= 8 * ckpt["parameters"] + 1_000_000
+    background = report["checkpoint_async"]  # the same checkpoint, written in the background
+    assert background["async_save"] and abs(background["bytes"] - ckpt["bytes"]) < 4096  # meta.json differs
+    assert background["background_s"] > 0
 
 
 def test_recording_counts_only_the_window() -> None:

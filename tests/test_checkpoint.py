@@ -293,3 +293,37 @@ def test_one_column_model_round_trips(tmp_path: Path) -> None:
     assert sorted(checkpoint.read_towers(path)) == [0]
     exported = checkpoint.export_model(path)
     assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
+
+
+def test_async_save_holds_the_state_of_its_step_not_what_came_after(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    saver = Checkpointer(tmp_path, CheckpointConfig(every_minutes=0, async_save=True), rank=0)
+    path = _save_at(saver, state, 10)
+    saved = _weights(state)
+    with torch.no_grad():  # training goes on while the background thread writes
+        for p in state.model.parameters():
+            p.add_(1.0)
+    saver.wait()
+    assert checkpoint.verify(path) is None and checkpoint.latest(tmp_path) == path
+    exported = checkpoint.export_model(path)
+    assert all(torch.equal(saved[k], exported[k]) for k in saved)
+    assert not list(checkpoint.checkpoints_dir(tmp_path).glob("*.tmp"))
+
+
+def test_async_save_failure_is_one_line_and_keeps_the_previous(tmp_path: Path, monkeypatch) -> None:
+    state = _state(tmp_path)
+    saver = Checkpointer(tmp_path, CheckpointConfig(every_minutes=0, async_save=True), rank=0)
+    good = _save_at(saver, state, 10)
+    saver.wait()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.dcp, "save", full_disk)
+    _save_at(saver, state, 20)
+    saver._pending.thread.join()
+    assert saver.failed()  # what the trainer's control step shares with every rank
+    with pytest.raises(CheckpointError, match="checkpoint at step 20 failed") as err:
+        saver.wait()
+    assert "\n" not in str(err.value) and "No space left" in str(err.value)
+    assert checkpoint.latest(tmp_path) == good and not list(checkpoint.checkpoints_dir(tmp_path).glob("*.tmp"))

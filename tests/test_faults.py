@@ -368,8 +368,9 @@ SOAK_KILLS = 10
 
 
 def _soak_argv(data: Path, run_dir: Path) -> list[str]:
-    # 2 epochs x 12 steps of the tower pair (tp=2) as 2 ranks; a checkpoint at every step, so kills land
-    # in checkpoint writes as well as in steps, validation and start-up.
+    # 3 epochs x 12 steps of the tower pair (tp=2) as 2 ranks; a checkpoint at every step, so kills land
+    # in checkpoint writes as well as in steps, validation and start-up. Saves run in the background
+    # (--checkpoint.async-save), the path where a kill can land between a step and its save's commit.
     return [
         PYTHON,
         "-m",
@@ -385,11 +386,13 @@ def _soak_argv(data: Path, run_dir: Path) -> list[str]:
         "--tp",
         "2",
         "--epochs",
-        "2",
+        "3",
         "--checkpoint.every-steps",
         "1",
         "--checkpoint.keep-last",
         "2",
+        "--checkpoint.async-save",
+        "true",
         "--train.log-every",
         "1",
     ]
@@ -417,7 +420,7 @@ def test_kill_soak_resumes_to_the_uninterrupted_weights(demo_shards: Path, tmp_p
     ckpt_dir = soaked / "checkpoints"
     while kills < SOAK_KILLS:
         before = _progress_step(soaked)
-        if before >= 23:
+        if before >= 35:
             break  # too close to the end to kill again
         with log.open("ab") as sink:
             proc = subprocess.Popen(
@@ -466,7 +469,7 @@ def test_kill_soak_resumes_to_the_uninterrupted_weights(demo_shards: Path, tmp_p
     assert "error:" not in text and text.count("resumed from") >= kills, text[-4000:]
     final = _latest(soaked)
     assert final is not None and checkpoint.verify(final) is None
-    assert json.loads((final / META).read_text())["progress"] == {"epoch": 2, "step": 24, "step_in_epoch": 0}
+    assert json.loads((final / META).read_text())["progress"] == {"epoch": 3, "step": 36, "step_in_epoch": 0}
     a, b = export_model(_latest(straight)), export_model(final)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
     print(f"kill soak: {kills} SIGKILLs survived, {in_write} during a checkpoint write")
