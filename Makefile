@@ -31,7 +31,7 @@ demo: venv
 	@echo "TensorBoard logs: $(DEMO)/run/tensorboard  (view: $(VENV)/bin/tensorboard --logdir $(DEMO)/run/tensorboard)"
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # ruff's lint and format check (settings in pyproject.toml); `ruff format .` fixes the formatting
 lint: venv
