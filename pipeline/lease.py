@@ -219,6 +219,7 @@ class Lease:
                 level = logging.INFO if current.get("key") == holder.key else logging.WARNING
                 log.log(level, "%s %s on %s from %s", holder.name, how, run_dir, current.get("holder", "?"))
                 return cls(run_dir, holder, token, timeout_s, now)
+            time.sleep(0.02)  # another taker is mid-takeover: look again once it is done
         raise UserError(
             f"{path}: could not take the writer lease (it kept changing); is another job starting "
             "on this run directory? Try again"
@@ -455,14 +456,33 @@ def _move_aside(path: Path, expected: Mapping[str, Any]) -> Path | None:
 
 
 def _replace(path: Path, judged: Mapping[str, Any], mine: Mapping[str, Any]) -> bool:
-    """Swap the lease ``judged`` for ``mine``; False if someone else changed it first."""
-    aside = _move_aside(path, judged)
-    if aside is None:
+    """Swap the lease ``judged`` for ``mine``; False if someone else changed it first.
+
+    Takeovers are serialised by an exclusive-create file: moving a lease aside empties its name for a
+    moment, and without it a third taker could create its own lease in that moment beside a winner.
+    """
+    lock = path.with_name(path.name + ".takeover")
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        try:
+            if time.time() - lock.stat().st_mtime > 60:  # a taker died in the middle of its takeover
+                lock.unlink(missing_ok=True)
+        except OSError:
+            pass
         return False
     try:
-        return _link_new(path, mine)
+        if _read(path) != dict(judged):
+            return False
+        aside = _move_aside(path, judged)
+        if aside is None:
+            return False
+        try:
+            return _link_new(path, mine)
+        finally:
+            aside.unlink(missing_ok=True)
     finally:
-        aside.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
 
 
 def _remove(path: Path, judged: Mapping[str, Any]) -> None:
