@@ -210,7 +210,7 @@ def _build(
         )
     target = torch.device(device)
     plan = plan_epoch(split, norm, dp_rank=dp_rank, dp_size=dp_size, seed=seed, train=train)
-    bounds = [(lo, hi) for lo, hi in batch_bounds(len(plan.keys), steps, batch_size)[start_batch:] if hi > lo]
+    bounds = [(lo, hi) for lo, hi in batch_bounds(len(plan), steps, batch_size)[start_batch:] if hi > lo]
     if cfg.verify == "full" and bounds:
         read = sorted(set(plan.shard[bounds[0][0] :].tolist()))
         verify_shards(split, read, cache=verify_cache)
@@ -235,5 +235,5 @@ def _build(
         return images, torch.zeros(0, dtype=torch.int64, device=target)
 
     return Loader(
-        make, steps_in_epoch=steps, start_batch=start_batch, samples=len(plan.keys), total=split.total, empty=empty
+        make, steps_in_epoch=steps, start_batch=start_batch, samples=len(plan), total=split.total, empty=empty
     )

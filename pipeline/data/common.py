@@ -354,6 +354,13 @@ class Plan:
     mirror: np.ndarray  # bool
     offset: np.ndarray  # float32 [n, 3] lighting offset
 
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def key(self, i: int) -> str:
+        """The sample key at plan position ``i`` (for error messages)."""
+        return self.keys[i]
+
 
 def plan_epoch(split: Split, norm: Normalization, *, dp_rank: int, dp_size: int, seed: int, train: bool) -> Plan:
     """This rank's samples (its contiguous range) in epoch order, with their augmentation drawn.
@@ -440,7 +447,7 @@ class SampleReader:
         return {**self.__dict__, "_files": {}}
 
     def where(self, i: int) -> str:
-        return f"{self.paths[int(self.plan.shard[i])]}: sample {self.plan.keys[i]}"
+        return f"{self.paths[int(self.plan.shard[i])]}: sample {self.plan.key(i)}"
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         f = self._files.get(shard)

@@ -49,7 +49,7 @@ class ShardSamples:
         self._scale = any(s != 1.0 for s in norm.channel_std)
 
     def __len__(self) -> int:
-        return len(self.plan.keys)
+        return len(self.plan)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         import simplejpeg
