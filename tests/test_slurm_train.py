@@ -26,6 +26,10 @@ pytestmark = pytest.mark.slurm
 SCRIPT = str(REPO / "slurm" / "train.sh")
 RESOURCES = ["--gpus-per-node=0", "--cpus-per-task=2"]
 STEPS_PER_EPOCH = 12  # 94 demo train images, batch 8
+# A run that cannot end by itself within any test's deadline: it trains until the test stops it with
+# RUN_DIR/preempt.request (an operator's stop: checkpoint at the next control step, exit 0). A job
+# "still running after N steps" would be a race on a fast machine.
+UNTIL_STOPPED = ["--epochs", "10000"]
 
 
 def _submit(
@@ -58,6 +62,18 @@ def _cancel(cluster: SlurmCluster, job: str) -> None:
             cluster.wait(job, timeout=60)
     except Exception:
         pass
+
+
+def _request_stop(run_dir: Path) -> None:
+    """What slurm/train.sh's signal trap writes; without the signal the script does not requeue."""
+    (run_dir / "preempt.request").touch()
+
+
+def _stop_line(log: str) -> int:
+    """The step at which the trainer stopped for a stop request (its one warning line)."""
+    found = re.findall(r"stopped at epoch \d+, step (\d+) ", log)
+    assert found, log
+    return int(found[-1])
 
 
 def _latest(run_dir: Path) -> Path:
@@ -99,74 +115,55 @@ def test_one_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, 
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    epochs = 3
-    total = epochs * STEPS_PER_EPOCH
-    job = _submit(
-        slurm_cluster,
-        tmp_path,
-        [
-            "--data",
-            str(demo_shards),
-            "--run-dir",
-            str(run_dir),
-            *SMALL_RUN,
-            "--epochs",
-            str(epochs),
-            "--train.log-every",
-            "1",
-            "--train.control-every",
-            "1",
-        ],
-    )
+    train_args = ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, *UNTIL_STOPPED]
+    job = _submit(slurm_cluster, tmp_path, [*train_args, "--train.log-every", "1", "--train.control-every", "1"])
     try:
-        # Wait until the first run has taken steps, then signal the batch shell the way Slurm does before
-        # the time limit (#SBATCH --signal=B:USR1@120) and operators do by hand.
-        deadline = time.monotonic() + 180
-        while True:
-            (record,) = slurm_cluster.jobs(job)
-            if re.search(rf"step [2-9]/{total} ", _log(record)):
-                break
-            assert record["JobState"] not in TERMINAL, f"job ended before it was signalled:\n{_log(record)}"
-            assert time.monotonic() < deadline, f"no training steps after 180 s:\n{_log(record)}"
-            time.sleep(0.2)
+        # Once the first run has taken steps, signal the batch shell the way Slurm does before the time
+        # limit (#SBATCH --signal=B:USR1@120) and operators do by hand.
+        _wait_for_steps(slurm_cluster, job, r"step [1-9]\d*/")
         slurm_cluster.scancel(job, "-b", "--signal=USR1")
 
-        # The job requeues itself (Restarts=1), runs again and finishes.
+        # The job requeues itself (Restarts=1) and resumes; once the resumed run has stepped on, the
+        # operator stops it for good (no signal, so no requeue).
         deadline = time.monotonic() + 300
         while True:
             (record,) = slurm_cluster.jobs(job)
-            if record.get("Restarts") == "1" and record["JobState"] in TERMINAL:
-                break
             assert record.get("Restarts", "0") in ("0", "1"), record
-            assert not (record.get("Restarts") == "0" and record["JobState"] in TERMINAL), (
+            assert not (record["JobState"] in TERMINAL and record.get("Restarts") == "0"), (
                 f"job ended without a requeue ({record['JobState']}):\n{_log(record)}"
             )
-            assert time.monotonic() < deadline, f"requeued job not done after 300 s: {record}\n{_log(record)}"
+            assert record["JobState"] not in TERMINAL, f"requeued job ended by itself:\n{_log(record)}"
+            second = _log(record).partition(f"job {job} restart 1:")[2]
+            if re.search(r"resumed from .*\n(.*\n)*.* step \d+/", second):
+                break
+            assert time.monotonic() < deadline, f"requeued job not training after 300 s: {record}\n{_log(record)}"
             time.sleep(0.5)
+        _request_stop(run_dir)
+        (record,) = slurm_cluster.wait(job, timeout=300)
     finally:
         _cancel(slurm_cluster, job)
     log = _log(record)
-    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log
+    assert (record["JobState"], record["ExitCode"], record.get("Restarts")) == ("COMPLETED", "0:0", "1"), log
 
     # First run: the trap's stop request, a checkpoint at the next step, exit 0, `scontrol requeue`.
     first, _, second = log.partition(f"job {job} restart 1:")
     assert second, f"no second run in the log:\n{log}"
     assert "signal received" in first and f"requeueing job {job}" in first, first
     assert f"Slurm job {job} on cluster alexnet-local takes over from its previous incarnation" in second, second
-    stopped = re.search(r"stopped at epoch \d+, step (\d+) ", first)
-    assert stopped, first
-    step = int(stopped.group(1))
-    assert 2 <= step < total, step
+    step = _stop_line(first)
+    assert step >= 1, step
     assert re.search(r"training stopped for preemption \(exit 0\)", first), first
-    # Second run: resumed from exactly that checkpoint and trained to the end.
+    # Second run: resumed from exactly that checkpoint and trained on from it.
     resumed = re.search(r"resumed from (\S+): epoch (\d+), step (\d+)", second)
     assert resumed, second
     assert Path(resumed.group(1)).name == f"step-{step:08d}" and int(resumed.group(3)) == step, resumed.group(0)
-    assert "signal received" not in second
-    latest = _latest(run_dir)
-    assert _meta(latest)["progress"] == {"epoch": epochs, "step": total, "step_in_epoch": 0}
+    assert "signal received" not in second and "requeueing" not in second, second
+    final = _stop_line(second)
+    assert final > step, (step, final)
+    assert _meta(_latest(run_dir))["progress"]["step"] == final
     assert not (run_dir / "preempt.request").exists()
-    assert not (run_dir / LEASE_NAME).exists()
+    # Stopped without a requeue: the lease stays with this (ended) job; a later job takes it over.
+    assert json.loads((run_dir / LEASE_NAME).read_text())["holder"] == f"Slurm job {job} on cluster alexnet-local"
 
 
 def test_two_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
@@ -224,90 +221,61 @@ def test_two_jobs_on_one_node_both_complete(slurm_cluster: SlurmCluster, demo_sh
     """Two one-node jobs placed on the same node, the shorter ending first: neither joins the other's
     rendezvous (with a fixed port the longer one died when the shorter one's store went away)."""
     on_n1 = ["--nodelist=n1", "--gpus-per-node=0", "--cpus-per-task=1"]  # 1 CPU each: both fit on n1
-    long_steps, short_steps = 2 * STEPS_PER_EPOCH, 4
-    long_job = _submit(
-        slurm_cluster,
-        tmp_path,
-        [
-            "--data",
-            str(demo_shards),
-            "--run-dir",
-            str(tmp_path / "long"),
-            *SMALL_RUN,
-            "--epochs",
-            "2",
-            "--train.log-every",
-            "1",
-        ],
-        resources=on_n1,
-    )
-    short_job = _submit(
-        slurm_cluster,
-        tmp_path,
-        [
-            "--data",
-            str(demo_shards),
-            "--run-dir",
-            str(tmp_path / "short"),
-            *SMALL_RUN,
-            "--epochs",
-            "1",
-            "--max-steps",
-            str(short_steps),
-        ],
-        resources=on_n1,
-    )
+    short_steps = 4
+    long_dir = tmp_path / "long"
+    common = ["--data", str(demo_shards), *SMALL_RUN]
+    long_args = ["--run-dir", str(long_dir), *common, *UNTIL_STOPPED, "--train.log-every", "1"]
+    long_job = _submit(slurm_cluster, tmp_path, long_args, resources=on_n1)
+    short_args = ["--run-dir", str(tmp_path / "short"), *common, "--epochs", "1", "--max-steps", str(short_steps)]
+    short_job = _submit(slurm_cluster, tmp_path, short_args, resources=on_n1)
     try:
         (short,) = slurm_cluster.wait(short_job, timeout=400)
-        (long,) = slurm_cluster.wait(long_job, timeout=600)
+        # The long one (it cannot end by itself) still runs, in its own rendezvous, when the short one is done.
+        assert slurm_cluster.job_state(long_job) == "RUNNING", _log(slurm_cluster.jobs(long_job)[0])
+        steps_then = _logged_steps(_log(slurm_cluster.jobs(long_job)[0]))
+        _wait_for_steps(slurm_cluster, long_job, rf"step {steps_then + 1}/")
+        _request_stop(long_dir)
+        (long,) = slurm_cluster.wait(long_job, timeout=300)
     finally:
         _cancel(slurm_cluster, short_job)
         _cancel(slurm_cluster, long_job)
     for record in (short, long):
         assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", _log(record)
-    for record in (short, long):
         assert record["NodeList"] == "n1", record
         assert "rendezvous localhost:0" in _log(record), _log(record)
-    # They did overlap, and the short one ended while the long one was running.
+    # They did overlap, and the long one trained on after the short one ended.
     assert long["StartTime"] <= short["EndTime"] <= long["EndTime"], (short, long)
     assert _meta(_latest(tmp_path / "short"))["progress"]["step"] == short_steps
-    assert _meta(_latest(tmp_path / "long"))["progress"]["step"] == long_steps
+    assert _meta(_latest(long_dir))["progress"]["step"] == _stop_line(_log(long)) > steps_then
+
+
+def _logged_steps(log: str) -> int:
+    """The newest step the trainer has logged (0 before the first)."""
+    return max((int(s) for s in re.findall(r" step (\d+)/", log)), default=0)
 
 
 def test_second_job_on_a_live_run_dir_fails_at_once(
     slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    epochs = 2
-    first = _submit(
-        slurm_cluster,
-        tmp_path,
-        [
-            "--data",
-            str(demo_shards),
-            "--run-dir",
-            str(run_dir),
-            *SMALL_RUN,
-            "--epochs",
-            str(epochs),
-            "--train.log-every",
-            "1",
-        ],
-    )
+    first_args = ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, *UNTIL_STOPPED]
+    first = _submit(slurm_cluster, tmp_path, [*first_args, "--train.log-every", "1"])
     second = None
     try:
-        _wait_for_steps(slurm_cluster, first, rf"step [1-9]/{epochs * STEPS_PER_EPOCH} ")
+        _wait_for_steps(slurm_cluster, first, r"step [1-9]\d*/")
         lease = json.loads((run_dir / LEASE_NAME).read_text())
         assert lease["holder"] == f"Slurm job {first} on cluster alexnet-local", lease
         # The user resubmits (another seed) while the first job runs.
         second = _submit(
             slurm_cluster,
             tmp_path,
-            ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, "--epochs", str(epochs), "--seed", "1"],
+            ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, "--epochs", "2", "--seed", "1"],
         )
         (refused,) = slurm_cluster.wait(second, timeout=300)
-        assert slurm_cluster.job_state(first) == "RUNNING"  # refused while the first one still ran
-        (done,) = slurm_cluster.wait(first, timeout=600)
+        # The first job cannot end by itself: it held the run dir through the whole refusal.
+        assert slurm_cluster.job_state(first) == "RUNNING", _log(slurm_cluster.jobs(first)[0])
+        _request_stop(run_dir)
+        (done,) = slurm_cluster.wait(first, timeout=300)
     finally:
         _cancel(slurm_cluster, first)
         if second:
@@ -322,7 +290,7 @@ def test_second_job_on_a_live_run_dir_fails_at_once(
     assert f"stop it (scancel {first}), or use another --run-dir" in errors[0], log
     assert "Traceback" not in log and "step 1/" not in log, log
     assert done["JobState"] == "COMPLETED" and done["ExitCode"] == "0:0", _log(done)
-    # Only the first job wrote: its seed in the config, its steps in the checkpoints, no lease left.
+    # Only the first job wrote: its seed in the config, its steps in the checkpoints, its lease.
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 0
-    assert _meta(_latest(run_dir))["progress"]["step"] == epochs * STEPS_PER_EPOCH
-    assert not (run_dir / LEASE_NAME).exists()
+    assert _meta(_latest(run_dir))["progress"]["step"] == _stop_line(_log(done))
+    assert json.loads((run_dir / LEASE_NAME).read_text())["holder"] == f"Slurm job {first} on cluster alexnet-local"
