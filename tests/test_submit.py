@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from launch import submit
-from tests.cluster import REPO, SlurmCluster
+from tests.cluster import REPO, TERMINAL, SlurmCluster
 
 NARROW = [
     "--num-classes",
@@ -357,28 +357,17 @@ def test_preemption_checkpoints_requeues_and_resumes(
     slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path
 ) -> None:
     """USR2 to every task: all ranks stop at one step boundary with a checkpoint, rank 0 requeues through
-    submitit, the requeued job resumes from that checkpoint and finishes."""
-    run_dir, steps = tmp_path / "run", 36
+    submitit, the requeued job resumes from that checkpoint and trains on."""
+    run_dir = tmp_path / "run"
     job, proc = _submit(
         slurm_cluster,
         tmp_path,
         CPU_JOB,
         [
-            "--data",
-            str(demo_shards),
-            "--run-dir",
-            str(run_dir),
+            *f"--data {demo_shards} --run-dir {run_dir}".split(),
             *NARROW,
-            "--tp",
-            "2",
-            "--max-steps",
-            str(steps),
-            "--train.control-every",
-            "2",
-            "--train.log-every",
-            "1",
-            "--checkpoint.keep-last",
-            "20",
+            # It cannot end by itself: the test stops the requeued run with RUN_DIR/preempt.request.
+            *"--tp 2 --epochs 10000 --train.control-every 2 --train.log-every 1 --checkpoint.keep-last 20".split(),
         ],
         timeout=60,
     )
@@ -386,9 +375,12 @@ def test_preemption_checkpoints_requeues_and_resumes(
     folder = run_dir / "submitit"
     rank0_log = folder / f"{job}_0_log.err"
 
+    def rank0() -> str:
+        return rank0_log.read_text(errors="replace") if rank0_log.exists() else ""
+
     # Let it take a few steps, then send what Slurm sends before the time limit.
     deadline = time.monotonic() + 120
-    while not re.search(r"step [3-9]/", rank0_log.read_text() if rank0_log.exists() else ""):
+    while not re.search(r" step ([3-9]|\d\d+)/", rank0()):
         assert time.monotonic() < deadline, (
             f"no training progress:\n{_logs(folder, job)}\n{slurm_cluster.diagnostics()}"
         )
@@ -400,20 +392,10 @@ def test_preemption_checkpoints_requeues_and_resumes(
     while _record(slurm_cluster, job)["Restarts"] == "0":
         assert time.monotonic() < deadline, f"not requeued:\n{_logs(folder, job)}"
         time.sleep(0.5)
-    # Submitting again into the run directory while the job waits for its requeue is refused, on one line.
+    # Submitting again into the run directory while the job is requeued is refused, on one line.
     again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launch.submit",
-            *CPU_JOB,
-            "--",
-            "--data",
-            str(demo_shards),
-            "--run-dir",
-            str(run_dir),
-            *NARROW,
-        ],
+        [sys.executable, "-m", "launch.submit", *CPU_JOB, "--", "--data", str(demo_shards), "--run-dir", str(run_dir)]
+        + NARROW,
         cwd=tmp_path,
         env=slurm_cluster.env({"PYTHONPATH": str(REPO)}),
         capture_output=True,
@@ -428,30 +410,39 @@ def test_preemption_checkpoints_requeues_and_resumes(
         )
         and again.stderr.count("\n") == 1
     ), again.stderr
+
+    # Once the requeued run has trained past its resume point, the operator stops it for good.
+    deadline = time.monotonic() + 300
+    while not re.search(r"resumed from .*\n(.*\n)*.* step \d+/", rank0().partition(f"job {job} restart 1:")[2]):
+        assert time.monotonic() < deadline, f"requeued job not training:\n{_logs(folder, job)}"
+        assert _record(slurm_cluster, job)["JobState"] not in TERMINAL, _logs(folder, job)
+        time.sleep(0.5)
+    (run_dir / "preempt.request").touch()
     records = slurm_cluster.wait(job, timeout=180)
     report = _logs(folder, job)
     assert (records[0]["JobState"], records[0]["ExitCode"], records[0]["Restarts"]) == ("COMPLETED", "0:0", "1"), report
 
-    rank0 = rank0_log.read_text()
-    stopped = re.search(r"stopped at epoch \d+, step (\d+) .*run the same command to continue", rank0)
-    assert stopped, report
-    stop_step = int(stopped.group(1))
-    assert 3 <= stop_step < steps and stop_step % 2 == 0, report  # a control step, before the end
-    first_run, _, second_run = rank0.partition(f"job {job} restart 1:")
+    first_run, _, second_run = rank0().partition(f"job {job} restart 1:")
+    stops = [
+        int(s) for s in re.findall(r"stopped at epoch \d+, step (\d+) .*run the same command to continue", rank0())
+    ]
+    assert len(stops) == 2, report
+    stop_step, final_step = stops
+    assert stop_step >= 3 and stop_step % 2 == 0, report  # a control step
     assert f"Requeued job {job}" in first_run, report
     assert re.search(rf"resumed from \S+/step-{stop_step:08d}: epoch \d+, step {stop_step},", second_run), report
-    # The lease passed to the requeued job (same job id) and was given back at the end.
+    # The lease passed to the requeued job (same job id); stopped without a requeue, it stays with it.
     assert f"Slurm job {job} on cluster alexnet-local takes over from its previous incarnation" in second_run, report
-    assert not (run_dir / "writer.lease").exists()
+    assert json.loads((run_dir / "writer.lease").read_text())["holder"] == f"Slurm job {job} on cluster alexnet-local"
     rank1 = (folder / f"{job}_1_log.err").read_text()
     assert f"rank 1 stopped at step {stop_step} with a checkpoint; rank 0 requeues the job" in rank1, report
 
-    # The stop checkpoint is complete (both towers), and the job ran to the end from it.
+    # The stop checkpoint is complete (both towers), and the job trained on from it.
     stop_ckpt = run_dir / "checkpoints" / f"step-{stop_step:08d}"
     meta = json.loads((stop_ckpt / "meta.json").read_text())
     assert meta["progress"]["step"] == stop_step and meta["layout"]["tp_size"] == 2
-    assert _latest(run_dir).name == f"step-{steps:08d}"
-    assert [(r["step"], r["preempted"]) for r in _results(folder, job, 2)] == [(steps, False)] * 2
+    assert final_step > stop_step and _latest(run_dir).name == f"step-{final_step:08d}"
+    assert [(r["step"], r["preempted"]) for r in _results(folder, job, 2)] == [(final_step, True)] * 2
 
 
 @pytest.mark.slurm
