@@ -4,6 +4,10 @@
 slices by its rank: the global batch of a step is then the same whatever the (dp, tp) layout, which
 is what a layout-invariance test needs (the real pipeline's sharding is tested in test_data.py).
 The outcome (progress, LR drops) of each rank goes to ``$HARNESS_OUT/outcome-rank{RANK}.json``.
+
+``HARNESS_PAUSE_AT=N`` with ``HARNESS_GATE=DIR`` holds every rank before its batch of global step ``N``
+(after N steps): it creates ``DIR/paused-rank{RANK}`` and waits for ``DIR/go``. A test then acts on a
+run in a known state (a signal lands between two given steps, whatever the machine's speed).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -83,6 +88,38 @@ def fixed_loaders():
     return Loaders(train=train_loader, val=val_loader)
 
 
+class Gate:
+    """Holds a train loader's iteration before the batch of global step ``at`` until ``gate/go`` exists."""
+
+    def __init__(self, inner, *, first_step: int, at: int, gate: Path, rank: int):
+        self.inner, self.first_step, self.at, self.gate, self.rank = inner, first_step, at, gate, rank
+        self.steps_in_epoch = inner.steps_in_epoch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        for k, batch in enumerate(self.inner):
+            if self.first_step + k == self.at:
+                (self.gate / f"paused-rank{self.rank}").touch()
+                while not (self.gate / "go").exists():
+                    time.sleep(0.01)
+            yield batch
+
+
+def gated(loaders, at: int, gate: Path, rank: int):
+    """``loaders`` (the real ones when None) with the training batches held at global step ``at``."""
+    from pipeline.train import Loaders
+
+    loaders = loaders or Loaders()
+
+    def train_loader(cfg, *, epoch, start_batch=0, **kwargs):
+        inner = loaders.train(cfg, epoch=epoch, start_batch=start_batch, **kwargs)
+        return Gate(inner, first_step=epoch * inner.steps_in_epoch + start_batch, at=at, gate=gate, rank=rank)
+
+    return Loaders(train=train_loader, val=loaders.val)
+
+
 def main() -> int:
     loaders = fixed_loaders() if os.environ.get("HARNESS_DATA") == "fixed" else None
     from launch.train import run
@@ -90,6 +127,8 @@ def main() -> int:
 
     rank = int(os.environ.get("RANK", 0))
     out = Path(os.environ["HARNESS_OUT"])
+    if os.environ.get("HARNESS_PAUSE_AT"):
+        loaders = gated(loaders, int(os.environ["HARNESS_PAUSE_AT"]), Path(os.environ["HARNESS_GATE"]), rank)
 
     def body() -> int:
         outcome = run(sys.argv[1:], loaders=loaders)

@@ -89,14 +89,20 @@ def _interrupt_and_resume(data: Path, tmp_path: Path, nproc: int) -> None:
     )
 
     log = tmp_path / "stopped.log"
-    proc = _start(_argv(data, stopped, nproc), log, env)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pause_at = 3  # every rank holds before its 4th batch: the Ctrl-C lands there, however fast the machine
+    proc = _start(
+        _argv(data, stopped, nproc), log, {**env, "HARNESS_PAUSE_AT": str(pause_at), "HARNESS_GATE": str(gate)}
+    )
     try:
-        wait_for(lambda: _logged_step(log) >= 3, RUN_TIMEOUT, "step 3", proc)
+        wait_for(lambda: len(list(gate.glob("paused-rank*"))) == nproc, RUN_TIMEOUT, f"step {pause_at}", proc)
         # What a terminal does: SIGINT to the foreground process group. torchrun also forwards a copy to
         # each worker, so under torchrun every rank sees it twice within milliseconds.
         os.killpg(proc.pid, signal.SIGINT)
         for pid in descendants(proc.pid):
             os.kill(pid, signal.SIGINT)
+        (gate / "go").touch()
         proc.wait(timeout=RUN_TIMEOUT)
     finally:
         kill_group(proc)
@@ -107,7 +113,8 @@ def _interrupt_and_resume(data: Path, tmp_path: Path, nproc: int) -> None:
     ranks = [json.loads((out / f"outcome-rank{r}.json").read_text()) for r in range(nproc)]
     assert all(r["preempted"] for r in ranks), ranks  # every rank returned from the trainer, none crashed
     step = ranks[0]["progress"]["step"]
-    assert 3 <= step < 24 and all(r["progress"] == ranks[0]["progress"] for r in ranks), ranks
+    # The step in flight finishes; the control step after it (every step here) stops every rank.
+    assert step == pause_at + 1 and all(r["progress"] == ranks[0]["progress"] for r in ranks), ranks
     saved = checkpoint.latest(stopped)
     assert saved is not None and checkpoint.verify(saved) is None
     assert json.loads((saved / META).read_text())["progress"]["step"] == step  # at a step boundary
@@ -163,8 +170,8 @@ def test_second_ctrl_c_exits_at_once_and_leaves_nothing_partial(demo_shards: Pat
     try:
         wait_for(lambda: checkpoint.latest(run_dir), RUN_TIMEOUT, "the first checkpoint", proc)
         os.killpg(proc.pid, signal.SIGINT)
+        # The paper-width model's save takes seconds: the second Ctrl-C lands inside the one now being written.
         wait_for(lambda: list((run_dir / "checkpoints").glob("*.tmp")), RUN_TIMEOUT, "the next save", proc, 0.005)
-        time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)
         t0 = time.monotonic()
         proc.wait(timeout=60)
