@@ -8,6 +8,8 @@ The outcome (progress, LR drops) of each rank goes to ``$HARNESS_OUT/outcome-ran
 ``HARNESS_PAUSE_AT=N`` with ``HARNESS_GATE=DIR`` holds every rank before its batch of global step ``N``
 (after N steps): it creates ``DIR/paused-rank{RANK}`` and waits for ``DIR/go``. A test then acts on a
 run in a known state (a signal lands between two given steps, whatever the machine's speed).
+``HARNESS_HOLD_SAVE=DIR`` holds rank 0's checkpoint commit at the point named in ``DIR/hold`` (see
+:func:`hold_saves`) and marks it with ``DIR/held``: a kill then provably lands inside a save.
 """
 
 from __future__ import annotations
@@ -120,6 +122,36 @@ def gated(loaders, at: int, gate: Path, rank: int):
     return Loaders(train=train_loader, val=loaders.val)
 
 
+def hold_saves(gate: Path) -> None:
+    """Rank 0's checkpoint commit stops for good at the point ``gate/hold`` names, once ``gate/held`` says so:
+    ``written`` (every rank's data on disk, nothing committed) or ``renamed`` (the directory has its final
+    name, ``latest`` has not moved). The test kills the run there."""
+    from pipeline import checkpoint
+
+    def hold(point: str) -> None:
+        try:
+            wanted = (gate / "hold").read_text().strip()
+        except FileNotFoundError:
+            return
+        if wanted == point:
+            (gate / "held").write_text(point)
+            while True:
+                time.sleep(1)
+
+    finish, fsync_dir = checkpoint.Checkpointer._finish, checkpoint.fsync_dir
+
+    def held_finish(self, *args, **kwargs):
+        hold("written")
+        return finish(self, *args, **kwargs)
+
+    def held_fsync_dir(path):  # the commit's fsync of the renamed directory, just before `latest` moves
+        fsync_dir(path)
+        hold("renamed")
+
+    checkpoint.Checkpointer._finish = held_finish
+    checkpoint.fsync_dir = held_fsync_dir
+
+
 def main() -> int:
     loaders = fixed_loaders() if os.environ.get("HARNESS_DATA") == "fixed" else None
     from launch.train import run
@@ -127,6 +159,8 @@ def main() -> int:
 
     rank = int(os.environ.get("RANK", 0))
     out = Path(os.environ["HARNESS_OUT"])
+    if os.environ.get("HARNESS_HOLD_SAVE"):
+        hold_saves(Path(os.environ["HARNESS_HOLD_SAVE"]))
     if os.environ.get("HARNESS_PAUSE_AT"):
         loaders = gated(loaders, int(os.environ["HARNESS_PAUSE_AT"]), Path(os.environ["HARNESS_GATE"]), rank)
 
