@@ -88,6 +88,10 @@ def test_killed_worker_restarts_and_resumes(demo_shards: Path, tmp_path: Path) -
     # As slurm/train.sh does: without it the restarted group reads the dead group's addresses from torchrun's
     # shared rendezvous store and gloo's init fails with "Connection refused" (pytorch/pytorch#135712).
     env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    # Both ranks hold before step 3 (after the checkpoint at step 2): the kill lands mid-epoch on any machine.
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env.update(HARNESS_PAUSE_AT="3", HARNESS_GATE=str(gate))
     with log.open("wb") as sink:
         agent = subprocess.Popen(
             argv,
@@ -99,13 +103,15 @@ def test_killed_worker_restarts_and_resumes(demo_shards: Path, tmp_path: Path) -
             start_new_session=True,
         )
     try:
-        first = wait_for(lambda: _latest(run_dir), 180, "the first checkpoint", agent, poll=0.02)
+        wait_for(lambda: len(list(gate.glob("paused-rank*"))) == 2, 180, "both ranks at step 3", agent)
+        first = _latest(run_dir)
         workers = [p for p in children(agent.pid) if HARNESS in cmdline(p)]
         assert len(workers) == 2, (workers, tail(log))
         victim = next(p for p in workers if _environ(p).get("LOCAL_RANK") == "1")
         step_at_kill = json.loads((first / META).read_text())["step"]
+        assert step_at_kill == 2, first
         os.kill(victim, signal.SIGKILL)
-        assert step_at_kill < 24, "the run ended before the kill: not mid-epoch"
+        (gate / "go").touch()  # the survivor goes on into a collective with a dead peer
         rc = agent.wait(timeout=RUN_TIMEOUT)
     finally:
         kill_group(agent)
@@ -118,7 +124,7 @@ def test_killed_worker_restarts_and_resumes(demo_shards: Path, tmp_path: Path) -
     resumed = re.findall(r"resumed from (\S+): epoch (\d+), step (\d+)", text)
     assert len(resumed) == 1, text[-6000:]
     resumed_step = int(resumed[0][2])
-    assert step_at_kill <= resumed_step < 24 and resumed_step % 2 == 0, resumed
+    assert resumed_step == step_at_kill, resumed
     outcome = json.loads((out / "outcome-rank0.json").read_text())
     assert outcome["progress"] == {"epoch": 2, "step": 24, "step_in_epoch": 0}, outcome
 

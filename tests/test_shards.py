@@ -237,7 +237,11 @@ def test_kill_mid_run_leaves_no_finished_partial_shard(image_folder: Path, tmp_p
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(0.3)  # now inside a later shard
+    # Now inside a later shard: its temporary file exists (the reader is throttled, so it is far from done).
+    while not any(".tmp." in p.name for p in (out / "train").iterdir()):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
