@@ -35,6 +35,7 @@ import shutil
 import stat
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,13 @@ LINEAGE = "lineage"
 FORMAT_VERSION = 2
 _TMP = ".tmp"
 _HASH_CHUNK = 8 << 20
+
+# A one-process run writes its checkpoint alone on purpose (``no_dist`` below); PyTorch still warns on every
+# save that it is "assuming the intent", which users read as something being wrong. Only that message is
+# silenced (a filter, not catch_warnings: background saves run in another thread).
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to save"
+)
 
 
 @dataclass
@@ -581,7 +589,10 @@ class Checkpointer:
         tmp = self.dir / (name + _TMP)
         try:
             written = dcp.save(
-                tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), process_group=group
+                tensors,
+                storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+                process_group=group,
+                no_dist=not dist.is_initialized(),
             )
             error = None
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
