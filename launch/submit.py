@@ -36,25 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.lease import ENDED_STATES
 from preprocess.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PORT_BASE, PORT_RANGE = 20000, 12000  # ports 20000-31999; slurm/train.sh has the same formula
-# `scontrol show job` states in which a job will not run again by itself.
-TERMINAL = frozenset(
-    {
-        "COMPLETED",
-        "FAILED",
-        "CANCELLED",
-        "TIMEOUT",
-        "NODE_FAIL",
-        "PREEMPTED",
-        "OUT_OF_MEMORY",
-        "BOOT_FAIL",
-        "DEADLINE",
-        "REVOKED",
-    }
-)
 
 
 class SubmitError(UserError):
@@ -489,7 +475,7 @@ def wait_slurm(job: Any) -> int:
         if (state, restarts) != last:
             print(f"{time.strftime('%H:%M:%S')} job {job.job_id}: {state} (restarts {restarts})", flush=True)
             last = (state, restarts)
-        if state in TERMINAL:
+        if state in ENDED_STATES:
             code = int(record.get("ExitCode", "1:0").split(":")[0] or 1)
             if state != "COMPLETED":
                 print(

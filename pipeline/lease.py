@@ -38,8 +38,9 @@ from preprocess.files import fsync_dir
 LEASE_NAME = "writer.lease"
 log = logging.getLogger("alexnet")
 
-# `squeue -o %T` states of a job that will not run again: its lease is free.
-_ENDED = frozenset(
+# Slurm job states (`squeue -o %T`, `scontrol show job`) of a job that will not run again by itself (a
+# SPECIAL_EXIT job is held until someone releases it): its lease is free, and `launch.submit --wait` is done.
+ENDED_STATES = frozenset(
     {
         "COMPLETED",
         "FAILED",
@@ -290,7 +291,7 @@ def _holder_gone(record: Mapping[str, Any]) -> str | None:
     job = record.get("slurm_job")
     if job:
         state = _slurm_job_state(str(job), record.get("slurm_cluster"))
-        if state is not None and state in _ENDED | {"UNKNOWN_JOB"}:
+        if state is not None and state in ENDED_STATES | {"UNKNOWN_JOB"}:
             return f"Slurm job {job} has ended ({state.lower().replace('_', ' ')})"
     return None
 

@@ -23,7 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.submit import TERMINAL, parse_job_records  # the launcher's own reading of Slurm
+from launch.submit import parse_job_records  # the launcher's own reading of Slurm
+from pipeline.lease import ENDED_STATES
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
@@ -175,7 +176,7 @@ class SlurmCluster:
         return ",".join(states)
 
     def wait(
-        self, job_id: str, states: Iterable[str] = TERMINAL, timeout: float = 120, poll: float = 0.5
+        self, job_id: str, states: Iterable[str] = ENDED_STATES, timeout: float = 120, poll: float = 0.5
     ) -> list[dict[str, str]]:
         """Poll until every record of the job is in one of `states`; the records.
 

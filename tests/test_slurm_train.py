@@ -17,9 +17,9 @@ import pytest
 from launch.submit import rendezvous_port
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
-from pipeline.lease import LEASE_NAME
+from pipeline.lease import ENDED_STATES, LEASE_NAME
 from tests._fixtures import PYTHON, REPO, SMALL_RUN, free_port
-from tests.cluster import TERMINAL, SlurmCluster
+from tests.cluster import SlurmCluster
 
 pytestmark = pytest.mark.slurm
 
@@ -57,7 +57,7 @@ def _log(record: dict[str, str]) -> str:
 def _cancel(cluster: SlurmCluster, job: str) -> None:
     """Leave no job behind for the next test (a no-op once the job has ended)."""
     try:
-        if cluster.job_state(job) not in TERMINAL:
+        if cluster.job_state(job) not in ENDED_STATES:
             cluster.scancel(job)
             cluster.wait(job, timeout=60)
     except Exception:
@@ -129,10 +129,10 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, demo
         while True:
             (record,) = slurm_cluster.jobs(job)
             assert record.get("Restarts", "0") in ("0", "1"), record
-            assert not (record["JobState"] in TERMINAL and record.get("Restarts") == "0"), (
+            assert not (record["JobState"] in ENDED_STATES and record.get("Restarts") == "0"), (
                 f"job ended without a requeue ({record['JobState']}):\n{_log(record)}"
             )
-            assert record["JobState"] not in TERMINAL, f"requeued job ended by itself:\n{_log(record)}"
+            assert record["JobState"] not in ENDED_STATES, f"requeued job ended by itself:\n{_log(record)}"
             second = _log(record).partition(f"job {job} restart 1:")[2]
             if re.search(r"resumed from .*\n(.*\n)*.* step \d+/", second):
                 break
@@ -212,7 +212,7 @@ def _wait_for_steps(cluster: SlurmCluster, job: str, pattern: str, timeout: floa
         (record,) = cluster.jobs(job)
         if re.search(pattern, _log(record)):
             return
-        assert record["JobState"] not in TERMINAL, f"job {job} ended first:\n{_log(record)}"
+        assert record["JobState"] not in ENDED_STATES, f"job {job} ended first:\n{_log(record)}"
         assert time.monotonic() < deadline, f"no {pattern!r} after {timeout:.0f} s:\n{_log(record)}"
         time.sleep(0.5)
 

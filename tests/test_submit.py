@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import pytest
 
 from launch import submit
-from tests.cluster import REPO, TERMINAL, SlurmCluster
+from pipeline.lease import ENDED_STATES
+from tests.cluster import REPO, SlurmCluster
 
 NARROW = [
     "--num-classes",
@@ -269,8 +270,10 @@ def test_signal_only_stops_then_rank0_requeues_through_submitit(
 
 
 def test_import_is_light() -> None:
-    """The job's tasks unpickle TrainJob by importing launch.submit: no torch, no training code."""
-    code = "import sys, launch.submit; print(sorted(m for m in ('torch', 'pipeline', 'submitit') if m in sys.modules))"
+    """The job's tasks unpickle TrainJob by importing launch.submit: no torch, no training code (the lease
+    module, stdlib only, is all it takes from pipeline)."""
+    heavy = "('torch', 'submitit', 'numpy', 'pipeline.train', 'pipeline.checkpoint', 'pipeline.config')"
+    code = f"import sys, launch.submit; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -415,7 +418,7 @@ def test_preemption_checkpoints_requeues_and_resumes(
     deadline = time.monotonic() + 300
     while not re.search(r"resumed from .*\n(.*\n)*.* step \d+/", rank0().partition(f"job {job} restart 1:")[2]):
         assert time.monotonic() < deadline, f"requeued job not training:\n{_logs(folder, job)}"
-        assert _record(slurm_cluster, job)["JobState"] not in TERMINAL, _logs(folder, job)
+        assert _record(slurm_cluster, job)["JobState"] not in ENDED_STATES, _logs(folder, job)
         time.sleep(0.5)
     (run_dir / "preempt.request").touch()
     records = slurm_cluster.wait(job, timeout=180)
