@@ -139,6 +139,7 @@ def checkpoints_table(run_dir: Path) -> list[str]:
 
 
 def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) -> Path:
+    """Write ``RUN/report/report.md`` (and its figures) for checkpoint ``which``; its path."""
     from pipeline import analysis
     from pipeline.checkpoint import resolve as resolve_checkpoint
     from pipeline.evaluate import load_member
@@ -148,25 +149,34 @@ def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) ->
         raise UserError(f"{run_dir}: no config.json; is this a run directory?")
     config = json.loads((run_dir / "config.json").read_text())
     checkpoint = resolve_checkpoint(run_dir, which)
-    member = load_member(checkpoint)
     meta = json.loads((checkpoint / "meta.json").read_text())
     out = run_dir / "report"
     scalars = read_scalars(run_dir)
     drawn = curves_figure(scalars, out / "curves.png") if scalars else []
-    filters = analysis.filters(member)
-    errors = final_errors(run_dir, checkpoint, evaluate_missing)
-
+    filters = analysis.filters(load_member(checkpoint))
     md = [
         f"# Run report: `{run_dir.name}`",
         "",
         f"Checkpoint `{checkpoint.name}` (epoch {meta['progress']['epoch']}, step {meta['progress']['step']}); "
         f"layout {meta['layout']}; data `{config['data']['data']}`.",
         "",
-        "## Errors",
-        "",
-        "| test | images | top-1 error | top-5 error |",
-        "|---|---|---|---|",
+        *errors_section(final_errors(run_dir, checkpoint, evaluate_missing)),
+        *recipe_section(config),
+        *drops_section(meta, config),
+        *curves_section(drawn),
+        *speed_section(scalars),
+        *filters_section(filters),
+        *neighbours_section(run_dir, checkpoint, which),
+        *checkpoints_section(run_dir),
+        *config_section(config),
     ]
+    path = out / "report.md"
+    write_bytes_atomic(path, "\n".join(md).encode())
+    return path
+
+
+def errors_section(errors: dict[str, dict[str, Any]]) -> list[str]:
+    md = ["## Errors", "", "| test | images | top-1 error | top-5 error |", "|---|---|---|---|"]
     for views, result in errors.items():
         md.append(
             f"| {views} | {result['images']} | {100 * result['top1_error']:.2f}% | {100 * result['top5_error']:.2f}% |"
@@ -175,35 +185,49 @@ def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) ->
         f"| the paper, Table 2 (one CNN, ILSVRC-2012 val) | 50000 | {100 * PAPER_TABLE2['top1_error']:.1f}% | "
         f"{100 * PAPER_TABLE2['top5_error']:.1f}% |"
     )
-    md += ["", "## Differences from the paper's recipe", ""]
+    return md
+
+
+def recipe_section(config: dict[str, Any]) -> list[str]:
+    md = ["", "## Differences from the paper's recipe", ""]
     diff = config_diff(config)
-    md += (
-        (["| option | this run | the paper |", "|---|---|---|"] + [f"| `{k}` | {v} | {d} |" for k, v, d in diff])
-        if diff
-        else ["None: the paper's recipe."]
-    )
-    md += ["", "## Learning-rate drops", ""]
+    if not diff:
+        return [*md, "None: the paper's recipe."]
+    return [*md, "| option | this run | the paper |", "|---|---|---|", *(f"| `{k}` | {v} | {d} |" for k, v, d in diff)]
+
+
+def drops_section(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    md = ["", "## Learning-rate drops", ""]
     drops = meta.get("schedule", {}).get("drops", [])
-    md += (
-        (
-            ["| step | epoch | reason | new rate |", "|---|---|---|---|"]
-            + [f"| {d['step']} | {d['epoch']} | {d['reason']} | {d['lr']:.2e} |" for d in drops]
-        )
-        if drops
-        else [f"None (policy `{config['schedule']['policy']}`)."]
+    if not drops:
+        return [*md, f"None (policy `{config['schedule']['policy']}`)."]
+    rows = [f"| {d['step']} | {d['epoch']} | {d['reason']} | {d['lr']:.2e} |" for d in drops]
+    return [*md, "| step | epoch | reason | new rate |", "|---|---|---|---|", *rows]
+
+
+def curves_section(drawn: list[str]) -> list[str]:
+    md = ["", "## Curves", ""]
+    return (
+        [*md, "![curves](curves.png)", "", f"Tags: {', '.join(drawn)}."] if drawn else [*md, "No TensorBoard scalars."]
     )
-    md += ["", "## Curves", ""]
-    md += ["![curves](curves.png)", "", f"Tags: {', '.join(drawn)}."] if drawn else ["No TensorBoard scalars."]
-    md += ["", "## Speed", ""]
+
+
+def speed_section(scalars: dict[str, list[tuple[int, float]]]) -> list[str]:
+    md = ["", "## Speed", ""]
     for tag, label, scale, unit in (
         ("perf/images_per_s", "throughput", 1, " images/s"),
         ("perf/data_wait_fraction", "time waiting for data", 100, "%"),
         ("perf/step_time_s", "step time", 1000, " ms"),
     ):
+        # The first log includes start-up: left out when there are others.
         values = [v for _, v in scalars.get(tag, [])[1:]] or [v for _, v in scalars.get(tag, [])]
         if values:
             md.append(f"- {label}: median {scale * statistics.median(values):.3g}{unit} over {len(values)} logs")
-    md += [
+    return md
+
+
+def filters_section(filters: dict[str, Any]) -> list[str]:
+    return [
         "",
         "## conv1 kernels (the paper's figure 3)",
         "",
@@ -213,29 +237,22 @@ def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) ->
         + ", ".join(f"tower {t}: {f:.3f}" for t, f in enumerate(filters["colour_fraction"])),
         "",
     ]
+
+
+def neighbours_section(run_dir: Path, checkpoint: Path, which: str) -> list[str]:
     neighbours = run_dir / "figures" / f"neighbours-{checkpoint.name}.png"
-    md += ["## Nearest training images in fc7 space (figure 4)", ""]
-    md += (
-        [f"![neighbours](../figures/{neighbours.name})"]
-        if neighbours.exists()
-        else [f"Not made yet: `python -m pipeline.analysis neighbours --run-dir {run_dir} --checkpoint {which}`."]
-    )
-    md += [
-        "",
-        "## Checkpoints",
-        "",
-        *checkpoints_table(run_dir),
-        "",
-        "## Resolved config",
-        "",
-        "```json",
-        json.dumps(config, indent=1),
-        "```",
-        "",
-    ]
-    path = out / "report.md"
-    write_bytes_atomic(path, "\n".join(md).encode())
-    return path
+    md = ["## Nearest training images in fc7 space (figure 4)", ""]
+    if neighbours.exists():
+        return [*md, f"![neighbours](../figures/{neighbours.name})"]
+    return [*md, f"Not made yet: `python -m pipeline.analysis neighbours --run-dir {run_dir} --checkpoint {which}`."]
+
+
+def checkpoints_section(run_dir: Path) -> list[str]:
+    return ["", "## Checkpoints", "", *checkpoints_table(run_dir)]
+
+
+def config_section(config: dict[str, Any]) -> list[str]:
+    return ["", "## Resolved config", "", "```json", json.dumps(config, indent=1), "```", ""]
 
 
 def main(argv: list[str] | None = None) -> int:
