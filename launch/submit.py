@@ -187,7 +187,7 @@ class TrainJob:
 
 
 @dataclass
-class Plan:
+class Submission:
     """What would be submitted: the executor, its parameters and the training arguments."""
 
     executor: str  # "slurm" or "local"
@@ -328,7 +328,7 @@ def resolve_train_argv(train_argv: list[str]) -> tuple[list[str], Path, int]:
     return [*train_argv, *extra], run_dir, cfg.train.tp
 
 
-def make_plan(argv: list[str]) -> Plan:
+def make_submission(argv: list[str]) -> Submission:
     own, train_argv = split_argv(argv)
     opts = build_parser().parse_args(own)
     for name in ("nodes", "time_min", "cpus_per_task", "max_timeouts"):
@@ -382,7 +382,7 @@ def make_plan(argv: list[str]) -> Plan:
         if opts.mem_gb is not None:
             gb = opts.mem_gb
             params["mem"] = f"{int(gb)}GB" if gb == int(gb) else f"{int(gb * 1024)}MB"
-    plan = Plan(
+    submission = Submission(
         "local" if opts.local else "slurm",
         params,
         folder,
@@ -393,34 +393,39 @@ def make_plan(argv: list[str]) -> Plan:
         dry_run=opts.dry_run,
         wait=opts.wait,
     )
-    plan.notes.append(f"{opts.nodes} node(s) x {tasks} task(s) = world {num_tasks} = dp {num_tasks // tp} x tp {tp}")
-    return plan
+    submission.notes.append(
+        f"{opts.nodes} node(s) x {tasks} task(s) = world {num_tasks} = dp {num_tasks // tp} x tp {tp}"
+    )
+    return submission
 
 
-def sbatch_script(plan: Plan) -> str:
-    """The sbatch script submitit would write for `plan` (Slurm only)."""
+def sbatch_script(submission: Submission) -> str:
+    """The sbatch script submitit would write for `submission` (Slurm only)."""
     from submitit.slurm import slurm as submitit_slurm
 
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(plan.folder))])
-    return submitit_slurm._make_sbatch_string(command=command, folder=plan.folder, **plan.parameters)
+    command = " ".join(
+        [shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(submission.folder))]
+    )
+    return submitit_slurm._make_sbatch_string(command=command, folder=submission.folder, **submission.parameters)
 
 
-def make_executor(plan: Plan) -> Any:
+def make_executor(submission: Submission) -> Any:
     import submitit
 
-    if plan.executor == "local":
-        executor = submitit.LocalExecutor(folder=plan.folder, max_num_timeout=plan.max_timeouts)
+    if submission.executor == "local":
+        executor = submitit.LocalExecutor(folder=submission.folder, max_num_timeout=submission.max_timeouts)
     else:
-        executor = submitit.SlurmExecutor(folder=plan.folder, max_num_timeout=plan.max_timeouts)
-    executor.update_parameters(**plan.parameters)
+        executor = submitit.SlurmExecutor(folder=submission.folder, max_num_timeout=submission.max_timeouts)
+    executor.update_parameters(**submission.parameters)
     return executor
 
 
-def log_paths(plan: Plan, job_id: str) -> list[tuple[Path, Path]]:
+def log_paths(submission: Submission, job_id: str) -> list[tuple[Path, Path]]:
     from submitit.core.utils import JobPaths
 
     return [
-        (p.stdout, p.stderr) for p in (JobPaths(plan.folder, job_id=job_id, task_id=t) for t in range(plan.num_tasks))
+        (p.stdout, p.stderr)
+        for p in (JobPaths(submission.folder, job_id=job_id, task_id=t) for t in range(submission.num_tasks))
     ]
 
 
@@ -497,40 +502,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _submit(argv: list[str]) -> int:
-    plan = make_plan(argv)
-    if plan.dry_run:
-        print(f"# dry run: nothing submitted; {plan.notes[0]}")
-        print(f"# executor: {plan.executor}; folder: {plan.folder}; run dir: {plan.run_dir}")
-        print(f"# parameters: {json.dumps(plan.parameters, default=str, sort_keys=True)}")
-        print(f"# each task runs: launch.train.run({json.dumps(plan.train_argv)})")
-        if plan.executor == "slurm":
-            print(sbatch_script(plan))
+    submission = make_submission(argv)
+    if submission.dry_run:
+        print(f"# dry run: nothing submitted; {submission.notes[0]}")
+        print(f"# executor: {submission.executor}; folder: {submission.folder}; run dir: {submission.run_dir}")
+        print(f"# parameters: {json.dumps(submission.parameters, default=str, sort_keys=True)}")
+        print(f"# each task runs: launch.train.run({json.dumps(submission.train_argv)})")
+        if submission.executor == "slurm":
+            print(sbatch_script(submission))
         return 0
-    if plan.executor == "slurm" and shutil.which("sbatch") is None:
+    if submission.executor == "slurm" and shutil.which("sbatch") is None:
         print("error: no sbatch on PATH: not a Slurm login node (use --local to run here)", file=sys.stderr)
         return 2
 
     from pipeline.lease import check
 
-    check(plan.run_dir, None)  # another live job writes this run directory: say so now, not in the job's log
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    executor = make_executor(plan)
+    check(submission.run_dir, None)  # another live job writes this run directory: say so now, not in the job's log
+    submission.run_dir.mkdir(parents=True, exist_ok=True)
+    executor = make_executor(submission)
     try:
-        job = executor.submit(TrainJob(plan.train_argv))
+        job = executor.submit(TrainJob(submission.train_argv))
     except Exception as e:  # sbatch refused the job: submitit raises with sbatch's message
         print(f"error: submission failed: {e}", file=sys.stderr)
         return 1
-    logs = log_paths(plan, job.job_id)
-    print(f"submitted job {job.job_id} ({plan.executor}): {plan.notes[0]}")
-    print(f"  run dir: {plan.run_dir}")
+    logs = log_paths(submission, job.job_id)
+    print(f"submitted job {job.job_id} ({submission.executor}): {submission.notes[0]}")
+    print(f"  run dir: {submission.run_dir}")
     print(f"  logs:    {logs[0][0]}")
     print(f"           {logs[0][1]}  (rank 0; task t: {job.job_id}_<t>_log.out/.err)")
-    if plan.executor == "slurm":
+    if submission.executor == "slurm":
         print(f"  checkpoint and requeue now: scancel --signal=USR2 {job.job_id}")
     sys.stdout.flush()
-    if not plan.wait:
+    if not submission.wait:
         return 0
-    if plan.executor == "local":
+    if submission.executor == "local":
         job.wait()
         return _results_status(job)
     return wait_slurm(job)

@@ -111,7 +111,7 @@ def _open_source(job: ShardJob) -> Any:
 
 
 def _write_shards(
-    out: Path, plan: shards.Plan, plan_dict: dict[str, Any], todo: list[int], job: ShardJob
+    out: Path, plan: shards.ShardPlan, plan_dict: dict[str, Any], todo: list[int], job: ShardJob
 ) -> list[dict[str, Any]]:
     images = sum(len(plan.shards[i]) for i in todo)
     calls = [(out, plan_dict, i, plan.shards[i]) for i in todo]

@@ -48,7 +48,7 @@ class ShardParams:
 
 
 @dataclass
-class Plan:
+class ShardPlan:
     params: ShardParams
     source: str
     classes: list[dict[str, Any]]
@@ -77,7 +77,7 @@ def split_dir(out: Path, split: str) -> Path:
     return Path(out) / split
 
 
-def make_plan(source: Any, source_path: str, params: ShardParams) -> Plan:
+def make_plan(source: Any, source_path: str, params: ShardParams) -> ShardPlan:
     """Shuffle the source's items with the plan seed and chunk them into shards."""
     if params.shard_size < 1:
         raise UserError(f"--shard-size must be at least 1 (got {params.shard_size})")
@@ -89,7 +89,7 @@ def make_plan(source: Any, source_path: str, params: ShardParams) -> Plan:
     digest = hashlib.sha256(repr(sorted(asdict(params).items())).encode())
     for item in items:
         digest.update(f"{item.key}\t{item.label}\n".encode())
-    return Plan(params, os.path.abspath(source_path), source.classes, shards, digest.hexdigest())
+    return ShardPlan(params, os.path.abspath(source_path), source.classes, shards, digest.hexdigest())
 
 
 def tasks_shards(num_shards: int, task_index: int, task_count: int) -> list[int]:
@@ -99,7 +99,7 @@ def tasks_shards(num_shards: int, task_index: int, task_count: int) -> list[int]
     return list(range(task_index, num_shards, task_count))
 
 
-def save_plan(out: Path, plan: Plan) -> None:
+def save_plan(out: Path, plan: ShardPlan) -> None:
     """Record the plan; a task whose plan differs from the recorded one stops instead of mixing."""
     path = split_dir(out, plan.params.split) / fmt.PLAN_NAME
     wanted = plan.to_dict()

@@ -83,16 +83,16 @@ def test_executor_parameters_follow_the_flags(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     # Defaults: one node, one task per GPU (the paper's pair), paths made absolute, logs in RUN_DIR/submitit.
-    plan = submit.make_plan(["--", "--data", "shards", "--run-dir", "runs/a"])
-    assert plan.executor == "slurm" and plan.num_tasks == 2
-    p = plan.parameters
+    submission = submit.make_submission(["--", "--data", "shards", "--run-dir", "runs/a"])
+    assert submission.executor == "slurm" and submission.num_tasks == 2
+    p = submission.parameters
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["cpus_per_task"]) == (1, 2, 2, 8)
     assert (p["time"], p["signal_delay_s"], p["additional_parameters"]) == (1440, 120, {"requeue": True})
     assert "--kill-on-bad-exit=1" in p["srun_args"] and "mem" not in p and "partition" not in p
-    assert plan.run_dir == tmp_path / "runs" / "a" and plan.folder == plan.run_dir / "submitit"
-    assert plan.train_argv[-4:] == ["--data", str(manifest_dir), "--run-dir", str(tmp_path / "runs" / "a")]
+    assert submission.run_dir == tmp_path / "runs" / "a" and submission.folder == submission.run_dir / "submitit"
+    assert submission.train_argv[-4:] == ["--data", str(manifest_dir), "--run-dir", str(tmp_path / "runs" / "a")]
 
-    plan = submit.make_plan(
+    submission = submit.make_submission(
         [
             "--nodes",
             "4",
@@ -117,23 +117,27 @@ def test_executor_parameters_follow_the_flags(
             str(tmp_path / "r"),
         ]
     )
-    p = plan.parameters
+    p = submission.parameters
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["partition"], p["mem"]) == (4, 8, 8, "gpu", "64GB")
-    assert (p["time"], p["signal_delay_s"], plan.max_timeouts) == (90, 300, 5)
-    assert plan.folder == tmp_path / "logs" and plan.num_tasks == 32 and "dp 16 x tp 2" in plan.notes[0]
-    assert plan.train_argv == ["--data", str(manifest_dir), "--run-dir", str(tmp_path / "r")]  # already absolute
+    assert (p["time"], p["signal_delay_s"], submission.max_timeouts) == (90, 300, 5)
+    assert (
+        submission.folder == tmp_path / "logs" and submission.num_tasks == 32 and "dp 16 x tp 2" in submission.notes[0]
+    )
+    assert submission.train_argv == ["--data", str(manifest_dir), "--run-dir", str(tmp_path / "r")]  # already absolute
 
     # CPU-only: no GPU request, two tasks per node unless told; --tp 1 allows odd counts.
-    p = submit.make_plan([*CPU_JOB, "--", "--data", str(manifest_dir)]).parameters
+    p = submit.make_submission([*CPU_JOB, "--", "--data", str(manifest_dir)]).parameters
     assert "gpus_per_node" not in p and p["ntasks_per_node"] == 2 and p["cpus_per_task"] == 1
     assert (
-        submit.make_plan(
+        submit.make_submission(
             ["--gpus-per-node", "0", "--tasks-per-node", "3", "--", "--data", str(manifest_dir), "--tp", "1"]
         ).num_tasks
         == 3
     )
 
-    local = submit.make_plan(["--local", "--gpus-per-node", "0", "--time-min", "30", "--", "--data", str(manifest_dir)])
+    local = submit.make_submission(
+        ["--local", "--gpus-per-node", "0", "--time-min", "30", "--", "--data", str(manifest_dir)]
+    )
     assert local.executor == "local"
     assert {k: local.parameters[k] for k in ("tasks_per_node", "gpus_per_node", "timeout_min", "signal_delay_s")} == {
         "tasks_per_node": 2,
