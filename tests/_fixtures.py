@@ -136,6 +136,13 @@ def small_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def interruptible() -> None:
+    """``preexec_fn`` for a process a test interrupts: SIGINT at its default, as in a terminal's foreground
+    job. A suite started in the background by a non-interactive shell (``nohup make test &``) passes
+    SIGINT down ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

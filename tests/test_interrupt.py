@@ -18,6 +18,7 @@ from tests._fixtures import (
     REPO,
     SMALL_RUN,
     descendants,
+    interruptible,
     kill_group,
     run_logged,
     small_env,
@@ -77,6 +78,7 @@ def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=interruptible,
         )
 
 

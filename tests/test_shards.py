@@ -18,7 +18,7 @@ from PIL import Image
 from preprocess import format as fmt
 from preprocess import shards
 from preprocess.__main__ import main as preprocess_main
-from tests._fixtures import WNIDS
+from tests._fixtures import WNIDS, interruptible
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -346,6 +346,7 @@ def test_ctrl_c_keeps_finished_shards_and_a_rerun_completes(image_folder: Path, 
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=interruptible,
     )
     try:
         deadline = time.monotonic() + 120
