@@ -1,10 +1,11 @@
 """Stragglers: which rank the others wait for, and whether it waits on its data or on its compute.
 
 In synchronous data parallelism every rank's step takes as long as the slowest rank's: the fast ranks
-spend the difference waiting in the gradient all-reduce (inside ``backward``) and in the control
-all-reduce. So each rank reports its seconds per step in data, backward and control; the least time
-any rank spent in backward and control is what those phases cost without waiting, and a rank's *own
-work* per step is its step time less its excess over that least. A rank whose own work exceeds
+spend the difference waiting for the gradient all-reduce (the trainer's "gradient-sync" phase, from
+the moment its own backward computed the last gradient to the end of ``backward``) and in the control
+all-reduce. So each rank reports its seconds per step in data, in those waits and in all; the least
+time any rank spent waiting is what the collectives cost by themselves, and a rank's *own work* per
+step is its step time less its excess over that least. A rank whose own work exceeds
 ``threshold`` x the other ranks' median at ``window`` control steps in a row is named once (again
 only after it has recovered). The figures travel in the trainer's control all-reduce (a MAX over
 per-rank slots, which gathers them), so they cost no collective of their own.
@@ -21,9 +22,9 @@ import torch
 log = logging.getLogger("alexnet")
 
 # Seconds per step each rank reports: the step phases only (validation, checkpoints, set-up excluded).
-STEP_PHASES = ("data", "forward", "backward", "step", "control")
-WAIT_PHASES = ("backward", "control")  # where a rank waits for the others
-FIELDS = 3  # step seconds, data seconds, waitable seconds (backward + control), per step
+STEP_PHASES = ("data", "forward", "backward", "gradient-sync", "step", "control")
+WAIT_PHASES = ("gradient-sync", "control")  # where a rank waits for the others
+FIELDS = 3  # step seconds, data seconds, waiting seconds, per step
 
 
 @dataclass

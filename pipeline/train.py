@@ -106,6 +106,10 @@ class Trainer:
             self.dims.rank, self.dims.world_size, _hosts(), cfg.train.straggler_threshold, cfg.train.straggler_window
         )
         self._control_step = 0  # the step of the last control all-reduce (the straggler figures are per step)
+        # conv1's gradient is the last one backward computes: from then on a rank only waits for the
+        # gradient all-reduce (the straggler statistics tell its own work from waiting by this marker).
+        first_layer = next(self.model.parameters())
+        first_layer.register_post_accumulate_grad_hook(lambda _: self.marks.enter("gradient-sync"))
 
     @property
     def progress(self) -> Progress:
@@ -194,7 +198,7 @@ class Trainer:
                 logits = self.ddp(images)
             loss = F.cross_entropy(logits.float(), labels)
             self.optimizer.zero_grad(set_to_none=True)
-            marks.enter("backward")  # includes DDP's gradient all-reduce: a fast rank waits here
+            marks.enter("backward")  # then "gradient-sync" (DDP's all-reduce; a fast rank waits there)
             loss.backward()
             marks.enter("step")
             nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())

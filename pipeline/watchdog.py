@@ -3,8 +3,8 @@
 A rank stuck in a storage read, a wedged driver or a stopped process does not crash: the other ranks
 wait in a collective until the process group's timeout, and nothing names the culprit. Here:
 
-- the trainer marks its phases (``PhaseMarks.enter``: data, forward, backward, step, control,
-  validation, checkpoint ...); a marker costs a clock read and a tuple assignment;
+- the trainer marks its phases (``PhaseMarks.enter``: data, forward, backward, gradient-sync, step,
+  control, validation, checkpoint ...); a marker costs a clock read and a tuple assignment;
 - a thread on every rank publishes the rank's last marker and a heartbeat to
   ``RUN_DIR/progress/rank-N.json`` every ``beat_s`` (the run directory is shared by all ranks; the
   rendezvous store is not used because it lives in rank 0, the rank that may be the stuck one);
@@ -104,7 +104,7 @@ class PhaseMarks:
 class Allowance:
     """Seconds without progress after which a rank counts as stuck."""
 
-    step_s: float  # data, forward, backward, step, control, validation (per batch)
+    step_s: float  # data, forward, backward, gradient-sync, step, control, validation (per batch)
     slow_s: float  # SLOW_PHASES
 
     def for_phase(self, phase: str) -> float:

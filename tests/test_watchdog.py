@@ -283,7 +283,7 @@ def test_straggler_is_named(demo_shards: Path, tmp_path: Path) -> None:
         )  # fmt: skip
     victim = None
     try:
-        wait_for(lambda: re.search(r"step [2-9]/", log.read_text(errors="replace")), 180, "training", agent)
+        wait_for(lambda: "dp 2 x tp 1" in log.read_text(errors="replace"), 180, "the workers' start", agent)
         victim = next(p for p in children(agent.pid) if HARNESS in cmdline(p) and _rank_of(p) == 1)
 
         def named() -> str | None:
