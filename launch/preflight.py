@@ -115,7 +115,7 @@ def free_memory_gib(device: torch.device) -> float:
 def allreduce_gb_per_s(device: torch.device, seconds: float, sync) -> float:
     """Bus bandwidth of an all-reduce over every rank (the nccl-tests convention: 2(n-1)/n x bytes / time)."""
     n = dist.get_world_size()
-    buf = torch.ones((64 if device.type == "cuda" else 8) << 18, device=device)  # 64 MB / 8 MB of fp32
+    buf = torch.ones((64 if device.type == "cuda" else 2) << 18, device=device)  # 64 MB / 2 MB of fp32
     calls, wall = timed(lambda: dist.all_reduce(buf), seconds, sync)
     return buf.nbytes * calls * 2 * (n - 1) / n / wall / 1e9
 
@@ -149,6 +149,16 @@ def nccl_transports(debug_dir: Path) -> set[str]:
         for m in re.finditer(r" via (\S+)", path.read_text(errors="replace")):
             found.add(m.group(1).split("/")[0] + ("/" + m.group(1).split("/")[1] if "/" in m.group(1) else ""))
     return found
+
+
+def socket_fallback(transports: list[str], hosts: set[str]) -> str | None:
+    """The warning for a multi-node NCCL job whose network transport is TCP sockets, else None."""
+    if len(hosts) < 2 or "NET/Socket" not in transports:
+        return None
+    return (
+        f"preflight: NCCL uses TCP sockets (NET/Socket) between {len(hosts)} nodes: no InfiniBand/RoCE "
+        "transport was found; check NCCL_IB_HCA / NCCL_SOCKET_IFNAME and the NCCL net plugin"
+    )
 
 
 def far_below(rows: list[dict], factor: float) -> list[str]:
@@ -190,9 +200,10 @@ def run(argv: list[str] | None = None) -> int:
     device = select_device(args.device, env.local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     debug_dir = Path(tempfile.mkdtemp(prefix="preflight-nccl-"))
-    if backend == "nccl":  # NCCL says which transport it chose, into a file per process
-        os.environ.setdefault("NCCL_DEBUG", "INFO")
-        os.environ["NCCL_DEBUG_FILE"] = str(debug_dir / "nccl.%h.%p.log")
+    if backend == "nccl":  # NCCL says which transport it chose ("via NET/IB/0"), into a file per process
+        os.environ.update(
+            NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,NET", NCCL_DEBUG_FILE=str(debug_dir / "nccl.%h.%p.log")
+        )
     if env.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend,
@@ -228,11 +239,8 @@ def run(argv: list[str] | None = None) -> int:
         print(table(rows, allreduce, ", ".join(used)), flush=True)
         named = far_below(rows, args.far_below)
         hosts = {r["host"] for r in rows}
-        if backend == "nccl" and len(hosts) > 1 and "NET/Socket" in used:
-            named.append(
-                f"preflight: NCCL uses TCP sockets (NET/Socket) between {len(hosts)} nodes: no InfiniBand/RoCE "
-                "transport was found; check NCCL_IB_HCA / NCCL_SOCKET_IFNAME and the NCCL net plugin"
-            )
+        if backend == "nccl" and (warning := socket_fallback(used, hosts)):
+            named.append(warning)
         for line in named:
             log.warning("%s", line)
         if not named:

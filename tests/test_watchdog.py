@@ -107,7 +107,19 @@ def test_watchdog_thread_dumps_stacks_and_exits(tmp_path: Path) -> None:
 # A rank SIGSTOPped mid-epoch under torchrun
 
 
+def _progress(run_dir: Path, rank: int) -> dict | None:
+    try:
+        return json.loads((run_dir / "progress" / f"rank-{rank}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+TRAINING_PHASES = ("data", "forward", "backward", "gradient-sync", "step", "control")
+
+
 def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_path: Path) -> None:
+    """Rank 1 SIGSTOPped three times in one run: mid-epoch, in a checkpoint save, in validation. Each time one
+    line names it, rank 0's stacks are written, torchrun restarts the group, and the run finishes (exit 0)."""
     run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "torchrun.log"
     out.mkdir()
     # dp=2 (tp=1): rank 1 stops while rank 0 waits in the gradient all-reduce. 2 epochs of 12 steps.
@@ -117,7 +129,7 @@ def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_pat
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        "--max-restarts=1",
+        "--max-restarts=3",
         "--monitor-interval=0.2",
         HARNESS,
         "--data",
@@ -137,57 +149,86 @@ def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_pat
     ]
     # torchrun's default, a rendezvous store shared with the workers: the case whose restart used to fail
     # ("Gloo connectFullMesh failed ... Connection refused"); launch.train.process_group_store fixes it.
-    env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"})
+    # Rank 1's saves and validation batches take 1.5 s longer, so a stop can land inside them.
+    env = small_env(
+        {
+            "HARNESS_OUT": str(out),
+            "HARNESS_DATA": "real",
+            "HARNESS_SLOW_RANK": "1",
+            "HARNESS_SLOW_SAVE_S": "1.5",
+            "HARNESS_SLOW_VAL_S": "1.5",
+        }
+    )
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     with log.open("wb") as sink:
         agent = subprocess.Popen(
             argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
+    victims: list[int] = []
+    times: list[tuple[float, float, float]] = []
     try:
-        wait_for(lambda: "dp 2 x tp 1" in log.read_text(errors="replace"), 180, "the workers' start", agent)
-        victim = next(p for p in children(agent.pid) if HARNESS in cmdline(p) and _rank_of(p) == 1)
-        # The moment: rank 0 logged step 7 of 24 (mid-epoch 0, after the checkpoint at step 6).
-        wait_for(lambda: "step 7/24" in log.read_text(errors="replace"), 180, "step 7", agent, poll=0.005)
-        os.kill(victim, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        kept = checkpoint.latest(run_dir)
-        reported = wait_for(lambda: _hang_line(log), 120, "the hang report", agent, poll=0.05)
-        reported_at = time.monotonic()
-        wait_for(lambda: "resumed from" in log.read_text(errors="replace"), 120, "the restarted ranks' resume", agent)
-        restarted_at = time.monotonic()
+        for attempt, phases in enumerate([TRAINING_PHASES, ("checkpoint",), ("validation",)]):
+
+            def rank1(attempt: int = attempt) -> int | None:
+                pids = [p for p in children(agent.pid) if HARNESS in cmdline(p) and _rank_of(p) == 1]
+                return pids[0] if pids and pids[0] not in victims else None
+
+            victim = wait_for(rank1, 180, f"rank 1 of attempt {attempt}", agent)
+            if attempt == 0:  # mid-epoch: rank 0 logged step 7 of 24 (after the checkpoint at step 6)
+                wait_for(lambda: "step 7/24" in log.read_text(errors="replace"), 180, "step 7", agent, poll=0.005)
+            else:  # rank 1's own record says it is in the phase
+                wait_for(
+                    lambda v=victim, ph=phases: (r := _progress(run_dir, 1)) and r["pid"] == v and r["phase"] in ph,
+                    180,
+                    f"rank 1 in {phases}",
+                    agent,
+                    poll=0.01,
+                )
+            os.kill(victim, signal.SIGSTOP)
+            victims.append(victim)
+            stopped_at = time.monotonic()
+            n = attempt + 1
+            wait_for(lambda n=n: len(_hang_lines(log)) >= n, 120, f"hang report {n}", agent, poll=0.05)
+            reported_at = time.monotonic()
+            wait_for(lambda n=n: log.read_text(errors="replace").count("resumed from") >= n, 120, "resume", agent)
+            times.append((stopped_at, reported_at, time.monotonic()))
         rc = agent.wait(timeout=RUN_TIMEOUT)
         done_at = time.monotonic()
     finally:
-        try:
-            os.kill(victim, signal.SIGCONT)
-        except (ProcessLookupError, UnboundLocalError):
-            pass
+        for victim in victims:
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         kill_group(agent)
     text = log.read_text(errors="replace")
     assert rc == 0, text[-6000:]
 
-    # One line names the stopped rank, its host, pid, phase and step, and says it can leave no stack.
-    assert len(re.findall(r"hang: ", text)) == 1, text[-6000:]
-    m = re.search(r"rank 1 \(host (\S+), pid (\d+)\) last seen in phase (\w+) at step (\d+)", reported)
-    assert m and int(m.group(2)) == victim, reported
-    assert "process state T (stopped)" in reported and "no stack from it" in reported, reported
-    folder = Path(re.search(r"stacks of every rank that can run Python in (\S+)/rank-N.txt", reported).group(1))
-    assert folder.parent == run_dir / "hangs", folder
-    stacks = (folder / "rank-0.txt").read_text()
-    assert "Thread" in stacks and "File" in stacks and "train.py" in stacks, stacks
-    assert not (folder / "rank-1.txt").exists()
-    assert f"exitcode: {HANG_EXIT}" in text or f"exitcode: {HANG_EXIT})" in text, text[-6000:]
+    # One line per hang names the stopped rank, its host, pid, phase and step, and says it can leave no stack.
+    lines = _hang_lines(log)
+    assert len(lines) == 3, text[-6000:]
+    for line, victim, phases in zip(lines, victims, [TRAINING_PHASES, ("checkpoint",), ("validation",)]):
+        m = re.search(r"rank 1 \(host (\S+), pid (\d+)\) last seen in phase ([\w-]+) at step (\d+)", line)
+        assert m and int(m.group(2)) == victim and m.group(3) in phases, (line, victim, phases)
+        assert "process state T (stopped)" in line and "no stack from it" in line, line
+        folder = Path(re.search(r"stacks of every rank that can run Python in (\S+)/rank-N.txt", line).group(1))
+        assert folder.parent == run_dir / "hangs", folder
+        stacks = (folder / "rank-0.txt").read_text()
+        assert "Thread" in stacks and "File" in stacks and "train.py" in stacks, stacks
+        assert not (folder / "rank-1.txt").exists()
+    assert text.count(f"exitcode: {HANG_EXIT}") == 3, text[-6000:]
 
-    # The restarted group resumed from the newest intact checkpoint and trained to the end.
-    resumed = re.findall(r"resumed from (\S+): epoch (\d+), step (\d+)", text)
-    assert len(resumed) == 1 and int(resumed[0][2]) >= int(kept.name.split("-")[1]), (resumed, kept)
+    # Each restarted group resumed from the newest intact checkpoint; the last one trained to the end.
+    assert len(re.findall(r"resumed from (\S+): epoch (\d+), step (\d+)", text)) == 3, text[-6000:]
     outcome = json.loads((out / "outcome-rank0.json").read_text())
     assert outcome["progress"] == {"epoch": 2, "step": 24, "step_in_epoch": 0}, outcome
-    print(
-        f"SIGSTOP -> report {reported_at - stopped_at:.1f} s, -> resumed {restarted_at - stopped_at:.1f} s, "
-        f"-> finished {done_at - stopped_at:.1f} s (hang-timeout {HANG_S} s)"
-    )
+    for where, (stopped, reported, resumed) in zip(["mid-epoch", "checkpoint", "validation"], times):
+        print(
+            f"SIGSTOP {where}: report after {reported - stopped:.1f} s, resumed after {resumed - stopped:.1f} s "
+            f"(hang-timeout {HANG_S} s)"
+        )
+    print(f"finished {done_at - times[-1][0]:.1f} s after the last stop")
 
 
 def _rank_of(pid: int) -> int | None:
@@ -199,11 +240,8 @@ def _rank_of(pid: int) -> int | None:
     return int(env["RANK"]) if "RANK" in env else None
 
 
-def _hang_line(log: Path) -> str | None:
-    for line in log.read_text(errors="replace").splitlines():
-        if "hang: " in line:
-            return line
-    return None
+def _hang_lines(log: Path) -> list[str]:
+    return [line for line in log.read_text(errors="replace").splitlines() if "hang: " in line]
 
 
 def _torchrun(data: Path, run_dir: Path, *extra: str, restarts: int = 0) -> list[str]:
