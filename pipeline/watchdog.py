@@ -7,7 +7,8 @@ wait in a collective until the process group's timeout, and nothing names the cu
   control, validation, checkpoint ...); a marker costs a clock read and a tuple assignment;
 - a thread on every rank publishes the rank's last marker and a heartbeat to
   ``RUN_DIR/progress/rank-N.json`` every ``beat_s`` (the run directory is shared by all ranks; the
-  rendezvous store is not used because it lives in rank 0, the rank that may be the stuck one);
+  rendezvous store is not used: under env:// it lives in rank 0, which may be the stuck one),
+  and a changed state within a fifth of that;
 - when its own rank has made no progress for the phase's allowance, the thread reads every rank's
   record. Only if no rank has made progress within its allowance is it a hang. The culprit is the
   rank whose heartbeat stopped (the process cannot run Python: stopped, or stuck in the kernel with
@@ -201,7 +202,11 @@ class Watchdog:
         # A beat often enough that a stopped heartbeat shows well within the allowance, rarely enough to
         # cost nothing on a shared file system (one small file per rank every 10 s at the defaults).
         self.beat_s = min(max(allowance.step_s / 10, 0.2), 10.0)
+        # A changed state is published within a fifth of a beat (what the report calls "last seen" is then
+        # at most that old); an unchanged one once a beat (the heartbeat).
+        self.poll_s = self.beat_s / 5
         self.stale_s = max(3 * self.beat_s, 2.0)
+        self._published: tuple[Any, float] = (None, 0.0)
         self.host, self.pid = socket.gethostname(), os.getpid()
         self._exit = exit_process
         self._stop = threading.Event()
@@ -221,9 +226,11 @@ class Watchdog:
     # -- the thread
 
     def _run(self) -> None:
-        while not self._stop.wait(self.beat_s):
+        while not self._stop.wait(self.poll_s):
             try:
-                self._publish()
+                state, at = self._published
+                if state != self.marks.state or time.monotonic() - at >= self.beat_s:
+                    self._publish()
                 verdict = self.check()
             except OSError as e:  # a shared file system hiccup must not end training
                 log.warning("progress watchdog: %s", e)
@@ -232,12 +239,14 @@ class Watchdog:
                 self.act(verdict)
 
     def _publish(self) -> None:
-        seq, step, phase, progress_at = self.marks.state
+        state = self.marks.state
+        seq, step, phase, progress_at = state
         record = Record(self.rank, self.host, self.pid, self.attempt, seq, step, phase, progress_at, time.time())
         path = self.progress_dir / f"rank-{self.rank}.json"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(vars(record)))
         os.replace(tmp, path)
+        self._published = (state, time.monotonic())
 
     def check(self) -> Verdict | None:
         """Cheap while this rank progresses: peers' records are read only when it has not."""

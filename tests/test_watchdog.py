@@ -175,16 +175,16 @@ def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_pat
                 return pids[0] if pids and pids[0] not in victims else None
 
             victim = wait_for(rank1, 180, f"rank 1 of attempt {attempt}", agent)
-            if attempt == 0:  # mid-epoch: rank 0 logged step 7 of 24 (after the checkpoint at step 6)
-                wait_for(lambda: "step 7/24" in log.read_text(errors="replace"), 180, "step 7", agent, poll=0.005)
-            else:  # rank 1's own record says it is in the phase
-                wait_for(
-                    lambda v=victim, ph=phases: (r := _progress(run_dir, 1)) and r["pid"] == v and r["phase"] in ph,
-                    180,
-                    f"rank 1 in {phases}",
-                    agent,
-                    poll=0.01,
-                )
+            # The moment: rank 1's own record says it is in the phase (mid-epoch: training, after step 6's save).
+            wait_for(
+                lambda v=victim, ph=phases: (
+                    (r := _progress(run_dir, 1)) and r["pid"] == v and r["phase"] in ph and r["step"] >= 7
+                ),
+                180,
+                f"rank 1 in {phases}",
+                agent,
+                poll=0.01,
+            )
             os.kill(victim, signal.SIGSTOP)
             victims.append(victim)
             stopped_at = time.monotonic()
