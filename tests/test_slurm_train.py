@@ -8,7 +8,9 @@ with --gpus-per-node=0 --cpus-per-task=2 (the script's header asks for 2 GPUs an
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -326,3 +328,63 @@ def test_second_job_on_a_live_run_dir_fails_at_once(
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 0
     assert _meta(_latest(run_dir))["progress"]["step"] == epochs * STEPS_PER_EPOCH
     assert not (run_dir / LEASE_NAME).exists()
+
+
+def _rank_pids(run_dir: Path, rank: int) -> list[int]:
+    """launch.train processes of this run with RANK=rank (Slurm runs them on this host)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"launch.train" in cmd and str(run_dir).encode() in cmd and f"RANK={rank}".encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+def test_hung_job_is_requeued_and_finishes(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
+    """A rank SIGSTOPped with no elastic restarts left (MAX_RESTARTS=0): the watchdog names it, the job step
+    fails, the script sees the hang it recorded and requeues the job, which resumes and completes."""
+    run_dir = tmp_path / "run"
+    total = 2 * STEPS_PER_EPOCH
+    watch = ["--train.hang-timeout", "10", "--train.slow-phase-timeout", "20", "--train.collective-timeout-min", "2"]
+    args = ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, "--epochs", "2"]
+    args += ["--train.log-every", "1", "--checkpoint.every-steps", "4", *watch]
+    job = _submit(slurm_cluster, tmp_path, args, env={"MAX_RESTARTS": "0", "PREFLIGHT": "off"})
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            (record,) = slurm_cluster.jobs(job)
+            if re.search(rf"step ([6-9]|1[01])/{total} ", _log(record)):
+                break
+            assert record["JobState"] not in TERMINAL, f"job ended before the stop:\n{_log(record)}"
+            assert time.monotonic() < deadline, f"no training steps after 180 s:\n{_log(record)}"
+            time.sleep(0.05)
+        (victim,) = _rank_pids(run_dir, 1)
+        os.kill(victim, signal.SIGSTOP)
+
+        deadline = time.monotonic() + 300
+        while True:
+            (record,) = slurm_cluster.jobs(job)
+            if record.get("Restarts") == "1" and record["JobState"] in TERMINAL:
+                break
+            assert not (record.get("Restarts", "0") == "0" and record["JobState"] in TERMINAL), (
+                f"job ended without a requeue ({record['JobState']}):\n{_log(record)}"
+            )
+            assert time.monotonic() < deadline, f"requeued job not done after 300 s: {record}\n{_log(record)}"
+            time.sleep(0.5)
+    finally:
+        for pid in _rank_pids(run_dir, 1):
+            os.kill(pid, signal.SIGCONT)
+        _cancel(slurm_cluster, job)
+    log = _log(record)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log
+    first, _, second = log.partition(f"job {job} restart 1:")
+    assert re.search(rf"hang: rank 1 \(host \S+, pid {victim}\)", first), first
+    assert f"training failed after a hang ({run_dir}/hangs/" in first and f"requeueing job {job}" in first, first
+    assert re.search(r"resumed from (\S+): epoch (\d+), step (\d+)", second), second
+    assert _meta(_latest(run_dir))["progress"] == {"epoch": 2, "step": total, "step_in_epoch": 0}
