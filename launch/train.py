@@ -19,6 +19,8 @@ acts on at the next step boundary (checkpoint, then exit 0 so the Slurm script c
 resumes from the run directory's latest checkpoint automatically (also after an elastic restart).
 Before anything is written, global rank 0 takes the run directory's writer lease (pipeline.lease):
 a second job on the same --run-dir fails at once, on every rank, with one line naming the holder.
+Then every rank starts its progress watchdog (pipeline.watchdog): a hang is named in one line, the
+live ranks' stacks go to RUN_DIR/hangs/, and they exit with code 75 for torchrun to restart them.
 """
 
 from __future__ import annotations
