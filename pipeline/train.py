@@ -187,7 +187,8 @@ class Trainer:
         timer = StepTimer()
         nonfinite = torch.zeros((), device=self.device)
         marks = self.marks
-        for i, (images, labels) in enumerate(marks.iterate(loader, "data"), start=self.progress.step_in_epoch):
+        batches = marks.iterate(loader, "data", first="loader")  # the first batch waits for the pipeline's start
+        for i, (images, labels) in enumerate(batches, start=self.progress.step_in_epoch):
             timer.data_ready()
             marks.enter("forward", self.progress.step)
             lr = self.schedule.lr(self.progress.epoch + i / max(steps_in_epoch, 1))
@@ -296,7 +297,7 @@ class Trainer:
     def validate(self, epoch: int) -> float:
         """Top-1/top-5 error over every val image exactly once (counts all-reduced over dp ranks)."""
         ten_crop = self.cfg.train.ten_crop
-        self.marks.enter("validation", self.progress.step)
+        self.marks.enter("loader", self.progress.step)  # until the first batch: the pipeline's start
         loader = self.loaders.val(
             self.cfg.data,
             dp_rank=self.dims.dp_rank,
@@ -309,7 +310,7 @@ class Trainer:
         )
         # The towers compute collectively, so both tp ranks run the model; their counts are equal.
         amp = self.cfg.train.amp == "bf16"
-        totals = evaluate.count(self.model, self.marks.ticking(loader), ten_crop=ten_crop, amp=amp)
+        totals = evaluate.count(self.model, self.marks.ticking(loader, "validation"), ten_crop=ten_crop, amp=amp)
         totals_t = totals.as_tensor(self.device)
         if self.mesh.dp_group is not None and self.dims.dp_size > 1:
             dist.all_reduce(totals_t, group=self.mesh.dp_group)

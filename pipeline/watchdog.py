@@ -75,21 +75,32 @@ class PhaseMarks:
         seq, step, phase, _ = self.state
         self.state = (seq, step, phase, time.time())
 
-    def iterate(self, items: Iterable[T], phase: str) -> Iterator[T]:
-        """``items`` with ``phase`` entered before each ``next`` (the wait for a batch is that phase)."""
+    def iterate(self, items: Iterable[T], phase: str, first: str | None = None) -> Iterator[T]:
+        """``items`` with ``phase`` entered before each ``next`` (the wait for a batch is that phase);
+        ``first``: the phase of the first ``next`` instead (an input pipeline's start-up)."""
         it = iter(items)
         while True:
-            self.enter(phase)
+            self.enter(first or phase)
+            first = None
             try:
                 item = next(it)
             except StopIteration:
                 return
             yield item
 
-    def ticking(self, items: Iterable[T]) -> Iterator[T]:
+    def ticking(self, items: Iterable[T], phase: str) -> Iterator[T]:
+        """``items``; ``phase`` entered when the first arrives (or when there are none: every rank enters
+        it once), each later arrival a tick (ranks may get different numbers of items)."""
+        entered = False
         for item in items:
+            if entered:
+                self.tick()
+            else:
+                self.enter(phase)
+                entered = True
             yield item
-            self.tick()
+        if not entered:
+            self.enter(phase)
 
     def take_seconds(self) -> dict[str, float]:
         """Seconds per phase since the last call (the phase in progress counted up to now)."""

@@ -80,6 +80,26 @@ def test_judge_names_the_silent_rank_else_the_one_behind() -> None:
     assert judge({0: _record(0, 12, "backward", now - 30, now)}, 2, now, allowance, stale_s=3) is None
 
 
+def test_markers_are_the_same_sequence_on_every_rank() -> None:
+    """Ranks that get different numbers of validation batches still enter the same markers (the culprit is
+    the rank with the fewest), and the first training batch counts as the pipeline's start-up."""
+    marks = [PhaseMarks(), PhaseMarks()]
+    for rank, m in enumerate(marks):
+        phases = []
+        for _ in m.iterate([1, 2], "data", first="loader"):
+            phases.append(m.state[2])
+        assert phases == ["loader", "data"]
+        before = m.state[3]
+        time.sleep(0.01)
+        list(m.ticking(range(rank * 3), "validation"))  # rank 0: no batches, rank 1: three
+        assert m.state[2] == "validation" and m.state[3] > before
+    assert marks[0].state[0] == marks[1].state[0]
+    seconds = marks[1].take_seconds()
+    assert set(seconds) >= {"start", "loader", "data", "validation"} and marks[1].take_seconds().keys() <= {
+        "validation"
+    }
+
+
 def test_watchdog_thread_dumps_stacks_and_exits(tmp_path: Path) -> None:
     """One process as rank 0 of 2, its peer's record stopped: the report names the peer, stacks are written."""
     marks, exits = PhaseMarks(), []
