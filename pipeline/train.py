@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -462,8 +463,6 @@ class Trainer:
 
 def _hosts() -> list[str]:
     """Every global rank's host name (one collective at start; for the straggler line)."""
-    import socket
-
     host = socket.gethostname()
     if not dist.is_initialized():
         return [host]
