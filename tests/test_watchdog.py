@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline import checkpoint
 from pipeline.watchdog import HANG_EXIT, Allowance, PhaseMarks, Record, Watchdog, judge
 from tests._fixtures import (
@@ -78,6 +80,25 @@ def test_judge_names_the_silent_rank_else_the_one_behind() -> None:
 
     # a rank with no record of this attempt yet: not judged (the rendezvous owns that case)
     assert judge({0: _record(0, 12, "backward", now - 30, now)}, 2, now, allowance, stale_s=3) is None
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--train.hang-timeout", "-1"], "--train.hang-timeout"),
+        (["--train.hang-timeout", "700"], "--train.hang-timeout"),  # above the slow-phase allowance
+        (["--train.slow-phase-timeout", "700"], "--train.collective-timeout-min"),  # the collective would fail first
+        (["--train.collective-timeout-min", "0"], "--train.collective-timeout-min"),
+        (["--train.straggler-threshold", "0.9"], "--train.straggler-threshold"),
+        (["--train.straggler-window", "0"], "--train.straggler-window"),
+    ],
+)
+def test_watchdog_options_are_checked(args: list[str], option: str) -> None:
+    from pipeline import config
+    from preprocess.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(option)):
+        config.parse([*args, "--data", "/nonexistent"])
 
 
 def test_markers_are_the_same_sequence_on_every_rank() -> None:
