@@ -3,9 +3,12 @@
     python -m launch.train --data SHARDS --run-dir RUN --tp 1          # one process
     torchrun --nproc_per_node=2 -m launch.train --data SHARDS --run-dir RUN      # the paper's 2-GPU split
 
-With torchrun's elastic restarts (--max-restarts), set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (as
-slurm/train.sh does): otherwise restarted workers may read the dead workers' addresses from the
-shared rendezvous store and fail to connect (PyTorch issues #135712, #167288).
+With torchrun's elastic restarts (--max-restarts), workers that share torchrun's rendezvous store
+(the default) read the previous group's addresses from it after a restart and fail to connect
+(gloo "connectFullMesh failed ... Connection refused"; PyTorch issues #135712, #167288): torch's
+env:// set-up adds no per-attempt key prefix on that store. ``process_group_store`` adds one, so
+restarts work either way; slurm/train.sh also sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh
+store per worker group).
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         -m launch.train --data SHARDS --run-dir RUN                    # 16 replicas x 2 towers
 
@@ -16,6 +19,8 @@ acts on at the next step boundary (checkpoint, then exit 0 so the Slurm script c
 resumes from the run directory's latest checkpoint automatically (also after an elastic restart).
 Before anything is written, global rank 0 takes the run directory's writer lease (pipeline.lease):
 a second job on the same --run-dir fails at once, on every rank, with one line naming the holder.
+Then every rank starts its progress watchdog (pipeline.watchdog): a hang is named in one line, the
+live ranks' stacks go to RUN_DIR/hangs/, and they exit with code 75 for torchrun to restart them.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ import torch.distributed as dist
 from preprocess.errors import UserError, run_cli
 
 if TYPE_CHECKING:
+    from pipeline.config import RunConfig
     from pipeline.lease import Lease
+    from pipeline.watchdog import PhaseMarks, Watchdog
 
 SAME_INTERRUPT_S = 1.0
 
@@ -118,6 +125,7 @@ def run(
     from pipeline import config
     from pipeline.mesh import ParallelDims, build_mesh
     from pipeline.train import Loaders, Trainer, write_run_config
+    from pipeline.watchdog import PhaseMarks
     from preprocess.format import read_manifest
 
     env = env or ProcessEnv.from_environ()
@@ -132,29 +140,70 @@ def run(
         install_stop_handlers(stop)
     if env.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(minutes=cfg.train.collective_timeout_min)
         dist.init_process_group(
             backend,
+            store=process_group_store(env, timeout),
             rank=env.rank,
             world_size=env.world_size,
-            timeout=timedelta(minutes=10),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
-    lease, outcome = None, None
+    lease, outcome, watchdog = None, None, None
     try:
         lease = take_lease(cfg.run_dir, cfg.train.lease_minutes, env.rank)  # before anything is written
+        marks = PhaseMarks()
+        watchdog = start_watchdog(cfg, env, marks)
         mesh = build_mesh(dims, device.type)
         if dims.is_main:
             write_run_config(cfg)
             logging.getLogger("alexnet").info("%s on %s; run dir %s", dims.describe(), device, cfg.run_dir)
-        trainer = Trainer(cfg, mesh, device, stop, loaders or Loaders(), heartbeat=lease.heartbeat if lease else None)
+        trainer = Trainer(
+            cfg, mesh, device, stop, loaders or Loaders(), heartbeat=lease.heartbeat if lease else None, marks=marks
+        )
         outcome = trainer.fit(resume=args.resume)
         return outcome
     finally:
+        if watchdog is not None:
+            watchdog.close()
         # A run stopped for preemption keeps its lease: the requeued job (the same holder) takes it over.
         if lease is not None and not (outcome is not None and outcome.preempted):
             lease.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def process_group_store(env: ProcessEnv, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun with a shared rendezvous store: that store, with this attempt's key prefix.
+
+    torch's env:// set-up uses the agent's store without a prefix, so a restarted group finds the
+    previous group's keys (its ranks' addresses) and connects to dead ranks; the prefix per restart
+    count keeps each attempt's keys apart. None elsewhere (env:// makes rank 0 host a fresh store).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"/alexnet/attempt_{attempt}", agent_store)
+
+
+def start_watchdog(cfg: RunConfig, env: ProcessEnv, marks: PhaseMarks) -> Watchdog | None:
+    """The progress watchdog's thread on this rank (pipeline.watchdog), or None with --train.hang-timeout 0.
+
+    Rank 0 names the attempt, so records a killed attempt left in RUN_DIR/progress are never mistaken
+    for this one's.
+    """
+    from pipeline.watchdog import Allowance, Watchdog
+
+    if not cfg.train.hang_timeout:
+        return None
+    box = [f"{os.getpid()}-{time.time_ns()}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    allowance = Allowance(cfg.train.hang_timeout, cfg.train.slow_phase_timeout)
+    return Watchdog(cfg.run_dir, env.rank, env.world_size, box[0], marks, allowance).start()
 
 
 def take_lease(run_dir: str, minutes: float, rank: int) -> Lease | None:

@@ -79,6 +79,21 @@ class TrainConfig:
     keep it above the longest validation"""
     grad_compression: str = "none"
     """data-parallel gradient all-reduce: none (fp32) or bf16 (DDP's bf16_compress_hook: half the bytes)"""
+    hang_timeout: float = 120.0
+    """seconds without progress on every rank after which the progress watchdog names the rank the others
+    wait for, writes every rank's stacks to RUN_DIR/hangs/ and ends the attempt with exit code 75 so the
+    launcher restarts it from the last checkpoint (0 = no watchdog)"""
+    slow_phase_timeout: float = 480.0
+    """the same allowance for the phases whose single steps may take long: start-up and resume, an epoch's
+    input pipeline set-up, a checkpoint write (a rank whose process stopped running is judged by
+    --train.hang-timeout whatever its phase)"""
+    collective_timeout_min: float = 10.0
+    """minutes a collective may wait before the process group fails it (the watchdog acts first)"""
+    straggler_threshold: float = 1.5
+    """a rank whose own work per step (step time less its waits for other ranks) exceeds this multiple of
+    the other ranks' median at --train.straggler-window control steps in a row is named in one log line"""
+    straggler_window: int = 5
+    """consecutive control steps a rank must be slow before it is named a straggler"""
 
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16"):
@@ -87,6 +102,23 @@ class TrainConfig:
             raise UserError(f"--train.device must be auto, cuda or cpu (got {self.device!r})")
         if self.grad_compression not in ("none", "bf16"):
             raise UserError(f"--train.grad-compression must be none or bf16 (got {self.grad_compression!r})")
+        if not self.collective_timeout_min > 0:
+            raise UserError(f"--train.collective-timeout-min must be > 0 (got {self.collective_timeout_min})")
+        if self.hang_timeout < 0 or (self.hang_timeout and not self.hang_timeout <= self.slow_phase_timeout):
+            raise UserError(
+                f"--train.hang-timeout must be 0 (off) or > 0 and at most --train.slow-phase-timeout "
+                f"(got {self.hang_timeout} and {self.slow_phase_timeout})"
+            )
+        if self.hang_timeout and self.slow_phase_timeout >= 60 * self.collective_timeout_min:
+            raise UserError(
+                f"--train.slow-phase-timeout {self.slow_phase_timeout} s must be below --train.collective-timeout-min "
+                f"{self.collective_timeout_min} min, or the collective fails first and names no rank"
+            )
+        if not self.straggler_threshold > 1 or self.straggler_window < 1:
+            raise UserError(
+                f"--train.straggler-threshold must be > 1 and --train.straggler-window >= 1 "
+                f"(got {self.straggler_threshold} and {self.straggler_window})"
+            )
 
 
 @dataclass

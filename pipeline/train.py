@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from pipeline.config import RunConfig
 from pipeline.mesh import Mesh
 from pipeline.metrics import MetricWriter, StepTimer, format_eta, topk_correct
 from pipeline.schedule import LRSchedule, ManualRequests
+from pipeline.stragglers import StragglerWatch
+from pipeline.watchdog import PhaseMarks
 from preprocess.errors import UserError
 
 log = logging.getLogger("alexnet")
@@ -64,8 +67,10 @@ class Trainer:
         stop: threading.Event,
         loaders: Loaders = Loaders(),
         heartbeat: Callable[[], None] | None = None,
+        marks: PhaseMarks | None = None,
     ):
         self.cfg = cfg
+        self.marks = marks or PhaseMarks()  # the progress watchdog's view of this rank (pipeline.watchdog)
         self.heartbeat = heartbeat  # the run dir's writer lease, refreshed by the main rank at each control step
         self.mesh = mesh
         self.dims = mesh.dims
@@ -98,6 +103,14 @@ class Trainer:
         self.writer = MetricWriter(self.run_dir, enabled=self.dims.is_main)
         self.local_batch = _local_batch(cfg.optim.batch_size, self.dims.dp_size)
         self.last_checkpoint: Path | None = None
+        self.stragglers = StragglerWatch(
+            self.dims.rank, self.dims.world_size, _hosts(), cfg.train.straggler_threshold, cfg.train.straggler_window
+        )
+        self._control_step = 0  # the step of the last control all-reduce (the straggler figures are per step)
+        # conv1's gradient is the last one backward computes: from then on a rank only waits for the
+        # gradient all-reduce (the straggler statistics tell its own work from waiting by this marker).
+        first_layer = next(self.model.parameters())
+        first_layer.register_post_accumulate_grad_hook(lambda _: self.marks.enter("gradient-sync"))
 
     @property
     def progress(self) -> Progress:
@@ -129,6 +142,7 @@ class Trainer:
             if self.schedule.on_epoch_start(epoch=epoch, step=self.progress.step):
                 self._log_drop()
             # A mid-epoch resume starts the epoch's order at the next batch, without decoding the ones before.
+            self.marks.enter("loader", self.progress.step)
             loader = self.loaders.train(
                 self.cfg.data,
                 dp_rank=self.dims.dp_rank,
@@ -157,6 +171,7 @@ class Trainer:
                 self._save(is_best=is_best)
         if self.checkpointer.last_saved_step != self.progress.step:  # stopped by --max-steps: keep the state
             self._save(is_best=False)
+        self.marks.enter("checkpoint")
         self.checkpointer.wait()  # a background save is on disk before the run says it is done
         self.writer.hparams(
             _flat_hparams(self.cfg), {"hparam/val_top1_error": val_error if val_error is not None else -1}
@@ -172,8 +187,11 @@ class Trainer:
         self.ddp.train()
         timer = StepTimer()
         nonfinite = torch.zeros((), device=self.device)
-        for i, (images, labels) in enumerate(loader, start=self.progress.step_in_epoch):
+        marks = self.marks
+        batches = marks.iterate(loader, "data", first="loader")  # the first batch waits for the pipeline's start
+        for i, (images, labels) in enumerate(batches, start=self.progress.step_in_epoch):
             timer.data_ready()
+            marks.enter("forward", self.progress.step)
             lr = self.schedule.lr(self.progress.epoch + i / max(steps_in_epoch, 1))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -182,7 +200,9 @@ class Trainer:
                 logits = self.ddp(images)
             loss = F.cross_entropy(logits.float(), labels)
             self.optimizer.zero_grad(set_to_none=True)
+            marks.enter("backward")  # then "gradient-sync" (DDP's all-reduce; a fast rank waits there)
             loss.backward()
+            marks.enter("step")
             nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
             log_now = self.progress.step % cfg.log_every == 0
             grad_norm = self._grad_norm() if log_now else None
@@ -215,7 +235,10 @@ class Trainer:
         if main and self.heartbeat is not None:
             self.heartbeat()
         pending = self.requests.pending() if main else []
-        flags = torch.zeros(5, device=self.device)
+        self.marks.enter("control", self.progress.step)
+        flags = torch.zeros(5 + self.stragglers.slots(), device=self.device)
+        self.stragglers.fill(flags[5:], self.marks.take_seconds(), self.progress.step - self._control_step)
+        self._control_step = self.progress.step
         flags[0] = float(self.stop.is_set() or (main and (self.run_dir / PREEMPT_REQUEST).exists()))
         flags[1] = float(bool(pending))
         flags[2] = float(save_now or (main and self.checkpointer.time_due()))
@@ -223,7 +246,9 @@ class Trainer:
         flags[4] = float(self.checkpointer.failed())  # a background save failed on this rank
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, drop, save_due, bad, save_failed = (bool(v) for v in flags.tolist())
+        values = flags.tolist()
+        stop, drop, save_due, bad, save_failed = (bool(v) for v in values[:5])
+        self.writer.scalars(self.stragglers.observe(values[5:]), self.progress.step)
         if save_failed or bad:
             self.checkpointer.wait()  # raises a failed save's error on every rank; lets a good one finish
         if bad:
@@ -273,6 +298,7 @@ class Trainer:
     def validate(self, epoch: int) -> float:
         """Top-1/top-5 error over every val image exactly once (counts all-reduced over dp ranks)."""
         ten_crop = self.cfg.train.ten_crop
+        self.marks.enter("loader", self.progress.step)  # until the first batch: the pipeline's start
         loader = self.loaders.val(
             self.cfg.data,
             dp_rank=self.dims.dp_rank,
@@ -284,7 +310,8 @@ class Trainer:
             verify_cache=self.verify_cache,
         )
         # The towers compute collectively, so both tp ranks run the model; their counts are equal.
-        totals = evaluate.count(self.model, loader, ten_crop=ten_crop, amp=self.cfg.train.amp == "bf16")
+        amp = self.cfg.train.amp == "bf16"
+        totals = evaluate.count(self.model, self.marks.ticking(loader, "validation"), ten_crop=ten_crop, amp=amp)
         totals_t = totals.as_tensor(self.device)
         if self.mesh.dp_group is not None and self.dims.dp_size > 1:
             dist.all_reduce(totals_t, group=self.mesh.dp_group)
@@ -318,6 +345,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _save(self, is_best: bool) -> None:
+        self.marks.enter("checkpoint", self.progress.step)
         path = self.checkpointer.save(self.state, self.device, is_best=is_best)
         self.last_checkpoint = path
         if self.dims.is_main:
@@ -431,6 +459,16 @@ class Trainer:
                 drop["step"],
                 drop["lr"],
             )
+
+
+def _hosts() -> list[str]:
+    """Every global rank's host name (one collective at start; for the straggler line)."""
+    host = socket.gethostname()
+    if not dist.is_initialized():
+        return [host]
+    hosts: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(hosts, host)
+    return hosts
 
 
 def _local_batch(global_batch: int, dp_size: int) -> int:

@@ -23,6 +23,16 @@
 # preempted); the script drops a stop request into the run directory, the job checkpoints at the
 # next step boundary and exits, and the script requeues itself. The requeued job resumes from the
 # run directory's latest checkpoint. Operators can trigger the same with `scancel -b --signal=USR1 JOB`.
+#
+# Pre-flight: before training, `python -m launch.preflight` runs on every rank of the job (matmul,
+# shard reads, device memory, all-reduce and links; one table in the job log, a line for each rank far
+# below the others). PREFLIGHT=warn (default) reports and trains anyway, PREFLIGHT=strict ends the job
+# (exit 1, not requeued) when a rank is named, PREFLIGHT=off skips it.
+#
+# Hangs: the progress watchdog (pipeline/watchdog.py) names a stuck rank, writes stacks to
+# RUN_DIR/hangs/ and ends the attempt (exit 75); torchrun restarts the group (MAX_RESTARTS). When the
+# restarts are used up and this job recorded a hang, the script requeues the job (HANG_REQUEUES times,
+# default 3, counted by SLURM_RESTART_COUNT), so a hung job comes back on a fresh allocation.
 #SBATCH --job-name=alexnet
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -44,10 +54,13 @@ fi
 # The run directory must be stable across requeues: take --run-dir from the arguments or set one.
 args=("$@")
 run_dir=""
+data_dir=""
 for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[i]}" in
         --run-dir|--run_dir) run_dir=${args[i + 1]:-} ;;
         --run-dir=*|--run_dir=*) run_dir=${args[i]#*=} ;;
+        --data|--data.data) data_dir=${args[i + 1]:-} ;;
+        --data=*|--data.data=*) data_dir=${args[i]#*=} ;;
     esac
 done
 if [[ -z "$run_dir" ]]; then
@@ -87,6 +100,27 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 # own lease taking in launch.train still settles a race between two jobs starting together).
 "$PYTHON" -m pipeline.lease check "$run_dir" || exit $?
 
+torchrun_on_all_nodes() {  # torchrun once per node through srun; the rest of the line is its arguments
+    srun --kill-on-bad-exit=0 --ntasks-per-node=1 \
+        "$PYTHON" -m torch.distributed.run \
+            --nnodes="$nodes" --nproc-per-node="$nproc" \
+            --rdzv-backend=c10d --rdzv-endpoint="$endpoint" "$@"
+}
+
+preflight=${PREFLIGHT:-warn}
+if [[ "$preflight" != off && -n "$data_dir" ]]; then
+    echo "$(date +%T) pre-flight on every rank (PREFLIGHT=$preflight; PREFLIGHT=off skips it)"
+    strict=()
+    [[ "$preflight" == strict ]] && strict=(--strict)
+    torchrun_on_all_nodes --rdzv-id="${SLURM_JOB_ID:-local}-preflight" \
+        -m launch.preflight --data "$data_dir" "${strict[@]}"
+    pre_status=$?
+    if [[ $pre_status != 0 && "$preflight" == strict ]]; then
+        echo "$(date +%T) pre-flight failed (exit $pre_status): not training on this allocation"
+        exit "$pre_status"
+    fi
+fi
+
 requeue=0
 on_signal() {
     echo "$(date +%T) signal received: asking the job to checkpoint and stop (run dir $run_dir)"
@@ -96,12 +130,9 @@ on_signal() {
 trap on_signal USR1 TERM
 
 echo "$(date +%T) job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $nproc process(es), rendezvous $endpoint"
-srun --kill-on-bad-exit=0 --ntasks-per-node=1 \
-    "$PYTHON" -m torch.distributed.run \
-        --nnodes="$nodes" --nproc-per-node="$nproc" \
-        --rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="${SLURM_JOB_ID:-local}" \
-        --max-restarts="${MAX_RESTARTS:-3}" \
-        -m launch.train "${args[@]}" &
+started=$(date +%s)
+torchrun_on_all_nodes --rdzv-id="${SLURM_JOB_ID:-local}" --max-restarts="${MAX_RESTARTS:-3}" \
+    -m launch.train "${args[@]}" &
 step=$!
 # A trap runs only while bash waits, so wait in a loop until the step has really ended.
 while true; do
@@ -112,6 +143,14 @@ done
 
 if [[ $requeue == 1 ]]; then
     echo "$(date +%T) training stopped for preemption (exit $status); requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+# A hang recorded by this job (a folder under RUN_DIR/hangs/ newer than its start) that torchrun's
+# restarts did not get past: requeue, so the job comes back on a fresh allocation.
+hung=$(find "$run_dir/hangs" -mindepth 1 -maxdepth 1 -newermt "@$started" 2>/dev/null | sort | tail -n 1)
+if [[ $status != 0 && -n "$hung" && ${SLURM_RESTART_COUNT:-0} -lt ${HANG_REQUEUES:-3} && -n "${SLURM_JOB_ID:-}" ]]; then
+    echo "$(date +%T) training failed after a hang ($hung, exit $status); requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi

@@ -152,8 +152,36 @@ def hold_saves(gate: Path) -> None:
     checkpoint.fsync_dir = held_fsync_dir
 
 
+def slowed(loaders, rank: int):
+    """``HARNESS_SLOW_RANK=r``: on rank r each validation batch takes ``HARNESS_SLOW_VAL_S`` longer and each
+    checkpoint save ``HARNESS_SLOW_SAVE_S`` longer (a slow but progressing phase, for the watchdog's tests)."""
+    import time
+
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.train import Loaders
+
+    if os.environ.get("HARNESS_SLOW_RANK") != str(rank):
+        return loaders
+    val_s, save_s = float(os.environ.get("HARNESS_SLOW_VAL_S", 0)), float(os.environ.get("HARNESS_SLOW_SAVE_S", 0))
+    loaders = loaders or Loaders()
+    save = Checkpointer.save
+
+    def slow_save(self, *args, **kwargs):
+        time.sleep(save_s)
+        return save(self, *args, **kwargs)
+
+    def slow_val(*args, **kwargs):
+        for batch in loaders.val(*args, **kwargs):
+            time.sleep(val_s)
+            yield batch
+
+    Checkpointer.save = slow_save
+    return Loaders(train=loaders.train, val=slow_val)
+
+
 def main() -> int:
     loaders = fixed_loaders() if os.environ.get("HARNESS_DATA") == "fixed" else None
+    loaders = slowed(loaders, int(os.environ.get("RANK", 0)))
     from launch.train import run
     from preprocess.errors import run_cli
 

@@ -8,7 +8,9 @@ with --gpus-per-node=0 --cpus-per-task=2 (the script's header asks for 2 GPUs an
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -294,3 +296,58 @@ def test_second_job_on_a_live_run_dir_fails_at_once(
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 0
     assert _meta(_latest(run_dir))["progress"]["step"] == _stop_line(_log(done))
     assert json.loads((run_dir / LEASE_NAME).read_text())["holder"] == f"Slurm job {first} on cluster alexnet-local"
+
+
+def _rank_pids(run_dir: Path, rank: int) -> list[int]:
+    """launch.train processes of this run with RANK=rank (Slurm runs them on this host)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"launch.train" in cmd and str(run_dir).encode() in cmd and f"RANK={rank}".encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+def test_hung_job_is_requeued_and_finishes(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
+    """A rank SIGSTOPped with no elastic restarts left (MAX_RESTARTS=0): the watchdog names it, the job step
+    fails, the script sees the hang it recorded and requeues the job, which resumes and trains on."""
+    run_dir = tmp_path / "run"
+    watch = "--train.hang-timeout 10 --train.slow-phase-timeout 20 --train.collective-timeout-min 2".split()
+    args = ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, *UNTIL_STOPPED]
+    args += ["--train.log-every", "1", "--checkpoint.every-steps", "4", *watch]
+    job = _submit(slurm_cluster, tmp_path, args, env={"MAX_RESTARTS": "0", "PREFLIGHT": "off"})
+    try:
+        _wait_for_steps(slurm_cluster, job, r" step ([6-9]|\d\d+)/", timeout=180)  # past the checkpoint at step 4
+        (victim,) = _rank_pids(run_dir, 1)
+        os.kill(victim, signal.SIGSTOP)
+
+        # The job is requeued after the hang (Restarts=1); once the resumed run trains, the operator stops it.
+        deadline = time.monotonic() + 300
+        while True:
+            (record,) = slurm_cluster.jobs(job)
+            assert record["JobState"] not in ENDED_STATES, f"job ended ({record['JobState']}):\n{_log(record)}"
+            second = _log(record).partition(f"job {job} restart 1:")[2]
+            if re.search(r"resumed from .*\n(.*\n)*.* step \d+/", second):
+                break
+            assert time.monotonic() < deadline, f"requeued job not training after 300 s: {record}\n{_log(record)}"
+            time.sleep(0.5)
+        _request_stop(run_dir)
+        (record,) = slurm_cluster.wait(job, timeout=300)
+    finally:
+        for pid in _rank_pids(run_dir, 1):
+            os.kill(pid, signal.SIGCONT)
+        _cancel(slurm_cluster, job)
+    log = _log(record)
+    assert (record["JobState"], record["ExitCode"], record.get("Restarts")) == ("COMPLETED", "0:0", "1"), log
+    first, _, second = log.partition(f"job {job} restart 1:")
+    assert re.search(rf"hang: rank 1 \(host \S+, pid {victim}\)", first), first
+    assert f"training failed after a hang ({run_dir}/hangs/" in first and f"requeueing job {job}" in first, first
+    resumed = re.search(r"resumed from (\S+): epoch (\d+), step (\d+)", second)
+    assert resumed and int(resumed.group(3)) >= 4, second
+    assert _meta(_latest(run_dir))["progress"]["step"] == _stop_line(second) > int(resumed.group(3))

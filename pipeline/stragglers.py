@@ -1,0 +1,98 @@
+"""Stragglers: which rank the others wait for, and whether it waits on its data or on its compute.
+
+In synchronous data parallelism every rank's step takes as long as the slowest rank's: the fast ranks
+spend the difference waiting for the gradient all-reduce (the trainer's "gradient-sync" phase, from
+the moment its own backward computed the last gradient to the end of ``backward``) and in the control
+all-reduce. So each rank reports its seconds per step in data, in those waits and in all; the least
+time any rank spent waiting is what the collectives cost by themselves, and a rank's *own work* per
+step is its step time less its excess over that least. A rank whose own work exceeds
+``threshold`` x the other ranks' median at ``window`` control steps in a row is named once (again
+only after it has recovered). The figures travel in the trainer's control all-reduce (a MAX over
+per-rank slots, which gathers them), so they cost no collective of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("alexnet")
+
+# Seconds per step each rank reports: the step phases only (validation, checkpoints, set-up excluded).
+STEP_PHASES = ("data", "forward", "backward", "gradient-sync", "step", "control")
+WAIT_PHASES = ("gradient-sync", "control")  # where a rank waits for the others
+FIELDS = 3  # step seconds, data seconds, waiting seconds, per step
+
+
+@dataclass
+class StragglerWatch:
+    rank: int
+    world_size: int
+    hosts: list[str]
+    threshold: float
+    window: int
+    slow_runs: list[int] = field(default_factory=list)  # consecutive slow control steps per rank
+    named: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.slow_runs = [0] * self.world_size
+
+    def slots(self) -> int:
+        return FIELDS * self.world_size
+
+    def fill(self, out: torch.Tensor, seconds: dict[str, float], steps: int) -> None:
+        """This rank's figures into its slots of ``out`` (zeros elsewhere), per step."""
+        if steps <= 0:
+            return
+        per = [
+            sum(seconds.get(p, 0.0) for p in STEP_PHASES) / steps,
+            seconds.get("data", 0.0) / steps,
+            sum(seconds.get(p, 0.0) for p in WAIT_PHASES) / steps,
+        ]
+        out[FIELDS * self.rank : FIELDS * (self.rank + 1)] = torch.tensor(per, dtype=out.dtype, device=out.device)
+
+    def observe(self, gathered: list[float]) -> dict[str, float]:
+        """Every rank's figures (after the all-reduce): names a persistent straggler; TensorBoard scalars."""
+        rows = [gathered[FIELDS * r : FIELDS * (r + 1)] for r in range(self.world_size)]
+        if self.world_size < 2 or any(row[0] <= 0 for row in rows):
+            return {}
+        least_wait = min(row[2] for row in rows)
+        work = [row[0] - (row[2] - least_wait) for row in rows]
+        data_fraction = [min(row[1] / w, 1.0) if w > 0 else 0.0 for row, w in zip(rows, work)]
+        for r in range(self.world_size):
+            others = statistics.median(work[:r] + work[r + 1 :])
+            slow = others > 0 and work[r] > self.threshold * others
+            self.slow_runs[r] = self.slow_runs[r] + 1 if slow else 0
+            if not slow:
+                self.named.discard(r)
+            elif self.slow_runs[r] >= self.window and r not in self.named:
+                self.named.add(r)
+                if self.rank == 0:
+                    log.warning("%s", self._line(r, work, data_fraction, others))
+        slowest = max(range(self.world_size), key=lambda r: work[r])
+        return {
+            "perf/rank_work_s_max": max(work),
+            "perf/rank_work_s_median": statistics.median(work),
+            "perf/rank_data_wait_fraction_max": max(data_fraction),
+            "perf/rank_data_wait_fraction_median": statistics.median(data_fraction),
+            "perf/slowest_rank": float(slowest),
+        }
+
+    def _line(self, r: int, work: list[float], data_fraction: list[float], others: float) -> str:
+        median_data = statistics.median(data_fraction[:r] + data_fraction[r + 1 :])
+        on_data = work[r] * data_fraction[r] - others * median_data > 0.5 * (work[r] - others)
+        cause = (
+            "on data (its input pipeline or storage is slow)"
+            if on_data
+            else "on compute (its device, host or process is slow)"
+        )
+        host = self.hosts[r] if r < len(self.hosts) else "?"
+        return (
+            f"straggler: rank {r} (host {host}) works {work[r]:.3f} s per step vs a median of {others:.3f} s "
+            f"on the other ranks ({work[r] / others:.1f}x) at {self.slow_runs[r]} control steps in a row; "
+            f"it waits {100 * data_fraction[r]:.0f}% of that on data (others {100 * median_data:.0f}%): "
+            f"slow {cause}"
+        )

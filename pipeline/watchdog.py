@@ -1,0 +1,326 @@
+"""Progress watchdog: names the rank a hung job waits for, dumps every live rank's stacks, ends the attempt.
+
+A rank stuck in a storage read, a wedged driver or a stopped process does not crash: the other ranks
+wait in a collective until the process group's timeout, and nothing names the culprit. Here:
+
+- the trainer marks its phases (``PhaseMarks.enter``: data, forward, backward, gradient-sync, step,
+  control, validation, checkpoint ...); a marker costs a clock read and a tuple assignment;
+- a thread on every rank publishes the rank's last marker and a heartbeat to
+  ``RUN_DIR/progress/rank-N.json`` every ``beat_s`` (the run directory is shared by all ranks; the
+  rendezvous store is not used: under env:// it lives in rank 0, which may be the stuck one),
+  and a changed state within a fifth of that;
+- when its own rank has made no progress for the phase's allowance, the thread reads every rank's
+  record. Only if no rank has made progress within its allowance is it a hang. The culprit is the
+  rank whose heartbeat stopped (the process cannot run Python: stopped, or stuck in the kernel with
+  the interpreter lock held), else the rank that is behind in the sequence of markers (every rank
+  enters the same markers in the same order, so the one that entered fewer is the one the others wait
+  for). The lowest healthy rank logs one line naming it; every rank that can run Python writes its
+  stacks (``faulthandler``, all threads) to ``RUN_DIR/hangs/<time>/rank-N.txt`` and exits with
+  ``HANG_EXIT`` at once, without waiting for the collective, so that torchrun's ``--max-restarts``
+  (or the Slurm script's requeue) restarts the job from its newest checkpoint.
+
+Records of an earlier attempt (a restart reuses the run directory) carry another ``attempt`` token
+and are ignored. Timestamps are wall-clock times: across nodes they assume NTP-synchronised clocks
+(an offset of seconds against allowances of minutes is harmless).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger("alexnet")
+
+HANG_EXIT = 75  # EX_TEMPFAIL: "try again", what the launcher's restart does
+PROGRESS_DIR = "progress"
+HANGS_DIR = "hangs"
+# Phases whose single steps may legitimately take long: start-up (model build, resume), an epoch's
+# input pipeline set-up (shard verification), a checkpoint write.
+SLOW_PHASES = frozenset({"start", "loader", "checkpoint"})
+
+T = TypeVar("T")
+
+
+class PhaseMarks:
+    """Where this rank is: (markers entered, step, phase, wall time of the last progress), and the
+    seconds spent in each phase since the last ``take_seconds`` (the straggler statistics use them).
+
+    Written by the training thread only; the watchdog thread reads ``state`` (one tuple, assigned at once).
+    """
+
+    def __init__(self) -> None:
+        self.state: tuple[int, int, str, float] = (0, 0, "start", time.time())
+        self._phase_start = time.perf_counter()
+        self._seconds: dict[str, float] = {}
+
+    def enter(self, phase: str, step: int | None = None) -> None:
+        now = time.perf_counter()
+        seq, last_step, last_phase, _ = self.state
+        self._seconds[last_phase] = self._seconds.get(last_phase, 0.0) + now - self._phase_start
+        self._phase_start = now
+        self.state = (seq + 1, last_step if step is None else step, phase, time.time())
+
+    def tick(self) -> None:
+        """Progress inside a phase (a validation batch) without a new marker: ranks may tick unequally."""
+        seq, step, phase, _ = self.state
+        self.state = (seq, step, phase, time.time())
+
+    def iterate(self, items: Iterable[T], phase: str, first: str | None = None) -> Iterator[T]:
+        """``items`` with ``phase`` entered before each ``next`` (the wait for a batch is that phase);
+        ``first``: the phase of the first ``next`` instead (an input pipeline's start-up)."""
+        it = iter(items)
+        while True:
+            self.enter(first or phase)
+            first = None
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            yield item
+
+    def ticking(self, items: Iterable[T], phase: str) -> Iterator[T]:
+        """``items``; ``phase`` entered when the first arrives (or when there are none: every rank enters
+        it once), each later arrival a tick (ranks may get different numbers of items)."""
+        entered = False
+        for item in items:
+            if entered:
+                self.tick()
+            else:
+                self.enter(phase)
+                entered = True
+            yield item
+        if not entered:
+            self.enter(phase)
+
+    def take_seconds(self) -> dict[str, float]:
+        """Seconds per phase since the last call (the phase in progress counted up to now)."""
+        now = time.perf_counter()
+        phase = self.state[2]
+        self._seconds[phase] = self._seconds.get(phase, 0.0) + now - self._phase_start
+        self._phase_start = now
+        seconds, self._seconds = self._seconds, {}
+        return seconds
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """Seconds without progress after which a rank counts as stuck."""
+
+    step_s: float  # data, forward, backward, gradient-sync, step, control, validation (per batch)
+    slow_s: float  # SLOW_PHASES
+
+    def for_phase(self, phase: str) -> float:
+        return self.slow_s if phase in SLOW_PHASES else self.step_s
+
+
+@dataclass(frozen=True)
+class Record:
+    rank: int
+    host: str
+    pid: int
+    attempt: str
+    seq: int
+    step: int
+    phase: str
+    progress_at: float
+    beat_at: float
+
+    @classmethod
+    def read(cls, path: Path) -> Record | None:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None  # not there yet, or a half-visible write on a weak file system: next beat
+
+
+@dataclass(frozen=True)
+class Verdict:
+    culprits: list[Record]  # empty: every rank waits and none is behind (a collective hangs everywhere)
+    silent: set[int]  # ranks whose heartbeat stopped: they cannot write their stacks
+    records: dict[int, Record]
+    stuck_s: float
+
+    def folder_name(self) -> str:
+        """The same on every rank: from records every rank reads alike."""
+        anchor = self.culprits or list(self.records.values())
+        at = min(r.progress_at for r in anchor)
+        return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(at))
+
+
+def judge(
+    records: dict[int, Record], world_size: int, now: float, allowance: Allowance, stale_s: float
+) -> Verdict | None:
+    """A verdict when no rank has made progress within its allowance, else None."""
+    silent = {r for r, rec in records.items() if now - rec.beat_at > stale_s}
+    for rank in range(world_size):
+        rec = records.get(rank)
+        if rec is None:
+            return None  # not yet started in this attempt: the rendezvous/collective timeouts own that case
+        # A process that cannot run Python is not writing a slow checkpoint, and the ranks waiting for it
+        # in the checkpoint's collective are not either: with a silent rank the step allowance applies.
+        limit = allowance.step_s if silent else allowance.for_phase(rec.phase)
+        if now - rec.progress_at < limit:
+            return None
+    if silent:
+        culprits = [records[r] for r in sorted(silent)]
+    else:
+        least = min(rec.seq for rec in records.values())
+        behind = [records[r] for r in sorted(records) if records[r].seq == least]
+        culprits = behind if len(behind) < len(records) else []
+    stuck_s = now - max(rec.progress_at for rec in records.values())
+    return Verdict(culprits, silent, records, stuck_s)
+
+
+def process_state(pid: int) -> str | None:
+    """The kernel's state letter and name of a local process ("T (stopped)"), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    letter = stat.rsplit(")", 1)[1].split()[0]
+    names = {"T": "stopped", "t": "traced", "D": "in uninterruptible I/O", "Z": "a zombie", "R": "running"}
+    names.update({"S": "sleeping"})
+    return f"{letter} ({names.get(letter, '?')})"
+
+
+class Watchdog:
+    """The monitor thread of one rank (see the module docstring)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        rank: int,
+        world_size: int,
+        attempt: str,
+        marks: PhaseMarks,
+        allowance: Allowance,
+        exit_process: Callable[[int], Any] = os._exit,
+    ):
+        self.rank, self.world_size, self.attempt = rank, world_size, attempt
+        self.marks, self.allowance = marks, allowance
+        self.progress_dir = Path(run_dir) / PROGRESS_DIR
+        self.hangs_dir = Path(run_dir) / HANGS_DIR
+        # A beat often enough that a stopped heartbeat shows well within the allowance, rarely enough to
+        # cost nothing on a shared file system (one small file per rank every 10 s at the defaults).
+        self.beat_s = min(max(allowance.step_s / 10, 0.2), 10.0)
+        # A changed state is published within a fifth of a beat (what the report calls "last seen" is then
+        # at most that old); an unchanged one once a beat (the heartbeat).
+        self.poll_s = self.beat_s / 5
+        self.stale_s = max(3 * self.beat_s, 2.0)
+        self._published: tuple[Any, float] = (None, 0.0)
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self._exit = exit_process
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        self.progress_dir.mkdir(parents=True, exist_ok=True)
+        self._publish()
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * self.beat_s + 5)
+
+    # -- the thread
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                state, at = self._published
+                if state != self.marks.state or time.monotonic() - at >= self.beat_s:
+                    self._publish()
+                verdict = self.check()
+            except OSError as e:  # a shared file system hiccup must not end training
+                log.warning("progress watchdog: %s", e)
+                continue
+            if verdict is not None and not self._stop.is_set():
+                self.act(verdict)
+
+    def _publish(self) -> None:
+        state = self.marks.state
+        seq, step, phase, progress_at = state
+        record = Record(self.rank, self.host, self.pid, self.attempt, seq, step, phase, progress_at, time.time())
+        path = self.progress_dir / f"rank-{self.rank}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(vars(record)))
+        os.replace(tmp, path)
+        self._published = (state, time.monotonic())
+
+    def check(self) -> Verdict | None:
+        """Cheap while this rank progresses: peers' records are read only when it has not."""
+        if time.time() - self.marks.state[3] < self.allowance.step_s:
+            return None
+        return judge(self.read_records(), self.world_size, time.time(), self.allowance, self.stale_s)
+
+    def read_records(self) -> dict[int, Record]:
+        records = {}
+        for rank in range(self.world_size):
+            rec = Record.read(self.progress_dir / f"rank-{rank}.json")
+            if rec is not None and rec.attempt == self.attempt:
+                records[rank] = rec
+        return records
+
+    def act(self, verdict: Verdict) -> None:
+        """Stacks to the hang folder, the report line (lowest healthy rank), then exit at once."""
+        folder = self.hangs_dir / verdict.folder_name()
+        folder.mkdir(parents=True, exist_ok=True)
+        stacks = folder / f"rank-{self.rank}.txt"
+        tmp = stacks.with_name(stacks.name + ".tmp")
+        with tmp.open("w") as f:
+            me = verdict.records.get(self.rank)
+            if me is not None:
+                f.write(f"rank {self.rank} host {self.host} pid {self.pid}: phase {me.phase} step {me.step}\n")
+            f.flush()
+            faulthandler.dump_traceback(file=f, all_threads=True)
+        os.replace(tmp, stacks)
+        healthy = [r for r in range(self.world_size) if r not in verdict.silent and r not in _ranks(verdict.culprits)]
+        reporter = min(healthy) if healthy else self.rank
+        if self.rank == reporter:
+            log.error("%s", self.report(verdict, folder))
+        for handler in logging.getLogger().handlers + log.handlers:
+            handler.flush()
+        sys.stderr.flush()
+        self._exit(HANG_EXIT)
+
+    def report(self, verdict: Verdict, folder: Path) -> str:
+        stuck = f"no progress on any rank for {verdict.stuck_s:.0f} s"
+        if not verdict.culprits:
+            rec = verdict.records[min(verdict.records)]
+            who = f"no rank is behind: all wait in phase {rec.phase} at step {rec.step} (a collective hangs)"
+        else:
+            who = "; ".join(self._describe(rec, verdict) for rec in verdict.culprits)
+        return (
+            f"hang: {who}; {stuck}; stacks of every rank that can run Python in {folder}/rank-N.txt; "
+            f"exiting with code {HANG_EXIT} so the launcher restarts from the last checkpoint"
+        )
+
+    def _describe(self, rec: Record, verdict: Verdict) -> str:
+        text = (
+            f"rank {rec.rank} (host {rec.host}, pid {rec.pid}) last seen in phase {rec.phase} at step {rec.step} "
+            f"{time.time() - rec.progress_at:.0f} s ago"
+        )
+        if rec.rank in verdict.silent:
+            state = process_state(rec.pid) if rec.host == self.host else None
+            text += (
+                f", not running Python for {time.time() - rec.beat_at:.0f} s"
+                + (f" (process state {state})" if state else "")
+                + ": stopped or stuck in the kernel, no stack from it"
+            )
+        return text
+
+
+def _ranks(records: list[Record]) -> set[int]:
+    return {r.rank for r in records}

@@ -1,0 +1,213 @@
+"""`python -m launch.preflight` on 2 CPU ranks (gloo): one table; a rank slowed by a stop/continue duty cycle
+is named, and --strict turns that into exit 1."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.preflight import far_below, nccl_transports, socket_fallback
+from tests._fixtures import PYTHON, REPO, children, cmdline, kill_group, small_env, wait_for
+from tests.netns import NodePair, netns_skip_reason
+
+TIMEOUT = 240
+
+
+def _argv(data: Path, *extra: str) -> list[str]:
+    return [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "launch.preflight",
+        "--data",
+        str(data),
+        *extra,
+    ]
+
+
+def _rows(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines() if re.match(r"\s*\d+\s+\S+\s+[\d.]+\s+[\d.]+", line)]
+
+
+def test_preflight_prints_one_table_of_every_rank(demo_shards: Path) -> None:
+    proc = subprocess.run(
+        _argv(demo_shards, "--seconds", "0.3"),
+        cwd=REPO,
+        env=small_env(),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=TIMEOUT,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert text.count("matmul GFLOP/s") == 1, text  # one table, from rank 0
+    rows = _rows(proc.stdout)
+    assert [r[0] for r in rows] == ["0", "1"], proc.stdout
+    for _rank, _host, matmul, read, memory, _link in rows:
+        assert float(matmul) > 0 and float(read) > 0 and float(memory) > 0, rows
+    assert rows[0][5] == "-" and float(rows[1][5]) > 0, rows  # rank 0's link to itself is not a figure
+    assert re.search(r"all-reduce bus bandwidth [\d.]+ GB/s over 2 ranks; transport gloo/TCP", proc.stdout)
+    print(proc.stdout)
+
+
+def test_preflight_bad_data_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [PYTHON, "-m", "launch.preflight", "--data", str(tmp_path)],
+        cwd=REPO,
+        env=small_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --data"), proc.stderr
+
+
+def test_preflight_names_a_slow_rank_and_strict_fails(demo_shards: Path, tmp_path: Path) -> None:
+    log = tmp_path / "preflight.log"
+    with log.open("wb") as sink:
+        agent = subprocess.Popen(
+            _argv(demo_shards, "--seconds", "2", "--strict"),
+            cwd=REPO,
+            env=small_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    victim = None
+    try:
+
+        def rank1() -> int | None:
+            for pid in children(agent.pid):
+                if "launch.preflight" in cmdline(pid) and _rank_of(pid) == 1:
+                    return pid
+            return None
+
+        victim = wait_for(rank1, TIMEOUT, "rank 1", agent, poll=0.01)
+        while agent.poll() is None:  # stopped 80% of the time: a node with a fifth of its peers' speed
+            os.kill(victim, signal.SIGSTOP)
+            time.sleep(0.08)
+            os.kill(victim, signal.SIGCONT)
+            time.sleep(0.02)
+        rc = agent.wait(timeout=TIMEOUT)
+    except ProcessLookupError:
+        rc = agent.wait(timeout=TIMEOUT)
+    finally:
+        if victim is not None:
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        kill_group(agent)
+    text = log.read_text(errors="replace")
+    assert re.search(r"preflight: rank 1 \(host \S+\) matmul GFLOP/s [\d.]+ is below 0.5 x", text), text[-4000:]
+    assert "preflight: rank 0" not in text, text[-4000:]
+    assert rc != 0, text[-4000:]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    env = dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+    return int(env["RANK"]) if "RANK" in env else None
+
+
+def test_nccl_transport_is_read_from_its_info_output(tmp_path: Path) -> None:
+    """NCCL's INFO lines (as NCCL 2.2x writes them to NCCL_DEBUG_FILE) give the transports; sockets between
+    nodes are warned about, on one node they are not."""
+    (tmp_path / f"nccl.node1.{os.getpid()}.log").write_text(
+        "node1:11:12 [0] NCCL INFO Channel 00/0 : 0[0] -> 1[1] via P2P/CUMEM/read\n"
+        "node1:11:12 [1] NCCL INFO Channel 00/0 : 1[1] -> 2[0] [send] via NET/Socket/0\n"
+        "node1:11:12 [0] NCCL INFO Channel 01/0 : 3[1] -> 0[0] [receive] via NET/IB/0/GDRDMA\n"
+    )
+    (tmp_path / "nccl.node1.1.log").write_text("x NCCL INFO Channel 00/0 : 0[0] -> 1[1] via SHM/direct/direct\n")
+    found = nccl_transports(tmp_path)
+    assert found == {"P2P/CUMEM", "NET/Socket", "NET/IB"}, found  # another process's file is not read
+    assert "NET/Socket" in socket_fallback(sorted(found), {"node1", "node2"})
+    assert socket_fallback(sorted(found), {"node1"}) is None
+    assert socket_fallback(["NET/IB", "P2P/CUMEM"], {"node1", "node2"}) is None
+
+
+def test_far_below_compares_with_the_other_ranks() -> None:
+    inf = float("inf")
+    rows = [
+        {"host": "a", "matmul": 100.0, "read": 300.0, "memory": 70.0, "link": inf},
+        {"host": "b", "matmul": 40.0, "read": 290.0, "memory": 70.0, "link": 900.0},
+        {"host": "c", "matmul": 95.0, "read": 310.0, "memory": 69.0, "link": 80.0},
+    ]
+    lines = far_below(rows, 0.5)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("preflight: rank 1 (host b) matmul GFLOP/s 40 is below 0.5 x")
+    assert lines[1].startswith("preflight: rank 2 (host c) link to 0 MB/s 80 is below 0.5 x")
+
+
+# ------------------------------------------------------------------------------------------------
+# A slow link between two emulated nodes (network namespaces + veth, tc netem on one end)
+
+
+@pytest.mark.netns
+def test_preflight_names_the_node_behind_a_slow_link(demo_shards: Path, tmp_path: Path) -> None:
+    reason = netns_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if not shutil.which("tc"):
+        pytest.skip("no tc (iproute2) to slow the link")
+    # Own tag and subnet: no clash with test_netns.py's pair or another run's.
+    with NodePair(tag="pf20", subnet="10.231.20", hostnames=("pf-a", "pf-b")) as pair:
+        a, b = pair.nodes
+        # node-b's end of the veth pair at 16 Mbit/s: netem where the kernel has it, else a token bucket
+        qdisc = ["tc", "qdisc", "add", "dev", b.ifname, "root"]
+        done = pair.run(b, [*qdisc, "netem", "delay", "5ms", "rate", "16mbit"], timeout=30)
+        if done.returncode != 0:
+            done = pair.run(b, [*qdisc, "tbf", "rate", "16mbit", "burst", "32kbit", "latency", "400ms"], timeout=30)
+        if done.returncode != 0:
+            pytest.skip(f"tc refused to slow the link: {done.stderr.strip()}")
+        logs = {n.hostname: tmp_path / f"{n.hostname}.log" for n in (a, b)}
+        argv = [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc-per-node=2",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={a.addr}:29420",
+            "--rdzv-id=preflight-pf20",
+            "--local-addr={}",
+            "-m",
+            "launch.preflight",
+            "--data",
+            str(demo_shards),
+            "--seconds",
+            "0.3",
+            "--strict",
+        ]
+        env = small_env({"PYTHONPATH": str(REPO)})
+        procs = {}
+        for node in (b, a):  # the client first: it waits for the host's store
+            node_argv = [w.replace("{}", node.addr) if w.startswith("--local-addr") else w for w in argv]
+            env_node = {**env, "GLOO_SOCKET_IFNAME": node.ifname}
+            procs[node.hostname] = pair.popen(
+                node, node_argv, env=env_node, cwd=REPO, stdout=logs[node.hostname].open("wb"), stderr=subprocess.STDOUT
+            )
+        codes = {h: p.wait(timeout=TIMEOUT) for h, p in procs.items()}
+    text = logs[a.hostname].read_text(errors="replace")
+    report = text[-4000:] + "\n---\n" + logs[b.hostname].read_text(errors="replace")[-3000:]
+    rows = _rows(text)
+    assert [(r[0], r[1]) for r in rows] == [("0", "pf-a"), ("1", "pf-a"), ("2", "pf-b"), ("3", "pf-b")], report
+    named = re.findall(r"preflight: rank (\d) \(host (\S+)\) link to 0 MB/s", text)
+    assert sorted(named) == [("2", "pf-b"), ("3", "pf-b")], report
+    assert float(rows[1][5]) > 4 * max(float(rows[2][5]), float(rows[3][5])), rows
+    assert codes[a.hostname] != 0, report  # --strict
