@@ -10,13 +10,12 @@ acts at the same step boundary.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,10 @@ from pipeline import config, data, evaluate, model
 from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState
 from pipeline.config import RunConfig
 from pipeline.mesh import Mesh
-from pipeline.metrics import MetricWriter, StepTimer, format_eta, topk_correct
+from pipeline.metrics import MetricWriter, StepTimer
 from pipeline.schedule import LRSchedule, ManualRequests
 from pipeline.stragglers import StragglerWatch
+from pipeline.train_log import StepRecord, TrainLog
 from pipeline.watchdog import PhaseMarks
 from preprocess.errors import UserError
 
@@ -47,6 +47,24 @@ class Loaders:
 
     train: Callable[..., Any] = data.train_loader
     val: Callable[..., Any] = data.val_loader
+
+
+class Flag(IntEnum):
+    """The control all-reduce's slots (MAX over ranks: any rank's request counts); straggler figures follow."""
+
+    STOP = 0  # a signal, an interrupt or RUN_DIR/preempt.request: checkpoint and stop
+    LR_DROP = 1  # an operator's LR-drop request is pending
+    SAVE = 2  # a step or timed checkpoint is due
+    NONFINITE = 3  # a loss was NaN/inf since the last control step
+    SAVE_FAILED = 4  # a background save failed on some rank
+
+
+class EpochEnd(Enum):
+    """Why ``_train_epoch`` returned."""
+
+    DONE = "done"  # every batch of the epoch
+    STOPPED = "stopped"  # a stop request: checkpointed, the run ends here
+    BUDGET = "budget"  # --max-steps reached
 
 
 @dataclass
@@ -101,6 +119,14 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.dims.rank)
         self.requests = ManualRequests(self.run_dir)
         self.writer = MetricWriter(self.run_dir, enabled=self.dims.is_main)
+        self.train_log = TrainLog(
+            self.writer,
+            cfg.train,
+            is_main=self.dims.is_main,
+            device=device,
+            named_parameters=lambda: dict(self.model.named_parameters()),
+            conv1_filters=self.model_conv1_filters,
+        )
         self.local_batch = _local_batch(cfg.optim.batch_size, self.dims.dp_size)
         self.last_checkpoint: Path | None = None
         self.stragglers = StragglerWatch(
@@ -135,8 +161,7 @@ class Trainer:
         self._resume(resume)
         cfg = self.cfg.train
         val_error = None
-        start = time.monotonic()
-        start_step = self.progress.step
+        self.train_log.start(self.progress.step)
         while self.progress.epoch < cfg.epochs and not self._step_budget_spent():
             epoch = self.progress.epoch
             if self.schedule.on_epoch_start(epoch=epoch, step=self.progress.step):
@@ -156,10 +181,10 @@ class Trainer:
                 verify_cache=self.verify_cache,
             )
             steps_in_epoch = loader.steps_in_epoch
-            stopped = self._train_epoch(loader, steps_in_epoch, start, start_step)
-            if stopped == "preempt":
+            end = self._train_epoch(loader, steps_in_epoch)
+            if end is EpochEnd.STOPPED:
                 return self._outcome(True, val_error)
-            if stopped == "budget":
+            if end is EpochEnd.BUDGET:
                 break
             self.state.progress = Progress(epoch + 1, self.progress.step, 0)
             if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
@@ -182,7 +207,7 @@ class Trainer:
     def _outcome(self, preempted: bool, val_error: float | None) -> Outcome:
         return Outcome(self.progress, preempted, val_error, self.schedule.drops, self.last_checkpoint)
 
-    def _train_epoch(self, loader: Any, steps_in_epoch: int, run_start: float, run_start_step: int) -> str | None:
+    def _train_epoch(self, loader: Any, steps_in_epoch: int) -> EpochEnd:
         cfg = self.cfg.train
         self.ddp.train()
         timer = StepTimer()
@@ -204,7 +229,7 @@ class Trainer:
             loss.backward()
             marks.enter("step")
             nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
-            log_now = self.progress.step % cfg.log_every == 0
+            log_now = self.train_log.due(self.progress.step)
             grad_norm = self._grad_norm() if log_now else None
             self.optimizer.step()
             self.progress.step += 1
@@ -212,19 +237,21 @@ class Trainer:
             timer.step_done(images.shape[0] * self.dims.dp_size)
 
             if log_now:
-                self._log_train(
-                    loss, logits, labels, lr, grad_norm, timer, steps_in_epoch, run_start, run_start_step, images
+                p = self.progress
+                record = StepRecord(
+                    p.epoch, p.step, p.step_in_epoch, steps_in_epoch, loss, logits, labels, images, lr, grad_norm
                 )
+                self.train_log.step(record, timer)
                 timer.reset()
             last = i + 1 == steps_in_epoch
             save_due = self.checkpointer.step_due(self.progress.step) and not last  # the epoch end saves anyway
             control_due = self.progress.step % cfg.control_every == 0 or last or self._step_budget_spent()
             # Saves go through the control step too, so a NaN is never checkpointed.
             if (control_due or save_due) and self._control(nonfinite, save_now=save_due):
-                return "preempt"
+                return EpochEnd.STOPPED
             if self._step_budget_spent():
-                return "budget"
-        return None
+                return EpochEnd.BUDGET
+        return EpochEnd.DONE
 
     def _control(self, nonfinite: torch.Tensor, save_now: bool = False) -> bool:
         """One all-reduce decides for every rank: stop (signal), LR drop (request), save (timer), NaN.
@@ -236,19 +263,20 @@ class Trainer:
             self.heartbeat()
         pending = self.requests.pending() if main else []
         self.marks.enter("control", self.progress.step)
-        flags = torch.zeros(5 + self.stragglers.slots(), device=self.device)
-        self.stragglers.fill(flags[5:], self.marks.take_seconds(), self.progress.step - self._control_step)
+        n = len(Flag)
+        flags = torch.zeros(n + self.stragglers.slots(), device=self.device)
+        self.stragglers.fill(flags[n:], self.marks.take_seconds(), self.progress.step - self._control_step)
         self._control_step = self.progress.step
-        flags[0] = float(self.stop.is_set() or (main and (self.run_dir / PREEMPT_REQUEST).exists()))
-        flags[1] = float(bool(pending))
-        flags[2] = float(save_now or (main and self.checkpointer.time_due()))
-        flags[3] = nonfinite
-        flags[4] = float(self.checkpointer.failed())  # a background save failed on this rank
+        flags[Flag.STOP] = float(self.stop.is_set() or (main and (self.run_dir / PREEMPT_REQUEST).exists()))
+        flags[Flag.LR_DROP] = float(bool(pending))
+        flags[Flag.SAVE] = float(save_now or (main and self.checkpointer.time_due()))
+        flags[Flag.NONFINITE] = nonfinite
+        flags[Flag.SAVE_FAILED] = float(self.checkpointer.failed())  # a background save failed on this rank
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         values = flags.tolist()
-        stop, drop, save_due, bad, save_failed = (bool(v) for v in values[:5])
-        self.writer.scalars(self.stragglers.observe(values[5:]), self.progress.step)
+        stop, drop, save_due, bad, save_failed = (bool(values[f]) for f in Flag)
+        self.writer.scalars(self.stragglers.observe(values[n:]), self.progress.step)
         if save_failed or bad:
             self.checkpointer.wait()  # raises a failed save's error on every rank; lets a good one finish
         if bad:
@@ -316,23 +344,7 @@ class Trainer:
         if self.mesh.dp_group is not None and self.dims.dp_size > 1:
             dist.all_reduce(totals_t, group=self.mesh.dp_group)
         result = evaluate.EvalCounts.from_tensor(totals_t).summary()
-        self.writer.scalars(
-            {
-                "val/top1_error": result["top1_error"],
-                "val/top5_error": result["top5_error"],
-                "val/loss": result["loss"],
-            },
-            self.progress.step,
-        )
-        if self.dims.is_main:
-            log.info(
-                "epoch %d val: top-1 error %.2f%%, top-5 error %.2f%% over %d images (%s)",
-                epoch,
-                100 * result["top1_error"],
-                100 * result["top5_error"],
-                result["images"],
-                "10-crop" if ten_crop else "centre crop",
-            )
+        self.train_log.validation(epoch, self.progress.step, result, ten_crop)
         return result["top1_error"]
 
     def _is_best(self, val_error: float | None) -> bool:
@@ -377,88 +389,12 @@ class Trainer:
             dist.all_reduce(sq, group=self.mesh.tp_group)
         return float(sq.sqrt())
 
-    def _log_train(
-        self,
-        loss: torch.Tensor,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        lr: float,
-        grad_norm: float | None,
-        timer: StepTimer,
-        steps_in_epoch: int,
-        run_start: float,
-        run_start_step: int,
-        images: torch.Tensor,
-    ) -> None:
-        step = self.progress.step
-        top1, top5 = topk_correct(logits.detach(), labels)
-        n = max(labels.numel(), 1)
-        speed = timer.summary()
-        values = {
-            "train/loss": float(loss.detach()),
-            "train/top1_error": 1 - top1 / n,
-            "train/top5_error": 1 - top5 / n,
-            "train/lr": lr,
-            "perf/images_per_s": speed["images_per_s"],
-            "perf/data_wait_fraction": speed["data_wait_fraction"],
-            "perf/step_time_s": speed["step_time_s"],
-            "train/grad_norm": grad_norm,
-        }
-        if self.device.type == "cuda":
-            values["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.writer.scalars(values, step)
-        first = step == run_start_step + 1
-        # Every rank takes part: gathering the other tower's filters is a collective.
-        filters = self.model_conv1_filters() if first or step % (self.cfg.train.log_every * 10) == 0 else None
-        if not self.dims.is_main:
-            return
-        if filters is not None:
-            for t, f in enumerate(filters):
-                self.writer.images(f"conv1_filters/tower{t}", f, step)
-        if first:
-            self.writer.images("inputs/augmented", images[:16], step)
-        if self.cfg.train.histogram_every and step % self.cfg.train.histogram_every == 0:
-            self.writer.histograms({f"weights/{k}": v for k, v in self.model.named_parameters()}, step)
-        total = self.cfg.train.epochs * steps_in_epoch
-        if self.cfg.train.max_steps:
-            total = min(total, self.cfg.train.max_steps)
-        done = step - run_start_step
-        eta = (time.monotonic() - run_start) / done * (total - step) if done > 0 else float("nan")
-        log.info(
-            "epoch %d step %d/%d (%d/%d in epoch) loss %.4f top-1 err %.1f%% lr %.2e %.0f img/s data %.0f%% ETA %s",
-            self.progress.epoch,
-            step,
-            total,
-            self.progress.step_in_epoch,
-            steps_in_epoch,
-            float(loss.detach()),
-            100 * (1 - top1 / n),
-            lr,
-            speed["images_per_s"],
-            100 * speed["data_wait_fraction"],
-            format_eta(eta) if math.isfinite(eta) else "?",
-        )
-
     def model_conv1_filters(self) -> list[torch.Tensor]:
         """Both towers' conv1 filters (the paper's figure 3); collective under tp=2."""
         return [f.detach().cpu() for f in model.unwrap(self.model).conv1_filters()]
 
     def _log_drop(self) -> None:
-        drop = self.schedule.drops[-1]
-        self.writer.scalars({"train/lr_drops": len(self.schedule.drops)}, drop["step"])
-        self.writer.text(
-            "lr_drops",
-            f"step {drop['step']} epoch {drop['epoch']}: {drop['reason']} -> lr {drop['lr']:.2e}",
-            drop["step"],
-        )
-        if self.dims.is_main:
-            log.info(
-                "LR drop %d (%s) at step %d: lr now %.2e",
-                len(self.schedule.drops),
-                drop["reason"],
-                drop["step"],
-                drop["lr"],
-            )
+        self.train_log.lr_drop(self.schedule.drops[-1], len(self.schedule.drops))
 
 
 def _hosts() -> list[str]:
