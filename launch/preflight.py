@@ -192,27 +192,20 @@ def table(rows: list[dict], allreduce: float, transports: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from launch.train import ProcessEnv, select_device, setup_logging
+    from launch.train import setup_logging
+    from pipeline.process import ProcessEnv, process_group, select_device
 
     env = ProcessEnv.from_environ()
     setup_logging(env.rank)
     args = parse(argv)
-    device = select_device(args.device, env.local_rank)
+    device = select_device(args.device, env.local_rank, option="--device")
     backend = "nccl" if device.type == "cuda" else "gloo"
     debug_dir = Path(tempfile.mkdtemp(prefix="preflight-nccl-"))
     if backend == "nccl":  # NCCL says which transport it chose ("via NET/IB/0"), into a file per process
         os.environ.update(
             NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,NET", NCCL_DEBUG_FILE=str(debug_dir / "nccl.%h.%p.log")
         )
-    if env.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend,
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=timedelta(minutes=5),
-            device_id=device if device.type == "cuda" else None,
-        )
-    try:
+    with process_group(env, device, timedelta(minutes=5)):
 
         def sync() -> None:
             if device.type == "cuda":
@@ -246,9 +239,6 @@ def run(argv: list[str] | None = None) -> int:
         if not named:
             log.info("preflight: no rank far below the others (%d ranks on %d hosts)", len(rows), len(hosts))
         return 1 if named and args.strict else 0
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,7 +151,8 @@ class TrainJob:
             flush=True,
         )
 
-        from launch.train import ProcessEnv, run
+        from launch.train import run
+        from pipeline.process import ProcessEnv
 
         try:
             outcome = run(self.argv, stop=stop, env=ProcessEnv(rank=rank, world_size=world, local_rank=local_rank))

@@ -6,15 +6,15 @@
 With torchrun's elastic restarts (--max-restarts), workers that share torchrun's rendezvous store
 (the default) read the previous group's addresses from it after a restart and fail to connect
 (gloo "connectFullMesh failed ... Connection refused"; PyTorch issues #135712, #167288): torch's
-env:// set-up adds no per-attempt key prefix on that store. ``process_group_store`` adds one, so
+env:// set-up adds no per-attempt key prefix on that store. ``pipeline.process`` adds one, so
 restarts work either way; slurm/train.sh also sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh
 store per worker group).
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
         -m launch.train --data SHARDS --run-dir RUN                    # 16 replicas x 2 towers
 
-This is the only module that reads the process environment (RANK, WORLD_SIZE, LOCAL_RANK, set by
-torchrun or by ``launch.submit`` under srun). It initialises the process group (NCCL on GPUs, gloo
-on CPU), builds the (dp x tp) mesh, turns SIGUSR1/SIGTERM into a stop request that the trainer
+It takes the process's place (RANK, WORLD_SIZE, LOCAL_RANK, set by torchrun or by ``launch.submit``
+under srun) and its process group (NCCL on GPUs, gloo on CPU) from ``pipeline.process``, builds the
+(dp x tp) mesh, turns SIGUSR1/SIGTERM into a stop request that the trainer
 acts on at the next step boundary (checkpoint, then exit 0 so the Slurm script can requeue), and
 resumes from the run directory's latest checkpoint automatically (also after an elastic restart).
 Before anything is written, global rank 0 takes the run directory's writer lease (pipeline.lease):
@@ -31,13 +31,12 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.distributed as dist
 
+from pipeline.process import ProcessEnv, process_group, select_device
 from preprocess.errors import UserError, run_cli
 
 if TYPE_CHECKING:
@@ -46,18 +45,6 @@ if TYPE_CHECKING:
     from pipeline.watchdog import PhaseMarks, Watchdog
 
 SAME_INTERRUPT_S = 1.0
-
-
-@dataclass(frozen=True)
-class ProcessEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @classmethod
-    def from_environ(cls) -> "ProcessEnv":
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
 def setup_logging(rank: int) -> None:
@@ -103,15 +90,6 @@ def install_stop_handlers(
         signal.signal(sig, handler)
 
 
-def select_device(preference: str, local_rank: int) -> torch.device:
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("--train.device cuda, but no CUDA device is visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def run(
     argv: list[str] | None = None,
     stop: threading.Event | None = None,
@@ -138,55 +116,26 @@ def run(
     if stop is None:
         stop = threading.Event()
         install_stop_handlers(stop)
-    if env.world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = timedelta(minutes=cfg.train.collective_timeout_min)
-        dist.init_process_group(
-            backend,
-            store=process_group_store(env, timeout),
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=timeout,
-            device_id=device if device.type == "cuda" else None,
-        )
     lease, outcome, watchdog = None, None, None
-    try:
-        lease = take_lease(cfg.run_dir, cfg.train.lease_minutes, env.rank)  # before anything is written
-        marks = PhaseMarks()
-        watchdog = start_watchdog(cfg, env, marks)
-        mesh = build_mesh(dims, device.type)
-        if dims.is_main:
-            write_run_config(cfg)
-            logging.getLogger("alexnet").info("%s on %s; run dir %s", dims.describe(), device, cfg.run_dir)
-        trainer = Trainer(
-            cfg, mesh, device, stop, loaders or Loaders(), heartbeat=lease.heartbeat if lease else None, marks=marks
-        )
-        outcome = trainer.fit(resume=args.resume)
-        return outcome
-    finally:
-        if watchdog is not None:
-            watchdog.close()
-        # A run stopped for preemption keeps its lease: the requeued job (the same holder) takes it over.
-        if lease is not None and not (outcome is not None and outcome.preempted):
-            lease.release()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def process_group_store(env: ProcessEnv, timeout: timedelta) -> dist.Store | None:
-    """Under torchrun with a shared rendezvous store: that store, with this attempt's key prefix.
-
-    torch's env:// set-up uses the agent's store without a prefix, so a restarted group finds the
-    previous group's keys (its ranks' addresses) and connects to dead ranks; the prefix per restart
-    count keeps each attempt's keys apart. None elsewhere (env:// makes rank 0 host a fresh store).
-    """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    agent_store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False, timeout=timeout
-    )
-    return dist.PrefixStore(f"/alexnet/attempt_{attempt}", agent_store)
+    with process_group(env, device, timedelta(minutes=cfg.train.collective_timeout_min)):
+        try:
+            lease = take_lease(cfg.run_dir, cfg.train.lease_minutes, env.rank)  # before anything is written
+            marks = PhaseMarks()
+            watchdog = start_watchdog(cfg, env, marks)
+            mesh = build_mesh(dims, device.type)
+            if dims.is_main:
+                write_run_config(cfg)
+                logging.getLogger("alexnet").info("%s on %s; run dir %s", dims.describe(), device, cfg.run_dir)
+            heartbeat = lease.heartbeat if lease else None
+            trainer = Trainer(cfg, mesh, device, stop, loaders or Loaders(), heartbeat=heartbeat, marks=marks)
+            outcome = trainer.fit(resume=args.resume)
+            return outcome
+        finally:
+            if watchdog is not None:
+                watchdog.close()
+            # A run stopped for preemption keeps its lease: the requeued job (the same holder) takes it over.
+            if lease is not None and not (outcome is not None and outcome.preempted):
+                lease.release()
 
 
 def start_watchdog(cfg: RunConfig, env: ProcessEnv, marks: PhaseMarks) -> Watchdog | None:

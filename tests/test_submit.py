@@ -218,6 +218,7 @@ def test_signal_only_stops_then_rank0_requeues_through_submitit(
     import submitit
 
     import launch.train
+    from pipeline.process import ProcessEnv
 
     class FakeJobEnvironment:  # what submitit.JobEnvironment() gives a task of job 5
         USR_SIG = "USR2"
@@ -228,7 +229,7 @@ def test_signal_only_stops_then_rank0_requeues_through_submitit(
 
     calls: list[tuple] = []
 
-    def fake_run(argv: list[str], stop: threading.Event, env: launch.train.ProcessEnv) -> SimpleNamespace:
+    def fake_run(argv: list[str], stop: threading.Event, env: ProcessEnv) -> SimpleNamespace:
         calls.append(("run", argv, env))
         os.kill(os.getpid(), sig)  # arrives mid-"training": only sets the Event
         assert stop.wait(10)
@@ -258,7 +259,7 @@ def test_signal_only_stops_then_rank0_requeues_through_submitit(
         for s, handler in saved.items():
             signal.signal(s, handler)
 
-    assert calls[0] == ("run", job.argv, launch.train.ProcessEnv(rank=rank, world_size=2, local_rank=rank))
+    assert calls[0] == ("run", job.argv, ProcessEnv(rank=rank, world_size=2, local_rank=rank))
     assert calls[1] == ("stopped",)  # the signal did not end the process: the trainer stopped it
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("127.0.0.1", "20005")
     if requeues:

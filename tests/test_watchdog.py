@@ -189,7 +189,7 @@ def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_pat
         *WATCH,
     ]
     # torchrun's default, a rendezvous store shared with the workers: the case whose restart used to fail
-    # ("Gloo connectFullMesh failed ... Connection refused"); launch.train.process_group_store fixes it.
+    # ("Gloo connectFullMesh failed ... Connection refused"); pipeline.process.process_group_store fixes it.
     # Rank 1's saves and validation batches take 1.5 s longer, so a stop can land inside them.
     env = small_env(
         {
