@@ -272,6 +272,11 @@ class Ahead:
         self._thread = threading.Thread(target=run, name="alexnet-epoch-ahead", daemon=True)
         self._thread.start()
 
+    def wait(self) -> None:
+        """Block until the background preparation (if any) has finished (benchmarks, tests)."""
+        if self._thread is not None:
+            self._thread.join()
+
     def close(self) -> None:
         """Stop preparing (the run is over); returns once the background thread has let go of its files."""
         if self._thread is not None:

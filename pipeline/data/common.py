@@ -311,7 +311,7 @@ def resolve_workers(workers: int) -> int:
 
 INDEX_COLUMNS = 4  # jpg offset, jpg size, cls offset, cls size
 _TOKENS_PER_ROW = 8  # "jpg OFFSET SIZE KEY.jpg cls OFFSET SIZE KEY.cls", the order preprocess writes
-_OFFSET_CHUNK = 1 << 16  # plan rows per lighting draw: bounds the float64 temporaries, same stream
+_OFFSET_CHUNK = 1 << 14  # plan rows per lighting draw: bounds the float64 temporaries, same stream
 
 
 def read_index(path: Path) -> np.ndarray:
@@ -430,7 +430,7 @@ def plan_epoch(split: Split, norm: Normalization, *, dp_rank: int, dp_size: int,
     rng = np.random.default_rng(seed)
     if train:
         where = np.empty(n, np.int64)  # where[j]: the epoch position of the rank's j-th sample
-        where[rng.permutation(n)] = np.arange(n)
+        where[rng.permutation(n)] = np.arange(n)  # both temporaries are freed before the columns exist
     else:
         where = np.arange(n)
     shard = np.empty(n, np.int32)
