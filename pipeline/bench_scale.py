@@ -65,6 +65,8 @@ def child_data(data: str) -> dict[str, Any]:
     loader0, out["epoch0_first_batch_s"] = first(lambda: D.train_loader(cfg, epoch=0, **kw, **extra))
     steps = loader0.steps_in_epoch
     if ahead is not None:
+        batches = iter(loader0)
+        next(batches), next(batches)  # the first step done: the next epoch is being prepared
         ahead.wait()  # as after an epoch of training
     loader1, out["epoch1_first_batch_s"] = first(lambda: D.train_loader(cfg, epoch=1, **kw, **extra))
     if ahead is not None:

@@ -261,7 +261,11 @@ def test_the_next_epoch_is_prepared_in_the_background(copy: Path, monkeypatch: p
     ahead = D.Ahead()
     try:
         first = _epoch(copy, ahead=ahead)
+        ahead.wait()
+        assert len(planned) == 1, "nothing prepared ahead before the epoch's first step"
+        _two_batches(first)
         second = _epoch(copy, epoch=1, ahead=ahead)
+        _two_batches(second)
         ahead.wait()
         assert planned[0] == threading.current_thread().name
         assert planned[1:] == ["alexnet-epoch-ahead", "alexnet-epoch-ahead"], "epochs 1 and 2 planned ahead"
@@ -280,3 +284,10 @@ def test_the_next_epoch_is_prepared_in_the_background(copy: Path, monkeypatch: p
             _epoch(copy, epoch=2, ahead=ahead)
     finally:
         ahead.close()
+
+
+def _two_batches(loader: D.Loader) -> None:
+    """The first batch, and the request for the second: the first step is done."""
+    batches = iter(loader)
+    next(batches)
+    next(batches)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -141,7 +141,16 @@ def train_loader(
         prepared = inputs.prepare(epoch, start_batch)
     else:
         prepared = ahead.take((inputs, epoch, start_batch), lambda: inputs.prepare(epoch, start_batch))
-        ahead.start((inputs, epoch + 1, 0), lambda: inputs.prepare(epoch + 1, 0, cancel=ahead.cancelled))
+        # Started when the second batch is asked for: not competing with the first step for cores.
+        return _loader(
+            cfg,
+            prepared,
+            device=device,
+            ten_crop=False,
+            after_first_batch=lambda: ahead.start(
+                (inputs, epoch + 1, 0), lambda: inputs.prepare(epoch + 1, 0, cancel=ahead.cancelled)
+            ),
+        )
     return _loader(cfg, prepared, device=device, ten_crop=False)
 
 
@@ -259,6 +268,10 @@ class Ahead:
         return prepare()
 
     def start(self, key: object, prepare: Callable[[], _Prepared]) -> None:
+        if self._thread is not None and self._key == key:
+            return  # already under way (an epoch iterated twice)
+        if self._thread is not None:
+            self._stop(self._thread)
         result: list[Any] = []
 
         def run() -> None:
@@ -323,7 +336,14 @@ def _prepare(
     return _Prepared(split, norm, plan, train, batch_size, bounds, steps, start_batch, cache, verified)
 
 
-def _loader(cfg: DataConfig, prepared: _Prepared, *, device: torch.device | str, ten_crop: bool) -> Loader:
+def _loader(
+    cfg: DataConfig,
+    prepared: _Prepared,
+    *,
+    device: torch.device | str,
+    ten_crop: bool,
+    after_first_batch: Callable[[], None] | None = None,
+) -> Loader:
     import torch
 
     target = torch.device(device)
@@ -340,7 +360,8 @@ def _loader(cfg: DataConfig, prepared: _Prepared, *, device: torch.device | str,
         dtype=cfg.dtype,
         channels_last=cfg.channels_last,
     )
-    make = implementation(cfg.loader).batches(request)
+    batches = implementation(cfg.loader).batches(request)
+    make = batches if after_first_batch is None else _calling_after_first(batches, after_first_batch)
     shape = (0, TEN_CROP_VIEWS, 3, cfg.crop, cfg.crop) if ten_crop else (0, 3, cfg.crop, cfg.crop)
 
     def empty() -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,3 +376,13 @@ def _loader(cfg: DataConfig, prepared: _Prepared, *, device: torch.device | str,
         total=prepared.split.total,
         empty=empty,
     )
+
+
+def _calling_after_first(batches: Callable[[], Iterator[Any]], then: Callable[[], None]) -> Callable[[], Iterator[Any]]:
+    def make() -> Iterator[Any]:
+        for i, batch in enumerate(batches()):
+            yield batch
+            if i == 0:
+                then()
+
+    return make
