@@ -127,6 +127,17 @@ def test_fast_index_parse_equals_the_line_parser(small: Path, tmp_path: Path) ->
     other = tmp_path / "other.idx"
     other.write_text("\n".join(swapped) + "\n")
     assert C.read_index(other).tolist() == [list(r[1:]) for r in rows]
+    # Cached parses: used while the index is unchanged, parsed again when it is rewritten.
+    cache = tmp_path / "index-cache"
+    cache.mkdir()
+    copied = tmp_path / "copied.idx"
+    shutil.copy(index, copied)
+    assert C.read_index(copied, cache).tolist() == C.read_index(copied, cache).tolist() == C.read_index(index).tolist()
+    assert len(list(cache.glob("*.npy"))) == 1
+    first_row = lines[1].split()
+    changed = [lines[0], " ".join(first_row[:2] + ["77"] + first_row[3:])] + lines[2:]
+    copied.write_text("\n".join(changed) + "\n")
+    assert C.read_index(copied, cache)[0, 1] == 77
     # A bad number is named with its line, whichever path sees it first.
     broken = lines[:3] + [lines[3].replace(lines[3].split()[1], "12x4", 1)] + lines[4:]
     other.write_text("\n".join(broken) + "\n")
@@ -203,7 +214,7 @@ def test_a_read_only_dataset_is_remembered_in_the_user_cache(
     _epoch(copy)
     _epoch(copy)
     assert len(hashed) == 2
-    records = list((tmp_path / "xdg" / "alexnet" / "verified-shards").glob("*/*.json"))
+    records = list((tmp_path / "xdg" / "alexnet" / "datasets").glob("*/*.json"))
     assert len(records) == 2 and {json.loads(r.read_text())["path"] for r in records} == {
         "train/train-000000.tar",
         "train/train-000001.tar",

@@ -60,6 +60,7 @@ IMPLEMENTATIONS = {"dali": "pipeline.data.dali_pipeline", "torch": "pipeline.dat
 MEANS = ("image", "channel")
 DTYPES = ("float32", "bfloat16")
 VERIFY = ("full", "size")
+INDEX_CACHE = "index"  # parsed DALI index files (.npy), inside the dataset's cache directory
 
 __all__ = ["Ahead", "DataConfig", "IMPLEMENTATIONS", "Loader", "open_dataset", "train_loader", "val_loader"]
 
@@ -326,7 +327,12 @@ def _prepare(
             f"cannot start the epoch at batch {start_batch}: it has {steps} steps of {batch_size} "
             "per rank (was the batch size or the dp size changed since the checkpoint?)"
         )
-    plan = plan_epoch(split, norm, dp_rank=dp_rank, dp_size=dp_size, seed=seed, train=train)
+    try:
+        indexes: Path | None = dataset_cache(split.root) / INDEX_CACHE
+        indexes.mkdir(exist_ok=True)
+    except (UserError, OSError):
+        indexes = None  # nowhere writable: parse the index files every epoch
+    plan = plan_epoch(split, norm, dp_rank=dp_rank, dp_size=dp_size, seed=seed, train=train, index_cache=indexes)
     bounds = [(lo, hi) for lo, hi in batch_bounds(len(plan), steps, batch_size)[start_batch:] if hi > lo]
     cache, verified = None, None
     if cfg.verify == "full" and bounds:

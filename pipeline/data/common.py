@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,13 +315,46 @@ _TOKENS_PER_ROW = 8  # "jpg OFFSET SIZE KEY.jpg cls OFFSET SIZE KEY.cls", the or
 _OFFSET_CHUNK = 1 << 14  # plan rows per lighting draw: bounds the float64 temporaries, same stream
 
 
-def read_index(path: Path) -> np.ndarray:
+def read_index(path: Path, cache: Path | None = None) -> np.ndarray:
     """int64 ``[n, 4]``: jpg offset, jpg size, cls offset, cls size per sample of a DALI index file (v1.2).
 
     An ImageNet epoch reads ~1,300 of these (1.28M rows), so the rows are parsed column-wise into
     one array (no object per sample); an index in another member order, or a malformed one, goes
-    through :func:`index_rows`, which accepts any order and names the bad line.
+    through :func:`index_rows`, which accepts any order and names the bad line. With ``cache`` (a
+    directory), the parsed array is kept there as ``.npy``, named by the index file's path, size,
+    mtime, ctime and inode, so a rewritten index is parsed again; loading it is ~10x cheaper
+    than parsing (0.6 s of an ImageNet epoch's plan at dp 1).
     """
+    cached = _index_cache_file(cache, path) if cache is not None else None
+    if cached is not None:
+        try:
+            rows = np.load(cached, allow_pickle=False)
+            if rows.dtype == np.int64 and rows.ndim == 2 and rows.shape[1] == INDEX_COLUMNS:
+                return rows
+        except (OSError, ValueError):
+            pass  # not there yet (or damaged): parse
+    rows = _parse_index_file(path)
+    if cached is not None:
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, rows)
+            os.replace(tmp, cached)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a cache: parsing again next time is fine
+    return rows
+
+
+def _index_cache_file(cache: Path, index: Path) -> Path | None:
+    try:
+        st = index.stat()
+    except FileNotFoundError:
+        return None  # _parse_index_file says what is missing
+    name = hashlib.sha256(os.path.abspath(index).encode()).hexdigest()[:24]
+    return cache / f"{name}-{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}.npy"
+
+
+def _parse_index_file(path: Path) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -416,14 +450,23 @@ class Plan:
         return f"at byte {offset}"
 
 
-def plan_epoch(split: Split, norm: Normalization, *, dp_rank: int, dp_size: int, seed: int, train: bool) -> Plan:
+def plan_epoch(
+    split: Split,
+    norm: Normalization,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    seed: int,
+    train: bool,
+    index_cache: Path | None = None,
+) -> Plan:
     """This rank's samples (its contiguous range) in epoch order, with their augmentation drawn.
 
     Everything random about an epoch is drawn here, from the epoch seed, indexed by position: the
     result does not depend on the implementation's threads or workers, and starting at any batch
     needs nothing but this plan (no sample before it is read or decoded). Each shard's index rows
     are scattered straight to their epoch positions, so the only temporaries are two int64
-    position arrays.
+    position arrays. ``index_cache``: see :func:`read_index`.
     """
     start, end = rank_range(split.total, dp_rank, dp_size)
     n = end - start
@@ -440,7 +483,7 @@ def plan_epoch(split: Split, norm: Normalization, *, dp_rank: int, dp_size: int,
     for s, count in enumerate(split.counts):
         lo, hi = max(start, first), min(end, first + count)
         if lo < hi:  # only the shards overlapping this rank's range are read
-            rows = read_index(split.indexes[s])
+            rows = read_index(split.indexes[s], index_cache)
             if len(rows) != count:
                 raise UserError(f"{split.indexes[s]}: index lists {len(rows)} samples, the manifest {count}")
             positions = where[lo - start : hi - start]

@@ -6,7 +6,7 @@ for ImageNet). So before a rank reads a shard it makes sure that the shard has b
 its bytes last changed:
 
 - **Remembered per dataset**, not per run: one small record per shard in the dataset's cache
-  (:func:`dataset_cache`: ``DATA/.verified-shards``, or a user cache directory when the dataset
+  (:func:`dataset_cache`: ``DATA/.alexnet-cache``, or a user cache directory when the dataset
   is read-only), holding the sha256 it matched and the file's size, mtime, ctime and inode. A
   record counts only while all four are unchanged: writing the file changes mtime and ctime, and
   resetting the mtime (``touch -d``, ``os.utime``) changes the ctime, which no user can set; a
@@ -42,7 +42,7 @@ from preprocess import format as fmt
 from preprocess.errors import UserError
 from preprocess.files import write_json_atomic
 
-CACHE_NAME = ".verified-shards"  # inside the dataset directory, when it is writable
+CACHE_NAME = ".alexnet-cache"  # inside the dataset directory, when it is writable
 _HASH_THREADS = 8  # at most; hashing is disk- or memory-bound well before this many cores
 
 Signature = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
@@ -72,9 +72,9 @@ def user_cache_root() -> Path:
 
 
 def dataset_cache(root: Path) -> Path:
-    """Where the verified-shard records of the dataset at ``root`` live (created if needed).
+    """Where the verified-shard records (and the parsed index files) of the dataset at ``root`` live.
 
-    ``root/.verified-shards`` when the dataset directory is writable, so every user and run of the
+    Created if needed: ``root/.alexnet-cache`` when the dataset directory is writable, so every user and run of the
     dataset shares it; else a directory under :func:`user_cache_root` named by the manifest's path
     and contents (a re-sharded dataset gets a fresh one).
     """
@@ -87,7 +87,7 @@ def dataset_cache(root: Path) -> Path:
         pass  # a read-only dataset directory
     manifest = fmt.manifest_path(Path(root))
     identity = hashlib.sha256(os.path.abspath(manifest).encode() + b"\0" + manifest.read_bytes()).hexdigest()
-    fallback = user_cache_root() / "verified-shards" / identity[:32]
+    fallback = user_cache_root() / "datasets" / identity[:32]
     try:
         fallback.mkdir(parents=True, exist_ok=True)
     except OSError as e:
