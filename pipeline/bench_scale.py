@@ -60,16 +60,20 @@ def child_data(data: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def first(make: Any) -> tuple[Any, float]:
-        start = time.perf_counter()
+        """The loader and the seconds to its first batch; its CPU seconds (all threads) go in ``cpu``."""
+        start, cpu = time.perf_counter(), time.process_time()
         loader = make()
         next(iter(loader))
+        cpu_seconds.append(time.process_time() - cpu)
         return loader, time.perf_counter() - start
+
+    cpu_seconds: list[float] = []
 
     loader0, out["epoch0_first_batch_s"] = first(lambda: D.train_loader(cfg, epoch=0, **kw, **extra))
     steps = loader0.steps_in_epoch
+    batches = iter(loader0)
+    next(batches), next(batches)  # the first step done (the next epoch is being prepared, where it is)
     if ahead is not None:
-        batches = iter(loader0)
-        next(batches), next(batches)  # the first step done: the next epoch is being prepared
         ahead.wait()  # as after an epoch of training
     loader1, out["epoch1_first_batch_s"] = first(lambda: D.train_loader(cfg, epoch=1, **kw, **extra))
     if ahead is not None:
@@ -83,6 +87,8 @@ def child_data(data: str) -> dict[str, Any]:
         )
     _, out["val_first_batch_s"] = first(lambda: D.val_loader(cfg, dp_rank=0, dp_size=1, device="cpu", batch_size=BATCH))
     out["rss_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    names = ("epoch0", "epoch1", "resume10", "resume90", "val")
+    out.update({f"{name}_first_batch_cpu_s": cpu for name, cpu in zip(names, cpu_seconds)})
     out["steps_per_epoch"] = steps
     if ahead is not None:
         ahead.close()
@@ -170,11 +176,13 @@ def _classes(data: Path) -> int:
     return len(json.loads((data / "manifest.json").read_text())["classes"])
 
 
-def measure(tree: Path, data: Path, scratch: Path) -> dict[str, Any]:
+def measure(tree: Path, data: Path, scratch: Path, with_trainer: bool = True) -> dict[str, Any]:
     run = scratch / "run"
     shutil.rmtree(run, ignore_errors=True)
     _child(tree, "warm", str(data))  # not the dataset's first run: its caches exist, as they will
-    out: dict[str, Any] = {"trainer": trainer(tree, data, run, 2), "resume": trainer(tree, data, run, 4)}
+    out: dict[str, Any] = {}
+    if with_trainer:
+        out = {"trainer": trainer(tree, data, run, 2), "resume": trainer(tree, data, run, 4)}
     out["data"] = _child(tree, "data", str(data))
     return out
 
@@ -216,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-tree", type=Path, help="a checkout of the code to compare against")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--no-hashing", action="store_true", help="skip the sha256 rows (minutes at full size)")
+    parser.add_argument("--no-trainer", action="store_true", help="skip the launch.train rows (the loaders only)")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args(argv)
     trees = {"after": HERE}
@@ -227,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(args.rounds):
             for name, tree in trees.items():
                 for size, data in (("small", args.small), ("big", args.big)):
-                    got = measure(tree, data.resolve(), scratch)
+                    got = measure(tree, data.resolve(), scratch, with_trainer=not args.no_trainer)
                     print(f"round {round_no} {name} {size}: {json.dumps(got)}", flush=True)
                     results.setdefault(name, {}).setdefault(size, []).append(got)
         if not args.no_hashing:

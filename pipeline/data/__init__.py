@@ -292,9 +292,10 @@ class Ahead:
             self._thread.join()
 
     def close(self) -> None:
-        """Stop preparing (the run is over); returns once the background thread has let go of its files."""
-        if self._thread is not None:
-            self._stop(self._thread)
+        """Stop preparing (the run is over), without waiting: hashing stops at its next shard, and a plan
+        being built is dropped with the (daemon) thread; records are written atomically, so at worst a
+        temporary file is left in the cache if the process ends first."""
+        self.cancelled.set()
         self._thread, self._key, self._result = None, None, []
 
     def _stop(self, thread: threading.Thread) -> None:
