@@ -259,11 +259,14 @@ class Ahead:
             thread.join()
             if result and isinstance(result[0], _Prepared):
                 prepared = result[0]
-                if prepared.verified is not None:
-                    changed = prepared.verified.changed(prepared.split)
-                    if changed:
-                        verify_shards(prepared.split, changed, cache=prepared.cache)
-                return prepared
+                try:
+                    if prepared.verified is not None:
+                        changed = prepared.verified.changed(prepared.split)
+                        if changed:
+                            verify_shards(prepared.split, changed, cache=prepared.cache)
+                    return prepared
+                except OSError:
+                    pass  # a shard gone since: the foreground preparation says which, in one line
         elif thread is not None:
             self._stop(thread)
         return prepare()
