@@ -38,7 +38,6 @@ from preprocess.errors import UserError
 log = logging.getLogger("alexnet")
 
 PREEMPT_REQUEST = "preempt.request"
-VERIFIED_SHARDS = "verified-shards"  # shards whose sha256 this run dir has checked (by size and mtime)
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,7 @@ class Trainer:
         self.stop = stop
         self.loaders = loaders
         self.run_dir = Path(cfg.run_dir)
-        self.verify_cache = self.run_dir / VERIFIED_SHARDS
+        self.ahead = data.Ahead()  # the next epoch's plan and shard hashing, prepared during this one
 
         _seed_everything(cfg.train.seed, self.dims.rank)
         self.model = model.build_model(cfg.model, tp_group=mesh.tp_group).to(device)
@@ -178,7 +177,7 @@ class Trainer:
                 batch_size=self.local_batch,
                 num_classes=self.cfg.model.num_classes,
                 start_batch=self.progress.step_in_epoch,
-                verify_cache=self.verify_cache,
+                ahead=self.ahead,
             )
             steps_in_epoch = loader.steps_in_epoch
             end = self._train_epoch(loader, steps_in_epoch)
@@ -205,6 +204,7 @@ class Trainer:
         return self._outcome(False, val_error)
 
     def _outcome(self, preempted: bool, val_error: float | None) -> Outcome:
+        self.ahead.close()
         return Outcome(self.progress, preempted, val_error, self.schedule.drops, self.last_checkpoint)
 
     def _train_epoch(self, loader: Any, steps_in_epoch: int) -> EpochEnd:
@@ -335,7 +335,6 @@ class Trainer:
             ten_crop=ten_crop,
             batch_size=self.local_batch,
             num_classes=self.cfg.model.num_classes,
-            verify_cache=self.verify_cache,
         )
         # The towers compute collectively, so both tp ranks run the model; their counts are equal.
         amp = self.cfg.train.amp == "bf16"

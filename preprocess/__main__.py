@@ -1,4 +1,4 @@
-"""Command line: ``python -m preprocess {shard,finalize,make-demo,bench} ...``."""
+"""Command line: ``python -m preprocess {shard,finalize,make-demo,replicate,bench} ...``."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def run_finalize(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from preprocess import bench, demo
+    from preprocess import bench, demo, replicate
 
     parser = argparse.ArgumentParser(prog="python -m preprocess", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
             "verify every shard of a split and write the manifest (after an array job)",
         ),
         ("make-demo", demo.add_arguments, demo.run, "write the embedded procedural demo dataset"),
+        (
+            "replicate",
+            replicate.add_arguments,
+            replicate.run,
+            "a dataset of ImageNet's sample count from existing shards: hard links + one manifest (no new bytes)",
+        ),
         ("bench", bench.add_arguments, bench.run, "preprocessing speed against a naive PIL baseline"),
     ):
         sub = commands.add_parser(

@@ -63,7 +63,7 @@ def fixed_loaders():
     from pipeline.train import Loaders
 
     def train_loader(
-        cfg, *, dp_rank, dp_size, epoch, seed, device, batch_size, num_classes=None, start_batch=0, verify_cache=None
+        cfg, *, dp_rank, dp_size, epoch, seed, device, batch_size, num_classes=None, start_batch=0, ahead=None
     ):
         return FixedLoader(
             dp_rank=dp_rank,

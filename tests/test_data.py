@@ -77,7 +77,7 @@ def decoded(root: Path, split: str) -> dict[int, np.ndarray]:
     out = {}
     for shard in fmt.read_manifest(root).split(split).shards:
         with open(root / shard.path, "rb") as f:
-            for _, jpg_offset, jpg_size, cls_offset, cls_size in C.read_index(root / shard.index):
+            for _, jpg_offset, jpg_size, cls_offset, cls_size in C.index_rows(root / shard.index):
                 f.seek(cls_offset)
                 label = fmt.decode_label(f.read(cls_size))
                 f.seek(jpg_offset)
@@ -471,7 +471,7 @@ def test_class_count_mismatch(coverage_ds: Path) -> None:
 def _rewrite_member(root: Path, shard_no: int, sample: int, member: str, payload: bytes) -> str:
     """Replace one member's bytes in a copy's shard (same size, padded) and fix the manifest's sha256; its key."""
     shard = root / "train" / fmt.shard_name("train", shard_no)
-    key, jpg_offset, jpg_size, cls_offset, cls_size = C.read_index(root / "train" / fmt.index_name(shard.name))[sample]
+    key, jpg_offset, jpg_size, cls_offset, cls_size = C.index_rows(root / "train" / fmt.index_name(shard.name))[sample]
     offset, size = (jpg_offset, jpg_size) if member == "jpg" else (cls_offset, cls_size)
     assert len(payload) <= size
     data = bytearray(shard.read_bytes())
@@ -646,7 +646,7 @@ def test_resume_reads_nothing_before_its_batch(broken: Path, loader: str) -> Non
     first = int(next(iter(D.train_loader(cfg, **kw)))[1][0])  # label = sample number
     shard_no, row = (0, first) if first < 7 else (1, first - 7) if first < 12 else (2, first - 12)
     shard = broken / "train" / fmt.shard_name("train", shard_no)
-    _, jpg_offset, jpg_size, _, _ = C.read_index(broken / "train" / fmt.index_name(shard.name))[row]
+    _, jpg_offset, jpg_size, _, _ = C.index_rows(broken / "train" / fmt.index_name(shard.name))[row]
     data = bytearray(shard.read_bytes())
     data[jpg_offset : jpg_offset + jpg_size] = b"\0" * jpg_size  # the epoch's first sample can no longer be read
     shard.write_bytes(bytes(data))
