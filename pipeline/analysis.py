@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from pipeline.checkpoint import resolve as resolve_checkpoint
 from pipeline.evaluate import Member, class_names, load_member
+from pipeline.process import ProcessEnv, process_group, select_device
 from preprocess import format as fmt
 from preprocess.errors import UserError, run_cli
 from preprocess.files import fsync_dir, write_bytes_atomic, write_json_atomic
@@ -277,20 +278,6 @@ def neighbours_figure(rows: list[dict[str, Any]], out: Path, dpi: int = 100) -> 
 # ---------------------------------------------------------------------------- the work
 
 
-def _process() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) alone."""
-    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-
-
-def pick_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is visible")
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-@torch.no_grad()
 def extract_train_features(
     member: Member, root: Path, *, rank: int, world: int, device: torch.device, batch_size: int
 ) -> FeatureStore:
@@ -445,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    rank, world, local_rank = _process()
-    device = pick_device(args.device, local_rank)
+    env = ProcessEnv.from_environ()
+    device = select_device(args.device, env.local_rank, option="--device")
     member = load_member(resolve_checkpoint(args.run_dir, args.checkpoint), data=args.data)
     if args.figure == "filters":
         summary = filters(member, device)
@@ -457,15 +444,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if min(args.images, args.k, args.batch_size, args.chunk_rows) < 1:
         raise UserError("--images, --k, --batch-size and --chunk-rows must be at least 1")
-    if world > 1:
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(minutes=60),
-            device_id=device if device.type == "cuda" else None,
-        )
-    try:
+    with process_group(env, device, timedelta(minutes=60)):
         summary = neighbours(
             member,
             images=args.images,
@@ -473,12 +452,9 @@ def _run(args: argparse.Namespace) -> int:
             device=device,
             batch_size=args.batch_size,
             chunk_rows=args.chunk_rows,
-            rank=rank,
-            world=world,
+            rank=env.rank,
+            world=env.world_size,
         )
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     if summary is not None:
         s = summary["seconds"]
         print(

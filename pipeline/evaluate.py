@@ -10,7 +10,8 @@ checkpoints of any layout evaluate the same, and takes its contiguous part of th
 the loader (dp rank = process rank), as training's validation does; the counts are summed over
 processes, so each image counts exactly once. An ensemble averages its members' softmax outputs
 (each member's views averaged first), the paper's "average of several CNNs"; the result lists
-the ensemble and every member side by side. The trainer shares ``count``/``EvalCounts``.
+the ensemble and every member side by side. The counting itself (``count``, ``EvalCounts``,
+``predict``) is the core's (``pipeline.metrics``), shared with the trainer's validation.
 The result is printed and written to ``RUN/eval-<checkpoint>.json`` (``-centre`` before ``.json``
 for the centre crop; an ensemble: the first member's ``RUN/eval-ensemble.json``) or ``--out``.
 """
@@ -18,7 +19,6 @@ for the centre crop; an ensemble: the first member's ``RUN/eval-ensemble.json``)
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,34 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.metrics import topk_correct
+from pipeline.metrics import EvalCounts, predict
 from preprocess.errors import UserError, run_cli
 from preprocess.files import write_json_atomic
-
-
-@dataclass
-class EvalCounts:
-    top1: float = 0.0
-    top5: float = 0.0
-    seen: float = 0.0
-    loss_sum: float = 0.0
-
-    def as_tensor(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor([self.top1, self.top5, self.seen, self.loss_sum], dtype=torch.float64, device=device)
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "EvalCounts":
-        return cls(*t.tolist())
-
-    def summary(self) -> dict[str, float]:
-        if self.seen == 0:
-            raise UserError("evaluation saw no images: is the val split empty?")
-        return {
-            "top1_error": 1 - self.top1 / self.seen,
-            "top5_error": 1 - self.top5 / self.seen,
-            "loss": self.loss_sum / self.seen,
-            "images": int(self.seen),
-        }
 
 
 @dataclass
@@ -137,37 +112,6 @@ class Tally:
             "per_class": self.per_class(names),
             "confused_pairs": self.confused_pairs(names, confused),
         }
-
-
-def predict(model: torch.nn.Module, images: torch.Tensor, *, ten_crop: bool, amp: bool) -> torch.Tensor:
-    """Softmax probabilities; with 10 views per image, the paper's average of the 10 softmaxes."""
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
-        if ten_crop:
-            b, views = images.shape[:2]
-            logits = model(images.flatten(0, 1)).float()
-            return logits.softmax(dim=1).view(b, views, -1).mean(dim=1)
-        return model(images).float().softmax(dim=1)
-
-
-@torch.no_grad()
-def count(
-    model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, ten_crop: bool, amp: bool = False
-) -> EvalCounts:
-    """Correct counts over this rank's part of the val split; empty batches count nothing."""
-    was_training = model.training
-    model.eval()
-    counts = EvalCounts()
-    for images, labels in loader:
-        if labels.numel() == 0:
-            continue
-        probs = predict(model, images, ten_crop=ten_crop, amp=amp)
-        top1, top5 = topk_correct(probs, labels)
-        counts.top1 += top1
-        counts.top5 += top5
-        counts.seen += labels.numel()
-        counts.loss_sum += float(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
-    model.train(was_training)
-    return counts
 
 
 @torch.no_grad()
@@ -353,36 +297,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline import checkpoint
+    from pipeline.process import ProcessEnv, process_group, select_device
 
-    rank, world, local_rank = (
-        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
-    )
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is visible")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if world > 1:  # under torchrun: one part of the val split per process
-        dist.init_process_group(
-            "nccl" if cuda else "gloo",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(minutes=30),
-            device_id=device if cuda else None,
-        )
-    try:
+    env = ProcessEnv.from_environ()  # under torchrun: one part of the val split per process
+    device = select_device(args.device, env.local_rank, option="--device")
+    with process_group(env, device, timedelta(minutes=30)):
         specs = args.ensemble or [checkpoint.resolve(args.run_dir, args.checkpoint)]
         members = [load_member(spec, "best", args.data) for spec in specs]
         tallies, ensemble = evaluate_members(
-            members, ten_crop=args.ten_crop, batch_size=args.batch_size, device=device, dp_rank=rank, dp_size=world
+            members,
+            ten_crop=args.ten_crop,
+            batch_size=args.batch_size,
+            device=device,
+            dp_rank=env.rank,
+            dp_size=env.world_size,
         )
-        if world > 1:
+        if env.world_size > 1:
             for tally in [*tallies, *([ensemble] if ensemble else [])]:
                 tally.all_reduce()
-        if rank == 0:
+        if env.rank == 0:
             _report(args, members, tallies, ensemble)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Metrics: top-k counts, step timing, and the TensorBoard/console writer (global rank 0 only).
+"""Metrics: top-k counts, evaluation counts over a loader (training's validation and the evaluation
+tool share them), step timing, and the TensorBoard/console writer (global rank 0 only).
 
 Counts, not means, travel between ranks: an all-reduce of (correct, seen) gives exact accuracy
 however unevenly the last batches are split, and padded samples never count.
@@ -9,11 +10,15 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from preprocess.errors import UserError
 
 log = logging.getLogger("alexnet")
 
@@ -26,6 +31,62 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     top = logits.topk(kmax, dim=1).indices
     hits = top == labels.view(-1, 1)
     return [int(hits[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+@dataclass
+class EvalCounts:
+    top1: float = 0.0
+    top5: float = 0.0
+    seen: float = 0.0
+    loss_sum: float = 0.0
+
+    def as_tensor(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor([self.top1, self.top5, self.seen, self.loss_sum], dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "EvalCounts":
+        return cls(*t.tolist())
+
+    def summary(self) -> dict[str, float]:
+        if self.seen == 0:
+            raise UserError("evaluation saw no images: is the val split empty?")
+        return {
+            "top1_error": 1 - self.top1 / self.seen,
+            "top5_error": 1 - self.top5 / self.seen,
+            "loss": self.loss_sum / self.seen,
+            "images": int(self.seen),
+        }
+
+
+def predict(model: torch.nn.Module, images: torch.Tensor, *, ten_crop: bool, amp: bool) -> torch.Tensor:
+    """Softmax probabilities; with 10 views per image, the paper's average of the 10 softmaxes."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        if ten_crop:
+            b, views = images.shape[:2]
+            logits = model(images.flatten(0, 1)).float()
+            return logits.softmax(dim=1).view(b, views, -1).mean(dim=1)
+        return model(images).float().softmax(dim=1)
+
+
+@torch.no_grad()
+def count(
+    model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, ten_crop: bool, amp: bool = False
+) -> EvalCounts:
+    """Correct counts over this rank's part of the val split; empty batches count nothing."""
+    was_training = model.training
+    model.eval()
+    counts = EvalCounts()
+    for images, labels in loader:
+        if labels.numel() == 0:
+            continue
+        probs = predict(model, images, ten_crop=ten_crop, amp=amp)
+        top1, top5 = topk_correct(probs, labels)
+        counts.top1 += top1
+        counts.top5 += top5
+        counts.seen += labels.numel()
+        counts.loss_sum += float(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
+    model.train(was_training)
+    return counts
 
 
 @dataclass

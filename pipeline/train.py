@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import config, data, evaluate, model
+from pipeline import config, data, model
 from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState
 from pipeline.config import RunConfig
 from pipeline.mesh import Mesh
-from pipeline.metrics import MetricWriter, StepTimer
+from pipeline.metrics import EvalCounts, MetricWriter, StepTimer, count
 from pipeline.schedule import LRSchedule, ManualRequests
 from pipeline.stragglers import StragglerWatch
 from pipeline.train_log import StepRecord, TrainLog
@@ -338,11 +338,11 @@ class Trainer:
         )
         # The towers compute collectively, so both tp ranks run the model; their counts are equal.
         amp = self.cfg.train.amp == "bf16"
-        totals = evaluate.count(self.model, self.marks.ticking(loader, "validation"), ten_crop=ten_crop, amp=amp)
+        totals = count(self.model, self.marks.ticking(loader, "validation"), ten_crop=ten_crop, amp=amp)
         totals_t = totals.as_tensor(self.device)
         if self.mesh.dp_group is not None and self.dims.dp_size > 1:
             dist.all_reduce(totals_t, group=self.mesh.dp_group)
-        result = evaluate.EvalCounts.from_tensor(totals_t).summary()
+        result = EvalCounts.from_tensor(totals_t).summary()
         self.train_log.validation(epoch, self.progress.step, result, ten_crop)
         return result["top1_error"]
 
