@@ -24,9 +24,9 @@ demo: venv
 	$(PY) -m preprocess shard --src $(DEMO)/src/val --devkit $(DEMO)/src/devkit --out $(DEMO)/shards --split val --workers $(WORKERS)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m launch.train \
 		--config configs/demo.toml --data $(DEMO)/shards --run-dir $(DEMO)/run --tp 2
-	$(PY) -m pipeline.evaluate --run-dir $(DEMO)/run --checkpoint best --ten-crop true
-	$(PY) -m pipeline.analysis neighbours --run-dir $(DEMO)/run --checkpoint best
-	$(PY) -m pipeline.report $(DEMO)/run
+	$(PY) -m pipeline.tools.evaluate --run-dir $(DEMO)/run --checkpoint best --ten-crop true
+	$(PY) -m pipeline.tools.analysis neighbours --run-dir $(DEMO)/run --checkpoint best
+	$(PY) -m pipeline.tools.report $(DEMO)/run
 	@echo "Run report: $(DEMO)/run/report/report.md (figures in $(DEMO)/run/report and $(DEMO)/run/figures)"
 	@echo "TensorBoard logs: $(DEMO)/run/tensorboard  (view: $(VENV)/bin/tensorboard --logdir $(DEMO)/run/tensorboard)"
 

@@ -7,7 +7,7 @@ the process group every entry point starts and ends the same way.
         ...                                              # dist is initialised when WORLD_SIZE > 1
 
 This is the only module that reads the process environment; ``launch.train``, ``launch.preflight``,
-``pipeline.evaluate`` and ``pipeline.analysis`` use it. Everything past it receives ranks explicitly
+``pipeline.tools.evaluate`` and ``pipeline.tools.analysis`` use it. Everything past it receives ranks explicitly
 (``pipeline.mesh.ParallelDims``).
 """
 

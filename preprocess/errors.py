@@ -1,6 +1,6 @@
 """The project's one error type for what a user can fix, and the CLI wrapper that prints it.
 
-Every entry point (``python -m preprocess``, ``launch.train``, ``pipeline.evaluate``, ...) runs its
+Every entry point (``python -m preprocess``, ``launch.train``, ``pipeline.tools.evaluate``, ...) runs its
 body through :func:`run_cli`: a :class:`UserError` becomes one ``error: ...`` line on stderr and
 exit status 2, never a traceback. ``pipeline`` and ``launch`` import this module too; it has no
 heavy imports.

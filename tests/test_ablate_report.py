@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ablate, report
+from pipeline.tools import ablate, report
 from tests._fixtures import NARROW
 
 TINY = [

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.analysis import (
+from pipeline.tools.analysis import (
     FeatureStore,
     colour_fraction,
     filters_figure,

@@ -149,4 +149,4 @@ def test_every_documented_command_parses() -> None:
                 _parse_train(where, words[words.index(script) + 1 :])
             elif script == "slurm/preprocess.sh":
                 _parse_module(where, "preprocess", ["shard", *words[words.index(script) + 1 :]])
-    assert {"launch.train", "launch.submit", "preprocess", "pipeline.evaluate"} <= checked, checked
+    assert {"launch.train", "launch.submit", "preprocess", "pipeline.tools.evaluate"} <= checked, checked

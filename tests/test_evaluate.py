@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import data
-from pipeline.evaluate import Tally, class_names, evaluate_members, load_member, main, predict
+from pipeline.tools.evaluate import Tally, class_names, evaluate_members, load_member, main, predict
 from tests._fixtures import REPO, TORCHRUN, free_port, small_env
 
 CPU = torch.device("cpu")
@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 def torchrun_evaluate(*args: str, nproc: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [TORCHRUN, f"--nproc_per_node={nproc}", f"--master-port={free_port()}", "-m", "pipeline.evaluate", *args],
+        [TORCHRUN, f"--nproc_per_node={nproc}", f"--master-port={free_port()}", "-m", "pipeline.tools.evaluate", *args],
         cwd=REPO,
         env=small_env(),
         capture_output=True,

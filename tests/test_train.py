@@ -281,7 +281,7 @@ def test_paper_model_end_to_end(demo_shards: Path, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pipeline.evaluate",
+            "pipeline.tools.evaluate",
             "--run-dir",
             str(run_dir),
             "--checkpoint",

@@ -1,13 +1,13 @@
 """A run report to paste into a paper or an issue: ``RUN/report/report.md`` and its PNGs.
 
-    python -m pipeline.report RUN_DIR [--checkpoint best] [--no-evaluate]
+    python -m pipeline.tools.report RUN_DIR [--checkpoint best] [--no-evaluate]
 
 What it holds: the resolved config and every field that differs from the paper's recipe (the
 defaults of ``pipeline.config.RunConfig``); the LR drops (step, epoch, reason, new rate, from the
 checkpoint); train and val curves (``curves.png``, from the TensorBoard scalars); final centre-crop
 and 10-crop top-1/top-5 errors beside the paper's Table 2 (ILSVRC-2012 val, one CNN: 40.7% / 18.2%);
 throughput and data-wait; conv1's kernels per tower with their colour fraction (figure 3); figure 4
-when ``python -m pipeline.analysis neighbours`` has made it; the checkpoints on disk. The errors are
+when ``python -m pipeline.tools.analysis neighbours`` has made it; the checkpoints on disk. The errors are
 read from ``RUN/eval-<checkpoint>*.json`` when they exist, else evaluated here on one device
 (``--no-evaluate`` leaves them out).
 """
@@ -102,7 +102,7 @@ def config_diff(config: dict[str, Any]) -> list[tuple[str, Any, Any]]:
 
 def final_errors(run_dir: Path, checkpoint: Path, evaluate_missing: bool) -> dict[str, dict[str, Any]]:
     """{"centre crop": result, "10-crop": result} from the eval JSONs, or evaluated here."""
-    from pipeline.evaluate import evaluate_members, load_member
+    from pipeline.tools.evaluate import evaluate_members, load_member
 
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(run_dir.glob("eval-*.json")):
@@ -140,9 +140,9 @@ def checkpoints_table(run_dir: Path) -> list[str]:
 
 def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) -> Path:
     """Write ``RUN/report/report.md`` (and its figures) for checkpoint ``which``; its path."""
-    from pipeline import analysis
     from pipeline.checkpoint import resolve as resolve_checkpoint
-    from pipeline.evaluate import load_member
+    from pipeline.tools import analysis
+    from pipeline.tools.evaluate import load_member
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
@@ -244,7 +244,10 @@ def neighbours_section(run_dir: Path, checkpoint: Path, which: str) -> list[str]
     md = ["## Nearest training images in fc7 space (figure 4)", ""]
     if neighbours.exists():
         return [*md, f"![neighbours](../figures/{neighbours.name})"]
-    return [*md, f"Not made yet: `python -m pipeline.analysis neighbours --run-dir {run_dir} --checkpoint {which}`."]
+    return [
+        *md,
+        f"Not made yet: `python -m pipeline.tools.analysis neighbours --run-dir {run_dir} --checkpoint {which}`.",
+    ]
 
 
 def checkpoints_section(run_dir: Path) -> list[str]:
@@ -257,7 +260,9 @@ def config_section(config: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pipeline.tools.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint directory")

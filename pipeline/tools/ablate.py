@@ -1,10 +1,10 @@
 """Ablations: short runs from one base config, each with one of the paper's choices switched off, as a
 markdown table and a PNG of the curves.
 
-    python -m pipeline.ablate --out runs/ablate [--config configs/demo.toml] [--data demo/shards] \\
+    python -m pipeline.tools.ablate --out runs/ablate [--config configs/demo.toml] [--data demo/shards] \\
         [--switches tanh,no-lrn,...] [--seeds 0,1] [-- TRAIN_ARGS ...]
-    python -m pipeline.ablate --out runs/ablate --submit [--sbatch-args "-p gpu"] ...   # one Slurm job a run
-    python -m pipeline.ablate --out runs/ablate --collect          # the table of finished runs only
+    python -m pipeline.tools.ablate --out runs/ablate --submit [--sbatch-args "-p gpu"] ...   # one Slurm job a run
+    python -m pipeline.tools.ablate --out runs/ablate --collect          # the table of finished runs only
 
 Every run is an ordinary ``launch.train`` run in ``OUT/<switch>-seed<s>`` (``base`` = the config as
 given), so it resumes where it stopped when the runner is started again and logs to TensorBoard;
@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.report import read_scalars, save_figure
+from pipeline.tools.report import read_scalars, save_figure
 from preprocess.errors import UserError, run_cli
 from preprocess.files import write_bytes_atomic, write_json_atomic
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESULT = "ablation-result.json"
 
 
@@ -259,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pipeline.tools.ablate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True, help="directory of the runs, the table and the curves")
     parser.add_argument(
@@ -332,7 +334,7 @@ def ablate(args: argparse.Namespace) -> int:
                 print(f"{name}: not finished; left out of the table")
     if args.submit and not args.collect:
         print(
-            f"submitted; when the jobs are done: python -m pipeline.ablate --out {args.out} --collect "
+            f"submitted; when the jobs are done: python -m pipeline.tools.ablate --out {args.out} --collect "
             f"--switches {args.switches} --seeds {args.seeds}"
         )
         return 0

@@ -1,9 +1,9 @@
 """Evaluation: top-1/top-5 error on the val split (centre crop or the paper's 10 views), one model or an
 ensemble, with per-class accuracy and the most confused class pairs.
 
-    python -m pipeline.evaluate --run-dir RUN [--checkpoint best|latest|PATH] [--ten-crop true]
-    python -m pipeline.evaluate --ensemble RUN_OR_CHECKPOINT ... [--out FILE]
-    torchrun --nproc_per_node=N -m pipeline.evaluate ...     # the same, split over N processes
+    python -m pipeline.tools.evaluate --run-dir RUN [--checkpoint best|latest|PATH] [--ten-crop true]
+    python -m pipeline.tools.evaluate --ensemble RUN_OR_CHECKPOINT ... [--out FILE]
+    torchrun --nproc_per_node=N -m pipeline.tools.evaluate ...     # the same, split over N processes
 
 Every process holds whole models in the single-device form (``checkpoint.export_model``), so
 checkpoints of any layout evaluate the same, and takes its contiguous part of the val split from
@@ -273,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import parse_bool
 
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pipeline.tools.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--run-dir", type=Path, help="the run to evaluate (its --checkpoint)")
     parser.add_argument("--checkpoint", default="best", help="best, latest, or a checkpoint directory")

@@ -1,8 +1,8 @@
 """The paper's figures 3 and 4 for any checkpoint (any layout), as PNGs under ``RUN/figures/``.
 
-    python -m pipeline.analysis filters --run-dir RUN [--checkpoint best]
-    python -m pipeline.analysis neighbours --run-dir RUN [--checkpoint best] [--images 8]
-    torchrun --nproc_per_node=N -m pipeline.analysis neighbours ...   # feature extraction split over N
+    python -m pipeline.tools.analysis filters --run-dir RUN [--checkpoint best]
+    python -m pipeline.tools.analysis neighbours --run-dir RUN [--checkpoint best] [--images 8]
+    torchrun --nproc_per_node=N -m pipeline.tools.analysis neighbours ...   # feature extraction split over N
 
 Figure 3: conv1's kernels, one panel per tower, each kernel scaled to [0, 1] on its own, with each
 tower's colour fraction beside it: the share of a kernel's energy (after removing its mean) that is
@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.checkpoint import resolve as resolve_checkpoint
-from pipeline.evaluate import Member, class_names, load_member
 from pipeline.process import ProcessEnv, process_group, select_device
+from pipeline.tools.evaluate import Member, class_names, load_member
 from preprocess import format as fmt
 from preprocess.errors import UserError, run_cli
 from preprocess.files import fsync_dir, write_bytes_atomic, write_json_atomic
@@ -410,7 +410,9 @@ def filters(member: Member, device: torch.device | None = None) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pipeline.tools.analysis",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="figure", required=True)
     for name, help_text in (
