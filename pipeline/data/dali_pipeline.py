@@ -58,6 +58,9 @@ class Feed:
         self.batches = request.batches
         self.reader = reader
         self.params = window_params(request.plan, request.norm) if request.train else None
+        # The labels of every batch to make, read in arrays once (only from the first batch asked for on).
+        self.first = request.batches[0][0]
+        self.labels = reader.labels(self.first, request.batches[-1][1])
         self.fed = 0  # batches handed to DALI so far
         self._in_flight: deque[tuple[Any, ...]] = deque(maxlen=PREFETCH + 2)
         self._tensor = TensorCPU  # wraps a view without copying it (DALI's own list path does the same, slower)
@@ -67,7 +70,7 @@ class Feed:
             raise StopIteration
         lo, hi = self.batches[i]
         jpegs = list(map(self._tensor, self.reader.jpegs(lo, hi)))
-        labels = self.reader.labels(lo, hi)
+        labels = self.labels[lo - self.first : hi - self.first]
         batch = (jpegs, labels) if self.params is None else (jpegs, labels, self.params[lo:hi])
         self._in_flight.append(batch)
         self.fed = i + 1
