@@ -288,19 +288,21 @@ def bare_graph(
 
 
 def bare_batches(pipe: Any, device: Any) -> Iterator[tuple[Any, Any]]:
-    """Run a :func:`bare_graph` forever (its reader wraps around epochs), each batch copied into a torch tensor."""
+    """Run a :func:`bare_graph` forever (its reader wraps around epochs), each batch copied into a torch tensor.
+
+    Into the same tensor every time, as DALI's own ``DALIGenericIterator`` does: the cheapest copy there
+    is (a consumer must be done with a batch before asking for the next)."""
     import numpy as np
     import torch
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
+    out = None
     while True:
         images, labels = pipe.run()
         dense = images.as_tensor()
-        if device.type == "cuda":
+        if out is None or list(out.shape) != dense.shape():
             out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
-            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
-        else:
-            out = feed_ndarray(dense, torch.from_numpy(np.empty(dense.shape(), np.float32)))
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
         yield out, torch.from_numpy(np.array(labels.as_tensor()))
 
 
