@@ -5,7 +5,9 @@ On one CUDA device, the paper's model and batch (128 unless ``--batch-size``), e
 1. DALI alone: ``mixed`` (nvJPEG) decode and the training augmentation (random 227 window, mirror, PCA
    lighting, mean image) in a bare DALI graph, nothing after it, for each ``hw_decoder_load`` in the sweep
    (the share of JPEGs sent to the A100/H100 hardware decoder; the rest go to the CUDA decoder).
-2. Our loader alone: ``pipeline.data.train_loader`` on the GPU, batches handed to torch (what the trainer gets).
+2. Our loader alone: ``pipeline.data.train_loader`` on the GPU, batches handed to torch (what the trainer gets),
+   and the training thread's CPU time in it per sample, part by part (feed, hand-over to DALI, mean image,
+   copy out: ``pipeline.bench_data.thread_parts``; one epoch must hold ``--steps`` + 6 batches).
 3. The model step alone on synthetic batches: fp32 eager, and bf16 + channels_last + torch.compile.
 4. Both together: the ``Trainer`` and the plain loop (``pipeline.bench_train``) on our loader, bf16 +
    channels_last + compile.
@@ -44,7 +46,6 @@ from preprocess.errors import UserError
 
 HW_DECODER_LOADS = (0.0, 0.35, 0.65, 0.9, 1.0)
 STATS_BATCHES = 4
-SHUFFLE_BUFFER = 4096
 # What counts as "the same augmentation" on the 0..255 scale: nvJPEG and libjpeg-turbo may round a
 # few pixels differently, a wrong window or mirror moves an image's mean difference by tens of levels.
 SAME_IMAGE_MAE = 2.0
@@ -65,55 +66,22 @@ def open_train(data_cfg: Any) -> tuple[Any, Any]:
 def dali_graph(
     data_cfg: Any, *, batch_size: int, workers: int, gpu: bool, hw_decoder_load: float, seed: int = 0
 ) -> Any:
-    """A built bare DALI pipeline: read, decode, mean image, random window + mirror + lighting, float CHW."""
-    import numpy as np
-    from nvidia.dali import Pipeline, fn, types
+    """A built bare DALI pipeline of the loader's operators (``pipeline.bench_data.bare_graph``): read, decode,
+    random window + mirror + lighting, the mean image's window subtracted, float CHW."""
+    from pipeline.bench_data import bare_graph
 
-    split, norm = open_train(data_cfg)
-    where = "gpu" if gpu else "cpu"
-    positions = [k / norm.max_offset for k in range(norm.max_offset + 1)] if norm.max_offset else [0.5]
-    pipe = Pipeline(batch_size=batch_size, num_threads=workers, device_id=0 if gpu else None, seed=seed)
-    with pipe:
-        jpegs, cls = fn.readers.webdataset(
-            paths=[str(p) for p in split.shards],
-            index_paths=[str(p) for p in split.indexes],
-            ext=["jpg", "cls"],
-            random_shuffle=True,
-            initial_fill=SHUFFLE_BUFFER,
-            seed=seed + 1,
-            name="reader",
-        )
-        decoder_args = {"hw_decoder_load": hw_decoder_load} if gpu else {}
-        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **decoder_args)
-        if norm.mean_image is not None:
-            images = images - types.Constant(norm.mean_image, layout="HWC", device=where)
-        alpha = fn.random.normal(shape=[1, 3], stddev=norm.lighting_std)
-        offset = fn.reshape(fn.coord_transform(alpha, M=norm.lighting.flatten().tolist()), shape=[3])
-        mean = types.Constant(np.asarray(norm.channel_mean, np.float32)) - offset
-        out = fn.crop_mirror_normalize(
-            images,
-            crop=(norm.crop, norm.crop),
-            crop_pos_x=fn.random.uniform(values=positions),
-            crop_pos_y=fn.random.uniform(values=positions),
-            mirror=fn.random.coin_flip(probability=0.5),
-            mean=mean,
-            std=list(norm.channel_std),
-            dtype=types.FLOAT,
-            output_layout="CHW",
-        )
-        pipe.set_outputs(out, fn.pad(cls, fill_value=0))
-    pipe.build()
-    return pipe
+    return bare_graph(
+        data_cfg, batch_size=batch_size, workers=workers, gpu=gpu, hw_decoder_load=hw_decoder_load, seed=seed
+    )
 
 
-def dali_batches(pipe: Any, batch_size: int) -> Iterator[tuple[None, Any]]:
-    """Run the graph forever (the reader wraps around epochs); yields only something with a batch length."""
+def dali_batches(pipe: Any, device: str) -> Iterator[tuple[Any, Any]]:
+    """Run the graph forever (the reader wraps around epochs), each batch copied into a torch tensor."""
     import torch
 
-    count = torch.empty(batch_size)
-    while True:
-        pipe.run()
-        yield None, count
+    from pipeline.bench_data import bare_batches
+
+    return bare_batches(pipe, torch.device(device))
 
 
 def rate(source: Iterator[tuple[Any, Any]], *, warmup: int, steps: int, device: str) -> dict[str, float]:
@@ -162,6 +130,16 @@ def our_batches(data_cfg: Any, setup: Setup) -> Iterator[tuple[Any, Any]]:
     from pipeline.bench_train import real_batches
 
     return real_batches(data_cfg, setup)
+
+
+def loader_thread(data_cfg: Any, *, batch_size: int, steps: int, device: str) -> dict[str, float]:
+    """The training thread's CPU time in our loader, µs per sample by part (``pipeline.bench_data.thread_parts``):
+    on a GPU this thread also launches the model, so every µs here is taken from the step."""
+    import torch
+
+    from pipeline.bench_data import thread_parts
+
+    return thread_parts(data_cfg, batch_size=batch_size, warmup=3, steps=steps, device=torch.device(device))
 
 
 # ------------------------------------------------------------------------------------------------ GPU vs CPU
@@ -253,9 +231,10 @@ def gpu_report(args: argparse.Namespace, device: str) -> dict[str, Any]:
     report["dali_alone"] = {}
     for load in HW_DECODER_LOADS if gpu else (0.0,):
         pipe = dali_graph(plain_cfg, batch_size=setup.batch_size, workers=workers, gpu=gpu, hw_decoder_load=load)
-        report["dali_alone"][str(load)] = rate(dali_batches(pipe, setup.batch_size), warmup=w, steps=n, device=device)
+        report["dali_alone"][str(load)] = rate(dali_batches(pipe, device), warmup=w, steps=n, device=device)
         del pipe
     report["loader_alone"] = rate(our_batches(ours, tuned), warmup=w, steps=n, device=device)
+    report["loader_thread_us_per_sample"] = loader_thread(ours, batch_size=setup.batch_size, steps=n, device=device)
     report["torchvision_alone"] = rate(
         torchvision_batches(plain_cfg, batch_size=setup.batch_size, workers=workers, device=device),
         warmup=w,
@@ -299,5 +278,6 @@ def gpu_report(args: argparse.Namespace, device: str) -> dict[str, Any]:
         "trainer_data_wait_fraction": trainer["data_wait_fraction"],
         "trainer_vs_torchvision_recipe": trainer["images_per_s"] / report["torchvision_with_model"]["images_per_s"],
         "augmentation_matches_cpu": report["gpu_vs_cpu_augmentation"]["match"],
+        "loader_thread_us_per_batch": report["loader_thread_us_per_sample"]["total"] * setup.batch_size,
     }
     return report

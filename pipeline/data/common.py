@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -531,11 +532,19 @@ def batch_bounds(samples: int, steps: int, batch_size: int) -> list[tuple[int, i
     return bounds
 
 
-class SampleReader:
-    """Reads a plan's samples from the shards: JPEG bytes and label, checked, errors naming the sample.
+_LABEL_DIGITS = 18  # longest label parsed in arrays (int64); longer ones go through the exact path
 
-    The JPEG's header (not its pixels) is read here, so a stored image of the wrong size is
-    reported before any decoder sees it, whatever the normalisation.
+
+class SampleReader:
+    """Reads a plan's samples from the shards: JPEG bytes and labels, checked, errors naming the sample.
+
+    The shards are memory-mapped, once per process: a sample is a view into its shard at the
+    index's offsets, so reading a batch makes no system call per sample, and a JPEG handed to DALI
+    is not copied on the way (DALI's own webdataset reader maps the shards too). ``jpeg`` checks the
+    JPEG's header (not its pixels), so a stored image of the wrong size is reported before a decoder
+    sees it; ``jpegs``, the DALI feed's batch read, leaves that check to the pipeline (its shapes are
+    checked per batch, and a batch DALI cannot decode is checked here sample by sample to name the
+    culprit). Labels are parsed and range-checked here for both loaders.
     """
 
     def __init__(self, split: Split, plan: Plan, image_size: int):
@@ -543,27 +552,39 @@ class SampleReader:
         self.plan = plan
         self.num_classes = split.num_classes
         self.image_size = image_size
-        self._files: dict[int, Any] = {}  # open shard files, per process
+        self._maps: dict[int, mmap.mmap] = {}  # shard -> its mapping, per process
+        self._arrays: dict[int, np.ndarray] = {}  # shard -> uint8 view of the mapping
 
-    def __getstate__(self) -> dict[str, Any]:  # worker processes open their own files
-        return {**self.__dict__, "_files": {}}
+    def __getstate__(self) -> dict[str, Any]:  # worker processes map the shards themselves
+        return {**self.__dict__, "_maps": {}, "_arrays": {}}
 
     def where(self, i: int) -> str:
         return f"{self.paths[int(self.plan.shard[i])]}: sample {self.plan.key(i)}"
 
-    def _read(self, shard: int, offset: int, size: int) -> bytes:
-        f = self._files.get(shard)
-        if f is None:
-            f = self._files[shard] = open(self.paths[shard], "rb")
-        f.seek(offset)
-        data = f.read(size)
+    def _shard(self, shard: int) -> np.ndarray:
+        data = self._arrays.get(shard)
+        if data is None:
+            with open(self.paths[shard], "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:  # mmap refuses empty files; every read then runs past the end
+                    data = np.empty(0, np.uint8)
+                else:
+                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    data = np.frombuffer(self._maps[shard], np.uint8)
+            self._arrays[shard] = data
+        return data
+
+    def _truncated(self, shard: int, offset: int, size: int) -> UserError:
+        return UserError(f"{self.paths[shard]}: shard ends before byte {offset + size} (truncated)")
+
+    def _member(self, i: int, spans: np.ndarray) -> np.ndarray:
+        shard, offset, size = int(self.plan.shard[i]), int(spans[i, 0]), int(spans[i, 1])
+        data = self._shard(shard)[offset : offset + size]
         if len(data) != size:
-            raise UserError(f"{self.paths[shard]}: shard ends before byte {offset + size} (truncated)")
+            raise self._truncated(shard, offset, size)
         return data
 
     def label(self, i: int) -> int:
-        p = self.plan
-        raw = self._read(int(p.shard[i]), int(p.cls[i, 0]), int(p.cls[i, 1]))
+        raw = self._member(i, self.plan.cls).tobytes()
         try:
             label = fmt.decode_label(raw)
         except (ValueError, UnicodeDecodeError):
@@ -575,11 +596,44 @@ class SampleReader:
             )
         return label
 
-    def jpeg(self, i: int) -> bytes:
+    def labels(self, lo: int, hi: int) -> np.ndarray:
+        """int64 labels of positions ``[lo, hi)``, checked; an error names the first bad sample.
+
+        Read shard by shard with array gathers rather than sample by sample: a label written by
+        ``preprocess`` (decimal digits only) is parsed in the arrays; anything else (signs, spaces,
+        junk, oversized members) goes through :meth:`label`, which parses like ``format.decode_label``
+        and names the sample when it is not a valid label.
+        """
+        p = self.plan
+        shards, spans = p.shard[lo:hi], p.cls[lo:hi]
+        labels = np.full(hi - lo, -1, np.int64)
+        order = np.argsort(shards, kind="stable")
+        starts = np.flatnonzero(np.diff(shards[order], prepend=-1))
+        for rows in np.split(order, starts[1:]) if len(order) else []:
+            data = self._shard(int(shards[rows[0]]))
+            offset, size = spans[rows, 0], spans[rows, 1]
+            simple = (size >= 1) & (size <= _LABEL_DIGITS) & (offset + size <= len(data))
+            rows, offset, size = rows[simple], offset[simple], size[simple]
+            if not len(rows):
+                continue
+            width = np.arange(int(size.max()))
+            valid = width[None, :] < size[:, None]
+            digits = data[np.where(valid, offset[:, None] + width[None, :], offset[:, None])].astype(np.int64) - 48
+            digits = np.where(valid, digits, 0)
+            decimal = ((digits >= 0) & (digits <= 9)).all(axis=1)
+            value = np.zeros(len(rows), np.int64)
+            for column in range(len(width)):  # Horner, skipping each row's padding
+                value = np.where(valid[:, column], value * 10 + digits[:, column], value)
+            labels[rows[decimal]] = value[decimal]
+        for k in np.flatnonzero((labels < 0) | (labels >= self.num_classes)).tolist():
+            labels[k] = self.label(lo + k)  # parses what the arrays did not, or raises naming the sample
+        return labels
+
+    def jpeg(self, i: int) -> np.ndarray:
+        """The JPEG's bytes (a view into the shard), its header checked: decodable, and the stored size."""
         import simplejpeg
 
-        p = self.plan
-        data = self._read(int(p.shard[i]), int(p.jpg[i, 0]), int(p.jpg[i, 1]))
+        data = self._member(i, self.plan.jpg)
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError as e:
@@ -592,10 +646,26 @@ class SampleReader:
             )
         return data
 
+    def jpegs(self, lo: int, hi: int) -> list[np.ndarray]:
+        """The JPEG bytes of positions ``[lo, hi)`` as views into the shards, unchecked (see the class notes)."""
+        p = self.plan
+        spans = p.jpg[lo:hi]
+        views = [self._shard(s)[o : o + n] for s, (o, n) in zip(p.shard[lo:hi].tolist(), spans.tolist())]
+        if sum(map(len, views)) != int(spans[:, 1].sum()):  # a slice past a shard's end comes back short
+            for i in range(lo, hi):
+                self._member(i, p.jpg)
+        return views
+
+    def check(self, lo: int, hi: int) -> None:
+        """Raise the named error of the first sample in ``[lo, hi)`` that cannot be read, labelled or decoded."""
+        for i in range(lo, hi):
+            self.label(i)
+            self.jpeg(i)
+
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        """Drop the mappings; a view still held elsewhere (a batch DALI has not released) keeps its own alive."""
+        self._arrays.clear()
+        self._maps.clear()
 
 
 class MeanWindows:

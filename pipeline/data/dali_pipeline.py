@@ -1,53 +1,81 @@
 """The DALI implementation of ``pipeline.data``: decode, crop, mirror, lighting and normalisation in DALI.
 
 It executes the epoch plan of ``common.plan_epoch``: an ``external_source`` hands DALI each batch's
-JPEG bytes (read at the index files' offsets, checked and named by ``common.SampleReader``) with
-the plan's windows, mirrors and lighting, so a batch depends on nothing but its plan positions: an
-epoch can start at any batch without reading or decoding the ones before it, and the batches equal
-the torch fallback's up to the JPEG decoder. Decoding runs on the GPU (``device="mixed"``) when the
-training device is CUDA, else on CPU threads; one fused ``crop_mirror_normalize`` per view does the
-window, mirror, ``(x - (channel_mean - lighting)) / channel_std``, layout and float conversion. The
-paper's mean image is subtracted from the cropped window while the output is copied out of DALI
-(``common.MeanWindows``), which costs no extra pass. Notes: ``docs/data-pipeline.md``.
+JPEG bytes (views into the memory-mapped shards at the index files' offsets, not copied) with the
+plan's windows, mirrors and lighting sliced from arrays drawn once per epoch, so a batch depends on
+nothing but its plan positions: an epoch can start at any batch without reading or decoding the
+ones before it, and the batches equal the torch fallback's up to the JPEG decoder. Decoding runs on
+the GPU (``device="mixed"``) when the training device is CUDA, else on CPU threads; one fused
+``crop_mirror_normalize`` per view does the window, mirror, ``(x - (channel_mean - lighting)) /
+channel_std``, layout and float conversion, and the paper's mean image is cropped and mirrored by
+the same window and subtracted inside the graph too. The training thread does a constant amount of
+work per batch apart from slicing the samples' bytes and parsing their labels: no per-sample torch
+op, no system call per sample. Notes and figures: ``docs/data-pipeline.md``, ``docs/BENCHMARKS.md``.
 """
 
 from __future__ import annotations
 
+import sys
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from pipeline.data.common import EpochRequest, MeanWindows, Normalization, SampleReader, finish_batch, ten_view_windows
+from pipeline.data.common import EpochRequest, Normalization, Plan, SampleReader, finish_batch, ten_view_windows
 from preprocess.errors import UserError
+from preprocess.format import FormatError
+
+PREFETCH = 2  # batches DALI runs ahead of the one handed out (its default prefetch_queue_depth)
+
+
+def window_params(plan: Plan, norm: Normalization) -> np.ndarray:
+    """float32 [n, 6] per plan position: crop_pos_x, crop_pos_y, mirror, then the 3 channel means less lighting.
+
+    Drawn into one array once per epoch, so feeding a batch is one slice of it. Positions are
+    normalised, ``k / max_offset``, which DALI rounds back to exactly ``k``.
+    """
+    n = len(plan)
+    params = np.empty((n, 6), np.float32)
+    scale = 1.0 / norm.max_offset if norm.max_offset else 0.0
+    params[:, 0] = plan.x * scale if scale else 0.5
+    params[:, 1] = plan.y * scale if scale else 0.5
+    params[:, 2] = plan.mirror
+    params[:, 3:] = np.asarray(norm.channel_mean, np.float32)[None, :] - plan.offset  # lighting folded into the mean
+    return params
 
 
 class Feed:
-    """The ``external_source``: call ``i`` gives the ``i``-th batch to make, encoded, with its parameters."""
+    """The ``external_source``: call ``i`` gives the ``i``-th batch to make (encoded JPEGs, labels, parameters).
+
+    The JPEGs are views into the mapped shards handed over without a copy (``no_copy``); DALI reads
+    them until the batch's outputs come out, ``PREFETCH`` runs later, so the last batches are kept
+    referenced here.
+    """
 
     def __init__(self, request: EpochRequest, reader: SampleReader):
-        self.request = request
+        from nvidia.dali.tensors import TensorCPU
+
+        self.batches = request.batches
         self.reader = reader
-        norm = request.norm
-        self.channel_mean = np.asarray(norm.channel_mean, np.float32)
-        self.max_offset = norm.max_offset
+        self.params = window_params(request.plan, request.norm) if request.train else None
+        # The labels of every batch to make, read in arrays once (only from the first batch asked for on).
+        self.first = request.batches[0][0]
+        self.labels = reader.labels(self.first, request.batches[-1][1])
+        self.fed = 0  # batches handed to DALI so far
+        self._in_flight: deque[tuple[Any, ...]] = deque(maxlen=PREFETCH + 2)
+        self._tensor = TensorCPU  # wraps a view without copying it (DALI's own list path does the same, slower)
 
     def __call__(self, i: int) -> tuple[Any, ...]:
-        if i >= len(self.request.batches):
+        if i >= len(self.batches):
             raise StopIteration
-        lo, hi = self.request.batches[i]
-        jpegs = [np.frombuffer(self.reader.jpeg(j), np.uint8) for j in range(lo, hi)]
-        labels = np.array([self.reader.label(j) for j in range(lo, hi)], np.int64)
-        if not self.request.train:
-            return jpegs, labels
-        p = self.request.plan
-        scale = 1.0 / self.max_offset if self.max_offset else 0.0
-        # Normalised positions k / max_offset: DALI rounds them back to exactly k.
-        pos_x = (p.x[lo:hi] * scale).astype(np.float32) if scale else np.full(hi - lo, 0.5, np.float32)
-        pos_y = (p.y[lo:hi] * scale).astype(np.float32) if scale else np.full(hi - lo, 0.5, np.float32)
-        mirror = p.mirror[lo:hi].astype(np.int32)
-        mean = self.channel_mean[None, :] - p.offset[lo:hi]  # the lighting offset, folded into the mean
-        return jpegs, labels, pos_x, pos_y, mirror, mean.astype(np.float32)
+        lo, hi = self.batches[i]
+        jpegs = list(map(self._tensor, self.reader.jpegs(lo, hi)))
+        labels = self.labels[lo - self.first : hi - self.first]
+        batch = (jpegs, labels) if self.params is None else (jpegs, labels, self.params[lo:hi])
+        self._in_flight.append(batch)
+        self.fed = i + 1
+        return batch
 
 
 def decode(jpegs: Any, *, gpu: bool) -> Any:
@@ -57,9 +85,9 @@ def decode(jpegs: Any, *, gpu: bool) -> Any:
 
 
 def crop_normalize(
-    images: Any, norm: Normalization, *, pos_x: Any, pos_y: Any, mirror: Any, mean: Any, layout: str
+    images: Any, norm: Normalization, *, pos_x: Any, pos_y: Any, mirror: Any, mean: Any, std: Any, layout: str
 ) -> Any:
-    """One fused pass: window, mirror, ``(x - mean) / channel_std``, float, layout."""
+    """One fused pass: window, mirror, ``(x - mean) / std``, float, layout."""
     from nvidia.dali import fn, types
 
     return fn.crop_mirror_normalize(
@@ -69,51 +97,88 @@ def crop_normalize(
         crop_pos_y=pos_y,
         mirror=mirror,
         mean=mean,
-        std=list(norm.channel_std),
+        std=std,
         dtype=types.FLOAT,
         output_layout=layout,
     )
 
 
-def training_graph(feed: Feed, norm: Normalization, *, gpu: bool, layout: str) -> tuple[Any, Any]:
+def mean_image(norm: Normalization, *, gpu: bool) -> Any:
+    """The paper's 256x256 mean image as a DALI constant (None with per-channel normalisation)."""
+    from nvidia.dali import types
+
+    if norm.mean_image is None:
+        return None
+    return types.Constant(norm.mean_image, layout="HWC", device="gpu" if gpu else "cpu")
+
+
+def augment(
+    images: Any, norm: Normalization, means: Any, *, pos_x: Any, pos_y: Any, mirror: Any, mean: Any, layout: str
+) -> Any:
+    """The view: ``crop_normalize`` of the image, less the mean image ``means`` under the same (mirrored) window.
+
+    The mean's window is cropped and mirrored with the image's own parameters, so the subtraction
+    costs one small pass per view inside the graph (fused with the rest on a GPU), not a pass over
+    the full 256x256 image and not one operation per sample on the training thread.
+    """
+    out = crop_normalize(
+        images, norm, pos_x=pos_x, pos_y=pos_y, mirror=mirror, mean=mean, std=list(norm.channel_std), layout=layout
+    )
+    if means is None:
+        return out
+    return out - crop_normalize(means, norm, pos_x=pos_x, pos_y=pos_y, mirror=mirror, mean=0.0, std=1.0, layout=layout)
+
+
+def sources(feed: Feed, *, train: bool) -> tuple[Any, ...]:
+    """The feed's outputs as DALI nodes: jpegs, labels (and the per-sample parameters when training)."""
+    from nvidia.dali import fn, types
+
+    dtypes = [types.UINT8, types.INT64] + ([types.FLOAT] if train else [])
+    return tuple(fn.external_source(source=feed, num_outputs=len(dtypes), batch=True, dtype=dtypes, no_copy=True))
+
+
+def training_graph(feed: Feed, norm: Normalization, *, gpu: bool, layout: str) -> tuple[Any, ...]:
     """The plan's window, mirror and lighting per sample (fed with the bytes). Call inside a DALI ``Pipeline``."""
     from nvidia.dali import fn, types
 
-    jpegs, labels, pos_x, pos_y, mirror, mean = fn.external_source(
-        source=feed,
-        num_outputs=6,
-        batch=True,
-        dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT],
+    jpegs, labels, params = sources(feed, train=True)
+    out = augment(
+        decode(jpegs, gpu=gpu),
+        norm,
+        mean_image(norm, gpu=gpu),
+        pos_x=params[0],
+        pos_y=params[1],
+        mirror=fn.cast(params[2], dtype=types.INT32),
+        mean=params[3:6],
+        layout=layout,
     )
-    out = crop_normalize(
-        decode(jpegs, gpu=gpu), norm, pos_x=pos_x, pos_y=pos_y, mirror=mirror, mean=mean, layout=layout
-    )
-    return out, labels
+    return out, labels, fn.peek_image_shape(jpegs)
 
 
-def eval_graph(feed: Feed, norm: Normalization, *, gpu: bool, layout: str, ten_crop: bool) -> tuple[Any, Any]:
+def eval_graph(feed: Feed, norm: Normalization, *, gpu: bool, layout: str, ten_crop: bool) -> tuple[Any, ...]:
     """Centre crop, or the 10 views stacked on a new leading axis: [10, C, H, W] (or [10, H, W, C])."""
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn
 
-    jpegs, labels = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64])
+    jpegs, labels = sources(feed, train=False)
     images = decode(jpegs, gpu=gpu)
+    means = mean_image(norm, gpu=gpu)
     m = norm.max_offset
-    mean = list(norm.channel_mean)
     c = norm.center_offset()
     windows = ten_view_windows(m, c) if ten_crop else [(False, c, c)]
     views = [
-        crop_normalize(
+        augment(
             images,
             norm,
+            means,
             pos_x=left / m if m else 0.5,
             pos_y=top / m if m else 0.5,
             mirror=int(mirror),
-            mean=mean,
+            mean=list(norm.channel_mean),
             layout=layout,
         )
         for mirror, top, left in windows
     ]
-    return (fn.stack(*views) if ten_crop else views[0]), labels
+    return (fn.stack(*views) if ten_crop else views[0]), labels, fn.peek_image_shape(jpegs)
 
 
 def build(request: EpochRequest, feed: Feed, *, device_id: int | None) -> Any:
@@ -122,7 +187,13 @@ def build(request: EpochRequest, feed: Feed, *, device_id: int | None) -> Any:
 
     gpu = device_id is not None
     layout = "HWC" if request.channels_last else "CHW"
-    pipe = Pipeline(batch_size=request.batch_size, num_threads=request.workers, device_id=device_id, seed=0)
+    pipe = Pipeline(
+        batch_size=request.batch_size,
+        num_threads=request.workers,
+        device_id=device_id,
+        seed=0,
+        prefetch_queue_depth=PREFETCH,
+    )
     with pipe:
         if request.train:
             outputs = training_graph(feed, request.norm, gpu=gpu, layout=layout)
@@ -139,57 +210,48 @@ def build(request: EpochRequest, feed: Feed, *, device_id: int | None) -> Any:
 
 
 class Output:
-    """Copies a DALI batch into a torch tensor, subtracting the mean image's windows in the same pass."""
+    """Copies a DALI batch into a new torch tensor on ``device``: one copy per batch, by DALI, no torch op on it.
 
-    def __init__(self, request: EpochRequest, device: Any):
-        self.request = request
+    On the CPU a batch (79 MB at 128 images) is larger than what malloc recycles, so a fresh buffer
+    is fresh pages, whose faults cost more than the copy itself; the buffers of earlier batches are
+    reused instead, once nothing but this pool references them (the caller has dropped the batch).
+    """
+
+    POOL = PREFETCH + 2
+
+    def __init__(self, device: Any):
         self.device = device
-        norm = request.norm
-        self.means = (
-            MeanWindows(norm, device, channels_last=request.channels_last) if norm.mean_image is not None else None
-        )
-        self.fixed = None  # the mean under the validation views: the same for every sample
-        if self.means is not None and not request.train:
-            c = norm.center_offset()
-            self.fixed = (
-                self.means.ten_views(norm.max_offset, c) if request.ten_crop else self.means.window(c, c, False)
-            )
+        self._buffers: list[np.ndarray] = []
 
-    def __call__(self, images: Any, lo: int, hi: int) -> Any:
+    def _buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        for buffer in self._buffers:
+            # 3 references: the pool's list, the loop variable, getrefcount's argument; none held outside
+            if buffer.shape == shape and sys.getrefcount(buffer) <= 3:
+                return buffer
+        buffer = np.empty(shape, np.float32)
+        self._buffers = [*self._buffers[1 - self.POOL :], buffer] if self.POOL > 1 else [buffer]
+        return buffer
+
+    def __call__(self, images: Any) -> Any:
         import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        chw = (lambda t: t.movedim(-1, -3)) if self.request.channels_last else (lambda t: t)
+        dense = images.as_tensor()  # a view: DALI's outputs of equal-shaped samples are one buffer
         if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
+            out = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+            return feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
+        return feed_ndarray(dense, torch.from_numpy(self._buffer(tuple(dense.shape()))))
 
-            out = torch.empty(images.as_tensor().shape(), dtype=torch.float32, device=self.device)
-            feed_ndarray(images, out, cuda_stream=torch.cuda.current_stream(self.device))
-            if self.fixed is not None:
-                chw(out).sub_(self.fixed)
-            elif self.means is not None:
-                self._subtract_windows(chw(out), chw(out), lo, hi)
-            return out
-        source = torch.from_numpy(np.asarray(images.as_tensor()))  # DALI's buffer, valid until the next run
-        # Allocated through numpy: a fresh torch CPU tensor of a batch's size maps new pages every time, which
-        # was measured at ~10x the cost of the copy itself; numpy's allocation reuses the freed batch's memory.
-        out = torch.from_numpy(np.empty(tuple(source.shape), np.float32))
-        if self.fixed is not None:
-            torch.sub(chw(source), self.fixed, out=chw(out))
-        elif self.means is not None:
-            self._subtract_windows(chw(source), chw(out), lo, hi)
-        else:
-            out.copy_(source)
-        return out
 
-    def _subtract_windows(self, source: Any, out: Any, lo: int, hi: int) -> None:
-        import torch
-
-        assert self.means is not None
-        p = self.request.plan
-        for k, (top, left, mirror) in enumerate(
-            zip(p.y[lo:hi].tolist(), p.x[lo:hi].tolist(), p.mirror[lo:hi].tolist())
-        ):
-            torch.sub(source[k], self.means.window(top, left, mirror), out=out[k])
+def check_shapes(shapes: Any, reader: SampleReader, lo: int) -> None:
+    """The stored images' sizes (DALI read them from the JPEG headers): a wrong one is named like the reader does."""
+    sizes = np.asarray(shapes.as_tensor())[:, :2]
+    wrong = np.flatnonzero((sizes != reader.image_size).any(axis=1))
+    if wrong.size:
+        i = lo + int(wrong[0])
+        reader.jpeg(i)  # raises the reader's one-line error naming the sample
+        height, width = sizes[wrong[0]].tolist()
+        raise FormatError(f"{reader.where(i)}: image is {height}x{width}, the format stores {reader.image_size}")
 
 
 def dali_message(error: BaseException) -> str:
@@ -224,20 +286,25 @@ def batches(request: EpochRequest) -> Callable[[], Iterator[tuple[Any, Any]]]:
         reader = SampleReader(r.split, r.plan, r.norm.image_size)
         feed = Feed(r, reader)
         pipe = build(r, feed, device_id=device_id)
-        output = Output(r, r.device)
+        output = Output(r.device)
         try:
-            for lo, hi in r.batches:
+            for k, (lo, hi) in enumerate(r.batches):
                 try:
-                    images, labels = pipe.run()
+                    images, labels, shapes = pipe.run()
+                    failure = None
                 except RuntimeError as e:
+                    failure = dali_message(e)  # raised below, outside this block: DALI's frames stay out of it
+                if failure is not None:
+                    # The batches DALI holds: a sample that cannot be read or decoded is named by the reader.
+                    reader.check(lo, r.batches[max(feed.fed, k + 1) - 1][1])
                     raise UserError(
                         f"{r.split.describe()}: DALI failed decoding a sample of positions {lo}..{hi - 1} "
-                        f"({dali_message(e)}); --data.loader torch names the broken sample"
-                    ) from None
-                labels = torch.from_numpy(np.array(labels.as_tensor(), np.int64).reshape(-1))
+                        f"({failure}); --data.loader torch names the broken sample"
+                    )
+                check_shapes(shapes, reader, lo)
                 yield finish_batch(
-                    output(images, lo, hi),
-                    labels,
+                    output(images),
+                    torch.from_numpy(np.array(labels.as_tensor(), np.int64).reshape(-1)),  # a copy: DALI reuses it
                     device=r.device,
                     dtype=r.dtype,
                     channels_last=r.channels_last,

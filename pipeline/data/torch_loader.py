@@ -9,6 +9,7 @@ view costs three passes. Batches reach the main process through shared memory.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -120,6 +121,9 @@ def batches(request: EpochRequest) -> Callable[[], Iterator[tuple[Any, Any]]]:
             prefetch_factor=4 if r.workers else None,
             persistent_workers=False,
         )
+        # A DALI pipeline left in a reference cycle (by an earlier epoch's error, say) must be finalised here, not
+        # in a forked worker: there its threads do not exist and its destructor would wait for them forever.
+        gc.collect()
         batches = iter(loader)
         try:
             for images, labels in batches:
