@@ -312,6 +312,7 @@ def resolve_workers(workers: int) -> int:
 # An epoch's plan: which sample each position is and how it is augmented, drawn up front
 
 INDEX_COLUMNS = 4  # jpg offset, jpg size, cls offset, cls size
+_LABEL_DIGITS = 18  # longest label parsed in arrays (int64); longer ones go through the exact path
 _TOKENS_PER_ROW = 8  # "jpg OFFSET SIZE KEY.jpg cls OFFSET SIZE KEY.cls", the order preprocess writes
 _OFFSET_CHUNK = 1 << 14  # plan rows per lighting draw: bounds the float64 temporaries, same stream
 
@@ -327,32 +328,92 @@ def read_index(path: Path, cache: Path | None = None) -> np.ndarray:
     than parsing (0.6 s of an ImageNet epoch's plan at dp 1).
     """
     cached = _index_cache_file(cache, path) if cache is not None else None
-    if cached is not None:
-        try:
-            rows = np.load(cached, allow_pickle=False)
-            if rows.dtype == np.int64 and rows.ndim == 2 and rows.shape[1] == INDEX_COLUMNS:
-                return rows
-        except (OSError, ValueError):
-            pass  # not there yet (or damaged): parse
+    rows = _load_cached(cached, np.int64, 2)
+    if rows is not None and rows.shape[1] == INDEX_COLUMNS:
+        return rows
     rows = _parse_index_file(path)
-    if cached is not None:
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, rows)
-            os.replace(tmp, cached)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a cache: parsing again next time is fine
+    _store_cached(cached, rows)
     return rows
 
 
-def _index_cache_file(cache: Path, index: Path) -> Path | None:
+def _index_cache_file(cache: Path, index: Path, kind: str = "") -> Path | None:
+    """The cache file of what was read from ``index`` (any file): named by its path and stat, so a
+    rewritten file is read again."""
     try:
         st = index.stat()
     except FileNotFoundError:
-        return None  # _parse_index_file says what is missing
+        return None  # the reader says what is missing
     name = hashlib.sha256(os.path.abspath(index).encode()).hexdigest()[:24]
-    return cache / f"{name}-{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}.npy"
+    return cache / f"{kind}{name}-{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}.npy"
+
+
+def _load_cached(cached: Path | None, dtype: type, ndim: int) -> np.ndarray | None:
+    if cached is None:
+        return None
+    try:
+        array = np.load(cached, allow_pickle=False)
+    except (OSError, ValueError):
+        return None  # not there yet (or damaged): read again
+    return array if array.dtype == dtype and array.ndim == ndim else None
+
+
+def _store_cached(cached: Path | None, array: np.ndarray) -> None:
+    if cached is None:
+        return
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, cached)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a cache: reading again next time is fine
+
+
+def read_labels(shard: Path, spans: np.ndarray, cache: Path | None = None) -> np.ndarray:
+    """int32 label of each of a shard's samples (``spans``: their .cls members' offset and size, index order).
+
+    -1 where the member is not a plain decimal number (signs, spaces, junk, past the shard's end): the
+    reader parses those one by one and names the sample when it is bad. Read once per dataset: with
+    ``cache`` the labels are kept like the parsed index, named by the shard's path and stat. Reading
+    them touches a page per sample, so an epoch must not do it (at ImageNet's size 2.8 s and ~1.28M
+    page reads at every epoch's start, measured on the replicated set).
+    """
+    cached = _index_cache_file(cache, shard, "labels-") if cache is not None else None
+    labels = _load_cached(cached, np.int32, 1)
+    if labels is not None and len(labels) == len(spans):
+        return labels
+    with open(shard, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            labels = np.full(len(spans), -1, np.int32)
+        else:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                data = np.frombuffer(mapped, np.uint8)
+                value = decimal_labels(data, spans)
+                del data  # the mapping closes only once no array views it
+            labels = np.where((value >= 0) & (value < 2**31), value, -1).astype(np.int32)
+    _store_cached(cached, labels)
+    return labels
+
+
+def decimal_labels(data: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """int64 values of the ``.cls`` members at ``spans`` (offset, size) in ``data``, -1 where a member is not
+    1..18 decimal digits within ``data``: parsed in arrays, nothing per sample."""
+    offset, size = spans[:, 0], spans[:, 1]
+    labels = np.full(len(spans), -1, np.int64)
+    simple = np.flatnonzero((size >= 1) & (size <= _LABEL_DIGITS) & (offset + size <= len(data)))
+    if not len(simple):
+        return labels
+    offset, size = offset[simple], size[simple]
+    width = np.arange(int(size.max()))
+    valid = width[None, :] < size[:, None]
+    digits = data[np.where(valid, offset[:, None] + width[None, :], offset[:, None])].astype(np.int64) - 48
+    digits = np.where(valid, digits, 0)
+    decimal = ((digits >= 0) & (digits <= 9)).all(axis=1)
+    value = np.zeros(len(simple), np.int64)
+    for column in range(len(width)):  # Horner, skipping each row's padding
+        value = np.where(valid[:, column], value * 10 + digits[:, column], value)
+    labels[simple[decimal]] = value[decimal]
+    return labels
 
 
 def _parse_index_file(path: Path) -> np.ndarray:
@@ -424,7 +485,7 @@ def index_rows(path: Path) -> list[tuple[str, int, int, int, int]]:
 class Plan:
     """Per position in this rank's epoch: where the sample is and how to augment it.
 
-    Fixed-size numpy columns only (57 bytes a sample, 73 MB for ImageNet's 1.28M at dp 1): no
+    Fixed-size numpy columns only (61 bytes a sample, 78 MB for ImageNet's 1.28M at dp 1): no
     Python object per sample. The sample's key is looked up in its shard's index when a message
     needs it (:meth:`key`).
     """
@@ -436,6 +497,7 @@ class Plan:
     y: np.ndarray  # int32 window top
     mirror: np.ndarray  # bool
     offset: np.ndarray  # float32 [n, 3] lighting offset
+    label: np.ndarray  # int32; -1: not a plain decimal number (SampleReader parses it, or names the sample)
     indexes: tuple[Path, ...]  # the index file of each shard, numbered like ``shard``
 
     def __len__(self) -> int:
@@ -480,6 +542,7 @@ def plan_epoch(
     shard = np.empty(n, np.int32)
     jpg = np.empty((n, 2), np.int64)
     cls = np.empty((n, 2), np.int64)
+    label = np.empty(n, np.int32)
     first = 0
     for s, count in enumerate(split.counts):
         lo, hi = max(start, first), min(end, first + count)
@@ -491,6 +554,7 @@ def plan_epoch(
             shard[positions] = s
             jpg[positions] = rows[lo - first : hi - first, 0:2]
             cls[positions] = rows[lo - first : hi - first, 2:4]
+            label[positions] = read_labels(split.shards[s], rows[:, 2:4], index_cache)[lo - first : hi - first]
         first += count
     del where
     if train:
@@ -508,7 +572,7 @@ def plan_epoch(
         y = x.copy()
         mirror = np.zeros(n, bool)
         offset = np.zeros((n, 3), np.float32)
-    return Plan(shard, jpg, cls, x, y, mirror, offset, split.indexes)
+    return Plan(shard, jpg, cls, x, y, mirror, offset, label, split.indexes)
 
 
 def batch_bounds(samples: int, steps: int, batch_size: int) -> list[tuple[int, int]]:
@@ -530,9 +594,6 @@ def batch_bounds(samples: int, steps: int, batch_size: int) -> list[tuple[int, i
             lo += step
     bounds += [(samples, samples)] * (steps - len(bounds))
     return bounds
-
-
-_LABEL_DIGITS = 18  # longest label parsed in arrays (int64); longer ones go through the exact path
 
 
 class SampleReader:
@@ -599,34 +660,13 @@ class SampleReader:
     def labels(self, lo: int, hi: int) -> np.ndarray:
         """int64 labels of positions ``[lo, hi)``, checked; an error names the first bad sample.
 
-        Read shard by shard with array gathers rather than sample by sample: a label written by
-        ``preprocess`` (decimal digits only) is parsed in the arrays; anything else (signs, spaces,
-        junk, oversized members) goes through :meth:`label`, which parses like ``format.decode_label``
-        and names the sample when it is not a valid label.
+        The plan's label column (read once per dataset, :func:`read_labels`), sliced: what it could not
+        parse in arrays, or what lies outside the classes, goes through :meth:`label`, which parses
+        like ``format.decode_label`` and names the sample when it is not a valid label.
         """
-        p = self.plan
-        shards, spans = p.shard[lo:hi], p.cls[lo:hi]
-        labels = np.full(hi - lo, -1, np.int64)
-        order = np.argsort(shards, kind="stable")
-        starts = np.flatnonzero(np.diff(shards[order], prepend=-1))
-        for rows in np.split(order, starts[1:]) if len(order) else []:
-            data = self._shard(int(shards[rows[0]]))
-            offset, size = spans[rows, 0], spans[rows, 1]
-            simple = (size >= 1) & (size <= _LABEL_DIGITS) & (offset + size <= len(data))
-            rows, offset, size = rows[simple], offset[simple], size[simple]
-            if not len(rows):
-                continue
-            width = np.arange(int(size.max()))
-            valid = width[None, :] < size[:, None]
-            digits = data[np.where(valid, offset[:, None] + width[None, :], offset[:, None])].astype(np.int64) - 48
-            digits = np.where(valid, digits, 0)
-            decimal = ((digits >= 0) & (digits <= 9)).all(axis=1)
-            value = np.zeros(len(rows), np.int64)
-            for column in range(len(width)):  # Horner, skipping each row's padding
-                value = np.where(valid[:, column], value * 10 + digits[:, column], value)
-            labels[rows[decimal]] = value[decimal]
+        labels = self.plan.label[lo:hi].astype(np.int64)
         for k in np.flatnonzero((labels < 0) | (labels >= self.num_classes)).tolist():
-            labels[k] = self.label(lo + k)  # parses what the arrays did not, or raises naming the sample
+            labels[k] = self.label(lo + k)
         return labels
 
     def jpeg(self, i: int) -> np.ndarray:

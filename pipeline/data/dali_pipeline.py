@@ -29,19 +29,20 @@ from preprocess.format import FormatError
 PREFETCH = 2  # batches DALI runs ahead of the one handed out (its default prefetch_queue_depth)
 
 
-def window_params(plan: Plan, norm: Normalization) -> np.ndarray:
-    """float32 [n, 6] per plan position: crop_pos_x, crop_pos_y, mirror, then the 3 channel means less lighting.
+def window_params(plan: Plan, norm: Normalization, lo: int, hi: int) -> np.ndarray:
+    """float32 [hi - lo, 6] for plan positions ``[lo, hi)``: crop_pos_x, crop_pos_y, mirror, then the 3 channel
+    means less lighting.
 
-    Drawn into one array once per epoch, so feeding a batch is one slice of it. Positions are
-    normalised, ``k / max_offset``, which DALI rounds back to exactly ``k``.
+    A few array operations per batch (nothing per sample, nothing kept per epoch: at ImageNet's size a
+    whole epoch's parameters would be another 24 bytes a sample). Positions are normalised,
+    ``k / max_offset``, which DALI rounds back to exactly ``k``.
     """
-    n = len(plan)
-    params = np.empty((n, 6), np.float32)
+    params = np.empty((hi - lo, 6), np.float32)
     scale = 1.0 / norm.max_offset if norm.max_offset else 0.0
-    params[:, 0] = plan.x * scale if scale else 0.5
-    params[:, 1] = plan.y * scale if scale else 0.5
-    params[:, 2] = plan.mirror
-    params[:, 3:] = np.asarray(norm.channel_mean, np.float32)[None, :] - plan.offset  # lighting folded into the mean
+    params[:, 0] = plan.x[lo:hi] * scale if scale else 0.5
+    params[:, 1] = plan.y[lo:hi] * scale if scale else 0.5
+    params[:, 2] = plan.mirror[lo:hi]
+    params[:, 3:] = np.asarray(norm.channel_mean, np.float32)[None, :] - plan.offset[lo:hi]  # lighting in the mean
     return params
 
 
@@ -58,10 +59,7 @@ class Feed:
 
         self.batches = request.batches
         self.reader = reader
-        self.params = window_params(request.plan, request.norm) if request.train else None
-        # The labels of every batch to make, read in arrays once (only from the first batch asked for on).
-        self.first = request.batches[0][0]
-        self.labels = reader.labels(self.first, request.batches[-1][1])
+        self.plan, self.norm, self.train = request.plan, request.norm, request.train
         self.fed = 0  # batches handed to DALI so far
         self._in_flight: deque[tuple[Any, ...]] = deque(maxlen=PREFETCH + 2)
         self._tensor = TensorCPU  # wraps a view without copying it (DALI's own list path does the same, slower)
@@ -71,8 +69,8 @@ class Feed:
             raise StopIteration
         lo, hi = self.batches[i]
         jpegs = list(map(self._tensor, self.reader.jpegs(lo, hi)))
-        labels = self.labels[lo - self.first : hi - self.first]
-        batch = (jpegs, labels) if self.params is None else (jpegs, labels, self.params[lo:hi])
+        labels = self.reader.labels(lo, hi)  # a slice of the plan's label column, checked
+        batch = (jpegs, labels, window_params(self.plan, self.norm, lo, hi)) if self.train else (jpegs, labels)
         self._in_flight.append(batch)
         self.fed = i + 1
         return batch
