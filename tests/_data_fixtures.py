@@ -127,7 +127,7 @@ def make_dataset(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tests._data_fixtures OUT --images N``: a natural-image dataset for ``pipeline.bench_data``."""
+    """``python -m tests._data_fixtures OUT --images N``: a natural-image dataset for ``pipeline.bench.data``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m tests._data_fixtures", description=main.__doc__)

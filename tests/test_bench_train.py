@@ -1,4 +1,4 @@
-"""pipeline.bench_train / bench_gpu and --train.grad-compression: the report's shape and honesty, not speed."""
+"""pipeline.bench.train / bench_gpu and --train.grad-compression: the report's shape and honesty, not speed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import bench_gpu, bench_train, checkpoint, config
+from pipeline import checkpoint, config
+from pipeline.bench import gpu as bench_gpu
+from pipeline.bench import harness
+from pipeline.bench import train as bench_train
 from pipeline.data import DataConfig
 from preprocess import format as fmt
 from preprocess.errors import UserError
@@ -74,9 +77,9 @@ def test_tower_split_and_checkpoint_stall(tmp_path: Path) -> None:
 
 
 def test_recording_counts_only_the_window() -> None:
-    record = bench_train.Recording()
+    record = harness.Recording()
     source = iter([(None, torch.zeros(n)) for n in (5, 5, 7, 3, 9)])
-    loader = bench_train.RecordingLoader(source, 4, record, lambda: None, (1, 3))
+    loader = harness.RecordingLoader(source, 4, record, lambda: None, (1, 3))
     assert len(list(loader)) == 4
     window = record.window(1, 2)
     assert window["images"] == 12  # batches 1 and 2: 5 + 7
@@ -116,7 +119,7 @@ def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: 
 def test_gpu_report_without_a_gpu_says_so_in_one_line(demo_shards: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench_train", "--gpu-report", "--data", str(demo_shards)],
+        [sys.executable, "-m", "pipeline.bench.train", "--gpu-report", "--data", str(demo_shards)],
         cwd=REPO,
         env=env,
         capture_output=True,

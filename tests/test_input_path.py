@@ -1,6 +1,6 @@
 """The input path's cost to the training thread: no per-sample torch op, labels read in arrays, the bench's parts.
 
-Speed itself is measured by ``python -m pipeline.bench_data --input-path`` (figures in docs/BENCHMARKS.md);
+Speed itself is measured by ``python -m pipeline.bench.data --input-path`` (figures in docs/BENCHMARKS.md);
 these tests pin what makes it fast and would silently regress: the number of torch operations one batch
 issues on the thread that iterates the loader must not grow with the batch size (the mean image's windows
 were subtracted one sample at a time, five operations per sample), and the labels parsed in arrays must
@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline import bench_data
 from pipeline import data as D
+from pipeline.bench import data as bench_data
 from pipeline.data import common as C
 from preprocess import format as fmt
 from preprocess.errors import UserError

@@ -1,8 +1,8 @@
 """Input-pipeline throughput: DALI vs the PyTorch DataLoader fallback, same shards, same cores, one run.
 
-    python -m pipeline.bench_data --data SHARDS [--batch-size 64] [--workers 2] [--steps 30] [--means image,channel]
-    python -m pipeline.bench_data --data SHARDS --resume-at 0.1,0.9   # time to the first batch of a resumed epoch
-    python -m pipeline.bench_data --data SHARDS --verify               # sha256 cost per shard
+    python -m pipeline.bench.data --data SHARDS [--batch-size 64] [--workers 2] [--steps 30] [--means image,channel]
+    python -m pipeline.bench.data --data SHARDS --resume-at 0.1,0.9   # time to the first batch of a resumed epoch
+    python -m pipeline.bench.data --data SHARDS --verify               # sha256 cost per shard
 
 Each loader produces training batches exactly as training does (``pipeline.data.train_loader``:
 decode, random crop, mirror, lighting, mean subtraction, float32 NCHW on ``--device``).
@@ -22,7 +22,7 @@ included) against a bare DALI graph of the same operators and a hand-written web
 DataLoader pipeline, torch's default threads. The parts are found by name, so running this file
 with an older checkout first on ``PYTHONPATH`` measures that checkout with the same code::
 
-    PYTHONPATH=OLD_CHECKOUT python pipeline/bench_data.py --data SHARDS --input-path
+    PYTHONPATH=OLD_CHECKOUT python pipeline/bench/data.py --data SHARDS --input-path
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ def tree_rate(
 
 def input_path(args: argparse.Namespace, base: DataConfig, device: Any, workers: int) -> dict[str, Any]:
     """The loader, the bare DALI graph and the webdataset recipe, alternating; and the loader's thread parts."""
-    from pipeline.bench_gpu import torchvision_batches
+    from pipeline.bench.harness import torchvision_batches
 
     cfg = replace(base, loader="dali", verify="size")
     batch = args.batch_size
@@ -371,7 +371,7 @@ def input_path(args: argparse.Namespace, base: DataConfig, device: Any, workers:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench_data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pipeline.bench.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", required=True, help="preprocessed dataset directory (manifest.json + shards)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (per rank)")

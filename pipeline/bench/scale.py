@@ -1,7 +1,7 @@
 """Fixed costs at ImageNet's sample count against a small set: what grows with the dataset (issue 21).
 
     python -m preprocess replicate --src SMALL --out BIG --samples 1281167     # hard links, no new bytes
-    python -m pipeline.bench_scale --small SMALL --big BIG [--baseline-tree DIR] [--out results.json]
+    python -m pipeline.bench.scale --small SMALL --big BIG [--baseline-tree DIR] [--out results.json]
 
 Every figure comes from a fresh child process (so memory and start-up are the process's own), for
 each code tree (``--baseline-tree``, e.g. a ``git worktree`` of the commit before, imported through
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             result = child_data(*args) if kind == "data" else child_warm(*args)
         print(json.dumps(result))
         return 0
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_scale", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", type=Path, required=True, help="the small dataset")
     parser.add_argument("--big", type=Path, required=True, help="the same, replicated to ImageNet's count")
     parser.add_argument("--baseline-tree", type=Path, help="a checkout of the code to compare against")

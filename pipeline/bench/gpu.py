@@ -1,4 +1,4 @@
-"""The GPU input path, side by side in one run: ``python -m pipeline.bench_train --gpu-report --data SHARDS``.
+"""The GPU input path, side by side in one run: ``python -m pipeline.bench.train --gpu-report --data SHARDS``.
 
 On one CUDA device, the paper's model and batch (128 unless ``--batch-size``), each part after warm-up:
 
@@ -7,9 +7,9 @@ On one CUDA device, the paper's model and batch (128 unless ``--batch-size``), e
    (the share of JPEGs sent to the A100/H100 hardware decoder; the rest go to the CUDA decoder).
 2. Our loader alone: ``pipeline.data.train_loader`` on the GPU, batches handed to torch (what the trainer gets),
    and the training thread's CPU time in it per sample, part by part (feed, hand-over to DALI, mean image,
-   copy out: ``pipeline.bench_data.thread_parts``; one epoch must hold ``--steps`` + 6 batches).
+   copy out: ``pipeline.bench.data.thread_parts``; one epoch must hold ``--steps`` + 6 batches).
 3. The model step alone on synthetic batches: fp32 eager, and bf16 + channels_last + torch.compile.
-4. Both together: the ``Trainer`` and the plain loop (``pipeline.bench_train``) on our loader, bf16 +
+4. Both together: the ``Trainer`` and the plain loop (``pipeline.bench.train``) on our loader, bf16 +
    channels_last + compile.
 5. The baseline: a torchvision-style recipe (webdataset in DataLoader workers, PIL decode, RandomCrop,
    RandomHorizontalFlip, ToTensor, Normalize, pinned memory), alone and under the plain loop.
@@ -31,16 +31,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench_train import (
+from pipeline.bench.harness import (
     Recording,
     RecordingLoader,
     Setup,
-    _sync,
     data_config,
     environment,
     loop_overhead,
     resolve_setup,
     run_plain,
+    sync,
+    torchvision_batches,
 )
 from preprocess.errors import UserError
 
@@ -52,23 +53,12 @@ SAME_IMAGE_MAE = 2.0
 SAME_CHANNEL_MEAN = 1.0
 
 
-def open_train(data_cfg: Any) -> tuple[Any, Any]:
-    """The train split and its normalisation constants, as the loaders see them."""
-    from pipeline import data
-
-    opener = getattr(data, "open_dataset", None) or data.open_split  # the pipeline.data package names it so
-    return opener(data_cfg, "train")
-
-
-# ------------------------------------------------------------------------------------------------ input alone
-
-
 def dali_graph(
     data_cfg: Any, *, batch_size: int, workers: int, gpu: bool, hw_decoder_load: float, seed: int = 0
 ) -> Any:
-    """A built bare DALI pipeline of the loader's operators (``pipeline.bench_data.bare_graph``): read, decode,
+    """A built bare DALI pipeline of the loader's operators (``pipeline.bench.data.bare_graph``): read, decode,
     random window + mirror + lighting, the mean image's window subtracted, float CHW."""
-    from pipeline.bench_data import bare_graph
+    from pipeline.bench.data import bare_graph
 
     return bare_graph(
         data_cfg, batch_size=batch_size, workers=workers, gpu=gpu, hw_decoder_load=hw_decoder_load, seed=seed
@@ -79,7 +69,7 @@ def dali_batches(pipe: Any, device: str) -> Iterator[tuple[Any, Any]]:
     """Run the graph forever (the reader wraps around epochs), each batch copied into a torch tensor."""
     import torch
 
-    from pipeline.bench_data import bare_batches
+    from pipeline.bench.data import bare_batches
 
     return bare_batches(pipe, torch.device(device))
 
@@ -87,57 +77,23 @@ def dali_batches(pipe: Any, device: str) -> Iterator[tuple[Any, Any]]:
 def rate(source: Iterator[tuple[Any, Any]], *, warmup: int, steps: int, device: str) -> dict[str, float]:
     """Images/s of a source alone: batches drawn and dropped."""
     record = Recording()
-    for _ in RecordingLoader(source, warmup + steps, record, _sync(device), (warmup, warmup + steps)):
+    for _ in RecordingLoader(source, warmup + steps, record, sync(device), (warmup, warmup + steps)):
         pass
     return record.window(warmup, steps)
 
 
-def torchvision_batches(data_cfg: Any, *, batch_size: int, workers: int, device: str) -> Iterator[tuple[Any, Any]]:
-    """The usual recipe a user would write first: webdataset + PIL + torchvision transforms in workers."""
-    import torch
-    import torchvision.transforms as T
-    import webdataset as wds
-
-    split, norm = open_train(data_cfg)
-    transform = T.Compose(
-        [
-            T.RandomCrop(norm.crop),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        ]
-    )
-    dataset = (
-        wds.WebDataset([str(p) for p in split.shards], shardshuffle=len(split.shards), empty_check=False)
-        .shuffle(1000)
-        .decode("pil")
-        .to_tuple("jpg", "cls")
-        .map_tuple(transform, int)
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=device.startswith("cuda"),
-        persistent_workers=workers > 0,
-    )
-    for _ in itertools.count():
-        for images, labels in loader:
-            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-
 def our_batches(data_cfg: Any, setup: Setup) -> Iterator[tuple[Any, Any]]:
-    from pipeline.bench_train import real_batches
+    from pipeline.bench.harness import real_batches
 
     return real_batches(data_cfg, setup)
 
 
 def loader_thread(data_cfg: Any, *, batch_size: int, steps: int, device: str) -> dict[str, float]:
-    """The training thread's CPU time in our loader, µs per sample by part (``pipeline.bench_data.thread_parts``):
+    """The training thread's CPU time in our loader, µs per sample by part (``pipeline.bench.data.thread_parts``):
     on a GPU this thread also launches the model, so every µs here is taken from the step."""
     import torch
 
-    from pipeline.bench_data import thread_parts
+    from pipeline.bench.data import thread_parts
 
     return thread_parts(data_cfg, batch_size=batch_size, warmup=3, steps=steps, device=torch.device(device))
 
@@ -190,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise UserError(
             "--gpu-report needs a CUDA GPU and none is visible; run it on a GPU machine "
-            "(the CPU figures: python -m pipeline.bench_train without --gpu-report)"
+            "(the CPU figures: python -m pipeline.bench.train without --gpu-report)"
         )
     if not args.data:
         raise UserError("--gpu-report reads real shards: pass --data SHARDS (a `python -m preprocess shard` output)")
@@ -209,7 +165,7 @@ def gpu_report(args: argparse.Namespace, device: str) -> dict[str, Any]:
 
     import torch
 
-    from pipeline.bench_model import time_steps
+    from pipeline.bench.model import time_steps
     from pipeline.data import resolve_workers
     from pipeline.model import build_model
     from preprocess.format import read_manifest

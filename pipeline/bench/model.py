@@ -1,6 +1,6 @@
 """Training-step throughput of the model alone (synthetic batches, no input pipeline).
 
-    python -m pipeline.bench_model [--batch-size 128] [--steps 30] [--device cuda]
+    python -m pipeline.bench.model [--batch-size 128] [--steps 30] [--device cuda]
 
 Times forward + backward + SGD step of the paper's AlexNet in the optional modern settings
 (fp32, channels_last, bf16 autocast, torch.compile) and, side by side in the same run, of
@@ -57,7 +57,7 @@ def time_steps(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench_model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pipeline.bench.model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
