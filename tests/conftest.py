@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests._analysis_fixtures import train
-from tests._fixtures import build_demo, make_image_folder
-from tests.cluster import SlurmCluster, SlurmUnavailable, slurm_skip_reason
+from tests.support.datasets import build_demo, make_image_folder
+from tests.support.slurm import SlurmCluster, SlurmUnavailable, slurm_skip_reason
+from tests.support.trained_run import train
 
 # Not the default state dir and ports of slurm/local_cluster.sh, so a developer's own local cluster
 # (/tmp/alexnet-slurm, port 6917) is left alone by the test session's bring-up and tear-down.

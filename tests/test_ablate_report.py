@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.tools import ablate, report
-from tests._fixtures import NARROW
+from tests.support import NARROW
 
 TINY = [
     "--",

@@ -19,7 +19,7 @@ from pipeline.bench import train as bench_train
 from pipeline.data import DataConfig
 from preprocess import format as fmt
 from preprocess.errors import UserError
-from tests._fixtures import DEMO_CLASSES, HARNESS, REPO, TORCHRUN
+from tests.support import DEMO_CLASSES, HARNESS, REPO, TORCHRUN
 
 TINY = ["--size", "tiny", "--warmup", "1", "--steps", "3", "--workers", "1"]
 

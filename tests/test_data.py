@@ -27,7 +27,7 @@ from pipeline.data import common as C
 from pipeline.data import integrity
 from preprocess import format as fmt
 from preprocess.errors import UserError
-from tests._data_fixtures import CHANNEL_MEAN, CHANNEL_STD, EIGVAL, EIGVEC, coordinate_image, make_dataset
+from tests.support.datasets import CHANNEL_MEAN, CHANNEL_STD, EIGVAL, EIGVEC, coordinate_image, make_dataset
 
 CROP = 227
 MAX_OFFSET = 256 - CROP

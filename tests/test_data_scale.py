@@ -26,7 +26,7 @@ from preprocess import format as fmt
 from preprocess.__main__ import main as preprocess_main
 from preprocess.errors import UserError
 from preprocess.replicate import replicate
-from tests._data_fixtures import make_dataset
+from tests.support.datasets import make_dataset
 
 
 @pytest.fixture(scope="module")

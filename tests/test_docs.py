@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import config
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))
 
 

@@ -12,7 +12,8 @@ import torch
 
 from pipeline import data
 from pipeline.tools.evaluate import Tally, class_names, evaluate_members, load_member, main, predict
-from tests._fixtures import REPO, TORCHRUN, free_port, small_env
+from tests.support import REPO, TORCHRUN
+from tests.support.processes import free_port, small_env
 
 CPU = torch.device("cpu")
 

@@ -18,22 +18,9 @@ import pytest
 
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
-from tests._fixtures import (
-    HARNESS,
-    PYTHON,
-    REPO,
-    SMALL_RUN,
-    children,
-    cmdline,
-    descendants,
-    kill_group,
-    preprocess,
-    run_logged,
-    shard_args,
-    small_env,
-    tail,
-    wait_for,
-)
+from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN
+from tests.support.datasets import preprocess, shard_args
+from tests.support.processes import children, cmdline, descendants, kill_group, run_logged, small_env, tail, wait_for
 
 RUN_TIMEOUT = 300  # seconds for any one training run (they take 10-40 s on 2 cores)
 

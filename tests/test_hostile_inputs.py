@@ -19,10 +19,10 @@ from PIL import Image
 
 from preprocess import format as fmt
 from preprocess import image, sources
-from tests._fixtures import jpeg_of_colour as _jpeg
+from tests.support import REPO
+from tests.support.datasets import jpeg_of_colour as _jpeg
 from tests.test_sources import _tar_bytes, _val_name, _write_meta
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120  # each command finishes well within this, or it hangs
 
 

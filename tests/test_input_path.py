@@ -25,7 +25,7 @@ from pipeline.bench import data as bench_data
 from pipeline.data import common as C
 from preprocess import format as fmt
 from preprocess.errors import UserError
-from tests._data_fixtures import coordinate_image, make_dataset
+from tests.support.datasets import coordinate_image, make_dataset
 from tests.test_data import _rewrite_member, cfg_for
 
 

@@ -12,19 +12,8 @@ from pathlib import Path
 
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
-from tests._fixtures import (
-    HARNESS,
-    PYTHON,
-    REPO,
-    SMALL_RUN,
-    descendants,
-    interruptible,
-    kill_group,
-    run_logged,
-    small_env,
-    tail,
-    wait_for,
-)
+from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN
+from tests.support.processes import descendants, interruptible, kill_group, run_logged, small_env, tail, wait_for
 
 RUN_TIMEOUT = 300
 

@@ -8,7 +8,7 @@ import ast
 import re
 from pathlib import Path
 
-from tests._fixtures import REPO
+from tests.support import REPO
 
 PACKAGES = ("preprocess", "pipeline", "launch")
 

@@ -21,7 +21,8 @@ import pytest
 from pipeline import lease as lease_mod
 from pipeline.lease import LEASE_NAME, Holder, Lease, LeaseHeld, LeaseLost
 from preprocess import format as fmt
-from tests._fixtures import PYTHON, REPO, TORCHRUN, small_env
+from tests.support import PYTHON, REPO, TORCHRUN
+from tests.support.processes import small_env
 
 MINUTE = 60.0
 

@@ -1,5 +1,5 @@
 """preprocess.locks: mutual exclusion without flock, stale-lock breaking, and an array job on storage that
-refuses flock (simulated by tests/_hooks/sitecustomize.py in every subprocess)."""
+refuses flock (simulated by tests/support/hooks/sitecustomize.py in every subprocess)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 from preprocess import format as fmt
 from preprocess.errors import UserError
 from preprocess.locks import FileLock
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-HOOKS = REPO / "tests" / "_hooks"
+HOOKS = REPO / "tests" / "support" / "hooks"
 
 # Each process: take the lock, check nobody else is inside (an O_EXCL marker), bump a counter
 # non-atomically (read, pause, write), leave. Overlapping holders would fail the marker or lose counts.

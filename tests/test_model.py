@@ -20,8 +20,9 @@ from pipeline.model import (
     tower_state_dict,
     unwrap,
 )
+from tests.support import NARROW_FC_WIDTH, NARROW_WIDTHS
 
-NARROW = {"num_classes": 10, "widths": (16, 32, 48, 48, 32), "fc_width": 64}
+NARROW_CONFIG = {"num_classes": 10, "widths": NARROW_WIDTHS, "fc_width": NARROW_FC_WIDTH}
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +91,8 @@ def test_paper_initialisation(alexnet: AlexNet) -> None:
 
 
 def test_dropout_only_in_training() -> None:
-    model = AlexNet(**NARROW, dropout=0.5)
-    undropped = AlexNet(**NARROW, dropout=0.0)
+    model = AlexNet(**NARROW_CONFIG, dropout=0.5)
+    undropped = AlexNet(**NARROW_CONFIG, dropout=0.0)
     undropped.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 227, 227)
     model.train()
@@ -133,33 +134,33 @@ def test_tower_state_dicts(alexnet: AlexNet) -> None:
 
 
 def test_odd_number_of_classes_gives_tower_0_the_larger_half() -> None:
-    full = AlexNet(**{**NARROW, "num_classes": 7}).state_dict()
+    full = AlexNet(**{**NARROW_CONFIG, "num_classes": 7}).state_dict()
     assert [tower_state_dict(full, r)["fc8.bias"].numel() for r in range(2)] == [4, 3]
 
 
 @pytest.mark.parametrize("option, value", [("widths", (16, 32, 47, 48, 32)), ("fc_width", 63)])
 def test_odd_widths_are_refused(option: str, value: object) -> None:
     with pytest.raises(ValueError, match=option):
-        ModelConfig(**{**NARROW, option: value})
+        ModelConfig(**{**NARROW_CONFIG, option: value})
     with pytest.raises(ValueError, match=option):
-        AlexNet(**{**NARROW, option: value})
+        AlexNet(**{**NARROW_CONFIG, option: value})
 
 
 def test_build_model_knobs_keep_logits_and_state_dict_keys() -> None:
     torch.manual_seed(0)
-    plain = build_model(ModelConfig(**NARROW)).eval()
+    plain = build_model(ModelConfig(**NARROW_CONFIG)).eval()
     torch.manual_seed(0)
-    channels_last = build_model(ModelConfig(**NARROW, channels_last=True)).eval()
+    channels_last = build_model(ModelConfig(**NARROW_CONFIG, channels_last=True)).eval()
     assert channels_last.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 227, 227)
     torch.testing.assert_close(channels_last(x), plain(x))
-    compiled = build_model(ModelConfig(**NARROW, compile=True))  # compiles lazily: no forward here
+    compiled = build_model(ModelConfig(**NARROW_CONFIG, compile=True))  # compiles lazily: no forward here
     assert compiled.state_dict().keys() == plain.state_dict().keys()
     assert unwrap(torch.compile(plain)) is plain and unwrap(compiled) is compiled
 
 
 def test_runs_under_bf16_autocast() -> None:
-    model = AlexNet(**NARROW)
+    model = AlexNet(**NARROW_CONFIG)
     x = torch.randn(2, 3, 227, 227)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x)
@@ -191,7 +192,9 @@ def test_ablation_switches_change_only_what_they_name(alexnet: AlexNet) -> None:
     assert (flat.pool1.kernel_size, flat.pool1.stride) == (2, 2)
     assert (alexnet.pool1.kernel_size, alexnet.pool1.stride) == (3, 2)
     x = torch.randn(2, 3, 227, 227)
-    relu, tanh = (build_model(ModelConfig(**NARROW, init="kaiming", activation=a)).eval() for a in ("relu", "tanh"))
+    relu, tanh = (
+        build_model(ModelConfig(**NARROW_CONFIG, init="kaiming", activation=a)).eval() for a in ("relu", "tanh")
+    )
     tanh.load_state_dict(relu.state_dict())
     with torch.no_grad():
         assert relu.fc7_features(x).min() >= 0 and tanh.fc7_features(x).min() < 0
@@ -211,21 +214,21 @@ def test_one_full_width_column() -> None:
     assert sum(p.numel() for p in column.parameters()) == 60_965_224 + 1_413_120
     assert column.conv2.groups == column.conv4.groups == column.conv5.groups == 1 and column.norm1.groups == 1
     torch.manual_seed(0)
-    narrow = AlexNet(**NARROW, towers=1)
+    narrow = AlexNet(**NARROW_CONFIG, towers=1)
     assert [f.shape for f in narrow.conv1_filters()] == [(16, 3, 11, 11)]
     full = narrow.state_dict()
     stored = to_towers(full, towers=1)
     assert list(stored) == [0] and all(torch.equal(stored[0][k], full[k]) for k in full)
     back = from_towers(stored)
     assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
-    two = to_towers(AlexNet(**NARROW).state_dict())
+    two = to_towers(AlexNet(**NARROW_CONFIG).state_dict())
     assert list(two) == [0, 1] and from_towers(two)["conv2.weight"].shape == (32, 8, 5, 5)
     with pytest.raises(ValueError, match="tower"):
         from_towers({1: two[1]})
 
 
 def test_dropout_masks_whole_units_with_the_papers_rate() -> None:
-    model = AlexNet(**NARROW, dropout=0.5).train()
+    model = AlexNet(**NARROW_CONFIG, dropout=0.5).train()
     x = torch.ones(400, 64)
     dropped = model._dropout(x, "fc6")
     assert set(dropped.unique().tolist()) == {0.0, 2.0}  # inverted dropout: kept units scaled by 1/(1-p)

@@ -1,4 +1,4 @@
-"""Training across two emulated nodes (network namespaces joined by a veth pair, tests/netns.py):
+"""Training across two emulated nodes (network namespaces joined by a veth pair, tests/support/netns.py):
 torchrun's c10d rendezvous at the first node's hostname, dp=2 x tp=2 over gloo on the veth, the same
 weights as one process on the same fixed global batches."""
 
@@ -17,8 +17,9 @@ import torch
 from pipeline import checkpoint
 from pipeline.checkpoint import export_model, read_towers
 from preprocess import format as fmt
-from tests._fixtures import HARNESS, NARROW, PYTHON, REPO, run_logged, small_env, tail
-from tests.netns import Node, NodePair, netns_skip_reason
+from tests.support import HARNESS, NARROW, PYTHON, REPO
+from tests.support.netns import Node, NodePair, netns_skip_reason
+from tests.support.processes import run_logged, small_env, tail
 
 pytestmark = pytest.mark.netns
 

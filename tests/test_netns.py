@@ -1,4 +1,4 @@
-"""Two emulated nodes (network namespaces + veth, tests/netns.py): torchrun's c10d rendezvous and a
+"""Two emulated nodes (network namespaces + veth, tests/support/netns.py): torchrun's c10d rendezvous and a
 gloo all-reduce across them, 2 nodes x 2 processes, the way slurm/train.sh starts training."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import Node, NodePair, netns_skip_reason
+from tests.support.netns import Node, NodePair, netns_skip_reason
 
 pytestmark = pytest.mark.netns
 

@@ -12,8 +12,7 @@ import pytest
 from launch import train as launch_train
 from pipeline.schedule import ManualRequests, request_manual_drop
 from preprocess import format as fmt
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 @pytest.fixture

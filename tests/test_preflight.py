@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from launch.preflight import far_below, nccl_transports, socket_fallback
-from tests._fixtures import PYTHON, REPO, children, cmdline, kill_group, small_env, wait_for
-from tests.netns import NodePair, netns_skip_reason
+from tests.support import PYTHON, REPO
+from tests.support.netns import NodePair, netns_skip_reason
+from tests.support.processes import children, cmdline, kill_group, small_env, wait_for
 
 TIMEOUT = 240
 

@@ -18,9 +18,9 @@ from PIL import Image
 from preprocess import format as fmt
 from preprocess import shards
 from preprocess.__main__ import main as preprocess_main
-from tests._fixtures import WNIDS, interruptible
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+from tests.support.datasets import WNIDS
+from tests.support.processes import interruptible
 
 
 def _shard(src: Path, out: Path, *extra: str) -> int:
@@ -335,7 +335,7 @@ def test_ctrl_c_keeps_finished_shards_and_a_rerun_completes(image_folder: Path, 
         ]
 
     cmd = command(out)
-    hooks = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "_hooks"), str(REPO)])}
+    hooks = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "support" / "hooks"), str(REPO)])}
     subprocess.run(
         command(reference), cwd=REPO, env={**os.environ, **hooks}, check=True, capture_output=True, timeout=120
     )

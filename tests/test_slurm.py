@@ -1,4 +1,4 @@
-"""slurm/preprocess.sh as a real Slurm array job on a two-node local cluster (tests/cluster.py)."""
+"""slurm/preprocess.sh as a real Slurm array job on a two-node local cluster (tests/support/slurm.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from preprocess import shards
-from tests.cluster import REPO, SlurmCluster
+from tests.support.slurm import REPO, SlurmCluster
 
 pytestmark = pytest.mark.slurm
 

@@ -1,4 +1,4 @@
-"""slurm/train.sh as real Slurm jobs on the two-node local cluster (tests/cluster.py, conftest.py):
+"""slurm/train.sh as real Slurm jobs on the two-node local cluster (tests/support/slurm.py, conftest.py):
 one node (the tower pair as 2 processes), preemption by SIGUSR1 -> checkpoint -> requeue -> resume
 (the run directory's lease passes to the requeued job), two nodes (dp=2 x tp=2, 4 processes), two
 jobs sharing one node (their own rendezvous each), and a second job on a run directory that a live
@@ -20,8 +20,9 @@ from launch.submit import rendezvous_port
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
 from pipeline.lease import ENDED_STATES, LEASE_NAME
-from tests._fixtures import PYTHON, REPO, SMALL_RUN, free_port
-from tests.cluster import SlurmCluster
+from tests.support import PYTHON, REPO, SMALL_RUN
+from tests.support.processes import free_port
+from tests.support.slurm import SlurmCluster
 
 pytestmark = pytest.mark.slurm
 

@@ -1,5 +1,5 @@
 """launch.submit: the CLI and its executor parameters (no Slurm), then real jobs through submitit on the
-local two-node Slurm cluster (tests/cluster.py): a short run, a preemption (USR2 -> collective
+local two-node Slurm cluster (tests/support/slurm.py): a short run, a preemption (USR2 -> collective
 checkpoint -> requeue -> resume -> COMPLETED, the run directory's lease passing to the requeued job;
 a resubmission into the live run directory refused) and dp 2 x tp 2 over two nodes."""
 
@@ -21,24 +21,9 @@ import pytest
 
 from launch import submit
 from pipeline.lease import ENDED_STATES
-from tests.cluster import REPO, SlurmCluster
+from tests.support import REPO, SMALL_RUN
+from tests.support.slurm import SlurmCluster
 
-NARROW = [
-    "--num-classes",
-    "4",
-    "--model.widths",
-    "16,32,48,48,32",
-    "--model.fc-width",
-    "64",
-    "--batch-size",
-    "8",
-    "--data.workers",
-    "1",
-    "--train.ten-crop",
-    "false",
-    "--checkpoint.every-minutes",
-    "0",
-]
 # The test cluster: 2 nodes of 2 CPUs, no GPUs; a short limit (the preemption signal is sent by hand).
 CPU_JOB = ["--gpus-per-node", "0", "--cpus-per-task", "1", "--time-min", "10"]
 
@@ -343,7 +328,7 @@ def test_submitted_job_trains_and_checkpoints(slurm_cluster: SlurmCluster, demo_
         slurm_cluster,
         tmp_path,
         ["--wait", *CPU_JOB],
-        ["--data", str(demo_shards), "--run-dir", "run", *NARROW, "--tp", "2", "--max-steps", "4"],
+        ["--data", str(demo_shards), "--run-dir", "run", *SMALL_RUN, "--tp", "2", "--max-steps", "4"],
     )
     folder = run_dir / "submitit"
     report = f"{proc.stdout}\n{proc.stderr}\n{_logs(folder, job)}"
@@ -373,7 +358,7 @@ def test_preemption_checkpoints_requeues_and_resumes(
         CPU_JOB,
         [
             *f"--data {demo_shards} --run-dir {run_dir}".split(),
-            *NARROW,
+            *SMALL_RUN,
             # It cannot end by itself: the test stops the requeued run with RUN_DIR/preempt.request.
             *"--tp 2 --epochs 10000 --train.control-every 2 --train.log-every 1 --checkpoint.keep-last 20".split(),
         ],
@@ -403,7 +388,7 @@ def test_preemption_checkpoints_requeues_and_resumes(
     # Submitting again into the run directory while the job is requeued is refused, on one line.
     again = subprocess.run(
         [sys.executable, "-m", "launch.submit", *CPU_JOB, "--", "--data", str(demo_shards), "--run-dir", str(run_dir)]
-        + NARROW,
+        + SMALL_RUN,
         cwd=tmp_path,
         env=slurm_cluster.env({"PYTHONPATH": str(REPO)}),
         capture_output=True,
@@ -460,7 +445,7 @@ def test_two_nodes_dp2_x_tp2(slurm_cluster: SlurmCluster, demo_shards: Path, tmp
         slurm_cluster,
         tmp_path,
         ["--wait", "--nodes", "2", *CPU_JOB],
-        ["--data", str(demo_shards), "--run-dir", str(run_dir), *NARROW, "--tp", "2", "--max-steps", "2"],
+        ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, "--tp", "2", "--max-steps", "2"],
     )
     folder = run_dir / "submitit"
     report = f"{proc.stdout}\n{proc.stderr}\n{_logs(folder, job)}"

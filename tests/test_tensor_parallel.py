@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model import AlexNet, ModelConfig, build_model, tower_state_dict
-from tests._tp_helpers import WORLD, spawn_two_ranks, tp_ranks, train_steps
+from tests.support import NARROW_FC_WIDTH, NARROW_WIDTHS
+from tests.support.tensor_parallel import WORLD, spawn_two_ranks, tp_ranks, train_steps
 
-NARROW = {"widths": (16, 32, 48, 48, 32), "fc_width": 64, "dropout": 0.0}
-CASES = {"even classes": {**NARROW, "num_classes": 10}, "odd classes": {**NARROW, "num_classes": 7}}
+NARROW_CONFIG = {"widths": NARROW_WIDTHS, "fc_width": NARROW_FC_WIDTH, "dropout": 0.0}
+CASES = {"even classes": {**NARROW_CONFIG, "num_classes": 10}, "odd classes": {**NARROW_CONFIG, "num_classes": 7}}
 _gen = torch.Generator().manual_seed(7)
 # the paper's dropout (0.5) and an odd class count (the towers' fc8 blocks differ in size)
 TRAINING = {
-    "cfg": {**NARROW, "num_classes": 7, "dropout": 0.5, "init": "kaiming"},
+    "cfg": {**NARROW_CONFIG, "num_classes": 7, "dropout": 0.5, "init": "kaiming"},
     "seed": 3,
     "batches": [
         (torch.randn(4, 3, 227, 227, generator=_gen), torch.randint(7, (4,), generator=_gen)) for _ in range(3)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests._fixtures import HARNESS, PYTHON, SMALL_RUN, kill_group, run_logged, small_env, tail
+from tests.support import HARNESS, PYTHON, SMALL_RUN
+from tests.support.processes import kill_group, run_logged, small_env, tail
 
 TENSORBOARD = str(Path(PYTHON).with_name("tensorboard"))
 STARTUP_TIMEOUT = 90  # s until the server answers with the run's scalars (~5 s on 2 cores)

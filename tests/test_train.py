@@ -15,11 +15,7 @@ from pipeline import checkpoint
 from pipeline.checkpoint import export_model, read_towers
 from pipeline.model import ModelConfig, build_model
 from preprocess import format as fmt
-
-REPO = Path(__file__).resolve().parents[1]
-HARNESS = str(REPO / "tests" / "_train_harness.py")
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-NARROW = ["--model.widths", "16,32,48,48,32", "--model.fc-width", "64"]
+from tests.support import HARNESS, NARROW_MODEL, REPO, TORCHRUN
 
 
 def _env(out: Path, data: str = "real") -> dict[str, str]:
@@ -73,7 +69,7 @@ def test_one_process_equals_dp2_x_tp2(four_class_manifest: Path, tmp_path: Path)
         str(four_class_manifest),
         "--num-classes",
         "4",
-        *NARROW,
+        *NARROW_MODEL,
         "--model.dropout",
         "0",
         "--batch-size",
@@ -109,7 +105,7 @@ def _small(shards: Path, run_dir: Path, *extra: str) -> list[str]:
         str(run_dir),
         "--num-classes",
         "4",
-        *NARROW,
+        *NARROW_MODEL,
         "--batch-size",
         "8",
         "--lr",
@@ -308,7 +304,7 @@ def test_epoch_end_saves_every_n_epochs(four_class_manifest: Path, tmp_path: Pat
             str(four_class_manifest),
             "--run-dir",
             str(run_dir),
-            *NARROW,
+            *NARROW_MODEL,
             "--tp",
             "1",
             "--batch-size",

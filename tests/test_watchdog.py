@@ -16,18 +16,8 @@ import pytest
 
 from pipeline import checkpoint
 from pipeline.watchdog import HANG_EXIT, Allowance, PhaseMarks, Record, Watchdog, judge
-from tests._fixtures import (
-    HARNESS,
-    PYTHON,
-    REPO,
-    SMALL_RUN,
-    children,
-    cmdline,
-    kill_group,
-    run_logged,
-    small_env,
-    wait_for,
-)
+from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN
+from tests.support.processes import children, cmdline, kill_group, run_logged, small_env, wait_for
 
 RUN_TIMEOUT = 300
 HANG_S = 10  # --train.hang-timeout in these tests (default 120)

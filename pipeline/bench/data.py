@@ -12,7 +12,7 @@ the best round counts. Steady state excludes each epoch's first batch (pipeline 
 start-up), which is reported separately as start-up time. Images per CPU-second (user + system
 time of this process and its DataLoader workers, start-up included) measures the work per image
 and moves less with the neighbours' load than wall-clock rates, so both are printed. No fixture
-data is bundled: ``python -m tests._data_fixtures OUT --images 2000`` writes 256x256
+data is bundled: ``python -m tests.support.datasets OUT --images 2000`` writes 256x256
 natural-looking JPEG shards to measure on.
 
 ``--input-path``: the DALI loader's cost to the *training thread* (the thread that iterates it: on a
@@ -219,7 +219,7 @@ def thread_parts(cfg: DataConfig, *, batch_size: int, warmup: int, steps: int, d
         if len(loader) < warmup + steps + 3:
             raise ValueError(
                 f"an epoch of {len(loader)} batches of {batch_size} is too short to time {steps} after {warmup}; "
-                "use more images (python -m tests._data_fixtures OUT --images N) or fewer --steps"
+                "use more images (python -m tests.support.datasets OUT --images N) or fewer --steps"
             )
         batches = iter(loader)
         total, samples = 0.0, 0

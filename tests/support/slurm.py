@@ -25,8 +25,8 @@ from pathlib import Path
 
 from launch.submit import parse_job_records  # the launcher's own reading of Slurm
 from pipeline.lease import ENDED_STATES
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
 
 UNAVAILABLE_EXIT = 3  # slurm/local_cluster.sh: Slurm is not installed and cannot be installed here

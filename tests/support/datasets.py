@@ -1,4 +1,6 @@
-"""Small preprocessed datasets for the input-pipeline tests and the data benchmark.
+"""Datasets for the tests: the demo dataset through the real preprocessing (``build_demo``; conftest.py
+builds it once per session), ImageFolder source trees, and small preprocessed datasets for the
+input-pipeline tests and the data benchmark (``make_dataset``).
 
 Everything is written with ``preprocess.shards.write_shard`` and ``format.write_manifest``, the
 same code the real preprocessing uses, so the loaders read exactly the on-disk format.
@@ -7,6 +9,7 @@ same code the real preprocessing uses, so the loaders read exactly the on-disk f
 from __future__ import annotations
 
 import io
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from PIL import Image
 
 from preprocess import format as fmt
 from preprocess.shards import Sample, write_shard
+from tests.support import DEMO_CLASSES, DEMO_TRAIN, DEMO_VAL, PYTHON, REPO, TRAIN_SHARD_SIZE
+from tests.support.processes import small_env
 
 SIZE = fmt.IMAGE_SIZE
 
@@ -126,11 +131,96 @@ def make_dataset(
     return root
 
 
+def preprocess(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`python -m preprocess ARGS` from the repository (captured, bounded)."""
+    proc = subprocess.run(
+        [PYTHON, "-m", "preprocess", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        env=small_env(),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"python -m preprocess {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def shard_args(src: Path, out: Path, split: str = "train", workers: int = 1) -> list[str]:
+    """The `shard` arguments the demo dataset is built with (the manifest comparison relies on them)."""
+    args = [
+        "shard",
+        "--src",
+        str(src / split),
+        "--out",
+        str(out),
+        "--split",
+        split,
+        "--workers",
+        str(workers),
+        "--no-progress",
+    ]
+    if split == "train":
+        args += ["--shard-size", str(TRAIN_SHARD_SIZE)]
+    else:
+        args += ["--devkit", str(src / "devkit")]
+    return args
+
+
+def build_demo(root: Path) -> Path:
+    preprocess(
+        "make-demo",
+        str(root / "src"),
+        "--classes",
+        str(DEMO_CLASSES),
+        "--train-per-class",
+        str(DEMO_TRAIN),
+        "--val-per-class",
+        str(DEMO_VAL),
+    )
+    preprocess(*shard_args(root / "src", root / "shards", "train"))
+    preprocess(*shard_args(root / "src", root / "shards", "val"))
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Source images
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+def jpeg_of_colour(rgb: tuple[int, int, int], size: tuple[int, int], seed: int) -> bytes:
+    """A noisy JPEG around one colour (PIL, quality 85), ``size`` = (width, height)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(rgb, dtype=np.float32) + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def make_image_folder(root: Path) -> Path:
+    """An ImageFolder tree: 3 classes x 7 images of distinct colours and sizes, plus one undecodable file."""
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    for c, wnid in enumerate(WNIDS):
+        (root / wnid).mkdir(parents=True)
+        for i in range(7):
+            size = (300 + 40 * i, 260 + 10 * c)
+            (root / wnid / f"{wnid}_{i}.JPEG").write_bytes(jpeg_of_colour(colours[c], size, seed=10 * c + i))
+    (root / WNIDS[0] / f"{WNIDS[0]}_broken.JPEG").write_bytes(b"this is not an image")
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tests._data_fixtures OUT --images N``: a natural-image dataset for ``pipeline.bench.data``."""
+    """``python -m tests.support.datasets OUT --images N``: a natural-image dataset for ``pipeline.bench.data``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tests._data_fixtures", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.support.datasets", description=main.__doc__)
     parser.add_argument("out", type=Path)
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--shard-size", type=int, default=250)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests._fixtures import NARROW, REPO, TORCHRUN, free_port, small_env
+from tests.support import NARROW, REPO, TORCHRUN
+from tests.support.processes import free_port, small_env
 
 TRAIN_ARGS = [
     *NARROW,

@@ -1,129 +1,19 @@
-"""Shared fixtures and helpers for the end-to-end tests (Slurm, emulated nodes, faults, TensorBoard).
-
-``build_demo`` makes the procedural demo dataset (4 classes x 24 train / 6 val images) through the real
-preprocessing: ``ROOT/src`` (the source tree and devkit) and ``ROOT/shards`` (train + val shards,
-manifest); conftest.py's ``demo_data``/``demo_shards`` fixtures build it once per session.
-"""
+"""Processes for the end-to-end tests: an environment, a free port, waiting for a state with a deadline,
+running a command to completion with its log, and killing a whole process tree (torchrun's workers live in
+sessions of their own)."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-HARNESS = str(REPO / "tests" / "_train_harness.py")
-
-# The demo dataset's shape and the small-run flags every end-to-end test shares.
-DEMO_CLASSES, DEMO_TRAIN, DEMO_VAL = 4, 24, 6
-TRAIN_SHARD_SIZE = 40
-NARROW = ["--num-classes", "4", "--model.widths", "16,32,48,48,32", "--model.fc-width", "64"]
-SMALL_RUN = [
-    *NARROW,
-    "--batch-size",
-    "8",
-    "--data.workers",
-    "1",
-    "--train.ten-crop",
-    "false",
-    "--checkpoint.every-minutes",
-    "0",
-]
-
-
-def preprocess(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`python -m preprocess ARGS` from the repository (captured, bounded)."""
-    proc = subprocess.run(
-        [PYTHON, "-m", "preprocess", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=timeout,
-        env=small_env(),
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"python -m preprocess {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
-    return proc
-
-
-def shard_args(src: Path, out: Path, split: str = "train", workers: int = 1) -> list[str]:
-    """The `shard` arguments the demo dataset is built with (the manifest comparison relies on them)."""
-    args = [
-        "shard",
-        "--src",
-        str(src / split),
-        "--out",
-        str(out),
-        "--split",
-        split,
-        "--workers",
-        str(workers),
-        "--no-progress",
-    ]
-    if split == "train":
-        args += ["--shard-size", str(TRAIN_SHARD_SIZE)]
-    else:
-        args += ["--devkit", str(src / "devkit")]
-    return args
-
-
-def build_demo(root: Path) -> Path:
-    preprocess(
-        "make-demo",
-        str(root / "src"),
-        "--classes",
-        str(DEMO_CLASSES),
-        "--train-per-class",
-        str(DEMO_TRAIN),
-        "--val-per-class",
-        str(DEMO_VAL),
-    )
-    preprocess(*shard_args(root / "src", root / "shards", "train"))
-    preprocess(*shard_args(root / "src", root / "shards", "val"))
-    return root
-
-
-# --------------------------------------------------------------------------------------------
-# Source images
-
-WNIDS = ["n01440764", "n01443537", "n01484850"]
-
-
-def jpeg_of_colour(rgb: tuple[int, int, int], size: tuple[int, int], seed: int) -> bytes:
-    """A noisy JPEG around one colour (PIL, quality 85), ``size`` = (width, height)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(rgb, dtype=np.float32) + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255)
-    buf = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
-def make_image_folder(root: Path) -> Path:
-    """An ImageFolder tree: 3 classes x 7 images of distinct colours and sizes, plus one undecodable file."""
-    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
-    for c, wnid in enumerate(WNIDS):
-        (root / wnid).mkdir(parents=True)
-        for i in range(7):
-            size = (300 + 40 * i, 260 + 10 * c)
-            (root / wnid / f"{wnid}_{i}.JPEG").write_bytes(jpeg_of_colour(colours[c], size, seed=10 * c + i))
-    (root / WNIDS[0] / f"{WNIDS[0]}_broken.JPEG").write_bytes(b"this is not an image")
-    return root
-
+from tests.support import REPO
 
 # --------------------------------------------------------------------------------------------
 # Processes
