@@ -12,27 +12,14 @@ import pytest
 from PIL import Image
 
 from pipeline.tools import ablate, report
-from tests.support import NARROW
+from tests.support import NARROW, flags
 
 TINY = [
     "--",
     *NARROW,
-    "--batch-size",
-    "16",
-    "--data.workers",
-    "1",
-    "--train.ten-crop",
-    "false",
-    "--epochs",
-    "1",
-    "--checkpoint.every-minutes",
-    "0",
-    "--train.log-every",
-    "1",
-    "--model.init",
-    "kaiming",
-    "--data.mean",
-    "channel",
+    *flags("--batch-size 16 --data.workers 1 --train.ten-crop false --epochs 1"),
+    *flags("--checkpoint.every-minutes 0 --train.log-every 1 --model.init kaiming"),
+    *flags("--data.mean channel"),
 ]
 
 
@@ -49,7 +36,7 @@ def test_runner_trains_one_switch_per_run_and_tabulates(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "ablate"
-    args = ["--out", str(out), "--data", str(demo_shards), "--switches", "no-lrn,tanh", "--seeds", "0", *TINY]
+    args = [*flags("--out {} --data {} --switches no-lrn,tanh --seeds 0", out, demo_shards), *TINY]
     assert ablate.main(args) == 0
     table = (out / "ablation.md").read_text()
     rows = {
@@ -128,20 +115,10 @@ def test_submit_queues_one_sbatch_job_per_run(
     assert (
         ablate.main(
             [
-                "--out",
-                str(tmp_path / "a"),
-                "--data",
-                str(tmp_path),
-                "--switches",
-                "no-dropout",
-                "--seeds",
-                "0,1",
-                "--submit",
-                "--sbatch-args",
+                *flags("--out {} --data {} --switches no-dropout --seeds 0,1 --submit", tmp_path / "a", tmp_path),
+                *flags("--sbatch-args"),
                 "-p gpu",
-                "--",
-                "--epochs",
-                "3",
+                *flags("-- --epochs 3"),
             ]
         )
         == 0
@@ -154,7 +131,7 @@ def test_submit_queues_one_sbatch_job_per_run(
 
 
 def test_unknown_switch_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert ablate.main(["--out", str(tmp_path), "--switches", "no-lrn,no-batchnorm"]) == 2
+    assert ablate.main(flags("--out {} --switches no-lrn,no-batchnorm", tmp_path)) == 2
     assert capsys.readouterr().err.startswith("error: --switches: unknown no-batchnorm")
 
 

@@ -19,14 +19,14 @@ from pipeline.bench import train as bench_train
 from pipeline.data import DataConfig
 from preprocess import format as fmt
 from preprocess.errors import UserError
-from tests.support import DEMO_CLASSES, HARNESS, REPO, TORCHRUN
+from tests.support import DEMO_CLASSES, HARNESS, REPO, TORCHRUN, flags
 
-TINY = ["--size", "tiny", "--warmup", "1", "--steps", "3", "--workers", "1"]
+TINY = flags("--size tiny --warmup 1 --steps 3 --workers 1")
 
 
 def _bench(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "report.json"
-    assert bench_train.main([*TINY, *args, "--checkpoint-dir", str(tmp_path), "--json", str(out)]) == 0
+    assert bench_train.main([*TINY, *args, *flags("--checkpoint-dir {} --json {}", tmp_path, out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -119,7 +119,7 @@ def test_bad_options_are_one_line_errors(argv: list[str], message: str, capsys: 
 def test_gpu_report_without_a_gpu_says_so_in_one_line(demo_shards: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench.train", "--gpu-report", "--data", str(demo_shards)],
+        [sys.executable, *flags("-m pipeline.bench.train --gpu-report --data {}", demo_shards)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -149,39 +149,19 @@ def test_gpu_report_pieces_run_on_cpu(demo_shards: Path) -> None:
 
 
 def test_grad_compression_option_is_checked(tmp_path: Path) -> None:
-    cfg, _ = config.parse(["--data", str(tmp_path), "--train.grad-compression", "bf16"])
+    cfg, _ = config.parse(flags("--data {} --train.grad-compression bf16", tmp_path))
     assert cfg.train.grad_compression == "bf16"
     with pytest.raises(UserError, match="--train.grad-compression must be none or bf16"):
-        config.parse(["--data", str(tmp_path), "--train.grad-compression", "fp8"])
+        config.parse(flags("--data {} --train.grad-compression fp8", tmp_path))
 
 
 def _dp2_weights(manifest: Path, tmp_path: Path, compression: str) -> dict[str, torch.Tensor]:
     out, run_dir = tmp_path / f"out-{compression}", tmp_path / f"run-{compression}"
     out.mkdir()
     args = [
-        "--data",
-        str(manifest),
-        "--run-dir",
-        str(run_dir),
-        "--num-classes",
-        "4",
-        "--model.widths",
-        "16,32,48,48,32",
-        "--model.fc-width",
-        "64",
-        "--model.dropout",
-        "0",
-        "--batch-size",
-        "8",
-        "--lr",
-        "0.05",
-        "--epochs",
-        "1",
-        "--tp",
-        "1",
-        "--train.ten-crop",
-        "false",
-        "--train.grad-compression",
+        *flags("--data {} --run-dir {} --num-classes 4 --model.widths 16,32,48,48,32", manifest, run_dir),
+        *flags("--model.fc-width 64 --model.dropout 0 --batch-size 8 --lr 0.05 --epochs 1"),
+        *flags("--tp 1 --train.ten-crop false --train.grad-compression"),
         compression,
     ]
     env = {

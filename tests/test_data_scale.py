@@ -26,6 +26,7 @@ from preprocess import format as fmt
 from preprocess.__main__ import main as preprocess_main
 from preprocess.errors import UserError
 from preprocess.replicate import replicate
+from tests.support import flags
 from tests.support.datasets import make_dataset
 
 
@@ -43,7 +44,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def big(small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("big") / "data"
-    assert preprocess_main(["replicate", "--src", str(small), "--out", str(out), "--samples", "100000"]) == 0
+    assert preprocess_main(flags("replicate --src {} --out {} --samples 100000", small, out)) == 0
     return out
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from preprocess import demo
 from preprocess.errors import UserError
 from preprocess.sources import open_source
+from tests.support import flags
 
 SMALL = dict(classes=3, train_per_class=5, val_per_class=2)
 
@@ -144,7 +145,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    args = parser.parse_args([str(tmp_path / "d"), "--classes", "2", "--train-per-class", "2", "--val-per-class", "1"])
+    args = parser.parse_args(flags("{} --classes 2 --train-per-class 2 --val-per-class 1", tmp_path / "d"))
     assert demo.run(args) == 0
     assert "4 train images" in capsys.readouterr().out
     assert json.loads((tmp_path / "d" / demo.MARKER).read_text())["val_images"] == 2

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
-from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN
+from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
 from tests.support.datasets import preprocess, shard_args
 from tests.support.processes import children, cmdline, descendants, kill_group, run_logged, small_env, tail, wait_for
 
@@ -51,26 +51,12 @@ def test_killed_worker_restarts_and_resumes(demo_shards: Path, tmp_path: Path) -
     # 2 epochs of 12 steps, the paper's tower pair (tp=2) as 2 local processes, a checkpoint every 2 steps.
     argv = [
         PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "--max-restarts=2",
-        "--monitor-interval=0.2",
+        *flags("-m torch.distributed.run --standalone --nproc_per_node=2"),
+        *flags("--max-restarts=2 --monitor-interval=0.2"),
         HARNESS,
-        "--data",
-        str(demo_shards),
-        "--run-dir",
-        str(run_dir),
+        *flags("--data {} --run-dir {}", demo_shards, run_dir),
         *SMALL_RUN,
-        "--tp",
-        "2",
-        "--epochs",
-        "2",
-        "--checkpoint.every-steps",
-        "2",
-        "--train.log-every",
-        "1",
+        *flags("--tp 2 --epochs 2 --checkpoint.every-steps 2 --train.log-every 1"),
     ]
     # As slurm/train.sh does: without it the restarted group reads the dead group's addresses from torchrun's
     # shared rendezvous store and gloo's init fails with "Connection refused" (pytorch/pytorch#135712).
@@ -135,30 +121,10 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_shards: Path, 
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     argv = [
         PYTHON,
-        "-m",
-        "launch.train",
-        "--data",
-        str(demo_shards),
-        "--run-dir",
-        str(run_dir),
-        "--num-classes",
-        "4",
-        "--tp",
-        "1",
-        "--batch-size",
-        "2",
-        "--data.workers",
-        "1",
-        "--train.ten-crop",
-        "false",
-        "--checkpoint.every-minutes",
-        "0",
-        "--checkpoint.every-steps",
-        "1",
-        "--max-steps",
-        "2",
-        "--train.log-every",
-        "1",
+        *flags("-m launch.train --data {} --run-dir {} --num-classes 4 --tp 1", demo_shards, run_dir),
+        *flags("--batch-size 2 --data.workers 1 --train.ten-crop false"),
+        *flags("--checkpoint.every-minutes 0 --checkpoint.every-steps 1 --max-steps 2"),
+        *flags("--train.log-every 1"),
     ]
     ckpt_dir = run_dir / "checkpoints"
 
@@ -218,7 +184,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_shards: Path, 
 
 def _train_error(data: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
     proc = subprocess.run(
-        [PYTHON, "-m", "launch.train", "--data", str(data), "--run-dir", str(run_dir), *SMALL_RUN, "--tp", "1", *extra],
+        [PYTHON, *flags("-m launch.train --data {} --run-dir {}", data, run_dir), *SMALL_RUN, "--tp", "1", *extra],
         cwd=REPO,
         env=small_env(),
         capture_output=True,
@@ -278,7 +244,7 @@ def test_corrupt_shard_of_the_right_size_is_a_one_line_error(demo_shards: Path, 
 def _mount_tmpfs(directory: Path, size_kb: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(directory)],
+        [*flags("mount -t tmpfs -o"), f"size={size_kb}k", "tmpfs", str(directory)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -289,7 +255,7 @@ def _mount_tmpfs(directory: Path, size_kb: int) -> None:
 
 def _umount(directory: Path) -> None:
     if subprocess.run(["umount", str(directory)], capture_output=True, timeout=30).returncode != 0:
-        subprocess.run(["umount", "-l", str(directory)], capture_output=True, timeout=30)
+        subprocess.run(flags("umount -l {}", directory), capture_output=True, timeout=30)
 
 
 def _sha256(path: Path) -> str:
@@ -346,9 +312,7 @@ def test_disk_full_during_preprocessing(demo_data: Path, tmp_path: Path, where: 
         assert not (out / "manifest.json").exists()
 
         # More space (the same mount, grown), the same command: completes, rewriting only what is missing.
-        grown = subprocess.run(
-            ["mount", "-o", "remount,size=16m", str(mnt)], capture_output=True, text=True, timeout=30
-        )
+        grown = subprocess.run(flags("mount -o remount,size=16m {}", mnt), capture_output=True, text=True, timeout=30)
         assert grown.returncode == 0, grown.stderr
         again = preprocess(*shard_args(src, out, "train", workers=2))
         assert f"{len(visible)} already complete" in again.stderr, again.stderr
@@ -373,28 +337,12 @@ def _soak_argv(data: Path, run_dir: Path) -> list[str]:
     # (--checkpoint.async-save), the path where a kill can land between a step and its save's commit.
     return [
         PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *flags("-m torch.distributed.run --standalone --nproc_per_node=2"),
         HARNESS,
-        "--data",
-        str(data),
-        "--run-dir",
-        str(run_dir),
+        *flags("--data {} --run-dir {}", data, run_dir),
         *SMALL_RUN,
-        "--tp",
-        "2",
-        "--epochs",
-        "4",
-        "--checkpoint.every-steps",
-        "1",
-        "--checkpoint.keep-last",
-        "2",
-        "--checkpoint.async-save",
-        "true",
-        "--train.log-every",
-        "1",
+        *flags("--tp 2 --epochs 4 --checkpoint.every-steps 1 --checkpoint.keep-last 2"),
+        *flags("--checkpoint.async-save true --train.log-every 1"),
     ]
 
 
@@ -483,21 +431,9 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(demo_shards: Path,
     def argv(run_dir: Path) -> list[str]:
         return [
             PYTHON,
-            "-m",
-            "launch.train",
-            "--data",
-            str(demo_shards),
-            "--run-dir",
-            str(run_dir),
+            *flags("-m launch.train --data {} --run-dir {}", demo_shards, run_dir),
             *SMALL_RUN,
-            "--tp",
-            "1",
-            "--max-steps",
-            "4",
-            "--checkpoint.every-steps",
-            "1",
-            "--checkpoint.keep-last",
-            "10",
+            *flags("--tp 1 --max-steps 4 --checkpoint.every-steps 1 --checkpoint.keep-last 10"),
         ]
 
     # How much a run needs up to its second checkpoint, measured on a roomy disk.
@@ -521,9 +457,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(demo_shards: Path,
         assert kept is not None and checkpoint.verify(kept) is None
         assert not list((run_dir / "checkpoints").glob("*.tmp")), list((run_dir / "checkpoints").iterdir())
 
-        grown = subprocess.run(
-            ["mount", "-o", "remount,size=64m", str(mnt)], capture_output=True, text=True, timeout=30
-        )
+        grown = subprocess.run(flags("mount -o remount,size=64m {}", mnt), capture_output=True, text=True, timeout=30)
         assert grown.returncode == 0, grown.stderr
         assert run_logged(argv(run_dir), log, small_env(), RUN_TIMEOUT) == 0, tail(log)
         assert f"resumed from {kept}" in log.read_text(errors="replace")

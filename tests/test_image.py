@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageOps, JpegImagePlugin
 
 from preprocess import image
 from preprocess.image import BadImage
+from tests.support import flags
 
 RED, GREEN, BLUE, WHITE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (128, 128, 128)
 
@@ -413,7 +414,7 @@ def test_bench_runs_and_writes_json(tmp_path, capsys: pytest.CaptureFixture[str]
     from preprocess import bench
 
     out = tmp_path / "bench.json"
-    assert bench.main(["--images", "4", "--workers", "0", "--repeat", "1", "--seed", "1", "--json", str(out)]) == 0
+    assert bench.main(flags("--images 4 --workers 0 --repeat 1 --seed 1 --json {}", out)) == 0
     result = json.loads(out.read_text())
     names = [r["name"] for r in result["single_core"]]
     assert names == ["baseline (naive PIL)", "ours (image.process)", "bare full decode"]

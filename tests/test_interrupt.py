@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
-from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN
+from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
 from tests.support.processes import descendants, interruptible, kill_group, run_logged, small_env, tail, wait_for
 
 RUN_TIMEOUT = 300
@@ -20,25 +20,15 @@ RUN_TIMEOUT = 300
 
 def _argv(data: Path, run_dir: Path, nproc: int) -> list[str]:
     common = [
-        "--data",
-        str(data),
-        "--run-dir",
-        str(run_dir),
+        *flags("--data {} --run-dir {}", data, run_dir),
         *SMALL_RUN,
-        "--epochs",
-        "2",
-        "--train.control-every",
-        "1",
-        "--train.log-every",
-        "1",
+        *flags("--epochs 2 --train.control-every 1 --train.log-every 1"),
     ]
     if nproc == 1:
         return [PYTHON, HARNESS, *common, "--tp", "1"]
     return [
         PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
+        *flags("-m torch.distributed.run --standalone"),
         f"--nproc_per_node={nproc}",
         HARNESS,
         *common,
@@ -134,28 +124,9 @@ def test_second_ctrl_c_exits_at_once_and_leaves_nothing_partial(demo_shards: Pat
     # The paper-width model: its checkpoint takes seconds to write, so the second Ctrl-C can land inside one.
     argv = [
         PYTHON,
-        "-m",
-        "launch.train",
-        "--data",
-        str(demo_shards),
-        "--run-dir",
-        str(run_dir),
-        "--tp",
-        "1",
-        "--batch-size",
-        "2",
-        "--data.workers",
-        "1",
-        "--train.ten-crop",
-        "false",
-        "--checkpoint.every-minutes",
-        "0",
-        "--checkpoint.every-steps",
-        "1",
-        "--train.log-every",
-        "1",
-        "--train.control-every",
-        "1",
+        *flags("-m launch.train --data {} --run-dir {} --tp 1 --batch-size 2", demo_shards, run_dir),
+        *flags("--data.workers 1 --train.ten-crop false --checkpoint.every-minutes 0"),
+        *flags("--checkpoint.every-steps 1 --train.log-every 1 --train.control-every 1"),
     ]
     proc = _start(argv, log, small_env())
     try:

@@ -21,7 +21,7 @@ import pytest
 from pipeline import lease as lease_mod
 from pipeline.lease import LEASE_NAME, Holder, Lease, LeaseHeld, LeaseLost
 from preprocess import format as fmt
-from tests.support import PYTHON, REPO, TORCHRUN
+from tests.support import PYTHON, REPO, TORCHRUN, flags
 from tests.support.processes import small_env
 
 MINUTE = 60.0
@@ -242,7 +242,7 @@ def _foreign_lease(run_dir: Path) -> None:
 
 
 def test_check_cli_exits_2_with_one_line(tmp_path: Path) -> None:
-    argv = [PYTHON, "-m", "pipeline.lease", "check", str(tmp_path)]
+    argv = [PYTHON, *flags("-m pipeline.lease check {}", tmp_path)]
     assert subprocess.run(argv, cwd=REPO, env=small_env(), capture_output=True, timeout=60).returncode == 0
     _foreign_lease(tmp_path)
     proc = subprocess.run(argv, cwd=REPO, env=small_env(), capture_output=True, text=True, timeout=60)
@@ -256,13 +256,13 @@ def test_launch_train_refuses_a_held_run_dir_before_writing_anything(tmp_path: P
     _foreign_lease(run_dir)
     data.mkdir()
     fmt.write_manifest(data, fmt.Manifest(classes=[{"index": i, "wnid": f"n{i}", "name": ""} for i in range(4)]))
-    args = ["-m", "launch.train", "--data", str(data), "--run-dir", str(run_dir), "--tp", "1", "--train.device", "cpu"]
+    args = flags("-m launch.train --data {} --run-dir {} --tp 1 --train.device cpu", data, run_dir)
     single = subprocess.run([PYTHON, *args], cwd=REPO, env=small_env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 2, single.stderr
     assert single.stderr.strip().splitlines()[-1].startswith(f"error: {run_dir} is being written by Slurm job 7")
     assert "Traceback" not in single.stderr
     two = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc-per-node=2", "--max-restarts=0", *args],
+        [TORCHRUN, *flags("--standalone --nproc-per-node=2 --max-restarts=0"), *args],
         cwd=REPO,
         env=small_env(),
         capture_output=True,

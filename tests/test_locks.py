@@ -16,7 +16,7 @@ import pytest
 from preprocess import format as fmt
 from preprocess.errors import UserError
 from preprocess.locks import FileLock
-from tests.support import REPO
+from tests.support import REPO, flags
 
 HOOKS = REPO / "tests" / "support" / "hooks"
 
@@ -129,20 +129,8 @@ def test_array_job_completes_where_flock_is_refused(image_folder: Path, tmp_path
     def command(out: Path, *extra: str) -> list[str]:
         return [
             sys.executable,
-            "-m",
-            "preprocess",
-            "shard",
-            "--src",
-            str(image_folder),
-            "--out",
-            str(out),
-            "--split",
-            "train",
-            "--shard-size",
-            "3",
-            "--workers",
-            "1",
-            "--no-progress",
+            *flags("-m preprocess shard --src {} --out {} --split train --shard-size 3", image_folder, out),
+            *flags("--workers 1 --no-progress"),
             *extra,
         ]
 

@@ -20,7 +20,7 @@ from pipeline.model import (
     tower_state_dict,
     unwrap,
 )
-from tests.support import NARROW_FC_WIDTH, NARROW_WIDTHS
+from tests.support import NARROW_FC_WIDTH, NARROW_WIDTHS, flags
 
 NARROW_CONFIG = {"num_classes": 10, "widths": NARROW_WIDTHS, "fc_width": NARROW_FC_WIDTH}
 
@@ -178,7 +178,7 @@ def test_layer_table_cli(capsys: pytest.CaptureFixture[str]) -> None:
     main([])
     single = capsys.readouterr().out
     assert "60,965,224" in single.splitlines()[-1] and "1,448.8" in single.splitlines()[-1]
-    main(["--tp", "2", "--num-classes", "7"])
+    main(flags("--tp 2 --num-classes 7"))
     towers = capsys.readouterr().out
     assert "tower 1 of 2" in towers and "48 x 55 x 55" in towers
     assert "both towers: 56,896,903 parameters" in towers

@@ -17,7 +17,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.checkpoint import export_model, read_towers
 from preprocess import format as fmt
-from tests.support import HARNESS, NARROW, PYTHON, REPO
+from tests.support import HARNESS, NARROW, PYTHON, REPO, flags
 from tests.support.netns import Node, NodePair, netns_skip_reason
 from tests.support.processes import run_logged, small_env, tail
 
@@ -53,7 +53,7 @@ def _latest(run_dir: Path) -> Path:
 def _veth_bytes(node: Node) -> int:
     """Bytes received on the node's end of the veth pair."""
     out = subprocess.run(
-        ["ip", "-n", node.netns, "-s", "-j", "link", "show", "dev", node.ifname],
+        ["ip", "-n", node.netns, *flags("-s -j link show dev"), node.ifname],
         capture_output=True,
         text=True,
         timeout=10,
@@ -68,25 +68,15 @@ def test_two_nodes_equal_one_process(node_pair: NodePair, four_class_manifest: P
         "--data",
         str(four_class_manifest),
         *NARROW,
-        "--model.dropout",
-        "0",
-        "--batch-size",
-        "8",
-        "--lr",
-        "0.05",
-        "--epochs",
-        "1",
-        "--train.ten-crop",
-        "false",
-        "--checkpoint.every-minutes",
-        "0",
+        *flags("--model.dropout 0 --batch-size 8 --lr 0.05 --epochs 1 --train.ten-crop false"),
+        *flags("--checkpoint.every-minutes 0"),
     ]
 
     # One process, tp=1, on the host.
     single_out = tmp_path / "o1"
     single_out.mkdir()
     rc = run_logged(
-        [PYTHON, HARNESS, *common, "--tp", "1", "--run-dir", str(tmp_path / "r1")],
+        [PYTHON, HARNESS, *common, *flags("--tp 1 --run-dir {}", tmp_path / "r1")],
         tmp_path / "single.log",
         small_env({"HARNESS_OUT": str(single_out), "HARNESS_DATA": "fixed"}),
         timeout=TIMEOUT,
@@ -103,21 +93,14 @@ def test_two_nodes_equal_one_process(node_pair: NodePair, four_class_manifest: P
     for node in (b, a):  # the client first: it must wait for the host's store
         argv = [
             PYTHON,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes=2",
-            "--nproc-per-node=2",
-            "--max-restarts=0",
-            "--rdzv-backend=c10d",
+            *flags("-m torch.distributed.run --nnodes=2 --nproc-per-node=2 --max-restarts=0"),
+            *flags("--rdzv-backend=c10d"),
             f"--rdzv-endpoint={a.hostname}:{RDZV_PORT}",
             f"--rdzv-id=mn-{node_pair.tag}",
             "--rdzv-conf=join_timeout=60,read_timeout=60,last_call_timeout=2",
             HARNESS,
             *common,
-            "--tp",
-            "2",
-            "--run-dir",
-            str(tmp_path / "r4"),
+            *flags("--tp 2 --run-dir {}", tmp_path / "r4"),
         ]
         procs[node.hostname] = node_pair.popen(
             node, argv, env=env, cwd=REPO, stdout=logs[node.hostname].open("wb"), stderr=subprocess.STDOUT

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import flags
 from tests.support.netns import Node, NodePair, netns_skip_reason
 
 pytestmark = pytest.mark.netns
@@ -55,12 +56,8 @@ def _torchrun(
 ) -> subprocess.Popen[bytes]:
     argv = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=2",
-        "--nproc-per-node=2",
-        "--max-restarts=0",
-        "--rdzv-backend=c10d",
+        *flags("-m torch.distributed.run --nnodes=2 --nproc-per-node=2 --max-restarts=0"),
+        *flags("--rdzv-backend=c10d"),
         f"--rdzv-endpoint={endpoint}",
         f"--rdzv-id=netns-{pair.tag}",
         "--rdzv-conf=join_timeout=60,read_timeout=30,last_call_timeout=2",

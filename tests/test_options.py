@@ -12,7 +12,7 @@ import pytest
 from launch import train as launch_train
 from pipeline.schedule import ManualRequests, request_manual_drop
 from preprocess import format as fmt
-from tests.support import REPO
+from tests.support import REPO, flags
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ BAD_OPTIONS = [
     (["--model.widths", "16,32,48,48"], "--model.widths"),
     (["--batch-size", "0"], "--optim.batch-size"),
     (["--tp", "3"], "--train.tp"),
-    (["--model.towers", "1", "--tp", "2"], "--model.towers 1"),
+    (flags("--model.towers 1 --tp 2"), "--model.towers 1"),
 ]
 
 
@@ -51,7 +51,7 @@ def test_bad_option_is_one_line_and_writes_nothing(
     argv: list[str], named: str, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = tmp_path / "run"
-    assert launch_train.main(["--data", str(dataset), "--run-dir", str(run_dir), *argv]) == 2
+    assert launch_train.main([*flags("--data {} --run-dir {}", dataset, run_dir), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
     assert not run_dir.exists()
@@ -70,7 +70,7 @@ def test_config_file_types_are_checked(dataset: Path, tmp_path: Path, capsys: py
     ]:
         cfg = tmp_path / "bad.toml"
         cfg.write_text(text)
-        assert launch_train.main(["--config", str(cfg), "--data", str(dataset), "--run-dir", str(run_dir)]) == 2
+        assert launch_train.main(flags("--config {} --data {} --run-dir {}", cfg, dataset, run_dir)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and named in err[0], (text, err)
     assert (run_dir / "config.json").read_text() == '{"kept": true}'  # a failed start overwrites nothing
@@ -81,10 +81,10 @@ def test_paths_that_are_not_directories(dataset: Path, tmp_path: Path, capsys: p
     a_file = tmp_path / "file"
     a_file.write_text("x")
     for argv, named in [
-        (["--data", str(a_file), "--run-dir", str(tmp_path / "r")], "--data"),
-        (["--data", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "r")], "--data"),
-        (["--data", str(dataset), "--run-dir", str(a_file)], "--run-dir"),
-        (["--data", str(dataset), "--run-dir", str(a_file / "sub")], "--run-dir"),
+        (flags("--data {} --run-dir {}", a_file, tmp_path / "r"), "--data"),
+        (flags("--data {} --run-dir {}", tmp_path / "missing", tmp_path / "r"), "--data"),
+        (flags("--data {} --run-dir {}", dataset, a_file), "--run-dir"),
+        (flags("--data {} --run-dir {}", dataset, a_file / "sub"), "--run-dir"),
     ]:
         assert launch_train.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -129,7 +129,7 @@ def test_lr_drop_cli_odd_paths(tmp_path: Path) -> None:
     try:
         for target in (tmp_path / "missing", a_file, tmp_path, unwritable):
             proc = subprocess.run(
-                [sys.executable, "-m", "launch.lr_drop", str(target)],
+                [sys.executable, *flags("-m launch.lr_drop {}", target)],
                 cwd=REPO,
                 capture_output=True,
                 text=True,

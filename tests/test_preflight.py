@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from launch.preflight import far_below, nccl_transports, socket_fallback
-from tests.support import PYTHON, REPO
+from tests.support import PYTHON, REPO, flags
 from tests.support.netns import NodePair, netns_skip_reason
 from tests.support.processes import children, cmdline, kill_group, small_env, wait_for
 
@@ -24,14 +24,8 @@ TIMEOUT = 240
 def _argv(data: Path, *extra: str) -> list[str]:
     return [
         PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "launch.preflight",
-        "--data",
-        str(data),
+        *flags("-m torch.distributed.run --standalone --nproc_per_node=2 -m launch.preflight"),
+        *flags("--data {}", data),
         *extra,
     ]
 
@@ -64,7 +58,7 @@ def test_preflight_prints_one_table_of_every_rank(demo_shards: Path) -> None:
 
 def test_preflight_bad_data_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [PYTHON, "-m", "launch.preflight", "--data", str(tmp_path)],
+        [PYTHON, *flags("-m launch.preflight --data {}", tmp_path)],
         cwd=REPO,
         env=small_env(),
         capture_output=True,
@@ -179,21 +173,12 @@ def test_preflight_names_the_node_behind_a_slow_link(demo_shards: Path, tmp_path
         logs = {n.hostname: tmp_path / f"{n.hostname}.log" for n in (a, b)}
         argv = [
             PYTHON,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes=2",
-            "--nproc-per-node=2",
-            "--rdzv-backend=c10d",
+            *flags("-m torch.distributed.run --nnodes=2 --nproc-per-node=2"),
+            *flags("--rdzv-backend=c10d"),
             f"--rdzv-endpoint={a.addr}:29420",
             "--rdzv-id=preflight-pf20",
             "--local-addr={}",
-            "-m",
-            "launch.preflight",
-            "--data",
-            str(demo_shards),
-            "--seconds",
-            "0.3",
-            "--strict",
+            *flags("-m launch.preflight --data {} --seconds 0.3 --strict", demo_shards),
         ]
         env = small_env({"PYTHONPATH": str(REPO)})
         procs = {}

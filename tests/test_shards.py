@@ -18,7 +18,7 @@ from PIL import Image
 from preprocess import format as fmt
 from preprocess import shards
 from preprocess.__main__ import main as preprocess_main
-from tests.support import REPO
+from tests.support import REPO, flags
 from tests.support.datasets import WNIDS
 from tests.support.processes import interruptible
 
@@ -26,18 +26,8 @@ from tests.support.processes import interruptible
 def _shard(src: Path, out: Path, *extra: str) -> int:
     return preprocess_main(
         [
-            "shard",
-            "--src",
-            str(src),
-            "--out",
-            str(out),
-            "--split",
-            "train",
-            "--shard-size",
-            "5",
-            "--workers",
-            "1",
-            "--no-progress",
+            *flags("shard --src {} --out {} --split train --shard-size 5 --workers 1", src, out),
+            *flags("--no-progress"),
             *extra,
         ]
     )
@@ -218,18 +208,8 @@ def test_kill_mid_run_leaves_no_finished_partial_shard(image_folder: Path, tmp_p
         sys.executable,
         "-c",
         script,
-        "shard",
-        "--src",
-        str(image_folder),
-        "--out",
-        str(out),
-        "--split",
-        "train",
-        "--shard-size",
-        "5",
-        "--workers",
-        "1",
-        "--no-progress",
+        *flags("shard --src {} --out {} --split train --shard-size 5 --workers 1", image_folder, out),
+        *flags("--no-progress"),
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -269,18 +249,8 @@ def test_changed_options_do_not_mix_with_an_earlier_plan(image_folder: Path, tmp
     assert (
         preprocess_main(
             [
-                "shard",
-                "--src",
-                str(image_folder),
-                "--out",
-                str(out),
-                "--split",
-                "train",
-                "--shard-size",
-                "4",
-                "--workers",
-                "1",
-                "--no-progress",
+                *flags("shard --src {} --out {} --split train --shard-size 4 --workers 1", image_folder, out),
+                *flags("--no-progress"),
             ]
         )
         == 2
@@ -292,7 +262,7 @@ def test_changed_options_do_not_mix_with_an_earlier_plan(image_folder: Path, tmp
 @pytest.mark.parametrize("case", ["missing", "unwritable"])
 def test_clear_errors(image_folder: Path, tmp_path: Path, case: str) -> None:
     if case == "missing":
-        cmd = ["shard", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--split", "train"]
+        cmd = flags("shard --src {} --out {} --split train", tmp_path / "nope", tmp_path / "o")
         needle = "nope"
     else:
         if os.geteuid() == 0:
@@ -302,7 +272,7 @@ def test_clear_errors(image_folder: Path, tmp_path: Path, case: str) -> None:
         else:
             out = tmp_path / "ro"
             out.mkdir(mode=0o500)
-        cmd = ["shard", "--src", str(image_folder), "--out", str(out), "--split", "train"]
+        cmd = flags("shard --src {} --out {} --split train", image_folder, out)
         needle = str(out)
     proc = subprocess.run([sys.executable, "-m", "preprocess", *cmd], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
@@ -318,20 +288,8 @@ def test_ctrl_c_keeps_finished_shards_and_a_rerun_completes(image_folder: Path, 
     def command(out: Path) -> list[str]:
         return [
             sys.executable,
-            "-m",
-            "preprocess",
-            "shard",
-            "--src",
-            str(image_folder),
-            "--out",
-            str(out),
-            "--split",
-            "train",
-            "--shard-size",
-            "2",
-            "--workers",
-            "2",
-            "--no-progress",
+            *flags("-m preprocess shard --src {} --out {} --split train --shard-size 2", image_folder, out),
+            *flags("--workers 2 --no-progress"),
         ]
 
     cmd = command(out)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from preprocess import shards
+from tests.support import flags
 from tests.support.slurm import REPO, SlurmCluster
 
 pytestmark = pytest.mark.slurm
@@ -46,16 +47,14 @@ def test_preprocess_array_job(slurm_cluster: SlurmCluster, demo_src: Path, tmp_p
             f"--array=0-{TASKS - 1}",
             "--cpus-per-task=1",
             "--mem-per-cpu=500M",
-            f"--output={logs}/%x-%A_%a.out",  # not the script's default: the repo root
-            str(REPO / "slurm" / "preprocess.sh"),
-            "--src",
-            str(demo_src / "train"),
-            "--out",
-            str(out),
-            "--split",
-            "train",
-            "--shard-size",
-            str(SHARD_SIZE),
+            f"--output={logs}/%x-%A_%a.out",
+            *flags(
+                "{} --src {} --out {} --split train --shard-size {}",
+                REPO / "slurm" / "preprocess.sh",
+                demo_src / "train",
+                out,
+                SHARD_SIZE,
+            ),
         ],
         env={"PYTHON": sys.executable},
         cwd=REPO,  # the job runs in SLURM_SUBMIT_DIR: the repo, so `-m preprocess` imports this clone

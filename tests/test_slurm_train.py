@@ -20,7 +20,7 @@ from launch.submit import rendezvous_port
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
 from pipeline.lease import ENDED_STATES, LEASE_NAME
-from tests.support import PYTHON, REPO, SMALL_RUN
+from tests.support import PYTHON, REPO, SMALL_RUN, flags
 from tests.support.processes import free_port
 from tests.support.slurm import SlurmCluster
 
@@ -95,7 +95,7 @@ def test_one_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, 
     job = _submit(
         slurm_cluster,
         tmp_path,
-        ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, "--epochs", "1", "--train.log-every", "4"],
+        [*flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN, *flags("--epochs 1 --train.log-every 4")],
         env={"RDZV_PORT": str(port)},
     )
     try:
@@ -118,8 +118,8 @@ def test_one_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, 
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    train_args = ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, *UNTIL_STOPPED]
-    job = _submit(slurm_cluster, tmp_path, [*train_args, "--train.log-every", "1", "--train.control-every", "1"])
+    train_args = [*flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN, *UNTIL_STOPPED]
+    job = _submit(slurm_cluster, tmp_path, [*train_args, *flags("--train.log-every 1 --train.control-every 1")])
     try:
         # Once the first run has taken steps, signal the batch shell the way Slurm does before the time
         # limit (#SBATCH --signal=B:USR1@120) and operators do by hand.
@@ -176,17 +176,9 @@ def test_two_node_job_completes(slurm_cluster: SlurmCluster, demo_shards: Path, 
         slurm_cluster,
         tmp_path,
         [
-            "--data",
-            str(demo_shards),
-            "--run-dir",
-            str(run_dir),
+            *flags("--data {} --run-dir {}", demo_shards, run_dir),
             *SMALL_RUN,
-            "--epochs",
-            "1",
-            "--max-steps",
-            str(steps),
-            "--train.log-every",
-            "2",
+            *flags("--epochs 1 --max-steps {} --train.log-every 2", steps),
         ],
         nodes=2,
     )
@@ -223,13 +215,13 @@ def _wait_for_steps(cluster: SlurmCluster, job: str, pattern: str, timeout: floa
 def test_two_jobs_on_one_node_both_complete(slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path) -> None:
     """Two one-node jobs placed on the same node, the shorter ending first: neither joins the other's
     rendezvous (with a fixed port the longer one died when the shorter one's store went away)."""
-    on_n1 = ["--nodelist=n1", "--gpus-per-node=0", "--cpus-per-task=1"]  # 1 CPU each: both fit on n1
+    on_n1 = flags("--nodelist=n1 --gpus-per-node=0 --cpus-per-task=1")  # 1 CPU each: both fit on n1
     short_steps = 4
     long_dir = tmp_path / "long"
     common = ["--data", str(demo_shards), *SMALL_RUN]
     long_args = ["--run-dir", str(long_dir), *common, *UNTIL_STOPPED, "--train.log-every", "1"]
     long_job = _submit(slurm_cluster, tmp_path, long_args, resources=on_n1)
-    short_args = ["--run-dir", str(tmp_path / "short"), *common, "--epochs", "1", "--max-steps", str(short_steps)]
+    short_args = ["--run-dir", str(tmp_path / "short"), *common, *flags("--epochs 1 --max-steps {}", short_steps)]
     short_job = _submit(slurm_cluster, tmp_path, short_args, resources=on_n1)
     try:
         (short,) = slurm_cluster.wait(short_job, timeout=400)
@@ -261,7 +253,7 @@ def test_second_job_on_a_live_run_dir_fails_at_once(
     slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    first_args = ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, *UNTIL_STOPPED]
+    first_args = [*flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN, *UNTIL_STOPPED]
     first = _submit(slurm_cluster, tmp_path, [*first_args, "--train.log-every", "1"])
     second = None
     try:
@@ -272,7 +264,7 @@ def test_second_job_on_a_live_run_dir_fails_at_once(
         second = _submit(
             slurm_cluster,
             tmp_path,
-            ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, "--epochs", "2", "--seed", "1"],
+            [*flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN, *flags("--epochs 2 --seed 1")],
         )
         (refused,) = slurm_cluster.wait(second, timeout=300)
         # The first job cannot end by itself: it held the run dir through the whole refusal.
@@ -320,8 +312,8 @@ def test_hung_job_is_requeued_and_finishes(slurm_cluster: SlurmCluster, demo_sha
     fails, the script sees the hang it recorded and requeues the job, which resumes and trains on."""
     run_dir = tmp_path / "run"
     watch = "--train.hang-timeout 10 --train.slow-phase-timeout 20 --train.collective-timeout-min 2".split()
-    args = ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, *UNTIL_STOPPED]
-    args += ["--train.log-every", "1", "--checkpoint.every-steps", "4", *watch]
+    args = [*flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN, *UNTIL_STOPPED]
+    args += [*flags("--train.log-every 1 --checkpoint.every-steps 4"), *watch]
     job = _submit(slurm_cluster, tmp_path, args, env={"MAX_RESTARTS": "0", "PREFLIGHT": "off"})
     try:
         _wait_for_steps(slurm_cluster, job, r" step ([6-9]|\d\d+)/", timeout=180)  # past the checkpoint at step 4

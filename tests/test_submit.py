@@ -21,11 +21,11 @@ import pytest
 
 from launch import submit
 from pipeline.lease import ENDED_STATES
-from tests.support import REPO, SMALL_RUN
+from tests.support import REPO, SMALL_RUN, flags
 from tests.support.slurm import SlurmCluster
 
 # The test cluster: 2 nodes of 2 CPUs, no GPUs; a short limit (the preemption signal is sent by hand).
-CPU_JOB = ["--gpus-per-node", "0", "--cpus-per-task", "1", "--time-min", "10"]
+CPU_JOB = flags("--gpus-per-node 0 --cpus-per-task 1 --time-min 10")
 
 
 # ------------------------------------------------------------------------------- CLI, no Slurm
@@ -68,38 +68,20 @@ def test_executor_parameters_follow_the_flags(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     # Defaults: one node, one task per GPU (the paper's pair), paths made absolute, logs in RUN_DIR/submitit.
-    submission = submit.make_submission(["--", "--data", "shards", "--run-dir", "runs/a"])
+    submission = submit.make_submission(flags("-- --data shards --run-dir runs/a"))
     assert submission.executor == "slurm" and submission.num_tasks == 2
     p = submission.parameters
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["cpus_per_task"]) == (1, 2, 2, 8)
     assert (p["time"], p["signal_delay_s"], p["additional_parameters"]) == (1440, 120, {"requeue": True})
     assert "--kill-on-bad-exit=1" in p["srun_args"] and "mem" not in p and "partition" not in p
     assert submission.run_dir == tmp_path / "runs" / "a" and submission.folder == submission.run_dir / "submitit"
-    assert submission.train_argv[-4:] == ["--data", str(manifest_dir), "--run-dir", str(tmp_path / "runs" / "a")]
+    assert submission.train_argv[-4:] == flags("--data {} --run-dir {}", manifest_dir, tmp_path / "runs" / "a")
 
     submission = submit.make_submission(
         [
-            "--nodes",
-            "4",
-            "--gpus-per-node",
-            "8",
-            "--partition",
-            "gpu",
-            "--mem-gb",
-            "64",
-            "--time-min",
-            "90",
-            "--signal-delay-s",
-            "300",
-            "--folder",
-            "logs",
-            "--max-timeouts",
-            "5",
-            "--",
-            "--data",
-            str(manifest_dir),
-            "--run-dir",
-            str(tmp_path / "r"),
+            *flags("--nodes 4 --gpus-per-node 8 --partition gpu --mem-gb 64 --time-min 90"),
+            *flags("--signal-delay-s 300 --folder logs --max-timeouts 5 -- --data {}", manifest_dir),
+            *flags("--run-dir {}", tmp_path / "r"),
         ]
     )
     p = submission.parameters
@@ -108,21 +90,19 @@ def test_executor_parameters_follow_the_flags(
     assert (
         submission.folder == tmp_path / "logs" and submission.num_tasks == 32 and "dp 16 x tp 2" in submission.notes[0]
     )
-    assert submission.train_argv == ["--data", str(manifest_dir), "--run-dir", str(tmp_path / "r")]  # already absolute
+    assert submission.train_argv == flags("--data {} --run-dir {}", manifest_dir, tmp_path / "r")  # already absolute
 
     # CPU-only: no GPU request, two tasks per node unless told; --tp 1 allows odd counts.
-    p = submit.make_submission([*CPU_JOB, "--", "--data", str(manifest_dir)]).parameters
+    p = submit.make_submission([*CPU_JOB, *flags("-- --data {}", manifest_dir)]).parameters
     assert "gpus_per_node" not in p and p["ntasks_per_node"] == 2 and p["cpus_per_task"] == 1
     assert (
         submit.make_submission(
-            ["--gpus-per-node", "0", "--tasks-per-node", "3", "--", "--data", str(manifest_dir), "--tp", "1"]
+            flags("--gpus-per-node 0 --tasks-per-node 3 -- --data {} --tp 1", manifest_dir)
         ).num_tasks
         == 3
     )
 
-    local = submit.make_submission(
-        ["--local", "--gpus-per-node", "0", "--time-min", "30", "--", "--data", str(manifest_dir)]
-    )
+    local = submit.make_submission(flags("--local --gpus-per-node 0 --time-min 30 -- --data {}", manifest_dir))
     assert local.executor == "local"
     assert {k: local.parameters[k] for k in ("tasks_per_node", "gpus_per_node", "timeout_min", "signal_delay_s")} == {
         "tasks_per_node": 2,
@@ -135,25 +115,25 @@ def test_executor_parameters_follow_the_flags(
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--gpus-per-node", "0", "--tasks-per-node", "3"], "not divisible by --tp 2"),
-        (["--gpus-per-node", "2", "--tasks-per-node", "4"], "> --gpus-per-node 2"),
-        (["--local", "--nodes", "2"], "--nodes must be 1"),
+        (flags("--gpus-per-node 0 --tasks-per-node 3"), "not divisible by --tp 2"),
+        (flags("--gpus-per-node 2 --tasks-per-node 4"), "> --gpus-per-node 2"),
+        (flags("--local --nodes 2"), "--nodes must be 1"),
         (["--nodes", "0"], "--nodes must be positive"),
     ],
 )
 def test_impossible_layouts_are_refused(
     args: list[str], message: str, manifest_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert submit.main([*args, "--dry-run", "--", "--data", str(manifest_dir)]) == 2
+    assert submit.main([*args, *flags("--dry-run -- --data {}", manifest_dir)]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_bad_training_arguments_are_refused_before_submission(
     tmp_path: Path, manifest_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert submit.main(["--dry-run", "--", "--data", str(tmp_path / "nowhere")]) == 2
+    assert submit.main(flags("--dry-run -- --data {}", tmp_path / "nowhere")) == 2
     assert "no manifest.json" in capsys.readouterr().err
-    assert submit.main(["--dry-run", "--", "--data", str(manifest_dir), "--no-such-flag"]) == 2
+    assert submit.main(flags("--dry-run -- --data {} --no-such-flag", manifest_dir)) == 2
     assert "bad launch.train arguments" in capsys.readouterr().err
 
 
@@ -161,7 +141,7 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(
     manifest_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = tmp_path / "run"
-    assert submit.main(["--dry-run", *CPU_JOB, "--", "--data", str(manifest_dir), "--run-dir", str(run_dir)]) == 0
+    assert submit.main(["--dry-run", *CPU_JOB, *flags("-- --data {} --run-dir {}", manifest_dir, run_dir)]) == 0
     out = capsys.readouterr().out
     assert "nothing submitted" in out and "world 2 = dp 1 x tp 2" in out
     for line in (
@@ -180,7 +160,7 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(
 
 
 def test_the_callable_pickles_small_and_checkpoints_a_fresh_copy() -> None:
-    job = submit.TrainJob(["--data", "/d", "--run-dir", "/r"])
+    job = submit.TrainJob(flags("--data /d --run-dir /r"))
     job._stop = threading.Event()  # runtime state, as inside __call__: never pickled
     job._stop.set()
     copy = pickle.loads(pickle.dumps(job))
@@ -221,7 +201,7 @@ def test_signal_only_stops_then_rank0_requeues_through_submitit(
         calls.append(("stopped",))
         return SimpleNamespace(preempted=True, progress=SimpleNamespace(epoch=0, step=6), val_top1_error=None)
 
-    job = submit.TrainJob(["--data", "/d", "--run-dir", "/r"])
+    job = submit.TrainJob(flags("--data /d --run-dir /r"))
 
     def submitit_handler(signum: int, frame: object) -> None:  # submitit's SignalHandler on rank 0
         calls.append(("submitit", signum, job.checkpoint()))
@@ -328,7 +308,7 @@ def test_submitted_job_trains_and_checkpoints(slurm_cluster: SlurmCluster, demo_
         slurm_cluster,
         tmp_path,
         ["--wait", *CPU_JOB],
-        ["--data", str(demo_shards), "--run-dir", "run", *SMALL_RUN, "--tp", "2", "--max-steps", "4"],
+        [*flags("--data {} --run-dir run", demo_shards), *SMALL_RUN, *flags("--tp 2 --max-steps 4")],
     )
     folder = run_dir / "submitit"
     report = f"{proc.stdout}\n{proc.stderr}\n{_logs(folder, job)}"
@@ -387,7 +367,7 @@ def test_preemption_checkpoints_requeues_and_resumes(
         time.sleep(0.5)
     # Submitting again into the run directory while the job is requeued is refused, on one line.
     again = subprocess.run(
-        [sys.executable, "-m", "launch.submit", *CPU_JOB, "--", "--data", str(demo_shards), "--run-dir", str(run_dir)]
+        [sys.executable, "-m", "launch.submit", *CPU_JOB, *flags("-- --data {} --run-dir {}", demo_shards, run_dir)]
         + SMALL_RUN,
         cwd=tmp_path,
         env=slurm_cluster.env({"PYTHONPATH": str(REPO)}),
@@ -444,8 +424,8 @@ def test_two_nodes_dp2_x_tp2(slurm_cluster: SlurmCluster, demo_shards: Path, tmp
     job, proc = _submit(
         slurm_cluster,
         tmp_path,
-        ["--wait", "--nodes", "2", *CPU_JOB],
-        ["--data", str(demo_shards), "--run-dir", str(run_dir), *SMALL_RUN, "--tp", "2", "--max-steps", "2"],
+        [*flags("--wait --nodes 2"), *CPU_JOB],
+        [*flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN, *flags("--tp 2 --max-steps 2")],
     )
     folder = run_dir / "submitit"
     report = f"{proc.stdout}\n{proc.stderr}\n{_logs(folder, job)}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import HARNESS, PYTHON, SMALL_RUN
+from tests.support import HARNESS, PYTHON, SMALL_RUN, flags
 from tests.support.processes import kill_group, run_logged, small_env, tail
 
 TENSORBOARD = str(Path(PYTHON).with_name("tensorboard"))
@@ -38,17 +38,9 @@ def test_tensorboard_serves_the_runs_scalars(demo_shards: Path, tmp_path: Path) 
         [
             PYTHON,
             HARNESS,
-            "--data",
-            str(demo_shards),
-            "--run-dir",
-            str(run_dir),
+            *flags("--data {} --run-dir {}", demo_shards, run_dir),
             *SMALL_RUN,
-            "--tp",
-            "1",
-            "--epochs",
-            "1",
-            "--train.log-every",
-            "1",
+            *flags("--tp 1 --epochs 1 --train.log-every 1"),
         ],
         log,
         small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"}),
@@ -62,17 +54,7 @@ def test_tensorboard_serves_the_runs_scalars(demo_shards: Path, tmp_path: Path) 
     server_log = tmp_path / "tensorboard.log"
     with server_log.open("wb") as sink:
         server = subprocess.Popen(
-            [
-                TENSORBOARD,
-                "--logdir",
-                str(run_dir / "tensorboard"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--reload_interval",
-                "1",
-            ],
+            [TENSORBOARD, *flags("--logdir {} --host 127.0.0.1 --port 0 --reload_interval 1", run_dir / "tensorboard")],
             cwd=tmp_path,
             env=small_env(),
             stdin=subprocess.DEVNULL,

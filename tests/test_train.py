@@ -15,7 +15,7 @@ from pipeline import checkpoint
 from pipeline.checkpoint import export_model, read_towers
 from pipeline.model import ModelConfig, build_model
 from preprocess import format as fmt
-from tests.support import HARNESS, NARROW_MODEL, REPO, TORCHRUN
+from tests.support import HARNESS, NARROW_MODEL, REPO, TORCHRUN, flags
 
 
 def _env(out: Path, data: str = "real") -> dict[str, str]:
@@ -65,24 +65,12 @@ def four_class_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_one_process_equals_dp2_x_tp2(four_class_manifest: Path, tmp_path: Path) -> None:
     """The same global batches give the same weights on 1 process and on 4 (dp=2 x tp=2)."""
     common = [
-        "--data",
-        str(four_class_manifest),
-        "--num-classes",
-        "4",
+        *flags("--data {} --num-classes 4", four_class_manifest),
         *NARROW_MODEL,
-        "--model.dropout",
-        "0",
-        "--batch-size",
-        "8",
-        "--lr",
-        "0.05",
-        "--epochs",
-        "1",
-        "--train.ten-crop",
-        "false",
+        *flags("--model.dropout 0 --batch-size 8 --lr 0.05 --epochs 1 --train.ten-crop false"),
     ]
-    _train(tmp_path / "o1", [*common, "--tp", "1", "--run-dir", str(tmp_path / "r1")], data="fixed")
-    _train(tmp_path / "o4", [*common, "--tp", "2", "--run-dir", str(tmp_path / "r4")], nproc=4, data="fixed")
+    _train(tmp_path / "o1", [*common, *flags("--tp 1 --run-dir {}", tmp_path / "r1")], data="fixed")
+    _train(tmp_path / "o4", [*common, *flags("--tp 2 --run-dir {}", tmp_path / "r4")], nproc=4, data="fixed")
 
     single = export_model(_latest(tmp_path / "r1"))
     split = export_model(_latest(tmp_path / "r4"))
@@ -99,25 +87,10 @@ def test_one_process_equals_dp2_x_tp2(four_class_manifest: Path, tmp_path: Path)
 def _small(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     """A narrow model on the real DALI pipeline (CPU), small batches."""
     return [
-        "--data",
-        str(shards),
-        "--run-dir",
-        str(run_dir),
-        "--num-classes",
-        "4",
+        *flags("--data {} --run-dir {} --num-classes 4", shards, run_dir),
         *NARROW_MODEL,
-        "--batch-size",
-        "8",
-        "--lr",
-        "0.01",
-        "--train.ten-crop",
-        "false",
-        "--train.log-every",
-        "1",
-        "--data.workers",
-        "1",
-        "--checkpoint.every-minutes",
-        "0",
+        *flags("--batch-size 8 --lr 0.01 --train.ten-crop false --train.log-every 1"),
+        *flags("--data.workers 1 --checkpoint.every-minutes 0"),
         *extra,
     ]
 
@@ -150,13 +123,13 @@ def test_preempt_then_resume_equals_uninterrupted(demo_shards: Path, tmp_path: P
 def test_manual_lr_drop_reaches_every_rank_and_survives_tp_change(demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     missing = subprocess.run(
-        [sys.executable, "-m", "launch.lr_drop", str(run_dir)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, *flags("-m launch.lr_drop {}", run_dir)], cwd=REPO, capture_output=True, text=True
     )
     assert missing.returncode == 2 and str(run_dir) in missing.stderr
     run_dir.mkdir()
     (run_dir / "config.json").write_text("{}")  # lr_drop checks it is a run directory
     subprocess.run(
-        [sys.executable, "-m", "launch.lr_drop", str(run_dir), "--note", "test"],
+        [sys.executable, *flags("-m launch.lr_drop {} --note test", run_dir)],
         cwd=REPO,
         check=True,
         capture_output=True,
@@ -213,24 +186,13 @@ def test_demo_config_learns(demo_shards: Path, tmp_path: Path) -> None:
     _train(
         tmp_path / "o",
         [
-            "--config",
-            str(REPO / "configs" / "demo.toml"),
-            "--data",
-            str(demo_shards),
-            "--run-dir",
-            str(run_dir),
-            "--num-classes",
-            "4",
-            "--tp",
-            "1",
-            "--batch-size",
-            "16",
-            "--epochs",
-            "6",
-            "--data.workers",
-            "1",
-            "--schedule.milestones",
-            "5",
+            *flags(
+                "--config {} --data {} --run-dir {} --num-classes 4 --tp 1 --batch-size 16",
+                REPO / "configs" / "demo.toml",
+                demo_shards,
+                run_dir,
+            ),
+            *flags("--epochs 6 --data.workers 1 --schedule.milestones 5"),
         ],
         timeout=600,
     )
@@ -249,24 +211,8 @@ def test_paper_model_end_to_end(demo_shards: Path, tmp_path: Path) -> None:
     _train(
         tmp_path / "o",
         [
-            "--data",
-            str(demo_shards),
-            "--run-dir",
-            str(run_dir),
-            "--num-classes",
-            "4",
-            "--tp",
-            "2",
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "2",
-            "--epochs",
-            "1",
-            "--data.workers",
-            "1",
-            "--train.ten-crop",
-            "true",
+            *flags("--data {} --run-dir {} --num-classes 4 --tp 2 --batch-size 4 --max-steps 2", demo_shards, run_dir),
+            *flags("--epochs 1 --data.workers 1 --train.ten-crop true"),
         ],
         nproc=2,
         timeout=600,
@@ -276,14 +222,7 @@ def test_paper_model_end_to_end(demo_shards: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "pipeline.tools.evaluate",
-            "--run-dir",
-            str(run_dir),
-            "--checkpoint",
-            "latest",
-            "--ten-crop",
-            "true",
+            *flags("-m pipeline.tools.evaluate --run-dir {} --checkpoint latest --ten-crop true", run_dir),
         ],
         cwd=REPO,
         capture_output=True,
@@ -300,25 +239,10 @@ def test_epoch_end_saves_every_n_epochs(four_class_manifest: Path, tmp_path: Pat
     proc = _train(
         tmp_path / "o",
         [
-            "--data",
-            str(four_class_manifest),
-            "--run-dir",
-            str(run_dir),
+            *flags("--data {} --run-dir {}", four_class_manifest, run_dir),
             *NARROW_MODEL,
-            "--tp",
-            "1",
-            "--batch-size",
-            "4",
-            "--epochs",
-            "4",
-            "--train.val-every",
-            "4",
-            "--train.ten-crop",
-            "false",
-            "--checkpoint.every-epochs",
-            "2",
-            "--checkpoint.every-minutes",
-            "0",
+            *flags("--tp 1 --batch-size 4 --epochs 4 --train.val-every 4 --train.ten-crop false"),
+            *flags("--checkpoint.every-epochs 2 --checkpoint.every-minutes 0"),
         ],
         data="fixed",
     )

@@ -16,18 +16,14 @@ import pytest
 
 from pipeline import checkpoint
 from pipeline.watchdog import HANG_EXIT, Allowance, PhaseMarks, Record, Watchdog, judge
-from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN
+from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
 from tests.support.processes import children, cmdline, kill_group, run_logged, small_env, wait_for
 
 RUN_TIMEOUT = 300
 HANG_S = 10  # --train.hang-timeout in these tests (default 120)
 WATCH = [
-    "--train.hang-timeout",
-    str(HANG_S),
-    "--train.slow-phase-timeout",
-    "20",
-    "--train.collective-timeout-min",
-    "2",
+    *flags("--train.hang-timeout {} --train.slow-phase-timeout 20", HANG_S),
+    *flags("--train.collective-timeout-min 2"),
 ]
 
 
@@ -156,26 +152,12 @@ def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_pat
     # dp=2 (tp=1): rank 1 stops while rank 0 waits in the gradient all-reduce. 2 epochs of 12 steps.
     argv = [
         PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "--max-restarts=3",
-        "--monitor-interval=0.2",
+        *flags("-m torch.distributed.run --standalone --nproc_per_node=2"),
+        *flags("--max-restarts=3 --monitor-interval=0.2"),
         HARNESS,
-        "--data",
-        str(demo_shards),
-        "--run-dir",
-        str(run_dir),
+        *flags("--data {} --run-dir {}", demo_shards, run_dir),
         *SMALL_RUN,
-        "--tp",
-        "1",
-        "--epochs",
-        "2",
-        "--checkpoint.every-steps",
-        "3",
-        "--train.log-every",
-        "1",
+        *flags("--tp 1 --epochs 2 --checkpoint.every-steps 3 --train.log-every 1"),
         *WATCH,
     ]
     # torchrun's default, a rendezvous store shared with the workers: the case whose restart used to fail
@@ -278,17 +260,11 @@ def _hang_lines(log: Path) -> list[str]:
 def _torchrun(data: Path, run_dir: Path, *extra: str, restarts: int = 0) -> list[str]:
     return [
         PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *flags("-m torch.distributed.run --standalone --nproc_per_node=2"),
         f"--max-restarts={restarts}",
         "--monitor-interval=0.2",
         HARNESS,
-        "--data",
-        str(data),
-        "--run-dir",
-        str(run_dir),
+        *flags("--data {} --run-dir {}", data, run_dir),
         *SMALL_RUN,
         "--tp",
         "1",
@@ -305,7 +281,7 @@ def test_slow_validation_and_checkpoint_do_not_trip_it(demo_shards: Path, tmp_pa
     its checkpoint save 10 s (within the 20 s checkpoint allowance): no report, no exit, the run finishes."""
     run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "train.log"
     out.mkdir()
-    watch = ["--train.hang-timeout", "6", "--train.slow-phase-timeout", "20", "--train.collective-timeout-min", "2"]
+    watch = [*flags("--train.hang-timeout 6 --train.slow-phase-timeout 20"), *flags("--train.collective-timeout-min 2")]
     argv = _torchrun(demo_shards, run_dir, "--epochs", "1", *watch)
     env = small_env(
         {

@@ -10,31 +10,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.support import NARROW, REPO, TORCHRUN
+from tests.support import NARROW, REPO, TORCHRUN, flags
 from tests.support.processes import free_port, small_env
 
 TRAIN_ARGS = [
     *NARROW,
-    "--batch-size",
-    "8",
-    "--data.workers",
-    "1",
-    "--train.ten-crop",
-    "false",
-    "--checkpoint.every-minutes",
-    "0",
-    "--checkpoint.every-steps",
-    "6",
-    "--epochs",
-    "1",
-    "--model.init",
-    "kaiming",
-    "--data.mean",
-    "channel",
-    "--lr",
-    "0.02",
-    "--train.log-every",
-    "4",
+    *flags("--batch-size 8 --data.workers 1 --train.ten-crop false"),
+    *flags("--checkpoint.every-minutes 0 --checkpoint.every-steps 6 --epochs 1"),
+    *flags("--model.init kaiming --data.mean channel --lr 0.02 --train.log-every 4"),
 ]
 
 
@@ -44,13 +27,7 @@ def train(shards: Path, run_dir: Path, extra: list[str] = (), nproc: int = 2, ti
         TORCHRUN,
         f"--nproc_per_node={nproc}",
         f"--master-port={free_port()}",
-        "-m",
-        "launch.train",
-        "--data",
-        str(shards),
-        "--run-dir",
-        str(run_dir),
-        "--tp",
+        *flags("-m launch.train --data {} --run-dir {} --tp", shards, run_dir),
         "2" if nproc == 2 else "1",
         *TRAIN_ARGS,
         *extra,
