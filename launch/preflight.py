@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.process import ProcessEnv, process_group, select_device
 from preprocess.errors import UserError, run_cli
 
 log = logging.getLogger("alexnet")
@@ -193,14 +194,17 @@ def table(rows: list[dict], allreduce: float, transports: str) -> str:
 
 def run(argv: list[str] | None = None) -> int:
     from launch.train import setup_logging
-    from pipeline.process import ProcessEnv, process_group, select_device
 
     env = ProcessEnv.from_environ()
     setup_logging(env.rank)
     args = parse(argv)
     device = select_device(args.device, env.local_rank, option="--device")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    debug_dir = Path(tempfile.mkdtemp(prefix="preflight-nccl-"))
+    with tempfile.TemporaryDirectory(prefix="preflight-nccl-") as debug:  # NCCL's log, read and removed here
+        return _check(args, env, device, backend, Path(debug))
+
+
+def _check(args: argparse.Namespace, env: ProcessEnv, device: torch.device, backend: str, debug_dir: Path) -> int:
     if backend == "nccl":  # NCCL says which transport it chose ("via NET/IB/0"), into a file per process
         os.environ.update(
             NCCL_DEBUG="INFO", NCCL_DEBUG_SUBSYS="INIT,NET", NCCL_DEBUG_FILE=str(debug_dir / "nccl.%h.%p.log")
