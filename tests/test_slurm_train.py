@@ -79,6 +79,20 @@ def _stop_line(log: str) -> int:
     return int(found[-1])
 
 
+def _wait_for_requeued_training(cluster: SlurmCluster, job: str, timeout: float = 300) -> None:
+    """Until the job's second run (Restarts=1) has resumed and logged a step; fails if the job ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (record,) = cluster.jobs(job)
+        assert record.get("Restarts", "0") in ("0", "1"), record
+        assert record["JobState"] not in ENDED_STATES, f"job ended ({record['JobState']}):\n{_log(record)}"
+        second = _log(record).partition(f"job {job} restart 1:")[2]
+        if re.search(r"resumed from .*\n(.*\n)*.* step \d+/", second):
+            return
+        assert time.monotonic() < deadline, f"requeued job not training after {timeout:.0f} s: {record}\n{_log(record)}"
+        time.sleep(0.5)
+
+
 def _latest(run_dir: Path) -> Path:
     path = checkpoint.latest(run_dir)
     assert path is not None, f"no checkpoint in {run_dir}"
@@ -128,19 +142,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, demo
 
         # The job requeues itself (Restarts=1) and resumes; once the resumed run has stepped on, the
         # operator stops it for good (no signal, so no requeue).
-        deadline = time.monotonic() + 300
-        while True:
-            (record,) = slurm_cluster.jobs(job)
-            assert record.get("Restarts", "0") in ("0", "1"), record
-            assert not (record["JobState"] in ENDED_STATES and record.get("Restarts") == "0"), (
-                f"job ended without a requeue ({record['JobState']}):\n{_log(record)}"
-            )
-            assert record["JobState"] not in ENDED_STATES, f"requeued job ended by itself:\n{_log(record)}"
-            second = _log(record).partition(f"job {job} restart 1:")[2]
-            if re.search(r"resumed from .*\n(.*\n)*.* step \d+/", second):
-                break
-            assert time.monotonic() < deadline, f"requeued job not training after 300 s: {record}\n{_log(record)}"
-            time.sleep(0.5)
+        _wait_for_requeued_training(slurm_cluster, job)
         _request_stop(run_dir)
         (record,) = slurm_cluster.wait(job, timeout=300)
     finally:
@@ -321,15 +323,7 @@ def test_hung_job_is_requeued_and_finishes(slurm_cluster: SlurmCluster, demo_sha
         os.kill(victim, signal.SIGSTOP)
 
         # The job is requeued after the hang (Restarts=1); once the resumed run trains, the operator stops it.
-        deadline = time.monotonic() + 300
-        while True:
-            (record,) = slurm_cluster.jobs(job)
-            assert record["JobState"] not in ENDED_STATES, f"job ended ({record['JobState']}):\n{_log(record)}"
-            second = _log(record).partition(f"job {job} restart 1:")[2]
-            if re.search(r"resumed from .*\n(.*\n)*.* step \d+/", second):
-                break
-            assert time.monotonic() < deadline, f"requeued job not training after 300 s: {record}\n{_log(record)}"
-            time.sleep(0.5)
+        _wait_for_requeued_training(slurm_cluster, job)
         _request_stop(run_dir)
         (record,) = slurm_cluster.wait(job, timeout=300)
     finally:
