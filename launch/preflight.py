@@ -117,7 +117,21 @@ def allreduce_gb_per_s(device: torch.device, seconds: float, sync) -> float:
     """Bus bandwidth of an all-reduce over every rank (the nccl-tests convention: 2(n-1)/n x bytes / time)."""
     n = dist.get_world_size()
     buf = torch.ones((64 if device.type == "cuda" else 2) << 18, device=device)  # 64 MB / 2 MB of fp32
-    calls, wall = timed(lambda: dist.all_reduce(buf), seconds, sync)
+    dist.all_reduce(buf)  # warm-up
+    sync()
+    start = time.perf_counter()
+    dist.all_reduce(buf)
+    sync()
+    # Every rank must make the same number of calls, so the count is agreed on, not timed per rank: under
+    # load the ranks' clocks run their loops to different counts, and the extra call waits forever.
+    one = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+    dist.all_reduce(one, op=dist.ReduceOp.MAX)
+    calls = max(1, min(10_000, int(seconds / max(float(one), 1e-6))))
+    start = time.perf_counter()
+    for _ in range(calls):
+        dist.all_reduce(buf)
+    sync()
+    wall = time.perf_counter() - start
     return buf.nbytes * calls * 2 * (n - 1) / n / wall / 1e9
 
 

@@ -197,3 +197,36 @@ def test_preflight_names_the_node_behind_a_slow_link(demo_shards: Path, tmp_path
     assert sorted(named) == [("2", "pf-b"), ("3", "pf-b")], report
     assert float(rows[1][5]) > 4 * max(float(rows[2][5]), float(rows[3][5])), rows
     assert codes[a.hostname] != 0, report  # --strict
+
+
+def _allreduce_with_a_late_rank(rank: int, store: str) -> None:
+    """Rank 1 starts its timing 0.4 s after rank 0: timed loops per rank would end at different call counts."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from launch.preflight import allreduce_gb_per_s
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
+    )
+    try:
+        late = [False]
+
+        def sync() -> None:  # the first sync after the warm-up call: rank 1 is held up there once
+            if rank == 1 and not late[0]:
+                late[0] = True
+                time.sleep(0.4)
+
+        assert allreduce_gb_per_s(torch.device("cpu"), 0.3, sync) > 0
+        dist.barrier()  # a rank still inside the measurement would never get here
+    finally:
+        dist.destroy_process_group()
+
+
+def test_allreduce_measurement_makes_the_same_calls_on_every_rank(tmp_path: Path) -> None:
+    """The ranks agree on the number of all-reduces; a loop timed by each rank's clock hung under load."""
+    from tests.support.tensor_parallel import spawn_two_ranks
+
+    spawn_two_ranks(_allreduce_with_a_late_rank, (str(tmp_path / "store"),), timeout_s=90)
