@@ -27,7 +27,16 @@ from pipeline.data import common as C
 from pipeline.data import integrity
 from preprocess import format as fmt
 from preprocess.errors import UserError
-from tests.support.datasets import CHANNEL_MEAN, CHANNEL_STD, EIGVAL, EIGVEC, coordinate_image, make_dataset
+from tests.support.datasets import (
+    CHANNEL_MEAN,
+    CHANNEL_STD,
+    EIGVAL,
+    EIGVEC,
+    cfg_for,
+    coordinate_image,
+    make_dataset,
+    rewrite_member,
+)
 
 CROP = 227
 MAX_OFFSET = 256 - CROP
@@ -65,11 +74,6 @@ def flat_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"train": [16], "val": [2]},
         image=lambda i: np.full((256, 256, 3), 128, np.uint8),
     )
-
-
-def cfg_for(root: Path, loader: str = "dali", **kw) -> D.DataConfig:
-    kw.setdefault("workers", 1)  # (0 would mean all CPUs)
-    return D.DataConfig(data=str(root), loader=loader, **kw)
 
 
 def decoded(root: Path, split: str) -> dict[int, np.ndarray]:
@@ -446,7 +450,7 @@ def test_truncated_shard_is_named(broken: Path) -> None:
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_corrupt_image_gives_one_line(broken: Path, loader: str) -> None:
-    key = _rewrite_member(broken, 1, 2, "jpg", b"")  # zeros, same size, matching sha256: only decoding can tell
+    key = rewrite_member(broken, 1, 2, "jpg", b"")  # zeros, same size, matching sha256: only decoding can tell
     with pytest.raises(UserError) as e:
         _train(broken, loader)
     assert f"train-000001.tar: sample {key}: cannot decode its JPEG" in _one_line(e)
@@ -468,26 +472,9 @@ def test_class_count_mismatch(coverage_ds: Path) -> None:
     assert _train(coverage_ds, num_classes=23)
 
 
-def _rewrite_member(root: Path, shard_no: int, sample: int, member: str, payload: bytes) -> str:
-    """Replace one member's bytes in a copy's shard (same size, padded) and fix the manifest's sha256; its key."""
-    shard = root / "train" / fmt.shard_name("train", shard_no)
-    key, jpg_offset, jpg_size, cls_offset, cls_size = C.index_rows(root / "train" / fmt.index_name(shard.name))[sample]
-    offset, size = (jpg_offset, jpg_size) if member == "jpg" else (cls_offset, cls_size)
-    assert len(payload) <= size
-    data = bytearray(shard.read_bytes())
-    data[offset : offset + size] = payload.ljust(size, b"\n" if member == "cls" else b"\0")
-    shard.write_bytes(bytes(data))
-    manifest = json.loads(fmt.manifest_path(root).read_text())
-    for entry in manifest["splits"]["train"]["shards"]:
-        if entry["path"].endswith(shard.name):
-            entry["sha256"] = integrity.file_sha256(shard)
-    fmt.manifest_path(root).write_text(json.dumps(manifest))
-    return key
-
-
 @pytest.mark.parametrize("loader", LOADERS)
 def test_negative_label_names_the_sample(broken: Path, loader: str) -> None:
-    key = _rewrite_member(broken, 1, 3, "cls", b"-3")
+    key = rewrite_member(broken, 1, 3, "cls", b"-3")
     with pytest.raises(UserError, match=rf"train-000001\.tar: sample {key}: label -3 is outside") as e:
         _train(broken, loader)
     _one_line(e)
@@ -497,7 +484,7 @@ def test_negative_label_names_the_sample(broken: Path, loader: str) -> None:
 def test_wrong_size_jpeg_names_the_sample(broken: Path, loader: str) -> None:
     small = io.BytesIO()
     Image.fromarray(np.full((200, 200, 3), 90, np.uint8)).save(small, "JPEG", quality=50)
-    key = _rewrite_member(broken, 0, 1, "jpg", small.getvalue())  # a valid JPEG, 200x200
+    key = rewrite_member(broken, 0, 1, "jpg", small.getvalue())  # a valid JPEG, 200x200
     with pytest.raises(
         UserError,
         match=rf"train-000000\.tar: sample {key}: image is 200x200, the format stores "

@@ -20,8 +20,8 @@ from PIL import Image
 from preprocess import format as fmt
 from preprocess import image, sources
 from tests.support import REPO
+from tests.support.archives import tar_bytes, val_name, write_meta
 from tests.support.datasets import jpeg_of_colour as _jpeg
-from tests.test_sources import _tar_bytes, _val_name, _write_meta
 
 TIMEOUT_S = 120  # each command finishes well within this, or it hangs
 
@@ -119,11 +119,9 @@ def test_reads_are_capped_and_never_open_special_files(tmp_path: Path) -> None:
         sources.read_regular_file(str(small), 99)
     # Archive members: the size in the tar header is checked before anything is read.
     archive = tmp_path / "val.tar"
-    archive.write_bytes(_tar_bytes({_val_name(1): b"a" * 5000, _val_name(2): b"b" * 10}))
+    archive.write_bytes(tar_bytes({val_name(1): b"a" * 5000, val_name(2): b"b" * 10}))
     labels = tmp_path / "LOC_val_solution.csv"
-    labels.write_text(
-        "ImageId,PredictionString\n" + "".join(f"{_val_name(n)[:-5]},n01000001 1 2 3 4\n" for n in (1, 2))
-    )
+    labels.write_text("ImageId,PredictionString\n" + "".join(f"{val_name(n)[:-5]},n01000001 1 2 3 4\n" for n in (1, 2)))
     items = sources.open_source(str(archive), "val", labels=str(labels)).items
     with pytest.raises(sources.SkippedFile, match="too large"):
         items[0].read(4096)
@@ -187,7 +185,7 @@ def test_an_image_just_under_the_pixel_cap_stays_within_the_memory_budget(tmp_pa
 def _val_folder(root: Path) -> Path:
     root.mkdir()
     for n in (1, 2):
-        (root / _val_name(n)).write_bytes(_jpeg((10, 200, 10), (300, 260), seed=n))
+        (root / val_name(n)).write_bytes(_jpeg((10, 200, 10), (300, 260), seed=n))
     return root
 
 
@@ -203,7 +201,7 @@ def _devkit_tgz(path: Path, members: dict[str, bytes]) -> Path:
 @pytest.mark.parametrize("damage", ["random", "truncated", "not_mat_v5"])
 def test_corrupt_meta_mat_is_one_line_naming_the_file(tmp_path: Path, damage: str) -> None:
     meta = tmp_path / "meta.mat"
-    _write_meta(meta)
+    write_meta(meta)
     good = meta.read_bytes()
     meta.write_bytes(
         {
@@ -251,7 +249,7 @@ def test_corrupt_meta_mat_is_one_line_naming_the_file(tmp_path: Path, damage: st
 
 def test_oversize_or_truncated_devkit_member_is_refused_unread(tmp_path: Path) -> None:
     meta = tmp_path / "meta.mat"
-    _write_meta(meta)
+    write_meta(meta)
     huge = sources.MAX_DEVKIT_MEMBER_BYTES + 1  # zeros: a few hundred KB of gzip, inflating to 64 MB
     kit = _devkit_tgz(
         tmp_path / "devkit.tar.gz",
@@ -297,7 +295,7 @@ def test_absurd_max_file_mb_is_refused(tmp_path: Path) -> None:
 
 def test_compressed_meta_mat_is_read_and_a_zip_bomb_refused(tmp_path: Path) -> None:
     plain = tmp_path / "plain.mat"
-    _write_meta(plain)
+    write_meta(plain)
     synsets = scipy.io.loadmat(str(plain))["synsets"]
     meta = tmp_path / "meta.mat"
     scipy.io.savemat(str(meta), {"synsets": synsets}, do_compression=True)  # as MATLAB writes the devkit's

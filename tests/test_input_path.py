@@ -25,8 +25,7 @@ from pipeline.bench import data as bench_data
 from pipeline.data import common as C
 from preprocess import format as fmt
 from preprocess.errors import UserError
-from tests.support.datasets import coordinate_image, make_dataset
-from tests.test_data import _rewrite_member, cfg_for
+from tests.support.datasets import cfg_for, coordinate_image, make_dataset, rewrite_member
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +80,10 @@ def test_labels_parsed_in_arrays_equal_the_exact_parser(coverage_ds_copy: Path) 
     """Payloads ``preprocess`` never writes still parse as ``format.decode_label`` does, or name the sample."""
     root = coverage_ds_copy
     keys = {
-        _rewrite_member(root, 0, 3, "cls", b"+2"): 2,
-        _rewrite_member(root, 0, 4, "cls", b" 5"): 5,
-        _rewrite_member(root, 1, 0, "cls", b"09"): 9,
-        _rewrite_member(root, 1, 2, "cls", b"4"): 4,  # padded with a newline
+        rewrite_member(root, 0, 3, "cls", b"+2"): 2,
+        rewrite_member(root, 0, 4, "cls", b" 5"): 5,
+        rewrite_member(root, 1, 0, "cls", b"09"): 9,
+        rewrite_member(root, 1, 2, "cls", b"4"): 4,  # padded with a newline
     }
     split, norm = D.open_dataset(cfg_for(root), "train")
     plan = C.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=3, train=True)
@@ -93,7 +92,7 @@ def test_labels_parsed_in_arrays_equal_the_exact_parser(coverage_ds_copy: Path) 
     assert labels.tolist() == [reader.label(i) for i in range(len(plan))]
     assert {plan.key(i): int(labels[i]) for i in range(len(plan)) if plan.key(i) in keys} == keys
     assert reader.labels(5, 9).tolist() == labels[5:9].tolist()
-    key = _rewrite_member(root, 2, 1, "cls", b"x")
+    key = rewrite_member(root, 2, 1, "cls", b"x")
     split, norm = D.open_dataset(cfg_for(root), "train")
     plan = C.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=3, train=True)
     with pytest.raises(UserError, match=rf"train-000002\.tar: sample {key}: \.cls is not a decimal number"):

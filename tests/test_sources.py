@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-import scipy.io
 
 from preprocess.errors import UserError
 from preprocess.sources import SourceItem, open_source
+from tests.support.archives import META_IDS, NAMES, tar_bytes, val_name, write_meta
 
 # ILSVRC2012_IDs as the devkit numbers them: meta.mat order, deliberately NOT sorted-wnid order.
-META_IDS = {"n04000001": 1, "n01000001": 2, "n02000001": 3, "n03000001": 4}
 WNIDS = sorted(META_IDS)  # n01..., n02..., n03..., n04...: index = position here
-NAMES = {w: f"thing {w[-1]}{w[3]}" for w in WNIDS}
 
 
 def _payload(name: str) -> bytes:
@@ -27,63 +23,17 @@ def _payload(name: str) -> bytes:
     return (name.encode() * 7)[: 300 + len(name) * 3]
 
 
-def _write_meta(path: Path, ids: dict[str, int] = META_IDS) -> None:
-    """A tiny meta.mat in the devkit's layout: leaves (num_children == 0) plus one non-leaf synset."""
-    fields = [
-        "ILSVRC2012_ID",
-        "WNID",
-        "words",
-        "num_children",
-        "children",
-        "wordnet_height",
-        "num_train_images",
-        "gloss",
-    ]
-    rows = [(i, w, NAMES[w], 0, np.zeros(0, np.uint16)) for w, i in sorted(ids.items(), key=lambda x: x[1])]
-    rows.append((len(ids) + 1, "n00001740", "entity", len(ids), np.arange(1, len(ids) + 1, dtype=np.uint16)))
-    synsets = np.zeros((len(rows), 1), dtype=[(f, object) for f in fields])
-    for r, (i, wnid, words, children, child_ids) in enumerate(rows):
-        synsets[r, 0] = (
-            np.uint16(i),
-            wnid,
-            words,
-            np.uint16(children),
-            child_ids,
-            np.uint8(children > 0),
-            np.uint16(0 if children else 1300),
-            f"gloss of {wnid}",
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(str(path), {"synsets": synsets})
-
-
 def _val_truth(n_per_class: int = 2) -> list[str]:
     """wnid of val image 1, 2, ... (interleaved classes, as the real val set)."""
     return [WNIDS[(i * 3 + i // 4) % len(WNIDS)] for i in range(len(WNIDS) * n_per_class)]
 
 
-def _val_name(n: int) -> str:
-    return f"ILSVRC2012_val_{n:08d}.JPEG"
-
-
 def _write_devkit(root: Path, truth: list[str]) -> Path:
     """ROOT/ILSVRC2012_devkit_t12/data/{meta.mat, ILSVRC2012_validation_ground_truth.txt}."""
     data = root / "ILSVRC2012_devkit_t12" / "data"
-    _write_meta(data / "meta.mat")
+    write_meta(data / "meta.mat")
     (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{META_IDS[w]}\n" for w in truth))
     return root
-
-
-def _tar_bytes(files: dict[str, bytes], fmt: int = tarfile.GNU_FORMAT, extra: list[tarfile.TarInfo] = ()) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        for info in extra:
-            tar.addfile(info)
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _make_folder(root: Path, per_class: dict[str, list[str]]) -> dict[str, bytes]:
@@ -188,8 +138,8 @@ def _train_tar(path: Path, per_class: int = 3) -> dict[str, bytes]:
             # A name over 100 bytes needs an extra header (GNU long name, or PAX): offsets must still be right.
             files[f"{w}_{'9' * 110}.JPEG"] = _payload(f"long {w}")
         originals.update(files)
-        outer[f"{w}.tar"] = _tar_bytes(files, fmt=tarfile.PAX_FORMAT if w == WNIDS[2] else tarfile.GNU_FORMAT)
-    path.write_bytes(_tar_bytes(outer, fmt=tarfile.PAX_FORMAT))
+        outer[f"{w}.tar"] = tar_bytes(files, fmt=tarfile.PAX_FORMAT if w == WNIDS[2] else tarfile.GNU_FORMAT)
+    path.write_bytes(tar_bytes(outer, fmt=tarfile.PAX_FORMAT))
     return originals
 
 
@@ -223,12 +173,12 @@ def test_train_tar_with_devkit_gets_names_and_classes_override(tmp_path: Path) -
 
 def test_compressed_tars_refused(tmp_path: Path) -> None:
     archive = tmp_path / "ILSVRC2012_img_val.tar.gz"
-    archive.write_bytes(gzip.compress(_tar_bytes({_val_name(1): b"abc"}), mtime=0))
+    archive.write_bytes(gzip.compress(tar_bytes({val_name(1): b"abc"}), mtime=0))
     with pytest.raises(UserError, match="decompress"):
         open_source(str(archive), "val", devkit=str(_write_devkit(tmp_path / "devkit", _val_truth())))
 
     inner_gz = tmp_path / "train.tar"
-    inner_gz.write_bytes(_tar_bytes({f"{WNIDS[0]}.tar": gzip.compress(_tar_bytes({"a.JPEG": b"abc"}))}))
+    inner_gz.write_bytes(tar_bytes({f"{WNIDS[0]}.tar": gzip.compress(tar_bytes({"a.JPEG": b"abc"}))}))
     with pytest.raises(UserError, match=f"{WNIDS[0]}.tar: gzip-compressed.*decompress"):
         open_source(str(inner_gz), "train")
 
@@ -243,10 +193,10 @@ def test_truncated_and_corrupt_tars_refused(tmp_path: Path) -> None:
         open_source(str(cut), "train")
 
     # A garbage header after the first inner member: tarfile would silently stop listing there.
-    inner = bytearray(_tar_bytes({"a.JPEG": b"A" * 600, "b.JPEG": b"B" * 10}))
+    inner = bytearray(tar_bytes({"a.JPEG": b"A" * 600, "b.JPEG": b"B" * 10}))
     inner[1536 : 1536 + 512] = b"\x07" * 512
     bad = tmp_path / "bad.tar"
-    bad.write_bytes(_tar_bytes({f"{WNIDS[0]}.tar": bytes(inner)}))
+    bad.write_bytes(tar_bytes({f"{WNIDS[0]}.tar": bytes(inner)}))
     with pytest.raises(UserError, match="corrupt tar header"):
         open_source(str(bad), "train")
 
@@ -259,8 +209,8 @@ def _val_folder(root: Path, truth: list[str]) -> dict[str, bytes]:
     root.mkdir(parents=True)
     written = {}
     for n, wnid in enumerate(truth, start=1):
-        written[_val_name(n)] = _payload(f"val {n} {wnid}")
-        (root / _val_name(n)).write_bytes(written[_val_name(n)])
+        written[val_name(n)] = _payload(f"val {n} {wnid}")
+        (root / val_name(n)).write_bytes(written[val_name(n)])
     return written
 
 
@@ -277,8 +227,8 @@ def _assert_val_labels(source, truth: list[str]) -> None:
 def test_val_tar_with_devkit_maps_ids_through_meta_mat(tmp_path: Path) -> None:
     truth = _val_truth()
     archive = tmp_path / "ILSVRC2012_img_val.tar"
-    originals = {_val_name(n): _payload(f"val {n}") for n in range(1, len(truth) + 1)}
-    archive.write_bytes(_tar_bytes(originals))
+    originals = {val_name(n): _payload(f"val {n}") for n in range(1, len(truth) + 1)}
+    archive.write_bytes(tar_bytes(originals))
     kit = _write_devkit(tmp_path / "devkit", truth)
     val = open_source(str(archive), "val", devkit=str(kit))
     _assert_val_labels(val, truth)
@@ -332,7 +282,7 @@ def test_val_kaggle_csv(tmp_path: Path) -> None:
     folder = tmp_path / "val"
     _val_folder(folder, truth)
     csv = tmp_path / "LOC_val_solution.csv"
-    rows = [f"{_val_name(n)[:-5]},{w} 16 57 300 200 {w} 1 2 3 4\n" for n, w in enumerate(truth, start=1)]
+    rows = [f"{val_name(n)[:-5]},{w} 16 57 300 200 {w} 1 2 3 4\n" for n, w in enumerate(truth, start=1)]
     csv.write_text("ImageId,PredictionString\n" + "".join(reversed(rows)))
     _assert_val_labels(open_source(str(folder), "val", labels=str(csv)), truth)
 
@@ -348,25 +298,25 @@ def test_val_without_labels_or_with_unlabelled_images(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--devkit"):
         open_source(str(folder), "val")
     kit = _write_devkit(tmp_path / "devkit", truth[:-1])  # one image more than the ground truth
-    with pytest.raises(UserError, match=f"1 image.*{_val_name(len(truth))}"):
+    with pytest.raises(UserError, match=f"1 image.*{val_name(len(truth))}"):
         open_source(str(folder), "val", devkit=str(kit))
 
 
 def test_odd_tar_members_become_unreadable_items(tmp_path: Path) -> None:
     truth = _val_truth(1)
-    sparse = tarfile.TarInfo(_val_name(2))
+    sparse = tarfile.TarInfo(val_name(2))
     sparse.type = tarfile.GNUTYPE_SPARSE  # tarfile cannot write real sparse data; the header is enough
-    link = tarfile.TarInfo(_val_name(3))
-    link.type, link.linkname = tarfile.SYMTYPE, _val_name(1)
+    link = tarfile.TarInfo(val_name(3))
+    link.type, link.linkname = tarfile.SYMTYPE, val_name(1)
     folder = tarfile.TarInfo("val")
     folder.type = tarfile.DIRTYPE
     archive = tmp_path / "val.tar"
-    archive.write_bytes(_tar_bytes({_val_name(1): b"one", _val_name(4): b"four"}, extra=[folder, sparse, link]))
+    archive.write_bytes(tar_bytes({val_name(1): b"one", val_name(4): b"four"}, extra=[folder, sparse, link]))
     source = open_source(str(archive), "val", devkit=str(_write_devkit(tmp_path / "devkit", truth)))
     items = _by_key(source)
-    assert sorted(items) == [_val_name(n)[:-5] for n in (1, 2, 3, 4)]
-    assert items[_val_name(1)[:-5]].read() == b"one" and items[_val_name(4)[:-5]].read() == b"four"
+    assert sorted(items) == [val_name(n)[:-5] for n in (1, 2, 3, 4)]
+    assert items[val_name(1)[:-5]].read() == b"one" and items[val_name(4)[:-5]].read() == b"four"
     with pytest.raises(OSError, match="sparse"):
-        items[_val_name(2)[:-5]].read()
+        items[val_name(2)[:-5]].read()
     with pytest.raises(OSError, match="symlink"):
-        items[_val_name(3)[:-5]].read()
+        items[val_name(3)[:-5]].read()

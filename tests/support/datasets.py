@@ -9,6 +9,7 @@ same code the real preprocessing uses, so the loaders read exactly the on-disk f
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.data import DataConfig, integrity
+from pipeline.data.common import index_rows
 from preprocess import format as fmt
 from preprocess.shards import Sample, write_shard
 from tests.support import DEMO_CLASSES, DEMO_TRAIN, DEMO_VAL, PYTHON, REPO, TRAIN_SHARD_SIZE
@@ -214,6 +217,28 @@ def make_image_folder(root: Path) -> Path:
             (root / wnid / f"{wnid}_{i}.JPEG").write_bytes(jpeg_of_colour(colours[c], size, seed=10 * c + i))
     (root / WNIDS[0] / f"{WNIDS[0]}_broken.JPEG").write_bytes(b"this is not an image")
     return root
+
+
+def cfg_for(root: Path, loader: str = "dali", **kw) -> DataConfig:
+    kw.setdefault("workers", 1)  # (0 would mean all CPUs)
+    return DataConfig(data=str(root), loader=loader, **kw)
+
+
+def rewrite_member(root: Path, shard_no: int, sample: int, member: str, payload: bytes) -> str:
+    """Replace one member's bytes in a copy's shard (same size, padded) and fix the manifest's sha256; its key."""
+    shard = root / "train" / fmt.shard_name("train", shard_no)
+    key, jpg_offset, jpg_size, cls_offset, cls_size = index_rows(root / "train" / fmt.index_name(shard.name))[sample]
+    offset, size = (jpg_offset, jpg_size) if member == "jpg" else (cls_offset, cls_size)
+    assert len(payload) <= size
+    data = bytearray(shard.read_bytes())
+    data[offset : offset + size] = payload.ljust(size, b"\n" if member == "cls" else b"\0")
+    shard.write_bytes(bytes(data))
+    manifest = json.loads(fmt.manifest_path(root).read_text())
+    for entry in manifest["splits"]["train"]["shards"]:
+        if entry["path"].endswith(shard.name):
+            entry["sha256"] = integrity.file_sha256(shard)
+    fmt.manifest_path(root).write_text(json.dumps(manifest))
+    return key
 
 
 def main(argv: list[str] | None = None) -> int:
