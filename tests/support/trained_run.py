@@ -1,6 +1,6 @@
 """A tiny trained run for the evaluation, figure, report and ablation tests (conftest.py's ``trained_run``).
 
-The demo dataset (``tests._fixtures``: 4 classes, 24 val images) trained for one epoch of 12 steps
+The demo dataset (``tests.support.datasets``: 4 classes, 24 val images) trained for one epoch of 12 steps
 with a narrow model over the paper's two-tower split (2 gloo processes), checkpoints at steps 6
 and 12, centre-crop validation at the end (so ``best`` exists). Read-only for the tests.
 """
