@@ -153,8 +153,9 @@ def hold_saves(gate: Path) -> None:
 
 
 def slowed(loaders, rank: int):
-    """``HARNESS_SLOW_RANK=r``: on rank r each validation batch takes ``HARNESS_SLOW_VAL_S`` longer and each
-    checkpoint save ``HARNESS_SLOW_SAVE_S`` longer (a slow but progressing phase, for the watchdog's tests)."""
+    """``HARNESS_SLOW_RANK=r``: on rank r each validation batch takes ``HARNESS_SLOW_VAL_S`` longer, each
+    checkpoint save ``HARNESS_SLOW_SAVE_S`` longer (a slow but progressing phase, for the watchdog's tests)
+    and each training batch ``HARNESS_SLOW_DATA_S`` longer to arrive (a rank slow on its data)."""
     import time
 
     from pipeline.checkpoint import Checkpointer
@@ -175,8 +176,29 @@ def slowed(loaders, rank: int):
             time.sleep(val_s)
             yield batch
 
+    data_s = float(os.environ.get("HARNESS_SLOW_DATA_S", 0))
+
+    def slow_train(*args, **kwargs):
+        return Delayed(loaders.train(*args, **kwargs), data_s)
+
     Checkpointer.save = slow_save
-    return Loaders(train=loaders.train, val=slow_val)
+    return Loaders(train=slow_train if data_s else loaders.train, val=slow_val)
+
+
+class Delayed:
+    """A train loader whose every batch arrives ``seconds`` late (the time counts as waiting for data)."""
+
+    def __init__(self, inner, seconds: float):
+        self.inner, self.seconds = inner, seconds
+        self.steps_in_epoch = inner.steps_in_epoch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        for batch in self.inner:
+            time.sleep(self.seconds)
+            yield batch
 
 
 def main() -> int:
