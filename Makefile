@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO ?= demo
 WORKERS ?= $(shell nproc)
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -30,8 +30,13 @@ demo: venv
 	@echo "Run report: $(DEMO)/run/report/report.md (figures in $(DEMO)/run/report and $(DEMO)/run/figures)"
 	@echo "TensorBoard logs: $(DEMO)/run/tensorboard  (view: $(VENV)/bin/tensorboard --logdir $(DEMO)/run/tensorboard)"
 
+# everything (CI's command): preprocessing to real Slurm, emulated nodes and fault injection; ~20 min on 2 cores
 test: lint
 	$(PY) -m pytest -q --durations=15 tests
+
+# the inner loop: no Slurm, no network namespaces, no multi-process training, nothing slow (tiers: tests/support/tiers.py)
+test-fast: venv
+	$(PY) -m pytest -q --durations=10 -m "not (slurm or netns or multiprocess or slow)" tests
 
 # ruff's lint and format check (settings in pyproject.toml); `ruff format .` fixes the formatting
 lint: venv

@@ -1,5 +1,5 @@
 """Shared fixtures: the demo dataset through the real preprocessing, and a real single-host Slurm cluster
-(both session-scoped), and the `slurm` / `netns` markers."""
+(both session-scoped), and the tiers (markers and their check: tests/support/tiers.py)."""
 
 from __future__ import annotations
 
@@ -19,15 +19,7 @@ TEST_STATE_DIR = Path(os.environ.get("ALEXNET_TEST_SLURM_STATE_DIR", "/tmp/alexn
 TEST_PORT_BASE = int(os.environ.get("ALEXNET_TEST_SLURM_PORT_BASE", "6947"))
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "slurm: runs jobs on a real local Slurm cluster (root; installs slurm-wlm with apt when missing)",
-    )
-    config.addinivalue_line(
-        "markers",
-        "netns: emulated nodes in Linux network namespaces (root: CAP_NET_ADMIN, CAP_SYS_ADMIN)",
-    )
+pytest_plugins = ("tests.support.tiers",)
 
 
 @pytest.fixture(scope="session")

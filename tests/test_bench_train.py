@@ -185,6 +185,7 @@ def _dp2_weights(manifest: Path, tmp_path: Path, compression: str) -> dict[str, 
     return checkpoint.export_model(path)
 
 
+@pytest.mark.multiprocess
 def test_bf16_gradient_compression_trains_under_dp2(tmp_path: Path) -> None:
     """gloo all-reduces the bf16 gradients: the run trains, close to fp32 all-reduce but not the same."""
     manifest = tmp_path / "data"

@@ -45,6 +45,7 @@ def _environ(pid: int) -> dict[str, str]:
 # kill -9 of one worker under torchrun's elastic restarts
 
 
+@pytest.mark.multiprocess
 def test_killed_worker_restarts_and_resumes(demo_shards: Path, tmp_path: Path) -> None:
     run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "torchrun.log"
     out.mkdir()
@@ -351,6 +352,7 @@ def _progress_step(run_dir: Path) -> int:
     return json.loads((latest / META).read_text())["step"] if latest else -1
 
 
+@pytest.mark.multiprocess
 def test_kill_soak_resumes_to_the_uninterrupted_weights(demo_shards: Path, tmp_path: Path) -> None:
     import random
 

@@ -10,10 +10,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
 from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
 from tests.support.processes import descendants, interruptible, kill_group, run_logged, small_env, tail, wait_for
+
+pytestmark = pytest.mark.slow  # each test trains, is interrupted and resumes
 
 RUN_TIMEOUT = 300
 
@@ -115,6 +119,7 @@ def test_ctrl_c_single_process_checkpoints_and_resumes_exactly(demo_shards: Path
     _interrupt_and_resume(demo_shards, tmp_path, nproc=1)
 
 
+@pytest.mark.multiprocess
 def test_ctrl_c_under_torchrun_checkpoints_on_every_rank(demo_shards: Path, tmp_path: Path) -> None:
     _interrupt_and_resume(demo_shards, tmp_path, nproc=2)
 

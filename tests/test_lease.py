@@ -250,6 +250,7 @@ def test_check_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     assert proc.stderr.startswith(f"error: {tmp_path} is being written by Slurm job 7 on cluster far")
 
 
+@pytest.mark.multiprocess
 def test_launch_train_refuses_a_held_run_dir_before_writing_anything(tmp_path: Path) -> None:
     """Plain python and torchrun with 2 ranks: every rank fails with the holder's line, nothing is written."""
     run_dir, data = tmp_path / "run", tmp_path / "data"

@@ -34,6 +34,7 @@ def _rows(text: str) -> list[list[str]]:
     return [line.split() for line in text.splitlines() if re.match(r"\s*\d+\s+\S+\s+[\d.]+\s+[\d.]+", line)]
 
 
+@pytest.mark.multiprocess
 def test_preflight_prints_one_table_of_every_rank(demo_shards: Path) -> None:
     proc = subprocess.run(
         _argv(demo_shards, "--seconds", "0.3"),
@@ -68,6 +69,7 @@ def test_preflight_bad_data_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stderr.startswith("error: --data"), proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_preflight_names_a_slow_rank_and_strict_fails(demo_shards: Path, tmp_path: Path) -> None:
     log = tmp_path / "preflight.log"
     with log.open("wb") as sink:
@@ -225,6 +227,7 @@ def _allreduce_with_a_late_rank(rank: int, store: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_allreduce_measurement_makes_the_same_calls_on_every_rank(tmp_path: Path) -> None:
     """The ranks agree on the number of all-reduces; a loop timed by each rank's clock hung under load."""
     from tests.support.tensor_parallel import spawn_two_ranks

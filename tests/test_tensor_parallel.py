@@ -13,6 +13,8 @@ from pipeline.model import AlexNet, ModelConfig, build_model, tower_state_dict
 from tests.support import NARROW_FC_WIDTH, NARROW_WIDTHS
 from tests.support.tensor_parallel import WORLD, spawn_two_ranks, tp_ranks, train_steps
 
+pytestmark = pytest.mark.multiprocess  # two gloo ranks spawned per case
+
 NARROW_CONFIG = {"widths": NARROW_WIDTHS, "fc_width": NARROW_FC_WIDTH, "dropout": 0.0}
 CASES = {"even classes": {**NARROW_CONFIG, "num_classes": 10}, "odd classes": {**NARROW_CONFIG, "num_classes": 7}}
 _gen = torch.Generator().manual_seed(7)

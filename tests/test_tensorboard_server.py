@@ -17,6 +17,8 @@ import pytest
 from tests.support import HARNESS, PYTHON, SMALL_RUN, flags
 from tests.support.processes import kill_group, run_logged, small_env, tail
 
+pytestmark = pytest.mark.multiprocess  # two gloo ranks spawned per case
+
 TENSORBOARD = str(Path(PYTHON).with_name("tensorboard"))
 STARTUP_TIMEOUT = 90  # s until the server answers with the run's scalars (~5 s on 2 cores)
 

@@ -62,6 +62,7 @@ def four_class_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.multiprocess
 def test_one_process_equals_dp2_x_tp2(four_class_manifest: Path, tmp_path: Path) -> None:
     """The same global batches give the same weights on 1 process and on 4 (dp=2 x tp=2)."""
     common = [
@@ -95,6 +96,7 @@ def _small(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.multiprocess
 def test_preempt_then_resume_equals_uninterrupted(demo_shards: Path, tmp_path: Path) -> None:
     """Stop at a step boundary mid-epoch (as on SIGUSR1), resume: the same weights as one straight run."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
@@ -120,6 +122,7 @@ def test_preempt_then_resume_equals_uninterrupted(demo_shards: Path, tmp_path: P
     _assert_same_weights(export_model(_latest(straight)), export_model(_latest(stopped)), atol=0)
 
 
+@pytest.mark.multiprocess
 def test_manual_lr_drop_reaches_every_rank_and_survives_tp_change(demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     missing = subprocess.run(
@@ -205,6 +208,7 @@ def test_demo_config_learns(demo_shards: Path, tmp_path: Path) -> None:
     assert _outcome(tmp_path / "o")["val_top1_error"] < 0.6
 
 
+@pytest.mark.multiprocess
 def test_paper_model_end_to_end(demo_shards: Path, tmp_path: Path) -> None:
     """The paper's full widths over the two-tower split: train, checkpoint, 10-crop evaluation."""
     run_dir = tmp_path / "run"

@@ -144,6 +144,7 @@ def _progress(run_dir: Path, rank: int) -> dict | None:
 TRAINING_PHASES = ("data", "forward", "backward", "gradient-sync", "step", "control")
 
 
+@pytest.mark.multiprocess
 def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_path: Path) -> None:
     """Rank 1 SIGSTOPped three times in one run: mid-epoch, in a checkpoint save, in validation. Each time one
     line names it, rank 0's stacks are written, torchrun restarts the group, and the run finishes (exit 0)."""
@@ -276,6 +277,7 @@ def _torchrun(data: Path, run_dir: Path, *extra: str, restarts: int = 0) -> list
 # False alarms: a slow validation (progressing batch by batch) and a slow checkpoint write
 
 
+@pytest.mark.multiprocess
 def test_slow_validation_and_checkpoint_do_not_trip_it(demo_shards: Path, tmp_path: Path) -> None:
     """Rank 1's validation takes 3 x 2.5 s (more than the 6 s allowance, but it progresses per batch) and
     its checkpoint save 10 s (within the 20 s checkpoint allowance): no report, no exit, the run finishes."""
@@ -305,6 +307,7 @@ def test_slow_validation_and_checkpoint_do_not_trip_it(demo_shards: Path, tmp_pa
 # A straggler: rank 1 stopped and continued in a duty cycle
 
 
+@pytest.mark.multiprocess
 def test_straggler_is_named(demo_shards: Path, tmp_path: Path) -> None:
     run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "train.log"
     out.mkdir()
@@ -361,6 +364,7 @@ def test_straggler_is_named(demo_shards: Path, tmp_path: Path) -> None:
     print(line)
 
 
+@pytest.mark.multiprocess
 def test_a_rank_slow_on_its_data_is_named_so(demo_shards: Path, tmp_path: Path) -> None:
     """Rank 1's batches arrive 0.4 s late: it is named, and as slow on data, not on compute."""
     run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "train.log"

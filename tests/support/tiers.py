@@ -1,0 +1,189 @@
+"""The suite's tiers: pytest markers, the fixtures that imply them, and a check that keeps them honest.
+
+    make test-fast   pytest -m "not (slurm or netns or multiprocess or slow)"   (the inner loop, minutes)
+    make test        everything (CI)
+
+A test lands in the right tier by default, without anyone remembering a marker:
+- it is tagged `slurm` when it uses the `slurm_cluster` fixture, `multiprocess` when it uses a fixture that
+  trains in other processes (`trained_run`), `netns` when its module says so;
+- whatever it uses, the processes it starts are watched while it runs: a test that starts torchrun, spawns
+  torch ranks (torch.multiprocessing) or has two training processes alive at once (`launch.train`, the
+  test harness, ...; a process pool or a lock race trains nothing), and is not tagged `multiprocess` (or
+  `slurm`/`netns`, which imply it), fails with a line saying which marker it needs. So `make test-fast`
+  never runs multi-process training, and a new test that does is caught the first time it runs, in
+  either tier;
+- a fast-tier test that takes longer than SLOW_S is named at the end of the run (not failed: speed
+  depends on the machine), so it can be tagged `slow`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.process
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+MARKERS = {
+    "slurm": "runs jobs on a real local Slurm cluster (root; installs slurm-wlm with apt when missing)",
+    "netns": "emulated nodes in Linux network namespaces (root: CAP_NET_ADMIN, CAP_SYS_ADMIN)",
+    "multiprocess": "starts torchrun, spawns torch ranks, or runs two training processes at once",
+    "slow": "takes more than ~30 s on 2 CPU cores",
+    "cuda": "needs a CUDA device (skipped elsewhere; run by `make gpu-check`)",
+}
+HEAVY = ("slurm", "netns", "multiprocess", "slow")
+FAST_EXPRESSION = "not (" + " or ".join(HEAVY) + ")"
+# The fixtures that imply a tier: a test using one is tagged without a marker of its own.
+FIXTURE_TIERS = {"slurm_cluster": "slurm", "trained_run": "multiprocess"}
+# Tiers that already allow multi-process training (a Slurm job or an emulated node runs torchrun).
+ALLOWS_PROCESSES = {"slurm", "netns", "multiprocess"}
+SLOW_S = 20.0
+
+
+# Command lines that run training code in the process they start (under torchrun, or side by side).
+TRAINING_ENTRIES = ("launch.train", "launch.submit", "launch.preflight", "pipeline.tools.evaluate", "harness.py")
+
+
+def _words(argv: Any) -> list[str]:
+    if isinstance(argv, str):
+        return argv.split()
+    return [str(a) for a in argv] if isinstance(argv, (list, tuple)) else []
+
+
+def is_torchrun(argv: Any) -> bool:
+    """Whether ``argv`` (a list, or a shell string) starts torchrun (or ``python -m torch.distributed.run``)."""
+    return any(os.path.basename(word) == "torchrun" or word == "torch.distributed.run" for word in _words(argv)[:3])
+
+
+def is_training(argv: Any) -> bool:
+    """Whether ``argv`` starts one of the project's training entry points (a rank, when two run at once)."""
+    return any(word.endswith(TRAINING_ENTRIES) for word in _words(argv)[:4])
+
+
+class ProcessWatch:
+    """What the test that runs now starts: torchrun, torch ranks, and the most training processes alive at once.
+
+    One training process (a command's one-line error, a short run) is fast-tier work; so are process pools and
+    lock races that train nothing. torchrun, spawned torch ranks, or two training processes side by side are
+    multi-process training.
+    """
+
+    def __init__(self) -> None:
+        self.started_what: set[str] = set()
+        self.peak = 0
+        self.slow_untagged: list[str] = []  # "SECONDS  NODEID" of untagged tests over SLOW_S, for the summary
+        self._alive: list[subprocess.Popen[Any]] = []  # started training processes
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.started_what.clear()
+            self.peak = 0
+            self._alive.clear()
+
+    def started(self, what: str) -> None:
+        with self._lock:
+            self.started_what.add(what)
+
+    def training(self, process: subprocess.Popen[Any]) -> None:
+        with self._lock:
+            self._alive = [p for p in self._alive if p.poll() is None]
+            self._alive.append(process)
+            self.peak = max(self.peak, len(self._alive))
+
+    def verdict(self) -> str | None:
+        """Why the test needs the `multiprocess` tier, or None."""
+        with self._lock:
+            if self.started_what:
+                return f"it starts {' and '.join(sorted(self.started_what))}"
+            if self.peak >= 2:
+                return f"it runs {self.peak} training processes at once"
+        return None
+
+
+WATCH = ProcessWatch()
+
+
+def _install_watch() -> None:
+    popen_init = subprocess.Popen.__init__
+
+    def watched_popen_init(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        popen_init(self, args, *rest, **kwargs)
+        if is_torchrun(args):
+            WATCH.started("torchrun")
+        elif is_training(args):
+            WATCH.training(self)
+
+    subprocess.Popen.__init__ = watched_popen_init  # type: ignore[method-assign]
+
+    start = multiprocessing.process.BaseProcess.start
+
+    def watched_start(self: multiprocessing.process.BaseProcess) -> None:
+        # torch.multiprocessing's start_processes/spawn run each rank through its own _wrap (no torch import here)
+        if getattr(getattr(self, "_target", None), "__module__", "") == "torch.multiprocessing.spawn":
+            WATCH.started("torch ranks (torch.multiprocessing)")
+        start(self)
+
+    multiprocessing.process.BaseProcess.start = watched_start  # type: ignore[method-assign]
+
+
+# The plugin's hooks (tests/conftest.py loads this module as a plugin).
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    _install_watch()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tag each test with the tiers its fixtures imply."""
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            tier = FIXTURE_TIERS.get(fixture)
+            if tier and not item.get_closest_marker(tier):
+                item.add_marker(getattr(pytest.mark, tier))
+
+
+def tiers_of(item: pytest.Item) -> set[str]:
+    return {name for name in MARKERS if item.get_closest_marker(name)}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    WATCH.reset()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    report = yield
+    check_call(item, report)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if WATCH.slow_untagged:
+        terminalreporter.write_sep("-", f"untagged tests over {SLOW_S:.0f} s: tag them @pytest.mark.slow")
+        for line in WATCH.slow_untagged:
+            terminalreporter.write_line(line)
+
+
+def check_call(item: pytest.Item, report: pytest.TestReport) -> None:
+    """Fail a passing test that trains in other processes outside a tier that allows it; note a slow one."""
+    if report.when != "call" or not report.passed:
+        return
+    if not tiers_of(item) & set(HEAVY) and report.duration > SLOW_S:
+        WATCH.slow_untagged.append(f"{report.duration:6.1f} s  {item.nodeid}")
+    if tiers_of(item) & ALLOWS_PROCESSES:
+        return
+    reason = WATCH.verdict()
+    if reason:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid}: {reason}; tag it @pytest.mark.multiprocess so that `make test-fast` leaves it out "
+            "(tests/support/tiers.py)"
+        )
