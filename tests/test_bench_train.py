@@ -30,6 +30,7 @@ def _bench(tmp_path: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_trainer_and_plain_loop_see_the_same_batches(demo_shards: Path, tmp_path: Path) -> None:
     report = _bench(
         tmp_path,
@@ -62,6 +63,8 @@ def test_trainer_and_plain_loop_see_the_same_batches(demo_shards: Path, tmp_path
     assert not list(tmp_path.glob("bench-train-*")), "scratch run dirs are removed"
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_tower_split_and_checkpoint_stall(tmp_path: Path) -> None:
     report = _bench(tmp_path, "--rounds", "1", "--tp-steps", "1", "--checkpoint-saves", "2")
     split = report["tower_split"]

@@ -117,6 +117,7 @@ def test_killed_worker_restarts_and_resumes(demo_shards: Path, tmp_path: Path) -
 # kill -9 while a checkpoint is being written
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_shards: Path, tmp_path: Path) -> None:
     """The paper-width model (~435 MB per checkpoint, a few seconds to write): killed mid-write."""
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
@@ -216,6 +217,7 @@ def test_truncated_shard_is_a_one_line_error(demo_shards: Path, tmp_path: Path) 
     )
 
 
+@pytest.mark.slow
 def test_corrupt_shard_of_the_right_size_is_a_one_line_error(demo_shards: Path, tmp_path: Path) -> None:
     """Same size as the manifest says: the sha256 check names the shard before anything trains; with
     --data.verify size only the loader can find it, still one line naming the shard, exit 2."""
@@ -426,6 +428,7 @@ def test_kill_soak_resumes_to_the_uninterrupted_weights(demo_shards: Path, tmp_p
 # A full disk during a checkpoint save
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(demo_shards: Path, tmp_path: Path) -> None:
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("mounting a small tmpfs needs root")

@@ -171,6 +171,7 @@ def test_manual_lr_drop_reaches_every_rank_and_survives_tp_change(demo_shards: P
     assert {"conv1_filters/tower0", "conv1_filters/tower1", "inputs/augmented"} <= set(events.Tags()["images"])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     _train(tmp_path / "o", _small(demo_shards, run_dir, "--tp", "1", "--max-steps", "2"))
@@ -183,6 +184,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_shards: Path, tm
     assert _latest(run_dir) == good
 
 
+@pytest.mark.slow
 def test_demo_config_learns(demo_shards: Path, tmp_path: Path) -> None:
     """The demo recipe on real shards: loss falls and val accuracy beats chance (25%)."""
     run_dir = tmp_path / "run"
