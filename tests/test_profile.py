@@ -17,7 +17,7 @@ from pipeline.tools import profile as summary_tool
 from preprocess import format as fmt
 from preprocess.errors import UserError
 from tests.support import HARNESS, NARROW_FC_WIDTH, NARROW_MODEL, NARROW_WIDTHS, PYTHON, flags
-from tests.support.processes import kill_group, small_env, tail, wait_for
+from tests.support.processes import kill_group, run_logged, small_env, tail, wait_for
 
 RUN_TIMEOUT = 300
 CLASSES = 4
@@ -140,6 +140,28 @@ def test_profile_requested_while_training(classes_only: Path, tmp_path: Path) ->
     assert "TFLOP/s/device MFU" in text
     for rank in (0, 1):  # every rank's host memory, from rank 0's TensorBoard
         assert all(v > 0.05 for _, v in scalars[f"mem/host_rss_gib/rank{rank}"])
+
+
+def test_profile_steps_at_start_and_a_window_cut_short_by_the_end(classes_only: Path, tmp_path: Path) -> None:
+    """--profile.steps 1:5 on a run that stops after 3 steps: steps 2..3 are recorded and written at the end."""
+    run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "train.log"
+    out.mkdir()
+    argv = [
+        PYTHON,
+        HARNESS,
+        *flags("--data {} --run-dir {} --num-classes {} --tp 1", classes_only, run_dir, CLASSES),
+        *NARROW_MODEL,
+        *flags("--batch-size 4 --train.ten-crop false --max-steps 3 --checkpoint.every-minutes 0"),
+        *flags("--profile.steps 1:5"),
+    ]
+    env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "fixed"})
+    assert run_logged(argv, log, env, RUN_TIMEOUT) == 0, tail(log)
+    (trace_path,) = list((run_dir / "profiles").glob("*/rank-0.json"))
+    trace = json.loads(trace_path.read_text())
+    assert trace["alexnet"]["first_step"] == 1 and trace["alexnet"]["last_step"] == 3
+    assert "aten::conv2d" in {e.get("name") for e in trace["traceEvents"]}
+    assert "profile of steps 2..3" in log.read_text()
+    assert not list(trace_path.parent.glob("*.tmp"))
 
 
 def test_profile_of_a_run_dir_without_a_running_job_is_one_line(tmp_path: Path) -> None:
