@@ -165,7 +165,8 @@ def oom_snapshot(
     snapshot and becomes one line naming the file and the viewer. ``dump``/``record``: torch's by default."""
     on = device.type == "cuda" and max_entries > 0
     if on:
-        (record or torch.cuda.memory._record_memory_history)(max_entries=max_entries)
+        # Python stacks only: C++ stacks (torch's default) make every allocation much slower.
+        (record or torch.cuda.memory._record_memory_history)(max_entries=max_entries, stacks="python")
     try:
         yield
     except torch.cuda.OutOfMemoryError as e:

@@ -216,7 +216,8 @@ def test_cuda_out_of_memory_writes_a_snapshot_and_names_it(tmp_path: Path) -> No
     assert Path(path).parent == tmp_path / "memory" and Path(path).name.endswith("-rank-3.pickle")
     assert path in message and perf.MEMORY_VIEWER in message and "\n" not in message
     assert "Tried to allocate 2.00 GiB" in message
-    assert recorded == [{"max_entries": 5000}, {"enabled": None}]  # recorded from the start, bounded, then off
+    # recorded from the start, bounded, Python stacks only; then off
+    assert recorded == [{"max_entries": 5000, "stacks": "python"}, {"enabled": None}]
 
     # Off (--profile.memory-history 0) or on a CPU: nothing recorded, the error goes through untouched.
     for device, entries in ((torch.device("cuda", 0), 0), (torch.device("cpu"), 5000)):
@@ -247,6 +248,11 @@ def test_summary_of_a_gpu_trace_by_hand() -> None:
     half hidden behind backward compute."""
     annotation = "user_annotation"
     events = [
+        # kineto's copies of the host's ranges on the stream (listed first: the host's must still win)
+        _event("phase/data", 0, 10, tid=7, cat="gpu_user_annotation"),
+        _event("phase/forward", 120, 60, tid=7, cat="gpu_user_annotation"),
+        _event("phase/backward", 220, 100, tid=7, cat="gpu_user_annotation"),
+        _event("phase/step", 420, 30, tid=7, cat="gpu_user_annotation"),
         _event("phase/data", 0, 100, cat=annotation),
         _event("phase/forward", 100, 100, cat=annotation),
         _event("phase/backward", 200, 200, cat=annotation),

@@ -129,7 +129,10 @@ class _Phases:
 
 def summarise(trace: dict[str, Any], rank: int) -> Summary:
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e and "ts" in e]
-    phase_events = [e for e in events if str(e.get("name", "")).startswith(PHASE_PREFIX)]
+    # The host's ranges (kineto also copies them onto the GPU streams as gpu_user_annotation: not those).
+    phase_events = [
+        e for e in events if str(e.get("name", "")).startswith(PHASE_PREFIX) and e.get("cat") != "gpu_user_annotation"
+    ]
     if not phase_events:
         raise UserError(f"rank {rank}: the trace has no {PHASE_PREFIX}* ranges; was it written by pipeline.profiling?")
     # The training thread is the one that marks the phases (the autograd thread may mark gradient-sync too).
