@@ -76,8 +76,9 @@ def measure(size: str, *, steps: int, warmup: int, rounds: int, window_steps: in
         shutil.rmtree(scratch, ignore_errors=True)
     best = {v: max(rs, key=lambda w: w["images_per_s"]) for v, rs in per.items()}
     least_cpu = {v: min(w["main_cpu_s_per_step"] for w in rs) for v, rs in per.items()}
+    env = {**environment("cpu"), "command": "python -m pipeline.bench.profiling " + " ".join(sys.argv[1:])}
     return {
-        "environment": environment("cpu"),
+        "environment": env,
         "size": size,
         "steps": steps,
         "window_steps": window_steps,
