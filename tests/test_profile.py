@@ -138,6 +138,10 @@ def test_profile_requested_while_training(classes_only: Path, tmp_path: Path) ->
         assert tflops[step] == pytest.approx(3 * forward * ips / 1e12, rel=1e-5)
         assert mfu[step] == pytest.approx(tflops[step] / 2 / PEAK, rel=1e-5)
     assert "TFLOP/s/device MFU" in text
+    from pipeline.tools.report import speed_section
+
+    report = "\n".join(speed_section(scalars))
+    assert "model FLOP/s per device" in report and "MFU" in report, report
     for rank in (0, 1):  # every rank's host memory, from rank 0's TensorBoard
         assert all(v > 0.05 for _, v in scalars[f"mem/host_rss_gib/rank{rank}"])
 
