@@ -2,7 +2,7 @@
 
 Read ``Trainer.fit`` top to bottom: resume, then per epoch build the input pipeline for
 (seed, dp_rank, epoch), step, validate, let the schedule react, checkpoint. Everything that must
-happen on all ranks at once (a preemption signal, an operator's LR-drop request, a timed
+happen on all ranks at once (a preemption signal, an operator's LR-drop or profile request, a timed
 checkpoint, a NaN) is decided in one small all-reduce every ``control_every`` steps, so every rank
 acts at the same step boundary.
 """
