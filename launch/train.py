@@ -102,6 +102,7 @@ def run(
     """
     from pipeline import config
     from pipeline.mesh import ParallelDims, build_mesh
+    from pipeline.perf import oom_snapshot
     from pipeline.train import Loaders, Trainer, write_run_config
     from pipeline.watchdog import PhaseMarks
     from preprocess.format import read_manifest
@@ -127,8 +128,10 @@ def run(
                 write_run_config(cfg)
                 logging.getLogger("alexnet").info("%s on %s; run dir %s", dims.describe(), device, cfg.run_dir)
             heartbeat = lease.heartbeat if lease else None
-            trainer = Trainer(cfg, mesh, device, stop, loaders or Loaders(), heartbeat=heartbeat, marks=marks)
-            outcome = trainer.fit(resume=args.resume)
+            # A CUDA out-of-memory error leaves a memory snapshot in RUN_DIR/memory and one line naming it.
+            with oom_snapshot(cfg.run_dir, env.rank, device, cfg.profile.memory_history):
+                trainer = Trainer(cfg, mesh, device, stop, loaders or Loaders(), heartbeat=heartbeat, marks=marks)
+                outcome = trainer.fit(resume=args.resume)
             return outcome
         finally:
             if watchdog is not None:

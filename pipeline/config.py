@@ -122,6 +122,44 @@ class TrainConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: str = ""
+    """A:B: every rank records steps A+1..B (from A steps done to B done) with torch.profiler and writes a
+    trace per rank to RUN_DIR/profiles/<time>/ ('' = none; a running job: python -m launch.profile)"""
+    shapes: bool = False
+    """record operator input shapes in the trace (larger traces)"""
+    stacks: bool = False
+    """record Python stacks of operators in the trace (larger traces, more overhead in the window)"""
+    peak_tflops: float = 0.0
+    """a device's peak TFLOP/s for MFU; 0 = from the table in pipeline/perf.py (A100, H100, H200; no MFU on
+    CPU: give the pre-flight's matmul GFLOP/s / 1000 here to get one)"""
+    memory_history: int = 100000
+    """CUDA allocations kept for the memory snapshot written on an out-of-memory error (torch's
+    _record_memory_history max_entries; 0 = no history, no snapshot)"""
+
+    def __post_init__(self) -> None:
+        self.window()
+        if not (math.isfinite(self.peak_tflops) and self.peak_tflops >= 0) or self.memory_history < 0:
+            raise UserError(
+                f"--profile.peak-tflops must be a finite number >= 0 and --profile.memory-history >= 0 "
+                f"(got {self.peak_tflops} and {self.memory_history})"
+            )
+
+    def window(self) -> tuple[int, int] | None:
+        """(A, B) of --profile.steps, None when empty."""
+        if not self.steps:
+            return None
+        a, sep, b = self.steps.partition(":")
+        try:
+            first, last = int(a), int(b)
+        except ValueError:
+            first = last = -1
+        if not sep or not 0 <= first < last:
+            raise UserError(f"--profile.steps must be A:B with 0 <= A < B (got {self.steps!r})")
+        return first, last
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/alexnet"
     """run directory: config.json, checkpoints/, tensorboard/, logs"""
@@ -131,6 +169,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

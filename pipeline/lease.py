@@ -358,6 +358,15 @@ def check(run_dir: str | Path, holder: Holder | None) -> None:
         raise LeaseHeld(held_message(path, current))
 
 
+def live_writer(run_dir: str | Path) -> dict[str, Any] | None:
+    """The lease record of the job that writes ``run_dir`` now (a running, or requeued and pending, job);
+    None when no live writer holds it (never started, finished, or its holder is gone or stale)."""
+    current = _read(Path(run_dir) / LEASE_NAME)
+    if current is None or stale_reason(current) is not None:
+        return None
+    return current
+
+
 # ------------------------------------------------------------------------------------------- file primitives
 
 

@@ -131,40 +131,67 @@ def request_manual_drop(run_dir: str | Path, note: str = "") -> Path:
 
     Each request is its own file, so two requests are two files and the job reports both.
     """
+    return write_request(run_dir, MANUAL_REQUEST, {"note": note})
+
+
+def write_request(run_dir: str | Path, name: str, payload: dict[str, Any]) -> Path:
+    """An operator's request to a running job: ``RUN_DIR/<name>.<time>-<pid>``, written atomically, which
+    global rank 0 finds at a control step (:class:`RequestFiles`). ``launch.lr_drop`` and ``launch.profile``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a directory; pass the job's --run-dir")
-    path = run_dir / f"{MANUAL_REQUEST}.{time.time_ns()}-{os.getpid()}"
+    path = run_dir / f"{name}.{time.time_ns()}-{os.getpid()}"
     try:
-        write_json_atomic(path, {"requested_at": time.time(), "note": note})
+        write_json_atomic(path, {"requested_at": time.time(), **payload})
     except OSError as e:
         raise UserError(f"{path}: cannot write the request ({e.strerror or e}); check permissions") from None
     return path
 
 
-class ManualRequests:
-    """Operators' LR-drop requests in a run directory, as rank 0 sees them at a control step."""
+class RequestFiles:
+    """Operators' requests of one kind (``name``) in a run directory, as rank 0 sees them at a control step."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, name: str):
         self.run_dir = Path(run_dir)
+        self.name = name
 
     def pending(self) -> list[Path]:
         """Request files, oldest first; anything odd (a directory of that name, unreadable dir) is skipped."""
         try:
-            found = [p for p in self.run_dir.glob(MANUAL_REQUEST + "*") if p.is_file() and not p.is_symlink()]
+            found = [p for p in self.run_dir.glob(self.name + ".*") if p.is_file() and not p.is_symlink()]
         except OSError:
             return []
         return sorted(found, key=lambda p: p.name)
 
+    @staticmethod
+    def read(path: Path) -> dict[str, Any]:
+        """A request's content ({} when unreadable: the request still counts, with its defaults)."""
+        try:
+            content = json.loads(path.read_text()[:4096])
+        except (OSError, ValueError):
+            return {}
+        return content if isinstance(content, dict) else {}
+
+    def settle_as(self, path: Path, new_name: str) -> None:
+        """Rename a handled request after what became of it (so it is not handled twice)."""
+        try:
+            os.replace(path, self.run_dir / new_name)
+        except OSError:
+            pass  # gone or unwritable: the decision is made and reported either way
+
+
+class ManualRequests(RequestFiles):
+    """Operators' LR-drop requests in a run directory, as rank 0 sees them at a control step."""
+
+    def __init__(self, run_dir: str | Path):
+        super().__init__(run_dir, MANUAL_REQUEST)
+
     def settle(self, requests: list[Path], *, step: int, applied: bool, max_drops: int) -> str:
         """Rename each request after what became of it; returns a line worth reporting ('' if none)."""
-        notes = [self._note(p) for p in requests]
+        notes = [self.read(p).get("note", "") or p.name for p in requests]
         outcomes = ["applied"] + ["merged"] * (len(requests) - 1) if applied else ["rejected"] * len(requests)
         for n, (path, outcome) in enumerate(zip(requests, outcomes)):
-            try:
-                os.replace(path, self.run_dir / (f"lr_drop.{outcome}-step{step}" + (f"-{n}" if n else "")))
-            except OSError:
-                pass  # gone or unwritable: the decision is made and reported either way
+            self.settle_as(path, f"lr_drop.{outcome}-step{step}" + (f"-{n}" if n else ""))
         if not applied:
             return (
                 f"LR-drop request at step {step} rejected: all {max_drops} drops are used up "
@@ -176,10 +203,3 @@ class ManualRequests:
                 f"{len(requests) - 1} merged into it (request again for another drop); notes: {'; '.join(notes)}"
             )
         return ""
-
-    @staticmethod
-    def _note(path: Path) -> str:
-        try:
-            return json.loads(path.read_text()[:4096]).get("note", "") or path.name
-        except (OSError, ValueError, AttributeError):
-            return path.name

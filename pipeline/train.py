@@ -2,7 +2,7 @@
 
 Read ``Trainer.fit`` top to bottom: resume, then per epoch build the input pipeline for
 (seed, dp_rank, epoch), step, validate, let the schedule react, checkpoint. Everything that must
-happen on all ranks at once (a preemption signal, an operator's LR-drop request, a timed
+happen on all ranks at once (a preemption signal, an operator's LR-drop or profile request, a timed
 checkpoint, a NaN) is decided in one small all-reduce every ``control_every`` steps, so every rank
 acts at the same step boundary.
 """
@@ -24,11 +24,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import config, data, model
+from pipeline import config, data, model, perf
 from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState
 from pipeline.config import RunConfig
 from pipeline.mesh import Mesh
 from pipeline.metrics import EvalCounts, MetricWriter, StepTimer, count
+from pipeline.profiling import Profiler
 from pipeline.schedule import LRSchedule, ManualRequests
 from pipeline.stragglers import StragglerWatch
 from pipeline.train_log import StepRecord, TrainLog
@@ -56,6 +57,7 @@ class Flag(IntEnum):
     SAVE = 2  # a step or timed checkpoint is due
     NONFINITE = 3  # a loss was NaN/inf since the last control step
     SAVE_FAILED = 4  # a background save failed on some rank
+    PROFILE = 5  # an operator's profile request is pending (launch.profile)
 
 
 class EpochEnd(Enum):
@@ -125,11 +127,25 @@ class Trainer:
             device=device,
             named_parameters=lambda: dict(self.model.named_parameters()),
             conv1_filters=self.model_conv1_filters,
+            throughput=perf.Throughput(
+                perf.forward_flops_per_image(cfg.model),
+                self.dims.world_size,
+                perf.peak_tflops(device, cfg.train.amp, cfg.profile.peak_tflops),
+            ),
         )
         self.local_batch = _local_batch(cfg.optim.batch_size, self.dims.dp_size)
         self.last_checkpoint: Path | None = None
         self.stragglers = StragglerWatch(
             self.dims.rank, self.dims.world_size, _hosts(), cfg.train.straggler_threshold, cfg.train.straggler_window
+        )
+        self.profiler = Profiler(
+            self.run_dir,
+            cfg.profile,
+            rank=self.dims.rank,
+            is_main=self.dims.is_main,
+            device=device,
+            marks=self.marks,
+            layout=layout,
         )
         self._control_step = 0  # the step of the last control all-reduce (the straggler figures are per step)
         # conv1's gradient is the last one backward computes: from then on a rank only waits for the
@@ -161,6 +177,7 @@ class Trainer:
         cfg = self.cfg.train
         val_error = None
         self.train_log.start(self.progress.step)
+        self.profiler.step(self.progress.step)  # a --profile.steps window may open at once
         while self.progress.epoch < cfg.epochs and not self._step_budget_spent():
             epoch = self.progress.epoch
             if self.schedule.on_epoch_start(epoch=epoch, step=self.progress.step):
@@ -205,6 +222,7 @@ class Trainer:
 
     def _outcome(self, preempted: bool, val_error: float | None) -> Outcome:
         self.ahead.close()
+        self.profiler.close(self.progress.step)
         return Outcome(self.progress, preempted, val_error, self.schedule.drops, self.last_checkpoint)
 
     def _train_epoch(self, loader: Any, steps_in_epoch: int) -> EpochEnd:
@@ -249,6 +267,7 @@ class Trainer:
             # Saves go through the control step too, so a NaN is never checkpointed.
             if (control_due or save_due) and self._control(nonfinite, save_now=save_due):
                 return EpochEnd.STOPPED
+            self.profiler.step(self.progress.step)  # opens or closes a profiler window; nothing otherwise
             if self._step_budget_spent():
                 return EpochEnd.BUDGET
         return EpochEnd.DONE
@@ -262,6 +281,7 @@ class Trainer:
         if main and self.heartbeat is not None:
             self.heartbeat()
         pending = self.requests.pending() if main else []
+        profile_pending = self.profiler.requests.pending() if main else []
         self.marks.enter("control", self.progress.step)
         n = len(Flag)
         flags = torch.zeros(n + self.stragglers.slots(), device=self.device)
@@ -272,10 +292,11 @@ class Trainer:
         flags[Flag.SAVE] = float(save_now or (main and self.checkpointer.time_due()))
         flags[Flag.NONFINITE] = nonfinite
         flags[Flag.SAVE_FAILED] = float(self.checkpointer.failed())  # a background save failed on this rank
+        flags[Flag.PROFILE] = float(bool(profile_pending))
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         values = flags.tolist()
-        stop, drop, save_due, bad, save_failed = (bool(values[f]) for f in Flag)
+        stop, drop, save_due, bad, save_failed, profile = (bool(values[f]) for f in Flag)
         self.writer.scalars(self.stragglers.observe(values[n:]), self.progress.step)
         if save_failed or bad:
             self.checkpointer.wait()  # raises a failed save's error on every rank; lets a good one finish
@@ -287,6 +308,8 @@ class Trainer:
             )
         if drop:
             self._manual_drop(pending)
+        if profile:
+            self.profiler.begin(self.progress.step, profile_pending)
         if stop:
             self._save(is_best=False)
             self.checkpointer.wait()

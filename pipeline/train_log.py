@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.metrics import MetricWriter, StepTimer, format_eta, topk_correct
+from pipeline.perf import Throughput, memory_scalars
 
 log = logging.getLogger("alexnet")
 
@@ -50,6 +51,7 @@ class TrainLog:
         device: torch.device,
         named_parameters: Callable[[], dict[str, torch.Tensor]],
         conv1_filters: Callable[[], list[torch.Tensor]],
+        throughput: Throughput | None = None,
     ):
         self.writer = writer
         self.cfg = cfg
@@ -57,6 +59,7 @@ class TrainLog:
         self.device = device
         self.named_parameters = named_parameters
         self.conv1_filters = conv1_filters  # collective under tp=2: every rank calls it at the same steps
+        self.throughput = throughput  # model FLOP/s and MFU (pipeline.perf); None: not reported
         self.started = time.monotonic()
         self.start_step = 0
 
@@ -87,6 +90,9 @@ class TrainLog:
         }
         if self.device.type == "cuda":
             values["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        flops = self.throughput.scalars(speed["images_per_s"]) if self.throughput else {}
+        values.update(flops)
+        values.update(memory_scalars(self.device))  # every rank's figures: a small all-gather
         self.writer.scalars(values, record.step)
         first = record.step == self.start_step + 1
         filters = self.conv1_filters() if first or record.step % (self.cfg.log_every * 10) == 0 else None
@@ -100,7 +106,7 @@ class TrainLog:
         if self.cfg.histogram_every and record.step % self.cfg.histogram_every == 0:
             self.writer.histograms({f"weights/{k}": v for k, v in self.named_parameters().items()}, record.step)
         log.info(
-            "epoch %d step %d/%d (%d/%d in epoch) loss %.4f top-1 err %.1f%% lr %.2e %.0f img/s data %.0f%% ETA %s",
+            "epoch %d step %d/%d (%d/%d in epoch) loss %.4f top-1 err %.1f%% lr %.2e %.0f img/s %s data %.0f%% ETA %s",
             record.epoch,
             record.step,
             self._total_steps(record.steps_in_epoch),
@@ -110,6 +116,7 @@ class TrainLog:
             100 * (1 - top1 / n),
             record.lr,
             speed["images_per_s"],
+            _flops_text(flops),
             100 * speed["data_wait_fraction"],
             self._eta(record.step, record.steps_in_epoch),
         )
@@ -151,3 +158,11 @@ class TrainLog:
         done = step - self.start_step
         eta = (time.monotonic() - self.started) / done * (self._total_steps(steps_in_epoch) - step) if done > 0 else 0
         return format_eta(eta) if done > 0 and math.isfinite(eta) else "?"
+
+
+def _flops_text(flops: dict[str, float | None]) -> str:
+    """The progress line's model FLOP/s per device and MFU ("MFU -" where the peak is unknown: CPU)."""
+    if not flops:
+        return ""
+    mfu = flops["perf/mfu"]
+    return f"{flops['perf/model_tflops_per_device']:.3g} TFLOP/s/device MFU " + (f"{100 * mfu:.1f}%" if mfu else "-")

@@ -62,6 +62,9 @@ class PhaseMarks:
         self.state: tuple[int, int, str, float] = (0, 0, "start", time.time())
         self._phase_start = time.perf_counter()
         self._seconds: dict[str, float] = {}
+        # Called with each new phase while a profiler window records (pipeline.profiling: the phase becomes a
+        # trace range); None otherwise, so a marker outside a window costs one more attribute test.
+        self.on_enter: Callable[[str], None] | None = None
 
     def enter(self, phase: str, step: int | None = None) -> None:
         now = time.perf_counter()
@@ -69,6 +72,8 @@ class PhaseMarks:
         self._seconds[last_phase] = self._seconds.get(last_phase, 0.0) + now - self._phase_start
         self._phase_start = now
         self.state = (seq + 1, last_step if step is None else step, phase, time.time())
+        if self.on_enter is not None:
+            self.on_enter(phase)
 
     def tick(self) -> None:
         """Progress inside a phase (a validation batch) without a new marker: ranks may tick unequally."""

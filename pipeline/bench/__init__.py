@@ -5,6 +5,7 @@
     python -m pipeline.bench.data     the input pipeline: throughput, resume, hashing, the training thread's share
     python -m pipeline.bench.model    the model's step alone (fp32/bf16, compiled)
     python -m pipeline.bench.scale    fixed costs at ImageNet's size against a small set
+    python -m pipeline.bench.profiling  the loop with and without the on-demand profiler, and inside a window
 
 ``harness`` is what they share (set-up, the two loops, timed loaders, the machine's description).
 """

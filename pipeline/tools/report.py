@@ -6,7 +6,7 @@ What it holds: the resolved config and every field that differs from the paper's
 defaults of ``pipeline.config.RunConfig``); the LR drops (step, epoch, reason, new rate, from the
 checkpoint); train and val curves (``curves.png``, from the TensorBoard scalars); final centre-crop
 and 10-crop top-1/top-5 errors beside the paper's Table 2 (ILSVRC-2012 val, one CNN: 40.7% / 18.2%);
-throughput and data-wait; conv1's kernels per tower with their colour fraction (figure 3); figure 4
+throughput, data-wait, model FLOP/s and MFU; conv1's kernels per tower with their colour fraction (figure 3); figure 4
 when ``python -m pipeline.tools.analysis neighbours`` has made it; the checkpoints on disk. The errors are
 read from ``RUN/eval-<checkpoint>*.json`` when they exist, else evaluated here on one device
 (``--no-evaluate`` leaves them out).
@@ -218,6 +218,8 @@ def speed_section(scalars: dict[str, list[tuple[int, float]]]) -> list[str]:
         ("perf/images_per_s", "throughput", 1, " images/s"),
         ("perf/data_wait_fraction", "time waiting for data", 100, "%"),
         ("perf/step_time_s", "step time", 1000, " ms"),
+        ("perf/model_tflops_per_device", "model FLOP/s per device (3 x forward, pipeline/perf.py)", 1, " TFLOP/s"),
+        ("perf/mfu", "MFU (of the device's peak)", 100, "%"),
     ):
         # The first log includes start-up: left out when there are others.
         values = [v for _, v in scalars.get(tag, [])[1:]] or [v for _, v in scalars.get(tag, [])]

@@ -1,0 +1,295 @@
+"""Seeing inside a running job: profiler traces on demand, the summary of where the time goes, model FLOP/s and
+MFU, memory per rank, the memory snapshot on a CUDA out-of-memory error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import perf
+from pipeline.config import ProfileConfig
+from pipeline.model import AlexNet, layer_table
+from pipeline.tools import profile as summary_tool
+from preprocess import format as fmt
+from preprocess.errors import UserError
+from tests.support import HARNESS, NARROW_FC_WIDTH, NARROW_MODEL, NARROW_WIDTHS, PYTHON, flags
+from tests.support.processes import kill_group, run_logged, small_env, tail, wait_for
+
+RUN_TIMEOUT = 300
+CLASSES = 4
+PEAK = 0.05  # TFLOP/s given as the "device peak" on CPU (what the pre-flight's matmul figure would be)
+
+
+def _hand_forward_flops(widths: tuple[int, ...], fc: int, classes: int) -> int:
+    """AlexNet's conv/fc forward FLOPs per image (2 x multiply-adds), written out from the architecture:
+    output maps 55, 27, 13, 13, 13; conv2/4/5 see their own tower's half of the input maps."""
+    w1, w2, w3, w4, w5 = widths
+    macs = (
+        w1 * 55 * 55 * 3 * 11 * 11
+        + w2 * 27 * 27 * (w1 // 2) * 5 * 5
+        + w3 * 13 * 13 * w2 * 3 * 3
+        + w4 * 13 * 13 * (w3 // 2) * 3 * 3
+        + w5 * 13 * 13 * (w4 // 2) * 3 * 3
+        + fc * w5 * 6 * 6
+        + fc * fc
+        + classes * fc
+    )
+    return 2 * macs
+
+
+def test_layer_table_flops_are_the_architectures() -> None:
+    with torch.device("meta"):
+        model = AlexNet(CLASSES, NARROW_WIDTHS, NARROW_FC_WIDTH)
+    table = sum(r.flops for r in layer_table(model))
+    assert table == _hand_forward_flops(NARROW_WIDTHS, NARROW_FC_WIDTH, CLASSES)
+    assert sum(r.flops for r in layer_table(AlexNet(1000).to("meta"))) == _hand_forward_flops(
+        (96, 256, 384, 384, 256), 4096, 1000
+    )
+
+
+@pytest.fixture(scope="module")
+def classes_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset directory with classes only, for runs on the harness's fixed synthetic batches."""
+    root = tmp_path_factory.mktemp("fixed")
+    classes = [{"index": i, "wnid": f"n{i:08d}", "name": ""} for i in range(CLASSES)]
+    fmt.write_manifest(root, fmt.Manifest(classes=classes))
+    return root
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from pipeline.tools.report import read_scalars
+
+    return read_scalars(run_dir)
+
+
+@pytest.mark.multiprocess
+def test_profile_requested_while_training(classes_only: Path, tmp_path: Path) -> None:
+    """2 gloo ranks, tp=2: `launch.profile` on the running job writes a trace per rank with the model's operators
+    and the collectives; the summary's parts add up to the window; MFU in TensorBoard is the layer table's."""
+    run_dir, out, gate, log = tmp_path / "run", tmp_path / "out", tmp_path / "gate", tmp_path / "train.log"
+    out.mkdir()
+    gate.mkdir()
+    argv = [
+        PYTHON,
+        *flags("-m torch.distributed.run --standalone --nproc_per_node=2 {}", HARNESS),
+        *flags("--data {} --run-dir {} --num-classes {} --tp 2", classes_only, run_dir, CLASSES),
+        *NARROW_MODEL,
+        *flags("--batch-size 8 --train.ten-crop false --epochs 3 --max-steps 8 --checkpoint.every-minutes 0"),
+        *flags("--train.control-every 1 --train.log-every 1 --profile.peak-tflops {}", PEAK),
+    ]
+    env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "fixed", "HARNESS_PAUSE_AT": "3"})
+    env["HARNESS_GATE"] = str(gate)
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: len(list(gate.glob("paused-rank*"))) == 2, RUN_TIMEOUT, "both ranks at step 3", proc)
+        asked = subprocess.run(
+            [PYTHON, *flags("-m launch.profile {} --steps 2", run_dir)], env=small_env(), capture_output=True, text=True
+        )
+        assert asked.returncode == 0, asked.stderr
+        (gate / "go").touch()
+        assert proc.wait(timeout=RUN_TIMEOUT) == 0, tail(log)
+    finally:
+        kill_group(proc)
+    text = log.read_text(errors="replace")
+    # The control step after step 4 saw the request: steps 5 and 6 were recorded.
+    assert "profile of steps 5..6" in text, text[-4000:]
+    assert (run_dir / "profile.started-step4").exists() and not list(run_dir.glob("profile.request*"))
+    (folder,) = list((run_dir / "profiles").iterdir())
+    assert str(folder) in text  # the log line says where
+    assert sorted(p.name for p in folder.iterdir()) == ["rank-0.json", "rank-1.json"]
+    for rank in (0, 1):
+        trace = json.loads((folder / f"rank-{rank}.json").read_text())
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert {"aten::conv2d", "aten::linear", "aten::max_pool2d"} <= names, sorted(names)[:50]
+        assert {"gloo:all_gather", "gloo:all_reduce"} <= names  # the tower exchange, the control all-reduce
+        assert {"phase/forward", "phase/backward", "phase/data", "phase/step"} <= names
+        assert trace["alexnet"]["first_step"] == 4 and trace["alexnet"]["last_step"] == 6
+        assert trace["alexnet"]["rank"] == rank and trace["alexnet"]["tp_size"] == 2
+
+    summary = subprocess.run(
+        [PYTHON, *flags("-m pipeline.tools.profile {} --json", folder)], env=small_env(), capture_output=True, text=True
+    )
+    assert summary.returncode == 0, summary.stderr
+    for rank, s in enumerate(json.loads(summary.stdout)):
+        assert s["rank"] == rank and s["timeline"] == "cpu operators"
+        assert set(s["parts"]) == set(summary_tool.PARTS)
+        assert sum(s["parts"].values()) == pytest.approx(s["wall_s"], rel=0.10), s
+        assert s["parts"]["forward"] > 0 and s["parts"]["backward"] > 0 and s["parts"]["communication"] > 0, s
+        assert {"gloo:all_gather", "gloo:all_reduce"} <= set(s["collectives"])
+        assert 0 <= s["overlap"] <= 1
+    readable = subprocess.run(
+        [PYTHON, *flags("-m pipeline.tools.profile {}", folder)], env=small_env(), capture_output=True, text=True
+    )
+    assert "rank 1: steps 5..6" in readable.stdout and "overlapped by compute" in readable.stdout
+
+    # MFU: 3 x the layer table's forward FLOPs x images/s over the devices and the given peak.
+    with torch.device("meta"):
+        forward = sum(r.flops for r in layer_table(AlexNet(CLASSES, NARROW_WIDTHS, NARROW_FC_WIDTH)))
+    scalars = _scalars(run_dir)
+    speed = dict(scalars["perf/images_per_s"])
+    tflops, mfu = dict(scalars["perf/model_tflops"]), dict(scalars["perf/mfu"])
+    assert set(tflops) == set(speed) and len(speed) == 8
+    for step, ips in speed.items():
+        assert tflops[step] == pytest.approx(3 * forward * ips / 1e12, rel=1e-5)
+        assert mfu[step] == pytest.approx(tflops[step] / 2 / PEAK, rel=1e-5)
+    assert "TFLOP/s/device MFU" in text
+    from pipeline.tools.report import speed_section
+
+    report = "\n".join(speed_section(scalars))
+    assert "model FLOP/s per device" in report and "MFU" in report, report
+    for rank in (0, 1):  # every rank's host memory, from rank 0's TensorBoard
+        assert all(v > 0.05 for _, v in scalars[f"mem/host_rss_gib/rank{rank}"])
+
+
+def test_profile_steps_at_start_and_a_window_cut_short_by_the_end(classes_only: Path, tmp_path: Path) -> None:
+    """--profile.steps 1:5 on a run that stops after 3 steps: steps 2..3 are recorded and written at the end."""
+    run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "train.log"
+    out.mkdir()
+    argv = [
+        PYTHON,
+        HARNESS,
+        *flags("--data {} --run-dir {} --num-classes {} --tp 1", classes_only, run_dir, CLASSES),
+        *NARROW_MODEL,
+        *flags("--batch-size 4 --train.ten-crop false --max-steps 3 --checkpoint.every-minutes 0"),
+        *flags("--profile.steps 1:5"),
+    ]
+    env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "fixed"})
+    assert run_logged(argv, log, env, RUN_TIMEOUT) == 0, tail(log)
+    (trace_path,) = list((run_dir / "profiles").glob("*/rank-0.json"))
+    trace = json.loads(trace_path.read_text())
+    assert trace["alexnet"]["first_step"] == 1 and trace["alexnet"]["last_step"] == 3
+    assert "aten::conv2d" in {e.get("name") for e in trace["traceEvents"]}
+    assert "profile of steps 2..3" in log.read_text()
+    assert not list(trace_path.parent.glob("*.tmp"))
+
+
+def test_profile_of_a_run_dir_without_a_running_job_is_one_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    # A lease its holder left behind when it was killed: a process on this host that has ended since.
+    from pipeline.lease import Holder, Lease
+
+    holder = subprocess.Popen(["sleep", "60"])
+    Lease.take(run_dir, Holder.from_environ(env={}, pid=holder.pid), timeout_s=600)
+    holder.kill()
+    holder.wait()
+    for target, why in ((run_dir, "no running job"), (tmp_path / "missing", "not a run directory")):
+        result = subprocess.run(
+            [PYTHON, *flags("-m launch.profile {} --steps 5", target)], env=small_env(), capture_output=True, text=True
+        )
+        assert result.returncode == 2, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and str(target) in lines[0], result.stderr
+        assert why in lines[0]
+    assert not list(run_dir.glob("profile.request*"))
+
+
+def test_profile_steps_option_is_checked() -> None:
+    assert ProfileConfig(steps="3:7").window() == (3, 7)
+    assert ProfileConfig().window() is None
+    for bad in ("7:3", "3", "a:b", "-1:4"):
+        with pytest.raises(UserError, match="--profile.steps"):
+            ProfileConfig(steps=bad)
+
+
+def test_cuda_out_of_memory_writes_a_snapshot_and_names_it(tmp_path: Path) -> None:
+    """No GPU here: the device is named cuda, torch's recorder and dump are faked, the step raises torch's OOM."""
+    recorded, dumped = [], []
+
+    def dump(path: str) -> None:
+        dumped.append(path)
+        Path(path).write_bytes(b"snapshot")
+
+    def step() -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    def record(**kwargs) -> None:
+        recorded.append(kwargs)
+
+    with pytest.raises(UserError) as caught:
+        with perf.oom_snapshot(tmp_path, 3, torch.device("cuda", 0), 5000, dump=dump, record=record):
+            step()
+    message = str(caught.value)
+    (path,) = dumped
+    assert Path(path).parent == tmp_path / "memory" and Path(path).name.endswith("-rank-3.pickle")
+    assert path in message and perf.MEMORY_VIEWER in message and "\n" not in message
+    assert "Tried to allocate 2.00 GiB" in message
+    # recorded from the start, bounded, Python stacks only; then off
+    assert recorded == [{"max_entries": 5000, "stacks": "python"}, {"enabled": None}]
+
+    # Off (--profile.memory-history 0) or on a CPU: nothing recorded, the error goes through untouched.
+    for device, entries in ((torch.device("cuda", 0), 0), (torch.device("cpu"), 5000)):
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            with perf.oom_snapshot(tmp_path, 0, device, entries, dump=dump, record=record):
+                step()
+    assert len(dumped) == 1 and len(recorded) == 2
+
+
+def test_mfu_uses_the_peak_table() -> None:
+    t = perf.Throughput(forward_flops=10**9, world_size=4, peak=312.0)
+    s = t.scalars(images_per_s=1000.0)
+    assert s["perf/model_tflops"] == pytest.approx(3.0) and s["perf/model_tflops_per_device"] == pytest.approx(0.75)
+    assert s["perf/mfu"] == pytest.approx(0.75 / 312.0)
+    assert perf.Throughput(10**9, 1, None).scalars(1.0)["perf/mfu"] is None
+    assert perf.peak_tflops(torch.device("cpu"), "none") is None
+    assert perf.peak_tflops(torch.device("cpu"), "none", override=1.5) == 1.5
+    assert {"A100", "H100", "H200"} <= set(perf.PEAK_TFLOPS)
+    assert all({"bf16", "fp32"} <= set(p) for p in perf.PEAK_TFLOPS.values())
+
+
+def _event(name: str, ts: float, dur: float, tid: int = 1, cat: str = "cpu_op", **args) -> dict:
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "tid": tid, "pid": 1, "cat": cat, "args": args}
+
+
+def test_summary_of_a_gpu_trace_by_hand() -> None:
+    """A made-up CUDA trace whose answer is known: phases on the host, kernels on two streams, one NCCL kernel
+    half hidden behind backward compute."""
+    annotation = "user_annotation"
+    events = [
+        # kineto's copies of the host's ranges on the stream (listed first: the host's must still win)
+        _event("phase/data", 0, 10, tid=7, cat="gpu_user_annotation"),
+        _event("phase/forward", 120, 60, tid=7, cat="gpu_user_annotation"),
+        _event("phase/backward", 220, 100, tid=7, cat="gpu_user_annotation"),
+        _event("phase/step", 420, 30, tid=7, cat="gpu_user_annotation"),
+        _event("phase/data", 0, 100, cat=annotation),
+        _event("phase/forward", 100, 100, cat=annotation),
+        _event("phase/backward", 200, 200, cat=annotation),
+        _event("phase/step", 400, 100, cat=annotation),
+        # launches (host) and their kernels (device), tied by correlation ids
+        _event("cudaLaunchKernel", 110, 5, cat="cuda_runtime", correlation=1),
+        _event("conv_fwd", 120, 60, tid=7, cat="kernel", correlation=1),
+        _event("cudaLaunchKernel", 210, 5, cat="cuda_runtime", correlation=2),
+        _event("conv_bwd", 220, 100, tid=7, cat="kernel", correlation=2),
+        _event("cudaLaunchKernel", 230, 5, cat="cuda_runtime", correlation=3),
+        _event("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 270, 100, tid=8, cat="kernel", correlation=3),
+        _event("cudaLaunchKernel", 410, 5, cat="cuda_runtime", correlation=4),
+        _event("sgd_update", 420, 30, tid=7, cat="kernel", correlation=4),
+    ]
+    s = summary_tool.summarise({"traceEvents": events, "alexnet": {"wall_s": 500e-6, "rank": 0}}, 0)
+    assert s.timeline == "cuda kernels"
+    expected = {
+        "data": 100,  # no kernel runs while the host waits for a batch
+        "forward": 60,
+        "backward": 100,
+        "communication": 50,  # 270..370, of which 270..320 runs beside conv_bwd
+        "optimizer": 30,
+        "other": 0,
+        "idle": 500 - 100 - 60 - 100 - 50 - 30,
+    }
+    assert s.parts == pytest.approx({k: v * 1e-6 for k, v in expected.items()})
+    assert s.overlap == pytest.approx(0.5) and s.collectives == {"nccl:allreduce": pytest.approx(100e-6)}
+
+
+def test_summary_of_a_folder_without_traces_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert summary_tool.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no rank-N.json" in err[0]
+    (tmp_path / "rank-0.json").write_text("{not json")
+    assert summary_tool.main([str(tmp_path)]) == 2
+    assert "not a JSON trace" in capsys.readouterr().err
