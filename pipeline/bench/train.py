@@ -45,9 +45,6 @@ from pipeline.bench.harness import (
 )
 from preprocess.errors import UserError, run_cli
 
-# --size: (conv widths, fc width, batch). "tiny" makes the step so cheap that the loop's own per-step cost shows.
-
-
 # ------------------------------------------------------------------------------------------------ tp=2 vs tp=1
 
 
