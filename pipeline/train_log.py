@@ -18,6 +18,8 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.metrics import MetricWriter, StepTimer, format_eta, topk_correct
+from pipeline.phase_timer import data_wait_fraction
+from pipeline.stragglers import STEP_PHASES
 
 log = logging.getLogger("alexnet")
 
@@ -50,6 +52,7 @@ class TrainLog:
         device: torch.device,
         named_parameters: Callable[[], dict[str, torch.Tensor]],
         conv1_filters: Callable[[], list[torch.Tensor]],
+        phase_seconds: Callable[[], dict[str, float]] | None = None,
     ):
         self.writer = writer
         self.cfg = cfg
@@ -57,6 +60,9 @@ class TrainLog:
         self.device = device
         self.named_parameters = named_parameters
         self.conv1_filters = conv1_filters  # collective under tp=2: every rank calls it at the same steps
+        # Seconds per phase since the last logged step, as the device spent them (pipeline.phase_timer):
+        # on a GPU the host's wait for a batch says nothing about whether the GPU waited for it.
+        self.phase_seconds = phase_seconds
         self.started = time.monotonic()
         self.start_step = 0
 
@@ -74,6 +80,8 @@ class TrainLog:
         top1, top5 = topk_correct(record.logits.detach(), record.labels)
         n = max(record.labels.numel(), 1)
         speed = timer.summary()
+        if self.phase_seconds is not None:
+            speed["data_wait_fraction"] = data_wait_fraction(self.phase_seconds(), STEP_PHASES)
         loss = float(record.loss.detach())
         values = {
             "train/loss": loss,
@@ -86,7 +94,7 @@ class TrainLog:
             "train/grad_norm": record.grad_norm,
         }
         if self.device.type == "cuda":
-            values["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            values.update(gpu_memory(self.device))
         self.writer.scalars(values, record.step)
         first = record.step == self.start_step + 1
         filters = self.conv1_filters() if first or record.step % (self.cfg.log_every * 10) == 0 else None
@@ -151,3 +159,13 @@ class TrainLog:
         done = step - self.start_step
         eta = (time.monotonic() - self.started) / done * (self._total_steps(steps_in_epoch) - step) if done > 0 else 0
         return format_eta(eta) if done > 0 and math.isfinite(eta) else "?"
+
+
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """GiB: torch's peak since the last call (the peak is reset, so each logged step shows its own interval),
+    and the device's memory in use by everyone (DALI's memory pool, the CUDA context, NCCL's buffers: what
+    torch's allocator does not see, and what an out-of-memory error is about)."""
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return {"perf/gpu_mem_gib": peak, "perf/gpu_mem_used_gib": (total - free) / 2**30}
