@@ -55,8 +55,8 @@ def select_device(preference: str, local_rank: int, option: str = "--train.devic
         if gpus := unusable_gpus():
             raise UserError(
                 f"{option} auto: this machine has NVIDIA GPUs ({gpus}) but torch {torch.__version__} "
-                f"(CUDA {torch.version.cuda}) cannot use them (a driver older than that CUDA?); fix the driver or the torch build, or pass "
-                f"{option} cpu to train on the CPU"
+                f"(CUDA {torch.version.cuda}) cannot use them (a driver older than that CUDA?); fix the driver "
+                f"or the torch build, or pass {option} cpu to train on the CPU"
             )
         return torch.device("cpu")
     count = torch.cuda.device_count()
