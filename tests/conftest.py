@@ -28,6 +28,20 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "netns: emulated nodes in Linux network namespaces (root: CAP_NET_ADMIN, CAP_SYS_ADMIN)",
     )
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped elsewhere; `make gpu-check` runs them)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cuda = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); `make gpu-check` runs these on one")
+    for item in cuda:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -193,6 +193,9 @@ def test_progress_line_and_tensorboard_take_the_data_wait_from_the_phase_clock(c
         log.step(record, timer)
     assert writer.values["perf/data_wait_fraction"] == pytest.approx(0.25)
     assert "data 25%" in caplog.text
+    from pipeline.bench.gpu_check import training_figures  # what the GPU check reads from the line
+
+    assert training_figures(caplog.text)["data_wait_percent_last"] == 25
 
 
 def test_gpu_memory_counts_what_torch_does_not_see_and_resets_the_peak(monkeypatch) -> None:
@@ -429,3 +432,86 @@ def test_gpu_check_refuses_in_one_line_without_cuda(tmp_path: Path) -> None:
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "CUDA" in lines[0], lines
     assert not (tmp_path / "out").exists()  # nothing made, no shards, before the refusal
+
+
+# ------------------------------------------------------------------------------------------ on a GPU (make gpu-check)
+
+
+@pytest.mark.cuda
+def test_cuda_event_clock_sees_the_device_time_the_host_only_queued() -> None:
+    import time
+
+    from pipeline import phase_timer
+
+    device = torch.device("cuda", 0)
+    a = torch.randn(4096, 4096, device=device)
+    marks = PhaseMarks()
+    marks.use_clock(phase_timer.for_device(device))
+    window = PhaseWindow(marks.clock.totals)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    marks.enter("forward")
+    for _ in range(40):
+        a = (a @ a).clamp_(-1, 1)
+    queued = time.perf_counter() - start
+    marks.enter("control")
+    torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    seconds = window.take()
+    assert seconds["forward"] == pytest.approx(wall, rel=0.25), (seconds, wall, queued)
+    assert seconds["forward"] > 3 * queued, "the host clock would have booked this in control"
+    assert seconds.get("control", 0.0) < 0.25 * seconds["forward"]
+
+
+@pytest.mark.cuda
+def test_mixed_decode_matches_the_cpu_decoder_on_4_2_0_jpegs() -> None:
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+
+    from pipeline.data import dali_pipeline
+    from tests.support.datasets import encode_jpeg, natural_image
+
+    rng = np.random.default_rng(0)
+    blobs = [np.frombuffer(encode_jpeg(natural_image(rng), quality=90, subsampling=2), np.uint8) for _ in range(8)]
+
+    def decoded(gpu: bool, fancy: bool = True) -> np.ndarray:
+        @pipeline_def(batch_size=len(blobs), num_threads=2, device_id=0)
+        def pipe():
+            jpegs = fn.external_source(source=lambda: blobs, batch=True)
+            if fancy:
+                return dali_pipeline.decode(jpegs, gpu=gpu)
+            return fn.decoders.image(jpegs, device="mixed")
+
+        p = pipe()
+        p.build()
+        (out,) = p.run()
+        out = out.as_cpu() if gpu else out
+        return np.stack([np.array(out[i]) for i in range(len(blobs))]).astype(np.int16)
+
+    cpu = decoded(gpu=False)
+    fancy = np.abs(decoded(gpu=True) - cpu)
+    plain = np.abs(decoded(gpu=True, fancy=False) - cpu)
+    assert fancy.mean() < 0.5 and np.mean(fancy > 2) < 1e-3, (fancy.mean(), fancy.max())
+    assert fancy.mean() <= plain.mean(), (fancy.mean(), plain.mean())
+
+
+@pytest.mark.cuda
+def test_device_checks_on_this_gpu() -> None:
+    count = torch.cuda.device_count()
+    assert process.select_device("auto", 0) == torch.device("cuda", 0)
+    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES"):
+        process.select_device("auto", count)
+
+
+@pytest.mark.cuda
+def test_gpu_memory_on_this_gpu_resets_its_peak() -> None:
+    from pipeline.train_log import gpu_memory
+
+    device = torch.device("cuda", 0)
+    big = torch.empty(1 << 28, dtype=torch.uint8, device=device)  # 256 MiB
+    first = gpu_memory(device)
+    del big
+    torch.cuda.empty_cache()
+    second = gpu_memory(device)
+    assert first["perf/gpu_mem_gib"] >= 0.25 and first["perf/gpu_mem_used_gib"] >= first["perf/gpu_mem_gib"]
+    assert second["perf/gpu_mem_gib"] < first["perf/gpu_mem_gib"]
