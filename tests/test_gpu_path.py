@@ -462,6 +462,16 @@ def test_cuda_event_clock_sees_the_device_time_the_host_only_queued() -> None:
     assert seconds["forward"] > 3 * queued, "the host clock would have booked this in control"
     assert seconds.get("control", 0.0) < 0.25 * seconds["forward"]
 
+    # A mark from autograd's device thread (the trainer's gradient-sync hook) is recorded in stream order.
+    w = torch.randn(4096, 4096, device=device, requires_grad=True)
+    w.register_post_accumulate_grad_hook(lambda _: marks.enter("gradient-sync"))
+    marks.enter("backward")
+    loss = sum((w @ a).square().mean() for _ in range(10))
+    loss.backward()
+    marks.enter("step")
+    after = window.take()
+    assert after["backward"] > 0 and "gradient-sync" in after, after  # events from both threads read back
+
 
 @pytest.mark.cuda
 def test_mixed_decode_matches_the_cpu_decoder_on_4_2_0_jpegs() -> None:
