@@ -525,3 +525,34 @@ def test_gpu_memory_on_this_gpu_resets_its_peak() -> None:
     second = gpu_memory(device)
     assert first["perf/gpu_mem_gib"] >= 0.25 and first["perf/gpu_mem_used_gib"] >= first["perf/gpu_mem_gib"]
     assert second["perf/gpu_mem_gib"] < first["perf/gpu_mem_gib"]
+
+
+def test_gpu_check_steps_record_failures_time_limits_and_the_budget(tmp_path: Path) -> None:
+    """The check's plumbing, on CPU: a failing step, one killed at its limit and one past the budget are
+    reported as failed with their reason; the report renders them."""
+    import time
+
+    from pipeline.bench import gpu_check
+
+    c = gpu_check.Check(tmp_path, tmp_path / "work", budget_s=120)
+    ok = c.python("ok", ["-c", "print('fine')"], 30, figures=lambda out: {"said": out.strip()})
+    bad = c.python("bad", ["-c", "import sys; print('broken'); sys.exit(3)"], 30)
+    slow = c.python("slow", ["-c", "import time; time.sleep(60)"], 6)
+    c.deadline = time.monotonic()
+    late = c.python("late", ["-c", "print('never')"], 30)
+    c.log.close()
+    assert ok.ok and ok.figures == {"said": "fine"}
+    assert not bad.ok and bad.rc == 3 and "broken" in bad.tail
+    assert not slow.ok and slow.rc is None and "killed after 6 s" in slow.tail and slow.seconds < 30
+    assert not late.ok and "budget" in late.tail
+    versions = {k: "v" for k in ("gpu", "capability", "driver", "torch", "torch_cuda", "cudnn", "dali", "python")}
+    result = {
+        "ok": False,
+        "seconds": 9.0,
+        "versions": {**versions, "commit": "c", "date_utc": "d"},
+        "steps": [vars(s) for s in c.steps],
+        "not_checked": ["x"],
+    }
+    text = gpu_check.markdown(result)
+    assert "| ok | ok |" in text and "## bad (exit 3)" in text and "## slow (exit None)" in text
+    assert "broken" in (tmp_path / "gpu-check.log").read_text()
