@@ -135,7 +135,12 @@ def versions() -> dict[str, Any]:
 
 def refuse_without_cuda() -> None:
     """One line, before anything is written: this check is for a GPU machine."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise UserError(
+            f"gpu-check: {sys.executable} has no torch; run it with the GPU machine's Python (PYTHON=...)"
+        ) from None
 
     if not torch.cuda.is_available():
         raise UserError(
