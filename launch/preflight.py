@@ -135,22 +135,35 @@ def allreduce_gb_per_s(device: torch.device, seconds: float, sync) -> float:
     return buf.nbytes * calls * 2 * (n - 1) / n / wall / 1e9
 
 
-def link_mb_per_s(device: torch.device, rank: int, world_size: int) -> list[float]:
-    """Rank 0 ping-pongs a buffer with each other rank in turn; the MB/s of each link (rank 0's own: inf)."""
+def link_mb_per_s(device: torch.device, rank: int, world_size: int, sync) -> list[float]:
+    """Rank 0 ping-pongs a buffer with each other rank in turn; the MB/s of each link (rank 0's own: inf).
+
+    One untimed exchange first: on NCCL the first send to a peer builds a 2-rank communicator (seconds),
+    which is set-up, not the link. The clock stops after ``sync``: on NCCL a send/recv only enqueues, and
+    without it the figure is enqueue time (and ``--far-below`` would name healthy ranks). Only a GPU shows
+    the difference: ``make gpu-check`` runs this on one.
+    """
     buf = torch.ones((16 if device.type == "cuda" else 2) << 18, device=device)  # 16 MB / 2 MB
     rounds, figures = 3, [float("inf")] * world_size
+
+    def exchange(other: int) -> None:
+        if rank == 0:
+            dist.send(buf, other)
+            dist.recv(buf, other)
+        else:
+            dist.recv(buf, other)
+            dist.send(buf, other)
+
     for peer in range(1, world_size):
         if rank not in (0, peer):
             continue
         other = peer if rank == 0 else 0
+        exchange(other)  # warm-up: the pair's communicator and buffers
+        sync()
         start = time.perf_counter()
         for _ in range(rounds):
-            if rank == 0:
-                dist.send(buf, other)
-                dist.recv(buf, other)
-            else:
-                dist.recv(buf, other)
-                dist.send(buf, other)
+            exchange(other)
+        sync()
         figures[peer] = 2 * rounds * buf.nbytes / 1e6 / (time.perf_counter() - start)
     box = [figures]
     dist.broadcast_object_list(box, src=0)
@@ -240,7 +253,7 @@ def _check(args: argparse.Namespace, env: ProcessEnv, device: torch.device, back
             print(table([row], float("nan"), "none (one process)"))
             return 0
         allreduce = allreduce_gb_per_s(device, args.seconds, sync)
-        row["link"] = link_mb_per_s(device, env.rank, env.world_size)[env.rank]
+        row["link"] = link_mb_per_s(device, env.rank, env.world_size, sync)[env.rank]
         transports = sorted(nccl_transports(debug_dir)) if backend == "nccl" else ["gloo/TCP"]
         rows: list[dict] = [{}] * env.world_size
         dist.all_gather_object(rows, {**row, "transports": transports})

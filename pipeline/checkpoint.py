@@ -58,6 +58,8 @@ BEST = "best"
 META = "meta.json"
 LINEAGE = "lineage"
 FORMAT_VERSION = 2
+# RNG states a checkpoint may lack in the same layout: a CPU run never initialises CUDA, so saves none.
+OPTIONAL_RNG = (".cuda",)
 _TMP = ".tmp"
 _HASH_CHUNK = 8 << 20
 
@@ -129,6 +131,7 @@ class TrainState:
         self.towers = towers  # 1: a one-column model (no split), stored as a single tower
         self.progress = Progress()
         self.best_top1_error: float | None = None
+        self.rng_restored: set[str] = set()  # the RNG states the last load applied ("torch", "cuda", ...)
 
     # -- tower form: under tp=2 a rank holds its own tower; under tp=1 all of them (model.to_towers)
 
@@ -194,6 +197,7 @@ class TrainState:
         rng = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if rng:
             set_rng_tensors(rng)
+        self.rng_restored = set(rng)
         self.schedule.load_state_dict(meta["schedule"])
         self.best_top1_error = meta["best_top1_error"]
         self.progress = Progress(**meta["progress"])
@@ -709,6 +713,9 @@ class Checkpointer:
         meta = read_meta(path)
         same_layout = meta["layout"] == state.layout
         templates = state.tensor_templates(with_rng=same_layout)
+        for key in [k for k in templates if k.startswith("rng.") and k.endswith(OPTIONAL_RNG)]:
+            if key not in meta["tensors"]:
+                del templates[key]  # a CPU run's checkpoint resumed on a GPU: the trainer reseeds the GPU's RNG
         tensors = read_tensors(path, list(templates))
         for key, want in templates.items():
             got = tensors[key]

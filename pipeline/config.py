@@ -72,7 +72,7 @@ class TrainConfig:
     histogram_every: int = 1000
     """steps between weight histograms in TensorBoard (0 = never)"""
     device: str = "auto"
-    """auto (CUDA if available), cuda or cpu"""
+    """auto (this rank's GPU if CUDA is usable; an error if the machine has GPUs torch cannot use), cuda or cpu"""
     lease_minutes: float = 30.0
     """minutes without a heartbeat (refreshed at control steps, at most once a minute) after which this
     run's lease on RUN_DIR (writer.lease) is stale and another job may take the run directory over;

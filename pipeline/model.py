@@ -45,7 +45,7 @@ seed do not get identical (symmetric) towers.
 Dropout masks do not depend on the layout: every rank draws the mask of the *full* layer from
 the global RNG and keeps its tower's columns, so under the same seed a tower's mask is its slice
 of the mask a single device draws, and a tp=2 run trains like a tp=1 run step for step. This needs
-equal RNG states on the two ranks of a pair (the trainer seeds every rank with the run seed).
+equal RNG states on the two ranks of a pair (the trainer seeds a pair alike and replicas apart, ``pipeline.seeds``).
 
 Ablation switches (``ModelConfig``; defaults are the paper): ``activation`` relu|tanh,
 ``overlap_pool`` (3/2 max-pooling, else 2/2, same output shapes), ``lrn``, ``dropout`` and

@@ -117,7 +117,8 @@ def host_rss_bytes() -> int:
 
 
 def memory_figures(device: torch.device) -> list[float]:
-    """GiB: host RSS, then on CUDA torch's peak allocated (since the start), reserved, and the device's used."""
+    """GiB: host RSS, then on CUDA torch's peak allocated (since the last logged step: TrainLog resets it),
+    reserved, and the device's used."""
     figures = [host_rss_bytes() / 2**30]
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)

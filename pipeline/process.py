@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,13 +39,47 @@ class ProcessEnv:
 
 
 def select_device(preference: str, local_rank: int, option: str = "--train.device") -> torch.device:
-    """``auto``: this rank's GPU when CUDA is visible, else the CPU; ``cuda`` without a GPU is ``option``'s error."""
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
+    """``auto``: this rank's GPU when CUDA is visible, else the CPU; ``cuda`` without a GPU is ``option``'s error.
+
+    The local rank is this process's CUDA ordinal (and DALI's ``device_id``), so it must be below the number
+    of visible devices: with one GPU bound per task (Slurm ``--gpus-per-task``, ``--gpu-bind``) every task
+    sees its GPU as ordinal 0, and more local ranks than GPUs cannot all have one. ``auto`` on a machine
+    whose GPUs torch cannot use (a driver older than the wheels' CUDA) is an error too: falling back to the
+    CPU would train every rank on gloo with one INFO line.
+    """
+    if preference == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if preference == "cuda":
             raise UserError(f"{option} cuda, but no CUDA device is visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+        if gpus := unusable_gpus():
+            raise UserError(
+                f"{option} auto: this machine has NVIDIA GPUs ({gpus}) but torch {torch.__version__} "
+                f"(CUDA {torch.version.cuda}) cannot use them (a driver older than that CUDA?); fix the driver "
+                f"or the torch build, or pass {option} cpu to train on the CPU"
+            )
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UserError(
+            f"{option}: local rank {local_rank} needs CUDA device {local_rank} but this process sees {count} "
+            f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'}); start at most {count} "
+            "processes per node, or give every process all of the node's GPUs (no --gpus-per-task / "
+            "--gpu-bind under Slurm; torchrun's workers share the node's CUDA_VISIBLE_DEVICES)"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def unusable_gpus() -> str:
+    """What says this machine has NVIDIA GPUs (the driver's device nodes), for when torch sees none; ""."""
+    if torch.version.cuda is None:
+        return ""  # a CPU-only torch build: CPU is what was installed
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return ""  # hidden on purpose: the CPU is what was asked for
+    nodes = sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*"))
+    return f"{len(nodes)} device node(s) /dev/{nodes[0]}..." if nodes else ""
 
 
 @contextmanager

@@ -8,7 +8,9 @@ time any rank spent waiting is what the collectives cost by themselves, and a ra
 step is its step time less its excess over that least. A rank whose own work exceeds
 ``threshold`` x the other ranks' median at ``window`` control steps in a row is named once (again
 only after it has recovered). The figures travel in the trainer's control all-reduce (a MAX over
-per-rank slots, which gathers them), so they cost no collective of their own.
+per-rank slots, which gathers them), so they cost no collective of their own. On a GPU the seconds are
+device time (``pipeline.phase_timer``: CUDA events at the phase marks): host clocks would book a rank's
+queued kernels as waiting in control, make every rank's own work equal and never name a slow GPU.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ acts at the same step boundary.
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import threading
 from collections.abc import Callable
@@ -19,12 +18,11 @@ from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import config, data, model, perf
+from pipeline import config, data, model, perf, phase_timer, seeds
 from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState
 from pipeline.config import RunConfig
 from pipeline.mesh import Mesh
@@ -99,8 +97,13 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ahead = data.Ahead()  # the next epoch's plan and shard hashing, prepared during this one
 
-        _seed_everything(cfg.train.seed, self.dims.rank)
+        seeds.seed_init(cfg.train.seed, self.dims.rank)
         self.model = model.build_model(cfg.model, tp_group=mesh.tp_group).to(device)
+        seeds.seed_dropout(cfg.train.seed, self.dims.dp_rank)  # a pair shares masks, replicas do not
+        # Phase seconds as the device spent them (CUDA events on a GPU): stragglers, data wait, TensorBoard.
+        self.marks.use_clock(phase_timer.for_device(device, self.marks.state[2]))
+        # The first training step and the first validation batch compile under --model.compile (slow phase).
+        self._compile_pending = {"train", "validation"} if cfg.model.compile else set()
         self.ddp = self._wrap_ddp(self.model)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
@@ -132,6 +135,7 @@ class Trainer:
                 self.dims.world_size,
                 perf.peak_tflops(device, cfg.train.amp, cfg.profile.peak_tflops),
             ),
+            phase_seconds=phase_timer.PhaseWindow(self.marks.clock.totals).take,
         )
         self.local_batch = _local_batch(cfg.optim.batch_size, self.dims.dp_size)
         self.last_checkpoint: Path | None = None
@@ -234,7 +238,9 @@ class Trainer:
         batches = marks.iterate(loader, "data", first="loader")  # the first batch waits for the pipeline's start
         for i, (images, labels) in enumerate(batches, start=self.progress.step_in_epoch):
             timer.data_ready()
-            marks.enter("forward", self.progress.step)
+            compiling = "train" in self._compile_pending
+            self._compile_pending.discard("train")
+            marks.enter("compile" if compiling else "forward", self.progress.step)
             lr = self.schedule.lr(self.progress.epoch + i / max(steps_in_epoch, 1))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -243,7 +249,7 @@ class Trainer:
                 logits = self.ddp(images)
             loss = F.cross_entropy(logits.float(), labels)
             self.optimizer.zero_grad(set_to_none=True)
-            marks.enter("backward")  # then "gradient-sync" (DDP's all-reduce; a fast rank waits there)
+            marks.enter("compile" if compiling else "backward")  # then "gradient-sync" (DDP's all-reduce)
             loss.backward()
             marks.enter("step")
             nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
@@ -361,7 +367,10 @@ class Trainer:
         )
         # The towers compute collectively, so both tp ranks run the model; their counts are equal.
         amp = self.cfg.train.amp == "bf16"
-        totals = count(self.model, self.marks.ticking(loader, "validation"), ten_crop=ten_crop, amp=amp)
+        first = "compile" if "validation" in self._compile_pending else None  # eval mode recompiles
+        self._compile_pending.discard("validation")
+        batches = self.marks.ticking(loader, "validation", first=first)
+        totals = count(self.model, batches, ten_crop=ten_crop, amp=amp)
         totals_t = totals.as_tensor(self.device)
         if self.mesh.dp_group is not None and self.dims.dp_size > 1:
             dist.all_reduce(totals_t, group=self.mesh.dp_group)
@@ -390,6 +399,8 @@ class Trainer:
         if path is None:
             return
         self.last_checkpoint = path
+        restored, cuda = self.state.rng_restored, self.device.type == "cuda"
+        seeds.after_resume(self.cfg.train.seed, self.dims.dp_rank, self.progress.step, restored, cuda)
         if self.dims.is_main:
             log.info(
                 "resumed from %s: epoch %d, step %d, lr drops %d",
@@ -433,13 +444,6 @@ def _local_batch(global_batch: int, dp_size: int) -> int:
     if global_batch % dp_size:
         raise UserError(f"--batch-size {global_batch} is not divisible by the data-parallel size {dp_size}")
     return global_batch // dp_size
-
-
-def _seed_everything(seed: int, rank: int) -> None:
-    """Init is identical on every rank (same seed); DDP also broadcasts dp rank 0's weights."""
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed)
 
 
 def _flat_hparams(cfg: RunConfig) -> dict[str, Any]:

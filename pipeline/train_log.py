@@ -19,6 +19,8 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.metrics import MetricWriter, StepTimer, format_eta, topk_correct
 from pipeline.perf import Throughput, memory_scalars
+from pipeline.phase_timer import data_wait_fraction
+from pipeline.stragglers import STEP_PHASES
 
 log = logging.getLogger("alexnet")
 
@@ -52,6 +54,7 @@ class TrainLog:
         named_parameters: Callable[[], dict[str, torch.Tensor]],
         conv1_filters: Callable[[], list[torch.Tensor]],
         throughput: Throughput | None = None,
+        phase_seconds: Callable[[], dict[str, float]] | None = None,
     ):
         self.writer = writer
         self.cfg = cfg
@@ -60,6 +63,9 @@ class TrainLog:
         self.named_parameters = named_parameters
         self.conv1_filters = conv1_filters  # collective under tp=2: every rank calls it at the same steps
         self.throughput = throughput  # model FLOP/s and MFU (pipeline.perf); None: not reported
+        # Seconds per phase since the last logged step, as the device spent them (pipeline.phase_timer):
+        # on a GPU the host's wait for a batch says nothing about whether the GPU waited for it.
+        self.phase_seconds = phase_seconds
         self.started = time.monotonic()
         self.start_step = 0
 
@@ -77,6 +83,8 @@ class TrainLog:
         top1, top5 = topk_correct(record.logits.detach(), record.labels)
         n = max(record.labels.numel(), 1)
         speed = timer.summary()
+        if self.phase_seconds is not None:
+            speed["data_wait_fraction"] = data_wait_fraction(self.phase_seconds(), STEP_PHASES)
         loss = float(record.loss.detach())
         values = {
             "train/loss": loss,
@@ -88,11 +96,11 @@ class TrainLog:
             "perf/step_time_s": speed["step_time_s"],
             "train/grad_norm": record.grad_norm,
         }
-        if self.device.type == "cuda":
-            values["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         flops = self.throughput.scalars(speed["images_per_s"]) if self.throughput else {}
         values.update(flops)
         values.update(memory_scalars(self.device))  # every rank's figures: a small all-gather
+        if self.device.type == "cuda":
+            values.update(gpu_memory(self.device))  # after memory_scalars: it resets torch's peak
         self.writer.scalars(values, record.step)
         first = record.step == self.start_step + 1
         filters = self.conv1_filters() if first or record.step % (self.cfg.log_every * 10) == 0 else None
@@ -106,7 +114,7 @@ class TrainLog:
         if self.cfg.histogram_every and record.step % self.cfg.histogram_every == 0:
             self.writer.histograms({f"weights/{k}": v for k, v in self.named_parameters().items()}, record.step)
         log.info(
-            "epoch %d step %d/%d (%d/%d in epoch) loss %.4f top-1 err %.1f%% lr %.2e %.0f img/s %s data %.0f%% ETA %s",
+            "epoch %d step %d/%d (%d/%d in epoch) loss %.4f top-1 err %.1f%% lr %.2e %.0f img/s%s data %.0f%% ETA %s",
             record.epoch,
             record.step,
             self._total_steps(record.steps_in_epoch),
@@ -165,4 +173,14 @@ def _flops_text(flops: dict[str, float | None]) -> str:
     if not flops:
         return ""
     mfu = flops["perf/mfu"]
-    return f"{flops['perf/model_tflops_per_device']:.3g} TFLOP/s/device MFU " + (f"{100 * mfu:.1f}%" if mfu else "-")
+    return f" {flops['perf/model_tflops_per_device']:.3g} TFLOP/s/device MFU " + (f"{100 * mfu:.1f}%" if mfu else "-")
+
+
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """GiB: torch's peak since the last call (the peak is reset, so each logged step shows its own interval),
+    and the device's memory in use by everyone (DALI's memory pool, the CUDA context, NCCL's buffers: what
+    torch's allocator does not see, and what an out-of-memory error is about)."""
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return {"perf/gpu_mem_gib": peak, "perf/gpu_mem_used_gib": (total - free) / 2**30}

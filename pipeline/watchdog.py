@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.phase_timer import HostClock, PhaseClock, PhaseWindow
+
 log = logging.getLogger("alexnet")
 
 HANG_EXIT = 75  # EX_TEMPFAIL: "try again", what the launcher's restart does
@@ -46,7 +48,9 @@ PROGRESS_DIR = "progress"
 HANGS_DIR = "hangs"
 # Phases whose single steps may legitimately take long: start-up (model build, resume), an epoch's
 # input pipeline set-up (shard verification), a checkpoint write.
-SLOW_PHASES = frozenset({"start", "loader", "checkpoint"})
+# "compile": the first training step and the first validation batch under --model.compile (every rank
+# compiles at once on the node's shared CPUs; a slow compile is not a hang, and a restart compiles again).
+SLOW_PHASES = frozenset({"start", "loader", "checkpoint", "compile"})
 
 T = TypeVar("T")
 
@@ -60,25 +64,30 @@ class PhaseMarks:
 
     def __init__(self) -> None:
         self.state: tuple[int, int, str, float] = (0, 0, "start", time.time())
-        self._phase_start = time.perf_counter()
-        self._seconds: dict[str, float] = {}
         # Called with each new phase while a profiler window records (pipeline.profiling: the phase becomes a
         # trace range); None otherwise, so a marker outside a window costs one more attribute test.
         self.on_enter: Callable[[str], None] | None = None
+        self.use_clock(HostClock())
+
+    def use_clock(self, clock: PhaseClock) -> None:
+        """Where phase seconds come from (``pipeline.phase_timer``: CUDA events on a GPU); marks call it."""
+        self.clock = clock
+        self._window = PhaseWindow(clock.totals)
 
     def enter(self, phase: str, step: int | None = None) -> None:
-        now = time.perf_counter()
-        seq, last_step, last_phase, _ = self.state
-        self._seconds[last_phase] = self._seconds.get(last_phase, 0.0) + now - self._phase_start
-        self._phase_start = now
+        self.clock.mark(phase)
+        seq, last_step, _, _ = self.state
         self.state = (seq + 1, last_step if step is None else step, phase, time.time())
         if self.on_enter is not None:
             self.on_enter(phase)
 
-    def tick(self) -> None:
-        """Progress inside a phase (a validation batch) without a new marker: ranks may tick unequally."""
-        seq, step, phase, _ = self.state
-        self.state = (seq, step, phase, time.time())
+    def tick(self, phase: str | None = None) -> None:
+        """Progress inside a phase (a validation batch) without a new marker: ranks may tick unequally.
+        ``phase``: the phase changes too, still without a marker (the first compiled batch is over)."""
+        seq, step, last, _ = self.state
+        if phase is not None and phase != last:
+            self.clock.mark(phase)
+        self.state = (seq, step, phase or last, time.time())
 
     def iterate(self, items: Iterable[T], phase: str, first: str | None = None) -> Iterator[T]:
         """``items`` with ``phase`` entered before each ``next`` (the wait for a batch is that phase);
@@ -93,15 +102,16 @@ class PhaseMarks:
                 return
             yield item
 
-    def ticking(self, items: Iterable[T], phase: str) -> Iterator[T]:
+    def ticking(self, items: Iterable[T], phase: str, first: str | None = None) -> Iterator[T]:
         """``items``; ``phase`` entered when the first arrives (or when there are none: every rank enters
-        it once), each later arrival a tick (ranks may get different numbers of items)."""
+        it once), each later arrival a tick (ranks may get different numbers of items); ``first``: the
+        phase of the first item's work instead (a compile), ``phase`` from the second arrival on."""
         entered = False
         for item in items:
             if entered:
-                self.tick()
+                self.tick(phase)
             else:
-                self.enter(phase)
+                self.enter(first or phase)
                 entered = True
             yield item
         if not entered:
@@ -109,12 +119,7 @@ class PhaseMarks:
 
     def take_seconds(self) -> dict[str, float]:
         """Seconds per phase since the last call (the phase in progress counted up to now)."""
-        now = time.perf_counter()
-        phase = self.state[2]
-        self._seconds[phase] = self._seconds.get(phase, 0.0) + now - self._phase_start
-        self._phase_start = now
-        seconds, self._seconds = self._seconds, {}
-        return seconds
+        return self._window.take()
 
 
 @dataclass(frozen=True)

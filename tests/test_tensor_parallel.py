@@ -154,3 +154,28 @@ def test_same_seed_trains_the_same_with_dropout_in_either_layout(runs: dict[str,
     model = build_model(ModelConfig(**TRAINING["cfg"])).train()
     torch.manual_seed(TRAINING["seed"] + 1)  # the same weights with other masks: the comparison has teeth
     assert not torch.allclose(model(TRAINING["batches"][0][0]), ref["logits"][0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.multiprocess
+def test_replicas_draw_their_own_dropout_masks_and_a_pair_shares_one(tmp_path) -> None:
+    """dp=2 x tp=2 on gloo, Trainers as built for training: the two replicas' masks differ (one device gives
+    every image of the global batch its own mask), the two towers of a pair hold the columns of one mask,
+    the one a single device draws for that replica."""
+    from pipeline import seeds
+    from tests.support.tensor_parallel import spawn_ranks, trainer_dropout_masks
+
+    model_cfg = {**NARROW_CONFIG, "num_classes": 4, "dropout": 0.5}
+    spawn_ranks(trainer_dropout_masks, (str(tmp_path), 4, 2, model_cfg, 5), nprocs=4, timeout_s=240)
+    got = [torch.load(tmp_path / f"masks{r}.pt") for r in range(4)]
+    by = {(g["dp"], g["tp"]): g["masks"] for g in got}
+    for dp in (0, 1):
+        seeds.seed_init(5, 0)
+        single = build_model(ModelConfig(**model_cfg)).train()
+        seeds.seed_dropout(5, dp)
+        for k in range(2):
+            want = single._dropout(torch.ones(6, single.fc6.out_features), "fc6") != 0
+            pair = torch.cat([by[(dp, 0)][k], by[(dp, 1)][k]], dim=1)
+            assert torch.equal(pair, want), f"replica {dp}: the pair's towers do not hold one mask (batch {k})"
+    for tp in (0, 1):
+        for k in range(2):
+            assert not torch.equal(by[(0, tp)][k], by[(1, tp)][k]), f"replicas drew the same masks (tower {tp})"

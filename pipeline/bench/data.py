@@ -236,7 +236,14 @@ def thread_parts(cfg: DataConfig, *, batch_size: int, warmup: int, steps: int, d
 
 
 def bare_graph(
-    cfg: DataConfig, *, batch_size: int, workers: int, gpu: bool, hw_decoder_load: float | None = None, seed: int = 0
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    workers: int,
+    gpu: bool,
+    hw_decoder_load: float | None = None,
+    seed: int = 0,
+    device_id: int = 0,
 ) -> Any:
     """The reference: a built DALI pipeline of DALI's own operators only, doing the loader's work.
 
@@ -244,16 +251,18 @@ def bare_graph(
     ``crop_mirror_normalize``, and the mean image cropped and mirrored by the same window and
     subtracted (``--data.mean image``), as the loader's graph does; nothing of ours around it. Written
     here against DALI alone, so that it stays the same reference whichever checkout is measured.
+    ``device_id``: the CUDA device it runs on when ``gpu`` (the benchmark's ``--device cuda:N``).
     """
     import numpy as np
     from nvidia.dali import Pipeline, fn, types
 
     from pipeline.data import open_dataset
+    from pipeline.data.dali_pipeline import decoder_options
 
     split, norm = open_dataset(cfg, "train")
     where = "gpu" if gpu else "cpu"
     positions = [k / norm.max_offset for k in range(norm.max_offset + 1)] if norm.max_offset else [0.5]
-    pipe = Pipeline(batch_size=batch_size, num_threads=workers, device_id=0 if gpu else None, seed=seed)
+    pipe = Pipeline(batch_size=batch_size, num_threads=workers, device_id=device_id if gpu else None, seed=seed)
     with pipe:
         jpegs, cls = fn.readers.webdataset(
             paths=[str(p) for p in split.shards],
@@ -264,7 +273,9 @@ def bare_graph(
             seed=seed + 1,
             name="reader",
         )
-        decoder_args = {"hw_decoder_load": hw_decoder_load} if gpu and hw_decoder_load is not None else {}
+        decoder_args = decoder_options(gpu)  # the loader's own decoder settings (chroma upsampling)
+        if gpu and hw_decoder_load is not None:
+            decoder_args["hw_decoder_load"] = hw_decoder_load
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **decoder_args)
         alpha = fn.random.normal(shape=[1, 3], stddev=norm.lighting_std)
         offset = fn.reshape(fn.coord_transform(alpha, M=norm.lighting.flatten().tolist()), shape=[3])

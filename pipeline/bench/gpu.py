@@ -54,14 +54,27 @@ SAME_CHANNEL_MEAN = 1.0
 
 
 def dali_graph(
-    data_cfg: Any, *, batch_size: int, workers: int, gpu: bool, hw_decoder_load: float, seed: int = 0
+    data_cfg: Any,
+    *,
+    batch_size: int,
+    workers: int,
+    gpu: bool,
+    hw_decoder_load: float,
+    seed: int = 0,
+    device_id: int = 0,
 ) -> Any:
     """A built bare DALI pipeline of the loader's operators (``pipeline.bench.data.bare_graph``): read, decode,
     random window + mirror + lighting, the mean image's window subtracted, float CHW."""
     from pipeline.bench.data import bare_graph
 
     return bare_graph(
-        data_cfg, batch_size=batch_size, workers=workers, gpu=gpu, hw_decoder_load=hw_decoder_load, seed=seed
+        data_cfg,
+        batch_size=batch_size,
+        workers=workers,
+        gpu=gpu,
+        hw_decoder_load=hw_decoder_load,
+        seed=seed,
+        device_id=device_id,
     )
 
 
@@ -96,6 +109,16 @@ def loader_thread(data_cfg: Any, *, batch_size: int, steps: int, device: str) ->
     from pipeline.bench.data import thread_parts
 
     return thread_parts(data_cfg, batch_size=batch_size, warmup=3, steps=steps, device=torch.device(device))
+
+
+def cuda_index(device: str) -> int:
+    """The ordinal of ``cuda:N`` (``cuda``: the current device, as torch places tensors there)."""
+    import torch
+
+    d = torch.device(device)
+    if d.type != "cuda":
+        return 0
+    return d.index if d.index is not None else torch.cuda.current_device()
 
 
 # ------------------------------------------------------------------------------------------------ GPU vs CPU
@@ -150,7 +173,13 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.data:
         raise UserError("--gpu-report reads real shards: pass --data SHARDS (a `python -m preprocess shard` output)")
-    report = gpu_report(args, "cuda")
+    device = args.device if args.device.startswith("cuda") else "cuda"  # --device auto|cuda|cuda:N
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this process sees {torch.cuda.device_count()} CUDA device(s)")
+    if index is not None:
+        torch.cuda.set_device(index)  # DALI, torch and the Trainer all on that device, not on GPU 0
+    report = gpu_report(args, device)
     print(json.dumps(report, indent=1))
     if args.json:
         from preprocess.files import write_json_atomic
@@ -186,7 +215,14 @@ def gpu_report(args: argparse.Namespace, device: str) -> dict[str, Any]:
     }
     report["dali_alone"] = {}
     for load in HW_DECODER_LOADS if gpu else (0.0,):
-        pipe = dali_graph(plain_cfg, batch_size=setup.batch_size, workers=workers, gpu=gpu, hw_decoder_load=load)
+        pipe = dali_graph(
+            plain_cfg,
+            batch_size=setup.batch_size,
+            workers=workers,
+            gpu=gpu,
+            hw_decoder_load=load,
+            device_id=cuda_index(device),
+        )
         report["dali_alone"][str(load)] = rate(dali_batches(pipe, device), warmup=w, steps=n, device=device)
         del pipe
     report["loader_alone"] = rate(our_batches(ours, tuned), warmup=w, steps=n, device=device)

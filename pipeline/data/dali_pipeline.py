@@ -79,7 +79,14 @@ class Feed:
 def decode(jpegs: Any, *, gpu: bool) -> Any:
     from nvidia.dali import fn, types
 
-    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **decoder_options(gpu))
+
+
+def decoder_options(gpu: bool) -> dict[str, Any]:
+    """The ``mixed`` (nvJPEG) decoder upsamples chroma as libjpeg-turbo does (the CPU decoder, preprocessing):
+    without it GPU batches differ at the chroma edges of the shards' 4:2:0 JPEGs. Whether the two then agree
+    only a GPU shows: the GPU report's GPU-vs-CPU comparison (``make gpu-check``)."""
+    return {"jpeg_fancy_upsampling": True} if gpu else {}
 
 
 def crop_normalize(

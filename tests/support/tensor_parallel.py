@@ -26,14 +26,19 @@ WORLD = 2
 
 def spawn_two_ranks(fn: Callable[..., None], args: tuple[Any, ...], timeout_s: float = 120.0) -> None:
     """Run ``fn(rank, *args)`` in two processes; raise if one fails or both are not done in time."""
+    spawn_ranks(fn, args, WORLD, timeout_s)
+
+
+def spawn_ranks(fn: Callable[..., None], args: tuple[Any, ...], nprocs: int, timeout_s: float = 120.0) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` processes; raise if one fails or they are not all done in time."""
     deadline = time.monotonic() + timeout_s
-    context = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
     try:
         # join returns as soon as one process exits (False while another runs) and raises
         # ProcessRaisedException, after stopping the others, if one failed
         while not context.join(timeout=max(0.0, deadline - time.monotonic())):
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"tensor-parallel ranks still running after {timeout_s:.0f} s")
+                raise TimeoutError(f"{nprocs} ranks still running after {timeout_s:.0f} s")
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -117,3 +122,32 @@ def train_steps(run: dict[str, Any], group: dist.ProcessGroup | None) -> dict[st
         losses.append(loss.detach())
         logits.append(out.detach())
     return {"losses": losses, "logits": logits}
+
+
+def trainer_dropout_masks(rank: int, workdir: str, world: int, tp: int, model_cfg: dict[str, Any], seed: int) -> None:
+    """One rank of a (dp x tp) layout: the Trainer as built for training, then the fc6 dropout masks its model
+    draws for two batches (this rank's tower columns), saved with the rank's dp/tp coordinates."""
+    import threading
+
+    from pipeline.config import RunConfig
+    from pipeline.mesh import ParallelDims, build_mesh
+    from pipeline.train import Trainer
+
+    torch.set_num_threads(1)
+    root = Path(workdir)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        cfg = RunConfig(run_dir=str(root / "run"))
+        cfg.model = ModelConfig(**model_cfg)
+        cfg.train.seed, cfg.train.tp = seed, tp
+        dims = ParallelDims(world, rank, tp)
+        trainer = Trainer(cfg, build_mesh(dims, "cpu"), torch.device("cpu"), threading.Event())
+        tower = trainer.model.train()
+        width = tower.fc6.out_features
+        masks = [tower._dropout(torch.ones(6, width), "fc6") != 0 for _ in range(2)]
+        torch.save({"dp": dims.dp_rank, "tp": dims.tp_rank, "masks": masks}, root / f"masks{rank}.pt")
+        trainer.writer.close()
+    finally:
+        dist.destroy_process_group()

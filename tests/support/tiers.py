@@ -140,12 +140,20 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tag each test with the tiers its fixtures imply."""
+    """Tag each test with the tiers its fixtures imply; skip the `cuda` tests where no GPU is visible."""
     for item in items:
         for fixture in getattr(item, "fixturenames", ()):
             tier = FIXTURE_TIERS.get(fixture)
             if tier and not item.get_closest_marker(tier):
                 item.add_marker(getattr(pytest.mark, tier))
+    cuda = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if cuda:
+        import torch  # only when a selected test needs a GPU: the tiers plugin itself imports no torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); `make gpu-check` runs these on one")
+            for item in cuda:
+                item.add_marker(skip)
 
 
 def tiers_of(item: pytest.Item) -> set[str]:
