@@ -4,7 +4,8 @@ A rank stuck in a storage read, a wedged driver or a stopped process does not cr
 wait in a collective until the process group's timeout, and nothing names the culprit. Here:
 
 - the trainer marks its phases (``PhaseMarks.enter``: data, forward, backward, gradient-sync, step,
-  control, validation, checkpoint ...); a marker costs a clock read and a tuple assignment;
+  control, validation, validation-sync, checkpoint, checkpoint-sync ...); a marker costs a clock read
+  and a tuple assignment;
 - a thread on every rank publishes the rank's last marker and a heartbeat to
   ``RUN_DIR/progress/rank-N.json`` every ``beat_s`` (the run directory is shared by all ranks; the
   rendezvous store is not used: under env:// it lives in rank 0, which may be the stuck one),
@@ -45,7 +46,9 @@ HANG_EXIT = 75  # EX_TEMPFAIL: "try again", what the launcher's restart does
 PROGRESS_DIR = "progress"
 HANGS_DIR = "hangs"
 # Phases whose single steps may legitimately take long: start-up (model build, resume), an epoch's
-# input pipeline set-up (shard verification), a checkpoint write.
+# input pipeline set-up (shard verification), a checkpoint's disk work. A checkpoint's collectives
+# (the finite check, DCP's plan and metadata exchange, the outcome's all-gather) are "checkpoint-sync"
+# and get the step allowance: a hung collective there is no slower than one in a training step.
 SLOW_PHASES = frozenset({"start", "loader", "checkpoint"})
 
 T = TypeVar("T")
@@ -69,6 +72,15 @@ class PhaseMarks:
         self._seconds[last_phase] = self._seconds.get(last_phase, 0.0) + now - self._phase_start
         self._phase_start = now
         self.state = (seq + 1, last_step if step is None else step, phase, time.time())
+
+    def relabel(self, phase: str) -> None:
+        """A phase only this rank enters (rank 0's commit of a checkpoint while the others wait for it):
+        progress under another label, no new marker, so every rank's marker count stays comparable."""
+        now = time.perf_counter()
+        seq, step, last_phase, _ = self.state
+        self._seconds[last_phase] = self._seconds.get(last_phase, 0.0) + now - self._phase_start
+        self._phase_start = now
+        self.state = (seq, step, phase, time.time())
 
     def tick(self) -> None:
         """Progress inside a phase (a validation batch) without a new marker: ranks may tick unequally."""
@@ -116,7 +128,7 @@ class PhaseMarks:
 class Allowance:
     """Seconds without progress after which a rank counts as stuck."""
 
-    step_s: float  # data, forward, backward, gradient-sync, step, control, validation (per batch)
+    step_s: float  # every phase not in SLOW_PHASES (validation: per batch)
     slow_s: float  # SLOW_PHASES
 
     def for_phase(self, phase: str) -> float:

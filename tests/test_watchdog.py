@@ -372,3 +372,38 @@ def test_a_rank_slow_on_its_data_is_named_so(demo_shards: Path, tmp_path: Path) 
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if "straggler: " in ln]
     assert len(lines) == 1 and "straggler: rank 1 " in lines[0], lines
     assert lines[0].endswith("slow on data (its input pipeline or storage is slow)"), lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# A checkpoint's collectives are judged by the step allowance, its disk work by the slow one
+
+
+def _runs(samples: list[list]) -> dict[str, float]:
+    """The longest uninterrupted stretch of each phase in a rank's samples, in seconds."""
+    longest: dict[str, float] = {}
+    start = 0
+    for i in range(1, len(samples) + 1):
+        if i == len(samples) or samples[i][1] != samples[start][1]:
+            phase = samples[start][1]
+            longest[phase] = max(longest.get(phase, 0.0), samples[i - 1][0] - samples[start][0])
+            start = i
+    return longest
+
+
+def test_a_rank_waiting_in_a_checkpoints_collectives_is_in_checkpoint_sync(tmp_path: Path) -> None:
+    """Two gloo ranks save, each slow in turn (tests/support/checkpoint_phases.py): whoever waits for the
+    other is in "checkpoint-sync" (the step allowance), whoever does disk work in "checkpoint"; both end
+    with the same number of markers (the one behind is still found by its count)."""
+    from tests.support.checkpoint_phases import DELAY_S, save_with_delays
+    from tests.support.tensor_parallel import spawn_two_ranks
+
+    spawn_two_ranks(save_with_delays, (str(tmp_path),), timeout_s=180)
+    ranks = [json.loads((tmp_path / f"phases-rank{r}.json").read_text()) for r in range(2)]
+    runs = [_runs(r["samples"]) for r in ranks]
+    for rank, waited in enumerate(runs):
+        # each rank waited for the other's slow part (late start, slow write, slow commit) in a collective
+        assert waited.get("checkpoint-sync", 0) >= 0.7 * DELAY_S, (rank, waited)
+    # the slow parts themselves: rank 0's late start and its commit, rank 1's file write
+    assert all(r.get("checkpoint", 0) >= 0.7 * DELAY_S for r in runs), runs
+    assert ranks[0]["seq"] == ranks[1]["seq"], ranks
+    assert Allowance(10, 60).for_phase("checkpoint-sync") == 10 and Allowance(10, 60).for_phase("checkpoint") == 60
