@@ -157,13 +157,15 @@ def start_watchdog(cfg: RunConfig, env: ProcessEnv, marks: PhaseMarks) -> Watchd
 
 
 def end_torchrun(reason: str) -> None:
-    """Ends this node's torchrun agent (SIGTERM) when a node of the job cannot be reached.
+    """Ends this node's torchrun agent (SIGKILL) when a node of the job cannot be reached.
 
     Its restart would re-rendezvous with every node, the one it cannot reach included: the node hosting the
     rendezvous waits the join timeout (600 s by default), the others fail only when their store connection
-    does (measured 12-18 minutes, issue 28), and under Slurm the requeue waits for the last of them. On
-    SIGTERM the agent stops its workers and exits at once without touching the rendezvous store; its
-    traceback follows this line. Outside torchrun (plain python, srun tasks) there is no agent to end.
+    does (measured 12-18 minutes, issue 28), and under Slurm the requeue waits for the last of them. SIGKILL,
+    not SIGTERM: an agent cut off from the rendezvous store sits in a store call for its read timeout (60 s
+    each, retried) before Python sees a signal (seen: SIGTERM unanswered for over 90 s). The agent's workers
+    live in sessions of their own and exit by themselves (their watchdogs act on the same verdict); under
+    srun the task's bad exit ends the job step. Outside torchrun (plain python, srun tasks) nothing is done.
     """
     from pathlib import Path
 
@@ -179,15 +181,14 @@ def end_torchrun(reason: str) -> None:
     ):
         return
     logging.getLogger("alexnet").error(
-        "%s: ending torchrun (pid %d) on this node instead of restarting: %s, so a new rendezvous would wait for "
-        "it; torchrun's traceback follows",
+        "%s: ending torchrun (pid %d) on this node instead of restarting: %s, so a new rendezvous would wait for it",
         node_name(),
         parent,
         reason,
     )
     for handler in logging.getLogger().handlers:
         handler.flush()
-    os.kill(parent, signal.SIGTERM)
+    os.kill(parent, signal.SIGKILL)
 
 
 def take_lease(run_dir: str, minutes: float, rank: int) -> Lease | None:

@@ -330,7 +330,7 @@ class Watchdog:
             log.error("%s", line)
             write_verdict(folder / VERDICT, verdict, cut, line)
         if cut is not None and cut.named and prober and self._on_cut is not None:
-            self._on_cut(f"{', '.join(p.node for p in cut.named)} cannot be reached")
+            self._on_cut(f"{', '.join(p.node for p in cut.named)} and the other nodes cannot reach each other")
         for handler in logging.getLogger().handlers + log.handlers:
             handler.flush()
         sys.stderr.flush()

@@ -71,6 +71,9 @@ def test_conclusion_names_the_node_most_others_cannot_reach() -> None:
     assert cut.named == [] and cut.pairs == [] and cut.describe() == ""
 
 
+CUT_REASON = "node-b and the other nodes cannot reach each other"
+
+
 def test_two_watchdogs_name_the_node_they_cannot_reach(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -110,7 +113,7 @@ def test_two_watchdogs_name_the_node_they_cannot_reach(
     verdict = json.loads((folder / VERDICT).read_text())
     assert [(u["node"], u["ranks"], u["addr"]) for u in verdict["unreachable"]] == [("node-b", [1], addr)]
     assert verdict["line"] == lines[0] and verdict["probed_from"] == ["node-a", "node-b"]
-    assert sorted(cuts) == [(0, "node-b cannot be reached"), (1, "node-b cannot be reached")]
+    assert sorted(cuts) == [(0, CUT_REASON), (1, CUT_REASON)]
 
 
 def test_a_stopped_rank_is_not_probed_and_nothing_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
