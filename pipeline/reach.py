@@ -12,9 +12,9 @@ nodes is the usual cause, and neither NCCL's watchdog nor torchelastic names it 
   closed port read as a dead link, while the listener's port is an ephemeral one like gloo's and NCCL's
   own, which the job's network must pass anyway. The listener never accepts: the kernel completes the
   handshake from its queue, which is all a probe needs (one connection per other node per hang);
-- each prober writes what it could not reach to the hang folder (``reach-rank-N.json``), and every rank
-  reads all probers' findings and concludes alike (:func:`conclude`): a node is named when most of
-  the other nodes that reported cannot reach it. When that names every node (two nodes, each reporting
+- each prober writes what it could not reach to the hang folder (``reach-rank-N.json``); the reporting
+  rank and each prober read all probers' findings and conclude alike (:func:`conclude`): a node is
+  named when most of the other nodes that reported cannot reach it. When that names every node (two nodes, each reporting
   the other; a split in halves) the side of rank 0 is kept: the nodes rank 0's node still reaches.
 """
 

@@ -323,8 +323,10 @@ class Watchdog:
         reporter = min(healthy) if healthy else self.rank
         peers = reach.nodes_of(verdict.records)
         prober = self.node in peers and peers[self.node].rank == self.rank
-        # A stopped process explains the hang by itself; otherwise the network may.
-        cut = self.check_network(verdict, folder, peers, prober) if not verdict.silent else None
+        # A stopped process explains the hang by itself; otherwise the network may. The reporter needs the
+        # conclusion for its line, each node's prober for its launcher; the other ranks exit at once.
+        needed = prober or self.rank == reporter
+        cut = self.check_network(folder, peers, prober) if needed and not verdict.silent else None
         if self.rank == reporter:
             line = self.report(verdict, folder, cut)
             log.error("%s", line)
@@ -336,9 +338,7 @@ class Watchdog:
         sys.stderr.flush()
         self._exit(HANG_EXIT)
 
-    def check_network(
-        self, verdict: Verdict, folder: Path, peers: dict[str, reach.Peer], prober: bool
-    ) -> reach.Cut | None:
+    def check_network(self, folder: Path, peers: dict[str, reach.Peer], prober: bool) -> reach.Cut | None:
         """Probe the other nodes (this node's lowest rank), then read every node's findings: they arrive
         within a probe plus the ranks' spread in reaching the verdict (a poll, a beat's staleness)."""
         if len(peers) < 2:
@@ -351,7 +351,7 @@ class Watchdog:
         while found.keys() < peers.keys() and time.monotonic() < deadline:
             time.sleep(0.1)
             found = reach.read_findings(folder, peers)
-        return reach.conclude(peers, found, verdict.records[min(verdict.records)].node or "")
+        return reach.conclude(peers, found, min(peers.values(), key=lambda p: p.rank).node)
 
     def report(self, verdict: Verdict, folder: Path, cut: reach.Cut | None = None) -> str:
         stuck = f"no progress on any rank for {verdict.stuck_s:.0f} s"
