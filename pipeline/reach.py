@@ -14,8 +14,9 @@ nodes is the usual cause, and neither NCCL's watchdog nor torchelastic names it 
   handshake from its queue, which is all a probe needs (one connection per other node per hang);
 - each prober writes what it could not reach to the hang folder (``reach-rank-N.json``); the reporting
   rank and each prober read all probers' findings and conclude alike (:func:`conclude`): a node is
-  named when most of the other nodes that reported cannot reach it. When that names every node (two nodes, each reporting
-  the other; a split in halves) the side of rank 0 is kept: the nodes rank 0's node still reaches.
+  named when most of the other nodes that reported cannot reach it. When that names every node (two
+  nodes, each reporting the other; a split in halves) the side of rank 0 is kept: the nodes rank 0's
+  node still reaches.
 """
 
 from __future__ import annotations

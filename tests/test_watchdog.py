@@ -392,6 +392,7 @@ def _runs(samples: list[list]) -> dict[str, float]:
     return longest
 
 
+@pytest.mark.multiprocess
 def test_a_rank_waiting_in_a_checkpoints_collectives_is_in_checkpoint_sync(tmp_path: Path) -> None:
     """Two gloo ranks save, each slow in turn (tests/support/checkpoint_phases.py): whoever waits for the
     other is in "checkpoint-sync" (the step allowance), whoever does disk work in "checkpoint"; both end
