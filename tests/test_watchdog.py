@@ -410,3 +410,48 @@ def test_a_rank_waiting_in_a_checkpoints_collectives_is_in_checkpoint_sync(tmp_p
     assert all(r.get("checkpoint", 0) >= 0.7 * DELAY_S for r in runs), runs
     assert ranks[0]["seq"] == ranks[1]["seq"], ranks
     assert Allowance(10, 60).for_phase("checkpoint-sync") == 10 and Allowance(10, 60).for_phase("checkpoint") == 60
+
+
+def test_waiting_for_a_background_save_shows_the_writers_phase(tmp_path: Path, monkeypatch) -> None:
+    """With async saves the writer thread marks nothing itself; the training thread, waiting for it, shows its
+    phase (here DCP's plan exchange, "checkpoint-sync") without adding markers of its own."""
+    import threading
+
+    import torch
+
+    from pipeline.checkpoint import CheckpointConfig, Checkpointer, TrainState, _MarkedWriter
+    from pipeline.config import RunConfig
+    from pipeline.model import ModelConfig, build_model
+    from pipeline.schedule import LRSchedule
+
+    cfg = RunConfig(run_dir=str(tmp_path))
+    cfg.model = ModelConfig(num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    layout = {"world_size": 1, "dp_size": 1, "tp_size": 1}
+    state = TrainState(model, optimizer, LRSchedule(cfg.schedule, 0.01), cfg, layout, rank=0, tp_rank=0)
+    marks = PhaseMarks()
+    saver = Checkpointer(tmp_path, CheckpointConfig(every_minutes=0, async_save=True), rank=0, marks=marks)
+    exchange = _MarkedWriter.prepare_global_plan
+    monkeypatch.setattr(
+        _MarkedWriter, "prepare_global_plan", lambda self, plans: (time.sleep(1.5), exchange(self, plans))[1]
+    )
+    saver.save(state, torch.device("cpu"))
+    assert marks.state[2] == "checkpoint"  # the training thread's last marker: the copy to host memory
+    before, seen, done = marks.state[0], set(), threading.Event()
+    writer = saver._pending.thread
+
+    def sample() -> None:  # while the writer runs (then the outcome's all-gather enters checkpoint-sync anyway)
+        while not done.is_set():
+            phase = marks.state[2]
+            if writer.is_alive():
+                seen.add(phase)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    saver.wait()
+    done.set()
+    sampler.join()
+    assert "checkpoint-sync" in seen, seen
+    assert marks.state[0] == before + 1  # the outcome's all-gather only (a marker every rank enters)
