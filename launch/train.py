@@ -21,6 +21,7 @@ Before anything is written, global rank 0 takes the run directory's writer lease
 a second job on the same --run-dir fails at once, on every rank, with one line naming the holder.
 Then every rank starts its progress watchdog (pipeline.watchdog): a hang is named in one line, the
 live ranks' stacks go to RUN_DIR/hangs/, and they exit with code 75 for torchrun to restart them.
+When the hang is a node the others cannot reach, torchrun is ended instead (``end_torchrun``).
 """
 
 from __future__ import annotations
@@ -155,7 +156,42 @@ def start_watchdog(cfg: RunConfig, env: ProcessEnv, marks: PhaseMarks) -> Watchd
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
     allowance = Allowance(cfg.train.hang_timeout, cfg.train.slow_phase_timeout)
-    return Watchdog(cfg.run_dir, env.rank, env.world_size, box[0], marks, allowance).start()
+    return Watchdog(cfg.run_dir, env.rank, env.world_size, box[0], marks, allowance, on_cut=end_torchrun).start()
+
+
+def end_torchrun(reason: str) -> None:
+    """Ends this node's torchrun agent (SIGKILL) when a node of the job cannot be reached.
+
+    Its restart would re-rendezvous with every node, the one it cannot reach included: the node hosting the
+    rendezvous waits the join timeout (600 s by default), the others fail only when their store connection
+    does (measured 12-18 minutes, issue 28), and under Slurm the requeue waits for the last of them. SIGKILL,
+    not SIGTERM: an agent cut off from the rendezvous store sits in a store call for its read timeout (60 s
+    each, retried) before Python sees a signal (seen: SIGTERM unanswered for over 90 s). The agent's workers
+    live in sessions of their own and exit by themselves (their watchdogs act on the same verdict); under
+    srun the task's bad exit ends the job step. Outside torchrun (plain python, srun tasks) nothing is done.
+    """
+    from pathlib import Path
+
+    from pipeline.reach import node_name
+
+    parent = os.getppid()
+    try:
+        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not any(
+        a.endswith((b"torchrun", b"torch.distributed.run")) for a in argv[:3]
+    ):
+        return
+    logging.getLogger("alexnet").error(
+        "%s: ending torchrun (pid %d) on this node instead of restarting: %s, so a new rendezvous would wait for it",
+        node_name(),
+        parent,
+        reason,
+    )
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.kill(parent, signal.SIGKILL)
 
 
 def take_lease(run_dir: str, minutes: float, rank: int) -> Lease | None:

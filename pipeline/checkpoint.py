@@ -36,6 +36,7 @@ import stat
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -487,13 +488,50 @@ class _PendingSave:
     name: str
     thread: threading.Thread | None = None
     error: str | None = None
+    phase: str = "checkpoint"  # the background writer's phase, shown as the rank's own while it waits for it
+
+
+# A phase change for the progress watchdog: (phase, alone). ``alone``: only this rank does it (rank 0's
+# commit), so it moves the rank's phase on without a marker of its own (tick) (pipeline.watchdog.PhaseMarks).
+Phase = Callable[[str, bool], None]
+
+
+class _MarkedWriter(dcp.FileSystemWriter):
+    """DCP's file writer, telling the watchdog which parts of a save are disk work ("checkpoint", the
+    slow allowance) and which wait for the other ranks ("checkpoint-sync": DCP's plan gather and scatter,
+    the gather of every rank's write results, the broadcast of the metadata). Every rank enters the same
+    markers; the coordinator's metadata write only ticks into its phase."""
+
+    def __init__(self, path: str, phase: Phase):
+        super().__init__(path, sync_files=True)
+        self._phase = phase
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        self._phase("checkpoint", False)  # creates the directory
+        plan = super().prepare_local_plan(plan)
+        self._phase("checkpoint-sync", False)  # then the plan's gather and scatter
+        return plan
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        self._phase("checkpoint", False)
+        written = super().write_data(plan, planner)  # synchronous: the future returned is done
+        self._phase("checkpoint-sync", False)  # then the results' gather and the metadata's broadcast
+        return written
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        self._phase("checkpoint", True)  # the coordinator only: .metadata written while the others wait
+        super().finish(metadata, results)
+        self._phase("checkpoint-sync", True)
 
 
 class Checkpointer:
     """Collective save and restore of a :class:`TrainState` in ``RUN/checkpoints``."""
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, rank: int, process_group: Any = None):
+    def __init__(
+        self, run_dir: str | Path, cfg: CheckpointConfig, rank: int, process_group: Any = None, marks: Any = None
+    ):
         self.run_dir = Path(run_dir)
+        self.marks = marks  # the progress watchdog's view of this rank (pipeline.watchdog.PhaseMarks), or None
         self.dir = checkpoints_dir(run_dir)
         self.cfg = cfg
         self.rank = rank
@@ -532,6 +570,11 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier(group=self.group)
 
+    def _mark(self, phase: str, alone: bool = False) -> None:
+        """The training thread's phase (the watchdog judges "checkpoint-sync" by the step allowance)."""
+        if self.marks is not None:
+            (self.marks.tick if alone else self.marks.enter)(phase)
+
     # -- save
 
     def save(self, state: TrainState, device: torch.device, *, is_best: bool = False) -> Path:
@@ -542,6 +585,7 @@ class Checkpointer:
         ``wait()`` settles it; the next save, a stop and the end of training call it.
         """
         self.wait()  # at most one save in flight
+        self._mark("checkpoint-sync")  # the finite check and the name's broadcast
         step = state.progress.step
         if not state.all_finite(device, self.group):
             raise NonFiniteState(
@@ -558,17 +602,21 @@ class Checkpointer:
         name, error = self._broadcast((name, error))
         if error:
             raise CheckpointError(f"{error}; nothing was written, free space or fix permissions and re-run")
+        self._mark("checkpoint")  # the copy to host memory, then the write's own markers
         tensors = state.tensors(copy=self.cfg.async_save)
         meta = {**state.meta(), "step": step}
         self._last_save = time.monotonic()
         self.last_saved_step = step
         if not self.cfg.async_save:
-            self._conclude(step, name, self._write(name, tensors, meta, is_best, self.group))
+            self._conclude(step, name, self._write(name, tensors, meta, is_best, self.group, self._mark))
             return self.dir / name
         pending = _PendingSave(step, name)
 
         def write() -> None:
-            pending.error = self._write(name, tensors, meta, is_best, self._async_group())
+            # Only the training thread marks phases: the writer's go to `pending.phase`, which wait() shows.
+            pending.error = self._write(
+                name, tensors, meta, is_best, self._async_group(), lambda phase, alone: setattr(pending, "phase", phase)
+            )
 
         pending.thread = threading.Thread(target=write, name=f"checkpoint-{name}", daemon=True)
         pending.thread.start()
@@ -583,18 +631,29 @@ class Checkpointer:
         """Collective: finish the save in flight, if any; raises its error on every rank."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.thread.join()
+            shown = None
+            while pending.thread.is_alive():  # a hung background collective is judged as a hung collective
+                if pending.phase != shown:
+                    shown = pending.phase
+                    self._mark(shown, alone=True)  # ranks see different numbers of changes: no markers
+                pending.thread.join(timeout=0.2)
             self._conclude(pending.step, pending.name, pending.error)
 
     def _write(
-        self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], is_best: bool, group: Any
+        self,
+        name: str,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        is_best: bool,
+        group: Any,
+        phase: Phase,
     ) -> str | None:
         """Every rank writes its files; rank 0 then checksums, commits and prunes. The error, or None."""
         tmp = self.dir / (name + _TMP)
         try:
             written = dcp.save(
                 tensors,
-                storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True),
+                storage_writer=_MarkedWriter(str(tmp), phase),
                 process_group=group,
                 no_dist=not dist.is_initialized(),
             )
@@ -603,6 +662,7 @@ class Checkpointer:
             written, error = None, _first_line(e) + _space_hint(self.dir, sum(t.nbytes for t in tensors.values()))
         if self.rank == 0:
             if error is None:
+                phase("checkpoint", True)  # checksums and commit, while the others wait in _conclude
                 try:
                     self._finish(tmp, name, meta, written, is_best)
                 except OSError as e:
@@ -613,6 +673,7 @@ class Checkpointer:
 
     def _conclude(self, step: int, name: str, error: str | None) -> None:
         """Collective: every rank learns of a failure on any rank."""
+        self._mark("checkpoint-sync")
         if dist.is_initialized():
             errors: list[str | None] = [None] * dist.get_world_size(self.group)
             dist.all_gather_object(errors, error, group=self.group)

@@ -85,8 +85,8 @@ class TrainConfig:
     launcher restarts it from the last checkpoint (0 = no watchdog)"""
     slow_phase_timeout: float = 480.0
     """the same allowance for the phases whose single steps may take long: start-up and resume, an epoch's
-    input pipeline set-up, a checkpoint write (a rank whose process stopped running is judged by
-    --train.hang-timeout whatever its phase)"""
+    input pipeline set-up, a checkpoint's disk writes (its collectives get --train.hang-timeout; a rank
+    whose process stopped running is judged by --train.hang-timeout whatever its phase)"""
     collective_timeout_min: float = 10.0
     """minutes a collective may wait before the process group fails it (the watchdog acts first)"""
     straggler_threshold: float = 1.5

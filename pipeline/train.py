@@ -120,7 +120,7 @@ class Trainer:
             tp_rank=self.dims.tp_rank,
             towers=cfg.model.towers,
         )
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.dims.rank)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.dims.rank, marks=self.marks)
         self.requests = ManualRequests(self.run_dir)
         self.writer = MetricWriter(self.run_dir, enabled=self.dims.is_main)
         self.train_log = TrainLog(
@@ -373,6 +373,7 @@ class Trainer:
         totals = count(self.model, batches, ten_crop=ten_crop, amp=amp)
         totals_t = totals.as_tensor(self.device)
         if self.mesh.dp_group is not None and self.dims.dp_size > 1:
+            self.marks.enter("validation-sync")  # every rank, whatever its number of batches
             dist.all_reduce(totals_t, group=self.mesh.dp_group)
         result = EvalCounts.from_tensor(totals_t).summary()
         self.train_log.validation(epoch, self.progress.step, result, ten_crop)

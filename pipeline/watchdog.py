@@ -4,7 +4,8 @@ A rank stuck in a storage read, a wedged driver or a stopped process does not cr
 wait in a collective until the process group's timeout, and nothing names the culprit. Here:
 
 - the trainer marks its phases (``PhaseMarks.enter``: data, forward, backward, gradient-sync, step,
-  control, validation, checkpoint ...); a marker costs a clock read and a tuple assignment;
+  control, validation, validation-sync, checkpoint, checkpoint-sync ...); a marker costs a clock read
+  and a tuple assignment;
 - a thread on every rank publishes the rank's last marker and a heartbeat to
   ``RUN_DIR/progress/rank-N.json`` every ``beat_s`` (the run directory is shared by all ranks; the
   rendezvous store is not used: under env:// it lives in rank 0, which may be the stuck one),
@@ -17,7 +18,11 @@ wait in a collective until the process group's timeout, and nothing names the cu
   for). The lowest healthy rank logs one line naming it; every rank that can run Python writes its
   stacks (``faulthandler``, all threads) to ``RUN_DIR/hangs/<time>/rank-N.txt`` and exits with
   ``HANG_EXIT`` at once, without waiting for the collective, so that torchrun's ``--max-restarts``
-  (or the Slurm script's requeue) restarts the job from its newest checkpoint.
+  (or the Slurm script's requeue) restarts the job from its newest checkpoint;
+- when no rank's process is stopped, the nodes first check that they reach each other
+  (``pipeline.reach``): the line names the rank pairs that cannot talk, ``hangs/<time>/hang.json``
+  (the verdict, for scripts) names the unreachable nodes, and each node's lowest rank asks its
+  launcher to end instead of restarting (``on_cut``): a restart would wait for a node it cannot reach.
 
 Records of an earlier attempt (a restart reuses the run directory) carry another ``attempt`` token
 and are ignored. Timestamps are wall-clock times: across nodes they assume NTP-synchronised clocks
@@ -39,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline import reach
 from pipeline.phase_timer import HostClock, PhaseClock, PhaseWindow
 
 log = logging.getLogger("alexnet")
@@ -46,8 +52,11 @@ log = logging.getLogger("alexnet")
 HANG_EXIT = 75  # EX_TEMPFAIL: "try again", what the launcher's restart does
 PROGRESS_DIR = "progress"
 HANGS_DIR = "hangs"
+VERDICT = "hang.json"  # in each hang folder, by the reporting rank
 # Phases whose single steps may legitimately take long: start-up (model build, resume), an epoch's
-# input pipeline set-up (shard verification), a checkpoint write.
+# input pipeline set-up (shard verification), a checkpoint's disk work. A checkpoint's collectives
+# (the finite check, DCP's plan and metadata exchange, the outcome's all-gather) are "checkpoint-sync"
+# and get the step allowance: a hung collective there is no slower than one in a training step.
 # "compile": the first training step and the first validation batch under --model.compile (every rank
 # compiles at once on the node's shared CPUs; a slow compile is not a hang, and a restart compiles again).
 SLOW_PHASES = frozenset({"start", "loader", "checkpoint", "compile"})
@@ -83,10 +92,14 @@ class PhaseMarks:
 
     def tick(self, phase: str | None = None) -> None:
         """Progress inside a phase (a validation batch) without a new marker: ranks may tick unequally.
-        ``phase``: the phase changes too, still without a marker (the first compiled batch is over)."""
+        ``phase``: the phase changes too, still without a marker: the first compiled batch is over, or a
+        phase only this rank enters (rank 0's commit of a checkpoint while the others wait for it), so every
+        rank's marker count stays comparable."""
         seq, step, last, _ = self.state
         if phase is not None and phase != last:
             self.clock.mark(phase)
+            if self.on_enter is not None:
+                self.on_enter(phase)
         self.state = (seq, step, phase or last, time.time())
 
     def iterate(self, items: Iterable[T], phase: str, first: str | None = None) -> Iterator[T]:
@@ -126,7 +139,7 @@ class PhaseMarks:
 class Allowance:
     """Seconds without progress after which a rank counts as stuck."""
 
-    step_s: float  # data, forward, backward, gradient-sync, step, control, validation (per batch)
+    step_s: float  # every phase not in SLOW_PHASES (validation: per batch)
     slow_s: float  # SLOW_PHASES
 
     def for_phase(self, phase: str) -> float:
@@ -144,6 +157,8 @@ class Record:
     phase: str
     progress_at: float
     beat_at: float
+    node: str = ""  # the scheduler's node name (pipeline.reach.node_name)
+    addr: str = ""  # HOST:PORT of the rank's reachability listener ("" without one)
 
     @classmethod
     def read(cls, path: Path) -> Record | None:
@@ -215,6 +230,7 @@ class Watchdog:
         marks: PhaseMarks,
         allowance: Allowance,
         exit_process: Callable[[int], Any] = os._exit,
+        on_cut: Callable[[str], Any] | None = None,
     ):
         self.rank, self.world_size, self.attempt = rank, world_size, attempt
         self.marks, self.allowance = marks, allowance
@@ -228,12 +244,18 @@ class Watchdog:
         self.poll_s = self.beat_s / 5
         self.stale_s = max(3 * self.beat_s, 2.0)
         self._published: tuple[Any, float] = (None, 0.0)
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.host, self.pid, self.node = socket.gethostname(), os.getpid(), reach.node_name()
+        self.listener: reach.Listener | None = None
         self._exit = exit_process
+        self._on_cut = on_cut  # called with a reason on each node's lowest rank when nodes cannot talk
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress-watchdog", daemon=True)
 
     def start(self) -> Watchdog:
+        try:
+            self.listener = self.listener or reach.Listener()
+        except OSError as e:  # the hang line then says nothing about the network
+            log.warning("progress watchdog: no reachability listener (%s)", e)
         self.progress_dir.mkdir(parents=True, exist_ok=True)
         self._publish()
         self._thread.start()
@@ -243,6 +265,8 @@ class Watchdog:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2 * self.beat_s + 5)
+        if self.listener is not None:
+            self.listener.close()
 
     # -- the thread
 
@@ -262,7 +286,10 @@ class Watchdog:
     def _publish(self) -> None:
         state = self.marks.state
         seq, step, phase, progress_at = state
-        record = Record(self.rank, self.host, self.pid, self.attempt, seq, step, phase, progress_at, time.time())
+        addr = self.listener.addr if self.listener is not None else ""
+        record = Record(
+            self.rank, self.host, self.pid, self.attempt, seq, step, phase, progress_at, time.time(), self.node, addr
+        )
         path = self.progress_dir / f"rank-{self.rank}.json"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(vars(record)))
@@ -298,24 +325,55 @@ class Watchdog:
         os.replace(tmp, stacks)
         healthy = [r for r in range(self.world_size) if r not in verdict.silent and r not in _ranks(verdict.culprits)]
         reporter = min(healthy) if healthy else self.rank
+        peers = reach.nodes_of(verdict.records)
+        prober = self.node in peers and peers[self.node].rank == self.rank
+        # A stopped process explains the hang by itself; otherwise the network may. The reporter needs the
+        # conclusion for its line, each node's prober for its launcher; the other ranks exit at once.
+        needed = prober or self.rank == reporter
+        cut = self.check_network(folder, peers, prober) if needed and not verdict.silent else None
         if self.rank == reporter:
-            log.error("%s", self.report(verdict, folder))
+            line = self.report(verdict, folder, cut)
+            log.error("%s", line)
+            write_verdict(folder / VERDICT, verdict, cut, line)
+        if cut is not None and cut.named and prober and self._on_cut is not None:
+            self._on_cut(f"{', '.join(p.node for p in cut.named)} and the other nodes cannot reach each other")
         for handler in logging.getLogger().handlers + log.handlers:
             handler.flush()
         sys.stderr.flush()
         self._exit(HANG_EXIT)
 
-    def report(self, verdict: Verdict, folder: Path) -> str:
+    def check_network(self, folder: Path, peers: dict[str, reach.Peer], prober: bool) -> reach.Cut | None:
+        """Probe the other nodes (this node's lowest rank), then read every node's findings: they arrive
+        within a probe plus the ranks' spread in reaching the verdict (a poll, a beat's staleness)."""
+        if len(peers) < 2:
+            return None
+        if prober:
+            targets = {p.rank: p.addr for p in peers.values() if p.node != self.node and p.addr}
+            reach.write_findings(folder, peers[self.node], reach.probe(targets))
+        deadline = time.monotonic() + reach.PROBE_S + 2 * self.beat_s + 2
+        found = reach.read_findings(folder, peers)
+        while found.keys() < peers.keys() and time.monotonic() < deadline:
+            time.sleep(0.1)
+            found = reach.read_findings(folder, peers)
+        return reach.conclude(peers, found, min(peers.values(), key=lambda p: p.rank).node)
+
+    def report(self, verdict: Verdict, folder: Path, cut: reach.Cut | None = None) -> str:
         stuck = f"no progress on any rank for {verdict.stuck_s:.0f} s"
         if not verdict.culprits:
             rec = verdict.records[min(verdict.records)]
             who = f"no rank is behind: all wait in phase {rec.phase} at step {rec.step} (a collective hangs)"
         else:
             who = "; ".join(self._describe(rec, verdict) for rec in verdict.culprits)
-        return (
-            f"hang: {who}; {stuck}; stacks of every rank that can run Python in {folder}/rank-N.txt; "
-            f"exiting with code {HANG_EXIT} so the launcher restarts from the last checkpoint"
-        )
+        if cut is not None and cut.pairs:
+            who += f"; {cut.describe()}"
+        then = f"exiting with code {HANG_EXIT} so the launcher restarts from the last checkpoint"
+        if cut is not None and cut.named:
+            nodes = ", ".join(p.node for p in cut.named)
+            then = (
+                f"exiting with code {HANG_EXIT}; the launchers end instead of restarting (a restart would wait "
+                f"for {nodes}); {folder / VERDICT} names {nodes} for a requeue without it"
+            )
+        return f"hang: {who}; {stuck}; stacks of every rank that can run Python in {folder}/rank-N.txt; {then}"
 
     def _describe(self, rec: Record, verdict: Verdict) -> str:
         text = (
@@ -330,6 +388,28 @@ class Watchdog:
                 + ": stopped or stuck in the kernel, no stack from it"
             )
         return text
+
+
+def write_verdict(path: Path, verdict: Verdict, cut: reach.Cut | None, line: str) -> None:
+    """The verdict for scripts: culprits, the unreachable nodes (``sbatch --exclude``), the pairs, the line."""
+
+    def rank(rec: Record) -> dict[str, Any]:
+        return {k: getattr(rec, k) for k in ("rank", "node", "host", "pid", "phase", "step")}
+
+    data = {
+        "culprits": [rank(r) for r in verdict.culprits],
+        "silent": sorted(verdict.silent),
+        "unreachable": cut.as_json() if cut is not None else [],
+        "pairs": [
+            {"from_rank": a.rank, "from_node": a.node, "to_rank": b.rank, "to_node": b.node, "addr": b.addr, "why": w}
+            for a, b, w in (cut.pairs if cut is not None else [])
+        ],
+        "probed_from": cut.reported if cut is not None else [],
+        "line": line,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def _ranks(records: list[Record]) -> set[int]:

@@ -33,6 +33,10 @@
 # RUN_DIR/hangs/ and ends the attempt (exit 75); torchrun restarts the group (MAX_RESTARTS). When the
 # restarts are used up and this job recorded a hang, the script requeues the job (HANG_REQUEUES times,
 # default 3, counted by SLURM_RESTART_COUNT), so a hung job comes back on a fresh allocation.
+# A broken link: when the nodes of a hung job cannot reach each other, the watchdog names the node cut
+# off in RUN_DIR/hangs/<time>/hang.json and ends each node's torchrun at once instead of letting it
+# re-rendezvous (which waited 12-18 minutes for the unreachable node); srun --kill-on-bad-exit=1 ends the
+# job step with the first of them, and the script requeues the job excluding that node (ExcNodeList).
 #SBATCH --job-name=alexnet
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -100,8 +104,10 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 # own lease taking in launch.train still settles a race between two jobs starting together).
 "$PYTHON" -m pipeline.lease check "$run_dir" || exit $?
 
+# --kill-on-bad-exit=1: a node's torchrun fails only when its restarts are spent or its watchdog ended it
+# (a node it cannot reach); either way the others cannot go on, and waiting for them kept the allocation.
 torchrun_on_all_nodes() {  # torchrun once per node through srun; the rest of the line is its arguments
-    srun --kill-on-bad-exit=0 --ntasks-per-node=1 \
+    srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
         "$PYTHON" -m torch.distributed.run \
             --nnodes="$nodes" --nproc-per-node="$nproc" \
             --rdzv-backend=c10d --rdzv-endpoint="$endpoint" "$@"
@@ -146,12 +152,35 @@ if [[ $requeue == 1 ]]; then
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
+requeue_excluding() {  # requeue this job, then exclude nodes from its next allocation
+    local nodes=$1 old
+    old=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | tr ' ' '\n' | sed -n 's/^ExcNodeList=//p')
+    [[ -n "$old" && "$old" != "(null)" ]] && nodes=$old,$nodes
+    # Slurm changes ExcNodeList only on a pending job: the requeue makes it pending at once and TERMs this
+    # script, which then has KillWait seconds (30 by default) for the update.
+    trap '' TERM
+    scontrol requeue "$SLURM_JOB_ID"
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$nodes" 2>/dev/null && return 0
+        sleep 0.5
+    done
+    echo "$(date +%T) could not exclude $nodes from job $SLURM_JOB_ID (scontrol update refused): it may land there again"
+}
+
 # A hang recorded by this job (a folder under RUN_DIR/hangs/ newer than its start) that torchrun's
-# restarts did not get past: requeue, so the job comes back on a fresh allocation.
+# restarts did not get past: requeue, so the job comes back on a fresh allocation; without the nodes
+# its hang.json names as cut off from the others (pipeline/reach.py), which a new allocation must avoid.
 hung=$(find "$run_dir/hangs" -mindepth 1 -maxdepth 1 -newermt "@$started" 2>/dev/null | sort | tail -n 1)
 if [[ $status != 0 && -n "$hung" && ${SLURM_RESTART_COUNT:-0} -lt ${HANG_REQUEUES:-3} && -n "${SLURM_JOB_ID:-}" ]]; then
-    echo "$(date +%T) training failed after a hang ($hung, exit $status); requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
+    unreachable=$("$PYTHON" -c 'import json, sys; print(",".join(u["node"] for u in json.load(open(sys.argv[1]))["unreachable"]))' \
+        "$hung/hang.json" 2>/dev/null)
+    if [[ -n "$unreachable" ]]; then
+        echo "$(date +%T) training failed after a hang ($hung, exit $status): $unreachable cannot reach the other nodes; requeueing job $SLURM_JOB_ID excluding $unreachable"
+        requeue_excluding "$unreachable"
+    else
+        echo "$(date +%T) training failed after a hang ($hung, exit $status); requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
     exit 0
 fi
 exit "$status"

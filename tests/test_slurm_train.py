@@ -338,3 +338,40 @@ def test_hung_job_is_requeued_and_finishes(slurm_cluster: SlurmCluster, demo_sha
     resumed = re.search(r"resumed from (\S+): epoch (\d+), step (\d+)", second)
     assert resumed and int(resumed.group(3)) >= 4, second
     assert _meta(_latest(run_dir))["progress"]["step"] == _stop_line(second) > int(resumed.group(3))
+
+
+def test_node_cut_off_is_named_and_the_job_requeued_without_it(
+    slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path
+) -> None:
+    """Two nodes hung in the same collective, n2's probe listener answering nothing (a cut link, emulated by
+    tests/support/hooks: both slurmd share one host). The watchdog names n2 in the line and in hang.json,
+    both torchruns end, and the script requeues the job excluding n2: with one node left, the two-node job
+    stays pending (BadConstraints) and is cancelled here."""
+    run_dir = tmp_path / "run"
+    watch = "--train.hang-timeout 10 --train.slow-phase-timeout 20 --train.collective-timeout-min 2".split()
+    args = [*flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN, *UNTIL_STOPPED, *watch]
+    hooks = os.pathsep.join([str(REPO / "tests" / "support" / "hooks"), str(REPO)])
+    env = {"PREFLIGHT": "off", "PYTHONPATH": hooks, "ALEXNET_TEST_HANG_AT": "3", "ALEXNET_TEST_UNREACHABLE_NODE": "n2"}
+    job = _submit(slurm_cluster, tmp_path, [*args, "--train.log-every", "1"], nodes=2, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            (record,) = slurm_cluster.jobs(job)
+            if record.get("Restarts") == "1" and record["Reason"] not in ("None", "BeginTime"):
+                break
+            assert record["JobState"] not in ENDED_STATES, _log(record)
+            assert time.monotonic() < deadline, f"no requeue after 300 s: {record}\n{_log(record)}"
+            time.sleep(0.5)
+    finally:
+        _cancel(slurm_cluster, job)
+    log = _log(record)
+    assert (record["JobState"], record["ExcNodeList"], record["Reason"]) == ("PENDING", "n2", "BadConstraints"), (
+        record,
+        log,
+    )
+    line = next(ln for ln in log.splitlines() if "hang: " in ln)
+    assert re.search(r"rank \d \(host n1\) cannot reach rank \d \(host n2, [\d.]+:\d+\): the network", line), line
+    folder = Path(re.search(r"Python in (\S+)/rank-N.txt", line).group(1))
+    assert [u["node"] for u in json.loads((folder / "hang.json").read_text())["unreachable"]] == ["n2"]
+    assert "n1: ending torchrun (pid " in log and "n2: ending torchrun (pid " in log, log
+    assert f"n2 cannot reach the other nodes; requeueing job {job} excluding n2" in log, log

@@ -142,6 +142,8 @@ def _progress(run_dir: Path, rank: int) -> dict | None:
 
 
 TRAINING_PHASES = ("data", "forward", "backward", "gradient-sync", "step", "control")
+SAVE_PHASES = ("checkpoint", "checkpoint-sync")  # stopped in its slow save, or just after it
+VALIDATION_PHASES = ("validation", "validation-sync")
 
 
 @pytest.mark.multiprocess
@@ -182,7 +184,7 @@ def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_pat
     victims: list[int] = []
     times: list[tuple[float, float, float]] = []
     try:
-        for attempt, phases in enumerate([TRAINING_PHASES, ("checkpoint",), ("validation",)]):
+        for attempt, phases in enumerate([TRAINING_PHASES, SAVE_PHASES, VALIDATION_PHASES]):
 
             def rank1(attempt: int = attempt) -> int | None:
                 pids = [p for p in children(agent.pid) if HARNESS in cmdline(p) and _rank_of(p) == 1]
@@ -222,7 +224,7 @@ def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_pat
     # One line per hang names the stopped rank, its host, pid, phase and step, and says it can leave no stack.
     lines = _hang_lines(log)
     assert len(lines) == 3, text[-6000:]
-    for line, victim, phases in zip(lines, victims, [TRAINING_PHASES, ("checkpoint",), ("validation",)]):
+    for line, victim, phases in zip(lines, victims, [TRAINING_PHASES, SAVE_PHASES, VALIDATION_PHASES]):
         m = re.search(r"rank 1 \(host (\S+), pid (\d+)\) last seen in phase ([\w-]+) at step (\d+)", line)
         assert m and int(m.group(2)) == victim and m.group(3) in phases, (line, victim, phases)
         assert "process state T (stopped)" in line and "no stack from it" in line, line
@@ -376,3 +378,84 @@ def test_a_rank_slow_on_its_data_is_named_so(demo_shards: Path, tmp_path: Path) 
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if "straggler: " in ln]
     assert len(lines) == 1 and "straggler: rank 1 " in lines[0], lines
     assert lines[0].endswith("slow on data (its input pipeline or storage is slow)"), lines[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# A checkpoint's collectives are judged by the step allowance, its disk work by the slow one
+
+
+def _runs(samples: list[list]) -> dict[str, float]:
+    """The longest uninterrupted stretch of each phase in a rank's samples, in seconds."""
+    longest: dict[str, float] = {}
+    start = 0
+    for i in range(1, len(samples) + 1):
+        if i == len(samples) or samples[i][1] != samples[start][1]:
+            phase = samples[start][1]
+            longest[phase] = max(longest.get(phase, 0.0), samples[i - 1][0] - samples[start][0])
+            start = i
+    return longest
+
+
+@pytest.mark.multiprocess
+def test_a_rank_waiting_in_a_checkpoints_collectives_is_in_checkpoint_sync(tmp_path: Path) -> None:
+    """Two gloo ranks save, each slow in turn (tests/support/checkpoint_phases.py): whoever waits for the
+    other is in "checkpoint-sync" (the step allowance), whoever does disk work in "checkpoint"; both end
+    with the same number of markers (the one behind is still found by its count)."""
+    from tests.support.checkpoint_phases import DELAY_S, save_with_delays
+    from tests.support.tensor_parallel import spawn_two_ranks
+
+    spawn_two_ranks(save_with_delays, (str(tmp_path),), timeout_s=180)
+    ranks = [json.loads((tmp_path / f"phases-rank{r}.json").read_text()) for r in range(2)]
+    runs = [_runs(r["samples"]) for r in ranks]
+    for rank, waited in enumerate(runs):
+        # each rank waited for the other's slow part (late start, slow write, slow commit) in a collective
+        assert waited.get("checkpoint-sync", 0) >= 0.7 * DELAY_S, (rank, waited)
+    # the slow parts themselves: rank 0's late start and its commit, rank 1's file write
+    assert all(r.get("checkpoint", 0) >= 0.7 * DELAY_S for r in runs), runs
+    assert ranks[0]["seq"] == ranks[1]["seq"], ranks
+    assert Allowance(10, 60).for_phase("checkpoint-sync") == 10 and Allowance(10, 60).for_phase("checkpoint") == 60
+
+
+def test_waiting_for_a_background_save_shows_the_writers_phase(tmp_path: Path, monkeypatch) -> None:
+    """With async saves the writer thread marks nothing itself; the training thread, waiting for it, shows its
+    phase (here DCP's plan exchange, "checkpoint-sync") without adding markers of its own."""
+    import threading
+
+    import torch
+
+    from pipeline.checkpoint import CheckpointConfig, Checkpointer, TrainState, _MarkedWriter
+    from pipeline.config import RunConfig
+    from pipeline.model import ModelConfig, build_model
+    from pipeline.schedule import LRSchedule
+
+    cfg = RunConfig(run_dir=str(tmp_path))
+    cfg.model = ModelConfig(num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    layout = {"world_size": 1, "dp_size": 1, "tp_size": 1}
+    state = TrainState(model, optimizer, LRSchedule(cfg.schedule, 0.01), cfg, layout, rank=0, tp_rank=0)
+    marks = PhaseMarks()
+    saver = Checkpointer(tmp_path, CheckpointConfig(every_minutes=0, async_save=True), rank=0, marks=marks)
+    exchange = _MarkedWriter.prepare_global_plan
+    monkeypatch.setattr(
+        _MarkedWriter, "prepare_global_plan", lambda self, plans: (time.sleep(1.5), exchange(self, plans))[1]
+    )
+    saver.save(state, torch.device("cpu"))
+    assert marks.state[2] == "checkpoint"  # the training thread's last marker: the copy to host memory
+    before, seen, done = marks.state[0], set(), threading.Event()
+    writer = saver._pending.thread
+
+    def sample() -> None:  # while the writer runs (then the outcome's all-gather enters checkpoint-sync anyway)
+        while not done.is_set():
+            phase = marks.state[2]
+            if writer.is_alive():
+                seen.add(phase)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    saver.wait()
+    done.set()
+    sampler.join()
+    assert "checkpoint-sync" in seen, seen
+    assert marks.state[0] == before + 1  # the outcome's all-gather only (a marker every rank enters)

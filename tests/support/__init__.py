@@ -6,6 +6,7 @@ trained_run      a tiny trained run (the evaluation, figure, report and ablation
 slurm            a real single-host Slurm cluster
 netns            emulated nodes in Linux network namespaces
 tensor_parallel  two gloo ranks on CPU and the tower-split rank body
+checkpoint_phases  two gloo ranks saving a checkpoint, their watchdog phases sampled (test_watchdog)
 harness          a script: ``launch.train`` in-process, with test-controlled loaders, gates and holds
 hooks/           a sitecustomize for subprocesses (fault hooks)
 """

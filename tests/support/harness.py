@@ -10,6 +10,10 @@ The outcome (progress, LR drops) of each rank goes to ``$HARNESS_OUT/outcome-ran
 run in a known state (a signal lands between two given steps, whatever the machine's speed).
 ``HARNESS_HOLD_SAVE=DIR`` holds rank 0's checkpoint commit at the point named in ``DIR/hold`` (see
 :func:`hold_saves`) and marks it with ``DIR/held``: a kill then provably lands inside a save.
+``HARNESS_GATE_SAVE=1`` (with ``HARNESS_GATE``) holds every rank at the start of its first checkpoint
+write (``DIR/saving-rank{RANK}``) until ``DIR/go``, before the save's file collectives: a link cut
+there lands inside a save. ``HARNESS_UNREACHABLE_RANK=r``: rank r's reachability listener answers no
+connection (a full accept queue drops every SYN), as if the link to it were cut (pipeline/reach.py).
 """
 
 from __future__ import annotations
@@ -152,6 +156,47 @@ def hold_saves(gate: Path) -> None:
     checkpoint.fsync_dir = held_fsync_dir
 
 
+def gate_saves(gate: Path, rank: int) -> None:
+    """Every rank's first checkpoint write waits at its start for ``gate/go`` (``gate/saving-rank{rank}``)."""
+    from pipeline.checkpoint import Checkpointer
+
+    write = Checkpointer._write
+
+    def gated_write(self, *args, **kwargs):
+        (gate / f"saving-rank{rank}").touch()
+        while not (gate / "go").exists():
+            time.sleep(0.01)
+        return write(self, *args, **kwargs)
+
+    Checkpointer._write = gated_write
+
+
+class BlackholeListener:
+    """A listener nobody can connect to: its accept queue (backlog 0) is filled by one connection of its
+    own, and the kernel drops the SYNs that find a full queue, so connects time out as over a cut link."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        import socket
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(0)
+        self.addr = f"{host}:{self.sock.getsockname()[1]}"
+        self._filler = socket.create_connection((host, self.sock.getsockname()[1]), timeout=5)
+
+    def close(self) -> None:
+        self._filler.close()
+        self.sock.close()
+
+
+def unreachable(rank: int) -> None:
+    """``HARNESS_UNREACHABLE_RANK=rank``: this rank's watchdog listens with a :class:`BlackholeListener`."""
+    from pipeline import reach
+
+    if os.environ.get("HARNESS_UNREACHABLE_RANK") == str(rank):
+        reach.Listener = lambda: BlackholeListener(reach.job_address())
+
+
 def slowed(loaders, rank: int):
     """``HARNESS_SLOW_RANK=r``: on rank r each validation batch takes ``HARNESS_SLOW_VAL_S`` longer, each
     checkpoint save ``HARNESS_SLOW_SAVE_S`` longer (a slow but progressing phase, for the watchdog's tests)
@@ -211,6 +256,9 @@ def main() -> int:
     out = Path(os.environ["HARNESS_OUT"])
     if os.environ.get("HARNESS_HOLD_SAVE"):
         hold_saves(Path(os.environ["HARNESS_HOLD_SAVE"]))
+    if os.environ.get("HARNESS_GATE_SAVE"):
+        gate_saves(Path(os.environ["HARNESS_GATE"]), rank)
+    unreachable(rank)
     if os.environ.get("HARNESS_PAUSE_AT"):
         loaders = gated(loaders, int(os.environ["HARNESS_PAUSE_AT"]), Path(os.environ["HARNESS_GATE"]), rank)
 

@@ -193,6 +193,10 @@ class NodePair:
     def __exit__(self, *exc: object) -> None:
         self.down()
 
+    def set_link(self, node: Node, up: bool) -> None:
+        """The node's end of the veth pair up, or down: a cut link (no packet passes either way)."""
+        _ip("-n", node.netns, "link", "set", node.ifname, "up" if up else "down")
+
     # --- running commands on a node --------------------------------------------------------------
 
     def command(self, node: Node, argv: Sequence[str]) -> list[str]:

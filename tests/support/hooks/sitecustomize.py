@@ -2,6 +2,10 @@
 
 ALEXNET_TEST_FLOCK_REFUSED=1: fcntl.flock/lockf raise ENOSYS, as on Lustre mounted without -o flock.
 ALEXNET_TEST_SLOW_READ=SECONDS: every source image read sleeps first (a long run to interrupt).
+ALEXNET_TEST_HANG_AT=STEP: in training ranks, every rank's first control step at or after STEP never
+returns (a control all-reduce that hangs everywhere; the ranks stay in phase "control").
+ALEXNET_TEST_UNREACHABLE_NODE=NODE: ranks on Slurm node NODE listen for the watchdog's reachability probe
+on a socket that answers nothing (tests/support/harness.py BlackholeListener), as behind a cut link.
 """
 
 import errno
@@ -29,3 +33,25 @@ if os.environ.get("ALEXNET_TEST_SLOW_READ"):
         return _read(self, *args, **kwargs)
 
     sources.SourceItem.read = _slow_read
+
+if os.environ.get("ALEXNET_TEST_HANG_AT") and "RANK" in os.environ:
+    import threading
+
+    from pipeline import train
+
+    _at = int(os.environ["ALEXNET_TEST_HANG_AT"])
+    _control = train.Trainer._control
+
+    def _hung_control(self, *args, **kwargs):
+        if self.progress.step >= _at:
+            self.marks.enter("control", self.progress.step)
+            threading.Event().wait()
+        return _control(self, *args, **kwargs)
+
+    train.Trainer._control = _hung_control
+
+if os.environ.get("ALEXNET_TEST_UNREACHABLE_NODE") == os.environ.get("SLURMD_NODENAME") and "RANK" in os.environ:
+    from pipeline import reach
+    from tests.support.harness import BlackholeListener
+
+    reach.Listener = lambda: BlackholeListener(reach.job_address())
