@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from pipeline.config import TrainConfig
 
-KINDS = {1: "non-finite", 2: "spike (z-score)", 3: "spike (above the cap)"}
+KINDS = {1: "non-finite (NaN/inf)", 2: "spike (z-score)", 3: "spike (above the cap)"}
 STD_FLOOR = 0.01  # the window's std is at least this fraction of its mean (a flat plateau is not 0 +- 0)
 _STEP, _KIND, _LOSS, _NORM, _LOCAL_LOSS, _LOCAL_GRAD = range(6)  # slots of the latched record
 

@@ -177,7 +177,7 @@ def test_every_rank_agrees_under_dp2_and_tp2(demo_shards: Path, tmp_path: Path, 
     lines = {ln.split("error: ", 1)[1] for ln in proc.stderr.splitlines() if "error: training diverged" in ln}
     assert len(lines) == 1, proc.stderr[-3000:]  # one verdict, the same on every rank
     [line] = lines
-    assert "non-finite at step 5" in line and ("rank(s) 1 " if tp == 1 else "rank(s) ") in line
+    assert "non-finite (NaN/inf) at step 5" in line and ("rank(s) 1 " if tp == 1 else "rank(s) ") in line
     assert "step-00000003" in line  # step 4 trained on step-3's state; step 5 was the NaN, so step-4 is not good
 
     proc = _run(tmp_path / "o2", [*args, *flags("--train.on-divergence rollback")], nproc=2, env=nan_on_1, timeout=240)
@@ -215,7 +215,7 @@ def test_a_rejected_update_leaves_weights_and_momentum_untouched() -> None:
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(not opt.state[p]["momentum_buffer"].any() for p in model.parameters())
     event = guard.event()
-    assert event.step == 1 and event.kind == "non-finite" and event.ranks == [0]
+    assert event.step == 1 and event.kind.startswith("non-finite") and event.ranks == [0]
 
 
 def test_the_rules_on_a_plateau_a_jump_and_an_explosion() -> None:
