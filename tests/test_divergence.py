@@ -155,6 +155,20 @@ def test_a_resume_after_a_rollback_skips_the_same_batches(demo_shards: Path, tmp
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_nan_batch_is_never_applied(demo_shards: Path, tmp_path: Path) -> None:
+    """The batch of step 3 is NaN; the control step comes at 6: steps 4-6 still train on finite weights (had
+    the NaN update been applied, every later loss would be NaN). No checkpoint was good: the line says so."""
+    run_dir = tmp_path / "run"
+    nan = {"HARNESS_POISON_AT": "3", "HARNESS_POISON": "nan"}
+    args = _demo(demo_shards, run_dir, *flags("--epochs 1 --checkpoint.every-steps 0 --train.control-every 6"))
+    proc = _run(tmp_path / "o", args, env=nan)
+    assert proc.returncode == 2
+    line = _error_line(proc)
+    assert "non-finite (NaN/inf) at step 3 on rank(s) 0 (loss nan" in line and "no good checkpoint exists" in line
+    losses = _losses(run_dir)  # TensorBoard keeps finite values only
+    assert sorted(losses) == [1, 2, 4, 5, 6] and checkpoint.latest(run_dir) is None
+
+
 def test_the_demo_recipe_never_trips_the_spike_rules(demo_shards: Path, tmp_path: Path) -> None:
     """Three epochs of the demo recipe with the z-score rule armed from the 9th step (the default waits 200):
     nothing counts as a spike, early steps included."""
