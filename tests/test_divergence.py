@@ -182,7 +182,7 @@ def test_the_demo_recipe_never_trips_the_spike_rules(demo_shards: Path, tmp_path
 @pytest.mark.parametrize("tp", [1, 2])
 def test_every_rank_agrees_under_dp2_and_tp2(demo_shards: Path, tmp_path: Path, tp: int) -> None:
     """A NaN batch on rank 1 alone: every rank skips the update and stops with the same line naming rank 1
-    (under tp=2 the towers exchange activations, so both see it); then a rollback run finishes on both ranks."""
+    (under tp=2 the towers exchange activations, so both see it); a spike on rank 1 alone rolls both back."""
     run_dir = tmp_path / "run"
     nan_on_1 = {"HARNESS_POISON_AT": "5", "HARNESS_POISON": "nan", "HARNESS_POISON_RANK": "1"}
     args = _demo(demo_shards, run_dir, "--tp", str(tp), "--epochs", "1")
@@ -194,12 +194,15 @@ def test_every_rank_agrees_under_dp2_and_tp2(demo_shards: Path, tmp_path: Path, 
     assert "non-finite (NaN/inf) at step 5" in line and ("rank(s) 1 " if tp == 1 else "rank(s) ") in line
     assert "step-00000003" in line  # step 4 trained on step-3's state; step 5 was the NaN, so step-4 is not good
 
-    proc = _run(tmp_path / "o2", [*args, *flags("--train.on-divergence rollback")], nproc=2, env=nan_on_1, timeout=240)
+    # A finite spike in rank 1's batch alone: only the all-reduced loss shows it to rank 0 as well.
+    spike_on_1 = {**SPIKE, "HARNESS_POISON_RANK": "1"}
+    rollback = _spiked(demo_shards, tmp_path / "run2", "--tp", str(tp), "--epochs", "1")
+    proc = _run(tmp_path / "o2", rollback, nproc=2, env=spike_on_1, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcomes = [json.loads((tmp_path / "o2" / f"outcome-rank{r}.json").read_text()) for r in (0, 1)]
     assert outcomes[0] == outcomes[1] and outcomes[0]["progress"]["step"] == 12
-    [rollback] = _meta(checkpoint.latest(run_dir))["divergence"]["rollbacks"]
-    assert rollback["skipped_steps"] == [4, 5]
+    [record] = _meta(checkpoint.latest(tmp_path / "run2"))["divergence"]["rollbacks"]
+    assert record["skipped_steps"] == [8, 9] and record["kind"] == "spike (z-score)"
 
 
 # ------------------------------------------------------------------------------------------ the rules
@@ -242,6 +245,11 @@ def test_the_rules_on_a_plateau_a_jump_and_an_explosion() -> None:
         assert _model_step(plateau, noisy, step) == 0, step
     assert float(plateau.pending) == 0
     assert _model_step(plateau, 1.2 * math.log(1000), 2001) == 1 and plateau.event().kind == "spike (z-score)"
+
+    flat = _guard()  # a network that outputs the same for every image: the loss is ln(1000) exactly
+    for step in range(1, 301):
+        assert _model_step(flat, math.log(1000), step) == 0
+    assert _model_step(flat, 1.002 * math.log(1000), 301) == 0  # noise on a std of 0 is not 6 sigma
 
     early = _guard()
     assert _model_step(early, 2.3, 1) == 0 and _model_step(early, 1.2 * 2.3, 2) == 0  # z-score not armed yet
