@@ -81,16 +81,16 @@ class DivergenceGuard:
 
     def observe(self, loss: torch.Tensor, parameters: list[torch.nn.Parameter], step: int) -> torch.Tensor:
         """The verdict on the step about to be applied (``step`` counts it): 1.0 skips it (``found_inf``)."""
-        grads = [p.grad.detach() for p in parameters if p.grad is not None]
+        grads = [p.grad for p in parameters if p.grad is not None]  # leaves: no graph to detach from
         grad_sq = torch.stack(torch._foreach_norm(grads)).float().square().sum()
-        local = loss.detach().float()
-        local_bad = (~torch.isfinite(local) | ~torch.isfinite(grad_sq)).float()
-        both = torch.stack([local, grad_sq, local_bad])
+        pair = torch.stack([loss.detach().float(), grad_sq])
+        local_bad = ~torch.isfinite(pair)  # this rank's own [loss, gradients] non-finite, to name it later
+        both = torch.cat([pair, local_bad.any().float().unsqueeze(0)])
         if self.world_size > 1:
             dist.all_reduce(both)  # SUM over the world: NaN/inf on any rank reaches every rank
         mean = both[0] / self.world_size
         self.grad_norm = (both[1] / self.dp_size).sqrt()
-        nonfinite = (both[2] > 0) | ~torch.isfinite(both[0]) | ~torch.isfinite(both[1])
+        nonfinite = (both[2] > 0) | ~torch.isfinite(both[:2]).all()
         kind = nonfinite.float()  # 1: non-finite
         cfg = self.cfg
         self.seen += 1
@@ -106,16 +106,9 @@ class DivergenceGuard:
         self.window[slot] = torch.where(bad, self.window[slot], mean)
         self.largest = torch.where(bad, self.largest, torch.maximum(self.largest, mean))
         first = bad & (self.record[_STEP] == 0)
-        now = torch.stack(
-            [
-                torch.full((), float(step), device=self.device),
-                kind,
-                mean,
-                self.grad_norm,
-                (~torch.isfinite(local)).float(),
-                (~torch.isfinite(grad_sq)).float(),
-            ]
-        )
+        step_t = torch.full((), float(step), device=self.device)  # exact in float32 below 2**24 steps
+        head = torch.stack([step_t, kind, mean, self.grad_norm])
+        now = torch.cat([head, local_bad.float()])
         self.record = torch.where(first, now, self.record)
         return bad.float()
 
