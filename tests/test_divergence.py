@@ -262,3 +262,19 @@ def test_the_rules_on_a_plateau_a_jump_and_an_explosion() -> None:
     again = _guard()
     again.load_state_dict(json.loads(json.dumps(state)))  # what meta.json holds
     assert again.seen == 2001 and torch.equal(again.window, plateau.window) and float(again.pending) == 0
+
+
+def test_a_resume_lists_each_changed_setting() -> None:
+    from pipeline.config import RunConfig, changes
+
+    was = RunConfig().to_dict()
+    now = RunConfig().to_dict()
+    now["optim"]["lr"], now["optim"]["batch_size"], now["data"]["data"] = 0.001, 256, "/other"
+    now["model"]["widths"] = [48, 128, 192, 192, 128]
+    assert changes(was, now) == [
+        f"--data.data {was['data']['data']} -> /other",
+        "--model.widths 96,256,384,384,256 -> 48,128,192,192,128",
+        "--optim.batch-size 128 -> 256",
+        "--optim.lr 0.01 -> 0.001",
+    ]
+    assert changes(was, RunConfig().to_dict()) == []
