@@ -190,3 +190,19 @@ def rollback_plan(
         "skipped_steps": [good_step + 1, step],  # the batches of these steps (inclusive) are never trained on
         "lr_scale": scale,
     }, ""
+
+
+def stop_line(event: Event, good: Any, why: str, mode: str) -> str:
+    """The one line a stop prints: what diverged where, and the checkpoint the same command resumes from."""
+    if good is not None:
+        resume = f"the same command resumes from the last good checkpoint {good} (latest names it); lower --lr"
+    else:
+        resume = (
+            "no good checkpoint exists (none was followed by a finite step), so the same command starts afresh; "
+            "lower --lr or add --schedule.warmup-epochs"
+        )
+    why = f" ({why})" if why else ""
+    return (
+        f"training diverged: {event.describe()}; its update was not applied and nothing after it was saved{why}; "
+        f"{resume}, or check the data" + (", or pass --train.on-divergence rollback" if mode == "stop" else "")
+    )

@@ -10,6 +10,7 @@ never applied: ``pipeline.divergence`` decides on the device each step and fused
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import socket
@@ -409,17 +410,7 @@ class Trainer:
         good_step = read_meta(good)["progress"]["step"] if good is not None else None
         plan, why = divergence.rollback_plan(self.guard, event, good=good, good_step=good_step, step=step)
         if plan is None:
-            resume = (
-                f"the same command resumes from the last good checkpoint {good} (latest names it); lower --lr"
-                if good is not None
-                else "no good checkpoint exists (none was followed by a finite step), so the same command starts "
-                "afresh; lower --lr or add --schedule.warmup-epochs"
-            )
-            why = f" ({why})" if why else ""
-            raise NonFiniteState(
-                f"training diverged: {event.describe()}; its update was not applied and nothing after it was saved"
-                f"{why}; {resume}, or check the data, or pass --train.on-divergence rollback"
-            )
+            raise NonFiniteState(divergence.stop_line(event, good, why, self.cfg.train.on_divergence))
         progress = Progress(**vars(self.progress))  # the data goes on after the batches that diverged
         history = self.guard.rollbacks
         self.checkpointer.restore(self.state, str(good))
@@ -454,8 +445,6 @@ def _hosts() -> list[str]:
 
 def _dataset_identity(path: str) -> dict[str, Any]:
     """The dataset a checkpoint was trained on: its path and its manifest's sha256 (a rebuilt dataset differs)."""
-    import hashlib
-
     try:
         digest = hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()[:16]
     except OSError:
