@@ -19,8 +19,10 @@ run used, so a checkpoint loads into tp=1 or tp=2 and any number of dp replicas.
 A checkpoint is *good* once the state it holds has produced a finite, unspiked step (``pipeline.divergence``):
 meta.json's ``health`` is ``unverified`` when written, and the trainer rewrites it to ``good`` at the control
 step that sees the step after it was finite, or to ``diverged`` when that step diverged. A diverged checkpoint
-is never resumed automatically; after a divergence ``latest`` names the newest good one. Checkpoints written
-before this field existed count as good.
+is never resumed automatically; after a divergence ``latest`` names the newest good one. ``best`` is moved by
+validation only: a best checkpoint later marked diverged still holds the weights whose validation made it best
+(evaluation uses them), but no automatic resume starts from it. Checkpoints written before this field existed
+count as good.
 
 Retention never deletes the checkpoint just written, the one ``latest`` names, ``best``, or the newest good
 one (so keep-last never leaves only the states of a diverging run). A resume from
