@@ -6,7 +6,10 @@ device, with no host sync:
 - one all-reduce (SUM over every rank) of ``[loss, grad_norm², local_bad]``: the dp-mean loss, the total
   gradient norm (the towers partition the parameters; dp replicas hold the same gradients after DDP, so the
   sum is divided by dp_size) and whether any rank saw a non-finite value. A NaN or inf anywhere makes the
-  sum non-finite, so every rank reaches the same verdict from the same numbers;
+  sum non-finite, so every rank reaches the same verdict from the same numbers. It is the one collective
+  added per step: the control all-reduce comes every ``control_every`` steps, too late to keep an update
+  from being applied, and DDP's gradient buckets carry neither the loss (a spike on one dp rank) nor the
+  towers' agreement under tp=2; 3 floats, queued behind backward, never waited for by the host;
 - the spike rules on that mean loss (every rank computes the same answer): OLMo-core's z-score (a loss more
   than ``spike_sigma`` standard deviations above the mean of the last ``spike_window`` accepted losses,
   armed after ``spike_warmup`` steps and a full window), and Megatron-LM's cap (a loss above
