@@ -213,12 +213,17 @@ def divergence_section(meta: dict[str, Any], config: dict[str, Any]) -> list[str
     if not rollbacks:
         return [*md, f"No rollback (--train.on-divergence {config['train'].get('on_divergence', 'stop')})."]
     rows = [
-        f"| {r['diverged_step']} | {r['kind']} | {r['loss']} | {r['grad_norm']} | `{r['checkpoint']}` | "
+        f"| {r['diverged_step']} | {r['kind']} | {_g(r['loss'])} | {_g(r['grad_norm'])} | `{r['checkpoint']}` | "
         f"{r['skipped_steps'][0]}..{r['skipped_steps'][1]} | {r['lr_scale']:g} |"
         for r in rollbacks
     ]
     header = "| diverged at step | kind | loss | grad norm | rolled back to | batches skipped (steps) | lr scale |"
     return [*md, header, "|---|---|---|---|---|---|---|", *rows]
+
+
+def _g(value: Any) -> str:
+    """A figure to 4 significant digits; "nan"/"inf" (stored as text in meta.json) as they are."""
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
 def curves_section(drawn: list[str]) -> list[str]:
