@@ -16,7 +16,16 @@ The model is always stored in tower form (``tower{t}.model.*``, ``tower{t}.momen
 run used, so a checkpoint loads into tp=1 or tp=2 and any number of dp replicas. Per-rank RNG states
 (tensors, ``rng.rank{r}.*``) are restored only when the layout is unchanged.
 
-Retention never deletes the checkpoint just written, the one ``latest`` names or ``best``. A resume from
+A checkpoint is *good* once the state it holds has produced a finite, unspiked step (``pipeline.divergence``):
+meta.json's ``health`` is ``unverified`` when written, and the trainer rewrites it to ``good`` at the control
+step that sees the step after it was finite, or to ``diverged`` when that step diverged. A diverged checkpoint
+is never resumed automatically; after a divergence ``latest`` names the newest good one. ``best`` is moved by
+validation only: a best checkpoint later marked diverged still holds the weights whose validation made it best
+(evaluation uses them), but no automatic resume starts from it. Checkpoints written before this field existed
+count as good.
+
+Retention never deletes the checkpoint just written, the one ``latest`` names, ``best``, or the newest good
+one (so keep-last never leaves only the states of a diverging run). A resume from
 a checkpoint that is not the newest of its lineage starts a new lineage; the abandoned one is kept until
 the new one has ``keep_last`` checkpoints. Names are never reused: re-saving a step writes a new
 directory and only then moves ``latest``.
@@ -61,6 +70,7 @@ LINEAGE = "lineage"
 FORMAT_VERSION = 2
 # RNG states a checkpoint may lack in the same layout: a CPU run never initialises CUDA, so saves none.
 OPTIONAL_RNG = (".cuda",)
+UNVERIFIED, GOOD, DIVERGED = "unverified", "good", "diverged"  # meta.json's ``health``
 _TMP = ".tmp"
 _HASH_CHUNK = 8 << 20
 
@@ -133,6 +143,8 @@ class TrainState:
         self.progress = Progress()
         self.best_top1_error: float | None = None
         self.rng_restored: set[str] = set()  # the RNG states the last load applied ("torch", "cuda", ...)
+        self.dataset: dict[str, Any] = {}  # what the run trains on (path, manifest sha256): shown when it changes
+        self.divergence: Any = None  # pipeline.divergence.DivergenceGuard (state_dict/load_state_dict), if any
 
     # -- tower form: under tp=2 a rank holds its own tower; under tp=1 all of them (model.to_towers)
 
@@ -177,6 +189,8 @@ class TrainState:
             "schedule": self.schedule.state_dict(),
             "best_top1_error": self.best_top1_error,
             "config": self.config.to_dict(),
+            "dataset": dict(self.dataset),
+            **({"divergence": self.divergence.state_dict()} if self.divergence is not None else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -202,6 +216,8 @@ class TrainState:
         self.schedule.load_state_dict(meta["schedule"])
         self.best_top1_error = meta["best_top1_error"]
         self.progress = Progress(**meta["progress"])
+        if self.divergence is not None and "divergence" in meta:
+            self.divergence.load_state_dict(meta["divergence"])
 
     def all_finite(self, device: torch.device, group: Any = None) -> bool:
         """Weights and momentum finite on every rank (collective when distributed)."""
@@ -273,6 +289,17 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def health(meta: dict[str, Any]) -> str:
+    """good, unverified or diverged; a checkpoint from before the field counts as good."""
+    return meta.get("health", GOOD)
+
+
+def newest_good(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose state is known to have trained on without diverging."""
+    good = [p for p, m in complete(run_dir) if health(m) == GOOD]
+    return good[-1] if good else None
+
+
 def complete(run_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     """Checkpoints whose meta.json reads, oldest save first."""
     root = checkpoints_dir(run_dir)
@@ -303,8 +330,8 @@ def latest(run_dir: str | Path) -> Path | None:
     pointed = _pointer(run_dir, LATEST)
     if pointed is not None and (pointed / META).is_file():
         return pointed
-    found = complete(run_dir)
-    return found[-1][0] if found else None
+    found = [p for p, m in complete(run_dir) if health(m) != DIVERGED]
+    return found[-1] if found else None
 
 
 def resolve(run_dir: str | Path | None, which: str) -> Path:
@@ -339,6 +366,7 @@ def candidates(run_dir: str | Path) -> list[Path]:
     The checkpoint ``latest`` names, preceded by its child when a save was killed between renaming its
     directory and moving ``latest`` (the newest checkpoint, of the current lineage, whose parent ``latest``
     names); then its ancestors (the same lineage, walking back); then every other checkpoint, newest first.
+    A checkpoint marked diverged is never among them.
     """
     found = complete(run_dir)
     by_name = {p.name: (p, m) for p, m in found}
@@ -361,7 +389,8 @@ def candidates(run_dir: str | Path) -> list[Path]:
             order.append(by_name[parent][0])
             name = parent
     order += [p for p, _ in reversed(found) if p not in order]
-    return order
+    diverged = {p for p, m in found if health(m) == DIVERGED}
+    return [p for p in order if p not in diverged]
 
 
 # ---------------------------------------------------------------------------------------------- integrity
@@ -539,6 +568,7 @@ class Checkpointer:
         self.lineage: int | None = None  # set by restore(); None: a fresh lineage at the first save
         self.parent: str | None = None  # the checkpoint the live state descends from
         self.last_saved_step: int | None = None
+        self.unverified: list[tuple[int, str]] = []  # (step, name): this process's saves not yet judged
         self._last_save = time.monotonic()
         self._pending: _PendingSave | None = None
         # Collective (every rank builds its Checkpointer at the same point): a CPU group for background saves.
@@ -604,7 +634,7 @@ class Checkpointer:
             raise CheckpointError(f"{error}; nothing was written, free space or fix permissions and re-run")
         self._mark("checkpoint")  # the copy to host memory, then the write's own markers
         tensors = state.tensors(copy=self.cfg.async_save)
-        meta = {**state.meta(), "step": step}
+        meta = {**state.meta(), "step": step, "health": UNVERIFIED}
         self._last_save = time.monotonic()
         self.last_saved_step = step
         if not self.cfg.async_save:
@@ -684,6 +714,7 @@ class Checkpointer:
                 f"{latest(self.run_dir)} is intact; fix it and re-run the same command"
             )
         self.parent = name
+        self.unverified.append((step, name))
 
     def _async_group(self) -> Any:
         """Background saves talk over a gloo group of their own: never interleaved with training's collectives."""
@@ -744,6 +775,8 @@ class Checkpointer:
             if target is not None:
                 protected.add(target.name)
         found = complete(self.run_dir)
+        good = [p.name for p, m in found if health(m) == GOOD]
+        protected.update(good[-1:])  # keep-last never leaves only states that have not been seen to train on
         mine = [p for p, m in found if m.get("lineage") == self.lineage]
         keep = {p.name for p in mine[-max(self.cfg.keep_last, 1) :]} | protected
         others_expired = len(mine) >= self.cfg.keep_last
@@ -752,6 +785,50 @@ class Checkpointer:
                 continue
             shutil.rmtree(p, ignore_errors=True)
             log.info("pruned checkpoint %s (step %d, lineage %d)", p.name, m["step"], m.get("lineage", 0))
+
+    # -- health (decided at control steps, the same on every rank; rank 0 writes)
+
+    def judge(self, first_bad: int, step: int) -> None:
+        """After the steps up to ``step``: a save at step s is good when step s + 1 was done and was not the
+        first divergent one (``first_bad``, 0: none); with a divergence, the saves after it are diverged."""
+        keep = []
+        for saved, name in self.unverified:
+            if saved < step and (not first_bad or saved + 1 < first_bad):
+                self._set_health(name, GOOD)
+            elif first_bad:
+                self._set_health(name, DIVERGED)
+            else:
+                keep.append((saved, name))
+        self.unverified = keep
+
+    def diverged(self, first_bad: int, step: int) -> Path | None:
+        """Collective: judge this process's saves against the divergence at ``first_bad``; ``latest`` then names
+        the newest good checkpoint (removed when there is none: a resume never starts from a diverged one).
+        Returns that checkpoint, or None."""
+        self.judge(first_bad, step)
+        good = None
+        if self.rank == 0:
+            good = newest_good(self.run_dir)
+            try:
+                if good is not None:
+                    write_bytes_atomic(self.dir / LATEST, good.name.encode())
+                else:
+                    (self.dir / LATEST).unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("could not move %s to the last good checkpoint (%s)", self.dir / LATEST, e)
+        good = self._broadcast(good and str(good))
+        return Path(good) if good else None
+
+    def _set_health(self, name: str, value: str) -> None:
+        if self.rank != 0:
+            return
+        path = self.dir / name
+        try:
+            meta = read_meta(path)
+            meta["health"] = value
+            write_json_atomic(path / META, meta)  # meta.json is not among the checksummed files
+        except (CheckpointError, OSError) as e:  # pruned meanwhile, or unwritable: the others still hold
+            log.warning("could not mark checkpoint %s %s (%s)", name, value, e)
 
     # -- restore
 
@@ -772,6 +849,7 @@ class Checkpointer:
             return None
         path = Path(chosen)
         meta = read_meta(path)
+        _check_classes(path, meta, state.config)
         same_layout = meta["layout"] == state.layout
         templates = state.tensor_templates(with_rng=same_layout)
         for key in [k for k in templates if k.startswith("rng.") and k.endswith(OPTIONAL_RNG)]:
@@ -798,6 +876,7 @@ class Checkpointer:
             )
             state.progress = Progress(state.progress.epoch + 1, state.progress.step, 0)
         self._continue_lineage(path, meta)
+        self.unverified = [(meta["step"], path.name)] if health(meta) == UNVERIFIED else []
         return path
 
     def _choose(self, resume: str | None) -> Path | None:
@@ -807,6 +886,8 @@ class Checkpointer:
             reason = verify(path)
             if reason:
                 raise CheckpointError(f"--resume {resume}: {path.name} {reason}; pass another checkpoint")
+            if health(read_meta(path)) == DIVERGED:
+                log.warning("--resume %s: %s is marked diverged (the step after it diverged)", resume, path.name)
             return path
         for path in candidates(self.run_dir):
             reason = verify(path)
@@ -842,3 +923,16 @@ class Checkpointer:
     def _start_lineage(self, existing: list[tuple[Path, dict[str, Any]]]) -> None:
         self.lineage = 1 + max([m.get("lineage", 0) for _, m in existing] + [_current_lineage(self.run_dir) or 0])
         write_bytes_atomic(self.dir / LINEAGE, str(self.lineage).encode())
+
+
+def _check_classes(path: Path, meta: dict[str, Any], config: Any) -> None:
+    """A resume with another class count (another dataset) cannot load fc8: say what to do instead."""
+    was = meta.get("config", {}).get("model", {}).get("num_classes")
+    now = config.model.num_classes
+    if was and now and was != now:
+        data = meta.get("config", {}).get("data", {}).get("data")
+        raise CheckpointError(
+            f"{path}: its model has {was} classes and this run {now} (the dataset's count or --num-classes): a run "
+            f"directory resumes only with the classes it was trained on; pass its dataset (--data {data}) or "
+            "start a new --run-dir"
+        )

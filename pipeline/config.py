@@ -94,6 +94,24 @@ class TrainConfig:
     the other ranks' median at --train.straggler-window control steps in a row is named in one log line"""
     straggler_window: int = 5
     """consecutive control steps a rank must be slow before it is named a straggler"""
+    on_divergence: str = "stop"
+    """what a divergence does (a non-finite loss or gradient norm on any rank, or a loss spike; its update is
+    never applied): stop (one line naming the good checkpoint, exit 2) or rollback (return to the newest good
+    checkpoint, skip the batches since, train on)"""
+    rollback_lr_factor: float = 1.0
+    """rollback: multiply the learning rate by this at each rollback (1 = unchanged)"""
+    max_rollbacks: int = 3
+    """rollback: stop as --train.on-divergence stop does once a run has rolled back this many times"""
+    spike_sigma: float = 6.0
+    """a loss more than this many standard deviations above the mean of the last --train.spike-window steps is
+    a spike (OLMo's rule); 0 = off"""
+    spike_window: int = 128
+    """steps in the spike rule's rolling window; the rule arms once it is full"""
+    spike_warmup: int = 200
+    """steps before the spike rule arms (the first steps' loss moves fast)"""
+    spike_factor: float = 10.0
+    """a loss above this multiple of the largest loss seen so far is a spike at any step (Megatron's check);
+    0 = off"""
 
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16"):
@@ -114,6 +132,8 @@ class TrainConfig:
                 f"--train.slow-phase-timeout {self.slow_phase_timeout} s must be below --train.collective-timeout-min "
                 f"{self.collective_timeout_min} min, or the collective fails first and names no rank"
             )
+        if self.on_divergence not in ("stop", "rollback"):
+            raise UserError(f"--train.on-divergence must be stop or rollback (got {self.on_divergence!r})")
         if not self.straggler_threshold > 1 or self.straggler_window < 1:
             raise UserError(
                 f"--train.straggler-threshold must be > 1 and --train.straggler-window >= 1 "
@@ -408,6 +428,12 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.val_every": (lambda x: x >= 1, "at least 1"),
     "train.histogram_every": (lambda x: x >= 0, ">= 0 (0 = never)"),
     "train.lease_minutes": (lambda x: _finite(x) and x > 0, "a finite number of minutes > 0"),
+    "train.rollback_lr_factor": (lambda x: 0 < x <= 1, "in (0, 1]"),
+    "train.max_rollbacks": (lambda x: x >= 1, "at least 1"),
+    "train.spike_sigma": (lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0 = off)"),
+    "train.spike_window": (lambda x: x >= 2, "at least 2"),
+    "train.spike_warmup": (lambda x: x >= 0, ">= 0"),
+    "train.spike_factor": (lambda x: x == 0 or (_finite(x) and x > 1), "0 (off) or a finite number > 1"),
     "model.num_classes": (lambda x: x == 0 or x >= 2, "at least 2, or 0 for the dataset's class count"),
     "model.widths": (lambda x: len(x) == 5 and all(w >= 2 and w % 2 == 0 for w in x), "five even widths >= 2"),
     "model.fc_width": (lambda x: x >= 2 and x % 2 == 0, "even and at least 2"),
@@ -499,3 +525,20 @@ def save(cfg: RunConfig, run_dir: Path) -> Path:
     path = Path(run_dir) / "config.json"
     write_json_atomic(path, cfg.to_dict())
     return path
+
+
+def changes(was: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``option was -> now`` for every option whose value differs between two resolved configs (a checkpoint's
+    and this run's); options one side lacks (another version) show as ``?``."""
+    out = []
+    for key in sorted(set(was) | set(now)):
+        a, b = was.get(key, "?"), now.get(key, "?")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changes(a, b, f"{prefix}{key}.")
+        elif _comparable(a) != _comparable(b):
+            out.append(f"--{_flag(prefix + key)} {_show(a)} -> {_show(b)}")
+    return out
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value

@@ -3,12 +3,14 @@
 Read ``Trainer.fit`` top to bottom: resume, then per epoch build the input pipeline for
 (seed, dp_rank, epoch), step, validate, let the schedule react, checkpoint. Everything that must
 happen on all ranks at once (a preemption signal, an operator's LR-drop or profile request, a timed
-checkpoint, a NaN) is decided in one small all-reduce every ``control_every`` steps, so every rank
-acts at the same step boundary.
+checkpoint, a divergence) is decided in one small all-reduce every ``control_every`` steps, so every
+rank acts at the same step boundary. A divergent update (non-finite or spiking loss or gradient norm) is
+never applied: ``pipeline.divergence`` decides on the device each step and fused SGD skips it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import threading
@@ -22,8 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import config, data, model, perf, phase_timer, seeds
-from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState
+from pipeline import config, data, divergence, model, perf, phase_timer, seeds
+from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState, read_meta
 from pipeline.config import RunConfig
 from pipeline.mesh import Mesh
 from pipeline.metrics import EvalCounts, MetricWriter, StepTimer, count
@@ -53,7 +55,7 @@ class Flag(IntEnum):
     STOP = 0  # a signal, an interrupt or RUN_DIR/preempt.request: checkpoint and stop
     LR_DROP = 1  # an operator's LR-drop request is pending
     SAVE = 2  # a step or timed checkpoint is due
-    NONFINITE = 3  # a loss was NaN/inf since the last control step
+    NONFINITE = 3  # the first divergent step since the last control step (0: none; pipeline.divergence)
     SAVE_FAILED = 4  # a background save failed on some rank
     PROFILE = 5  # an operator's profile request is pending (launch.profile)
 
@@ -64,6 +66,7 @@ class EpochEnd(Enum):
     DONE = "done"  # every batch of the epoch
     STOPPED = "stopped"  # a stop request: checkpointed, the run ends here
     BUDGET = "budget"  # --max-steps reached
+    ROLLBACK = "rollback"  # a divergence rolled the state back: the epoch's loader starts again where data goes on
 
 
 @dataclass
@@ -105,9 +108,17 @@ class Trainer:
         # The first training step and the first validation batch compile under --model.compile (slow phase).
         self._compile_pending = {"train", "validation"} if cfg.model.compile else set()
         self.ddp = self._wrap_ddp(self.model)
+        # Fused: its kernel skips an update the divergence guard rejects (``found_inf``), on the device. Momentum
+        # buffers exist from the start (zeros: the same first step), so a rejected first step leaves none unset.
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+            self.model.parameters(),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+            fused=True,
         )
+        for p in self.model.parameters():
+            self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr)
         layout = {"world_size": self.dims.world_size, "dp_size": self.dims.dp_size, "tp_size": self.dims.tp_size}
         self.state = TrainState(
@@ -120,6 +131,11 @@ class Trainer:
             tp_rank=self.dims.tp_rank,
             towers=cfg.model.towers,
         )
+        self.guard = divergence.DivergenceGuard(
+            cfg.train, device, rank=self.dims.rank, world_size=self.dims.world_size, dp_size=self.dims.dp_size
+        )
+        self.state.divergence = self.guard
+        self.state.dataset = _dataset_identity(cfg.data.data)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.dims.rank, marks=self.marks)
         self.requests = ManualRequests(self.run_dir)
         self.writer = MetricWriter(self.run_dir, enabled=self.dims.is_main)
@@ -206,6 +222,8 @@ class Trainer:
                 return self._outcome(True, val_error)
             if end is EpochEnd.BUDGET:
                 break
+            if end is EpochEnd.ROLLBACK:
+                continue
             self.state.progress = Progress(epoch + 1, self.progress.step, 0)
             if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
                 val_error = self.validate(epoch)
@@ -233,7 +251,6 @@ class Trainer:
         cfg = self.cfg.train
         self.ddp.train()
         timer = StepTimer()
-        nonfinite = torch.zeros((), device=self.device)
         marks = self.marks
         batches = marks.iterate(loader, "data", first="loader")  # the first batch waits for the pipeline's start
         for i, (images, labels) in enumerate(batches, start=self.progress.step_in_epoch):
@@ -241,7 +258,7 @@ class Trainer:
             compiling = "train" in self._compile_pending
             self._compile_pending.discard("train")
             marks.enter("compile" if compiling else "forward", self.progress.step)
-            lr = self.schedule.lr(self.progress.epoch + i / max(steps_in_epoch, 1))
+            lr = self.schedule.lr(self.progress.epoch + i / max(steps_in_epoch, 1)) * self.guard.lr_scale
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
 
@@ -252,9 +269,9 @@ class Trainer:
             marks.enter("compile" if compiling else "backward")  # then "gradient-sync" (DDP's all-reduce)
             loss.backward()
             marks.enter("step")
-            nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
             log_now = self.train_log.due(self.progress.step)
-            grad_norm = self._grad_norm() if log_now else None
+            self.optimizer.found_inf = self.guard.observe(loss, self._params, self.progress.step + 1)
+            grad_norm = float(self.guard.grad_norm) if log_now else None
             self.optimizer.step()
             self.progress.step += 1
             self.progress.step_in_epoch = i + 1
@@ -270,18 +287,21 @@ class Trainer:
             last = i + 1 == steps_in_epoch
             save_due = self.checkpointer.step_due(self.progress.step) and not last  # the epoch end saves anyway
             control_due = self.progress.step % cfg.control_every == 0 or last or self._step_budget_spent()
-            # Saves go through the control step too, so a NaN is never checkpointed.
-            if (control_due or save_due) and self._control(nonfinite, save_now=save_due):
-                return EpochEnd.STOPPED
+            # Saves go through the control step too, so a divergence is never checkpointed.
+            if control_due or save_due:
+                end = self._control(save_now=save_due)
+                if end is not None:
+                    return end
             self.profiler.step(self.progress.step)  # opens or closes a profiler window; nothing otherwise
             if self._step_budget_spent():
                 return EpochEnd.BUDGET
         return EpochEnd.DONE
 
-    def _control(self, nonfinite: torch.Tensor, save_now: bool = False) -> bool:
-        """One all-reduce decides for every rank: stop (signal), LR drop (request), save (timer), NaN.
+    def _control(self, save_now: bool = False) -> EpochEnd | None:
+        """One all-reduce decides for every rank: stop (signal), LR drop (request), save (timer), divergence.
 
-        Returns True when the run must stop (checkpointed) for preemption or an interrupt.
+        Returns STOPPED when the run must stop (checkpointed) for preemption or an interrupt, ROLLBACK after a
+        divergence rolled the state back.
         """
         main = self.dims.is_main
         if main and self.heartbeat is not None:
@@ -296,7 +316,7 @@ class Trainer:
         flags[Flag.STOP] = float(self.stop.is_set() or (main and (self.run_dir / PREEMPT_REQUEST).exists()))
         flags[Flag.LR_DROP] = float(bool(pending))
         flags[Flag.SAVE] = float(save_now or (main and self.checkpointer.time_due()))
-        flags[Flag.NONFINITE] = nonfinite
+        flags[Flag.NONFINITE] = self.guard.pending
         flags[Flag.SAVE_FAILED] = float(self.checkpointer.failed())  # a background save failed on this rank
         flags[Flag.PROFILE] = float(bool(profile_pending))
         if dist.is_initialized():
@@ -307,11 +327,9 @@ class Trainer:
         if save_failed or bad:
             self.checkpointer.wait()  # raises a failed save's error on every rank; lets a good one finish
         if bad:
-            raise NonFiniteState(
-                f"loss became NaN/inf by step {self.progress.step}; stopped without saving, "
-                f"the last good checkpoint is {self.last_checkpoint or 'none'}; "
-                "lower --lr or check the data"
-            )
+            self._diverged(int(values[Flag.NONFINITE]))  # raises, unless it rolled back
+            return EpochEnd.ROLLBACK
+        self.checkpointer.judge(0, self.progress.step)  # the saves before this step have trained on
         if drop:
             self._manual_drop(pending)
         if profile:
@@ -329,10 +347,10 @@ class Trainer:
                     self.progress.step_in_epoch,
                     self.last_checkpoint,
                 )
-            return True
+            return EpochEnd.STOPPED
         if save_due:
             self._save(is_best=False)
-        return False
+        return None
 
     def _manual_drop(self, pending: list[Path]) -> None:
         """Apply an operator's request on every rank; rank 0 records what became of each request file."""
@@ -404,24 +422,43 @@ class Trainer:
         seeds.after_resume(self.cfg.train.seed, self.dims.dp_rank, self.progress.step, restored, cuda)
         if self.dims.is_main:
             log.info(
-                "resumed from %s: epoch %d, step %d, lr drops %d",
+                "resumed from %s: epoch %d, step %d, lr drops %d, rollbacks %d",
                 path,
                 self.progress.epoch,
                 self.progress.step,
                 len(self.schedule.drops),
+                len(self.guard.rollbacks),
             )
+            meta = read_meta(path)
+            changed = config.changes(meta["config"], self.cfg.to_dict())
+            was, now = meta.get("dataset", {}).get("manifest_sha256"), self.state.dataset["manifest_sha256"]
+            if was and was != now:
+                changed.append(f"the dataset's manifest.json (sha256) {was} -> {now}")
+            if changed:
+                log.warning("resumed with settings that differ from %s's: %s", path.name, "; ".join(changed))
+
+    def _diverged(self, first_bad: int) -> None:
+        """Every rank: stop with one line naming the good checkpoint, or roll back to it (``--train.on-divergence``)."""
+        event = self.guard.event()
+        step = self.progress.step
+        good = self.checkpointer.diverged(first_bad, step)
+        good_step = read_meta(good)["progress"]["step"] if good is not None else None
+        plan, why = divergence.rollback_plan(self.guard, event, good=good, good_step=good_step, step=step)
+        if plan is None:
+            raise NonFiniteState(divergence.stop_line(event, good, why, self.cfg.train.on_divergence))
+        progress = Progress(**vars(self.progress))  # the data goes on after the batches that diverged
+        history = self.guard.rollbacks
+        self.checkpointer.restore(self.state, str(good))
+        self.state.progress = progress
+        self.guard.rolled_back(plan, history)
+        self.train_log.rollback(plan, len(self.guard.rollbacks), self.cfg.train.max_rollbacks, step)
+        self._save(is_best=False)  # the rollback and the skipped range are on disk: a resume skips them too
 
     # ------------------------------------------------------------------ logging
 
-    def _grad_norm(self) -> float:
-        """Global gradient norm: each tower holds part of the model; dp replicas hold the same grads."""
-        sq = torch.zeros((), device=self.device)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                sq += p.grad.detach().float().pow(2).sum()
-        if self.mesh.tp_group is not None:
-            dist.all_reduce(sq, group=self.mesh.tp_group)
-        return float(sq.sqrt())
+    @property
+    def _params(self) -> list[torch.nn.Parameter]:
+        return self.optimizer.param_groups[0]["params"]
 
     def model_conv1_filters(self) -> list[torch.Tensor]:
         """Both towers' conv1 filters (the paper's figure 3); collective under tp=2."""
@@ -439,6 +476,15 @@ def _hosts() -> list[str]:
     hosts: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(hosts, host)
     return hosts
+
+
+def _dataset_identity(path: str) -> dict[str, Any]:
+    """The dataset a checkpoint was trained on: its path and its manifest's sha256 (a rebuilt dataset differs)."""
+    try:
+        digest = hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()[:16]
+    except OSError:
+        digest = "unreadable"
+    return {"path": str(path), "manifest_sha256": digest}
 
 
 def _local_batch(global_batch: int, dp_size: int) -> int:

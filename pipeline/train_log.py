@@ -158,6 +158,19 @@ class TrainLog:
         if self.is_main:
             log.info("LR drop %d (%s) at step %d: lr now %.2e", count, drop["reason"], drop["step"], drop["lr"])
 
+    def rollback(self, plan: dict[str, Any], count: int, most: int, step: int) -> None:
+        """A divergence rolled the state back (``pipeline.divergence``): one line, TensorBoard scalars and text."""
+        first, last = plan["skipped_steps"]
+        line = (
+            f"divergence ({plan['kind']} at step {plan['diverged_step']}, loss {plan['loss']}, grad norm "
+            f"{plan['grad_norm']}): rolled back to {plan['checkpoint']} (step {plan['restored_step']}), the batches "
+            f"of steps {first}..{last} skipped, lr x{plan['lr_scale']:g}; rollback {count} of at most {most}"
+        )
+        self.writer.scalars({"train/rollbacks": count, "train/skipped_batches": last - first + 1}, step)
+        self.writer.text("divergence", line, step)
+        if self.is_main:
+            log.warning("%s", line)
+
     def _total_steps(self, steps_in_epoch: int) -> int:
         total = self.cfg.epochs * steps_in_epoch
         return min(total, self.cfg.max_steps) if self.cfg.max_steps else total

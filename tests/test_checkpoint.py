@@ -182,6 +182,29 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
     assert checkpoint.latest(tmp_path) == good and _names(tmp_path) == [good.name]
 
 
+def test_retention_never_leaves_only_states_that_diverged(tmp_path: Path) -> None:
+    """The newest save has never trained on (its next step is judged later): keep-last 1 used to prune the last
+    healthy checkpoint for it, so when that next step diverged only the poisoned state was left, which `latest`
+    named and a restart resumed."""
+    state, saver = _state(tmp_path), _saver(tmp_path, keep_last=1)
+    healthy = _save_at(saver, state, 10)
+    saver.judge(0, 11)  # step 11 trained on it without diverging
+    assert json.loads((healthy / META).read_text())["health"] == checkpoint.GOOD
+    poisoned = _save_at(saver, state, 20)
+    assert healthy.is_dir()  # kept beside keep-last's one: the newest good checkpoint
+    assert saver.diverged(first_bad=21, step=21) == healthy  # step 21, trained on step-20's state, diverged
+    assert json.loads((poisoned / META).read_text())["health"] == checkpoint.DIVERGED
+    assert checkpoint.latest(tmp_path) == healthy and checkpoint.candidates(tmp_path) == [healthy]
+    assert _saver(tmp_path).restore(_state(tmp_path), None) == healthy
+
+
+def test_a_divergence_with_no_good_checkpoint_leaves_nothing_to_resume(tmp_path: Path) -> None:
+    state, saver = _state(tmp_path), _saver(tmp_path)
+    _save_at(saver, state, 1)
+    assert saver.diverged(first_bad=2, step=2) is None
+    assert _saver(tmp_path).restore(_state(tmp_path), None) is None  # a fresh start, not the diverged state
+
+
 class _Exploit:
     def __init__(self, marker: Path):
         self.marker = marker
@@ -240,6 +263,7 @@ def test_a_checkpoint_of_another_model_is_a_one_line_error(tmp_path: Path) -> No
     with pytest.raises(CheckpointError, match="num-classes") as err:
         _saver(tmp_path).restore(other, None)
     assert "\n" not in str(err.value)
+    assert "4 classes and this run 5" in str(err.value) and "new --run-dir" in str(err.value)
 
 
 def test_pointers_and_resolve(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@
 
 What it holds: the resolved config and every field that differs from the paper's recipe (the
 defaults of ``pipeline.config.RunConfig``); the LR drops (step, epoch, reason, new rate, from the
-checkpoint); train and val curves (``curves.png``, from the TensorBoard scalars); final centre-crop
+checkpoint); the divergences the run rolled back from (step, kind, loss, the checkpoint it returned to, the
+batches skipped); train and val curves (``curves.png``, from the TensorBoard scalars); final centre-crop
 and 10-crop top-1/top-5 errors beside the paper's Table 2 (ILSVRC-2012 val, one CNN: 40.7% / 18.2%);
 throughput, data-wait, model FLOP/s and MFU; conv1's kernels per tower with their colour fraction (figure 3); figure 4
 when ``python -m pipeline.tools.analysis neighbours`` has made it; the checkpoints on disk. The errors are
@@ -121,7 +122,7 @@ def final_errors(run_dir: Path, checkpoint: Path, evaluate_missing: bool) -> dic
 
 
 def checkpoints_table(run_dir: Path) -> list[str]:
-    from pipeline.checkpoint import META
+    from pipeline.checkpoint import META, health
 
     root = run_dir / "checkpoints"
     pointers = {name: (root / name).read_text().strip() for name in ("latest", "best") if (root / name).exists()}
@@ -129,7 +130,7 @@ def checkpoints_table(run_dir: Path) -> list[str]:
     for path in sorted(p for p in root.glob("step-*") if (p / META).exists()):
         meta = json.loads((path / META).read_text())
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        marks = ", ".join(name for name, target in pointers.items() if target == path.name)
+        marks = ", ".join([name for name, target in pointers.items() if target == path.name] + [health(meta)])
         best = meta.get("best_top1_error")
         lines.append(
             f"| `{path.name}` | {meta['progress']['epoch']} | {meta['progress']['step']} | "
@@ -163,6 +164,7 @@ def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) ->
         *errors_section(final_errors(run_dir, checkpoint, evaluate_missing)),
         *recipe_section(config),
         *drops_section(meta, config),
+        *divergence_section(meta, config),
         *curves_section(drawn),
         *speed_section(scalars),
         *filters_section(filters),
@@ -203,6 +205,25 @@ def drops_section(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
         return [*md, f"None (policy `{config['schedule']['policy']}`)."]
     rows = [f"| {d['step']} | {d['epoch']} | {d['reason']} | {d['lr']:.2e} |" for d in drops]
     return [*md, "| step | epoch | reason | new rate |", "|---|---|---|---|", *rows]
+
+
+def divergence_section(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    md = ["", "## Divergence", ""]
+    rollbacks = meta.get("divergence", {}).get("rollbacks", [])
+    if not rollbacks:
+        return [*md, f"No rollback (--train.on-divergence {config['train'].get('on_divergence', 'stop')})."]
+    rows = [
+        f"| {r['diverged_step']} | {r['kind']} | {_g(r['loss'])} | {_g(r['grad_norm'])} | `{r['checkpoint']}` | "
+        f"{r['skipped_steps'][0]}..{r['skipped_steps'][1]} | {r['lr_scale']:g} |"
+        for r in rollbacks
+    ]
+    header = "| diverged at step | kind | loss | grad norm | rolled back to | batches skipped (steps) | lr scale |"
+    return [*md, header, "|---|---|---|---|---|---|---|", *rows]
+
+
+def _g(value: Any) -> str:
+    """A figure to 4 significant digits; "nan"/"inf" (stored as text in meta.json) as they are."""
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
 def curves_section(drawn: list[str]) -> list[str]:

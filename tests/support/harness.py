@@ -8,6 +8,9 @@ The outcome (progress, LR drops) of each rank goes to ``$HARNESS_OUT/outcome-ran
 ``HARNESS_PAUSE_AT=N`` with ``HARNESS_GATE=DIR`` holds every rank before its batch of global step ``N``
 (after N steps): it creates ``DIR/paused-rank{RANK}`` and waits for ``DIR/go``. A test then acts on a
 run in a known state (a signal lands between two given steps, whatever the machine's speed).
+``HARNESS_POISON_AT=N`` spoils the training batch of global step ``N`` (1-based: the step that trains on it):
+``HARNESS_POISON=nan`` makes its images NaN, ``HARNESS_POISON=scale:K`` multiplies them by K (a finite loss
+spike); ``HARNESS_POISON_RANK=r`` limits it to rank r. A divergence test then diverges at a known step.
 ``HARNESS_HOLD_SAVE=DIR`` holds rank 0's checkpoint commit at the point named in ``DIR/hold`` (see
 :func:`hold_saves`) and marks it with ``DIR/held``: a kill then provably lands inside a save.
 ``HARNESS_GATE_SAVE=1`` (with ``HARNESS_GATE``) holds every rank at the start of its first checkpoint
@@ -122,6 +125,42 @@ def gated(loaders, at: int, gate: Path, rank: int):
     def train_loader(cfg, *, epoch, start_batch=0, **kwargs):
         inner = loaders.train(cfg, epoch=epoch, start_batch=start_batch, **kwargs)
         return Gate(inner, first_step=epoch * inner.steps_in_epoch + start_batch, at=at, gate=gate, rank=rank)
+
+    return Loaders(train=train_loader, val=loaders.val)
+
+
+class Poisoned:
+    """A train loader whose batch of global step ``at`` (1-based) is spoiled by ``spoil``."""
+
+    def __init__(self, inner, *, first_step: int, at: int, spoil):
+        self.inner, self.first_step, self.at, self.spoil = inner, first_step, at, spoil
+        self.steps_in_epoch = inner.steps_in_epoch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        for k, (images, labels) in enumerate(self.inner):
+            yield (self.spoil(images) if self.first_step + k + 1 == self.at else images), labels
+
+
+def poisoned(loaders, rank: int):
+    """``HARNESS_POISON_AT``/``HARNESS_POISON``/``HARNESS_POISON_RANK``: see the module's docstring."""
+    from pipeline.train import Loaders
+
+    at, how = int(os.environ["HARNESS_POISON_AT"]), os.environ.get("HARNESS_POISON", "nan")
+    if os.environ.get("HARNESS_POISON_RANK", str(rank)) != str(rank):
+        return loaders
+    if how == "nan":
+        spoil = lambda images: torch.full_like(images, float("nan"))  # noqa: E731
+    else:
+        factor = float(how.removeprefix("scale:"))
+        spoil = lambda images: images * factor  # noqa: E731
+    loaders = loaders or Loaders()
+
+    def train_loader(cfg, *, epoch, start_batch=0, **kwargs):
+        inner = loaders.train(cfg, epoch=epoch, start_batch=start_batch, **kwargs)
+        return Poisoned(inner, first_step=epoch * inner.steps_in_epoch + start_batch, at=at, spoil=spoil)
 
     return Loaders(train=train_loader, val=loaders.val)
 
@@ -259,6 +298,8 @@ def main() -> int:
     if os.environ.get("HARNESS_GATE_SAVE"):
         gate_saves(Path(os.environ["HARNESS_GATE"]), rank)
     unreachable(rank)
+    if os.environ.get("HARNESS_POISON_AT"):
+        loaders = poisoned(loaders, rank)
     if os.environ.get("HARNESS_PAUSE_AT"):
         loaders = gated(loaders, int(os.environ["HARNESS_PAUSE_AT"]), Path(os.environ["HARNESS_GATE"]), rank)
 

@@ -1,0 +1,211 @@
+"""Divergence: an update whose loss or gradient norm is non-finite, or whose loss spikes, is never applied.
+
+Each step, after backward and before ``optimizer.step``, :meth:`DivergenceGuard.observe` decides on the
+device, with no host sync:
+
+- one all-reduce (SUM over every rank) of ``[loss, grad_norm², local_bad]``: the dp-mean loss, the total
+  gradient norm (the towers partition the parameters; dp replicas hold the same gradients after DDP, so the
+  sum is divided by dp_size) and whether any rank saw a non-finite value. A NaN or inf anywhere makes the
+  sum non-finite, so every rank reaches the same verdict from the same numbers. It is the one collective
+  added per step: the control all-reduce comes every ``control_every`` steps, too late to keep an update
+  from being applied, and DDP's gradient buckets carry neither the loss (a spike on one dp rank) nor the
+  towers' agreement under tp=2; 3 floats, queued behind backward, never waited for by the host;
+- the spike rules on that mean loss (every rank computes the same answer): OLMo-core's z-score (a loss more
+  than ``spike_sigma`` standard deviations above the mean of the last ``spike_window`` accepted losses,
+  armed after ``spike_warmup`` steps and a full window), and Megatron-LM's cap (a loss above
+  ``spike_factor`` times the largest loss accepted so far, armed from the second step);
+- the verdict is a 0/1 float on the device that the trainer hands to fused SGD as ``found_inf`` (the
+  mechanism GradScaler uses): the kernel itself skips the update, weights and momentum untouched.
+
+The first divergent step since the last control step is latched on the device (step, kind, loss, gradient
+norm, this rank's own flags); the trainer's control all-reduce carries its step, and only then, on the rare
+path, :meth:`event` reads it to the host and gathers which ranks saw it.
+
+Why the defaults never trip in normal training: cross-entropy starts at about ln(classes) (6.9 for the
+paper's 1000, 2.3 for the demo's 10) and falls. The cap (10x the largest loss seen) asks for a loss of 69 /
+23, which only a diverging network reaches. The z-score rule waits 200 steps and a full window of 128: the
+paper's recipe (N(0, 0.01) init, lr 0.01) sits on a plateau at ln(1000) for its first thousands of steps,
+where the window's std is tiny; the std is therefore taken as at least 1% of the window's mean, so noise on
+a plateau needs a 6% jump (6.9 -> 7.3) to count, which a batch of 128 at chance does not make (its loss
+varies by about 0.01). The demo's curve (configs/demo.toml) is checked in tests/test_divergence.py.
+
+What follows a divergence (stop or rollback) is decided by the trainer with :func:`rollback_plan`; this
+module's state (the window, the largest loss, the rollbacks and the learning-rate scale they left) is part of
+every checkpoint (``state_dict``), so a resume continues the same rule and a rerun reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import TrainConfig
+
+KINDS = {1: "non-finite (NaN/inf)", 2: "spike (z-score)", 3: "spike (above the cap)"}
+STD_FLOOR = 0.01  # the window's std is at least this fraction of its mean (a flat plateau is not 0 +- 0)
+_STEP, _KIND, _LOSS, _NORM, _LOCAL_LOSS, _LOCAL_GRAD = range(6)  # slots of the latched record
+
+
+@dataclass
+class Event:
+    """The first divergent step since the last control step, as every rank agreed on it."""
+
+    step: int  # steps done, the divergent one included
+    kind: str
+    loss: float  # the dp-mean loss
+    grad_norm: float
+    ranks: list[int] | None  # the ranks whose own loss or gradients were non-finite; None: all (a spike)
+
+    def describe(self) -> str:
+        where = "all ranks" if self.ranks is None else "rank(s) " + ",".join(map(str, self.ranks))
+        return f"{self.kind} at step {self.step} on {where} (loss {self.loss:.4g}, grad norm {self.grad_norm:.4g})"
+
+
+class DivergenceGuard:
+    """The per-step rule and its state; one per rank, identical on every rank."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, *, rank: int, world_size: int, dp_size: int):
+        self.cfg = cfg
+        self.device = device
+        self.rank, self.world_size, self.dp_size = rank, world_size, dp_size
+        self.window = torch.zeros(cfg.spike_window, device=device)
+        self.largest = torch.zeros((), device=device)
+        self.seen = 0  # steps observed (host-side: the rules arm without reading the device)
+        self.record = torch.zeros(6, device=device)  # the latched first divergent step (slot _STEP 0: none)
+        self.grad_norm = torch.zeros((), device=device)  # the last step's total gradient norm
+        self.rollbacks: list[dict[str, Any]] = []
+        self.lr_scale = 1.0  # the product of --train.rollback-lr-factor over the rollbacks taken
+
+    # -- every step
+
+    def observe(self, loss: torch.Tensor, parameters: list[torch.nn.Parameter], step: int) -> torch.Tensor:
+        """The verdict on the step about to be applied (``step`` counts it): 1.0 skips it (``found_inf``)."""
+        grads = [p.grad for p in parameters if p.grad is not None]  # leaves: no graph to detach from
+        grad_sq = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        pair = torch.stack([loss.detach().float(), grad_sq])
+        local_bad = ~torch.isfinite(pair)  # this rank's own [loss, gradients] non-finite, to name it later
+        both = torch.cat([pair, local_bad.any().float().unsqueeze(0)])
+        if self.world_size > 1:
+            dist.all_reduce(both)  # SUM over the world: NaN/inf on any rank reaches every rank
+        mean = both[0] / self.world_size
+        self.grad_norm = (both[1] / self.dp_size).sqrt()
+        nonfinite = (both[2] > 0) | ~torch.isfinite(both[:2]).all()
+        kind = nonfinite.float()  # 1: non-finite
+        cfg = self.cfg
+        self.seen += 1
+        if cfg.spike_sigma > 0 and self.seen > max(cfg.spike_warmup, cfg.spike_window):
+            avg, std = self.window.mean(), self.window.std()
+            z_trip = mean - avg > cfg.spike_sigma * torch.maximum(std, STD_FLOOR * avg.abs())
+            kind = torch.where((kind == 0) & z_trip, 2.0, kind)
+        if cfg.spike_factor > 0 and self.seen > 1:
+            kind = torch.where((kind == 0) & (mean > cfg.spike_factor * self.largest), 3.0, kind)
+        bad = kind > 0
+        # A rejected loss enters neither the window nor the largest seen (it would raise the bar for the next).
+        slot = (self.seen - 1) % cfg.spike_window
+        self.window[slot] = torch.where(bad, self.window[slot], mean)
+        self.largest = torch.where(bad, self.largest, torch.maximum(self.largest, mean))
+        first = bad & (self.record[_STEP] == 0)
+        step_t = torch.full((), float(step), device=self.device)  # exact in float32 below 2**24 steps
+        head = torch.stack([step_t, kind, mean, self.grad_norm])
+        now = torch.cat([head, local_bad.float()])
+        self.record = torch.where(first, now, self.record)
+        return bad.float()
+
+    @property
+    def pending(self) -> torch.Tensor:
+        """The first divergent step since the last control step (0: none), for the control all-reduce."""
+        return self.record[_STEP]
+
+    # -- at a control step that found one (collective, rare)
+
+    def event(self) -> Event:
+        record = self.record.tolist()
+        flags = self.record[_LOCAL_LOSS:].clone()
+        if self.world_size > 1:
+            gathered = [torch.zeros_like(flags) for _ in range(self.world_size)]
+            dist.all_gather(gathered, flags)
+        else:
+            gathered = [flags]
+        by_loss = [r for r, f in enumerate(gathered) if f[0] > 0]
+        by_grad = [r for r, f in enumerate(gathered) if f[1] > 0]
+        ranks = by_loss or by_grad or None
+        return Event(int(record[_STEP]), KINDS[int(record[_KIND])], record[_LOSS], record[_NORM], ranks)
+
+    def clear(self) -> None:
+        self.record.zero_()
+
+    def rolled_back(self, rollback: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """After the state was restored (its window and largest loss): the run's rollbacks so far (``history``,
+        not the restored checkpoint's, which may predate some) and this one; it scales the learning rate."""
+        self.rollbacks = [*history, rollback]
+        self.lr_scale = rollback["lr_scale"]
+        self.clear()
+
+    # -- checkpointed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "window": self.window.tolist(),
+            "largest": float(self.largest),
+            "seen": self.seen,
+            "rollbacks": [dict(r) for r in self.rollbacks],
+            "lr_scale": self.lr_scale,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        window = torch.tensor(state["window"], device=self.device, dtype=torch.float32)
+        if window.numel() == self.window.numel():
+            self.window, self.seen = window, int(state["seen"])
+        else:  # another --train.spike-window: the rule re-arms after a fresh window
+            self.window.zero_()
+            self.seen = 0
+        self.largest = torch.tensor(float(state["largest"]), device=self.device)
+        self.rollbacks = [dict(r) for r in state["rollbacks"]]
+        self.lr_scale = float(state["lr_scale"])
+        self.clear()
+
+
+def rollback_plan(
+    guard: DivergenceGuard, event: Event, *, good: Any, good_step: int | None, step: int
+) -> tuple[dict[str, Any] | None, str]:
+    """Whether to roll back (the record to keep) and why not otherwise (a phrase for the stop line)."""
+    cfg = guard.cfg
+    if cfg.on_divergence != "rollback":
+        return None, ""
+    if good is None:
+        return None, "no good checkpoint to roll back to"
+    if len(guard.rollbacks) >= cfg.max_rollbacks:
+        return None, f"{len(guard.rollbacks)} rollbacks already (--train.max-rollbacks {cfg.max_rollbacks})"
+    scale = guard.lr_scale * cfg.rollback_lr_factor
+    return {
+        "at_step": step,
+        "diverged_step": event.step,
+        "kind": event.kind,
+        "loss": event.loss if math.isfinite(event.loss) else str(event.loss),
+        "grad_norm": event.grad_norm if math.isfinite(event.grad_norm) else str(event.grad_norm),
+        "ranks": event.ranks,
+        "checkpoint": getattr(good, "name", str(good)),
+        "restored_step": good_step,
+        "skipped_steps": [good_step + 1, step],  # the batches of these steps (inclusive) are never trained on
+        "lr_scale": scale,
+    }, ""
+
+
+def stop_line(event: Event, good: Any, why: str, mode: str) -> str:
+    """The one line a stop prints: what diverged where, and the checkpoint the same command resumes from."""
+    if good is not None:
+        resume = f"the same command resumes from the last good checkpoint {good} (latest names it); lower --lr"
+    else:
+        resume = (
+            "no good checkpoint exists (none was followed by a finite step), so the same command starts afresh; "
+            "lower --lr or add --schedule.warmup-epochs"
+        )
+    why = f" ({why})" if why else ""
+    return (
+        f"training diverged: {event.describe()}; its update was not applied and nothing after it was saved{why}; "
+        f"{resume}, or check the data" + (", or pass --train.on-divergence rollback" if mode == "stop" else "")
+    )

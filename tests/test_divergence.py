@@ -1,0 +1,280 @@
+"""A diverging run never leaves a poisoned checkpoint and can recover by itself (pipeline.divergence).
+
+End to end on the demo data with a narrow model and a checkpoint every step: the issue's reproduction
+(``--lr 300`` with warm-up) stops with one line naming a good checkpoint, from which a lower rate trains to the
+end; a finite spike (a batch scaled by the harness) rolls back, skips its batches, records them, and two runs
+with the same seed end with the same weights; dp=2 and tp=2 on gloo agree. In-process: the rules themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.checkpoint import DIVERGED, GOOD, META
+from pipeline.config import TrainConfig
+from pipeline.divergence import DivergenceGuard
+from tests.support import HARNESS, NARROW_MODEL, REPO, TORCHRUN, flags
+from tests.support.processes import free_port, small_env
+
+CPU = torch.device("cpu")
+
+
+def _run(
+    out: Path, args: list[str], *, nproc: int = 1, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=True)
+    if nproc == 1:
+        cmd = [sys.executable, HARNESS, *args]
+    else:
+        cmd = [TORCHRUN, f"--nproc_per_node={nproc}", f"--master-port={free_port()}", HARNESS, *args]
+    extra = {"HARNESS_OUT": str(out), **(env or {})}
+    return subprocess.run(
+        cmd, cwd=REPO, env=small_env(extra), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+def _demo(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The demo recipe (configs/demo.toml: He init, channel mean, warm-up) on the 4-class demo data, narrow,
+    batches of 8 (12 steps an epoch), a checkpoint every step."""
+    return [
+        *flags("--config {} --data {} --run-dir {}", REPO / "configs" / "demo.toml", shards, run_dir),
+        *flags("--num-classes 4 --tp 1 --batch-size 8 --epochs 3 --data.workers 1 --train.log-every 1"),
+        *NARROW_MODEL,
+        *flags("--checkpoint.every-minutes 0 --checkpoint.every-steps 1 --train.hang-timeout 0"),
+        *extra,
+    ]
+
+
+def _meta(path: Path) -> dict:
+    return json.loads((path / META).read_text())
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    from pipeline.tools.report import read_scalars
+
+    return dict(read_scalars(run_dir)["train/loss"])
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_the_issues_reproduction_stops_at_a_good_checkpoint_that_a_lower_lr_trains_on(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    """--lr 300 with a warm-up epoch used to leave `latest` at the state whose update broke the run: the same
+    command with --lr 0.01 gave NaN at the next step, every time. (With the spike rules off, the loss reaches
+    4e11 at step 3, finite, and NaN/inf at step 4: step-2, whose next step was finite, would then count as good
+    although its weights already blow up at any rate. The cap is what names step-1.)"""
+    run_dir = tmp_path / "run"
+    proc = _run(tmp_path / "o1", _demo(demo_shards, run_dir, "--lr", "300", "--schedule.warmup-epochs", "1"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _error_line(proc)
+    good = checkpoint.latest(run_dir)
+    assert good is not None and _meta(good)["health"] == GOOD
+    assert f"last good checkpoint {good}" in line and "rank" in line and "grad norm" in line
+    assert "spike (above the cap) at step 3" in line, line
+    # Everything saved after the good one is marked, and no automatic resume would pick it.
+    good_step = _meta(good)["step"]
+    later = [p for p, m in checkpoint.complete(run_dir) if m["seq"] > _meta(good)["seq"]]
+    assert later and all(_meta(p)["health"] == DIVERGED for p in later)
+    assert checkpoint.candidates(run_dir)[0] == good
+
+    proc = _run(tmp_path / "o2", _demo(demo_shards, run_dir, "--lr", "0.01", "--schedule.warmup-epochs", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "o2" / "outcome-rank0.json").read_text())["progress"]["step"] == 36
+    resumed = {s: v for s, v in _losses(run_dir).items() if s > good_step}
+    assert len(resumed) == 36 - good_step and all(math.isfinite(v) for v in resumed.values())
+    # The resume said what changed, in one line.
+    assert "resumed with settings that differ" in proc.stderr and "--optim.lr 300.0 -> 0.01" in proc.stderr
+
+
+def _spiked(demo_shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Rollback, and the z-score rule armed from step 9 (a window of 8) so that the spike below counts."""
+    return _demo(
+        demo_shards,
+        run_dir,
+        *flags("--train.on-divergence rollback --train.rollback-lr-factor 0.5"),
+        *flags("--train.spike-warmup 0 --train.spike-window 8"),
+        *extra,
+    )
+
+
+# The batch of step 9 x1000: the loss goes from about 1.5 to 12, finite (LRN damps the rest).
+SPIKE = {"HARNESS_POISON_AT": "9", "HARNESS_POISON": "scale:1000"}
+
+
+def test_a_finite_spike_rolls_back_skips_its_batches_and_reproduces(demo_shards: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run_dir in (a, b):  # every checkpoint kept, to read their marks
+        proc = _run(
+            tmp_path / f"o-{run_dir.name}", _spiked(demo_shards, run_dir, "--checkpoint.keep-last", "99"), env=SPIKE
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rolled back to step-00000007" in proc.stderr and "steps 8..9 skipped" in proc.stderr
+    last = checkpoint.latest(a)
+    [rollback] = _meta(last)["divergence"]["rollbacks"]
+    assert rollback["diverged_step"] == 9 and rollback["skipped_steps"] == [8, 9]
+    assert rollback["kind"].startswith("spike") and rollback["lr_scale"] == 0.5
+    health = {p.name: m["health"] for p, m in checkpoint.complete(a)}
+    assert health["step-00000007"] == GOOD and health["step-00000008"] == DIVERGED  # step 9 trained on step-8
+    assert health["step-00000009"] == GOOD  # the state after the rollback: step-7's weights, trained on
+    # Two runs with the same seed: the same weights, bit for bit.
+    wa, wb = checkpoint.export_model(last), checkpoint.export_model(checkpoint.latest(b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # The run's record: TensorBoard and the run report.
+    from pipeline.tools.report import read_scalars, report
+
+    assert read_scalars(a)["train/rollbacks"] == [(9, 1.0)]
+    text = report(a, "latest", evaluate_missing=False).read_text()
+    assert "## Divergence" in text and "| 9 |" in text and "8..9" in text
+
+
+def test_a_resume_after_a_rollback_skips_the_same_batches(demo_shards: Path, tmp_path: Path) -> None:
+    """Stopped two steps after the rollback, then resumed: the same weights as the run that went straight on."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _run(tmp_path / "o1", _spiked(demo_shards, straight), env=SPIKE).returncode == 0
+    first = _run(tmp_path / "o2", _spiked(demo_shards, resumed, "--max-steps", "11"), env=SPIKE)
+    assert first.returncode == 0 and "rolled back" in first.stderr, first.stderr[-3000:]
+    again = _run(tmp_path / "o3", _spiked(demo_shards, resumed), env=SPIKE)
+    assert again.returncode == 0 and "rolled back" not in again.stderr, again.stderr[-3000:]
+    wa, wb = checkpoint.export_model(checkpoint.latest(straight)), checkpoint.export_model(checkpoint.latest(resumed))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_nan_batch_is_never_applied(demo_shards: Path, tmp_path: Path) -> None:
+    """The batch of step 3 is NaN; the control step comes at 6: steps 4-6 still train on finite weights (had
+    the NaN update been applied, every later loss would be NaN). No checkpoint was good: the line says so."""
+    run_dir = tmp_path / "run"
+    nan = {"HARNESS_POISON_AT": "3", "HARNESS_POISON": "nan"}
+    args = _demo(demo_shards, run_dir, *flags("--epochs 1 --checkpoint.every-steps 0 --train.control-every 6"))
+    proc = _run(tmp_path / "o", args, env=nan)
+    assert proc.returncode == 2
+    line = _error_line(proc)
+    assert "non-finite (NaN/inf) at step 3 on rank(s) 0 (loss nan" in line and "no good checkpoint exists" in line
+    losses = _losses(run_dir)  # TensorBoard keeps finite values only
+    assert sorted(losses) == [1, 2, 4, 5, 6] and checkpoint.latest(run_dir) is None
+
+
+def test_the_demo_recipe_never_trips_the_spike_rules(demo_shards: Path, tmp_path: Path) -> None:
+    """Three epochs of the demo recipe with the z-score rule armed from the 9th step (the default waits 200):
+    nothing counts as a spike, early steps included."""
+    run_dir = tmp_path / "run"
+    proc = _run(tmp_path / "o", _demo(demo_shards, run_dir, *flags("--train.spike-warmup 0 --train.spike-window 8")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "diverged" not in proc.stderr and len(_losses(run_dir)) == 36
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("tp", [1, 2])
+def test_every_rank_agrees_under_dp2_and_tp2(demo_shards: Path, tmp_path: Path, tp: int) -> None:
+    """A NaN batch on rank 1 alone: every rank skips the update and stops with the same line naming rank 1
+    (under tp=2 the towers exchange activations, so both see it); a spike on rank 1 alone rolls both back."""
+    run_dir = tmp_path / "run"
+    nan_on_1 = {"HARNESS_POISON_AT": "5", "HARNESS_POISON": "nan", "HARNESS_POISON_RANK": "1"}
+    args = _demo(demo_shards, run_dir, "--tp", str(tp), "--epochs", "1")
+    proc = _run(tmp_path / "o1", args, nproc=2, env=nan_on_1, timeout=240)
+    assert proc.returncode != 0
+    lines = {ln.split("error: ", 1)[1] for ln in proc.stderr.splitlines() if "error: training diverged" in ln}
+    assert len(lines) == 1, proc.stderr[-3000:]  # one verdict, the same on every rank
+    [line] = lines
+    assert "non-finite (NaN/inf) at step 5" in line and ("rank(s) 1 " if tp == 1 else "rank(s) ") in line
+    assert "step-00000003" in line  # step 4 trained on step-3's state; step 5 was the NaN, so step-4 is not good
+
+    # A finite spike in rank 1's batch alone: only the all-reduced loss shows it to rank 0 as well.
+    spike_on_1 = {**SPIKE, "HARNESS_POISON_RANK": "1"}
+    rollback = _spiked(demo_shards, tmp_path / "run2", "--tp", str(tp), "--epochs", "1")
+    proc = _run(tmp_path / "o2", rollback, nproc=2, env=spike_on_1, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcomes = [json.loads((tmp_path / "o2" / f"outcome-rank{r}.json").read_text()) for r in (0, 1)]
+    assert outcomes[0] == outcomes[1] and outcomes[0]["progress"]["step"] == 12
+    [record] = _meta(checkpoint.latest(tmp_path / "run2"))["divergence"]["rollbacks"]
+    assert record["skipped_steps"] == [8, 9] and record["kind"] == "spike (z-score)"
+
+
+# ------------------------------------------------------------------------------------------ the rules
+
+
+def _guard(**cfg) -> DivergenceGuard:
+    return DivergenceGuard(TrainConfig(**cfg), CPU, rank=0, world_size=1, dp_size=1)
+
+
+def _model_step(guard: DivergenceGuard, loss_value: float, step: int, grad: float = 1.0) -> torch.Tensor:
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), grad)
+    return guard.observe(torch.tensor(loss_value), [p], step)
+
+
+def test_a_rejected_update_leaves_weights_and_momentum_untouched() -> None:
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
+    for p in model.parameters():
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    guard = _guard()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.full((3, 4), float("nan"))).sum()
+    loss.backward()
+    opt.found_inf = guard.observe(loss, list(model.parameters()), 1)
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(not opt.state[p]["momentum_buffer"].any() for p in model.parameters())
+    event = guard.event()
+    assert event.step == 1 and event.kind.startswith("non-finite") and event.ranks == [0]
+
+
+def test_the_rules_on_a_plateau_a_jump_and_an_explosion() -> None:
+    """The paper's first steps sit at ln(1000) with a batch's noise: never a spike. A 20% jump once armed is
+    one (z-score); a loss ten times the largest seen is one at any step (the cap)."""
+    g = torch.Generator().manual_seed(0)
+    plateau = _guard()
+    for step in range(1, 2001):
+        noisy = math.log(1000) + 0.01 * float(torch.randn((), generator=g))
+        assert _model_step(plateau, noisy, step) == 0, step
+    assert float(plateau.pending) == 0
+    assert _model_step(plateau, 1.2 * math.log(1000), 2001) == 1 and plateau.event().kind == "spike (z-score)"
+
+    flat = _guard()  # a network that outputs the same for every image: the loss is ln(1000) exactly
+    for step in range(1, 301):
+        assert _model_step(flat, math.log(1000), step) == 0
+    assert _model_step(flat, 1.002 * math.log(1000), 301) == 0  # noise on a std of 0 is not 6 sigma
+
+    early = _guard()
+    assert _model_step(early, 2.3, 1) == 0 and _model_step(early, 1.2 * 2.3, 2) == 0  # z-score not armed yet
+    assert _model_step(early, 30.0, 3) == 1 and early.event().kind == "spike (above the cap)"
+    off = _guard(spike_sigma=0, spike_factor=0)
+    assert _model_step(off, 2.3, 1) == 0 and _model_step(off, 1e6, 2) == 0
+    assert _model_step(off, 1.0, 3, grad=float("inf")) == 1  # non-finite is never switched off
+
+    state = plateau.state_dict()
+    again = _guard()
+    again.load_state_dict(json.loads(json.dumps(state)))  # what meta.json holds
+    assert again.seen == 2001 and torch.equal(again.window, plateau.window) and float(again.pending) == 0
+
+
+def test_a_resume_lists_each_changed_setting() -> None:
+    from pipeline.config import RunConfig, changes
+
+    was = RunConfig().to_dict()
+    now = RunConfig().to_dict()
+    now["optim"]["lr"], now["optim"]["batch_size"], now["data"]["data"] = 0.001, 256, "/other"
+    now["model"]["widths"] = [48, 128, 192, 192, 128]
+    assert changes(was, now) == [
+        f"--data.data {was['data']['data']} -> /other",
+        "--model.widths 96,256,384,384,256 -> 48,128,192,192,128",
+        "--optim.batch-size 128 -> 256",
+        "--optim.lr 0.01 -> 0.001",
+    ]
+    assert changes(was, RunConfig().to_dict()) == []
