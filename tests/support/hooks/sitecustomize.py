@@ -2,6 +2,8 @@
 
 ALEXNET_TEST_FLOCK_REFUSED=1: fcntl.flock/lockf raise ENOSYS, as on Lustre mounted without -o flock.
 ALEXNET_TEST_SLOW_READ=SECONDS: every source image read sleeps first (a long run to interrupt).
+ALEXNET_TEST_SLOW_MATMUL_RANK=R: on rank R every `a @ b` of torch tensors takes 0.1 s longer: launch.preflight's
+matmul (~10 ms on a CPU) measures a slow device there, every time, and names that rank.
 """
 
 import errno
@@ -29,3 +31,18 @@ if os.environ.get("ALEXNET_TEST_SLOW_READ"):
         return _read(self, *args, **kwargs)
 
     sources.SourceItem.read = _slow_read
+
+if os.environ.get("ALEXNET_TEST_SLOW_MATMUL_RANK") == os.environ.get("RANK", "-"):
+    # The operator, not launch.preflight's function: `python -m launch.preflight` runs a fresh copy of the
+    # module as __main__, which a patch of the imported module would not reach.
+    import time
+
+    import torch
+
+    _matmul = torch.Tensor.__matmul__
+
+    def _slow_matmul(self, other):
+        time.sleep(0.1)
+        return _matmul(self, other)
+
+    torch.Tensor.__matmul__ = _slow_matmul
