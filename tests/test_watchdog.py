@@ -398,6 +398,7 @@ def test_straggler_is_named(demo_shards: Path, tmp_path: Path) -> None:
     print(line)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "cause, knob, verdict",
     [
