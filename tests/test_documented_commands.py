@@ -152,7 +152,9 @@ def _documented() -> tuple[set[str], dict[str, str]]:
     pending = _modules(texts)
     while pending:
         modules = sorted(set(pending) - set(helps))
-        results = _helps([[m, "--help"] for m in modules])
+        # One interpreter per round: each module's help and, for each word documented after it, `M WORD --help`
+        # (only those that turn out to be subcommands are judged).
+        results = _helps([argv for m in modules for argv in [[m, "--help"], *([m, w, "--help"] for w in pending[m])]])
         new: dict[str, set[str]] = {}
         for m in modules:
             code, text = results[f"{m} --help"]
@@ -163,9 +165,8 @@ def _documented() -> tuple[set[str], dict[str, str]]:
             choices |= {w for w in pending[m] if f"{m} {w} " in text}  # a usage line without argparse
             subs = pending[m] & choices
             if subs:
-                sub_results = _helps([[m, s, "--help"] for s in sorted(subs)])
                 for s in sorted(subs):
-                    code, sub_text = sub_results[f"{m} {s} --help"]
+                    code, sub_text = results[f"{m} {s} --help"]
                     assert code in (0, None), f"python -m {m} {s} --help exits {code}:\n{sub_text[-3000:]}"
                     keys.add(f"python -m {m} {s}")
             else:
