@@ -68,6 +68,42 @@ def test_judge_names_the_silent_rank_else_the_one_behind() -> None:
     assert judge({0: _record(0, 12, "backward", now - 30, now)}, 2, now, allowance, stale_s=3) is None
 
 
+def test_verdict_says_how_long_and_names_its_folder_by_the_culprits_last_progress() -> None:
+    allowance, now = Allowance(10, 60), 1_000_000.0
+    # rank 1 silent since 30 s, rank 0 waiting since 40 s: stuck for 30 s (the latest progress), folder by rank 1
+    records = {0: _record(0, 12, "backward", now - 40, now), 1: _record(1, 11, "forward", now - 30, now - 30)}
+    verdict = judge(records, 2, now, allowance, stale_s=3)
+    assert verdict is not None and verdict.stuck_s == pytest.approx(30)
+    assert verdict.folder_name() == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now - 30))
+    # nobody behind: the folder is named by the earliest progress of all
+    records = {0: _record(0, 12, "backward", now - 40, now), 1: _record(1, 12, "backward", now - 25, now)}
+    verdict = judge(records, 2, now, allowance, stale_s=3)
+    assert verdict is not None and verdict.culprits == [] and verdict.stuck_s == pytest.approx(25)
+    assert verdict.folder_name() == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now - 40))
+
+
+def test_phase_seconds_and_marker_count_on_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seconds per phase (what the straggler figures are made of) and one marker per ``enter``."""
+    from pipeline import watchdog
+
+    clock = [0.0]
+    monkeypatch.setattr(watchdog.time, "perf_counter", lambda: clock[0])
+    marks = PhaseMarks()
+    for at, phase in [(1.0, "data"), (3.5, "forward"), (3.75, "data")]:
+        clock[0] = at
+        marks.enter(phase, 7)
+    clock[0] = 4.0
+    assert marks.take_seconds() == {"start": 1.0, "data": 2.75, "forward": 0.25}
+    assert marks.state[:3] == (3, 7, "data")
+    clock[0] = 6.0
+    phases = []
+    for _ in marks.ticking([1, 2, 3], "validation"):  # one marker when the first batch arrives, then ticks
+        phases.append(marks.state[2])
+        clock[0] += 0.5
+    assert phases == ["validation"] * 3 and marks.state[0] == 4
+    assert marks.take_seconds() == {"data": 2.0, "validation": 1.5}
+
+
 @pytest.mark.parametrize(
     "args, option",
     [
