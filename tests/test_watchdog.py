@@ -428,7 +428,7 @@ def test_straggler_is_named(demo_shards: Path, tmp_path: Path) -> None:
     assert line is not None, text[-6000:]
     assert re.search(r"straggler: rank 1 \(host \S+\) works [\d.]+ s per step", line), line
     # Stopped at random moments, it is slow in whichever phase the stops land, so either verdict is right
-    # here (a deterministic one: test_a_rank_slow_on_its_data_is_named_so).
+    # here (deterministic ones: test_a_slow_rank_is_named_with_its_cause_and_shown_in_tensorboard).
     assert re.search(r"it waits \d+% of that on data \(others \d+%\): slow on (data|compute) \(", line), line
     assert text.count("straggler: ") == 1, text[-6000:]
     print(line)
