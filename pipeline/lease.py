@@ -508,9 +508,14 @@ def _remove(path: Path, judged: Mapping[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
 
+    usage = "usage: " + __doc__.strip().splitlines()[-1].strip()
+
     def body() -> int:
+        if "-h" in args or "--help" in args:
+            print(usage)
+            return 0
         if len(args) != 2 or args[0] != "check":
-            print("usage: " + __doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+            print(usage, file=sys.stderr)
             return 2
         check(args[1], Holder.from_environ())
         return 0

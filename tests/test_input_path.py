@@ -9,6 +9,7 @@ be the ones the per-sample parser gives, hostile payloads included.
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 import time
@@ -117,19 +118,54 @@ def test_thread_parts_cover_the_loader(mean_ds: Path) -> None:
         bench_data.thread_parts(cfg, batch_size=4, warmup=2, steps=3, device=torch.device("cpu"))
 
 
-def test_process_tree_cpu_counts_live_and_exited_children() -> None:
-    before = bench_data.process_tree_cpu_seconds()
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"]
-    )
-    deadline = time.monotonic() + 60
-    while bench_data.process_tree_cpu_seconds() - before < 0.3:  # counted while it runs
-        assert child.poll() is None or time.monotonic() < deadline, "the running child's CPU was not counted"
-        if child.poll() is not None:
-            break
-        time.sleep(0.05)
-    child.wait()
-    assert bench_data.process_tree_cpu_seconds() - before >= 0.4  # and once it has exited
+def test_thread_parts_time_a_mean_image_subtracted_on_the_thread(mean_ds: Path, monkeypatch) -> None:
+    """An older loader subtracted the mean image on the thread, inside the copy (``Output._subtract_windows``):
+    the bench times that part and takes it out of ``copy out``, so a checkout that does it shows it."""
+    from pipeline.data import dali_pipeline
+
+    burn_s = 0.02  # thread CPU per batch of 2: 10,000 µs per sample, far above a CPU copy of 2 images
+
+    def subtract_windows(self, out):
+        start = time.thread_time()
+        while time.thread_time() - start < burn_s:
+            pass
+        return out
+
+    copy = dali_pipeline.Output.__call__
+    monkeypatch.setattr(dali_pipeline.Output, "_subtract_windows", subtract_windows, raising=False)
+    monkeypatch.setattr(dali_pipeline.Output, "__call__", lambda self, batch: self._subtract_windows(copy(self, batch)))
+    cfg = cfg_for(mean_ds, verify="size")
+    parts = bench_data.thread_parts(cfg, batch_size=2, warmup=2, steps=3, device=torch.device("cpu"))
+    assert parts["mean image"] >= 0.9 * burn_s / 2 * 1e6, parts
+    assert 0 < parts["copy out"] < 0.5 * parts["mean image"], parts  # the copy without the subtraction
+    assert parts["total"] >= parts["mean image"] + parts["copy out"] + parts["feed"], parts
+
+
+def _descendants_cpu_seconds() -> float:
+    """The process tree's CPU less this process's own and its reaped children's (the reading itself costs CPU)."""
+    tree = bench_data.process_tree_cpu_seconds()
+    own, dead = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return tree - (own.ru_utime + own.ru_stime + dead.ru_utime + dead.ru_stime)
+
+
+def test_process_tree_cpu_counts_live_and_exited_children(tmp_path: Path) -> None:
+    """A child that spins until told to stop is counted while it lives (it cannot exit by itself, so only the
+    /proc walk can show its time), and still counted once it has exited and been waited for."""
+    stop = tmp_path / "stop"
+    spin = f"import os\nwhile not os.path.exists({str(stop)!r}):\n    sum(range(20000))"
+    before, tree_before = _descendants_cpu_seconds(), bench_data.process_tree_cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        deadline = time.monotonic() + 60
+        while (live := _descendants_cpu_seconds() - before) < 0.3:
+            assert child.poll() is None, "the spinning child exited by itself"
+            assert time.monotonic() < deadline, f"the running child's CPU was not counted ({live:.2f} s)"
+            time.sleep(0.05)
+    finally:
+        stop.touch()
+        child.wait(timeout=60)
+    assert child.returncode == 0
+    assert bench_data.process_tree_cpu_seconds() - tree_before >= live  # and once it has exited
 
 
 def test_bare_dali_graph_and_its_copy_into_torch(mean_ds: Path) -> None:
@@ -142,10 +178,20 @@ def test_bare_dali_graph_and_its_copy_into_torch(mean_ds: Path) -> None:
 
 
 def test_format_label_is_what_the_arrays_parse() -> None:
-    """The array parser's fast path covers exactly ``format.encode_label``'s output: decimal digits."""
-    for label in (0, 7, 42, 999, 123456):
-        raw = fmt.encode_label(label)
-        assert raw.isdigit() and fmt.decode_label(raw) == label
+    """The array parser's fast path covers exactly ``format.encode_label``'s output: every label the format
+    writes is parsed in arrays (nothing falls to the per-sample parser), to the value ``decode_label`` gives."""
+    labels = [0, 7, 42, 999, 123456, 2**31 - 1]
+    raws = [fmt.encode_label(label) for label in labels]
+    data = np.frombuffer(b"".join(raws), np.uint8)
+    offsets = np.cumsum([0] + [len(r) for r in raws[:-1]])
+    spans = np.stack([offsets, [len(r) for r in raws]], axis=1).astype(np.int64)
+    assert C.decimal_labels(data, spans).tolist() == labels == [fmt.decode_label(r) for r in raws]
+    # What the format never writes goes to the per-sample parser (-1 here), even where decode_label accepts it.
+    odd = [b" 7", b"7\n", b"+7", b"-7", b""]
+    data = np.frombuffer(b"".join(odd), np.uint8)
+    offsets = np.cumsum([0] + [len(r) for r in odd[:-1]])
+    spans = np.stack([offsets, [len(r) for r in odd]], axis=1).astype(np.int64)
+    assert C.decimal_labels(data, spans).tolist() == [-1] * len(odd)
 
 
 def test_batches_held_by_the_caller_are_never_overwritten(mean_ds: Path) -> None:

@@ -74,3 +74,29 @@ def test_readme_layout_table_matches_the_tree() -> None:
         assert (REPO / path).exists(), f"README's layout table names {path}, which does not exist"
     packages = {f"{p.parent.relative_to(REPO)}/" for package in PACKAGES for p in (REPO / package).rglob("__init__.py")}
     assert packages <= cited, f"packages missing from README's layout table: {sorted(packages - cited)}"
+
+
+def test_preprocess_imports_no_torch() -> None:
+    """README: preprocessing never imports torch (a CPU-only preprocessing host needs none). The one exception
+    is the benchmark's optional variant that times torch's resize kernel, imported inside it when run."""
+    for name, path in _modules().items():
+        if not name.startswith("preprocess"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for imported in names:
+                if imported.split(".")[0] == "torch":
+                    assert (name, node.lineno) in _TORCH_ALLOWED, (
+                        f"{path.relative_to(REPO)}:{node.lineno} imports torch"
+                    )
+
+
+def _torch_resize_variant_lines() -> set[tuple[str, int]]:
+    tree = ast.parse((REPO / "preprocess" / "bench.py").read_text())
+    (variant,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_variant_torch_resize"]
+    return {("preprocess.bench", n.lineno) for n in ast.walk(variant) if isinstance(n, (ast.Import, ast.ImportFrom))}
+
+
+_TORCH_ALLOWED = _torch_resize_variant_lines()

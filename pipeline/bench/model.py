@@ -1,6 +1,7 @@
 """Training-step throughput of the model alone (synthetic batches, no input pipeline).
 
     python -m pipeline.bench.model [--batch-size 128] [--steps 30] [--device cuda]
+    python -m pipeline.bench.model --device cpu --batch-size 2 --steps 1 --warmup 0 --no-compile   # a smoke run
 
 Times forward + backward + SGD step of the paper's AlexNet in the optional modern settings
 (fp32, channels_last, bf16 autocast, torch.compile) and, side by side in the same run, of
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 
 from pipeline.model import ModelConfig, build_model
 
+CLASSES = 1000  # ImageNet's: ModelConfig's default (0) means "the dataset's", and there is no dataset here
+
 
 def time_steps(
     model: torch.nn.Module,
@@ -37,7 +40,7 @@ def time_steps(
     images = torch.randn(batch, 3, 227, 227, device=device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 1000, (batch,), device=device)
+    labels = torch.randint(0, CLASSES, (batch,), device=device)
     sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(warmup + steps):
@@ -60,17 +63,26 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipeline.bench.model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (cuDNN autotuning, compile)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+        parser.error("--steps and --batch-size must be >= 1 and --warmup >= 0")
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     import torchvision
 
     variants = [
-        ("torchvision alexnet (baseline)", lambda: torchvision.models.alexnet(num_classes=1000), False, False, False),
+        (
+            "torchvision alexnet (baseline)",
+            lambda: torchvision.models.alexnet(num_classes=CLASSES),
+            False,
+            False,
+            False,
+        ),
         ("paper AlexNet fp32", None, False, False, False),
         ("paper AlexNet channels_last", None, False, True, False),
         ("paper AlexNet bf16", None, True, False, False),
@@ -80,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         variants += [
             (
                 "torchvision alexnet bf16 + compile",
-                lambda: torchvision.models.alexnet(num_classes=1000),
+                lambda: torchvision.models.alexnet(num_classes=CLASSES),
                 True,
                 True,
                 True,
@@ -90,14 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, factory, bf16, channels_last, compile_ in variants:
         torch.manual_seed(0)
-        model = factory() if factory else build_model(ModelConfig(channels_last=channels_last))
+        model = factory() if factory else build_model(ModelConfig(num_classes=CLASSES, channels_last=channels_last))
         model = model.to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if compile_:
             model.compile()
         seconds = time_steps(
-            model, batch=args.batch_size, steps=args.steps, device=device, bf16=bf16, channels_last=channels_last
+            model,
+            batch=args.batch_size,
+            steps=args.steps,
+            device=device,
+            bf16=bf16,
+            channels_last=channels_last,
+            warmup=args.warmup,
         )
         results.append({"variant": name, "step_ms": 1000 * seconds, "images_per_s": args.batch_size / seconds})
         print(f"{name:48s} {1000 * seconds:8.2f} ms/step {args.batch_size / seconds:9.0f} img/s", flush=True)

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 HARNESS = str(REPO / "tests" / "support" / "harness.py")  # a script: `python HARNESS ARGS`, under torchrun too
+HOOKS = str(REPO / "tests" / "support" / "hooks")  # first on a subprocess's PYTHONPATH: the fault hooks
 
 # The demo dataset's shape and the small-run flags every end-to-end test shares.
 DEMO_CLASSES, DEMO_TRAIN, DEMO_VAL = 4, 24, 6

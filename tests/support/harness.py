@@ -238,8 +238,9 @@ def unreachable(rank: int) -> None:
 
 def slowed(loaders, rank: int):
     """``HARNESS_SLOW_RANK=r``: on rank r each validation batch takes ``HARNESS_SLOW_VAL_S`` longer, each
-    checkpoint save ``HARNESS_SLOW_SAVE_S`` longer (a slow but progressing phase, for the watchdog's tests)
-    and each training batch ``HARNESS_SLOW_DATA_S`` longer to arrive (a rank slow on its data)."""
+    checkpoint save ``HARNESS_SLOW_SAVE_S`` longer (a slow but progressing phase, for the watchdog's tests),
+    each training batch ``HARNESS_SLOW_DATA_S`` longer to arrive (a rank slow on its data) and each optimizer
+    step ``HARNESS_SLOW_STEP_S`` longer (a rank slow on its compute)."""
     import time
 
     from pipeline.checkpoint import Checkpointer
@@ -266,6 +267,15 @@ def slowed(loaders, rank: int):
         return Delayed(loaders.train(*args, **kwargs), data_s)
 
     Checkpointer.save = slow_save
+    step_s = float(os.environ.get("HARNESS_SLOW_STEP_S", 0))
+    if step_s:
+        sgd_step = torch.optim.SGD.step
+
+        def slow_step(self, *args, **kwargs):
+            time.sleep(step_s)
+            return sgd_step(self, *args, **kwargs)
+
+        torch.optim.SGD.step = slow_step
     return Loaders(train=slow_train if data_s else loaders.train, val=slow_val)
 
 

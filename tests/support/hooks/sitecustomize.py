@@ -6,6 +6,8 @@ ALEXNET_TEST_HANG_AT=STEP: in training ranks, every rank's first control step at
 returns (a control all-reduce that hangs everywhere; the ranks stay in phase "control").
 ALEXNET_TEST_UNREACHABLE_NODE=NODE: ranks on Slurm node NODE listen for the watchdog's reachability probe
 on a socket that answers nothing (tests/support/harness.py BlackholeListener), as behind a cut link.
+ALEXNET_TEST_SLOW_MATMUL_RANK=R: on rank R every `a @ b` of torch tensors takes 0.1 s longer: launch.preflight's
+matmul (~10 ms on a CPU) measures a slow device there, every time, and names that rank.
 """
 
 import errno
@@ -55,3 +57,18 @@ if os.environ.get("ALEXNET_TEST_UNREACHABLE_NODE") == os.environ.get("SLURMD_NOD
     from tests.support.harness import BlackholeListener
 
     reach.Listener = lambda: BlackholeListener(reach.job_address())
+
+if os.environ.get("ALEXNET_TEST_SLOW_MATMUL_RANK") == os.environ.get("RANK", "-"):
+    # The operator, not launch.preflight's function: `python -m launch.preflight` runs a fresh copy of the
+    # module as __main__, which a patch of the imported module would not reach.
+    import time
+
+    import torch
+
+    _matmul = torch.Tensor.__matmul__
+
+    def _slow_matmul(self, other):
+        time.sleep(0.1)
+        return _matmul(self, other)
+
+    torch.Tensor.__matmul__ = _slow_matmul
