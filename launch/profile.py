@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.lease import live_writer
+from pipeline.faults.lease import live_writer
 from pipeline.profiling import MAX_STEPS, request_profile
 from preprocess.errors import UserError, run_cli
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.lease import ENDED_STATES
+from pipeline.faults.lease import ENDED_STATES
 from preprocess.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -516,7 +516,7 @@ def _submit(argv: list[str]) -> int:
         print("error: no sbatch on PATH: not a Slurm login node (use --local to run here)", file=sys.stderr)
         return 2
 
-    from pipeline.lease import check
+    from pipeline.faults.lease import check
 
     check(submission.run_dir, None)  # another live job writes this run directory: say so now, not in the job's log
     submission.run_dir.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,9 @@ under srun) and its process group (NCCL on GPUs, gloo on CPU) from ``pipeline.pr
 (dp x tp) mesh, turns SIGUSR1/SIGTERM into a stop request that the trainer
 acts on at the next step boundary (checkpoint, then exit 0 so the Slurm script can requeue), and
 resumes from the run directory's latest checkpoint automatically (also after an elastic restart).
-Before anything is written, global rank 0 takes the run directory's writer lease (pipeline.lease):
+Before anything is written, global rank 0 takes the run directory's writer lease (pipeline.faults.lease):
 a second job on the same --run-dir fails at once, on every rank, with one line naming the holder.
-Then every rank starts its progress watchdog (pipeline.watchdog): a hang is named in one line, the
+Then every rank starts its progress watchdog (pipeline.faults.watchdog): a hang is named in one line, the
 live ranks' stacks go to RUN_DIR/hangs/, and they exit with code 75 for torchrun to restart them.
 When the hang is a node the others cannot reach, torchrun is ended instead (``end_torchrun``).
 """
@@ -42,8 +42,8 @@ from preprocess.errors import UserError, run_cli
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
-    from pipeline.lease import Lease
-    from pipeline.watchdog import PhaseMarks, Watchdog
+    from pipeline.faults.lease import Lease
+    from pipeline.faults.watchdog import PhaseMarks, Watchdog
 
 SAME_INTERRUPT_S = 1.0
 
@@ -102,10 +102,10 @@ def run(
     Every option and path is checked before anything is written to the run directory.
     """
     from pipeline import config
+    from pipeline.faults.watchdog import PhaseMarks
     from pipeline.mesh import ParallelDims, build_mesh
     from pipeline.perf import oom_snapshot
     from pipeline.train import Loaders, Trainer, write_run_config
-    from pipeline.watchdog import PhaseMarks
     from preprocess.format import read_manifest
 
     env = env or ProcessEnv.from_environ()
@@ -143,12 +143,12 @@ def run(
 
 
 def start_watchdog(cfg: RunConfig, env: ProcessEnv, marks: PhaseMarks) -> Watchdog | None:
-    """The progress watchdog's thread on this rank (pipeline.watchdog), or None with --train.hang-timeout 0.
+    """The progress watchdog's thread on this rank (pipeline.faults.watchdog), or None with --train.hang-timeout 0.
 
     Rank 0 names the attempt, so records a killed attempt left in RUN_DIR/progress are never mistaken
     for this one's.
     """
-    from pipeline.watchdog import Allowance, Watchdog
+    from pipeline.faults.watchdog import Allowance, Watchdog
 
     if not cfg.train.hang_timeout:
         return None
@@ -172,7 +172,7 @@ def end_torchrun(reason: str) -> None:
     """
     from pathlib import Path
 
-    from pipeline.reach import node_name
+    from pipeline.faults.reach import node_name
 
     parent = os.getppid()
     try:
@@ -195,9 +195,9 @@ def end_torchrun(reason: str) -> None:
 
 
 def take_lease(run_dir: str, minutes: float, rank: int) -> Lease | None:
-    """Global rank 0 takes RUN_DIR's writer lease (pipeline.lease); every rank learns the outcome and a
+    """Global rank 0 takes RUN_DIR's writer lease (pipeline.faults.lease); every rank learns the outcome and a
     refusal fails all of them with the same one-line error. The lease on rank 0, else None."""
-    from pipeline.lease import Holder, Lease
+    from pipeline.faults.lease import Holder, Lease
 
     lease, error = None, None
     if rank == 0:

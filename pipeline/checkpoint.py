@@ -16,7 +16,7 @@ The model is always stored in tower form (``tower{t}.model.*``, ``tower{t}.momen
 run used, so a checkpoint loads into tp=1 or tp=2 and any number of dp replicas. Per-rank RNG states
 (tensors, ``rng.rank{r}.*``) are restored only when the layout is unchanged.
 
-A checkpoint is *good* once the state it holds has produced a finite, unspiked step (``pipeline.divergence``):
+A checkpoint is *good* once the state it holds has produced a finite, unspiked step (``pipeline.faults.divergence``):
 meta.json's ``health`` is ``unverified`` when written, and the trainer rewrites it to ``good`` at the control
 step that sees the step after it was finite, or to ``diverged`` when that step diverged. A diverged checkpoint
 is never resumed automatically; after a divergence ``latest`` names the newest good one. ``best`` is moved by
@@ -144,7 +144,7 @@ class TrainState:
         self.best_top1_error: float | None = None
         self.rng_restored: set[str] = set()  # the RNG states the last load applied ("torch", "cuda", ...)
         self.dataset: dict[str, Any] = {}  # what the run trains on (path, manifest sha256): shown when it changes
-        self.divergence: Any = None  # pipeline.divergence.DivergenceGuard (state_dict/load_state_dict), if any
+        self.divergence: Any = None  # pipeline.faults.divergence.DivergenceGuard (state_dict/load_state_dict), if any
 
     # -- tower form: under tp=2 a rank holds its own tower; under tp=1 all of them (model.to_towers)
 
@@ -521,7 +521,7 @@ class _PendingSave:
 
 
 # A phase change for the progress watchdog: (phase, alone). ``alone``: only this rank does it (rank 0's
-# commit), so it moves the rank's phase on without a marker of its own (tick) (pipeline.watchdog.PhaseMarks).
+# commit), so it moves the rank's phase on without a marker of its own (tick) (pipeline.faults.watchdog.PhaseMarks).
 Phase = Callable[[str, bool], None]
 
 
@@ -560,7 +560,7 @@ class Checkpointer:
         self, run_dir: str | Path, cfg: CheckpointConfig, rank: int, process_group: Any = None, marks: Any = None
     ):
         self.run_dir = Path(run_dir)
-        self.marks = marks  # the progress watchdog's view of this rank (pipeline.watchdog.PhaseMarks), or None
+        self.marks = marks  # the progress watchdog's view of this rank (pipeline.faults.watchdog.PhaseMarks), or None
         self.dir = checkpoints_dir(run_dir)
         self.cfg = cfg
         self.rank = rank

@@ -3,7 +3,7 @@
 On a GPU, forward, backward and the optimizer step only queue kernels: host clocks book a rank's GPU
 time wherever the host next waits (the control step's ``tolist``), so every rank's "own work" comes out
 equal and a slow GPU is never named, and the data-wait fraction is inflated the same way. Here the
-phase marks (``pipeline.watchdog.PhaseMarks.enter``) also call ``mark(phase)`` on a clock:
+phase marks (``pipeline.faults.watchdog.PhaseMarks.enter``) also call ``mark(phase)`` on a clock:
 
 - :class:`HostClock`: the phase's host time (on CPU the host does the work, so this is the work);
 - :class:`CudaEventClock`: a CUDA event recorded on the current stream at each mark. The time between

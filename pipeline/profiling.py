@@ -8,7 +8,7 @@ finds it at a control step, the control all-reduce tells every rank, and rank 0 
 asked (steps, shapes, stacks) with the trace folder's name, so every rank records the same steps.
 
 In a window every rank runs ``torch.profiler`` (CPU, and CUDA on a GPU) and the trainer's phase marks
-(``pipeline.watchdog.PhaseMarks``: data, forward, backward, step, control ...) become
+(``pipeline.faults.watchdog.PhaseMarks``: data, forward, backward, step, control ...) become
 ``record_function`` ranges named ``phase/<name>``: the same marks the watchdog and the straggler
 statistics use, so the trace, the summary (``python -m pipeline.tools.profile``) and the straggler
 line agree on what a phase is. At the window's end each rank writes ``RUN_DIR/profiles/<time>/rank-N.json``
@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ProfileConfig
+from pipeline.faults.watchdog import PhaseMarks
 from pipeline.schedule import RequestFiles, write_request
-from pipeline.watchdog import PhaseMarks
 
 log = logging.getLogger("alexnet")
 

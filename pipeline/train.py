@@ -5,7 +5,7 @@ Read ``Trainer.fit`` top to bottom: resume, then per epoch build the input pipel
 happen on all ranks at once (a preemption signal, an operator's LR-drop or profile request, a timed
 checkpoint, a divergence) is decided in one small all-reduce every ``control_every`` steps, so every
 rank acts at the same step boundary. A divergent update (non-finite or spiking loss or gradient norm) is
-never applied: ``pipeline.divergence`` decides on the device each step and fused SGD skips it.
+never applied: ``pipeline.faults.divergence`` decides on the device each step and fused SGD skips it.
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import config, data, divergence, model, perf, phase_timer, seeds
+from pipeline import config, data, model, perf, phase_timer, seeds
 from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState, read_meta
 from pipeline.config import RunConfig
+from pipeline.faults import divergence
+from pipeline.faults.stragglers import StragglerWatch
+from pipeline.faults.watchdog import PhaseMarks
 from pipeline.mesh import Mesh
 from pipeline.metrics import EvalCounts, MetricWriter, StepTimer, count
 from pipeline.profiling import Profiler
 from pipeline.schedule import LRSchedule, ManualRequests
-from pipeline.stragglers import StragglerWatch
 from pipeline.train_log import StepRecord, TrainLog
-from pipeline.watchdog import PhaseMarks
 from preprocess.errors import UserError
 
 log = logging.getLogger("alexnet")
@@ -55,7 +56,7 @@ class Flag(IntEnum):
     STOP = 0  # a signal, an interrupt or RUN_DIR/preempt.request: checkpoint and stop
     LR_DROP = 1  # an operator's LR-drop request is pending
     SAVE = 2  # a step or timed checkpoint is due
-    NONFINITE = 3  # the first divergent step since the last control step (0: none; pipeline.divergence)
+    NONFINITE = 3  # the first divergent step since the last control step (0: none; pipeline.faults.divergence)
     SAVE_FAILED = 4  # a background save failed on some rank
     PROFILE = 5  # an operator's profile request is pending (launch.profile)
 
@@ -90,7 +91,7 @@ class Trainer:
         marks: PhaseMarks | None = None,
     ):
         self.cfg = cfg
-        self.marks = marks or PhaseMarks()  # the progress watchdog's view of this rank (pipeline.watchdog)
+        self.marks = marks or PhaseMarks()  # the progress watchdog's view of this rank (pipeline.faults.watchdog)
         self.heartbeat = heartbeat  # the run dir's writer lease, refreshed by the main rank at each control step
         self.mesh = mesh
         self.dims = mesh.dims

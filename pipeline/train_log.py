@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.faults.stragglers import STEP_PHASES
 from pipeline.metrics import MetricWriter, StepTimer, format_eta, topk_correct
 from pipeline.perf import Throughput, memory_scalars
 from pipeline.phase_timer import data_wait_fraction
-from pipeline.stragglers import STEP_PHASES
 
 log = logging.getLogger("alexnet")
 
@@ -159,7 +159,8 @@ class TrainLog:
             log.info("LR drop %d (%s) at step %d: lr now %.2e", count, drop["reason"], drop["step"], drop["lr"])
 
     def rollback(self, plan: dict[str, Any], count: int, most: int, step: int) -> None:
-        """A divergence rolled the state back (``pipeline.divergence``): one line, TensorBoard scalars and text."""
+        """A divergence rolled the state back (``pipeline.faults.divergence``): one line, TensorBoard scalars
+        and text."""
         first, last = plan["skipped_steps"]
         line = (
             f"divergence ({plan['kind']} at step {plan['diverged_step']}, loss {plan['loss']}, grad norm "

@@ -16,7 +16,7 @@
 # 20000 + SLURM_JOB_ID % 12000 (launch.submit.rendezvous_port: the same formula; below the usual
 # ephemeral range 32768-60999, stable across requeues). An explicit RDZV_PORT wins in both cases.
 # One job per run directory: a run directory written by another live job (RUN_DIR/writer.lease,
-# see pipeline/lease.py) fails this job at once with one `error:` line naming that job; a requeue
+# see pipeline/faults/lease.py) fails this job at once with one `error:` line naming that job; a requeue
 # of this job takes its own lease over.
 #
 # Preemption and time limits: Slurm signals this script (USR1, 120 s before the limit, or TERM when
@@ -29,7 +29,7 @@
 # below the others). PREFLIGHT=warn (default) reports and trains anyway, PREFLIGHT=strict ends the job
 # (exit 1, not requeued) when a rank is named, PREFLIGHT=off skips it.
 #
-# Hangs: the progress watchdog (pipeline/watchdog.py) names a stuck rank, writes stacks to
+# Hangs: the progress watchdog (pipeline/faults/watchdog.py) names a stuck rank, writes stacks to
 # RUN_DIR/hangs/ and ends the attempt (exit 75); torchrun restarts the group (MAX_RESTARTS). When the
 # restarts are used up and this job recorded a hang, the script requeues the job (HANG_REQUEUES times,
 # default 3, counted by SLURM_RESTART_COUNT), so a hung job comes back on a fresh allocation.
@@ -102,7 +102,7 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 
 # Fail now, not after the ranks start, when another live job writes this run directory (the ranks'
 # own lease taking in launch.train still settles a race between two jobs starting together).
-"$PYTHON" -m pipeline.lease check "$run_dir" || exit $?
+"$PYTHON" -m pipeline.faults.lease check "$run_dir" || exit $?
 
 # --kill-on-bad-exit=1: a node's torchrun fails only when its restarts are spent or its watchdog ended it
 # (a node it cannot reach); either way the others cannot go on, and waiting for them kept the allocation.
@@ -169,7 +169,7 @@ requeue_excluding() {  # requeue this job, then exclude nodes from its next allo
 
 # A hang recorded by this job (a folder under RUN_DIR/hangs/ newer than its start) that torchrun's
 # restarts did not get past: requeue, so the job comes back on a fresh allocation; without the nodes
-# its hang.json names as cut off from the others (pipeline/reach.py), which a new allocation must avoid.
+# its hang.json names as cut off from the others (pipeline/faults/reach.py), which a new allocation must avoid.
 hung=$(find "$run_dir/hangs" -mindepth 1 -maxdepth 1 -newermt "@$started" 2>/dev/null | sort | tail -n 1)
 if [[ $status != 0 && -n "$hung" && ${SLURM_RESTART_COUNT:-0} -lt ${HANG_REQUEUES:-3} && -n "${SLURM_JOB_ID:-}" ]]; then
     unreachable=$("$PYTHON" -c 'import json, sys; print(",".join(u["node"] for u in json.load(open(sys.argv[1]))["unreachable"]))' \

@@ -264,6 +264,7 @@ def test_two_ranks_reading_the_same_shards_split_the_hashing(big: Path, tmp_path
 # The next epoch, prepared while this one trains
 
 
+@pytest.mark.slow
 def test_the_next_epoch_is_prepared_in_the_background(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     planned: list[str] = []
     real = D.plan_epoch

@@ -1,4 +1,4 @@
-"""A diverging run never leaves a poisoned checkpoint and can recover by itself (pipeline.divergence).
+"""A diverging run never leaves a poisoned checkpoint and can recover by itself (pipeline.faults.divergence).
 
 End to end on the demo data with a narrow model and a checkpoint every step: the issue's reproduction
 (``--lr 300`` with warm-up) stops with one line naming a good checkpoint, from which a lower rate trains to the
@@ -20,7 +20,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.checkpoint import DIVERGED, GOOD, META
 from pipeline.config import TrainConfig
-from pipeline.divergence import DivergenceGuard
+from pipeline.faults.divergence import DivergenceGuard
 from tests.support import HARNESS, NARROW_MODEL, REPO, TORCHRUN, flags
 from tests.support.processes import free_port, small_env
 
@@ -72,6 +72,7 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 def test_the_issues_reproduction_stops_at_a_good_checkpoint_that_a_lower_lr_trains_on(
     demo_shards: Path, tmp_path: Path
 ) -> None:
@@ -117,6 +118,7 @@ def _spiked(demo_shards: Path, run_dir: Path, *extra: str) -> list[str]:
 SPIKE = {"HARNESS_POISON_AT": "9", "HARNESS_POISON": "scale:1000"}
 
 
+@pytest.mark.slow
 def test_a_finite_spike_rolls_back_skips_its_batches_and_reproduces(demo_shards: Path, tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     for run_dir in (a, b):  # every checkpoint kept, to read their marks
@@ -143,6 +145,7 @@ def test_a_finite_spike_rolls_back_skips_its_batches_and_reproduces(demo_shards:
     assert "## Divergence" in text and "| 9 |" in text and "8..9" in text
 
 
+@pytest.mark.slow
 def test_a_resume_after_a_rollback_skips_the_same_batches(demo_shards: Path, tmp_path: Path) -> None:
     """Stopped two steps after the rollback, then resumed: the same weights as the run that went straight on."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -155,6 +158,7 @@ def test_a_resume_after_a_rollback_skips_the_same_batches(demo_shards: Path, tmp
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_a_nan_batch_is_never_applied(demo_shards: Path, tmp_path: Path) -> None:
     """The batch of step 3 is NaN; the control step comes at 6: steps 4-6 still train on finite weights (had
     the NaN update been applied, every later loss would be NaN). No checkpoint was good: the line says so."""
@@ -169,6 +173,7 @@ def test_a_nan_batch_is_never_applied(demo_shards: Path, tmp_path: Path) -> None
     assert sorted(losses) == [1, 2, 4, 5, 6] and checkpoint.latest(run_dir) is None
 
 
+@pytest.mark.slow
 def test_the_demo_recipe_never_trips_the_spike_rules(demo_shards: Path, tmp_path: Path) -> None:
     """Three epochs of the demo recipe with the z-score rule armed from the 9th step (the default waits 200):
     nothing counts as a spike, early steps included."""

@@ -42,7 +42,7 @@ COVERED = {
     "python -m launch.submit": "tests/test_submit.py::test_dry_run_prints_the_sbatch_script_and_submits_nothing",
     "python -m launch.preflight": "tests/test_preflight.py::test_preflight_prints_one_table_of_every_rank",
     "python -m launch.lr_drop": "tests/test_train.py::test_manual_lr_drop_reaches_every_rank_and_survives_tp_change",
-    "python -m pipeline.lease check": "tests/test_lease.py::test_check_cli_exits_2_with_one_line",
+    "python -m pipeline.faults.lease check": "tests/test_lease.py::test_check_cli_exits_2_with_one_line",
     "python -m pipeline.model": "tests/test_model.py::test_layer_table_cli",
     "python -m pipeline.bench.train": "tests/test_bench_train.py::test_tower_split_and_checkpoint_stall",
     "python -m pipeline.tools.evaluate": "tests/test_evaluate.py::test_every_image_counts_once_over_ranks",

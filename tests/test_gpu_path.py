@@ -17,9 +17,9 @@ import torch
 
 from launch import preflight
 from pipeline import checkpoint, process, seeds
+from pipeline.faults.stragglers import StragglerWatch
+from pipeline.faults.watchdog import Allowance, PhaseMarks, Record, judge
 from pipeline.phase_timer import CudaEventClock, HostClock, PhaseWindow
-from pipeline.stragglers import StragglerWatch
-from pipeline.watchdog import Allowance, PhaseMarks, Record, judge
 from preprocess.errors import UserError
 from tests.support import PYTHON, REPO
 

@@ -1,4 +1,4 @@
-"""pipeline.lease: one writer per run directory (no Slurm, no torch in the lease itself).
+"""pipeline.faults.lease: one writer per run directory (no Slurm, no torch in the lease itself).
 
 A second writer is refused with one line naming the holder; the same job (a requeue, an elastic
 restart) takes over; a stale lease (old heartbeat, or a holder that is gone) is taken with a warning
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import lease as lease_mod
-from pipeline.lease import LEASE_NAME, Holder, Lease, LeaseHeld, LeaseLost
+from pipeline.faults import lease as lease_mod
+from pipeline.faults.lease import LEASE_NAME, Holder, Lease, LeaseHeld, LeaseLost
 from preprocess import format as fmt
 from tests.support import PYTHON, REPO, TORCHRUN, flags
 from tests.support.processes import small_env
@@ -85,7 +85,7 @@ def test_a_stale_lease_is_taken_with_a_warning(tmp_path: Path, caplog) -> None:
 
 def test_a_lease_of_a_process_that_died_here_is_free_at_once(tmp_path: Path, caplog) -> None:
     code = (
-        "import os, sys; from pipeline.lease import Lease, Holder; "
+        "import os, sys; from pipeline.faults.lease import Lease, Holder; "
         "Lease.take(sys.argv[1], Holder.from_environ({}), timeout_s=3600); os._exit(9)"
     )
     subprocess.run([PYTHON, "-c", code, str(tmp_path)], cwd=REPO, env=small_env(), check=False, timeout=60)
@@ -242,7 +242,7 @@ def _foreign_lease(run_dir: Path) -> None:
 
 
 def test_check_cli_exits_2_with_one_line(tmp_path: Path) -> None:
-    argv = [PYTHON, *flags("-m pipeline.lease check {}", tmp_path)]
+    argv = [PYTHON, *flags("-m pipeline.faults.lease check {}", tmp_path)]
     assert subprocess.run(argv, cwd=REPO, env=small_env(), capture_output=True, timeout=60).returncode == 0
     _foreign_lease(tmp_path)
     proc = subprocess.run(argv, cwd=REPO, env=small_env(), capture_output=True, text=True, timeout=60)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.reach import PROBE_S
+from pipeline.faults.reach import PROBE_S
 from preprocess import format as fmt
 from tests.support import HARNESS, NARROW, PYTHON, REPO, flags
 from tests.support.netns import NodePair, netns_skip_reason

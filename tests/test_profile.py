@@ -173,7 +173,7 @@ def test_profile_of_a_run_dir_without_a_running_job_is_one_line(tmp_path: Path) 
     run_dir.mkdir()
     (run_dir / "config.json").write_text("{}")
     # A lease its holder left behind when it was killed: a process on this host that has ended since.
-    from pipeline.lease import Holder, Lease
+    from pipeline.faults.lease import Holder, Lease
 
     holder = subprocess.Popen(["sleep", "60"])
     Lease.take(run_dir, Holder.from_environ(env={}, pid=holder.pid), timeout_s=600)

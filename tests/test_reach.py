@@ -1,4 +1,4 @@
-"""The watchdog's network check (pipeline/reach.py): probes, the conclusion from every node's findings,
+"""The watchdog's network check (pipeline/faults/reach.py): probes, the conclusion from every node's findings,
 and the hang line and hang.json of two watchdogs on two "nodes" whose link to the second is cut (its
 listener answers nothing). The same on emulated nodes with a real link cut: test_network_hang.py."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import reach
-from pipeline.reach import Peer, conclude, probe
-from pipeline.watchdog import HANG_EXIT, VERDICT, Allowance, PhaseMarks, Watchdog
+from pipeline.faults import reach
+from pipeline.faults.reach import Peer, conclude, probe
+from pipeline.faults.watchdog import HANG_EXIT, VERDICT, Allowance, PhaseMarks, Watchdog
 from tests.support.harness import BlackholeListener
 from tests.support.processes import wait_for
 
@@ -118,7 +118,7 @@ def test_two_watchdogs_name_the_node_they_cannot_reach(
 
 def test_a_stopped_rank_is_not_probed_and_nothing_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A silent rank explains the hang: no probe, hang.json lists no node."""
-    from pipeline.watchdog import Record
+    from pipeline.faults.watchdog import Record
 
     marks, exits, cuts = PhaseMarks(), [], []
     marks.enter("backward", 5)

@@ -19,7 +19,7 @@ import pytest
 from launch.submit import rendezvous_port
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
-from pipeline.lease import ENDED_STATES, LEASE_NAME
+from pipeline.faults.lease import ENDED_STATES, LEASE_NAME
 from tests.support import PYTHON, REPO, SMALL_RUN, flags
 from tests.support.processes import free_port
 from tests.support.slurm import SlurmCluster

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from pipeline.stragglers import StragglerWatch
+from pipeline.faults.stragglers import StragglerWatch
 
 HOSTS = ["h0", "h1", "h2"]
 

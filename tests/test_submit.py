@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from launch import submit
-from pipeline.lease import ENDED_STATES
+from pipeline.faults.lease import ENDED_STATES
 from tests.support import REPO, SMALL_RUN, flags
 from tests.support.slurm import SlurmCluster
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import checkpoint
-from pipeline.watchdog import HANG_EXIT, Allowance, PhaseMarks, Record, Watchdog, judge
+from pipeline.faults.watchdog import HANG_EXIT, Allowance, PhaseMarks, Record, Watchdog, judge
 from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
 from tests.support.processes import children, cmdline, kill_group, run_logged, small_env, tail, wait_for
 
@@ -82,13 +82,13 @@ def test_verdict_says_how_long_and_names_its_folder_by_the_culprits_last_progres
     assert verdict.folder_name() == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now - 40))
 
 
-def test_phase_seconds_and_marker_count_on_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_phase_seconds_and_marker_count_on_a_fake_clock() -> None:
     """The seconds per phase (what the straggler figures are made of) and one marker per ``enter``."""
-    from pipeline import watchdog
+    from pipeline.phase_timer import HostClock
 
     clock = [0.0]
-    monkeypatch.setattr(watchdog.time, "perf_counter", lambda: clock[0])
     marks = PhaseMarks()
+    marks.use_clock(HostClock(lambda: clock[0]))  # the host clock a CPU run uses, on a fake time
     for at, phase in [(1.0, "data"), (3.5, "forward"), (3.75, "data")]:
         clock[0] = at
         marks.enter(phase, 7)

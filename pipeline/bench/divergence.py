@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import TrainConfig
-from pipeline.divergence import DivergenceGuard
+from pipeline.faults.divergence import DivergenceGuard
 from pipeline.model import ModelConfig, build_model
 
 NARROW = {"widths": (16, 32, 48, 48, 32), "fc_width": 64}

@@ -25,9 +25,9 @@ def save_with_delays(rank: int, workdir: str) -> None:
     from pipeline import checkpoint
     from pipeline.checkpoint import CheckpointConfig, Checkpointer, TrainState
     from pipeline.config import RunConfig
+    from pipeline.faults.watchdog import PhaseMarks
     from pipeline.model import ModelConfig, build_model
     from pipeline.schedule import LRSchedule
-    from pipeline.watchdog import PhaseMarks
 
     torch.set_num_threads(1)
     root = Path(workdir)

@@ -16,7 +16,7 @@ spike); ``HARNESS_POISON_RANK=r`` limits it to rank r. A divergence test then di
 ``HARNESS_GATE_SAVE=1`` (with ``HARNESS_GATE``) holds every rank at the start of its first checkpoint
 write (``DIR/saving-rank{RANK}``) until ``DIR/go``, before the save's file collectives: a link cut
 there lands inside a save. ``HARNESS_UNREACHABLE_RANK=r``: rank r's reachability listener answers no
-connection (a full accept queue drops every SYN), as if the link to it were cut (pipeline/reach.py).
+connection (a full accept queue drops every SYN), as if the link to it were cut (pipeline/faults/reach.py).
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ class BlackholeListener:
 
 def unreachable(rank: int) -> None:
     """``HARNESS_UNREACHABLE_RANK=rank``: this rank's watchdog listens with a :class:`BlackholeListener`."""
-    from pipeline import reach
+    from pipeline.faults import reach
 
     if os.environ.get("HARNESS_UNREACHABLE_RANK") == str(rank):
         reach.Listener = lambda: BlackholeListener(reach.job_address())

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.submit import parse_job_records  # the launcher's own reading of Slurm
-from pipeline.lease import ENDED_STATES
+from pipeline.faults.lease import ENDED_STATES
 from tests.support import REPO
 
 SCRIPT = REPO / "slurm" / "local_cluster.sh"

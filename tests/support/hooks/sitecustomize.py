@@ -53,7 +53,7 @@ if os.environ.get("ALEXNET_TEST_HANG_AT") and "RANK" in os.environ:
     train.Trainer._control = _hung_control
 
 if os.environ.get("ALEXNET_TEST_UNREACHABLE_NODE") == os.environ.get("SLURMD_NODENAME") and "RANK" in os.environ:
-    from pipeline import reach
+    from pipeline.faults import reach
     from tests.support.harness import BlackholeListener
 
     reach.Listener = lambda: BlackholeListener(reach.job_address())

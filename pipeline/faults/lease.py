@@ -13,7 +13,7 @@ several racing takers exactly one gets the file) and checks it is the one judged
 atomic replace that first checks the lease is still ours. Clocks of different nodes are compared, so
 the timeout must be far above their skew (minutes, not seconds).
 
-    python -m pipeline.lease check RUN_DIR     # exit 2 with the holder when another live writer has it
+    python -m pipeline.faults.lease check RUN_DIR     # exit 2 with the holder when another live writer has it
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ wait in a collective until the process group's timeout, and nothing names the cu
   ``HANG_EXIT`` at once, without waiting for the collective, so that torchrun's ``--max-restarts``
   (or the Slurm script's requeue) restarts the job from its newest checkpoint;
 - when no rank's process is stopped, the nodes first check that they reach each other
-  (``pipeline.reach``): the line names the rank pairs that cannot talk, ``hangs/<time>/hang.json``
+  (``pipeline.faults.reach``): the line names the rank pairs that cannot talk, ``hangs/<time>/hang.json``
   (the verdict, for scripts) names the unreachable nodes, and each node's lowest rank asks its
   launcher to end instead of restarting (``on_cut``): a restart would wait for a node it cannot reach.
 
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline import reach
+from pipeline.faults import reach
 from pipeline.phase_timer import HostClock, PhaseClock, PhaseWindow
 
 log = logging.getLogger("alexnet")
@@ -157,7 +157,7 @@ class Record:
     phase: str
     progress_at: float
     beat_at: float
-    node: str = ""  # the scheduler's node name (pipeline.reach.node_name)
+    node: str = ""  # the scheduler's node name (pipeline.faults.reach.node_name)
     addr: str = ""  # HOST:PORT of the rank's reachability listener ("" without one)
 
     @classmethod

@@ -149,7 +149,7 @@ class Peer:
 
 
 def nodes_of(records: Mapping[int, Any]) -> dict[str, Peer]:
-    """Progress records (pipeline.watchdog.Record) -> one Peer per node, by node name."""
+    """Progress records (pipeline.faults.watchdog.Record) -> one Peer per node, by node name."""
     peers: dict[str, Peer] = {}
     for rank in sorted(records):
         rec = records[rank]
