@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.model import AlexNet, ModelConfig, layer_table
+from pipeline.model import ModelConfig, build_model, layer_table
 from preprocess.errors import UserError
 
 log = logging.getLogger("alexnet")
@@ -54,16 +54,7 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 def forward_flops_per_image(cfg: ModelConfig) -> int:
     """The whole model's forward FLOPs per image, from the layer table (shapes only: built on the meta device)."""
     with torch.device("meta"):
-        model = AlexNet(
-            cfg.num_classes,
-            cfg.widths,
-            cfg.fc_width,
-            cfg.dropout,
-            cfg.lrn,
-            activation=cfg.activation,
-            overlap_pool=cfg.overlap_pool,
-            towers=cfg.towers,
-        )
+        model = build_model(cfg)
     return sum(row.flops for row in layer_table(model))
 
 

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from preprocess import format as fmt
+from tests.support import DEMO_CLASSES
 from tests.support.datasets import build_demo, make_image_folder
+from tests.support.netns import NodePair, netns_skip_reason
 from tests.support.slurm import SlurmCluster, SlurmUnavailable, slurm_skip_reason
 from tests.support.trained_run import train
 
@@ -66,3 +69,25 @@ def image_folder(tmp_path: Path) -> Path:
 def trained_run(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RUN_DIR of a tiny tp=2 run on the demo data (checkpoints at steps 6 and 12, best = 12); read-only."""
     return train(demo_shards, tmp_path_factory.mktemp("trained") / "run")
+
+
+@pytest.fixture(scope="session")
+def classes_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset directory with a manifest of the demo's class count and no shards: runs on the harness's fixed
+    synthetic batches (``HARNESS_DATA=fixed``) need only the classes."""
+    root = tmp_path_factory.mktemp("fixed")
+    classes = [{"index": i, "wnid": f"n{i:08d}", "name": ""} for i in range(DEMO_CLASSES)]
+    fmt.write_manifest(root, fmt.Manifest(classes=classes))
+    return root
+
+
+@pytest.fixture(scope="module")
+def node_pair(request: pytest.FixtureRequest) -> Iterator[NodePair]:
+    """Two emulated nodes (tests/support/netns.py) for one test module; skips where namespaces cannot be made.
+    Named by a letter of the module's own (``NETNS_TAG``) and this process's pid, so modules (and parallel
+    sessions) never share, and a later session removes them if this one dies."""
+    reason = netns_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with NodePair(tag=f"{getattr(request.module, 'NETNS_TAG', '')}{os.getpid()}") as pair:
+        yield pair

@@ -5,10 +5,8 @@ weights as one process on the same fixed global batches."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,32 +14,15 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.checkpoint import export_model, read_towers
-from preprocess import format as fmt
 from tests.support import HARNESS, NARROW, PYTHON, REPO, flags
-from tests.support.netns import Node, NodePair, netns_skip_reason
+from tests.support.netns import Node, NodePair
 from tests.support.processes import run_logged, small_env, tail
 
 pytestmark = pytest.mark.netns
+NETNS_TAG = "m"  # namespace names (conftest.py node_pair)
 
 RDZV_PORT = 29413  # inside the namespaces only
 TIMEOUT = 240  # seconds for the two-node run (~30 s on 2 cores)
-
-
-@pytest.fixture(scope="module")
-def node_pair() -> Iterator[NodePair]:
-    reason = netns_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    with NodePair(tag=f"m{os.getpid() % 10**8}") as pair:
-        yield pair
-
-
-@pytest.fixture(scope="module")
-def four_class_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dataset directory with classes only, for runs on fixed synthetic batches."""
-    root = tmp_path_factory.mktemp("fixed")
-    fmt.write_manifest(root, fmt.Manifest(classes=[{"index": i, "wnid": f"n{i:08d}", "name": ""} for i in range(4)]))
-    return root
 
 
 def _latest(run_dir: Path) -> Path:
@@ -62,11 +43,11 @@ def _veth_bytes(node: Node) -> int:
     return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
 
 
-def test_two_nodes_equal_one_process(node_pair: NodePair, four_class_manifest: Path, tmp_path: Path) -> None:
+def test_two_nodes_equal_one_process(node_pair: NodePair, classes_only: Path, tmp_path: Path) -> None:
     a, b = node_pair.nodes
     common = [
         "--data",
-        str(four_class_manifest),
+        str(classes_only),
         *NARROW,
         *flags("--model.dropout 0 --batch-size 8 --lr 0.05 --epochs 1 --train.ten-crop false"),
         *flags("--checkpoint.every-minutes 0"),

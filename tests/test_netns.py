@@ -8,13 +8,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import flags
-from tests.support.netns import Node, NodePair, netns_skip_reason
+from tests.support.netns import Node, NodePair
 
 pytestmark = pytest.mark.netns
 
@@ -40,15 +39,6 @@ Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps({
 }))
 dist.destroy_process_group()
 """
-
-
-@pytest.fixture(scope="module")
-def node_pair() -> Iterator[NodePair]:
-    reason = netns_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    with NodePair() as pair:
-        yield pair
 
 
 def _torchrun(

@@ -11,18 +11,17 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline.faults.reach import PROBE_S
-from preprocess import format as fmt
 from tests.support import HARNESS, NARROW, PYTHON, REPO, flags
-from tests.support.netns import NodePair, netns_skip_reason
+from tests.support.netns import NodePair
 from tests.support.processes import small_env, tail, wait_for
 
 pytestmark = pytest.mark.netns
+NETNS_TAG = "h"  # namespace names (conftest.py node_pair)
 
 RDZV_PORT = 29415  # inside the namespaces only
 # ALEXNET_TEST_NETWORK_DEFAULTS=1 runs the same cases at the trainer's defaults (README's measured row).
@@ -37,30 +36,13 @@ LINE_BOUND_S = HANG_S + PROBE_S + 2 * max(HANG_S / 10, 0.2) + 15
 EXIT_BOUND_S = 30  # from the line to both torchruns' exit (SIGTERM: they stop their workers and leave)
 
 
-@pytest.fixture(scope="module")
-def node_pair() -> Iterator[NodePair]:
-    reason = netns_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    with NodePair(tag=f"h{os.getpid() % 10**8}") as pair:
-        yield pair
-
-
-@pytest.fixture(scope="module")
-def four_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dataset directory with classes only, for runs on fixed synthetic batches."""
-    root = tmp_path_factory.mktemp("fixed")
-    fmt.write_manifest(root, fmt.Manifest(classes=[{"index": i, "wnid": f"n{i:08d}", "name": ""} for i in range(4)]))
-    return root
-
-
 def _hang_line(log: Path) -> str | None:
     return next((ln for ln in log.read_text(errors="replace").splitlines() if "hang: " in ln), None)
 
 
 @pytest.mark.parametrize("where", ["mid-step", "checkpoint"])
 def test_cut_link_is_named_and_both_launchers_end(
-    node_pair: NodePair, four_classes: Path, tmp_path: Path, where: str
+    node_pair: NodePair, classes_only: Path, tmp_path: Path, where: str
 ) -> None:
     a, b = node_pair.nodes
     node_pair.set_link(b, up=True)  # the link of an earlier case
@@ -84,7 +66,7 @@ def test_cut_link_is_named_and_both_launchers_end(
             f"--rdzv-endpoint={a.hostname}:{RDZV_PORT}",
             f"--rdzv-id=cut-{where}-{node_pair.tag}",
             HARNESS,
-            *flags("--data {} --run-dir {} --tp 1", four_classes, run_dir),
+            *flags("--data {} --run-dir {} --tp 1", classes_only, run_dir),
             *NARROW,
             *flags("--model.dropout 0 --batch-size 8 --epochs 100 --train.ten-crop false"),
             *flags("--checkpoint.every-minutes 0 --checkpoint.every-steps 3 --train.log-every 1"),

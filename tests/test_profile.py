@@ -14,7 +14,6 @@ from pipeline import perf
 from pipeline.config import ProfileConfig
 from pipeline.model import AlexNet, layer_table
 from pipeline.tools import profile as summary_tool
-from preprocess import format as fmt
 from preprocess.errors import UserError
 from tests.support import HARNESS, NARROW_FC_WIDTH, NARROW_MODEL, NARROW_WIDTHS, PYTHON, flags
 from tests.support.processes import kill_group, run_logged, small_env, tail, wait_for
@@ -49,15 +48,6 @@ def test_layer_table_flops_are_the_architectures() -> None:
     assert sum(r.flops for r in layer_table(AlexNet(1000).to("meta"))) == _hand_forward_flops(
         (96, 256, 384, 384, 256), 4096, 1000
     )
-
-
-@pytest.fixture(scope="module")
-def classes_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dataset directory with classes only, for runs on the harness's fixed synthetic batches."""
-    root = tmp_path_factory.mktemp("fixed")
-    classes = [{"index": i, "wnid": f"n{i:08d}", "name": ""} for i in range(CLASSES)]
-    fmt.write_manifest(root, fmt.Manifest(classes=classes))
-    return root
 
 
 def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

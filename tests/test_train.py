@@ -14,7 +14,6 @@ import torch
 from pipeline import checkpoint
 from pipeline.checkpoint import export_model, read_towers
 from pipeline.model import ModelConfig, build_model
-from preprocess import format as fmt
 from tests.support import HARNESS, NARROW_MODEL, REPO, TORCHRUN, flags
 
 
@@ -53,20 +52,11 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
     assert max(worst.values()) <= atol, worst
 
 
-@pytest.fixture(scope="module")
-def four_class_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A dataset directory with classes only, for runs on fixed synthetic batches."""
-    root = tmp_path_factory.mktemp("fixed")
-    classes = [{"index": i, "wnid": f"n{i:08d}", "name": ""} for i in range(4)]
-    fmt.write_manifest(root, fmt.Manifest(classes=classes))
-    return root
-
-
 @pytest.mark.multiprocess
-def test_one_process_equals_dp2_x_tp2(four_class_manifest: Path, tmp_path: Path) -> None:
+def test_one_process_equals_dp2_x_tp2(classes_only: Path, tmp_path: Path) -> None:
     """The same global batches give the same weights on 1 process and on 4 (dp=2 x tp=2)."""
     common = [
-        *flags("--data {} --num-classes 4", four_class_manifest),
+        *flags("--data {} --num-classes 4", classes_only),
         *NARROW_MODEL,
         *flags("--model.dropout 0 --batch-size 8 --lr 0.05 --epochs 1 --train.ten-crop false"),
     ]
@@ -240,12 +230,12 @@ def test_paper_model_end_to_end(demo_shards: Path, tmp_path: Path) -> None:
     assert result["images"] == 24 and result["ten_crop"] is True
 
 
-def test_epoch_end_saves_every_n_epochs(four_class_manifest: Path, tmp_path: Path) -> None:
+def test_epoch_end_saves_every_n_epochs(classes_only: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = _train(
         tmp_path / "o",
         [
-            *flags("--data {} --run-dir {}", four_class_manifest, run_dir),
+            *flags("--data {} --run-dir {}", classes_only, run_dir),
             *NARROW_MODEL,
             *flags("--tp 1 --batch-size 4 --epochs 4 --train.val-every 4 --train.ten-crop false"),
             *flags("--checkpoint.every-epochs 2 --checkpoint.every-minutes 0"),
