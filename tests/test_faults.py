@@ -126,7 +126,9 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_shards: Path, 
         *flags("-m launch.train --data {} --run-dir {} --num-classes 4 --tp 1", demo_shards, run_dir),
         *flags("--batch-size 2 --data.workers 1 --train.ten-crop false"),
         *flags("--checkpoint.every-minutes 0 --checkpoint.every-steps 1 --max-steps 2"),
-        *flags("--train.log-every 1"),
+        # At batch 2 the paper-width model's loss jumps ~25x in its second step (1.4 -> 35), which the divergence
+        # guard's cap rightly calls a spike; this test is about the write, so the cap is off here.
+        *flags("--train.log-every 1 --train.spike-factor 0"),
     ]
     ckpt_dir = run_dir / "checkpoints"
 

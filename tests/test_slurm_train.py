@@ -375,3 +375,26 @@ def test_node_cut_off_is_named_and_the_job_requeued_without_it(
     assert [u["node"] for u in json.loads((folder / "hang.json").read_text())["unreachable"]] == ["n2"]
     assert "n1: ending torchrun (pid " in log and "n2: ending torchrun (pid " in log, log
     assert f"n2 cannot reach the other nodes; requeueing job {job} excluding n2" in log, log
+
+
+def test_strict_preflight_fails_the_job_on_real_slurm_without_requeue(
+    slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path
+) -> None:
+    """PREFLIGHT=strict with rank 1's device measured slow (tests/support/hooks): the job ends FAILED with
+    exit 1 before training, and Slurm does not requeue it (tests/test_train_script.py covers the script's
+    decisions with stand-ins; this is Slurm acting on them)."""
+    run_dir = tmp_path / "run"
+    hooks = os.pathsep.join([str(REPO / "tests" / "support" / "hooks"), str(REPO)])
+    env = {"PREFLIGHT": "strict", "PYTHONPATH": hooks, "ALEXNET_TEST_SLOW_MATMUL_RANK": "1"}
+    args = [*flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN, *flags("--max-steps 2")]
+    job = _submit(slurm_cluster, tmp_path, args, env=env)
+    try:
+        (record,) = slurm_cluster.wait(job, timeout=240)
+    finally:
+        _cancel(slurm_cluster, job)
+    log = _log(record)
+    assert record["JobState"] == "FAILED" and record["ExitCode"] == "1:0", log
+    assert record.get("Restarts") == "0", record
+    assert "pre-flight failed (exit 1): not training on this allocation" in log, log
+    assert re.search(r"preflight: rank 1 \(host \S+\) matmul GFLOP/s [\d.]+ is below", log), log
+    assert not (run_dir / "checkpoints").exists(), log
