@@ -53,7 +53,9 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 
 def forward_flops_per_image(cfg: ModelConfig) -> int:
     """The whole model's forward FLOPs per image, from the layer table (shapes only: built on the meta device)."""
-    with torch.device("meta"):
+    # Building draws initial weights from the RNG even on the meta device: fork it, so counting FLOPs leaves
+    # the run's random stream (dropout masks, seeded per replica just before) as it was.
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = build_model(cfg)
     return sum(row.flops for row in layer_table(model))
 
