@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from basics.errors import UserError, run_cli
 from pipeline.schedule import request_manual_drop
-from preprocess.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from basics.errors import UserError, run_cli
 from pipeline.process import ProcessEnv, process_group, select_device
-from preprocess.errors import UserError, run_cli
 
 log = logging.getLogger("alexnet")
 

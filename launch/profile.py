@@ -20,9 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from basics.errors import UserError, run_cli
 from pipeline.faults.lease import live_writer
 from pipeline.profiling import MAX_STEPS, request_profile
-from preprocess.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

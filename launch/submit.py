@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from basics.errors import UserError, run_cli
 from pipeline.faults.lease import ENDED_STATES
-from preprocess.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PORT_BASE, PORT_RANGE = 20000, 12000  # ports 20000-31999; slurm/train.sh has the same formula
@@ -296,8 +296,8 @@ def resolve_train_argv(train_argv: list[str]) -> tuple[list[str], Path, int]:
     Imports the training config (and with it torch): only here, at submission, never in the job's
     unpickling.
     """
+    from basics.errors import UserError
     from pipeline import config
-    from preprocess.errors import UserError
 
     try:
         cfg, args = config.parse(train_argv)

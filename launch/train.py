@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
+from basics.errors import UserError, run_cli
 from pipeline.process import ProcessEnv, process_group, select_device
-from preprocess.errors import UserError, run_cli
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig

@@ -56,9 +56,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from basics.errors import UserError
+from basics.files import fsync_dir, write_bytes_atomic, write_json_atomic
 from pipeline import model as model_lib
-from preprocess.errors import UserError
-from preprocess.files import fsync_dir, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger("alexnet")
 

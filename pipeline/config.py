@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from basics.errors import UserError
 from pipeline.checkpoint import CheckpointConfig
 from pipeline.data import DataConfig
 from pipeline.model import ModelConfig
 from pipeline.schedule import ScheduleConfig
-from preprocess.errors import UserError
 
 
 @dataclass
@@ -520,7 +520,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
 
 
 def save(cfg: RunConfig, run_dir: Path) -> Path:
-    from preprocess.files import write_json_atomic
+    from basics.files import write_json_atomic
 
     path = Path(run_dir) / "config.json"
     write_json_atomic(path, cfg.to_dict())

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from preprocess.errors import UserError
+from basics.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from preprocess.errors import UserError
+from basics.errors import UserError
 
 log = logging.getLogger("alexnet")
 

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from basics.errors import UserError
 from pipeline.model import ModelConfig, build_model, layer_table
-from preprocess.errors import UserError
 
 log = logging.getLogger("alexnet")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from preprocess.errors import UserError
+from basics.errors import UserError
 
 
 @dataclass(frozen=True)

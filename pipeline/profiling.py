@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from basics.files import atomic_output
 from pipeline.config import ProfileConfig
 from pipeline.faults.watchdog import PhaseMarks
 from pipeline.schedule import RequestFiles, write_request
@@ -189,9 +189,8 @@ class Profiler:
         path = folder / f"rank-{self.rank}.json"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            prof.export_chrome_trace(str(tmp))
-            os.replace(tmp, path)
+            with atomic_output(path) as tmp:
+                prof.export_chrome_trace(str(tmp))
         except OSError as e:  # a profile must never end the run
             log.warning("profile: could not write %s (%s); training goes on", path, e)
             return

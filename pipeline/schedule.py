@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocess.errors import UserError
-from preprocess.files import write_json_atomic
+from basics.errors import UserError
+from basics.files import write_json_atomic
 
 POLICIES = ("plateau", "milestones", "manual")
 MANUAL_REQUEST = "lr_drop.request"

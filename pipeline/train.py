@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from basics.errors import UserError
 from pipeline import config, data, model, perf, phase_timer, seeds
 from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState, read_meta
 from pipeline.config import RunConfig
@@ -35,7 +36,6 @@ from pipeline.metrics import EvalCounts, MetricWriter, StepTimer, count
 from pipeline.profiling import Profiler
 from pipeline.schedule import LRSchedule, ManualRequests
 from pipeline.train_log import StepRecord, TrainLog
-from preprocess.errors import UserError
 
 log = logging.getLogger("alexnet")
 

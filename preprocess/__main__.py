@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from basics.errors import UserError, run_cli
 from preprocess import format as fmt
-from preprocess.errors import UserError, run_cli
 
 
 def _env_int(name: str) -> int | None:

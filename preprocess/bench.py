@@ -39,8 +39,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageDraw, features
 
+from basics.errors import UserError
 from preprocess import image
-from preprocess.errors import UserError
 from preprocess.format import IMAGE_SIZE
 
 LARGE_SHARE = 0.08  # share of images with a long side of 1500..4000 px

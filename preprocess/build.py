@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from basics.errors import UserError
 from preprocess import format as fmt
 from preprocess import shards, stats
-from preprocess.errors import UserError
 from preprocess.locks import FileLock
 
 

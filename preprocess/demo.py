@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from preprocess.errors import UserError
+from basics.errors import UserError
 
 MARKER = "demo.json"  # {"complete": false} first, the summary last; lets a re-run replace the demo
 DEVKIT_DATA = "devkit/ILSVRC2012_devkit_t12/data"

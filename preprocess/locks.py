@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from preprocess.errors import UserError
+from basics.errors import UserError
 
 STALE_AFTER_S = 300.0
 _SAY_WAITING_AFTER_S = 10.0

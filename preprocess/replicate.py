@@ -20,8 +20,8 @@ import errno
 import os
 from pathlib import Path
 
+from basics.errors import UserError
 from preprocess import format as fmt
-from preprocess.errors import UserError
 
 IMAGENET_TRAIN = 1_281_167
 IMAGENET_VAL = 50_000

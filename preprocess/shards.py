@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from basics.errors import UserError
+from basics.files import TMP_MARK, atomic_output, write_bytes_atomic, write_json_atomic
 from preprocess import format as fmt
-from preprocess.errors import UserError
-from preprocess.files import write_bytes_atomic, write_json_atomic
 
 TAR_BLOCK = 512
 # Fixed member metadata so that the same images give byte-identical shards (and checksums) on re-runs.
@@ -151,11 +151,10 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, str, int]:
     the format of DALI's ``wds2idx`` (v1.2), so readers can split shards without scanning.
     """
     path = Path(path)
-    tar_tmp = _tmp_name(path)
     idx_path = path.with_name(fmt.index_name(path.name))
     index_lines: list[str] = []
     hasher = hashlib.sha256()
-    try:
+    with atomic_output(path) as tar_tmp:
         with open(tar_tmp, "wb") as raw:
             stream = _HashingWriter(raw, hasher)
             with tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -167,15 +166,10 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> tuple[int, str, int]:
                         tar.addfile(_tarinfo(name, len(payload)), io.BytesIO(payload))
                         entry.append(f"{ext} {data_offset} {len(payload)} {name}")
                     index_lines.append(" ".join(entry))
-            raw.flush()
-            os.fsync(raw.fileno())
         size = tar_tmp.stat().st_size
-        index = f"v1.2 {len(index_lines)}\n" + "".join(line + "\n" for line in index_lines)
-        os.replace(tar_tmp, path)
-        write_bytes_atomic(idx_path, index.encode())
-    except BaseException:
-        tar_tmp.unlink(missing_ok=True)
-        raise
+    index = f"v1.2 {len(index_lines)}\n" + "".join(line + "\n" for line in index_lines)
+    # a tar without its index is unfinished: remove_unfinished deletes both until the done-record exists
+    write_bytes_atomic(idx_path, index.encode())
     return len(index_lines), hasher.hexdigest(), size
 
 
@@ -203,17 +197,13 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
-
-
 def remove_unfinished(directory: Path, shard_names: Sequence[str]) -> None:
     """Delete what a killed or interrupted run left of the shards this task owns (never another task's):
     temporaries, and a tar or index whose done-record was never written."""
     owned = {f".{name}" for name in shard_names} | {f".{fmt.index_name(name)}" for name in shard_names}
     owned |= {f".{fmt.done_name(name)}" for name in shard_names}
     for entry in directory.iterdir():
-        if ".tmp." in entry.name and entry.name.split(".tmp.", 1)[0] in owned:
+        if TMP_MARK in entry.name and entry.name.split(TMP_MARK, 1)[0] in owned:
             entry.unlink(missing_ok=True)
     for name in shard_names:
         if not (directory / fmt.done_name(name)).exists():

@@ -38,8 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from basics.errors import UserError
 from preprocess import format as fmt
-from preprocess.errors import UserError
 
 DEVKIT_DIR = "ILSVRC2012_devkit_t12"
 META_MAT = "data/meta.mat"

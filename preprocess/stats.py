@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from basics.errors import UserError
+from basics.files import write_bytes_atomic
 from preprocess import format as fmt
-from preprocess.errors import UserError
-from preprocess.files import write_bytes_atomic
 
 
 @dataclass

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from basics.errors import UserError
 from pipeline import checkpoint, config
 from pipeline.bench import gpu as bench_gpu
 from pipeline.bench import harness
 from pipeline.bench import train as bench_train
 from pipeline.data import DataConfig
 from preprocess import format as fmt
-from preprocess.errors import UserError
 from tests.support import DEMO_CLASSES, HARNESS, REPO, TORCHRUN, flags
 
 TINY = flags("--size tiny --warmup 1 --steps 3 --workers 1")

@@ -22,11 +22,11 @@ import pytest
 import torch
 from PIL import Image
 
+from basics.errors import UserError
 from pipeline import data as D
 from pipeline.data import common as C
 from pipeline.data import integrity
 from preprocess import format as fmt
-from preprocess.errors import UserError
 from tests.support.datasets import (
     CHANNEL_MEAN,
     CHANNEL_STD,

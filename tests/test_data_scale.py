@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from basics.errors import UserError
 from pipeline import data as D
 from pipeline.data import common as C
 from pipeline.data import integrity
 from preprocess import format as fmt
 from preprocess.__main__ import main as preprocess_main
-from preprocess.errors import UserError
 from preprocess.replicate import replicate
 from tests.support import flags
 from tests.support.datasets import make_dataset

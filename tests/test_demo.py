@@ -11,8 +11,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from basics.errors import UserError
 from preprocess import demo
-from preprocess.errors import UserError
 from preprocess.sources import open_source
 from tests.support import flags
 

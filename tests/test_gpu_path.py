@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import torch
 
+from basics.errors import UserError
 from launch import preflight
 from pipeline import checkpoint, process, seeds
 from pipeline.faults.stragglers import StragglerWatch
 from pipeline.faults.watchdog import Allowance, PhaseMarks, Record, judge
 from pipeline.phase_timer import CudaEventClock, HostClock, PhaseWindow
-from preprocess.errors import UserError
 from tests.support import PYTHON, REPO
 
 # ------------------------------------------------------------------------------------------ a fake GPU

@@ -21,11 +21,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from basics.errors import UserError
 from pipeline import data as D
 from pipeline.bench import data as bench_data
 from pipeline.data import common as C
 from preprocess import format as fmt
-from preprocess.errors import UserError
 from tests.support.datasets import cfg_for, coordinate_image, make_dataset, rewrite_member
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from basics.errors import UserError
 from preprocess import format as fmt
-from preprocess.errors import UserError
 from preprocess.locks import FileLock
 from tests.support import REPO, flags
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from basics.errors import UserError
 from pipeline import perf
 from pipeline.config import ProfileConfig
 from pipeline.model import AlexNet, layer_table
 from pipeline.tools import profile as summary_tool
-from preprocess.errors import UserError
 from tests.support import HARNESS, NARROW_FC_WIDTH, NARROW_MODEL, NARROW_WIDTHS, PYTHON, flags
 from tests.support.processes import kill_group, run_logged, small_env, tail, wait_for
 

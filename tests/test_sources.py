@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.errors import UserError
+from basics.errors import UserError
 from preprocess.sources import SourceItem, open_source
 from tests.support.archives import META_IDS, NAMES, tar_bytes, val_name, write_meta
 

@@ -116,8 +116,8 @@ def test_phase_seconds_and_marker_count_on_a_fake_clock() -> None:
     ],
 )
 def test_watchdog_options_are_checked(args: list[str], option: str) -> None:
+    from basics.errors import UserError
     from pipeline import config
-    from preprocess.errors import UserError
 
     with pytest.raises(UserError, match=re.escape(option)):
         config.parse([*args, "--data", "/nonexistent"])

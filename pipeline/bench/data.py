@@ -40,9 +40,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from basics import procfs
+from basics.errors import run_cli
 from pipeline.data import DataConfig, train_loader
 from pipeline.data.common import resolve_workers
-from preprocess.errors import run_cli
 
 
 def time_to_first_batch(cfg: DataConfig, *, batch_size: int, device: Any, at: float, skip: bool) -> tuple[int, float]:
@@ -124,14 +125,11 @@ def process_tree_cpu_seconds() -> float:
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:  # exited meanwhile
+        fields = procfs.stat_fields(entry)
+        if fields is None:  # exited meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on; the name may hold spaces
-        utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
-        children.setdefault(int(fields[1]), []).append((int(entry), (utime + stime + cutime + cstime) / tick))
+        ticks = sum(int(procfs.field(fields, n)) for n in (procfs.UTIME, procfs.STIME, procfs.CUTIME, procfs.CSTIME))
+        children.setdefault(int(procfs.field(fields, procfs.PPID)), []).append((int(entry), ticks / tick))
     pending = [os.getpid()]
     while pending:
         for pid, seconds in children.get(pending.pop(), []):

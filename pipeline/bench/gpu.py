@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from basics.errors import UserError
 from pipeline.bench.harness import (
     Recording,
     RecordingLoader,
@@ -43,7 +44,6 @@ from pipeline.bench.harness import (
     sync,
     torchvision_batches,
 )
-from preprocess.errors import UserError
 
 HW_DECODER_LOADS = (0.0, 0.35, 0.65, 0.9, 1.0)
 STATS_BATCHES = 4
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     report = gpu_report(args, device)
     print(json.dumps(report, indent=1))
     if args.json:
-        from preprocess.files import write_json_atomic
+        from basics.files import write_json_atomic
 
         write_json_atomic(args.json, report)
     return 0

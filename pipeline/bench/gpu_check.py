@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocess.errors import UserError, run_cli
+from basics.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 NEEDED = ("nvidia.dali", "simplejpeg", "webdataset")  # what the device image lacks (docs/gpu-check.md)

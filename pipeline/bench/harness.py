@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocess.errors import UserError
+from basics.errors import UserError
 
 # --size: (conv widths, fc width, batch). "tiny" makes the step so cheap that the loop's own per-step cost shows.
 SIZES = {

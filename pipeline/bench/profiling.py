@@ -26,8 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from basics.errors import UserError, run_cli
 from pipeline.bench.harness import SIZES, Setup, environment, run_trainer, synthetic_batches
-from preprocess.errors import UserError, run_cli
 
 
 def _one(setup: Setup, variant: str, *, warmup: int, steps: int, run_dir: Path) -> dict[str, float]:

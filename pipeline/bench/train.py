@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from basics.errors import UserError, run_cli
 from pipeline.bench.harness import (
     SIZES,
     Setup,
@@ -43,7 +44,6 @@ from pipeline.bench.harness import (
     resolve_setup,
     sync,
 )
-from preprocess.errors import UserError, run_cli
 
 # ------------------------------------------------------------------------------------------------ tp=2 vs tp=1
 
@@ -337,7 +337,7 @@ def _run(args: argparse.Namespace) -> int:
     report = measure(args, device)
     print_report(report)
     if args.json:
-        from preprocess.files import write_json_atomic
+        from basics.files import write_json_atomic
 
         write_json_atomic(args.json, report)
     return 0

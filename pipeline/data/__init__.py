@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from basics.errors import UserError
 from pipeline.data.common import (
     TEN_CROP_VIEWS,
     EpochRequest,
@@ -50,7 +51,6 @@ from pipeline.data.common import (
 )
 from pipeline.data.integrity import Verified, dataset_cache, verify_shards
 from preprocess import format as fmt
-from preprocess.errors import UserError
 
 if TYPE_CHECKING:
     import torch

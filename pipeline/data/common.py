@@ -13,7 +13,6 @@ import hashlib
 import math
 import mmap
 import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from basics.errors import UserError
+from basics.files import atomic_output
 from preprocess import format as fmt
-from preprocess.errors import UserError
 from preprocess.format import FormatError
 
 if TYPE_CHECKING:
@@ -360,13 +360,11 @@ def _load_cached(cached: Path | None, dtype: type, ndim: int) -> np.ndarray | No
 def _store_cached(cached: Path | None, array: np.ndarray) -> None:
     if cached is None:
         return
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_output(cached, durable=False) as tmp, open(tmp, "wb") as f:
             np.save(f, array)
-        os.replace(tmp, cached)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a cache: reading again next time is fine
+    except (OSError, UserError):
+        pass  # a cache: reading again next time is fine
 
 
 def read_labels(shard: Path, spans: np.ndarray, cache: Path | None = None) -> np.ndarray:

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from basics.errors import UserError
 from pipeline.data.common import EpochRequest, Normalization, Plan, SampleReader, finish_batch, ten_view_windows
-from preprocess.errors import UserError
 from preprocess.format import FormatError
 
 PREFETCH = 2  # batches DALI runs ahead of the one handed out (its default prefetch_queue_depth)

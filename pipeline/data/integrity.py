@@ -37,10 +37,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from basics.errors import UserError
+from basics.files import write_json_atomic
 from pipeline.data.common import Split
 from preprocess import format as fmt
-from preprocess.errors import UserError
-from preprocess.files import write_json_atomic
 
 CACHE_NAME = ".alexnet-cache"  # inside the dataset directory, when it is writable
 _HASH_THREADS = 8  # at most; hashing is disk- or memory-bound well before this many cores

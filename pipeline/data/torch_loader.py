@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from basics.errors import UserError
 from pipeline.data.common import (
     TEN_CROP_VIEWS,
     EpochRequest,
@@ -26,7 +27,6 @@ from pipeline.data.common import (
     finish_batch,
     ten_view_windows,
 )
-from preprocess.errors import UserError
 
 
 class ShardSamples:
@@ -96,7 +96,7 @@ def _user_error_line(error: BaseException) -> str:
     """DataLoader re-raises a worker's exception with the worker traceback in the message: keep the last line."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     last = lines[-1] if lines else str(error)
-    for prefix in ("preprocess.errors.UserError: ", "preprocess.format.FormatError: "):
+    for prefix in ("basics.errors.UserError: ", "preprocess.format.FormatError: "):
         if last.startswith(prefix):
             return last[len(prefix) :]
     return last

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preprocess.errors import UserError, run_cli
-from preprocess.files import fsync_dir
+from basics import procfs
+from basics.errors import UserError, run_cli
+from basics.files import fsync_dir
 
 LEASE_NAME = "writer.lease"
 log = logging.getLogger("alexnet")
@@ -140,15 +141,6 @@ def _pid_ns() -> str:
         return ""
 
 
-def _start_ticks(pid: int) -> str | None:
-    """The process's start time since boot (tells a reused pid apart); None if it does not run."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rpartition(")")[2].split()[19]  # field 22, counted after the parenthesised command name
-
-
 # ------------------------------------------------------------------------------------------- the lease
 
 
@@ -165,7 +157,7 @@ def _record(holder: Holder, token: str, timeout_s: float, started: float, heartb
         "boot_id": _boot_id(),
         "pid_ns": _pid_ns(),
         "probe_pid": probe,
-        "probe_start": _start_ticks(probe) if probe else None,
+        "probe_start": procfs.start_ticks(probe) if probe else None,
         "slurm_job": holder.slurm_job,
         "slurm_cluster": holder.slurm_cluster,
         "timeout_s": timeout_s,
@@ -286,7 +278,7 @@ def _holder_gone(record: Mapping[str, Any]) -> str | None:
         and record.get("pid_ns") == _pid_ns()
         and _boot_id()
     ):
-        if _start_ticks(int(probe)) != record.get("probe_start"):
+        if procfs.start_ticks(int(probe)) != record.get("probe_start"):
             return f"process {probe} on {record['host']} has ended"
     job = record.get("slurm_job")
     if job:

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from basics.files import write_json_atomic
+
 # Three SYNs (at 0, 1 and 3 s, Linux's retransmission schedule) fit: a healthy link that loses a packet
 # still answers; a cut one is named within seconds, small against the hang allowance.
 PROBE_S = 5.0
@@ -193,10 +195,8 @@ class Cut:
 
 def write_findings(folder: Path, me: Peer, failed: Mapping[int, str]) -> None:
     path = folder / FINDINGS.format(me.rank)
-    tmp = path.with_name(path.name + ".tmp")
     unreachable = {str(r): why for r, why in failed.items()}
-    tmp.write_text(json.dumps({"node": me.node, "rank": me.rank, "unreachable": unreachable}))
-    os.replace(tmp, path)
+    write_json_atomic(path, {"node": me.node, "rank": me.rank, "unreachable": unreachable}, durable=False)
 
 
 def read_findings(folder: Path, peers: Mapping[str, Peer]) -> dict[str, dict[int, str]]:

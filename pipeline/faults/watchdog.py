@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from basics import procfs
+from basics.files import atomic_output, write_json_atomic
 from pipeline.faults import reach
 from pipeline.phase_timer import HostClock, PhaseClock, PhaseWindow
 
@@ -206,18 +208,6 @@ def judge(
     return Verdict(culprits, silent, records, stuck_s)
 
 
-def process_state(pid: int) -> str | None:
-    """The kernel's state letter and name of a local process ("T (stopped)"), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    letter = stat.rsplit(")", 1)[1].split()[0]
-    names = {"T": "stopped", "t": "traced", "D": "in uninterruptible I/O", "Z": "a zombie", "R": "running"}
-    names.update({"S": "sleeping"})
-    return f"{letter} ({names.get(letter, '?')})"
-
-
 class Watchdog:
     """The monitor thread of one rank (see the module docstring)."""
 
@@ -290,10 +280,8 @@ class Watchdog:
         record = Record(
             self.rank, self.host, self.pid, self.attempt, seq, step, phase, progress_at, time.time(), self.node, addr
         )
-        path = self.progress_dir / f"rank-{self.rank}.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(vars(record)))
-        os.replace(tmp, path)
+        # peers poll this every second; it matters only while the run lives, so no fsync
+        write_json_atomic(self.progress_dir / f"rank-{self.rank}.json", vars(record), durable=False, indent=None)
         self._published = (state, time.monotonic())
 
     def check(self) -> Verdict | None:
@@ -315,14 +303,12 @@ class Watchdog:
         folder = self.hangs_dir / verdict.folder_name()
         folder.mkdir(parents=True, exist_ok=True)
         stacks = folder / f"rank-{self.rank}.txt"
-        tmp = stacks.with_name(stacks.name + ".tmp")
-        with tmp.open("w") as f:
+        with atomic_output(stacks, durable=False) as tmp, tmp.open("w") as f:
             me = verdict.records.get(self.rank)
             if me is not None:
                 f.write(f"rank {self.rank} host {self.host} pid {self.pid}: phase {me.phase} step {me.step}\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
-        os.replace(tmp, stacks)
         healthy = [r for r in range(self.world_size) if r not in verdict.silent and r not in _ranks(verdict.culprits)]
         reporter = min(healthy) if healthy else self.rank
         peers = reach.nodes_of(verdict.records)
@@ -381,7 +367,7 @@ class Watchdog:
             f"{time.time() - rec.progress_at:.0f} s ago"
         )
         if rec.rank in verdict.silent:
-            state = process_state(rec.pid) if rec.host == self.host else None
+            state = procfs.state(rec.pid) if rec.host == self.host else None
             text += (
                 f", not running Python for {time.time() - rec.beat_at:.0f} s"
                 + (f" (process state {state})" if state else "")
@@ -407,9 +393,7 @@ def write_verdict(path: Path, verdict: Verdict, cut: reach.Cut | None, line: str
         "probed_from": cut.reported if cut is not None else [],
         "line": line,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def _ranks(records: list[Record]) -> set[int]:

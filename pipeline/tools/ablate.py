@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from basics.errors import UserError, run_cli
+from basics.files import write_bytes_atomic, write_json_atomic
 from pipeline.tools.report import read_scalars, save_figure
-from preprocess.errors import UserError, run_cli
-from preprocess.files import write_bytes_atomic, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT = "ablation-result.json"

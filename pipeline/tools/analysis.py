@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -36,12 +35,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from basics.errors import UserError, run_cli
+from basics.files import atomic_output, write_bytes_atomic, write_json_atomic
 from pipeline.checkpoint import resolve as resolve_checkpoint
 from pipeline.process import ProcessEnv, process_group, select_device
 from pipeline.tools.evaluate import Member, class_names, load_member
 from preprocess import format as fmt
-from preprocess.errors import UserError, run_cli
-from preprocess.files import fsync_dir, write_bytes_atomic, write_json_atomic
 
 FEATURE_DTYPE = np.float16
 
@@ -148,26 +147,24 @@ def write_rank_features(
 ) -> None:
     """Stream ``count`` feature rows to ``root/features-rank<rank>.f16`` (complete or absent) + labels."""
     root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"features-rank{rank}.f16", root / f"features-rank{rank}.f16.tmp"
-    features = np.memmap(tmp, dtype=FEATURE_DTYPE, mode="w+", shape=(max(count, 1), dim))
     labels = np.zeros(count, dtype=np.int64)
-    row = 0
-    for feats, batch_labels in batches:
-        n = feats.shape[0]
-        if row + n > count:
-            raise RuntimeError(f"rank {rank}: the loader gave more than its {count} samples")
-        features[row : row + n] = feats.to(torch.float16).cpu().numpy()
-        labels[row : row + n] = batch_labels.cpu().numpy()
-        row += n
-    if row != count:
-        raise RuntimeError(f"rank {rank}: the loader gave {row} samples, expected {count}")
-    features.flush()
-    del features
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    np.save(root / f"labels-rank{rank}.npy", labels)
-    os.replace(tmp, final)
-    fsync_dir(root)
+    with atomic_output(root / f"features-rank{rank}.f16") as tmp:
+        features = np.memmap(tmp, dtype=FEATURE_DTYPE, mode="w+", shape=(max(count, 1), dim))
+        row = 0
+        for feats, batch_labels in batches:
+            n = feats.shape[0]
+            if row + n > count:
+                raise RuntimeError(f"rank {rank}: the loader gave more than its {count} samples")
+            features[row : row + n] = feats.to(torch.float16).cpu().numpy()
+            labels[row : row + n] = batch_labels.cpu().numpy()
+            row += n
+        if row != count:
+            raise RuntimeError(f"rank {rank}: the loader gave {row} samples, expected {count}")
+        features.flush()
+        del features
+        # the labels first: the features file under its final name says this rank's output is complete
+        with atomic_output(root / f"labels-rank{rank}.npy") as labels_tmp, open(labels_tmp, "wb") as f:
+            np.save(f, labels)
 
 
 def nearest(

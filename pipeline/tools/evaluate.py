@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from basics.errors import UserError, run_cli
+from basics.files import write_json_atomic
 from pipeline.metrics import EvalCounts, predict
-from preprocess.errors import UserError, run_cli
-from preprocess.files import write_json_atomic
 
 
 @dataclass

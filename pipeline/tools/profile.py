@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocess.errors import UserError, run_cli
+from basics.errors import UserError, run_cli
 
 PHASE_PREFIX = "phase/"  # pipeline.profiling.PHASE_PREFIX (not imported: this tool needs no torch)
 PARTS = ("data", "forward", "backward", "communication", "optimizer", "other", "idle")

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from preprocess.errors import UserError, run_cli
-from preprocess.files import write_bytes_atomic, write_json_atomic
+from basics.errors import UserError, run_cli
+from basics.files import write_bytes_atomic, write_json_atomic
 
 PAPER_TABLE2 = {"top1_error": 0.407, "top5_error": 0.182}
 """The paper's Table 2, one CNN, ILSVRC-2012 val (its 10-view test)."""

@@ -298,8 +298,8 @@ class Delayed:
 def main() -> int:
     loaders = fixed_loaders() if os.environ.get("HARNESS_DATA") == "fixed" else None
     loaders = slowed(loaders, int(os.environ.get("RANK", 0)))
+    from basics.errors import run_cli
     from launch.train import run
-    from preprocess.errors import run_cli
 
     rank = int(os.environ.get("RANK", 0))
     out = Path(os.environ["HARNESS_OUT"])
