@@ -1,0 +1,104 @@
+"""The run directory's layout, named once: every module that reads or writes a run's files asks :class:`RunDir`.
+
+::
+
+    RUN_DIR/
+      config.json              the resolved config of the newest start (pipeline.config.save_config)
+      writer.lease             one writer per run directory (pipeline.faults.lease)
+      checkpoints/             step-NNNNNNNN/, latest, best, lineage (pipeline.checkpoint)
+      tensorboard/             event files (pipeline.metrics)
+      progress/rank-N.json     each rank's last phase mark, for the watchdog (pipeline.faults.watchdog)
+      hangs/<time>/            stacks and hang.json of a hang (pipeline.faults.watchdog)
+      profiles/<time>/         traces on demand (pipeline.profiling)
+      memory/                  CUDA out-of-memory snapshots (pipeline.perf)
+      analysis/ figures/ report/   the tools' output (pipeline.tools)
+      eval-<checkpoint>.json   evaluation results (pipeline.tools.evaluate)
+      <name>.request.<...>     an operator's request to the running job (lr_drop, profile, preempt)
+
+The layout is a file format: a run directory written by an earlier version must still read, so a name
+here changes only with a migration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG = "config.json"
+LEASE = "writer.lease"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+PROGRESS = "progress"
+HANGS = "hangs"
+PROFILES = "profiles"
+MEMORY = "memory"
+ANALYSIS = "analysis"
+FIGURES = "figures"
+REPORT = "report"
+
+# operator requests (pipeline.schedule.write_request): the request's name, a time and a pid follow
+LR_DROP_REQUEST = "lr_drop.request"
+PROFILE_REQUEST = "profile.request"
+PREEMPT_REQUEST = "preempt.request"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run directory's paths (nothing is created here: the owner of each file creates it)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def lease(self) -> Path:
+        return self.root / LEASE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD
+
+    @property
+    def progress(self) -> Path:
+        return self.root / PROGRESS
+
+    @property
+    def hangs(self) -> Path:
+        return self.root / HANGS
+
+    @property
+    def profiles(self) -> Path:
+        return self.root / PROFILES
+
+    @property
+    def memory(self) -> Path:
+        return self.root / MEMORY
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / ANALYSIS
+
+    @property
+    def figures(self) -> Path:
+        return self.root / FIGURES
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT
+
+    def eval_result(self, checkpoint: str, *, ten_crop: bool = True) -> Path:
+        """Where ``pipeline.tools.evaluate`` writes a checkpoint's result (``eval-step-N.json`` / ``-centre``)."""
+        return self.root / f"eval-{checkpoint}{'' if ten_crop else '-centre'}.json"
+
+    def is_run(self) -> bool:
+        """Has a training run started here (its config was written)?"""
+        return self.config.is_file()
