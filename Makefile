@@ -46,9 +46,10 @@ lint: venv
 bench: venv
 	$(PY) -m preprocess bench
 
-# On a GPU machine, with the machine's own torch (not .venv) and DALI from carried wheels on PYTHONPATH
-# (docs/gpu-check.md): CUDA tests, a 1-GPU run (mixed decode, bf16, channels_last, compile), a CPU checkpoint
-# resumed on the GPU, the GPU report and the pre-flight; one report in GPU_CHECK_OUT. Refuses without CUDA.
+# On a GPU machine, with the machine's own torch (not .venv) and DALI, simplejpeg and webdataset installed
+# beside it (docs/gpu-check.md): CUDA tests, a 1-GPU run (mixed decode, bf16, channels_last, compile), a CPU
+# checkpoint resumed on the GPU, the GPU report and the pre-flight; one report in GPU_CHECK_OUT. Refuses
+# without CUDA.
 GPU_CHECK_OUT ?= gpu-check
 gpu-check:
 	$(PYTHON) -m pipeline.bench.gpu_check --out $(GPU_CHECK_OUT)

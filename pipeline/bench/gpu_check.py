@@ -1,8 +1,8 @@
 """The GPU path, proven on one GPU in one command: ``make gpu-check`` (``python3 -m pipeline.bench.gpu_check``).
 
-From a checkout, on the machine's own torch (whatever version it has; the report says which) with DALI on
-``PYTHONPATH`` (docs/gpu-check.md: wheels carried in with ``gpu-wheels.sh``), in about 8 minutes on one
-H100, it runs in order, each step under its own time limit:
+From a checkout, on the machine's own torch (whatever version it has; the report says which) with DALI,
+simplejpeg and webdataset installed beside it (docs/gpu-check.md), in about 8 minutes on one H100, it runs
+in order, each step under its own time limit:
 
 1. versions: Python, torch (+ its CUDA), the driver and GPU, DALI, the checkout's commit;
 2. shards it makes itself: the procedural demo dataset through ``python -m preprocess`` (JPEG 4:2:0, as
@@ -150,8 +150,8 @@ def refuse_without_cuda() -> None:
     missing = [m for m in NEEDED if not _importable(m)]
     if missing:
         raise UserError(
-            f"gpu-check: {', '.join(missing)} not importable; install the carried wheels and put them on "
-            "PYTHONPATH first (docs/gpu-check.md)"
+            f"gpu-check: {', '.join(missing)} not importable; install them beside torch first "
+            "(pip install nvidia-dali-cuda130 simplejpeg webdataset: docs/gpu-check.md)"
         )
 
 
