@@ -24,7 +24,7 @@ pytestmark = pytest.mark.netns
 NETNS_TAG = "h"  # namespace names (conftest.py node_pair)
 
 RDZV_PORT = 29415  # inside the namespaces only
-# ALEXNET_TEST_NETWORK_DEFAULTS=1 runs the same cases at the trainer's defaults (README's measured row).
+# ALEXNET_TEST_NETWORK_DEFAULTS=1 runs the same cases at the trainer's defaults (docs/BENCHMARKS.md, Faults).
 AT_DEFAULTS = bool(os.environ.get("ALEXNET_TEST_NETWORK_DEFAULTS"))
 HANG_S = 120 if AT_DEFAULTS else 10  # --train.hang-timeout (default 120)
 SLOW_S = 480 if AT_DEFAULTS else 60  # --train.slow-phase-timeout (default 480): what a save's collectives got
