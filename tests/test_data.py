@@ -10,6 +10,7 @@ from the output; flat images make the lighting offset readable.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -39,6 +40,7 @@ from pipeline.data.epoch_plan import (
 from pipeline.data.index_cache import index_rows
 from pipeline.data.views import ten_view_windows
 from preprocess import format as fmt
+from tests.support import REPO
 from tests.support.datasets import (
     CHANNEL_MEAN,
     CHANNEL_STD,
@@ -268,6 +270,16 @@ def test_crop_windows_and_mirror(coord_ds: Path, loader: str) -> None:
 def epoch_plan(root: Path, seed: int, **kw) -> Plan:
     split, norm = D.open_dataset(cfg_for(root, **kw), "train")
     return plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=seed, train=True)
+
+
+def test_the_plan_costs_the_bytes_a_sample_its_notes_say(flat_ds: Path) -> None:
+    plan = epoch_plan(flat_ds, 0)
+    columns = [getattr(plan, f.name) for f in dataclasses.fields(plan)]
+    per_sample = sum(c.nbytes for c in columns if isinstance(c, np.ndarray)) / len(plan)
+    assert per_sample == int(per_sample)
+    notes = {"docs/data-pipeline.md": (REPO / "docs" / "data-pipeline.md").read_text(), "Plan": Plan.__doc__ or ""}
+    for where, text in notes.items():
+        assert f"{int(per_sample)} bytes a sample" in " ".join(text.split()), f"{where} gives another figure"
 
 
 def test_augmentation_statistics(flat_ds: Path) -> None:
