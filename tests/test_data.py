@@ -10,6 +10,7 @@ from the output; flat images make the lighting offset readable.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -24,9 +25,22 @@ from PIL import Image
 
 from basics.errors import UserError
 from pipeline import data as D
-from pipeline.data import common as C
+from pipeline.data import config as data_config
 from pipeline.data import integrity
+from pipeline.data.epoch_plan import (
+    Plan,
+    augment_seed,
+    batch_bounds,
+    derive_seed,
+    plan_epoch,
+    rank_range,
+    shard_order,
+    steps_per_epoch,
+)
+from pipeline.data.index_cache import index_rows
+from pipeline.data.views import ten_view_windows
 from preprocess import format as fmt
+from tests.support import REPO
 from tests.support.datasets import (
     CHANNEL_MEAN,
     CHANNEL_STD,
@@ -81,7 +95,7 @@ def decoded(root: Path, split: str) -> dict[int, np.ndarray]:
     out = {}
     for shard in fmt.read_manifest(root).split(split).shards:
         with open(root / shard.path, "rb") as f:
-            for _, jpg_offset, jpg_size, cls_offset, cls_size in C.index_rows(root / shard.index):
+            for _, jpg_offset, jpg_size, cls_offset, cls_size in index_rows(root / shard.index):
                 f.seek(cls_offset)
                 label = fmt.decode_label(f.read(cls_size))
                 f.seek(jpg_offset)
@@ -110,28 +124,28 @@ def read_window(view: np.ndarray) -> tuple[int, int, bool]:
 def test_rank_ranges_steps_and_batch_bounds() -> None:
     for total in range(0, 40):
         for n in (1, 2, 3, 4, 7):
-            ranges = [C.rank_range(total, r, n) for r in range(n)]
+            ranges = [rank_range(total, r, n) for r in range(n)]
             assert ranges[0][0] == 0 and ranges[-1][1] == total
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
             sizes = [e - s for s, e in ranges]
             assert max(sizes) - min(sizes) <= 1
             for b in (1, 2, 5):
-                assert C.steps_per_epoch(total, n, b) * b >= max(sizes)
+                assert steps_per_epoch(total, n, b) * b >= max(sizes)
     # A rank one sample short: its last full batch is split rather than followed by an empty one.
-    assert C.batch_bounds(5, 2, 5) == [(0, 3), (3, 5)]
-    assert C.batch_bounds(6, 2, 4) == [(0, 4), (4, 6)]
-    assert C.batch_bounds(6, 3, 3) == [(0, 3), (3, 5), (5, 6)]
-    assert C.batch_bounds(1, 3, 2) == [(0, 1), (1, 1), (1, 1)]  # toy case: fewer samples than steps
+    assert batch_bounds(5, 2, 5) == [(0, 3), (3, 5)]
+    assert batch_bounds(6, 2, 4) == [(0, 4), (4, 6)]
+    assert batch_bounds(6, 3, 3) == [(0, 3), (3, 5), (5, 6)]
+    assert batch_bounds(1, 3, 2) == [(0, 1), (1, 1), (1, 1)]  # toy case: fewer samples than steps
     for samples in range(0, 30):
         for steps, size in ((3, 4), (5, 2), (2, 16)):
             if math.ceil(samples / size) > steps or math.ceil((samples + 1) / size) < steps:
                 continue  # not a rank of a valid split (ranks differ by at most one sample)
-            bounds = C.batch_bounds(samples, steps, size)
+            bounds = batch_bounds(samples, steps, size)
             assert len(bounds) == steps and bounds[0][0] == 0 and bounds[-1][1] == samples
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
             assert all(0 < hi - lo <= size for lo, hi in bounds) or samples < steps
-    assert C.derive_seed("a", 1) == C.derive_seed("a", 1) != C.derive_seed("a", 2)
-    assert C.shard_order(10, 0, 0) != C.shard_order(10, 0, 1) and sorted(C.shard_order(10, 0, 1)) == list(range(10))
+    assert derive_seed("a", 1) == derive_seed("a", 1) != derive_seed("a", 2)
+    assert shard_order(10, 0, 0) != shard_order(10, 0, 1) and sorted(shard_order(10, 0, 1)) == list(range(10))
 
 
 def test_config_validation() -> None:
@@ -141,6 +155,8 @@ def test_config_validation() -> None:
         D.DataConfig(mean="median")
     with pytest.raises(UserError, match="crop"):
         D.DataConfig(crop=300)
+    # Every name the config accepts picks an implementation, and every implementation can be picked.
+    assert set(D.IMPLEMENTATIONS) == set(data_config.LOADERS) == set(LOADERS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,9 +267,19 @@ def test_crop_windows_and_mirror(coord_ds: Path, loader: str) -> None:
     assert 10 < sum(m for _, _, m in windows) < 38
 
 
-def epoch_plan(root: Path, seed: int, **kw) -> C.Plan:
+def epoch_plan(root: Path, seed: int, **kw) -> Plan:
     split, norm = D.open_dataset(cfg_for(root, **kw), "train")
-    return C.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=seed, train=True)
+    return plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=seed, train=True)
+
+
+def test_the_plan_costs_the_bytes_a_sample_its_notes_say(flat_ds: Path) -> None:
+    plan = epoch_plan(flat_ds, 0)
+    columns = [getattr(plan, f.name) for f in dataclasses.fields(plan)]
+    per_sample = sum(c.nbytes for c in columns if isinstance(c, np.ndarray)) / len(plan)
+    assert per_sample == int(per_sample)
+    notes = {"docs/data-pipeline.md": (REPO / "docs" / "data-pipeline.md").read_text(), "Plan": Plan.__doc__ or ""}
+    for where, text in notes.items():
+        assert f"{int(per_sample)} bytes a sample" in " ".join(text.split()), f"{where} gives another figure"
 
 
 def test_augmentation_statistics(flat_ds: Path) -> None:
@@ -281,7 +307,7 @@ def check_lighting_covariance(offset: np.ndarray, tolerance: float = 0.16) -> No
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_pixels_carry_the_planned_lighting(flat_ds: Path, loader: str) -> None:
-    plan = epoch_plan(flat_ds, C.augment_seed(0, 0, 0))
+    plan = epoch_plan(flat_ds, augment_seed(0, 0, 0))
     images, _ = next(
         iter(
             D.train_loader(cfg_for(flat_ds, loader), dp_rank=0, dp_size=1, epoch=0, seed=0, device="cpu", batch_size=4)
@@ -313,8 +339,8 @@ def test_mean_image_on_the_window_equals_full_image_subtraction(
     image first gave (the previous computation: crop_mirror_normalize of ``pixels - mean_image`` with mean
     ``-offset``), within float rounding, for training windows/mirrors/lighting and the 10 views."""
     root, zero, mean_image = mean_ds
-    plan = epoch_plan(root, C.augment_seed(5, 0, 2))
-    order = C.shard_order(2, 5, 2)
+    plan = epoch_plan(root, augment_seed(5, 0, 2))
+    order = shard_order(2, 5, 2)
     assert order == [1, 0] or order == [0, 1]
     kw = dict(dp_rank=0, dp_size=1, epoch=2, seed=5, device="cpu", batch_size=16)
     out = next(iter(D.train_loader(cfg_for(root, loader), **kw)))[0]
@@ -332,7 +358,7 @@ def test_mean_image_on_the_window_equals_full_image_subtraction(
     plain = next(
         iter(D.val_loader(cfg_for(zero, loader), dp_rank=0, dp_size=1, device="cpu", batch_size=3, ten_crop=True))
     )[0]
-    for v, (mirror, top, left) in enumerate(C.ten_view_windows(MAX_OFFSET, MAX_OFFSET // 2)):
+    for v, (mirror, top, left) in enumerate(ten_view_windows(MAX_OFFSET, MAX_OFFSET // 2)):
         window = mean_image[top : top + CROP, left : left + CROP]
         if mirror:
             window = window[:, ::-1]
@@ -633,7 +659,7 @@ def test_resume_reads_nothing_before_its_batch(broken: Path, loader: str) -> Non
     first = int(next(iter(D.train_loader(cfg, **kw)))[1][0])  # label = sample number
     shard_no, row = (0, first) if first < 7 else (1, first - 7) if first < 12 else (2, first - 12)
     shard = broken / "train" / fmt.shard_name("train", shard_no)
-    _, jpg_offset, jpg_size, _, _ = C.index_rows(broken / "train" / fmt.index_name(shard.name))[row]
+    _, jpg_offset, jpg_size, _, _ = index_rows(broken / "train" / fmt.index_name(shard.name))[row]
     data = bytearray(shard.read_bytes())
     data[jpg_offset : jpg_offset + jpg_size] = b"\0" * jpg_size  # the epoch's first sample can no longer be read
     shard.write_bytes(bytes(data))

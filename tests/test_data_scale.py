@@ -21,8 +21,10 @@ import pytest
 
 from basics.errors import UserError
 from pipeline import data as D
-from pipeline.data import common as C
-from pipeline.data import integrity
+from pipeline.data import integrity, planner
+from pipeline.data.dataset import Split, open_split
+from pipeline.data.epoch_plan import plan_epoch
+from pipeline.data.index_cache import index_rows, read_index
 from preprocess import format as fmt
 from preprocess.__main__ import main as preprocess_main
 from preprocess.replicate import replicate
@@ -88,10 +90,10 @@ def test_replicate_links_shards_up_to_the_count_and_the_loaders_read_it(small: P
 def test_plan_holds_no_per_sample_python_objects(big: Path) -> None:
     split, norm = D.open_dataset(cfg_for(big), "train")
     n = split.total
-    C.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=0, train=True)  # imports, caches
+    plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=0, train=True)  # imports, caches
     tracemalloc.start()
     try:
-        plan = C.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=1, train=True)
+        plan = plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=1, train=True)
         held, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -104,46 +106,44 @@ def test_plan_holds_no_per_sample_python_objects(big: Path) -> None:
             assert len(value) == len(split.shards) < n / 100, f"Plan.{f.name} grows with the samples"
     assert (plan.shard.dtype, plan.jpg.dtype, plan.cls.dtype) == (np.int32, np.int64, np.int64)
     assert (plan.x.dtype, plan.mirror.dtype, plan.offset.dtype) == (np.int32, np.bool_, np.float32)
-    # 57 bytes a sample in the columns; a key string or tuple per sample costs 50-100 more.
+    # 61 bytes a sample in the columns; a key string or tuple per sample costs 50-100 more.
     assert held / n < 64, f"the plan keeps {held / n:.0f} bytes a sample"
     assert peak / n < 100, f"building the plan peaks at {peak / n:.0f} bytes a sample"
     # Keys are still there for messages, read from the index on demand.
     i = int(np.flatnonzero(plan.shard == 0)[0])
-    assert (
-        plan.key(i) == C.index_rows(split.indexes[0])[int(np.flatnonzero(_offsets(split, 0) == plan.jpg[i, 0])[0])][0]
-    )
+    assert plan.key(i) == index_rows(split.indexes[0])[int(np.flatnonzero(_offsets(split, 0) == plan.jpg[i, 0])[0])][0]
 
 
-def _offsets(split: C.Split, shard: int) -> np.ndarray:
-    return C.read_index(split.indexes[shard])[:, 0]
+def _offsets(split: Split, shard: int) -> np.ndarray:
+    return read_index(split.indexes[shard])[:, 0]
 
 
 def test_fast_index_parse_equals_the_line_parser(small: Path, tmp_path: Path) -> None:
     index = small / "train" / fmt.index_name(fmt.shard_name("train", 0))
-    rows = C.index_rows(index)
-    assert C.read_index(index).tolist() == [list(r[1:]) for r in rows]
+    rows = index_rows(index)
+    assert read_index(index).tolist() == [list(r[1:]) for r in rows]
     # Another member order (DALI's wds2idx may write cls first) takes the general path, same numbers.
     lines = index.read_text().splitlines()
     swapped = [lines[0]] + [" ".join(line.split()[4:] + line.split()[:4]) for line in lines[1:]]
     other = tmp_path / "other.idx"
     other.write_text("\n".join(swapped) + "\n")
-    assert C.read_index(other).tolist() == [list(r[1:]) for r in rows]
+    assert read_index(other).tolist() == [list(r[1:]) for r in rows]
     # Cached parses: used while the index is unchanged, parsed again when it is rewritten.
     cache = tmp_path / "index-cache"
     cache.mkdir()
     copied = tmp_path / "copied.idx"
     shutil.copy(index, copied)
-    assert C.read_index(copied, cache).tolist() == C.read_index(copied, cache).tolist() == C.read_index(index).tolist()
+    assert read_index(copied, cache).tolist() == read_index(copied, cache).tolist() == read_index(index).tolist()
     assert len(list(cache.glob("*.npy"))) == 1
     first_row = lines[1].split()
     changed = [lines[0], " ".join(first_row[:2] + ["77"] + first_row[3:])] + lines[2:]
     copied.write_text("\n".join(changed) + "\n")
-    assert C.read_index(copied, cache)[0, 1] == 77
+    assert read_index(copied, cache)[0, 1] == 77
     # A bad number is named with its line, whichever path sees it first.
     broken = lines[:3] + [lines[3].replace(lines[3].split()[1], "12x4", 1)] + lines[4:]
     other.write_text("\n".join(broken) + "\n")
     with pytest.raises(UserError, match=r"other\.idx:4: index row has a non-numeric offset"):
-        C.read_index(other)
+        read_index(other)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def _verify_in_process(root: str, barrier: multiprocessing.synchronize.Barrier, 
         return real(path)
 
     integrity.file_sha256 = meet_then_hash
-    split, _ = C.open_split(root, "train", crop=227, mean="image", lighting_std=0.1)
+    split, _ = open_split(root, "train", crop=227, mean="image", lighting_std=0.1)
     done = integrity.verify_shards(
         split, range(len(split.shards)), cache=integrity.dataset_cache(split.root), threads=1
     )
@@ -267,9 +267,8 @@ def test_two_ranks_reading_the_same_shards_split_the_hashing(big: Path, tmp_path
 @pytest.mark.slow
 def test_the_next_epoch_is_prepared_in_the_background(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     planned: list[str] = []
-    real = D.plan_epoch
     monkeypatch.setattr(
-        D, "plan_epoch", lambda *a, **k: planned.append(threading.current_thread().name) or real(*a, **k)
+        planner, "plan_epoch", lambda *a, **k: planned.append(threading.current_thread().name) or plan_epoch(*a, **k)
     )
     ahead = D.Ahead()
     try:

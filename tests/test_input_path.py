@@ -24,7 +24,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from basics.errors import UserError
 from pipeline import data as D
 from pipeline.bench import data as bench_data
-from pipeline.data import common as C
+from pipeline.data.epoch_plan import plan_epoch
+from pipeline.data.index_cache import decimal_labels
+from pipeline.data.sample_reader import SampleReader
 from preprocess import format as fmt
 from tests.support.datasets import cfg_for, coordinate_image, make_dataset, rewrite_member
 
@@ -87,17 +89,17 @@ def test_labels_parsed_in_arrays_equal_the_exact_parser(coverage_ds_copy: Path) 
         rewrite_member(root, 1, 2, "cls", b"4"): 4,  # padded with a newline
     }
     split, norm = D.open_dataset(cfg_for(root), "train")
-    plan = C.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=3, train=True)
-    reader = C.SampleReader(split, plan, norm.image_size)
+    plan = plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=3, train=True)
+    reader = SampleReader(split, plan, norm.image_size)
     labels = reader.labels(0, len(plan))
     assert labels.tolist() == [reader.label(i) for i in range(len(plan))]
     assert {plan.key(i): int(labels[i]) for i in range(len(plan)) if plan.key(i) in keys} == keys
     assert reader.labels(5, 9).tolist() == labels[5:9].tolist()
     key = rewrite_member(root, 2, 1, "cls", b"x")
     split, norm = D.open_dataset(cfg_for(root), "train")
-    plan = C.plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=3, train=True)
+    plan = plan_epoch(split, norm, dp_rank=0, dp_size=1, seed=3, train=True)
     with pytest.raises(UserError, match=rf"train-000002\.tar: sample {key}: \.cls is not a decimal number"):
-        C.SampleReader(split, plan, norm.image_size).labels(0, len(plan))
+        SampleReader(split, plan, norm.image_size).labels(0, len(plan))
 
 
 @pytest.fixture
@@ -185,13 +187,13 @@ def test_format_label_is_what_the_arrays_parse() -> None:
     data = np.frombuffer(b"".join(raws), np.uint8)
     offsets = np.cumsum([0] + [len(r) for r in raws[:-1]])
     spans = np.stack([offsets, [len(r) for r in raws]], axis=1).astype(np.int64)
-    assert C.decimal_labels(data, spans).tolist() == labels == [fmt.decode_label(r) for r in raws]
+    assert decimal_labels(data, spans).tolist() == labels == [fmt.decode_label(r) for r in raws]
     # What the format never writes goes to the per-sample parser (-1 here), even where decode_label accepts it.
     odd = [b" 7", b"7\n", b"+7", b"-7", b""]
     data = np.frombuffer(b"".join(odd), np.uint8)
     offsets = np.cumsum([0] + [len(r) for r in odd[:-1]])
     spans = np.stack([offsets, [len(r) for r in odd]], axis=1).astype(np.int64)
-    assert C.decimal_labels(data, spans).tolist() == [-1] * len(odd)
+    assert decimal_labels(data, spans).tolist() == [-1] * len(odd)
 
 
 def test_batches_held_by_the_caller_are_never_overwritten(mean_ds: Path) -> None:

@@ -42,8 +42,7 @@ from typing import Any
 
 from basics import procfs
 from basics.errors import run_cli
-from pipeline.data import DataConfig, train_loader
-from pipeline.data.common import resolve_workers
+from pipeline.data import DataConfig, resolve_workers, train_loader
 
 
 def time_to_first_batch(cfg: DataConfig, *, batch_size: int, device: Any, at: float, skip: bool) -> tuple[int, float]:

@@ -1,6 +1,6 @@
 """The DALI implementation of ``pipeline.data``: decode, crop, mirror, lighting and normalisation in DALI.
 
-It executes the epoch plan of ``common.plan_epoch``: an ``external_source`` hands DALI each batch's
+It executes the epoch plan of ``epoch_plan.plan_epoch``: an ``external_source`` hands DALI each batch's
 JPEG bytes (views into the memory-mapped shards at the index files' offsets, not copied) with the
 plan's windows, mirrors and lighting sliced from arrays drawn once per epoch, so a batch depends on
 nothing but its plan positions: an epoch can start at any batch without reading or decoding the
@@ -23,7 +23,11 @@ from typing import Any
 import numpy as np
 
 from basics.errors import UserError
-from pipeline.data.common import EpochRequest, Normalization, Plan, SampleReader, finish_batch, ten_view_windows
+from pipeline.data.batches import EpochRequest, finish_batch
+from pipeline.data.dataset import Normalization
+from pipeline.data.epoch_plan import Plan
+from pipeline.data.sample_reader import SampleReader
+from pipeline.data.views import ten_view_windows
 from preprocess.format import FormatError
 
 PREFETCH = 2  # batches DALI runs ahead of the one handed out (its default prefetch_queue_depth)

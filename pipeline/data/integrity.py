@@ -1,6 +1,6 @@
 """Shard integrity at training time: the bytes a rank reads are the bytes the manifest describes.
 
-The size check in ``common.open_split`` catches truncation; a same-size corruption (a flipped bit
+The size check in ``dataset.open_split`` catches truncation; a same-size corruption (a flipped bit
 on a disk, a bad copy) is caught only by the sha256, which costs a full read of the shard (~40 GB
 for ImageNet). So before a rank reads a shard it makes sure that the shard has been hashed since
 its bytes last changed:
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from basics.errors import UserError
 from basics.files import write_json_atomic
-from pipeline.data.common import Split
+from pipeline.data.dataset import Split
 from preprocess import format as fmt
 
 CACHE_NAME = ".alexnet-cache"  # inside the dataset directory, when it is writable

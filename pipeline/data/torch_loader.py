@@ -1,6 +1,6 @@
 """The pure-PyTorch implementation of ``pipeline.data``: a DataLoader over the shards, no DALI needed.
 
-It executes the epoch plan of ``common.plan_epoch`` (the same samples, order, windows, mirrors and
+It executes the epoch plan of ``epoch_plan.plan_epoch`` (the same samples, order, windows, mirrors and
 lighting as the DALI implementation): worker processes read each sample at the offsets the index
 files give, decode with libjpeg-turbo (``simplejpeg``; torchvision 0.29 deprecates its own
 decoder) and apply the window, mirror, mean and lighting with plain tensor ops, fused so that each
@@ -16,17 +16,11 @@ from typing import Any
 import numpy as np
 
 from basics.errors import UserError
-from pipeline.data.common import (
-    TEN_CROP_VIEWS,
-    EpochRequest,
-    MeanWindows,
-    Normalization,
-    Plan,
-    SampleReader,
-    Split,
-    finish_batch,
-    ten_view_windows,
-)
+from pipeline.data.batches import EpochRequest, finish_batch
+from pipeline.data.dataset import Normalization, Split
+from pipeline.data.epoch_plan import Plan
+from pipeline.data.sample_reader import SampleReader
+from pipeline.data.views import TEN_CROP_VIEWS, MeanWindows, ten_view_windows
 
 
 class ShardSamples:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data import DataConfig, integrity
-from pipeline.data.common import index_rows
+from pipeline.data.index_cache import index_rows
 from preprocess import format as fmt
 from preprocess.shards import Sample, write_shard
 from tests.support import DEMO_CLASSES, DEMO_TRAIN, DEMO_VAL, PYTHON, REPO, TRAIN_SHARD_SIZE
