@@ -119,9 +119,9 @@ def run(
         stop = threading.Event()
         install_stop_handlers(stop)
     lease, outcome, watchdog = None, None, None
-    with process_group(env, device, timedelta(minutes=cfg.train.collective_timeout_min)):
+    with process_group(env, device, timedelta(minutes=cfg.faults.hang.collective_timeout_min)):
         try:
-            lease = take_lease(cfg.run_dir, cfg.train.lease_minutes, env.rank)  # before anything is written
+            lease = take_lease(cfg.run_dir, cfg.faults.lease.minutes, env.rank)  # before anything is written
             marks = PhaseMarks()
             watchdog = start_watchdog(cfg, env, marks)
             mesh = build_mesh(dims, device.type)
@@ -143,19 +143,19 @@ def run(
 
 
 def start_watchdog(cfg: RunConfig, env: ProcessEnv, marks: PhaseMarks) -> Watchdog | None:
-    """The progress watchdog's thread on this rank (pipeline.faults.watchdog), or None with --train.hang-timeout 0.
+    """The progress watchdog's thread on this rank (pipeline.faults.watchdog), or None with --faults.hang.timeout 0.
 
     Rank 0 names the attempt, so records a killed attempt left in RUN_DIR/progress are never mistaken
     for this one's.
     """
     from pipeline.faults.watchdog import Allowance, Watchdog
 
-    if not cfg.train.hang_timeout:
+    if not cfg.faults.hang.timeout:
         return None
     box = [f"{os.getpid()}-{time.time_ns()}"]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
-    allowance = Allowance(cfg.train.hang_timeout, cfg.train.slow_phase_timeout)
+    allowance = Allowance(cfg.faults.hang.timeout, cfg.faults.hang.slow_phase_timeout)
     return Watchdog(cfg.run_dir, env.rank, env.world_size, box[0], marks, allowance, on_cut=end_torchrun).start()
 
 

@@ -16,16 +16,11 @@ for large batches. Nothing scales the rate automatically.
 from __future__ import annotations
 
 import argparse
-import ast
+import copy
 import dataclasses
-import functools
-import inspect
 import json
-import math
 import os
 import sys
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,155 +28,103 @@ from typing import Any
 from basics.errors import UserError
 from pipeline.checkpoint import CheckpointConfig
 from pipeline.data import DataConfig
+from pipeline.faults.config import FaultsConfig
 from pipeline.model import ModelConfig
+from pipeline.options import (
+    Check,
+    Rule,
+    Section,
+    add_checks,
+    at_least,
+    build,
+    default_of,
+    finite,
+    flag,
+    leaves,
+    metavar,
+    name_places,
+    one_of,
+    option,
+    show,
+    text_parser,
+)
 from pipeline.schedule import ScheduleConfig
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 0.01
+class OptimConfig(Section):
+    lr: float = option(0.01, finite(0, above=True))
     """initial learning rate (the paper: 0.01)"""
-    momentum: float = 0.9
+    momentum: float = option(0.9, Check(lambda x: 0 <= x < 1, "in [0, 1)"))
     """SGD momentum (the paper: 0.9)"""
-    weight_decay: float = 5e-4
+    weight_decay: float = option(5e-4, finite(0))
     """L2 weight decay (the paper: 0.0005)"""
-    batch_size: int = 128
+    batch_size: int = option(128, at_least(1))
     """global batch size per step, split evenly over data-parallel ranks (the paper: 128)"""
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 90
+class TrainConfig(Section):
+    epochs: int = option(90, at_least(1))
     """epochs to train (the paper: roughly 90 passes)"""
-    max_steps: int = 0
+    max_steps: int = option(0, at_least(0, " (0 = no limit)"))
     """stop after this many optimizer steps in total (0 = no limit); for smoke tests and demos"""
-    seed: int = 0
+    seed: int = option(0, Check(lambda x: 0 <= x < 2**63, "an integer >= 0"))
     """run seed: data order, augmentation, init and dropout derive from it"""
-    tp: int = 2
+    tp: int = option(2, one_of(1, 2))
     """tensor-parallel degree: 2 = the paper's split over two GPUs, 1 = one device per replica"""
-    amp: str = "none"
+    amp: str = option("none", one_of("none", "bf16"))
     """mixed precision: none (the paper) or bf16 autocast"""
-    log_every: int = 20
+    log_every: int = option(20, at_least(1))
     """steps between console/TensorBoard scalars (each costs a device sync)"""
-    control_every: int = 10
+    control_every: int = option(10, at_least(1))
     """steps between the collective checks for signals, LR-drop requests and timed checkpoints"""
-    val_every: int = 1
+    val_every: int = option(1, at_least(1))
     """validate every this many epochs"""
     ten_crop: bool = True
     """validate with the paper's 10-crop test (else the centre crop)"""
-    histogram_every: int = 1000
+    histogram_every: int = option(1000, at_least(0, " (0 = never)"))
     """steps between weight histograms in TensorBoard (0 = never)"""
-    device: str = "auto"
+    device: str = option("auto", one_of("auto", "cuda", "cpu"))
     """auto (this rank's GPU if CUDA is usable; an error if the machine has GPUs torch cannot use), cuda or cpu"""
-    lease_minutes: float = 30.0
-    """minutes without a heartbeat (refreshed at control steps, at most once a minute) after which this
-    run's lease on RUN_DIR (writer.lease) is stale and another job may take the run directory over;
-    keep it above the longest validation"""
-    grad_compression: str = "none"
+    grad_compression: str = option("none", one_of("none", "bf16"))
     """data-parallel gradient all-reduce: none (fp32) or bf16 (DDP's bf16_compress_hook: half the bytes)"""
-    hang_timeout: float = 120.0
-    """seconds without progress on every rank after which the progress watchdog names the rank the others
-    wait for, writes every rank's stacks to RUN_DIR/hangs/ and ends the attempt with exit code 75 so the
-    launcher restarts it from the last checkpoint (0 = no watchdog)"""
-    slow_phase_timeout: float = 480.0
-    """the same allowance for the phases whose single steps may take long: start-up and resume, an epoch's
-    input pipeline set-up, a checkpoint's disk writes (its collectives get --train.hang-timeout; a rank
-    whose process stopped running is judged by --train.hang-timeout whatever its phase)"""
-    collective_timeout_min: float = 10.0
-    """minutes a collective may wait before the process group fails it (the watchdog acts first)"""
-    straggler_threshold: float = 1.5
-    """a rank whose own work per step (step time less its waits for other ranks) exceeds this multiple of
-    the other ranks' median at --train.straggler-window control steps in a row is named in one log line"""
-    straggler_window: int = 5
-    """consecutive control steps a rank must be slow before it is named a straggler"""
-    on_divergence: str = "stop"
-    """what a divergence does (a non-finite loss or gradient norm on any rank, or a loss spike; its update is
-    never applied): stop (one line naming the good checkpoint, exit 2) or rollback (return to the newest good
-    checkpoint, skip the batches since, train on)"""
-    rollback_lr_factor: float = 1.0
-    """rollback: multiply the learning rate by this at each rollback (1 = unchanged)"""
-    max_rollbacks: int = 3
-    """rollback: stop as --train.on-divergence stop does once a run has rolled back this many times"""
-    spike_sigma: float = 6.0
-    """a loss more than this many standard deviations above the mean of the last --train.spike-window steps is
-    a spike (OLMo's rule); 0 = off"""
-    spike_window: int = 128
-    """steps in the spike rule's rolling window; the rule arms once it is full"""
-    spike_warmup: int = 200
-    """steps before the spike rule arms (the first steps' loss moves fast)"""
-    spike_factor: float = 10.0
-    """a loss above this multiple of the largest loss seen so far is a spike at any step (Megatron's check);
-    0 = off"""
-
-    def __post_init__(self) -> None:
-        if self.amp not in ("none", "bf16"):
-            raise UserError(f"--train.amp must be none or bf16 (got {self.amp!r})")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise UserError(f"--train.device must be auto, cuda or cpu (got {self.device!r})")
-        if self.grad_compression not in ("none", "bf16"):
-            raise UserError(f"--train.grad-compression must be none or bf16 (got {self.grad_compression!r})")
-        if not self.collective_timeout_min > 0:
-            raise UserError(f"--train.collective-timeout-min must be > 0 (got {self.collective_timeout_min})")
-        if self.hang_timeout < 0 or (self.hang_timeout and not self.hang_timeout <= self.slow_phase_timeout):
-            raise UserError(
-                f"--train.hang-timeout must be 0 (off) or > 0 and at most --train.slow-phase-timeout "
-                f"(got {self.hang_timeout} and {self.slow_phase_timeout})"
-            )
-        if self.hang_timeout and self.slow_phase_timeout >= 60 * self.collective_timeout_min:
-            raise UserError(
-                f"--train.slow-phase-timeout {self.slow_phase_timeout} s must be below --train.collective-timeout-min "
-                f"{self.collective_timeout_min} min, or the collective fails first and names no rank"
-            )
-        if self.on_divergence not in ("stop", "rollback"):
-            raise UserError(f"--train.on-divergence must be stop or rollback (got {self.on_divergence!r})")
-        if not self.straggler_threshold > 1 or self.straggler_window < 1:
-            raise UserError(
-                f"--train.straggler-threshold must be > 1 and --train.straggler-window >= 1 "
-                f"(got {self.straggler_threshold} and {self.straggler_window})"
-            )
 
 
 @dataclass
-class ProfileConfig:
-    steps: str = ""
+class ProfileConfig(Section):
+    steps: str = option("", Check(lambda s: not s or ProfileConfig.window_of(s) is not None, "A:B with 0 <= A < B"))
     """A:B: every rank records steps A+1..B (from A steps done to B done) with torch.profiler and writes a
     trace per rank to RUN_DIR/profiles/<time>/ ('' = none; a running job: python -m launch.profile)"""
     shapes: bool = False
     """record operator input shapes in the trace (larger traces)"""
     stacks: bool = False
     """record Python stacks of operators in the trace (larger traces, more overhead in the window)"""
-    peak_tflops: float = 0.0
+    peak_tflops: float = option(0.0, finite(0))
     """a device's peak TFLOP/s for MFU; 0 = from the table in pipeline/perf.py (A100, H100, H200; no MFU on
     CPU: give the pre-flight's matmul GFLOP/s / 1000 here to get one)"""
-    memory_history: int = 100000
+    memory_history: int = option(100000, at_least(0, " (0 = no history)"))
     """CUDA allocations kept for the memory snapshot written on an out-of-memory error (torch's
     _record_memory_history max_entries; 0 = no history, no snapshot)"""
 
-    def __post_init__(self) -> None:
-        self.window()
-        if not (math.isfinite(self.peak_tflops) and self.peak_tflops >= 0) or self.memory_history < 0:
-            raise UserError(
-                f"--profile.peak-tflops must be a finite number >= 0 and --profile.memory-history >= 0 "
-                f"(got {self.peak_tflops} and {self.memory_history})"
-            )
-
     def window(self) -> tuple[int, int] | None:
         """(A, B) of --profile.steps, None when empty."""
-        if not self.steps:
-            return None
-        a, sep, b = self.steps.partition(":")
+        return self.window_of(self.steps)
+
+    @staticmethod
+    def window_of(steps: str) -> tuple[int, int] | None:
+        """(A, B) of an ``A:B`` text; None when it is empty or not of that form."""
+        a, sep, b = steps.partition(":")
         try:
             first, last = int(a), int(b)
         except ValueError:
-            first = last = -1
-        if not sep or not 0 <= first < last:
-            raise UserError(f"--profile.steps must be A:B with 0 <= A < B (got {self.steps!r})")
-        return first, last
+            return None
+        return (first, last) if sep and 0 <= first < last else None
 
 
 @dataclass
-class RunConfig:
-    run_dir: str = "runs/alexnet"
+class RunConfig(Section):
+    run_dir: str = option("runs/alexnet", Check(bool, "a directory path, not empty"))
     """run directory: config.json, checkpoints/, tensorboard/, logs"""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,10 +132,33 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+    RULES = (
+        Rule(
+            ("model.towers", "train.tp"),
+            lambda towers, tp: not (towers == 1 and tp == 2),
+            "{model.towers} 1 (one full-width column) has nothing to split: use it with {train.tp} 1",
+        ),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+name_places(RunConfig)
+
+# The ranges of the sections that pipeline.checkpoint and pipeline.data declare; they join their fields (as
+# ``option(..., check)``) once those packages' split (issue 34) has landed. A name that is no field fails here.
+add_checks(
+    CheckpointConfig,
+    every_epochs=at_least(1),
+    every_minutes=finite(0, note=" (0 = never by time)"),
+    every_steps=at_least(0, " (0 = never by step count)"),
+    keep_last=at_least(1),
+)
+add_checks(DataConfig, lighting_std=finite(0))
 
 
 # The issue-level flags users type most; each maps onto one field of the tree.
@@ -209,73 +175,52 @@ ALIASES = {
     "--num-classes": "model.num_classes",
 }
 
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each field of a dataclass (its help text)."""
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, following in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
+# Options that moved: the old dotted name -> the new one. The old flags still parse (with a note), and config
+# files, run directories' config.json and checkpoints' meta.json written before load through ``upgrade``.
+RENAMED = {
+    "train.lease_minutes": "faults.lease.minutes",
+    "train.hang_timeout": "faults.hang.timeout",
+    "train.slow_phase_timeout": "faults.hang.slow_phase_timeout",
+    "train.collective_timeout_min": "faults.hang.collective_timeout_min",
+    "train.straggler_threshold": "faults.stragglers.threshold",
+    "train.straggler_window": "faults.stragglers.window",
+    "train.on_divergence": "faults.divergence.action",
+    "train.rollback_lr_factor": "faults.divergence.rollback_lr_factor",
+    "train.max_rollbacks": "faults.divergence.max_rollbacks",
+    "train.spike_sigma": "faults.divergence.spike_sigma",
+    "train.spike_window": "faults.divergence.spike_window",
+    "train.spike_warmup": "faults.divergence.spike_warmup",
+    "train.spike_factor": "faults.divergence.spike_factor",
+}
 
 
-def _leaves(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, type, str]]:
-    """(dotted path, field, resolved type, help) for every scalar field of the tree."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        path = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(kind):
-            out += _leaves(kind, path + ".")
-        else:
-            out.append((path, f, kind, field_docs(cls).get(f.name, "")))
+def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping in today's layout: every option of ``RENAMED`` moved to its new place (a new key, where
+    both are given, wins). For every reader of a saved config: config.json, a checkpoint's meta.json, a file."""
+    out = copy.deepcopy(saved)
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        spelled = [key for key in (leaf, leaf.replace("_", "-")) if isinstance(node, dict) and key in node]
+        if not spelled:
+            continue
+        value = node.pop(spelled[0])
+        *parents, leaf = new.split(".")
+        target = out
+        for part in parents:
+            target = target.setdefault(part, {})
+        target.setdefault(leaf, value)
     return out
 
 
-def _parser_for(kind: Any) -> Any:
-    origin = typing.get_origin(kind)
-    args = typing.get_args(kind)
-    if origin is typing.Union or (origin is not None and type(None) in args):  # X | None
-        inner = [a for a in args if a is not type(None)][0]
-        base = _parser_for(inner)
-        return lambda s: None if s.lower() in ("none", "null", "") else base(s)
-    if kind is bool:
-        return parse_bool
-    if origin in (list, tuple):
-        item = _parser_for(args[0]) if args else str
-        return lambda s: [item(x) for x in s.split(",") if x.strip()]
-    if kind in (int, float, str):
-        return kind
-    return str
+class _Renamed(argparse.Action):
+    """An old flag: its value goes to the new option, with a one-line note naming it."""
 
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return None
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        print(f"note: {option_string} is now --{flag(self.dest)}; the old name still works", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def build_parser(prog: str = "python -m launch.train") -> argparse.ArgumentParser:
@@ -285,36 +230,23 @@ def build_parser(prog: str = "python -m launch.train") -> argparse.ArgumentParse
     parser.add_argument("--config", type=Path, help="TOML or JSON file with config sections (e.g. configs/demo.toml)")
     parser.add_argument("--resume", help="checkpoint directory to start from (default: RUN_DIR's latest, if any)")
     reverse = {v: k for k, v in ALIASES.items()}
+    was = {new: old for old, new in RENAMED.items()}
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for path, f, kind, help_text in _leaves(RunConfig):
-        section = path.split(".")[0] if "." in path else "run"
+    for leaf in leaves(RunConfig):
+        path = leaf.path
+        section = path.rsplit(".", 1)[0] if "." in path else "run"
         group = groups.setdefault(section, parser.add_argument_group(section))
-        flags = [f"--{path.replace('_', '-')}"]
+        flags = [f"--{flag(path)}"]
         if path in reverse and reverse[path] not in flags:
             flags.insert(0, reverse[path])
-        default = _default_of(f)
-        group.add_argument(
-            *flags,
-            dest=path,
-            type=_parser_for(kind),
-            default=argparse.SUPPRESS,
-            metavar=_metavar(kind),
-            help=f"{help_text} (default: {_show(default)})",
-        )
+        notes = [f"default: {show(default_of(leaf.field))}"]
+        notes += [leaf.check.want] if leaf.check else []
+        notes += [f"was --{flag(was[path])}"] if path in was else []
+        common = {"dest": path, "type": text_parser(leaf.kind), "default": argparse.SUPPRESS}
+        group.add_argument(*flags, **common, metavar=metavar(leaf.kind), help=f"{leaf.help} ({'; '.join(notes)})")
+        if path in was:
+            group.add_argument(f"--{flag(was[path])}", **common, action=_Renamed, help=argparse.SUPPRESS)
     return parser
-
-
-def _metavar(kind: Any) -> str:
-    if kind is bool:
-        return "BOOL"
-    origin = typing.get_origin(kind)
-    if origin in (list, tuple):
-        return "A,B,..."
-    return getattr(kind, "__name__", "VALUE").upper().replace("NONETYPE", "")
-
-
-def _show(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def read_file(path: Path) -> dict[str, Any]:
@@ -335,7 +267,8 @@ def read_file(path: Path) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any], base: RunConfig | None = None, source: str = "config") -> RunConfig:
-    """Apply a nested mapping onto ``base`` (default: the paper's recipe), checking every key."""
+    """Apply a nested mapping (a file's, a saved config in today's layout or an older one) onto ``base``
+    (default: the paper's recipe), checking every key."""
     flat: dict[str, Any] = {}
 
     def walk(obj: dict[str, Any], prefix: str) -> None:
@@ -346,12 +279,12 @@ def from_dict(data: dict[str, Any], base: RunConfig | None = None, source: str =
             else:
                 flat[path] = value
 
-    walk(data, "")
+    walk(upgrade(data), "")
     return _apply(base or RunConfig(), flat, source)
 
 
 def _apply(base: RunConfig, flat: dict[str, Any], source: str) -> RunConfig:
-    known = {path: (f, kind) for path, f, kind, _ in _leaves(RunConfig)}
+    known = {leaf.path for leaf in leaves(RunConfig)}
     tree = base.to_dict()
     for path, value in flat.items():
         if path not in known:
@@ -361,121 +294,17 @@ def _apply(base: RunConfig, flat: dict[str, Any], source: str) -> RunConfig:
         for p in parents:
             node = node[p]
         node[leaf] = value
-    _check_ranges(tree)  # before the sections' own checks, so the message names the option
     try:
-        return _build(RunConfig, tree)
+        return build(RunConfig, tree)
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: {e}") from None
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        kind, value = hints[f.name], values[f.name]
-        path = f"{prefix}{f.name}"
-        kwargs[f.name] = (
-            _build(kind, value, path + ".") if dataclasses.is_dataclass(kind) else _coerce(kind, value, path)
-        )
-    return cls(**kwargs)
-
-
-def _coerce(kind: Any, value: Any, path: str) -> Any:
-    """Check a file's value against the field's type; ints pass as floats, lists as tuples."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if value is None and type(None) in args:
-        return None
-    if origin is typing.Union or (origin is not None and type(None) in args):
-        kind = [a for a in args if a is not type(None)][0]
-        origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"--{_flag(path)}: expected a list, got {value!r}")
-        items = [_coerce(args[0], v, path) for v in value] if args else list(value)
-        return tuple(items) if origin is tuple else items
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind in (int, str, bool) and type(value) is kind:
-        return value
-    if kind in (int, float, str, bool):
-        want = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
-        raise TypeError(f"--{_flag(path)}: expected {want}, got {value!r}")
-    return value
-
-
-def _flag(path: str) -> str:
-    return path.replace("_", "-")
-
-
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
-# Ranges of every numeric option: (test, what the user must give). Checked before anything is written.
-RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "optim.lr": (lambda x: _finite(x) and x > 0, "a finite number > 0"),
-    "optim.momentum": (lambda x: 0 <= x < 1, "in [0, 1)"),
-    "optim.weight_decay": (lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
-    "optim.batch_size": (lambda x: x >= 1, "at least 1"),
-    "train.epochs": (lambda x: x >= 1, "at least 1"),
-    "train.max_steps": (lambda x: x >= 0, ">= 0 (0 = no limit)"),
-    "train.seed": (lambda x: 0 <= x < 2**63, "an integer >= 0"),
-    "train.tp": (lambda x: x in (1, 2), "1 or 2"),
-    "train.log_every": (lambda x: x >= 1, "at least 1"),
-    "train.control_every": (lambda x: x >= 1, "at least 1"),
-    "train.val_every": (lambda x: x >= 1, "at least 1"),
-    "train.histogram_every": (lambda x: x >= 0, ">= 0 (0 = never)"),
-    "train.lease_minutes": (lambda x: _finite(x) and x > 0, "a finite number of minutes > 0"),
-    "train.rollback_lr_factor": (lambda x: 0 < x <= 1, "in (0, 1]"),
-    "train.max_rollbacks": (lambda x: x >= 1, "at least 1"),
-    "train.spike_sigma": (lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0 = off)"),
-    "train.spike_window": (lambda x: x >= 2, "at least 2"),
-    "train.spike_warmup": (lambda x: x >= 0, ">= 0"),
-    "train.spike_factor": (lambda x: x == 0 or (_finite(x) and x > 1), "0 (off) or a finite number > 1"),
-    "model.num_classes": (lambda x: x == 0 or x >= 2, "at least 2, or 0 for the dataset's class count"),
-    "model.widths": (lambda x: len(x) == 5 and all(w >= 2 and w % 2 == 0 for w in x), "five even widths >= 2"),
-    "model.fc_width": (lambda x: x >= 2 and x % 2 == 0, "even and at least 2"),
-    "model.dropout": (lambda x: 0 <= x < 1, "in [0, 1)"),
-    "model.towers": (lambda x: x in (1, 2), "1 or 2"),
-    "schedule.factor": (lambda x: 0 < x < 1, "in (0, 1)"),
-    "schedule.max_drops": (lambda x: x >= 0, ">= 0"),
-    "schedule.patience": (lambda x: x >= 1, "at least 1"),
-    "schedule.threshold": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1)"),
-    "schedule.milestones": (lambda x: all(m >= 0 for m in x), "epochs >= 0"),
-    "schedule.warmup_epochs": (lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
-    "checkpoint.every_epochs": (lambda x: x >= 1, "at least 1"),
-    "checkpoint.every_minutes": (lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0 = never by time)"),
-    "checkpoint.every_steps": (lambda x: x >= 0, ">= 0 (0 = never by step count)"),
-    "checkpoint.keep_last": (lambda x: x >= 1, "at least 1"),
-    "data.lighting_std": (lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
-}
-
-
 def validate(cfg: RunConfig) -> RunConfig:
-    """Every range in RANGES; a one-line error naming the option. Returns ``cfg``."""
-    _check_ranges(cfg.to_dict())
-    if not cfg.run_dir:
-        raise UserError("--run-dir must not be empty")
-    if cfg.model.towers == 1 and cfg.train.tp == 2:
-        raise UserError("--model.towers 1 (one full-width column) has nothing to split: use it with --tp 1")
+    """Every option's check (``pipeline.options.check_section`` on every section); a one-line error naming the
+    option. Returns ``cfg``."""
+    build(RunConfig, cfg.to_dict())
     return cfg
-
-
-def _check_ranges(tree: dict[str, Any]) -> None:
-    for path, (ok, want) in RANGES.items():
-        node: Any = tree
-        for part in path.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            continue
-        try:
-            good = ok(node)
-        except TypeError:  # a value of the wrong type: the type check names it
-            continue
-        if not good:
-            raise UserError(f"--{_flag(path)} must be {want} (got {_show(node)})")
 
 
 def check_paths(cfg: RunConfig) -> None:
@@ -529,14 +358,16 @@ def save(cfg: RunConfig, run_dir: Path) -> Path:
 
 def changes(was: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
     """``option was -> now`` for every option whose value differs between two resolved configs (a checkpoint's
-    and this run's); options one side lacks (another version) show as ``?``."""
+    and this run's, ``was`` in an older layout too: see ``upgrade``); options one side lacks show as ``?``."""
+    if not prefix:
+        was = upgrade(was)
     out = []
     for key in sorted(set(was) | set(now)):
         a, b = was.get(key, "?"), now.get(key, "?")
         if isinstance(a, dict) and isinstance(b, dict):
             out += changes(a, b, f"{prefix}{key}.")
         elif _comparable(a) != _comparable(b):
-            out.append(f"--{_flag(prefix + key)} {_show(a)} -> {_show(b)}")
+            out.append(f"--{flag(prefix + key)} {show(a)} -> {show(b)}")
     return out
 
 

@@ -70,6 +70,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.options import Check, Section, one_of, option
 from pipeline.parallel import exchange, gather_replicated
 
 TOWERS = 2
@@ -277,24 +278,26 @@ class AlexNet(nn.Module):
 
 
 @dataclass
-class ModelConfig:
-    num_classes: int = 0
+class ModelConfig(Section):
+    num_classes: int = option(0, Check(lambda x: x == 0 or x >= 2, "at least 2, or 0 for the dataset's class count"))
     """classes (fc8's outputs); 0 = the dataset's class count (the paper: 1000); tp=2: tower 0 holds the ceil half"""
-    widths: tuple[int, ...] = PAPER_WIDTHS
+    widths: tuple[int, ...] = option(
+        PAPER_WIDTHS, Check(lambda x: len(x) == 5 and all(w >= 2 and w % 2 == 0 for w in x), "five even widths >= 2")
+    )
     """output channels of conv1..conv5 (the paper: 96,256,384,384,256); even: each tower holds half"""
-    fc_width: int = 4096
+    fc_width: int = option(4096, Check(lambda x: x >= 2 and x % 2 == 0, "even and at least 2"))
     """units of fc6 and fc7 (the paper: 4096); even"""
-    dropout: float = 0.5
+    dropout: float = option(0.5, Check(lambda x: 0 <= x < 1, "in [0, 1)"))
     """dropout probability on the outputs of fc6 and fc7 during training (the paper: 0.5)"""
     lrn: bool = True
     """local response normalisation after conv1 and conv2 (the paper: on)"""
-    init: str = "paper"
+    init: str = option("paper", one_of(*INITS))
     """paper: N(0, 0.01) and the paper's biases; kaiming: He-normal, zero biases (small-data demos)"""
-    activation: str = "relu"
+    activation: str = option("relu", one_of(*ACTIVATIONS))
     """non-linearity after every conv and hidden fc layer: relu (the paper) or tanh (its figure 1)"""
     overlap_pool: bool = True
     """max-pooling 3x3 stride 2 (the paper's overlapping pooling); false: 2x2 stride 2 (same shapes)"""
-    towers: int = 2
+    towers: int = option(TOWERS, one_of(1, TOWERS))
     """2: the paper's two columns (grouped conv2/4/5, per-tower LRN); 1: one full-width column (tp=1 only)"""
     channels_last: bool = False
     """store conv weights channels-last; convolutions then run channels-last from the first one on"""
@@ -303,13 +306,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.widths = tuple(self.widths)
-        check_widths(self.num_classes or 1000, self.widths, self.fc_width)  # 0: resolved from the dataset later
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation must be one of {', '.join(ACTIVATIONS)} (got {self.activation!r})")
-        if self.towers not in (1, TOWERS):
-            raise ValueError(f"model.towers must be 1 or {TOWERS} (got {self.towers})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1) (got {self.dropout})")
+        super().__post_init__()
 
 
 def build_model(cfg: ModelConfig, tp_group: ProcessGroup | None = None) -> AlexNet:

@@ -21,39 +21,36 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from basics.errors import UserError
 from basics.files import write_json_atomic
+from pipeline.options import Check, Section, at_least, finite, one_of, option
 
 POLICIES = ("plateau", "milestones", "manual")
 MANUAL_REQUEST = "lr_drop.request"
 
 
 @dataclass
-class ScheduleConfig:
-    policy: str = "plateau"
+class ScheduleConfig(Section):
+    policy: str = option("plateau", one_of(*POLICIES))
     """plateau (the paper's rule), milestones (fixed epochs) or manual (operator requests only)"""
-    factor: float = 0.1
+    factor: float = option(0.1, Check(lambda x: 0 < x < 1, "in (0, 1)"))
     """multiply the learning rate by this at each drop (the paper: divide by 10)"""
-    max_drops: int = 3
+    max_drops: int = option(3, at_least(0))
     """stop dropping after this many (the paper: three times over ~90 epochs)"""
-    patience: int = 5
+    patience: int = option(5, at_least(1))
     """plateau: validations without improvement before a drop"""
-    threshold: float = 0.001
+    threshold: float = option(0.001, Check(lambda x: 0 <= x < 1, "in [0, 1)"))
     """plateau: top-1 error must fall by more than this (absolute, 0..1) to count as improvement"""
-    milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
+    milestones: list[int] = option(
+        factory=lambda: [30, 60, 80], check=Check(lambda x: min(x, default=0) >= 0, "epochs >= 0")
+    )
     """milestones: drop at the start of these epochs"""
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = option(0.0, finite(0))
     """linear warm-up from 0 over this many epochs (0 = none, as the paper)"""
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"schedule.policy must be one of {', '.join(POLICIES)} (got {self.policy!r})")
-        if not 0 < self.factor < 1:
-            raise ValueError(f"schedule.factor must be in (0, 1) (got {self.factor})")
 
 
 class LRSchedule:

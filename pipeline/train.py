@@ -133,7 +133,11 @@ class Trainer:
             towers=cfg.model.towers,
         )
         self.guard = divergence.DivergenceGuard(
-            cfg.train, device, rank=self.dims.rank, world_size=self.dims.world_size, dp_size=self.dims.dp_size
+            cfg.faults.divergence,
+            device,
+            rank=self.dims.rank,
+            world_size=self.dims.world_size,
+            dp_size=self.dims.dp_size,
         )
         self.state.divergence = self.guard
         self.state.dataset = _dataset_identity(cfg.data.data)
@@ -157,7 +161,11 @@ class Trainer:
         self.local_batch = _local_batch(cfg.optim.batch_size, self.dims.dp_size)
         self.last_checkpoint: Path | None = None
         self.stragglers = StragglerWatch(
-            self.dims.rank, self.dims.world_size, _hosts(), cfg.train.straggler_threshold, cfg.train.straggler_window
+            self.dims.rank,
+            self.dims.world_size,
+            _hosts(),
+            cfg.faults.stragglers.threshold,
+            cfg.faults.stragglers.window,
         )
         self.profiler = Profiler(
             self.run_dir,
@@ -439,20 +447,20 @@ class Trainer:
                 log.warning("resumed with settings that differ from %s's: %s", path.name, "; ".join(changed))
 
     def _diverged(self, first_bad: int) -> None:
-        """Every rank: stop with one line naming the good checkpoint, or roll back to it (``--train.on-divergence``)."""
+        """Every rank: stop with one line naming the good checkpoint, or roll back (``--faults.divergence.action``)."""
         event = self.guard.event()
         step = self.progress.step
         good = self.checkpointer.diverged(first_bad, step)
         good_step = read_meta(good)["progress"]["step"] if good is not None else None
         plan, why = divergence.rollback_plan(self.guard, event, good=good, good_step=good_step, step=step)
         if plan is None:
-            raise NonFiniteState(divergence.stop_line(event, good, why, self.cfg.train.on_divergence))
+            raise NonFiniteState(divergence.stop_line(event, good, why, self.cfg.faults.divergence.action))
         progress = Progress(**vars(self.progress))  # the data goes on after the batches that diverged
         history = self.guard.rollbacks
         self.checkpointer.restore(self.state, str(good))
         self.state.progress = progress
         self.guard.rolled_back(plan, history)
-        self.train_log.rollback(plan, len(self.guard.rollbacks), self.cfg.train.max_rollbacks, step)
+        self.train_log.rollback(plan, len(self.guard.rollbacks), self.cfg.faults.divergence.max_rollbacks, step)
         self._save(is_best=False)  # the rollback and the skipped range are on disk: a resume skips them too
 
     # ------------------------------------------------------------------ logging

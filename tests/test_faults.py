@@ -128,7 +128,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_shards: Path, 
         *flags("--checkpoint.every-minutes 0 --checkpoint.every-steps 1 --max-steps 2"),
         # At batch 2 the paper-width model's loss jumps ~25x in its second step (1.4 -> 35), which the divergence
         # guard's cap rightly calls a spike; this test is about the write, so the cap is off here.
-        *flags("--train.log-every 1 --train.spike-factor 0"),
+        *flags("--train.log-every 1 --faults.divergence.spike-factor 0"),
     ]
     ckpt_dir = run_dir / "checkpoints"
 

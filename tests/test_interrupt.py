@@ -134,7 +134,7 @@ def test_second_ctrl_c_exits_at_once_and_leaves_nothing_partial(demo_shards: Pat
         *flags("--checkpoint.every-steps 1 --train.log-every 1 --train.control-every 1"),
         # At batch 2 the paper-width model's early loss jumps are spikes to the divergence guard's cap (a stop
         # before the second save); this test is about Ctrl-C, so the cap is off here.
-        *flags("--train.spike-factor 0"),
+        *flags("--faults.divergence.spike-factor 0"),
     ]
     proc = _start(argv, log, small_env())
     try:

@@ -26,10 +26,10 @@ NETNS_TAG = "h"  # namespace names (conftest.py node_pair)
 RDZV_PORT = 29415  # inside the namespaces only
 # ALEXNET_TEST_NETWORK_DEFAULTS=1 runs the same cases at the trainer's defaults (docs/BENCHMARKS.md, Faults).
 AT_DEFAULTS = bool(os.environ.get("ALEXNET_TEST_NETWORK_DEFAULTS"))
-HANG_S = 120 if AT_DEFAULTS else 10  # --train.hang-timeout (default 120)
-SLOW_S = 480 if AT_DEFAULTS else 60  # --train.slow-phase-timeout (default 480): what a save's collectives got
-WATCH = [] if AT_DEFAULTS else flags("--train.hang-timeout {} --train.slow-phase-timeout {}", HANG_S, SLOW_S)
-WATCH += [] if AT_DEFAULTS else flags("--train.collective-timeout-min 5")
+HANG_S = 120 if AT_DEFAULTS else 10  # --faults.hang.timeout (default 120)
+SLOW_S = 480 if AT_DEFAULTS else 60  # --faults.hang.slow-phase-timeout (default 480): what a save's collectives got
+WATCH = [] if AT_DEFAULTS else flags("--faults.hang.timeout {} --faults.hang.slow-phase-timeout {}", HANG_S, SLOW_S)
+WATCH += [] if AT_DEFAULTS else flags("--faults.hang.collective-timeout-min 5")
 # The line: the step allowance, a poll, the probe, the wait for the other node's findings (2 beats), slack
 # for two loaded cores. Below SLOW_S: a save's hung collective judged by the slow allowance fails it.
 LINE_BOUND_S = HANG_S + PROBE_S + 2 * max(HANG_S / 10, 0.2) + 15

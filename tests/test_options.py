@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
+from basics.errors import UserError
 from launch import train as launch_train
 from pipeline.schedule import ManualRequests, request_manual_drop
 from preprocess import format as fmt
@@ -141,3 +143,119 @@ def test_lr_drop_cli_odd_paths(tmp_path: Path) -> None:
             assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (target, proc.stderr)
     finally:
         unwritable.chmod(0o700)
+
+
+# ------------------------------------------------------------------------ where options are checked
+
+
+def test_every_check_names_a_field_and_every_section_is_checked() -> None:
+    """A rule's names and its message's {placeholders} are fields of its section (a rename cannot drop a check);
+    every section either checks itself (``Section``) or has its ranges added; every default passes."""
+    import dataclasses
+    import re
+
+    from pipeline import config, options
+
+    for cls in options.sections(config.RunConfig):
+        assert issubclass(cls, options.Section) or cls in options._ADDED, f"{cls.__name__} is never checked"
+        assert cls in options._PLACES, f"{cls.__name__}: its errors would not name the flag"
+        for rule in cls.RULES if issubclass(cls, options.Section) else ():
+            for name in rule.names:
+                section = cls
+                for part in name.split("."):
+                    fields = {f.name: f for f in dataclasses.fields(section)}
+                    assert part in fields, f"{cls.__name__}: a rule names {name!r}, which is no field"
+                    section = typing.get_type_hints(section)[part]
+            assert set(re.findall(r"\{([\w.]+)\}", rule.message)) <= set(rule.names), rule.message
+        options.check_section(cls())
+    checked = [leaf.path for leaf in options.leaves(config.RunConfig) if leaf.check]
+    assert len(checked) >= 45 and "faults.hang.timeout" in checked and "checkpoint.keep_last" in checked
+
+
+def test_a_rule_naming_no_field_fails_at_once() -> None:
+    from dataclasses import dataclass
+
+    from pipeline import options
+
+    @dataclass
+    class Renamed(options.Section):
+        timeout: float = 1.0
+        RULES = (options.Rule(("hang_timeout",), lambda t: t > 0, "{hang_timeout} must be > 0"),)
+
+    with pytest.raises(AttributeError, match="hang_timeout"):
+        Renamed()
+    with pytest.raises(LookupError, match="no field"):
+        options.add_checks(Renamed, hang_timeout=options.at_least(1))
+
+
+def test_help_shows_each_options_doc_default_range_and_old_name() -> None:
+    from pipeline import config
+
+    text = " ".join(config.build_parser().format_help().split())
+    assert "--train.log-every INT steps between console/TensorBoard scalars" in text
+    assert "(default: 20; at least 1)" in text
+    assert "(default: 120.0; a finite number >= 0 (0 = no watchdog); was --train.hang-timeout)" in text
+    assert "--train.hang-timeout" not in text.replace("was --train.hang-timeout", "")  # the old spelling is hidden
+
+
+def test_old_flag_spellings_and_config_keys_land_in_their_new_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline import config
+
+    cfg, _ = config.parse(flags("--train.hang-timeout 7 --train.on-divergence rollback --train.straggler-window 2"))
+    assert (cfg.faults.hang.timeout, cfg.faults.divergence.action, cfg.faults.stragglers.window) == (7, "rollback", 2)
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert notes[0] == "note: --train.hang-timeout is now --faults.hang.timeout; the old name still works", notes
+    assert len(notes) == 3
+    old = tmp_path / "old.toml"
+    old.write_text("[train]\nepochs = 2\nspike-factor = 0\nlease_minutes = 5\n\n[faults.hang]\ntimeout = 9\n")
+    cfg, _ = config.parse(["--config", str(old)])
+    assert (cfg.train.epochs, cfg.faults.divergence.spike_factor, cfg.faults.lease.minutes) == (2, 0, 5)
+    assert cfg.faults.hang.timeout == 9
+    with pytest.raises(UserError, match="--faults.divergence.spike-window must be at least 2"):
+        config.parse(flags("--train.spike-window 1"))
+
+
+# The config.json and meta.json "config" of a run written before the fault settings left [train].
+OLD_TRAIN = {
+    "epochs": 3, "max_steps": 0, "seed": 0, "tp": 1, "amp": "none", "log_every": 1, "control_every": 10,
+    "val_every": 1, "ten_crop": False, "histogram_every": 1000, "device": "auto", "lease_minutes": 30.0,
+    "grad_compression": "none", "hang_timeout": 0.0, "slow_phase_timeout": 480.0, "collective_timeout_min": 10.0,
+    "straggler_threshold": 1.5, "straggler_window": 5, "on_divergence": "rollback", "rollback_lr_factor": 0.5,
+    "max_rollbacks": 3, "spike_sigma": 6.0, "spike_window": 8, "spike_warmup": 0, "spike_factor": 10.0,
+}  # fmt: skip
+
+
+def test_a_saved_config_of_the_old_layout_loads_compares_and_reports() -> None:
+    from pipeline import config
+    from pipeline.tools import report
+
+    saved = {**config.RunConfig().to_dict(), "train": dict(OLD_TRAIN)}
+    del saved["faults"]
+    new = config.upgrade(saved)
+    assert set(new["train"]) == set(config.TrainConfig().__dataclass_fields__) and saved["train"] == OLD_TRAIN
+    assert new["faults"]["divergence"] == {
+        "action": "rollback", "rollback_lr_factor": 0.5, "max_rollbacks": 3, "spike_sigma": 6.0, "spike_window": 8,
+        "spike_warmup": 0, "spike_factor": 10.0,
+    }  # fmt: skip
+    cfg = config.from_dict(saved, source="meta.json")  # evaluate's way, and --config RUN/config.json
+    assert cfg.faults.hang.timeout == 0 and cfg.faults.divergence.spike_window == 8 and cfg.train.epochs == 3
+    # A resume from such a checkpoint lists what changed under today's names, and nothing else.
+    now = config.from_dict({"train": {**OLD_TRAIN, "epochs": 4, "hang_timeout": 120.0}}).to_dict()
+    assert config.changes(saved, now) == ["--faults.hang.timeout 0.0 -> 120.0", "--train.epochs 3 -> 4"]
+    assert "No rollback (--faults.divergence.action rollback)." in report.divergence_section({}, saved)
+    assert ("faults.divergence.spike_window", 8, 128) in report.config_diff(saved)
+
+
+def test_ablate_config_names_a_file_of_configs_or_the_defaults(tmp_path: Path) -> None:
+    from pipeline.tools import ablate
+
+    assert ablate.base_config("paper") == REPO / "configs" / "paper.toml"
+    assert ablate.base_config("demo") == REPO / "configs" / "demo.toml"
+    assert ablate.base_config("defaults") is None
+    mine = tmp_path / "mine.toml"
+    mine.write_text("")
+    assert ablate.base_config(str(mine)) == mine
+    with pytest.raises(UserError, match="--config papr: no such file; give a config file, one of demo, paper"):
+        ablate.base_config("papr")

@@ -313,7 +313,7 @@ def test_hung_job_is_requeued_and_finishes(slurm_cluster: SlurmCluster, demo_sha
     """A rank SIGSTOPped with no elastic restarts left (MAX_RESTARTS=0): the watchdog names it, the job step
     fails, the script sees the hang it recorded and requeues the job, which resumes and trains on."""
     run_dir = tmp_path / "run"
-    watch = "--train.hang-timeout 10 --train.slow-phase-timeout 20 --train.collective-timeout-min 2".split()
+    watch = flags("--faults.hang.timeout 10 --faults.hang.slow-phase-timeout 20 --faults.hang.collective-timeout-min 2")
     args = [*flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN, *UNTIL_STOPPED]
     args += [*flags("--train.log-every 1 --checkpoint.every-steps 4"), *watch]
     job = _submit(slurm_cluster, tmp_path, args, env={"MAX_RESTARTS": "0", "PREFLIGHT": "off"})
@@ -348,7 +348,7 @@ def test_node_cut_off_is_named_and_the_job_requeued_without_it(
     both torchruns end, and the script requeues the job excluding n2: with one node left, the two-node job
     stays pending (BadConstraints) and is cancelled here."""
     run_dir = tmp_path / "run"
-    watch = "--train.hang-timeout 10 --train.slow-phase-timeout 20 --train.collective-timeout-min 2".split()
+    watch = flags("--faults.hang.timeout 10 --faults.hang.slow-phase-timeout 20 --faults.hang.collective-timeout-min 2")
     args = [*flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN, *UNTIL_STOPPED, *watch]
     hooks = os.pathsep.join([str(REPO / "tests" / "support" / "hooks"), str(REPO)])
     env = {"PREFLIGHT": "off", "PYTHONPATH": hooks, "ALEXNET_TEST_HANG_AT": "3", "ALEXNET_TEST_UNREACHABLE_NODE": "n2"}

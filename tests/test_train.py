@@ -211,7 +211,7 @@ def test_paper_model_end_to_end(demo_shards: Path, tmp_path: Path) -> None:
             *flags("--epochs 1 --data.workers 1 --train.ten-crop true"),
             # At batch 4 the paper-width model's second loss is ~17x its first, a spike to the divergence cap
             # (README, Divergence); this test is about the widths end to end, so the cap is off here.
-            *flags("--train.spike-factor 0"),
+            *flags("--faults.divergence.spike-factor 0"),
         ],
         nproc=2,
         timeout=600,

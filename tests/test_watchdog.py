@@ -20,10 +20,10 @@ from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
 from tests.support.processes import children, cmdline, kill_group, run_logged, small_env, tail, wait_for
 
 RUN_TIMEOUT = 300
-HANG_S = 10  # --train.hang-timeout in these tests (default 120)
+HANG_S = 10  # --faults.hang.timeout in these tests (default 120)
 WATCH = [
-    *flags("--train.hang-timeout {} --train.slow-phase-timeout 20", HANG_S),
-    *flags("--train.collective-timeout-min 2"),
+    *flags("--faults.hang.timeout {} --faults.hang.slow-phase-timeout 20", HANG_S),
+    *flags("--faults.hang.collective-timeout-min 2"),
 ]
 
 
@@ -107,12 +107,13 @@ def test_phase_seconds_and_marker_count_on_a_fake_clock() -> None:
 @pytest.mark.parametrize(
     "args, option",
     [
-        (["--train.hang-timeout", "-1"], "--train.hang-timeout"),
-        (["--train.hang-timeout", "700"], "--train.hang-timeout"),  # above the slow-phase allowance
-        (["--train.slow-phase-timeout", "700"], "--train.collective-timeout-min"),  # the collective would fail first
-        (["--train.collective-timeout-min", "0"], "--train.collective-timeout-min"),
-        (["--train.straggler-threshold", "0.9"], "--train.straggler-threshold"),
-        (["--train.straggler-window", "0"], "--train.straggler-window"),
+        (["--faults.hang.timeout", "-1"], "--faults.hang.timeout"),
+        (["--faults.hang.timeout", "700"], "--faults.hang.timeout"),  # above the slow-phase allowance
+        # the collective would fail first:
+        (["--faults.hang.slow-phase-timeout", "700"], "--faults.hang.collective-timeout-min"),
+        (["--faults.hang.collective-timeout-min", "0"], "--faults.hang.collective-timeout-min"),
+        (["--faults.stragglers.threshold", "0.9"], "--faults.stragglers.threshold"),
+        (["--faults.stragglers.window", "0"], "--faults.stragglers.window"),
     ],
 )
 def test_watchdog_options_are_checked(args: list[str], option: str) -> None:
@@ -124,7 +125,7 @@ def test_watchdog_options_are_checked(args: list[str], option: str) -> None:
 
 
 def test_hang_timeout_0_starts_no_watchdog(tmp_path: Path) -> None:
-    """``--train.hang-timeout 0`` is accepted and starts no thread and writes no record (the collective timeout
+    """``--faults.hang.timeout 0`` is accepted and starts no thread and writes no record (the collective timeout
     is then what ends a hang); any other value starts the thread, which publishes this rank's record."""
     import threading
 
@@ -134,7 +135,7 @@ def test_hang_timeout_0_starts_no_watchdog(tmp_path: Path) -> None:
 
     def cfg(run_dir: Path, timeout: str):
         return config.validate(
-            config.parse(flags("--data {} --run-dir {} --train.hang-timeout {}", tmp_path, run_dir, timeout))[0]
+            config.parse(flags("--data {} --run-dir {} --faults.hang.timeout {}", tmp_path, run_dir, timeout))[0]
         )
 
     env = ProcessEnv(0, 1, 0)
@@ -358,7 +359,7 @@ def test_slow_validation_and_checkpoint_do_not_trip_it(demo_shards: Path, tmp_pa
     each batch reports keeps the watchdog quiet."""
     run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "train.log"
     out.mkdir()
-    watch = [*flags("--train.hang-timeout 6 --train.slow-phase-timeout 20"), *flags("--train.collective-timeout-min 2")]
+    watch = flags("--faults.hang.timeout 6 --faults.hang.slow-phase-timeout 20 --faults.hang.collective-timeout-min 2")
     argv = _torchrun(demo_shards, run_dir, "--epochs", "1", *watch)
     env = small_env(
         {
@@ -393,9 +394,9 @@ def test_straggler_is_named(demo_shards: Path, tmp_path: Path) -> None:
         "4",
         "--train.control-every",
         "2",
-        "--train.straggler-window",
+        "--faults.stragglers.window",
         "3",
-        "--train.straggler-threshold",
+        "--faults.stragglers.threshold",
         "1.5",
     )
     env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"})
@@ -456,7 +457,7 @@ def test_a_slow_rank_is_named_with_its_cause_and_shown_in_tensorboard(
 
     run_dir, out, log = tmp_path / "run", tmp_path / "out", tmp_path / "train.log"
     out.mkdir()
-    argv = _torchrun(demo_shards, run_dir, *flags("--epochs 1 --train.control-every 2 --train.straggler-window 2"))
+    argv = _torchrun(demo_shards, run_dir, *flags("--epochs 1 --train.control-every 2 --faults.stragglers.window 2"))
     env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real", "HARNESS_SLOW_RANK": "1", knob: "0.4"})
     assert run_logged(argv, log, env, RUN_TIMEOUT) == 0, tail(log)
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if "straggler: " in ln]

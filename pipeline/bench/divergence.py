@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import TrainConfig
+from pipeline.faults.config import DivergenceConfig
 from pipeline.faults.divergence import DivergenceGuard
 from pipeline.model import ModelConfig, build_model
 
@@ -34,7 +34,7 @@ def _setup(narrow: bool, batch: int, device: torch.device, guarded: bool):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=guarded)
     for p in model.parameters():
         opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    guard = DivergenceGuard(TrainConfig(), device, rank=0, world_size=1, dp_size=1) if guarded else None
+    guard = DivergenceGuard(DivergenceConfig(), device, rank=0, world_size=1, dp_size=1) if guarded else None
     images = torch.randn(batch, 3, 227, 227, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     return model, opt, guard, images, labels

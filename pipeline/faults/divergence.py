@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.config import TrainConfig
+from pipeline.faults.config import DivergenceConfig
 
 KINDS = {1: "non-finite (NaN/inf)", 2: "spike (z-score)", 3: "spike (above the cap)"}
 STD_FLOOR = 0.01  # the window's std is at least this fraction of its mean (a flat plateau is not 0 +- 0)
@@ -68,7 +68,7 @@ class Event:
 class DivergenceGuard:
     """The per-step rule and its state; one per rank, identical on every rank."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, *, rank: int, world_size: int, dp_size: int):
+    def __init__(self, cfg: DivergenceConfig, device: torch.device, *, rank: int, world_size: int, dp_size: int):
         self.cfg = cfg
         self.device = device
         self.rank, self.world_size, self.dp_size = rank, world_size, dp_size
@@ -78,7 +78,7 @@ class DivergenceGuard:
         self.record = torch.zeros(6, device=device)  # the latched first divergent step (slot _STEP 0: none)
         self.grad_norm = torch.zeros((), device=device)  # the last step's total gradient norm
         self.rollbacks: list[dict[str, Any]] = []
-        self.lr_scale = 1.0  # the product of --train.rollback-lr-factor over the rollbacks taken
+        self.lr_scale = 1.0  # the product of --faults.divergence.rollback-lr-factor over the rollbacks taken
 
     # -- every step
 
@@ -160,7 +160,7 @@ class DivergenceGuard:
         window = torch.tensor(state["window"], device=self.device, dtype=torch.float32)
         if window.numel() == self.window.numel():
             self.window, self.seen = window, int(state["seen"])
-        else:  # another --train.spike-window: the rule re-arms after a fresh window
+        else:  # another --faults.divergence.spike-window: the rule re-arms after a fresh window
             self.window.zero_()
             self.seen = 0
         self.largest = torch.tensor(float(state["largest"]), device=self.device)
@@ -174,12 +174,12 @@ def rollback_plan(
 ) -> tuple[dict[str, Any] | None, str]:
     """Whether to roll back (the record to keep) and why not otherwise (a phrase for the stop line)."""
     cfg = guard.cfg
-    if cfg.on_divergence != "rollback":
+    if cfg.action != "rollback":
         return None, ""
     if good is None:
         return None, "no good checkpoint to roll back to"
     if len(guard.rollbacks) >= cfg.max_rollbacks:
-        return None, f"{len(guard.rollbacks)} rollbacks already (--train.max-rollbacks {cfg.max_rollbacks})"
+        return None, f"{len(guard.rollbacks)} rollbacks already (--faults.divergence.max-rollbacks {cfg.max_rollbacks})"
     scale = guard.lr_scale * cfg.rollback_lr_factor
     return {
         "at_step": step,
@@ -207,5 +207,5 @@ def stop_line(event: Event, good: Any, why: str, mode: str) -> str:
     why = f" ({why})" if why else ""
     return (
         f"training diverged: {event.describe()}; its update was not applied and nothing after it was saved{why}; "
-        f"{resume}, or check the data" + (", or pass --train.on-divergence rollback" if mode == "stop" else "")
+        f"{resume}, or check the data" + (", or pass --faults.divergence.action rollback" if mode == "stop" else "")
     )

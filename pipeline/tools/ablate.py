@@ -1,7 +1,7 @@
 """Ablations: short runs from one base config, each with one of the paper's choices switched off, as a
 markdown table and a PNG of the curves.
 
-    python -m pipeline.tools.ablate --out runs/ablate [--config configs/demo.toml] [--data demo/shards] \\
+    python -m pipeline.tools.ablate --out runs/ablate [--config demo|paper|FILE|defaults] [--data demo/shards] \\
         [--switches tanh,no-lrn,...] [--seeds 0,1] [-- TRAIN_ARGS ...]
     python -m pipeline.tools.ablate --out runs/ablate --submit [--sbatch-args "-p gpu"] ...   # one Slurm job a run
     python -m pipeline.tools.ablate --out runs/ablate --collect          # the table of finished runs only
@@ -127,13 +127,14 @@ def submit(args: argparse.Namespace, argv: list[str], name: str) -> str:
 def finished(run_dir: Path) -> bool:
     """Whether the run's latest checkpoint has reached its configured epochs (or --max-steps)."""
     from pipeline.checkpoint import resolve as resolve_checkpoint
+    from pipeline.config import upgrade
 
     try:
         config = json.loads((run_dir / "config.json").read_text())
         meta = json.loads((resolve_checkpoint(run_dir, "latest") / "meta.json").read_text())
     except (OSError, ValueError, UserError):
         return False
-    progress, train = meta["progress"], config["train"]
+    progress, train = meta["progress"], upgrade(config)["train"]
     return progress["epoch"] >= train["epochs"] or 0 < train["max_steps"] <= progress["step"]
 
 
@@ -266,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory of the runs, the table and the curves")
     parser.add_argument(
         "--config",
-        default=str(REPO / "configs" / "demo.toml"),
-        help="base config of every run (default: configs/demo.toml); 'paper': no file, the "
-        "defaults (the paper's recipe)",
+        default="demo",
+        help="base config of every run: a file, or a name of configs/ (demo = configs/demo.toml, the default; "
+        "paper = configs/paper.toml, the paper's recipe); 'defaults': no file, the built-in defaults",
     )
     parser.add_argument("--data", default="demo/shards", help="dataset directory (default: demo/shards)")
     parser.add_argument(
@@ -289,12 +290,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(own)
     args.train_args = train_args
     args.out = args.out.resolve()  # the runs start in the repository, not in the caller's directory
-    args.config = None if args.config in ("paper", "") else Path(args.config).resolve()
     args.data = str(Path(args.data).resolve()) if args.data else None
     return run_cli(lambda: ablate(args))
 
 
+def base_config(given: str) -> Path | None:
+    """``--config``: a file; a bare name of ``configs/`` (``paper``: configs/paper.toml); ``defaults``: none."""
+    if given in ("defaults", ""):
+        return None
+    named = REPO / "configs" / f"{given}.toml"
+    if "/" not in given and not Path(given).suffix and named.is_file():
+        return named
+    path = Path(given).resolve()
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in (REPO / "configs").glob("*.toml")))
+        raise UserError(f"--config {given}: no such file; give a config file, one of {names}, or defaults")
+    return path
+
+
 def ablate(args: argparse.Namespace) -> int:
+    args.config = base_config(args.config) if isinstance(args.config, str) else args.config
     switches = ["base", *[s.strip() for s in args.switches.split(",") if s.strip()]]
     unknown = [s for s in switches[1:] if s not in SWITCHES]
     if unknown:

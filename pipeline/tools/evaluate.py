@@ -270,7 +270,7 @@ def _tally(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Tally
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import parse_bool
+    from pipeline.options import parse_bool
 
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.tools.evaluate",

@@ -82,23 +82,27 @@ def curves_figure(scalars: dict[str, list[tuple[int, float]]], out: Path) -> lis
 
 
 def config_diff(config: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(field, this run's value, the paper's) for every field that differs from the defaults."""
-    from pipeline.config import RunConfig
+    """(option, this run's value, the paper's) for every option that differs from the defaults."""
+    from pipeline.config import RunConfig, upgrade
 
     paper = RunConfig().to_dict()
     paper["model"]["num_classes"] = 1000  # the default 0 means "the dataset's count"; ImageNet's is 1000
     rows = []
-    for section, values in config.items():
-        if not isinstance(values, dict):
-            continue
+
+    def walk(values: dict[str, Any], defaults: dict[str, Any], prefix: str) -> None:
         for key, value in values.items():
-            default = paper.get(section, {}).get(key)
-            if key == "data" or list(value if isinstance(value, (list, tuple)) else [value]) == list(
-                default if isinstance(default, (list, tuple)) else [default]
-            ):
-                continue
-            rows.append((f"{section}.{key}", value, default))
+            default = defaults.get(key) if isinstance(defaults, dict) else None
+            if isinstance(value, dict):
+                walk(value, default or {}, f"{prefix}{key}.")
+            elif prefix and key != "data" and _listed(value) != _listed(default):
+                rows.append((f"{prefix}{key}", value, default))
+
+    walk(upgrade(config), paper, "")
     return rows
+
+
+def _listed(value: Any) -> list[Any]:
+    return list(value if isinstance(value, (list, tuple)) else [value])
 
 
 def final_errors(run_dir: Path, checkpoint: Path, evaluate_missing: bool) -> dict[str, dict[str, Any]]:
@@ -208,10 +212,13 @@ def drops_section(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
 
 
 def divergence_section(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    from pipeline.config import upgrade
+
     md = ["", "## Divergence", ""]
     rollbacks = meta.get("divergence", {}).get("rollbacks", [])
     if not rollbacks:
-        return [*md, f"No rollback (--train.on-divergence {config['train'].get('on_divergence', 'stop')})."]
+        action = upgrade(config).get("faults", {}).get("divergence", {}).get("action", "stop")
+        return [*md, f"No rollback (--faults.divergence.action {action})."]
     rows = [
         f"| {r['diverged_step']} | {r['kind']} | {_g(r['loss'])} | {_g(r['grad_norm'])} | `{r['checkpoint']}` | "
         f"{r['skipped_steps'][0]}..{r['skipped_steps'][1]} | {r['lr_scale']:g} |"
