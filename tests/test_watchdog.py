@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import checkpoint
-from pipeline.faults.watchdog import HANG_EXIT, Allowance, PhaseMarks, Record, Watchdog, judge
+from pipeline.faults.watchdog import HANG_EXIT, Record, Watchdog, judge
+from pipeline.phases import Allowance, PhaseMarks
 from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
 from tests.support.processes import children, cmdline, kill_group, run_logged, small_env, tail, wait_for
 
@@ -82,28 +83,6 @@ def test_verdict_says_how_long_and_names_its_folder_by_the_culprits_last_progres
     assert verdict.folder_name() == time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now - 40))
 
 
-def test_phase_seconds_and_marker_count_on_a_fake_clock() -> None:
-    """The seconds per phase (what the straggler figures are made of) and one marker per ``enter``."""
-    from pipeline.phase_timer import HostClock
-
-    clock = [0.0]
-    marks = PhaseMarks()
-    marks.use_clock(HostClock(lambda: clock[0]))  # the host clock a CPU run uses, on a fake time
-    for at, phase in [(1.0, "data"), (3.5, "forward"), (3.75, "data")]:
-        clock[0] = at
-        marks.enter(phase, 7)
-    clock[0] = 4.0
-    assert marks.take_seconds() == {"start": 1.0, "data": 2.75, "forward": 0.25}
-    assert marks.state[:3] == (3, 7, "data")
-    clock[0] = 6.0
-    phases = []
-    for _ in marks.ticking([1, 2, 3], "validation"):  # one marker when the first batch arrives, then ticks
-        phases.append(marks.state[2])
-        clock[0] += 0.5
-    assert phases == ["validation"] * 3 and marks.state[0] == 4
-    assert marks.take_seconds() == {"data": 2.0, "validation": 1.5}
-
-
 @pytest.mark.parametrize(
     "args, option",
     [
@@ -150,26 +129,6 @@ def test_hang_timeout_0_starts_no_watchdog(tmp_path: Path) -> None:
     finally:
         if dog is not None:
             dog.close()
-
-
-def test_markers_are_the_same_sequence_on_every_rank() -> None:
-    """Ranks that get different numbers of validation batches still enter the same markers (the culprit is
-    the rank with the fewest), and the first training batch counts as the pipeline's start-up."""
-    marks = [PhaseMarks(), PhaseMarks()]
-    for rank, m in enumerate(marks):
-        phases = []
-        for _ in m.iterate([1, 2], "data", first="loader"):
-            phases.append(m.state[2])
-        assert phases == ["loader", "data"]
-        before = m.state[3]
-        time.sleep(0.01)
-        list(m.ticking(range(rank * 3), "validation"))  # rank 0: no batches, rank 1: three
-        assert m.state[2] == "validation" and m.state[3] > before
-    assert marks[0].state[0] == marks[1].state[0]
-    seconds = marks[1].take_seconds()
-    assert set(seconds) >= {"start", "loader", "data", "validation"} and marks[1].take_seconds().keys() <= {
-        "validation"
-    }
 
 
 def test_watchdog_thread_dumps_stacks_and_exits(tmp_path: Path) -> None:
@@ -539,13 +498,13 @@ def test_waiting_for_a_background_save_shows_the_writers_phase(tmp_path: Path, m
         _MarkedWriter, "prepare_global_plan", lambda self, plans: (time.sleep(1.5), exchange(self, plans))[1]
     )
     saver.save(state, torch.device("cpu"))
-    assert marks.state[2] == "checkpoint"  # the training thread's last marker: the copy to host memory
-    before, seen, done = marks.state[0], set(), threading.Event()
+    assert marks.current.phase == "checkpoint"  # the training thread's last marker: the copy to host memory
+    before, seen, done = marks.current.seq, set(), threading.Event()
     writer = saver._pending.thread
 
     def sample() -> None:  # while the writer runs (then the outcome's all-gather enters checkpoint-sync anyway)
         while not done.is_set():
-            phase = marks.state[2]
+            phase = marks.current.phase
             if writer.is_alive():
                 seen.add(phase)
             time.sleep(0.01)
@@ -556,4 +515,4 @@ def test_waiting_for_a_background_save_shows_the_writers_phase(tmp_path: Path, m
     done.set()
     sampler.join()
     assert "checkpoint-sync" in seen, seen
-    assert marks.state[0] == before + 1  # the outcome's all-gather only (a marker every rank enters)
+    assert marks.current.seq == before + 1  # the outcome's all-gather only (a marker every rank enters)
