@@ -1,11 +1,50 @@
-"""The phase marks (pipeline/phases.py): marks and ticks, phase names and allowances, seconds per phase."""
+"""The phase marks (pipeline/phases.py): the rule that every rank enters the same marks in the same order, on
+two real ranks through training, validation and saves; marks and ticks; seconds per phase; subscribers."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
-from pipeline.phases import Allowance, HostClock, Phase, PhaseMarks, data_wait_fraction
+import pytest
+
+from pipeline.phases import Allowance, HostClock, Mark, Phase, PhaseMarks, data_wait_fraction
+
+
+def test_subscribers_see_the_current_mark_then_every_mark_and_tick_until_they_leave() -> None:
+    now = [100.0]
+    marks = PhaseMarks(wall=lambda: now[0])
+    first: list[Mark] = []
+    second: list[Mark] = []
+    leave_first = marks.subscribe(first.append)
+    assert first == [Mark(0, 0, "start", 100.0)]  # at once: the phase in progress (the profiler's first range)
+    now[0] = 101.0
+    marks.enter("data", 3)
+    marks.subscribe(second.append)
+    now[0] = 102.0
+    marks.tick()  # progress, no mark
+    marks.tick("checkpoint")  # a phase only this rank is in: still no mark
+    leave_first()
+    marks.enter("checkpoint-sync")  # the step carries over from the last mark that named one
+    assert first == [
+        Mark(0, 0, "start", 100.0),
+        Mark(1, 3, "data", 101.0),
+        Mark(1, 3, "data", 102.0),
+        Mark(1, 3, "checkpoint", 102.0),
+    ]
+    assert second == [
+        Mark(1, 3, "data", 101.0),
+        Mark(1, 3, "data", 102.0),
+        Mark(1, 3, "checkpoint", 102.0),
+        Mark(2, 3, "checkpoint-sync", 102.0),
+    ]
+    assert marks.current == second[-1]
+    with pytest.raises(AttributeError):
+        marks.current.seq = 5  # type: ignore[misc]  # a record replaced whole, never edited in place
+    with pytest.raises(ValueError, match="unknown phase 'forwards'"):
+        marks.enter("forwards")  # a misspelt phase would get an allowance nobody chose
+    assert marks.current.seq == 2
 
 
 def test_phase_names_and_their_allowances() -> None:
@@ -60,3 +99,28 @@ def test_markers_are_the_same_sequence_on_every_rank() -> None:
     assert set(seconds) >= {"start", "loader", "data", "validation"} and marks[1].take_seconds().keys() <= {
         "validation"
     }
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_enter_the_same_marks_through_training_validation_and_saves(tmp_path: Path) -> None:
+    """The rule the watchdog stands on, on the real trainer: two gloo ranks (dp 2) train two epochs with saves
+    and validations in which rank 1 gets three batches and rank 0 one (tests/support/phase_sequences.py).
+    Their marks are the same, in the same order, with the same steps; only their ticks differ."""
+    from tests.support.phase_sequences import EPOCHS, record_marks
+    from tests.support.tensor_parallel import spawn_two_ranks
+
+    spawn_two_ranks(record_marks, (str(tmp_path),), timeout_s=240)
+    ranks = [json.loads((tmp_path / f"marks-rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 4 * EPOCHS, ranks[0]["step"]
+    a, b = (r["marks"] for r in ranks)
+    if a != b:
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        around = slice(max(at - 3, 0), at + 3)
+        pytest.fail(f"the ranks' marks part at mark {at}: rank 0 {a[around]}, rank 1 {b[around]}")
+    # The run went through every kind of mark: training steps, validation, saves (their disk work and collectives).
+    assert {phase for _, phase, _ in a} == set(Phase) - {Phase.COMPILE}, {phase for _, phase, _ in a}
+    assert [seq for seq, _, _ in a] == list(range(len(a)))  # every mark seen, none twice
+    # ... and through what ranks do unequally: rank 1's extra validation batches, rank 0's commit of each save.
+    val_ticks = [[t for t in r["ticks"] if t[1] == "validation"] for r in ranks]
+    assert (len(val_ticks[0]), len(val_ticks[1])) == (0, 2 * EPOCHS), val_ticks
+    assert any(phase == "checkpoint" for _, phase in ranks[0]["ticks"]), ranks[0]["ticks"]
