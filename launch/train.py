@@ -43,7 +43,8 @@ from pipeline.process import ProcessEnv, process_group, select_device
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
     from pipeline.faults.lease import Lease
-    from pipeline.faults.watchdog import PhaseMarks, Watchdog
+    from pipeline.faults.watchdog import Watchdog
+    from pipeline.phases import PhaseMarks
 
 SAME_INTERRUPT_S = 1.0
 
@@ -102,9 +103,9 @@ def run(
     Every option and path is checked before anything is written to the run directory.
     """
     from pipeline import config
-    from pipeline.faults.watchdog import PhaseMarks
     from pipeline.mesh import ParallelDims, build_mesh
     from pipeline.perf import oom_snapshot
+    from pipeline.phases import PhaseMarks
     from pipeline.train import Loaders, Trainer, write_run_config
     from preprocess.format import read_manifest
 
@@ -148,7 +149,8 @@ def start_watchdog(cfg: RunConfig, env: ProcessEnv, marks: PhaseMarks) -> Watchd
     Rank 0 names the attempt, so records a killed attempt left in RUN_DIR/progress are never mistaken
     for this one's.
     """
-    from pipeline.faults.watchdog import Allowance, Watchdog
+    from pipeline.faults.watchdog import Watchdog
+    from pipeline.phases import Allowance
 
     if not cfg.faults.hang.timeout:
         return None

@@ -59,6 +59,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from basics.errors import UserError
 from basics.files import fsync_dir, write_bytes_atomic, write_json_atomic
 from pipeline import model as model_lib
+from pipeline.phases import PhaseMarks
 
 log = logging.getLogger("alexnet")
 
@@ -521,7 +522,7 @@ class _PendingSave:
 
 
 # A phase change for the progress watchdog: (phase, alone). ``alone``: only this rank does it (rank 0's
-# commit), so it moves the rank's phase on without a marker of its own (tick) (pipeline.faults.watchdog.PhaseMarks).
+# commit), so it moves the rank's phase on without a marker of its own (tick) (pipeline.phases).
 Phase = Callable[[str, bool], None]
 
 
@@ -557,10 +558,15 @@ class Checkpointer:
     """Collective save and restore of a :class:`TrainState` in ``RUN/checkpoints``."""
 
     def __init__(
-        self, run_dir: str | Path, cfg: CheckpointConfig, rank: int, process_group: Any = None, marks: Any = None
+        self,
+        run_dir: str | Path,
+        cfg: CheckpointConfig,
+        rank: int,
+        process_group: Any = None,
+        marks: PhaseMarks | None = None,
     ):
         self.run_dir = Path(run_dir)
-        self.marks = marks  # the progress watchdog's view of this rank (pipeline.faults.watchdog.PhaseMarks), or None
+        self.marks = marks  # where this rank is (pipeline.phases), or None
         self.dir = checkpoints_dir(run_dir)
         self.cfg = cfg
         self.rank = rank

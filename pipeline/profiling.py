@@ -8,7 +8,7 @@ finds it at a control step, the control all-reduce tells every rank, and rank 0 
 asked (steps, shapes, stacks) with the trace folder's name, so every rank records the same steps.
 
 In a window every rank runs ``torch.profiler`` (CPU, and CUDA on a GPU) and the trainer's phase marks
-(``pipeline.faults.watchdog.PhaseMarks``: data, forward, backward, step, control ...) become
+(``pipeline.phases``: data, forward, backward, step, control ...), to which it subscribes, become
 ``record_function`` ranges named ``phase/<name>``: the same marks the watchdog and the straggler
 statistics use, so the trace, the summary (``python -m pipeline.tools.profile``) and the straggler
 line agree on what a phase is. At the window's end each rank writes ``RUN_DIR/profiles/<time>/rank-N.json``
@@ -22,6 +22,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch.distributed as dist
 
 from basics.files import atomic_output
 from pipeline.config import ProfileConfig
-from pipeline.faults.watchdog import PhaseMarks
+from pipeline.phases import Mark, PhaseMarks
 from pipeline.schedule import RequestFiles, write_request
 
 log = logging.getLogger("alexnet")
@@ -79,6 +80,8 @@ class Profiler:
         self.window: Window | None = None  # the next or current window
         self._prof: Any = None  # the torch profiler while a window records
         self._range: Any = None  # the open phase range
+        self._ranged: Mark | None = None  # the mark the open range began at
+        self._unsubscribe: Callable[[], None] | None = None  # ends the subscription to the marks
         self._thread = threading.get_ident()  # phase marks entered elsewhere (an autograd hook thread) make no range
         self._started_at = 0.0
         self._started_step = 0
@@ -153,26 +156,31 @@ class Profiler:
         self._prof.step_num = step
         self._prof.start()
         self._started_at, self._started_step = time.perf_counter(), step
-        self._phase(self.marks.state[2])  # the phase in progress gets a range too
-        self.marks.on_enter = self._phase
+        self._unsubscribe = self.marks.subscribe(self._on_mark)  # the phase in progress gets a range at once
 
-    def _phase(self, phase: str) -> None:
-        """PhaseMarks' hook while recording: close the previous phase's range, open this one's."""
+    def _on_mark(self, mark: Mark) -> None:
+        """The marks' listener while recording: at a new mark or phase, close the previous range, open this one's
+        (a tick within the phase is the same range)."""
         if threading.get_ident() != self._thread:
+            return
+        last = self._ranged
+        if last is not None and (last.seq, last.phase) == (mark.seq, mark.phase):
             return
         if self._range is not None:
             self._range.__exit__(None, None, None)
-        self._range = torch.profiler.record_function(PHASE_PREFIX + phase)
+        self._range, self._ranged = torch.profiler.record_function(PHASE_PREFIX + mark.phase), mark
         self._range.__enter__()
 
     def _finish(self, step: int) -> None:
         """Stop recording and write this rank's trace (a partial window when the run ends inside it)."""
         prof, window = self._prof, self.window
         assert prof is not None and window is not None
-        self.marks.on_enter = None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._range is not None:
             self._range.__exit__(None, None, None)
-            self._range = None
+            self._range, self._ranged = None, None
         wall = time.perf_counter() - self._started_at
         meta = {
             "first_step": self._started_step,

@@ -25,14 +25,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from basics.errors import UserError
-from pipeline import config, data, model, perf, phase_timer, seeds
+from pipeline import config, data, model, perf, seeds
 from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState, read_meta
 from pipeline.config import RunConfig
 from pipeline.faults import divergence
 from pipeline.faults.stragglers import StragglerWatch
-from pipeline.faults.watchdog import PhaseMarks
 from pipeline.mesh import Mesh
 from pipeline.metrics import EvalCounts, MetricWriter, StepTimer, count
+from pipeline.phases import PhaseMarks
 from pipeline.profiling import Profiler
 from pipeline.schedule import LRSchedule, ManualRequests
 from pipeline.train_log import StepRecord, TrainLog
@@ -91,7 +91,7 @@ class Trainer:
         marks: PhaseMarks | None = None,
     ):
         self.cfg = cfg
-        self.marks = marks or PhaseMarks()  # the progress watchdog's view of this rank (pipeline.faults.watchdog)
+        self.marks = marks or PhaseMarks()  # where this rank is (pipeline.phases): the watchdog, profiler, log read it
         self.heartbeat = heartbeat  # the run dir's writer lease, refreshed by the main rank at each control step
         self.mesh = mesh
         self.dims = mesh.dims
@@ -105,7 +105,7 @@ class Trainer:
         self.model = model.build_model(cfg.model, tp_group=mesh.tp_group).to(device)
         seeds.seed_dropout(cfg.train.seed, self.dims.dp_rank)  # a pair shares masks, replicas do not
         # Phase seconds as the device spent them (CUDA events on a GPU): stragglers, data wait, TensorBoard.
-        self.marks.use_clock(phase_timer.for_device(device, self.marks.state[2]))
+        self.marks.time_on(device)
         # The first training step and the first validation batch compile under --model.compile (slow phase).
         self._compile_pending = {"train", "validation"} if cfg.model.compile else set()
         self.ddp = self._wrap_ddp(self.model)
@@ -156,7 +156,7 @@ class Trainer:
                 self.dims.world_size,
                 perf.peak_tflops(device, cfg.train.amp, cfg.profile.peak_tflops),
             ),
-            phase_seconds=phase_timer.PhaseWindow(self.marks.clock.totals).take,
+            phase_seconds=self.marks.window().take,
         )
         self.local_batch = _local_batch(cfg.optim.batch_size, self.dims.dp_size)
         self.last_checkpoint: Path | None = None

@@ -17,10 +17,9 @@ from typing import Any
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.faults.stragglers import STEP_PHASES
 from pipeline.metrics import MetricWriter, StepTimer, format_eta, topk_correct
 from pipeline.perf import Throughput, memory_scalars
-from pipeline.phase_timer import data_wait_fraction
+from pipeline.phases import data_wait_fraction
 
 log = logging.getLogger("alexnet")
 
@@ -63,7 +62,7 @@ class TrainLog:
         self.named_parameters = named_parameters
         self.conv1_filters = conv1_filters  # collective under tp=2: every rank calls it at the same steps
         self.throughput = throughput  # model FLOP/s and MFU (pipeline.perf); None: not reported
-        # Seconds per phase since the last logged step, as the device spent them (pipeline.phase_timer):
+        # Seconds per phase since the last logged step, as the device spent them (PhaseMarks.window):
         # on a GPU the host's wait for a batch says nothing about whether the GPU waited for it.
         self.phase_seconds = phase_seconds
         self.started = time.monotonic()
@@ -84,7 +83,7 @@ class TrainLog:
         n = max(record.labels.numel(), 1)
         speed = timer.summary()
         if self.phase_seconds is not None:
-            speed["data_wait_fraction"] = data_wait_fraction(self.phase_seconds(), STEP_PHASES)
+            speed["data_wait_fraction"] = data_wait_fraction(self.phase_seconds())
         loss = float(record.loss.detach())
         values = {
             "train/loss": loss,

@@ -19,8 +19,8 @@ from basics.errors import UserError
 from launch import preflight
 from pipeline import checkpoint, process, seeds
 from pipeline.faults.stragglers import StragglerWatch
-from pipeline.faults.watchdog import Allowance, PhaseMarks, Record, judge
-from pipeline.phase_timer import CudaEventClock, HostClock, PhaseWindow
+from pipeline.faults.watchdog import Record, judge
+from pipeline.phases import Allowance, CudaEventClock, HostClock, PhaseMarks
 from tests.support import PYTHON, REPO
 
 # ------------------------------------------------------------------------------------------ a fake GPU
@@ -73,7 +73,7 @@ def _marks(gpu: FakeGpu, device: bool) -> PhaseMarks:
 def test_cuda_event_clock_books_queued_work_to_its_phase_and_syncs_only_when_read() -> None:
     gpu = FakeGpu()
     marks = _marks(gpu, device=True)
-    window = PhaseWindow(marks.clock.totals)
+    window = marks.window()
     for _ in range(10):
         marks.enter("data")
         gpu.wait_host(0.002)  # the batch arrives late: the GPU idles in "data"
@@ -96,7 +96,7 @@ def test_cuda_event_clock_books_queued_work_to_its_phase_and_syncs_only_when_rea
     # The host clock books none of that work where it ran, only enqueue times.
     gpu2 = FakeGpu()
     host = _marks(gpu2, device=False)
-    hw = PhaseWindow(host.clock.totals)
+    hw = host.window()
     host.enter("forward")
     gpu2.launch(0.030)
     host.enter("control")
@@ -289,11 +289,11 @@ def test_first_step_and_first_validation_batch_under_compile_are_marked_compile(
     class Recording(PhaseMarks):
         def enter(self, phase: str, step: int | None = None) -> None:
             super().enter(phase, step)
-            seen.append((phase, self.state[1]))
+            seen.append((phase, self.current.step))
 
         def tick(self, phase: str | None = None) -> None:
             super().tick(phase)
-            seen.append((f"tick:{phase}", self.state[1]))
+            seen.append((f"tick:{phase}", self.current.step))
 
     batches = [(torch.randn(2, 3, 227, 227), torch.tensor([0, 1])) for _ in range(3)]
 
@@ -443,13 +443,11 @@ def test_gpu_check_refuses_in_one_line_without_cuda(tmp_path: Path) -> None:
 def test_cuda_event_clock_sees_the_device_time_the_host_only_queued() -> None:
     import time
 
-    from pipeline import phase_timer
-
     device = torch.device("cuda", 0)
     a = torch.randn(4096, 4096, device=device)
     marks = PhaseMarks()
-    marks.use_clock(phase_timer.for_device(device))
-    window = PhaseWindow(marks.clock.totals)
+    marks.time_on(device)
+    window = marks.window()
     torch.cuda.synchronize(device)
     start = time.perf_counter()
     marks.enter("forward")
@@ -472,7 +470,7 @@ def test_cuda_event_clock_sees_the_device_time_the_host_only_queued() -> None:
     loss.backward()
     marks.enter("step")
     after = window.take()
-    assert after["backward"] > 0 and "gradient-sync" in marks.clock.totals(), after  # both threads' events read
+    assert after["backward"] > 0 and "gradient-sync" in marks.seconds(), after  # both threads' events read
 
 
 @pytest.mark.cuda

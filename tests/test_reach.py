@@ -14,7 +14,8 @@ import pytest
 
 from pipeline.faults import reach
 from pipeline.faults.reach import Peer, conclude, probe
-from pipeline.faults.watchdog import HANG_EXIT, VERDICT, Allowance, PhaseMarks, Watchdog
+from pipeline.faults.watchdog import HANG_EXIT, VERDICT, Watchdog
+from pipeline.phases import Allowance, PhaseMarks
 from tests.support.harness import BlackholeListener
 from tests.support.processes import wait_for
 

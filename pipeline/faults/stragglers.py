@@ -9,7 +9,7 @@ step is its step time less its excess over that least. A rank whose own work exc
 ``threshold`` x the other ranks' median at ``window`` control steps in a row is named once (again
 only after it has recovered). The figures travel in the trainer's control all-reduce (a MAX over
 per-rank slots, which gathers them), so they cost no collective of their own. On a GPU the seconds are
-device time (``pipeline.phase_timer``: CUDA events at the phase marks): host clocks would book a rank's
+device time (``pipeline.phases``: CUDA events at the phase marks): host clocks would book a rank's
 queued kernels as waiting in control, make every rank's own work equal and never name a slow GPU.
 """
 
@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.phases import STEP_PHASES
+
 log = logging.getLogger("alexnet")
 
-# Seconds per step each rank reports: the step phases only (validation, checkpoints, set-up excluded).
-STEP_PHASES = ("data", "forward", "backward", "gradient-sync", "step", "control")
+# Seconds per step each rank reports: the STEP_PHASES only (validation, checkpoints, set-up excluded).
 WAIT_PHASES = ("gradient-sync", "control")  # where a rank waits for the others
 FIELDS = 3  # step seconds, data seconds, waiting seconds, per step
 

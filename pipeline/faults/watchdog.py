@@ -3,22 +3,22 @@
 A rank stuck in a storage read, a wedged driver or a stopped process does not crash: the other ranks
 wait in a collective until the process group's timeout, and nothing names the culprit. Here:
 
-- the trainer marks its phases (``PhaseMarks.enter``: data, forward, backward, gradient-sync, step,
-  control, validation, validation-sync, checkpoint, checkpoint-sync ...); a marker costs a clock read
-  and a tuple assignment;
-- a thread on every rank publishes the rank's last marker and a heartbeat to
+- the trainer marks its phases (``pipeline.phases``: data, forward, backward, gradient-sync, step,
+  control, validation, validation-sync, checkpoint, checkpoint-sync ...); the watchdog subscribes to
+  them, which costs each mark one attribute assignment;
+- a thread on every rank publishes the rank's last mark and a heartbeat to
   ``RUN_DIR/progress/rank-N.json`` every ``beat_s`` (the run directory is shared by all ranks; the
   rendezvous store is not used: under env:// it lives in rank 0, which may be the stuck one),
   and a changed state within a fifth of that;
 - when its own rank has made no progress for the phase's allowance, the thread reads every rank's
   record. Only if no rank has made progress within its allowance is it a hang. The culprit is the
   rank whose heartbeat stopped (the process cannot run Python: stopped, or stuck in the kernel with
-  the interpreter lock held), else the rank that is behind in the sequence of markers (every rank
-  enters the same markers in the same order, so the one that entered fewer is the one the others wait
-  for). The lowest healthy rank logs one line naming it; every rank that can run Python writes its
-  stacks (``faulthandler``, all threads) to ``RUN_DIR/hangs/<time>/rank-N.txt`` and exits with
-  ``HANG_EXIT`` at once, without waiting for the collective, so that torchrun's ``--max-restarts``
-  (or the Slurm script's requeue) restarts the job from its newest checkpoint;
+  the interpreter lock held), else the rank that is behind in the sequence of marks (by the rule
+  stated in ``pipeline.phases``, the one that entered fewer is the one the others wait for). The
+  lowest healthy rank logs one line naming it; every rank that can run Python writes its stacks
+  (``faulthandler``, all threads) to ``RUN_DIR/hangs/<time>/rank-N.txt`` and exits with ``HANG_EXIT``
+  at once, without waiting for the collective, so that torchrun's ``--max-restarts`` (or the Slurm
+  script's requeue) restarts the job from its newest checkpoint;
 - when no rank's process is stopped, the nodes first check that they reach each other
   (``pipeline.faults.reach``): the line names the rank pairs that cannot talk, ``hangs/<time>/hang.json``
   (the verdict, for scripts) names the unreachable nodes, and each node's lowest rank asks its
@@ -39,15 +39,15 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from basics import procfs
 from basics.files import atomic_output, write_json_atomic
 from pipeline.faults import reach
-from pipeline.phase_timer import HostClock, PhaseClock, PhaseWindow
+from pipeline.phases import Allowance, Mark, PhaseMarks
 
 log = logging.getLogger("alexnet")
 
@@ -55,97 +55,6 @@ HANG_EXIT = 75  # EX_TEMPFAIL: "try again", what the launcher's restart does
 PROGRESS_DIR = "progress"
 HANGS_DIR = "hangs"
 VERDICT = "hang.json"  # in each hang folder, by the reporting rank
-# Phases whose single steps may legitimately take long: start-up (model build, resume), an epoch's
-# input pipeline set-up (shard verification), a checkpoint's disk work. A checkpoint's collectives
-# (the finite check, DCP's plan and metadata exchange, the outcome's all-gather) are "checkpoint-sync"
-# and get the step allowance: a hung collective there is no slower than one in a training step.
-# "compile": the first training step and the first validation batch under --model.compile (every rank
-# compiles at once on the node's shared CPUs; a slow compile is not a hang, and a restart compiles again).
-SLOW_PHASES = frozenset({"start", "loader", "checkpoint", "compile"})
-
-T = TypeVar("T")
-
-
-class PhaseMarks:
-    """Where this rank is: (markers entered, step, phase, wall time of the last progress), and the
-    seconds spent in each phase since the last ``take_seconds`` (the straggler statistics use them).
-
-    Written by the training thread only; the watchdog thread reads ``state`` (one tuple, assigned at once).
-    """
-
-    def __init__(self) -> None:
-        self.state: tuple[int, int, str, float] = (0, 0, "start", time.time())
-        # Called with each new phase while a profiler window records (pipeline.profiling: the phase becomes a
-        # trace range); None otherwise, so a marker outside a window costs one more attribute test.
-        self.on_enter: Callable[[str], None] | None = None
-        self.use_clock(HostClock())
-
-    def use_clock(self, clock: PhaseClock) -> None:
-        """Where phase seconds come from (``pipeline.phase_timer``: CUDA events on a GPU); marks call it."""
-        self.clock = clock
-        self._window = PhaseWindow(clock.totals)
-
-    def enter(self, phase: str, step: int | None = None) -> None:
-        self.clock.mark(phase)
-        seq, last_step, _, _ = self.state
-        self.state = (seq + 1, last_step if step is None else step, phase, time.time())
-        if self.on_enter is not None:
-            self.on_enter(phase)
-
-    def tick(self, phase: str | None = None) -> None:
-        """Progress inside a phase (a validation batch) without a new marker: ranks may tick unequally.
-        ``phase``: the phase changes too, still without a marker: the first compiled batch is over, or a
-        phase only this rank enters (rank 0's commit of a checkpoint while the others wait for it), so every
-        rank's marker count stays comparable."""
-        seq, step, last, _ = self.state
-        if phase is not None and phase != last:
-            self.clock.mark(phase)
-            if self.on_enter is not None:
-                self.on_enter(phase)
-        self.state = (seq, step, phase or last, time.time())
-
-    def iterate(self, items: Iterable[T], phase: str, first: str | None = None) -> Iterator[T]:
-        """``items`` with ``phase`` entered before each ``next`` (the wait for a batch is that phase);
-        ``first``: the phase of the first ``next`` instead (an input pipeline's start-up)."""
-        it = iter(items)
-        while True:
-            self.enter(first or phase)
-            first = None
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            yield item
-
-    def ticking(self, items: Iterable[T], phase: str, first: str | None = None) -> Iterator[T]:
-        """``items``; ``phase`` entered when the first arrives (or when there are none: every rank enters
-        it once), each later arrival a tick (ranks may get different numbers of items); ``first``: the
-        phase of the first item's work instead (a compile), ``phase`` from the second arrival on."""
-        entered = False
-        for item in items:
-            if entered:
-                self.tick(phase)
-            else:
-                self.enter(first or phase)
-                entered = True
-            yield item
-        if not entered:
-            self.enter(phase)
-
-    def take_seconds(self) -> dict[str, float]:
-        """Seconds per phase since the last call (the phase in progress counted up to now)."""
-        return self._window.take()
-
-
-@dataclass(frozen=True)
-class Allowance:
-    """Seconds without progress after which a rank counts as stuck."""
-
-    step_s: float  # every phase not in SLOW_PHASES (validation: per batch)
-    slow_s: float  # SLOW_PHASES
-
-    def for_phase(self, phase: str) -> float:
-        return self.slow_s if phase in SLOW_PHASES else self.step_s
 
 
 @dataclass(frozen=True)
@@ -221,9 +130,13 @@ class Watchdog:
         allowance: Allowance,
         exit_process: Callable[[int], Any] = os._exit,
         on_cut: Callable[[str], Any] | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.rank, self.world_size, self.attempt = rank, world_size, attempt
         self.marks, self.allowance = marks, allowance
+        self._clock = clock  # wall time, as the marks' progress_at (tests pass a fake one with the marks')
+        self._mark: Mark  # the rank's latest mark, kept up to date by the subscription (from now on)
+        self._unsubscribe = marks.subscribe(self._seen)
         self.progress_dir = Path(run_dir) / PROGRESS_DIR
         self.hangs_dir = Path(run_dir) / HANGS_DIR
         # A beat often enough that a stopped heartbeat shows well within the allowance, rarely enough to
@@ -233,7 +146,7 @@ class Watchdog:
         # at most that old); an unchanged one once a beat (the heartbeat).
         self.poll_s = self.beat_s / 5
         self.stale_s = max(3 * self.beat_s, 2.0)
-        self._published: tuple[Any, float] = (None, 0.0)
+        self._published: tuple[Mark | None, float] = (None, 0.0)
         self.host, self.pid, self.node = socket.gethostname(), os.getpid(), reach.node_name()
         self.listener: reach.Listener | None = None
         self._exit = exit_process
@@ -251,7 +164,12 @@ class Watchdog:
         self._thread.start()
         return self
 
+    def _seen(self, mark: Mark) -> None:
+        """The marks' listener (the training thread): one assignment, read by the watchdog's thread."""
+        self._mark = mark
+
     def close(self) -> None:
+        self._unsubscribe()
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2 * self.beat_s + 5)
@@ -263,8 +181,8 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                state, at = self._published
-                if state != self.marks.state or time.monotonic() - at >= self.beat_s:
+                mark, at = self._published
+                if mark is not self._mark or time.monotonic() - at >= self.beat_s:
                     self._publish()
                 verdict = self.check()
             except OSError as e:  # a shared file system hiccup must not end training
@@ -274,21 +192,30 @@ class Watchdog:
                 self.act(verdict)
 
     def _publish(self) -> None:
-        state = self.marks.state
-        seq, step, phase, progress_at = state
+        mark = self._mark
         addr = self.listener.addr if self.listener is not None else ""
         record = Record(
-            self.rank, self.host, self.pid, self.attempt, seq, step, phase, progress_at, time.time(), self.node, addr
+            self.rank,
+            self.host,
+            self.pid,
+            self.attempt,
+            mark.seq,
+            mark.step,
+            mark.phase,
+            mark.progress_at,
+            self._clock(),
+            self.node,
+            addr,
         )
         # peers poll this every second; it matters only while the run lives, so no fsync
         write_json_atomic(self.progress_dir / f"rank-{self.rank}.json", vars(record), durable=False, indent=None)
-        self._published = (state, time.monotonic())
+        self._published = (mark, time.monotonic())
 
     def check(self) -> Verdict | None:
         """Cheap while this rank progresses: peers' records are read only when it has not."""
-        if time.time() - self.marks.state[3] < self.allowance.step_s:
+        if self._clock() - self._mark.progress_at < self.allowance.step_s:
             return None
-        return judge(self.read_records(), self.world_size, time.time(), self.allowance, self.stale_s)
+        return judge(self.read_records(), self.world_size, self._clock(), self.allowance, self.stale_s)
 
     def read_records(self) -> dict[int, Record]:
         records = {}
@@ -364,12 +291,12 @@ class Watchdog:
     def _describe(self, rec: Record, verdict: Verdict) -> str:
         text = (
             f"rank {rec.rank} (host {rec.host}, pid {rec.pid}) last seen in phase {rec.phase} at step {rec.step} "
-            f"{time.time() - rec.progress_at:.0f} s ago"
+            f"{self._clock() - rec.progress_at:.0f} s ago"
         )
         if rec.rank in verdict.silent:
             state = procfs.state(rec.pid) if rec.host == self.host else None
             text += (
-                f", not running Python for {time.time() - rec.beat_at:.0f} s"
+                f", not running Python for {self._clock() - rec.beat_at:.0f} s"
                 + (f" (process state {state})" if state else "")
                 + ": stopped or stuck in the kernel, no stack from it"
             )

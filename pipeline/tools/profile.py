@@ -9,7 +9,7 @@ prints, per rank, the window's wall time split into parts that add up to it:
 - at each instant where compute runs (a kernel, or an operator of the training thread that is not a
   collective), the time belongs to the trainer phase that launched it: ``data`` (the phases data and
   loader), ``forward``, ``backward`` (with gradient-sync), ``optimizer`` (step), ``other`` (control,
-  validation, checkpoint); the phases are the trainer's own marks (``pipeline.faults.watchdog.PhaseMarks``),
+  validation, checkpoint); the phases are the trainer's own marks (``pipeline.phases``),
   recorded as ``phase/<name>`` ranges;
 - where only communication runs (NCCL kernels; on CPU gloo's ``gloo:<collective>`` ranges, which
   run in gloo's threads: all-reduce, all-gather, broadcast ...), the time is ``communication``: the

@@ -3,8 +3,8 @@ test_watchdog's phase test; spawned processes import it without pytest).
 
 Rank 0 is late into the save (rank 1 waits in the save's first collective), rank 1's file write is slow
 (rank 0 waits in DCP's gather of the write results) and rank 0's commit is slow (rank 1 waits in the
-outcome's all-gather). Each rank records, every 20 ms, the phase its PhaseMarks show, and at the end its
-marker count, to ``DIR/phases-rank{R}.json``.
+outcome's all-gather). Each rank records, every 20 ms, the phase its marks show (``pipeline.phases``), and at
+the end its marker count, to ``DIR/phases-rank{R}.json``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def save_with_delays(rank: int, workdir: str) -> None:
     from pipeline import checkpoint
     from pipeline.checkpoint import CheckpointConfig, Checkpointer, TrainState
     from pipeline.config import RunConfig
-    from pipeline.faults.watchdog import PhaseMarks
     from pipeline.model import ModelConfig, build_model
+    from pipeline.phases import PhaseMarks
     from pipeline.schedule import LRSchedule
 
     torch.set_num_threads(1)
@@ -64,7 +64,7 @@ def save_with_delays(rank: int, workdir: str) -> None:
 
         def sample() -> None:
             while not done.is_set():
-                samples.append((time.monotonic(), marks.state[2]))
+                samples.append((time.monotonic(), marks.current.phase))
                 time.sleep(0.02)
 
         sampler = threading.Thread(target=sample)
@@ -76,6 +76,6 @@ def save_with_delays(rank: int, workdir: str) -> None:
         saver.save(state, torch.device("cpu"))
         done.set()
         sampler.join()
-        (root / f"phases-rank{rank}.json").write_text(json.dumps({"samples": samples, "seq": marks.state[0]}))
+        (root / f"phases-rank{rank}.json").write_text(json.dumps({"samples": samples, "seq": marks.current.seq}))
     finally:
         dist.destroy_process_group()
