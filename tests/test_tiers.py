@@ -92,6 +92,8 @@ def test_torchrun_is_recognised_however_it_is_started() -> None:
     assert tiers.is_torchrun(["/venv/bin/python3.11", "-u", "-X", "dev", "-m", "torch.distributed.run", "x.py"])
     assert tiers.is_torchrun(["timeout", "-s", "KILL", "60", "torchrun", "x.py"])
     assert tiers.is_torchrun(["bash", "slurm/train.sh", "--data", "d"]) and tiers.is_torchrun(["./slurm/train.sh"])
+    assert not tiers.is_torchrun(["bash", "slurm/train.sh"], {"PYTHON": "/tmp/bin/python-stand-in"})
+    assert tiers.is_torchrun(["bash", "slurm/train.sh"], {"PYTHON": "/venv/bin/python3.11"})
     assert not tiers.is_torchrun(["python3", "-c", "import torchrun"])
     assert not tiers.is_torchrun(["bash", "-c", "echo torchrun"])
     assert tiers.is_training(["bash", "-c", "exec python -u -m launch.train --run-dir r"])

@@ -51,7 +51,8 @@ SLOW_S = 20.0
 TRAINING_ENTRIES = ("launch.train", "launch.submit", "launch.preflight", "pipeline.tools.evaluate", "harness.py")
 
 
-# Project scripts that start torchrun themselves (run with bash outside Slurm by some tests).
+# Project scripts that start torchrun themselves, as ``"$PYTHON" -m torch.distributed.run`` (run with bash
+# outside Slurm by some tests): one given a PYTHON that is no Python (a stand-in that trains nothing) does not.
 TORCHRUN_SCRIPTS = ("slurm/train.sh",)
 SHELLS = ("sh", "bash", "dash", "zsh")
 # Words that run the command after them: `env A=1 CMD`, `exec CMD`, `timeout 60 CMD`, ...
@@ -117,11 +118,15 @@ def _command(words: list[str]) -> list[str]:
     return [words[0]]
 
 
-def is_torchrun(argv: Any) -> bool:
+def is_torchrun(argv: Any, env: Any = None) -> bool:
     """Whether ``argv`` (a list, or a shell string) starts torchrun (or ``python -m torch.distributed.run``, or
-    a project script that starts it)."""
+    a project script that starts it, unless ``env``, the process's environment, names a stand-in PYTHON)."""
+    python = os.path.basename(str((env if env is not None else os.environ).get("PYTHON") or "python"))
+    script_runs_it = re.fullmatch(r"python[\d.]*", python) is not None
     return any(
-        os.path.basename(entry) == "torchrun" or entry == "torch.distributed.run" or entry.endswith(TORCHRUN_SCRIPTS)
+        os.path.basename(entry) == "torchrun"
+        or entry == "torch.distributed.run"
+        or (script_runs_it and entry.endswith(TORCHRUN_SCRIPTS))
         for entry in _entries(argv)
     )
 
@@ -180,7 +185,7 @@ def _install_watch() -> None:
 
     def watched_popen_init(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
         popen_init(self, args, *rest, **kwargs)
-        if is_torchrun(args):
+        if is_torchrun(args, kwargs.get("env")):
             WATCH.started("torchrun")
         elif is_training(args):
             WATCH.training(self)
