@@ -140,8 +140,8 @@ def test_run_report(trained_run: Path, tmp_path: Path) -> None:
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("report", "figures", "eval-*"))
-    path = report.report(run)
-    text = path.read_text()
+    assert report.main([str(run)]) == 0  # the documented command (test_documented_commands.py)
+    text = (run / "report" / "report.md").read_text()
     assert "| 10-crop | 24 |" in text and "| centre crop | 24 |" in text
     assert "40.7%" in text and "18.2%" in text
     assert "`model.widths`" in text and "`train.epochs`" in text and "`optim.momentum`" not in text

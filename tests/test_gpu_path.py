@@ -462,15 +462,28 @@ def test_cuda_event_clock_sees_the_device_time_the_host_only_queued() -> None:
     assert seconds["forward"] > 3 * queued, "the host clock would have booked this in control"
     assert seconds.get("control", 0.0) < 0.25 * seconds["forward"]
 
-    # A mark from autograd's device thread (the trainer's gradient-sync hook) is recorded in stream order.
+    # A mark from autograd's device thread (the trainer's gradient-sync hook) is recorded in stream order: w's
+    # gradient is accumulated once, after every kernel of the backward pass, so its event follows them on the
+    # stream and the device time is backward's; nothing is queued after it, so gradient-sync gets next to
+    # none. An event on another stream (or a host clock) would complete as the host reached it: backward
+    # would get the host's queueing time and the device's work would land in gradient-sync (or step).
     w = torch.randn(4096, 4096, device=device, requires_grad=True)
     w.register_post_accumulate_grad_hook(lambda _: marks.enter("gradient-sync"))
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
     marks.enter("backward")
     loss = sum((w @ a).square().mean() for _ in range(10))
     loss.backward()
+    queued = time.perf_counter() - start
     marks.enter("step")
+    torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
     after = window.take()
-    assert after["backward"] > 0 and "gradient-sync" in marks.seconds(), after  # both threads' events read
+    assert "gradient-sync" in marks.seconds(), after  # the autograd thread's event was read
+    assert after["backward"] == pytest.approx(wall, rel=0.25), (after, wall, queued)
+    assert after["backward"] > 3 * queued, (after, queued)
+    assert after.get("gradient-sync", 0.0) < 0.05 * after["backward"], after
+    assert after.get("step", 0.0) < 0.25 * after["backward"], after
 
 
 @pytest.mark.cuda

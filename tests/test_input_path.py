@@ -151,23 +151,26 @@ def _descendants_cpu_seconds() -> float:
 
 
 def test_process_tree_cpu_counts_live_and_exited_children(tmp_path: Path) -> None:
-    """A child that spins until told to stop is counted while it lives (it cannot exit by itself, so only the
-    /proc walk can show its time), and still counted once it has exited and been waited for."""
+    """A grandchild that spins until told to stop, under a child that only waits for it (as a DataLoader's
+    worker runs under torchrun's rank), is counted while it lives (it cannot exit by itself, so only the /proc
+    walk down the whole tree can show its time: the child's own start-up costs far less than the 0.6 s
+    asked for), and still counted once both have exited and been waited for."""
     stop = tmp_path / "stop"
     spin = f"import os\nwhile not os.path.exists({str(stop)!r}):\n    sum(range(20000))"
+    waiter = f"import subprocess, sys\nsys.exit(subprocess.call([sys.executable, '-c', {spin!r}]))"
     before, tree_before = _descendants_cpu_seconds(), bench_data.process_tree_cpu_seconds()
-    child = subprocess.Popen([sys.executable, "-c", spin])
+    child = subprocess.Popen([sys.executable, "-c", waiter])
     try:
         deadline = time.monotonic() + 60
-        while (live := _descendants_cpu_seconds() - before) < 0.3:
-            assert child.poll() is None, "the spinning child exited by itself"
-            assert time.monotonic() < deadline, f"the running child's CPU was not counted ({live:.2f} s)"
+        while (live := _descendants_cpu_seconds() - before) < 0.6:
+            assert child.poll() is None, "the waiting child exited by itself"
+            assert time.monotonic() < deadline, f"the running grandchild's CPU was not counted ({live:.2f} s)"
             time.sleep(0.05)
     finally:
         stop.touch()
         child.wait(timeout=60)
     assert child.returncode == 0
-    assert bench_data.process_tree_cpu_seconds() - tree_before >= live  # and once it has exited
+    assert bench_data.process_tree_cpu_seconds() - tree_before >= live  # and once both have exited
 
 
 def test_bare_dali_graph_and_its_copy_into_torch(mean_ds: Path) -> None:

@@ -111,7 +111,23 @@ def test_profile_requested_while_training(classes_only: Path, tmp_path: Path) ->
         assert sum(s["parts"].values()) == pytest.approx(s["wall_s"], rel=0.10), s
         assert s["parts"]["forward"] > 0 and s["parts"]["backward"] > 0 and s["parts"]["communication"] > 0, s
         assert {"gloo:all_gather", "gloo:all_reduce"} <= set(s["collectives"])
-        assert 0 <= s["overlap"] <= 1
+        # The communication in all, from the trace itself: the union of the gloo ranges within the phases'
+        # window; the part of it compute hides is what the parts do not count as communication.
+        trace = json.loads((folder / f"rank-{rank}.json").read_text())
+        marks = [e for e in trace["traceEvents"] if str(e.get("name", "")).startswith("phase/") and "dur" in e]
+        w0, w1 = min(e["ts"] for e in marks), max(e["ts"] + e["dur"] for e in marks)
+        ranges = sorted(
+            (max(e["ts"], w0), min(e["ts"] + e["dur"], w1))
+            for e in trace["traceEvents"]
+            if str(e.get("name", "")).startswith("gloo:") and "dur" in e and e["ts"] < w1 and e["ts"] + e["dur"] > w0
+        )
+        comm, end = 0.0, w0
+        for a, b in ranges:
+            comm, end = comm + max(0.0, b - max(a, end)), max(end, b)
+        assert s["comm_s"] == pytest.approx(comm / 1e6, rel=1e-6), s
+        hidden = s["comm_s"] - s["parts"]["communication"]
+        assert s["comm_overlapped_s"] == pytest.approx(hidden, abs=1e-9) and 0 <= hidden <= s["comm_s"], s
+        assert s["overlap"] == pytest.approx(hidden / s["comm_s"], abs=1e-6), s
     readable = subprocess.run(
         [PYTHON, *flags("-m pipeline.tools.profile {}", folder)], env=small_env(), capture_output=True, text=True
     )
@@ -275,6 +291,39 @@ def test_summary_of_a_gpu_trace_by_hand() -> None:
     }
     assert s.parts == pytest.approx({k: v * 1e-6 for k, v in expected.items()})
     assert s.overlap == pytest.approx(0.5) and s.collectives == {"nccl:allreduce": pytest.approx(100e-6)}
+
+
+def test_summary_of_a_cpu_trace_by_hand() -> None:
+    """A made-up CPU trace whose answer is known: the training thread's operators and a gloo all-reduce in
+    gloo's thread, 30 of whose 100 us run beside backward's operator; an operator inside the collective's own
+    c10d range (its copies) is communication, not compute."""
+    annotation = "user_annotation"
+    events = [
+        _event("phase/data", 0, 100, cat=annotation),
+        _event("phase/forward", 100, 100, cat=annotation),
+        _event("phase/backward", 200, 200, cat=annotation),
+        _event("phase/step", 400, 100, cat=annotation),
+        _event("aten::conv2d", 110, 80),
+        _event("aten::convolution_backward", 210, 90),
+        _event("c10d::allreduce_", 300, 20),
+        _event("aten::copy_", 305, 5),  # inside the collective: not compute hiding it
+        _event("gloo:all_reduce", 270, 100, tid=2, cat="record_param_comms"),
+        _event("aten::add_", 410, 30),
+    ]
+    s = summary_tool.summarise({"traceEvents": events, "alexnet": {"wall_s": 500e-6, "rank": 1}}, 1)
+    assert s.timeline == "cpu operators" and s.rank == 1
+    expected = {
+        "data": 100,
+        "forward": 80,
+        "backward": 90,
+        "communication": 70,  # 300..370: the all-reduce after backward's operator ends
+        "optimizer": 30,
+        "other": 0,
+        "idle": 500 - 100 - 80 - 90 - 70 - 30,
+    }
+    assert s.parts == pytest.approx({k: v * 1e-6 for k, v in expected.items()})
+    assert s.comm_s == pytest.approx(100e-6) and s.comm_overlapped_s == pytest.approx(30e-6)
+    assert s.overlap == pytest.approx(0.3) and s.collectives == {"gloo:all_reduce": pytest.approx(100e-6)}
 
 
 def test_summary_of_a_folder_without_traces_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -138,30 +138,47 @@ def test_nothing_to_judge_without_figures_from_every_rank(lines: list[str]) -> N
 
 # Four ranks, figures exact in binary, threshold 2. Every step takes 1.0 s; the collectives alone cost 0.125 s
 # (the least any rank waits: rank 2's). Own work: 0.25, 0.625, 1.0, 0.375 (the others' median 0.375, from unequal values
-# placed so that a wrong "other ranks" slice changes it); data fractions of the others 0.25, 0.875, 0.5.
-# Rank 2 is slow on data when its data time's excess over the others' (0.375 x 0.5) is more than half its
-# excess work (0.5 x 0.625): above 0.5 s of data.
-def _four(rank2_data: float) -> list[float]:
-    return _gathered([(1.0, 0.0625, 0.875), (1.0, 0.546875, 0.5), (1.0, rank2_data, 0.125), (1.0, 0.1875, 0.75)])
+# placed so that a wrong "other ranks" slice changes it). Rank 2 is slow on data when its data time's excess over
+# the others' median (0.375 s x their median data fraction m) is more than half its excess work (0.625 s): its own
+# data fraction must pass 0.5 + 0.375 x (m - 0.5), which is 0.5 only when m is. So the others' fractions are chosen
+# with m = 0.75 (bound 0.59375) and m = 0.25 (bound 0.40625): "own share above one half" gets the first and the
+# third cases wrong, and a median that counts rank 2 itself moves the bound.
+WORK = (0.25, 0.625, 1.0, 0.375)
+WAITS = (0.875, 0.5, 0.125, 0.75)
 
 
-@pytest.mark.parametrize("data, cause, share", [(0.5, "compute", 50), (0.5625, "data", 56)])
+def _four(fractions: tuple[float, float, float, float]) -> list[float]:
+    return _gathered([(1.0, f * w, wait) for f, w, wait in zip(fractions, WORK, WAITS)])
+
+
+@pytest.mark.parametrize(
+    "fractions, cause",
+    [
+        ((0.75, 0.875, 0.5625, 0.5), "compute"),  # more than half on data, yet less than the others' share explains
+        ((0.75, 0.875, 0.59375, 0.5), "compute"),  # exactly on the bound: not more than half
+        ((0.75, 0.875, 0.65625, 0.5), "data"),
+        ((0.25, 0.125, 0.4375, 0.5), "data"),  # less than half on data, yet far more than the others
+        ((0.25, 0.125, 0.375, 0.5), "compute"),
+    ],
+)
 def test_data_or_compute_is_decided_against_the_other_ranks_median(
-    lines: list[str], data: float, cause: str, share: int
+    lines: list[str], fractions: tuple[float, float, float, float], cause: str
 ) -> None:
     watch = StragglerWatch(0, 4, ["h0", "h1"], 2.0, 1)  # host names of two ranks only: "?" for the others
-    scalars = watch.observe(_four(data))
+    scalars = watch.observe(_four(fractions))
+    share, others = 100 * fractions[2], 100 * sorted(fractions[:2] + fractions[3:])[1]
     assert lines == [
         f"straggler: rank 2 (host ?) works 1.000 s per step vs a median of 0.375 s on the other ranks (2.7x) "
-        f"at 1 control steps in a row; it waits {share}% of that on data (others 50%): slow on {cause} "
+        f"at 1 control steps in a row; it waits {share:.0f}% of that on data (others {others:.0f}%): slow on {cause} "
         + ("(its input pipeline or storage is slow)" if cause == "data" else "(its device, host or process is slow)")
     ]
+    middle = sorted(fractions)[1:3]
     assert scalars == pytest.approx(
         {
             "perf/rank_work_s_max": 1.0,
             "perf/rank_work_s_median": 0.5,
-            "perf/rank_data_wait_fraction_max": 0.875,
-            "perf/rank_data_wait_fraction_median": (0.5 + data) / 2,
+            "perf/rank_data_wait_fraction_max": max(fractions),
+            "perf/rank_data_wait_fraction_median": sum(middle) / 2,
             "perf/slowest_rank": 2.0,
         }
     )

@@ -46,6 +46,31 @@ def test_it():
     subprocess.run(["./torchrun", "--standalone"], check=True)
 """,
 }
+# Torchrun started every other way a test may start it (the stand-in ./torchrun, a stand-in
+# torch.distributed.run package and slurm/train.sh in the test's directory): one inner run judges them all.
+WAYS = {
+    "bash_c": 'import subprocess\ndef test_it():\n    subprocess.run(["bash", "-c", "true; ./torchrun"], check=True)\n',
+    "os_system": 'import os\ndef test_it():\n    assert os.system("./torchrun --standalone") == 0\n',
+    "env": 'import subprocess\ndef test_it():\n    subprocess.run(["env", "A=1", "B=2", "./torchrun"], check=True)\n',
+    "python_u_m": """
+import subprocess, sys
+def test_it():
+    subprocess.run([sys.executable, "-u", "-m", "torch.distributed.run", "--standalone"], check=True)
+""",
+    "bash_slurm_train": """
+import subprocess
+def test_it():
+    subprocess.run(["bash", "slurm/train.sh", "--data", "d"], check=True)
+""",
+    "a_fixture": """
+import subprocess, pytest
+@pytest.fixture
+def job():
+    subprocess.run(["./torchrun", "--standalone"], check=True)
+def test_it(job):
+    pass
+""",
+}
 # spawned torch ranks import torch in each process: ~20 s on 2 loaded cores
 MULTIPROCESS = ["two_trainers", pytest.param("torch_ranks", marks=pytest.mark.slow), "torchrun"]
 FAST = ["trainers_one_after_another", "a_process_pool"]
@@ -59,6 +84,19 @@ def test_torchrun_is_recognised_however_it_is_started() -> None:
     assert tiers.is_training(["python3", "-m", "launch.train", "--run-dir", "r"])
     assert tiers.is_training(["/venv/bin/python", "-u", "/repo/tests/support/harness.py", "--data", "d"])
     assert not tiers.is_training(["python3", "-m", "preprocess", "shard", "--out", "launch.train"])
+    # Through a shell, env, a Python with options, a wrapper, the project's script; not an argument or code.
+    assert tiers.is_torchrun(["bash", "-c", f"cd /tmp && {TORCHRUN} --standalone x.py"])
+    assert tiers.is_torchrun(["sh", "-ec", "echo start\ntorchrun --standalone x.py"])
+    assert tiers.is_torchrun("A=1 B=2 torchrun x.py > torchrun.log 2>&1")
+    assert tiers.is_torchrun(["env", "-u", "RANK", "OMP_NUM_THREADS=1", TORCHRUN, "x.py"])
+    assert tiers.is_torchrun(["/venv/bin/python3.11", "-u", "-X", "dev", "-m", "torch.distributed.run", "x.py"])
+    assert tiers.is_torchrun(["timeout", "-s", "KILL", "60", "torchrun", "x.py"])
+    assert tiers.is_torchrun(["bash", "slurm/train.sh", "--data", "d"]) and tiers.is_torchrun(["./slurm/train.sh"])
+    assert not tiers.is_torchrun(["bash", "slurm/train.sh"], {"PYTHON": "/tmp/bin/python-stand-in"})
+    assert tiers.is_torchrun(["bash", "slurm/train.sh"], {"PYTHON": "/venv/bin/python3.11"})
+    assert not tiers.is_torchrun(["python3", "-c", "import torchrun"])
+    assert not tiers.is_torchrun(["bash", "-c", "echo torchrun"])
+    assert tiers.is_training(["bash", "-c", "exec python -u -m launch.train --run-dir r"])
 
 
 @pytest.fixture
@@ -87,6 +125,19 @@ def test_tagged_multiprocess_work_passes_and_leaves_the_fast_tier(suite: pytest.
     suite.makepyfile(test_case="import pytest\npytestmark = pytest.mark.multiprocess\n" + BODIES[body])
     suite.runpytest_subprocess("-q").assert_outcomes(passed=1)
     suite.runpytest_subprocess("-q", "-m", tiers.FAST_EXPRESSION).assert_outcomes(deselected=1)
+
+
+def test_torchrun_started_any_other_way_fails_naming_the_marker(suite: pytest.Pytester) -> None:
+    package = suite.path / "torch" / "distributed"  # `python -m torch.distributed.run` from here finds this
+    package.mkdir(parents=True)
+    for stub in (suite.path / "torch" / "__init__.py", package / "__init__.py", package / "run.py"):
+        stub.write_text("")
+    (suite.path / "slurm").mkdir()
+    (suite.path / "slurm" / "train.sh").write_text("exit 0\n")
+    suite.makepyfile(**{f"test_{way}": body for way, body in WAYS.items()})
+    result = suite.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=len(WAYS))
+    result.stdout.fnmatch_lines_random([f"*test_{way}.py::test_it: it starts torchrun; tag it*" for way in WAYS])
 
 
 @pytest.mark.parametrize("body", FAST)

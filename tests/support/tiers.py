@@ -6,7 +6,9 @@
 A test lands in the right tier by default, without anyone remembering a marker:
 - it is tagged `slurm` when it uses the `slurm_cluster` fixture, `multiprocess` when it uses a fixture that
   trains in other processes (`trained_run`), `netns` when its module says so;
-- whatever it uses, the processes it starts are watched while it runs: a test that starts torchrun, spawns
+- whatever it uses, the processes it and its fixtures start are watched while it runs (through
+  subprocess.Popen, os.system, a shell's ``-c`` text, ``env``, a Python started with options, or a project
+  script that starts torchrun): a test that starts torchrun, spawns
   torch ranks (torch.multiprocessing) or has two training processes alive at once (`launch.train`, the
   test harness, ...; a process pool or a lock race trains nothing), and is not tagged `multiprocess` (or
   `slurm`/`netns`, which imply it), fails with a line saying which marker it needs. So `make test-fast`
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import multiprocessing.process
 import os
+import re
+import shlex
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -47,20 +51,89 @@ SLOW_S = 20.0
 TRAINING_ENTRIES = ("launch.train", "launch.submit", "launch.preflight", "pipeline.tools.evaluate", "harness.py")
 
 
-def _words(argv: Any) -> list[str]:
-    if isinstance(argv, str):
-        return argv.split()
-    return [str(a) for a in argv] if isinstance(argv, (list, tuple)) else []
+# Project scripts that start torchrun themselves, as ``"$PYTHON" -m torch.distributed.run`` (run with bash
+# outside Slurm by some tests): one given a PYTHON that is no Python (a stand-in that trains nothing) does not.
+TORCHRUN_SCRIPTS = ("slurm/train.sh",)
+SHELLS = ("sh", "bash", "dash", "zsh")
+# Words that run the command after them: `env A=1 CMD`, `exec CMD`, `timeout 60 CMD`, ...
+WRAPPERS = ("env", "exec", "nohup", "setsid", "nice", "time", "timeout")
+TAKES_VALUE = {"env": ("-u", "--unset", "-C", "--chdir"), "timeout": ("-s", "--signal", "-k", "--kill-after")}
+PYTHON_TAKES_VALUE = ("-W", "-X", "--check-hash-based-pycs")
+ASSIGNMENT = re.compile(r"^[A-Za-z_]\w*=")
 
 
-def is_torchrun(argv: Any) -> bool:
-    """Whether ``argv`` (a list, or a shell string) starts torchrun (or ``python -m torch.distributed.run``)."""
-    return any(os.path.basename(word) == "torchrun" or word == "torch.distributed.run" for word in _words(argv)[:3])
+def _entries(argv: Any) -> list[str]:
+    """What ``argv`` runs, one entry per command: the program, ``python -m``'s module or a script's path.
+    ``argv`` is a list or a shell string; a shell's ``-c`` text, ``env``/``exec``/``timeout`` prefixes,
+    assignments and the interpreter's own options are looked through."""
+    if isinstance(argv, (str, bytes, os.PathLike)):
+        text = os.fsdecode(argv).replace("\n", " ; ")
+        try:
+            lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True
+            tokens = list(lexer)
+        except ValueError:  # unbalanced quotes: words are enough
+            tokens = text.split()
+        commands: list[list[str]] = [[]]
+        for token in tokens:  # one command between ; && || | & ( ) and redirections
+            if token and set(token) <= set("();<>|&"):
+                commands.append([])
+            else:
+                commands[-1].append(token)
+        return [entry for words in commands for entry in _command(words)]
+    if isinstance(argv, (list, tuple)):
+        return _command([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in argv])
+    return []
+
+
+def _command(words: list[str]) -> list[str]:
+    while words and (ASSIGNMENT.match(words[0]) or os.path.basename(words[0]) in WRAPPERS):
+        word = words.pop(0)
+        wrapper = "" if ASSIGNMENT.match(word) else os.path.basename(word)
+        while wrapper in ("env", "timeout") and words and (words[0].startswith("-") or ASSIGNMENT.match(words[0])):
+            option = words.pop(0)
+            if option in TAKES_VALUE[wrapper] and words:
+                words.pop(0)
+        if wrapper == "timeout" and words:
+            words.pop(0)  # the duration
+    if not words:
+        return []
+    name, rest = os.path.basename(words[0]), words[1:]
+    if name in SHELLS:
+        for i, word in enumerate(rest):
+            if word.startswith("-") and "c" in word.lstrip("-") and not word.startswith("--"):
+                return _entries(rest[i + 1]) if i + 1 < len(rest) else []
+            if not word.startswith("-"):
+                return [word]  # a script
+        return []
+    if re.fullmatch(r"python[\d.]*", name):
+        i = 0
+        while i < len(rest) and rest[i].startswith("-") and rest[i] != "-":
+            if rest[i] == "-m":
+                return rest[i + 1 : i + 2]
+            if rest[i] == "-c":
+                return []  # code in a string: not a command line
+            i += 2 if rest[i] in PYTHON_TAKES_VALUE else 1
+        return rest[i : i + 1]
+    return [words[0]]
+
+
+def is_torchrun(argv: Any, env: Any = None) -> bool:
+    """Whether ``argv`` (a list, or a shell string) starts torchrun (or ``python -m torch.distributed.run``, or
+    a project script that starts it, unless ``env``, the process's environment, names a stand-in PYTHON)."""
+    python = os.path.basename(str((env if env is not None else os.environ).get("PYTHON") or "python"))
+    script_runs_it = re.fullmatch(r"python[\d.]*", python) is not None
+    return any(
+        os.path.basename(entry) == "torchrun"
+        or entry == "torch.distributed.run"
+        or (script_runs_it and entry.endswith(TORCHRUN_SCRIPTS))
+        for entry in _entries(argv)
+    )
 
 
 def is_training(argv: Any) -> bool:
     """Whether ``argv`` starts one of the project's training entry points (a rank, when two run at once)."""
-    return any(word.endswith(TRAINING_ENTRIES) for word in _words(argv)[:4])
+    return any(entry.endswith(TRAINING_ENTRIES) for entry in _entries(argv))
 
 
 class ProcessWatch:
@@ -75,7 +148,7 @@ class ProcessWatch:
         self.started_what: set[str] = set()
         self.peak = 0
         self.slow_untagged: list[str] = []  # "SECONDS  NODEID" of untagged tests over SLOW_S, for the summary
-        self._alive: list[subprocess.Popen[Any]] = []  # started training processes
+        self._alive: list[Any] = []  # started training processes (anything with Popen's poll())
         self._lock = threading.Lock()
 
     def reset(self) -> None:
@@ -88,7 +161,7 @@ class ProcessWatch:
         with self._lock:
             self.started_what.add(what)
 
-    def training(self, process: subprocess.Popen[Any]) -> None:
+    def training(self, process: Any) -> None:
         with self._lock:
             self._alive = [p for p in self._alive if p.poll() is None]
             self._alive.append(process)
@@ -112,12 +185,37 @@ def _install_watch() -> None:
 
     def watched_popen_init(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
         popen_init(self, args, *rest, **kwargs)
-        if is_torchrun(args):
+        if is_torchrun(args, kwargs.get("env")):
             WATCH.started("torchrun")
         elif is_training(args):
             WATCH.training(self)
 
     subprocess.Popen.__init__ = watched_popen_init  # type: ignore[method-assign]
+
+    system = os.system
+
+    class Running:  # an os.system command, alive until it returns
+        def __init__(self) -> None:
+            self.code: int | None = None
+
+        def poll(self) -> int | None:
+            return self.code
+
+    def watched_system(command: Any) -> int:
+        running = Running()
+        if is_torchrun(command):
+            WATCH.started("torchrun")
+        elif is_training(command):
+            WATCH.training(running)
+        try:
+            running.code = system(command)
+        finally:
+            running.code = -1 if running.code is None else running.code
+        return running.code
+
+    # Pickled by reference as os.system, as the original is (a test's malicious pickle names it).
+    watched_system.__module__, watched_system.__qualname__, watched_system.__name__ = "os", "system", "system"
+    os.system = watched_system
 
     start = multiprocessing.process.BaseProcess.start
 
@@ -161,8 +259,8 @@ def tiers_of(item: pytest.Item) -> set[str]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    WATCH.reset()
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    WATCH.reset()  # from set-up on: what the test's fixtures start counts as the test's
     return (yield)
 
 
