@@ -351,3 +351,95 @@ def test_async_save_failure_is_one_line_and_keeps_the_previous(tmp_path: Path, m
         saver.wait()
     assert "\n" not in str(err.value) and "No space left" in str(err.value)
     assert checkpoint.latest(tmp_path) == good and not list(checkpoint.checkpoints_dir(tmp_path).glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------- format v1
+
+V1 = Path(__file__).parent / "data" / "checkpoint-v1"  # written by main before the package split (its README)
+
+
+def _v1_run(tmp_path: Path) -> Path:
+    """A writable copy of the kept run directory (a resume writes beside it)."""
+    import shutil
+
+    run = tmp_path / "v1"
+    shutil.copytree(V1, run)
+    return run
+
+
+def _v1_state(run: Path) -> TrainState:
+    """A tp=1 trainer's state built from the kept run's own config.json, read as ``--config`` reads it."""
+    from pipeline import config
+    from pipeline.faults.divergence import DivergenceGuard
+
+    cfg, _ = config.parse(["--config", str(run / "config.json"), "--run-dir", str(run)])
+    model = build_model(cfg.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    layout = dict(LAYOUT)
+    guard = DivergenceGuard(cfg.train, CPU, rank=0, world_size=1, dp_size=1)
+    state = TrainState(model, optimizer, LRSchedule(cfg.schedule, cfg.optim.lr), cfg, layout, rank=0, tp_rank=0)
+    state.divergence = guard
+    return state
+
+
+def test_checkpoint_written_by_v1_verifies_and_evaluates(tmp_path: Path) -> None:
+    from pipeline.tools.evaluate import load_member
+
+    run = _v1_run(tmp_path)
+    path = checkpoint.latest(run)
+    assert path is not None and path.name == "step-00000002" and checkpoint.verify(path) is None
+    assert checkpoint.candidates(run) == [path] and checkpoint.resolve(run, LATEST) == path
+    member = load_member(run, LATEST)  # evaluate's way in: the config kept in meta.json
+    assert member.step == 2 and member.cfg.model.widths == (16, 32, 48, 48, 32)
+    logits = member.build(CPU)(torch.randn(2, 3, 227, 227))
+    assert logits.shape == (2, 4) and torch.isfinite(logits).all()
+
+
+def test_checkpoint_written_by_v1_resumes_and_saves_the_same_bytes(tmp_path: Path) -> None:
+    run = _v1_run(tmp_path)
+    kept = checkpoint.latest(run)
+    state = _v1_state(run)
+    saver = Checkpointer(run, state.config.checkpoint, rank=0)
+    assert saver.restore(state, None) == kept
+    assert vars(state.progress) == {"epoch": 0, "step": 2, "step_in_epoch": 2}
+    assert state.rng_restored == {"torch", "python", "python_gauss", "numpy", "numpy_gauss"}
+    assert state.divergence.seen == 2 and state.divergence.rollbacks == []
+    exported = checkpoint.export_model(kept)
+    assert all(torch.equal(exported[k], v) for k, v in state.model.state_dict().items())
+    # Saved again untouched, the state is the same bytes under the same names: the format did not move.
+    again = saver.save(state, CPU)
+    old, new = checkpoint.read_meta(kept), checkpoint.read_meta(again)
+    assert again.name == "step-00000002-1" and checkpoint.verify(again) is None
+    assert sorted(new) == sorted(old) and new["tensors"] == old["tensors"]
+    assert {k: new[k] for k in ("progress", "layout", "schedule", "divergence", "format", "lineage")} == {
+        k: old[k] for k in ("progress", "layout", "schedule", "divergence", "format", "lineage")
+    }
+    assert new["files"]["__0_0.distcp"] == old["files"]["__0_0.distcp"]
+    saver.judge(0, 3)  # the step after both was taken: both good
+    assert [m["health"] for _, m in checkpoint.complete(run)] == [checkpoint.GOOD, checkpoint.GOOD]
+
+
+@pytest.mark.slow
+def test_checkpoint_written_by_v1_resumes_a_training_run(tmp_path: Path, demo_shards: Path) -> None:
+    """The trainer itself, started as a user restarts a run: its own config.json as --config."""
+    import subprocess
+
+    from tests.support import HARNESS, PYTHON, REPO, flags
+    from tests.support.processes import small_env
+
+    run = _v1_run(tmp_path)
+    args = flags("--config {} --run-dir {} --data {}", run / "config.json", run, demo_shards)
+    proc = subprocess.run(
+        [PYTHON, HARNESS, *args, *flags("--max-steps 4 --train.log-every 1")],
+        cwd=REPO,
+        env=small_env({"HARNESS_OUT": str(tmp_path)}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stderr and "epoch 0, step 2" in proc.stderr, proc.stderr[-4000:]
+    last = checkpoint.latest(run)
+    assert checkpoint.read_meta(last)["progress"]["step"] == 4 and checkpoint.verify(last) is None
+    assert checkpoint.read_meta(run / "checkpoints" / "step-00000002")["health"] == checkpoint.GOOD
