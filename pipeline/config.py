@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from basics.errors import UserError
-from pipeline.checkpoint import CheckpointConfig
+from pipeline.checkpoint.config import CheckpointConfig
 from pipeline.data import DataConfig
 from pipeline.model import ModelConfig
 from pipeline.schedule import ScheduleConfig
