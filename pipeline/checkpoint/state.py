@@ -50,7 +50,7 @@ class Progress:
     step_in_epoch: int = 0  # steps of ``epoch`` already taken
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)  # live models and optimizers: identity, not value
 class TrainState:
     """Everything a restart needs: model towers, SGD momentum, RNG, progress, schedule, config, layout.
 
