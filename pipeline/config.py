@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from basics.errors import UserError
-from pipeline.checkpoint import CheckpointConfig
+from pipeline.checkpoint.config import CheckpointConfig
 from pipeline.data import DataConfig
 from pipeline.faults.config import FaultsConfig
 from pipeline.model import ModelConfig
@@ -34,7 +34,6 @@ from pipeline.options import (
     Check,
     Rule,
     Section,
-    add_checks,
     at_least,
     build,
     default_of,
@@ -148,18 +147,6 @@ class RunConfig(Section):
 
 
 name_places(RunConfig)
-
-# The ranges of the sections that pipeline.checkpoint and pipeline.data declare; they join their fields (as
-# ``option(..., check)``) once those packages' split (issue 34) has landed. A name that is no field fails here.
-add_checks(
-    CheckpointConfig,
-    every_epochs=at_least(1),
-    every_minutes=finite(0, note=" (0 = never by time)"),
-    every_steps=at_least(0, " (0 = never by step count)"),
-    keep_last=at_least(1),
-)
-add_checks(DataConfig, lighting_std=finite(0))
-
 
 # The issue-level flags users type most; each maps onto one field of the tree.
 ALIASES = {

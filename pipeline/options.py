@@ -102,7 +102,6 @@ class Section:
         check_section(self)
 
 
-_ADDED: dict[type, dict[str, Check]] = {}
 _PLACES: dict[type, str] = {}  # a section's dotted place in the tree, so that a message names the flag
 
 
@@ -115,18 +114,9 @@ def name_places(root: type, prefix: str = "") -> None:
             name_places(hints[f.name], f"{prefix}{f.name}.")
 
 
-def add_checks(cls: type, **checks: Check) -> None:
-    """Checks for the fields of a section that another module declares without them (until it carries them)."""
-    unknown = set(checks) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise LookupError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
-    _ADDED.setdefault(cls, {}).update(checks)
-
-
 def checks_of(cls: type) -> dict[str, Check]:
     """Every field's check of a section, by field name."""
-    own = {f.name: f.metadata["check"] for f in dataclasses.fields(cls) if "check" in f.metadata}
-    return {**own, **_ADDED.get(cls, {})}
+    return {f.name: f.metadata["check"] for f in dataclasses.fields(cls) if "check" in f.metadata}
 
 
 def check_section(section: Any) -> None:

@@ -122,6 +122,13 @@ class Trainer:
             self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr)
         layout = {"world_size": self.dims.world_size, "dp_size": self.dims.dp_size, "tp_size": self.dims.tp_size}
+        self.guard = divergence.DivergenceGuard(
+            cfg.faults.divergence,
+            device,
+            rank=self.dims.rank,
+            world_size=self.dims.world_size,
+            dp_size=self.dims.dp_size,
+        )
         self.state = TrainState(
             self.model,
             self.optimizer,
@@ -131,16 +138,9 @@ class Trainer:
             rank=self.dims.rank,
             tp_rank=self.dims.tp_rank,
             towers=cfg.model.towers,
+            divergence=self.guard,
+            dataset=_dataset_identity(cfg.data.data),
         )
-        self.guard = divergence.DivergenceGuard(
-            cfg.faults.divergence,
-            device,
-            rank=self.dims.rank,
-            world_size=self.dims.world_size,
-            dp_size=self.dims.dp_size,
-        )
-        self.state.divergence = self.guard
-        self.state.dataset = _dataset_identity(cfg.data.data)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.dims.rank, marks=self.marks)
         self.requests = ManualRequests(self.run_dir)
         self.writer = MetricWriter(self.run_dir, enabled=self.dims.is_main)
@@ -338,7 +338,7 @@ class Trainer:
         if bad:
             self._diverged(int(values[Flag.NONFINITE]))  # raises, unless it rolled back
             return EpochEnd.ROLLBACK
-        self.checkpointer.judge(0, self.progress.step)  # the saves before this step have trained on
+        self.checkpointer.mark_health(0, self.progress.step)  # the saves before this step have trained on
         if drop:
             self._manual_drop(pending)
         if profile:
@@ -450,7 +450,7 @@ class Trainer:
         """Every rank: stop with one line naming the good checkpoint, or roll back (``--faults.divergence.action``)."""
         event = self.guard.event()
         step = self.progress.step
-        good = self.checkpointer.diverged(first_bad, step)
+        good = self.checkpointer.fall_back_to_good(first_bad, step)
         good_step = read_meta(good)["progress"]["step"] if good is not None else None
         plan, why = divergence.rollback_plan(self.guard, event, good=good, good_step=good_step, step=step)
         if plan is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from pipeline import checkpoint
 from pipeline.checkpoint import (
@@ -25,8 +26,10 @@ from pipeline.checkpoint import (
     NonFiniteState,
     TrainState,
 )
+from pipeline.checkpoint.integrity import file_sha256
 from pipeline.config import RunConfig
 from pipeline.model import ModelConfig, build_model
+from pipeline.run_dir import RunDir
 from pipeline.schedule import LRSchedule
 
 CPU = torch.device("cpu")
@@ -64,7 +67,7 @@ def _distcp(path: Path) -> Path:
 
 
 def _names(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in checkpoint.checkpoints_dir(run_dir).iterdir() if p.is_dir())
+    return sorted(p.name for p in RunDir(run_dir).checkpoints.iterdir() if p.is_dir())
 
 
 def test_restore_is_exact_weights_momentum_rng_progress(tmp_path: Path) -> None:
@@ -114,7 +117,7 @@ def test_resume_of_an_old_checkpoint_starts_a_lineage_and_loses_nothing(tmp_path
     assert third.name == "step-00000030-1"  # a name is never reused
     assert _names(tmp_path) == ["step-00000010", "step-00000020", "step-00000030-1"]
     assert "pruned checkpoint step-00000040" in caplog.text
-    assert all(checkpoint.verify(checkpoint.checkpoints_dir(tmp_path) / n) is None for n in _names(tmp_path))
+    assert all(checkpoint.verify(RunDir(tmp_path).checkpoints / n) is None for n in _names(tmp_path))
 
 
 def test_resaving_a_step_never_deletes_it_first(tmp_path: Path) -> None:
@@ -188,11 +191,11 @@ def test_retention_never_leaves_only_states_that_diverged(tmp_path: Path) -> Non
     named and a restart resumed."""
     state, saver = _state(tmp_path), _saver(tmp_path, keep_last=1)
     healthy = _save_at(saver, state, 10)
-    saver.judge(0, 11)  # step 11 trained on it without diverging
+    saver.mark_health(0, 11)  # step 11 trained on it without diverging
     assert json.loads((healthy / META).read_text())["health"] == checkpoint.GOOD
     poisoned = _save_at(saver, state, 20)
     assert healthy.is_dir()  # kept beside keep-last's one: the newest good checkpoint
-    assert saver.diverged(first_bad=21, step=21) == healthy  # step 21, trained on step-20's state, diverged
+    assert saver.fall_back_to_good(first_bad=21, step=21) == healthy  # step 21, trained on step-20's state, diverged
     assert json.loads((poisoned / META).read_text())["health"] == checkpoint.DIVERGED
     assert checkpoint.latest(tmp_path) == healthy and checkpoint.candidates(tmp_path) == [healthy]
     assert _saver(tmp_path).restore(_state(tmp_path), None) == healthy
@@ -201,7 +204,7 @@ def test_retention_never_leaves_only_states_that_diverged(tmp_path: Path) -> Non
 def test_a_divergence_with_no_good_checkpoint_leaves_nothing_to_resume(tmp_path: Path) -> None:
     state, saver = _state(tmp_path), _saver(tmp_path)
     _save_at(saver, state, 1)
-    assert saver.diverged(first_bad=2, step=2) is None
+    assert saver.fall_back_to_good(first_bad=2, step=2) is None
     assert _saver(tmp_path).restore(_state(tmp_path), None) is None  # a fresh start, not the diverged state
 
 
@@ -224,7 +227,7 @@ def test_no_file_in_a_checkpoint_is_unpickled(tmp_path: Path) -> None:
     (path / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
     meta["files"][".metadata"] = {
         "size": (path / ".metadata").stat().st_size,
-        "sha256": checkpoint._sha256(path / ".metadata"),
+        "sha256": file_sha256(path / ".metadata"),
     }
     (path / META).write_text(json.dumps(meta))
     assert checkpoint.export_model(path)
@@ -236,7 +239,7 @@ def test_no_file_in_a_checkpoint_is_unpickled(tmp_path: Path) -> None:
     blob.write_bytes(payload)
     for where in meta["tensors"].values():
         where.update(offset=0, length=len(payload))
-    meta["files"][blob.name] = {"size": len(payload), "sha256": checkpoint._sha256(blob)}
+    meta["files"][blob.name] = {"size": len(payload), "sha256": file_sha256(blob)}
     (path / META).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="does not load"):
         checkpoint.export_model(path)
@@ -274,7 +277,7 @@ def test_pointers_and_resolve(tmp_path: Path) -> None:
     assert checkpoint.resolve(tmp_path, LATEST) == last
     assert checkpoint.resolve(tmp_path, str(best)) == best
     assert checkpoint.resolve(tmp_path, best.name) == best
-    (checkpoint.checkpoints_dir(tmp_path) / LATEST).write_text("../../etc")  # a hostile pointer
+    (RunDir(tmp_path).checkpoints / LATEST).write_text("../../etc")  # a hostile pointer
     assert checkpoint.latest(tmp_path) == last  # falls back to the newest complete one
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         checkpoint.resolve(tmp_path, str(tmp_path / "nope"))
@@ -286,7 +289,7 @@ def test_killed_between_rename_and_pointer_move_resumes_the_newer_one(tmp_path: 
     state, saver = _state(tmp_path), _saver(tmp_path)
     previous = _save_at(saver, state, 10)
     newer = _save_at(saver, state, 20)
-    (checkpoint.checkpoints_dir(tmp_path) / LATEST).write_text(previous.name)  # the pointer never moved
+    (RunDir(tmp_path).checkpoints / LATEST).write_text(previous.name)  # the pointer never moved
     assert _saver(tmp_path).restore(_state(tmp_path), None) == newer
 
 
@@ -302,7 +305,7 @@ def test_a_crash_right_after_an_explicit_resume_comes_back_to_it(tmp_path: Path)
     resumed = _state(tmp_path)
     assert again.restore(resumed, None) == chosen
     first = _save_at(again, resumed, 15)  # the new lineage's first save, then the pointer is lost
-    (checkpoint.checkpoints_dir(tmp_path) / LATEST).write_text(chosen.name)
+    (RunDir(tmp_path).checkpoints / LATEST).write_text(chosen.name)
     assert _saver(tmp_path).restore(_state(tmp_path), None) == first
 
 
@@ -331,7 +334,7 @@ def test_async_save_holds_the_state_of_its_step_not_what_came_after(tmp_path: Pa
     assert checkpoint.verify(path) is None and checkpoint.latest(tmp_path) == path
     exported = checkpoint.export_model(path)
     assert all(torch.equal(saved[k], exported[k]) for k in saved)
-    assert not list(checkpoint.checkpoints_dir(tmp_path).glob("*.tmp"))
+    assert not list(RunDir(tmp_path).checkpoints.glob("*.tmp"))
 
 
 def test_async_save_failure_is_one_line_and_keeps_the_previous(tmp_path: Path, monkeypatch) -> None:
@@ -343,11 +346,101 @@ def test_async_save_failure_is_one_line_and_keeps_the_previous(tmp_path: Path, m
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.dcp, "save", full_disk)
+    monkeypatch.setattr(dcp, "save", full_disk)
     _save_at(saver, state, 20)
     saver._pending.thread.join()
     assert saver.failed()  # what the trainer's control step shares with every rank
     with pytest.raises(CheckpointError, match="checkpoint at step 20 failed") as err:
         saver.wait()
     assert "\n" not in str(err.value) and "No space left" in str(err.value)
-    assert checkpoint.latest(tmp_path) == good and not list(checkpoint.checkpoints_dir(tmp_path).glob("*.tmp"))
+    assert checkpoint.latest(tmp_path) == good and not list(RunDir(tmp_path).checkpoints.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------- format v1
+
+V1 = Path(__file__).parent / "data" / "checkpoint-v1"  # written by main before the package split (its README)
+
+
+def _v1_run(tmp_path: Path) -> Path:
+    """A writable copy of the kept run directory (a resume writes beside it)."""
+    import shutil
+
+    run = tmp_path / "v1"
+    shutil.copytree(V1, run)
+    return run
+
+
+def _v1_state(run: Path) -> TrainState:
+    """A tp=1 trainer's state built from the kept run's own config.json, read as ``--config`` reads it."""
+    from pipeline import config
+    from pipeline.faults.divergence import DivergenceGuard
+
+    cfg, _ = config.parse(["--config", str(run / "config.json"), "--run-dir", str(run)])
+    model = build_model(cfg.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    guard = DivergenceGuard(cfg.faults.divergence, CPU, rank=0, world_size=1, dp_size=1)
+    schedule = LRSchedule(cfg.schedule, cfg.optim.lr)
+    return TrainState(model, optimizer, schedule, cfg, dict(LAYOUT), rank=0, tp_rank=0, divergence=guard)
+
+
+def test_checkpoint_written_by_v1_verifies_and_evaluates(tmp_path: Path) -> None:
+    from pipeline.tools.evaluate import load_member
+
+    run = _v1_run(tmp_path)
+    path = checkpoint.latest(run)
+    assert path is not None and path.name == "step-00000002" and checkpoint.verify(path) is None
+    assert checkpoint.candidates(run) == [path] and checkpoint.resolve(run, LATEST) == path
+    member = load_member(run, LATEST)  # evaluate's way in: the config kept in meta.json
+    assert member.step == 2 and member.cfg.model.widths == (16, 32, 48, 48, 32)
+    logits = member.build(CPU)(torch.randn(2, 3, 227, 227))
+    assert logits.shape == (2, 4) and torch.isfinite(logits).all()
+
+
+def test_checkpoint_written_by_v1_resumes_and_saves_the_same_bytes(tmp_path: Path) -> None:
+    run = _v1_run(tmp_path)
+    kept = checkpoint.latest(run)
+    state = _v1_state(run)
+    saver = Checkpointer(run, state.config.checkpoint, rank=0)
+    assert saver.restore(state, None) == kept
+    assert vars(state.progress) == {"epoch": 0, "step": 2, "step_in_epoch": 2}
+    assert state.rng_restored == {"torch", "python", "python_gauss", "numpy", "numpy_gauss"}
+    assert state.divergence.seen == 2 and state.divergence.rollbacks == []
+    exported = checkpoint.export_model(kept)
+    assert all(torch.equal(exported[k], v) for k, v in state.model.state_dict().items())
+    # Saved again untouched, the state is the same bytes under the same names: the format did not move.
+    again = saver.save(state, CPU)
+    old, new = checkpoint.read_meta(kept), checkpoint.read_meta(again)
+    assert again.name == "step-00000002-1" and checkpoint.verify(again) is None
+    assert sorted(new) == sorted(old) and new["tensors"] == old["tensors"]
+    assert {k: new[k] for k in ("progress", "layout", "schedule", "divergence", "format", "lineage")} == {
+        k: old[k] for k in ("progress", "layout", "schedule", "divergence", "format", "lineage")
+    }
+    assert new["files"]["__0_0.distcp"] == old["files"]["__0_0.distcp"]
+    saver.mark_health(0, 3)  # the step after both was taken: both good
+    assert [m["health"] for _, m in checkpoint.readable(run)] == [checkpoint.GOOD, checkpoint.GOOD]
+
+
+@pytest.mark.slow
+def test_checkpoint_written_by_v1_resumes_a_training_run(tmp_path: Path, demo_shards: Path) -> None:
+    """The trainer itself, started as a user restarts a run: its own config.json as --config."""
+    import subprocess
+
+    from tests.support import HARNESS, PYTHON, REPO, flags
+    from tests.support.processes import small_env
+
+    run = _v1_run(tmp_path)
+    args = flags("--config {} --run-dir {} --data {}", run / "config.json", run, demo_shards)
+    proc = subprocess.run(
+        [PYTHON, HARNESS, *args, *flags("--max-steps 4 --train.log-every 1")],
+        cwd=REPO,
+        env=small_env({"HARNESS_OUT": str(tmp_path)}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stderr and "epoch 0, step 2" in proc.stderr, proc.stderr[-4000:]
+    last = checkpoint.latest(run)
+    assert checkpoint.read_meta(last)["progress"]["step"] == 4 and checkpoint.verify(last) is None
+    assert checkpoint.read_meta(run / "checkpoints" / "step-00000002")["health"] == checkpoint.GOOD

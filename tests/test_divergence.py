@@ -91,7 +91,7 @@ def test_the_issues_reproduction_stops_at_a_good_checkpoint_that_a_lower_lr_trai
     assert "spike (above the cap) at step 3" in line, line
     # Everything saved after the good one is marked, and no automatic resume would pick it.
     good_step = _meta(good)["step"]
-    later = [p for p, m in checkpoint.complete(run_dir) if m["seq"] > _meta(good)["seq"]]
+    later = [p for p, m in checkpoint.readable(run_dir) if m["seq"] > _meta(good)["seq"]]
     assert later and all(_meta(p)["health"] == DIVERGED for p in later)
     assert checkpoint.candidates(run_dir)[0] == good
 
@@ -135,7 +135,7 @@ def test_a_finite_spike_rolls_back_skips_its_batches_and_reproduces(demo_shards:
     [rollback] = _meta(last)["divergence"]["rollbacks"]
     assert rollback["diverged_step"] == 9 and rollback["skipped_steps"] == [8, 9]
     assert rollback["kind"].startswith("spike") and rollback["lr_scale"] == 0.5
-    health = {p.name: m["health"] for p, m in checkpoint.complete(a)}
+    health = {p.name: m["health"] for p, m in checkpoint.readable(a)}
     assert health["step-00000007"] == GOOD and health["step-00000008"] == DIVERGED  # step 9 trained on step-8
     assert health["step-00000009"] == GOOD  # the state after the rollback: step-7's weights, trained on
     # Two runs with the same seed: the same weights, bit for bit.

@@ -150,14 +150,14 @@ def test_lr_drop_cli_odd_paths(tmp_path: Path) -> None:
 
 def test_every_check_names_a_field_and_every_section_is_checked() -> None:
     """A rule's names and its message's {placeholders} are fields of its section (a rename cannot drop a check);
-    every section either checks itself (``Section``) or has its ranges added; every default passes."""
+    every section checks itself (``Section``); every default passes."""
     import dataclasses
     import re
 
     from pipeline import config, options
 
     for cls in options.sections(config.RunConfig):
-        assert issubclass(cls, options.Section) or cls in options._ADDED, f"{cls.__name__} is never checked"
+        assert issubclass(cls, options.Section), f"{cls.__name__} is never checked"
         assert cls in options._PLACES, f"{cls.__name__}: its errors would not name the flag"
         for rule in cls.RULES if issubclass(cls, options.Section) else ():
             for name in rule.names:
@@ -184,8 +184,6 @@ def test_a_rule_naming_no_field_fails_at_once() -> None:
 
     with pytest.raises(AttributeError, match="hang_timeout"):
         Renamed()
-    with pytest.raises(LookupError, match="no field"):
-        options.add_checks(Renamed, hang_timeout=options.at_least(1))
 
 
 def test_help_shows_each_options_doc_default_range_and_old_name() -> None:

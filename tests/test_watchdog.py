@@ -559,7 +559,8 @@ def test_waiting_for_a_background_save_shows_the_writers_phase(tmp_path: Path, m
 
     import torch
 
-    from pipeline.checkpoint import CheckpointConfig, Checkpointer, TrainState, _MarkedWriter
+    from pipeline.checkpoint import CheckpointConfig, Checkpointer, TrainState
+    from pipeline.checkpoint.writer import PhaseMarkingWriter
     from pipeline.config import RunConfig
     from pipeline.model import ModelConfig, build_model
     from pipeline.schedule import LRSchedule
@@ -572,9 +573,9 @@ def test_waiting_for_a_background_save_shows_the_writers_phase(tmp_path: Path, m
     state = TrainState(model, optimizer, LRSchedule(cfg.schedule, 0.01), cfg, layout, rank=0, tp_rank=0)
     marks = PhaseMarks()
     saver = Checkpointer(tmp_path, CheckpointConfig(every_minutes=0, async_save=True), rank=0, marks=marks)
-    exchange = _MarkedWriter.prepare_global_plan
+    exchange = PhaseMarkingWriter.prepare_global_plan
     monkeypatch.setattr(
-        _MarkedWriter, "prepare_global_plan", lambda self, plans: (time.sleep(1.5), exchange(self, plans))[1]
+        PhaseMarkingWriter, "prepare_global_plan", lambda self, plans: (time.sleep(1.5), exchange(self, plans))[1]
     )
     saver.save(state, torch.device("cpu"))
     assert marks.current.phase == "checkpoint"  # the training thread's last marker: the copy to host memory

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from basics.errors import UserError
+from pipeline.options import Check, Section, at_least, finite, one_of, option
 from preprocess import format as fmt
 
 LOADERS = ("dali", "torch")
@@ -20,41 +20,25 @@ VERIFY = ("full", "size")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     data: str = "demo/shards"
     """preprocessed dataset directory (manifest.json + shards), from `python -m preprocess shard`"""
-    loader: str = "dali"
+    loader: str = option("dali", one_of(*LOADERS))
     """input pipeline: dali (GPU decode on CUDA, CPU threads otherwise) or torch (DataLoader fallback)"""
-    crop: int = 227
+    crop: int = option(227, Check(lambda x: 1 <= x <= fmt.IMAGE_SIZE, f"in 1..{fmt.IMAGE_SIZE}"))
     """side of the square training/validation crop taken from the 256x256 stored images"""
-    mean: str = "image"
+    mean: str = option("image", one_of(*MEANS))
     """mean subtraction: image (the paper: the 256x256 train mean image, 0..255 scale) or channel (mean/std)"""
-    lighting_std: float = 0.1
+    lighting_std: float = option(0.1, finite(0))
     """std of the PCA lighting coefficients alpha (the paper: 0.1; 0 = off)"""
-    verify: str = "full"
+    verify: str = option("full", one_of(*VERIFY))
     """shard check before reading: full (sha256 against the manifest, remembered per dataset until changed) or size"""
-    workers: int = 0
+    workers: int = option(0, at_least(0))
     """CPU threads (dali) or worker processes (torch) per rank; 0 = this process's CPUs / local ranks"""
-    dtype: str = "float32"
+    dtype: str = option("float32", one_of(*DTYPES))
     """image dtype handed to the model: float32 or bfloat16"""
     channels_last: bool = False
     """hand images over in NHWC memory (torch.channels_last) instead of NCHW"""
-
-    def __post_init__(self) -> None:
-        if self.loader not in LOADERS:
-            raise UserError(f"--data.loader must be one of {', '.join(LOADERS)} (got {self.loader!r})")
-        if self.mean not in MEANS:
-            raise UserError(f"--data.mean must be one of {', '.join(MEANS)} (got {self.mean!r})")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--data.dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
-        if not 1 <= self.crop <= fmt.IMAGE_SIZE:
-            raise UserError(f"--data.crop must be in 1..{fmt.IMAGE_SIZE} (got {self.crop})")
-        if self.lighting_std < 0:
-            raise UserError(f"--data.lighting-std must be >= 0 (got {self.lighting_std})")
-        if self.verify not in VERIFY:
-            raise UserError(f"--data.verify must be one of {', '.join(VERIFY)} (got {self.verify!r})")
-        if self.workers < 0:
-            raise UserError(f"--data.workers must be >= 0 (got {self.workers})")
 
 
 def resolve_workers(workers: int) -> int:

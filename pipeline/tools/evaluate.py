@@ -153,11 +153,12 @@ def member_checkpoint(spec: str | Path, which: str = "best") -> Path:
     """A checkpoint directory as given, or run directory ``spec``'s ``which`` checkpoint."""
     from pipeline import checkpoint
     from pipeline.checkpoint import META
+    from pipeline.run_dir import RunDir
 
     path = Path(spec)
     if (path / META).exists():
         return path
-    if checkpoint.checkpoints_dir(path).is_dir():
+    if RunDir(path).checkpoints.is_dir():
         return checkpoint.resolve(path, which)
     raise UserError(f"{spec}: neither a checkpoint directory (with {META}) nor a run directory (with checkpoints/)")
 

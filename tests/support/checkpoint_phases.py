@@ -22,7 +22,8 @@ DELAY_S = 1.5
 
 
 def save_with_delays(rank: int, workdir: str) -> None:
-    from pipeline import checkpoint
+    from torch.distributed import checkpoint as dcp
+
     from pipeline.checkpoint import CheckpointConfig, Checkpointer, TrainState
     from pipeline.config import RunConfig
     from pipeline.model import ModelConfig, build_model
@@ -44,21 +45,21 @@ def save_with_delays(rank: int, workdir: str) -> None:
         marks = PhaseMarks()
         saver = Checkpointer(root / "run", CheckpointConfig(every_minutes=0), rank, marks=marks)
         if rank == 1:
-            write = checkpoint.dcp.FileSystemWriter.write_data
+            write = dcp.FileSystemWriter.write_data
 
             def slow_write(self, plan, planner):
                 time.sleep(DELAY_S)  # DCP's file writing, which the marked writer wraps
                 return write(self, plan, planner)
 
-            checkpoint.dcp.FileSystemWriter.write_data = slow_write
+            dcp.FileSystemWriter.write_data = slow_write
         else:
-            finish = Checkpointer._finish
+            commit = Checkpointer._commit
 
-            def slow_finish(self, *args, **kwargs):
+            def slow_commit(self, *args, **kwargs):
                 time.sleep(DELAY_S)
-                return finish(self, *args, **kwargs)
+                return commit(self, *args, **kwargs)
 
-            Checkpointer._finish = slow_finish
+            Checkpointer._commit = slow_commit
         samples: list[tuple[float, str]] = []
         done = threading.Event()
 

@@ -169,7 +169,7 @@ def hold_saves(gate: Path) -> None:
     """Rank 0's checkpoint commit stops for good at the point ``gate/hold`` names, once ``gate/held`` says so:
     ``written`` (every rank's data on disk, nothing committed) or ``renamed`` (the directory has its final
     name, ``latest`` has not moved). The test kills the run there."""
-    from pipeline import checkpoint
+    from pipeline.checkpoint import checkpointer
 
     def hold(point: str) -> None:
         try:
@@ -181,18 +181,18 @@ def hold_saves(gate: Path) -> None:
             while True:
                 time.sleep(1)
 
-    finish, fsync_dir = checkpoint.Checkpointer._finish, checkpoint.fsync_dir
+    commit, fsync_dir = checkpointer.Checkpointer._commit, checkpointer.fsync_dir
 
-    def held_finish(self, *args, **kwargs):
+    def held_commit(self, *args, **kwargs):
         hold("written")
-        return finish(self, *args, **kwargs)
+        return commit(self, *args, **kwargs)
 
     def held_fsync_dir(path):  # the commit's fsync of the renamed directory, just before `latest` moves
         fsync_dir(path)
         hold("renamed")
 
-    checkpoint.Checkpointer._finish = held_finish
-    checkpoint.fsync_dir = held_fsync_dir
+    checkpointer.Checkpointer._commit = held_commit
+    checkpointer.fsync_dir = held_fsync_dir
 
 
 def gate_saves(gate: Path, rank: int) -> None:
