@@ -9,6 +9,7 @@ never sees half a file and a kill never leaves one under the final name.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import threading
@@ -76,3 +77,12 @@ def fsync_dir(directory: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256 (hex), read in 8 MiB blocks: shards and checkpoints run to gigabytes."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            hasher.update(block)
+    return hasher.hexdigest()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from basics.errors import UserError
-from basics.files import TMP_MARK, atomic_output, write_bytes_atomic, write_json_atomic
+from basics.files import TMP_MARK, atomic_output, file_sha256, write_bytes_atomic, write_json_atomic
 from preprocess import format as fmt
 
 TAR_BLOCK = 512
@@ -213,14 +213,6 @@ def remove_unfinished(directory: Path, shard_names: Sequence[str]) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Done-records and verification
-
-
-def file_sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 def read_done(shard_path: Path) -> dict[str, Any] | None:

@@ -8,7 +8,6 @@ Every load verifies the checksums first.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import stat
 from pathlib import Path
@@ -16,19 +15,10 @@ from typing import BinaryIO
 
 import torch
 
+from basics.files import file_sha256
 from pipeline import model as model_lib
 from pipeline.checkpoint.catalogue import read_meta
 from pipeline.checkpoint.errors import CheckpointError
-
-_HASH_CHUNK = 8 << 20
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(path: str | Path) -> str | None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from basics.errors import UserError
-from basics.files import write_json_atomic
+from basics.files import file_sha256, write_json_atomic
 from pipeline.data.dataset import Split
 from preprocess import format as fmt
 
@@ -137,11 +137,6 @@ def verify_shards(
         later = [i for i, ok in zip(todo, first) if not ok]
         list(pool.map(lambda i: check(i, wait=True), later))
     return done
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _check(split: Split, i: int, cache: Path | None, *, wait: bool) -> tuple[str, Signature] | None:
