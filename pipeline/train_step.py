@@ -8,8 +8,6 @@ device, without a host sync). The loop around it (``pipeline.train``) sets nothi
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -57,10 +55,12 @@ class TrainStep:
         first_layer = next(self.model.parameters())
         first_layer.register_post_accumulate_grad_hook(lambda _: self.marks.enter("gradient-sync"))
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, lr: float, step: int) -> tuple[Any, Any]:
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, *, lr: float, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one batch at rate ``lr``; ``step``: the steps done before it. Returns (loss, logits) on the
         device, unread: reading them costs a sync, which only logged steps pay."""
-        compiling = self.compiles.take("train")
+        compiling = self.compiles.take("train")  # the whole first step is one slow "compile" phase
         self.marks.enter("compile" if compiling else "forward", step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
