@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from basics.errors import UserError, run_cli
+from pipeline.run_dir import CONFIG, RunDir
 from pipeline.schedule import request_manual_drop
 
 
@@ -27,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        if not (args.run_dir / "config.json").is_file():
-            raise UserError(f"{args.run_dir}: not a run directory (no config.json); pass the job's --run-dir")
+        if not RunDir(args.run_dir).is_run():
+            raise UserError(f"{args.run_dir}: not a run directory (no {CONFIG}); pass the job's --run-dir")
         path = request_manual_drop(args.run_dir, args.note)
         print(f"requested an LR drop: {path}; the job applies it at its next control step")
         return 0

@@ -23,6 +23,7 @@ from pathlib import Path
 from basics.errors import UserError, run_cli
 from pipeline.faults.lease import live_writer
 from pipeline.profiling import MAX_STEPS, request_profile
+from pipeline.run_dir import CONFIG, LEASE, RunDir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,16 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if not 1 <= args.steps <= MAX_STEPS:
             raise UserError(f"--steps must be between 1 and {MAX_STEPS} (got {args.steps})")
-        if not (args.run_dir / "config.json").is_file():
-            raise UserError(f"{args.run_dir}: not a run directory (no config.json); pass the job's --run-dir")
+        if not RunDir(args.run_dir).is_run():
+            raise UserError(f"{args.run_dir}: not a run directory (no {CONFIG}); pass the job's --run-dir")
         if live_writer(args.run_dir) is None:
             raise UserError(
-                f"{args.run_dir}: no running job holds this run directory (no live writer.lease), so nobody would "
+                f"{args.run_dir}: no running job holds this run directory (no live {LEASE}), so nobody would "
                 "record a profile; profile while it trains, or start it with --profile.steps A:B"
             )
         path = request_profile(args.run_dir, args.steps, shapes=args.shapes, stacks=args.stacks)
         print(
-            f"requested a profile of {args.steps} steps: {args.run_dir / 'profiles'}/<time>/ once the job's next "
+            f"requested a profile of {args.steps} steps: {RunDir(args.run_dir).profiles}/<time>/ once the job's next "
             f"control step has seen {path.name}; the job logs where"
         )
         return 0

@@ -106,7 +106,7 @@ def run(
     from pipeline.mesh import ParallelDims, build_mesh
     from pipeline.perf import oom_snapshot
     from pipeline.phases import PhaseMarks
-    from pipeline.train import Loaders, Trainer, write_run_config
+    from pipeline.train import Loaders, build_trainer, write_run_config
     from preprocess.format import read_manifest
 
     env = env or ProcessEnv.from_environ()
@@ -132,7 +132,7 @@ def run(
             heartbeat = lease.heartbeat if lease else None
             # A CUDA out-of-memory error leaves a memory snapshot in RUN_DIR/memory and one line naming it.
             with oom_snapshot(cfg.run_dir, env.rank, device, cfg.profile.memory_history):
-                trainer = Trainer(cfg, mesh, device, stop, loaders or Loaders(), heartbeat=heartbeat, marks=marks)
+                trainer = build_trainer(cfg, mesh, device, stop, loaders or Loaders(), heartbeat=heartbeat, marks=marks)
                 outcome = trainer.fit(resume=args.resume)
             return outcome
         finally:

@@ -337,8 +337,9 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
 
 def save(cfg: RunConfig, run_dir: Path) -> Path:
     from basics.files import write_json_atomic
+    from pipeline.run_dir import RunDir
 
-    path = Path(run_dir) / "config.json"
+    path = RunDir(run_dir).config
     write_json_atomic(path, cfg.to_dict())
     return path
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from basics.errors import UserError
+from pipeline.run_dir import RunDir
 
 log = logging.getLogger("alexnet")
 
@@ -131,7 +132,7 @@ class MetricWriter:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(RunDir(run_dir).tensorboard))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self._tb is None:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from basics.errors import UserError
 from pipeline.model import ModelConfig, build_model, layer_table
+from pipeline.run_dir import RunDir
 
 log = logging.getLogger("alexnet")
 
@@ -166,7 +167,7 @@ def oom_snapshot(
     except torch.cuda.OutOfMemoryError as e:
         if not on:
             raise
-        folder = Path(run_dir) / "memory"
+        folder = RunDir(run_dir).memory
         path = folder / f"oom-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-rank-{rank}.pickle"
         try:
             folder.mkdir(parents=True, exist_ok=True)

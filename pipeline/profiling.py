@@ -33,12 +33,11 @@ import torch.distributed as dist
 from basics.files import atomic_output
 from pipeline.config import ProfileConfig
 from pipeline.phases import Mark, PhaseMarks
+from pipeline.run_dir import PROFILE_REQUEST, RunDir
 from pipeline.schedule import RequestFiles, write_request
 
 log = logging.getLogger("alexnet")
 
-PROFILE_REQUEST = "profile.request"
-PROFILES_DIR = "profiles"
 PHASE_PREFIX = "phase/"  # the record_function ranges of the trainer's phase marks
 METADATA_KEY = "alexnet"  # the trace's metadata entry: window steps, wall time, rank, layout
 MAX_STEPS = 10000
@@ -193,7 +192,7 @@ class Profiler:
         prof.add_metadata_json(METADATA_KEY, json.dumps(meta))
         prof.stop()
         self._prof, self.window = None, None
-        folder = self.run_dir / PROFILES_DIR / window.folder
+        folder = RunDir(self.run_dir).profiles / window.folder
         path = folder / f"rank-{self.rank}.json"
         try:
             folder.mkdir(parents=True, exist_ok=True)

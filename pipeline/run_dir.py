@@ -95,9 +95,27 @@ class RunDir:
     def report(self) -> Path:
         return self.root / REPORT
 
+    @property
+    def preempt_request(self) -> Path:
+        """An operator's stop (slurm/train.sh's signal trap writes it): checkpoint at the next control step."""
+        return self.root / PREEMPT_REQUEST
+
     def eval_result(self, checkpoint: str, *, ten_crop: bool = True) -> Path:
         """Where ``pipeline.tools.evaluate`` writes a checkpoint's result (``eval-step-N.json`` / ``-centre``)."""
         return self.root / f"eval-{checkpoint}{'' if ten_crop else '-centre'}.json"
+
+    @property
+    def eval_ensemble(self) -> Path:
+        """Where ``pipeline.tools.evaluate`` writes an ensemble's result (in its first member's run)."""
+        return self.root / "eval-ensemble.json"
+
+    def eval_results(self) -> list[Path]:
+        """Every evaluation result written here (checkpoints and ensembles), by name."""
+        return sorted(self.root.glob("eval-*.json"))
+
+    def neighbours_figure(self, checkpoint: str) -> Path:
+        """Figure 4 of a checkpoint (``pipeline.tools.analysis neighbours``; the report shows it)."""
+        return self.figures / f"neighbours-{checkpoint}.png"
 
     def is_run(self) -> bool:
         """Has a training run started here (its config was written)?"""

@@ -28,9 +28,9 @@ from typing import Any
 from basics.errors import UserError
 from basics.files import write_json_atomic
 from pipeline.options import Check, Section, at_least, finite, one_of, option
+from pipeline.run_dir import LR_DROP_REQUEST
 
 POLICIES = ("plateau", "milestones", "manual")
-MANUAL_REQUEST = "lr_drop.request"
 
 
 @dataclass
@@ -128,7 +128,7 @@ def request_manual_drop(run_dir: str | Path, note: str = "") -> Path:
 
     Each request is its own file, so two requests are two files and the job reports both.
     """
-    return write_request(run_dir, MANUAL_REQUEST, {"note": note})
+    return write_request(run_dir, LR_DROP_REQUEST, {"note": note})
 
 
 def write_request(run_dir: str | Path, name: str, payload: dict[str, Any]) -> Path:
@@ -181,7 +181,7 @@ class ManualRequests(RequestFiles):
     """Operators' LR-drop requests in a run directory, as rank 0 sees them at a control step."""
 
     def __init__(self, run_dir: str | Path):
-        super().__init__(run_dir, MANUAL_REQUEST)
+        super().__init__(run_dir, LR_DROP_REQUEST)
 
     def settle(self, requests: list[Path], *, step: int, applied: bool, max_drops: int) -> str:
         """Rename each request after what became of it; returns a line worth reporting ('' if none)."""

@@ -1,11 +1,13 @@
 """The training loop: AlexNet on DALI batches, DDP over data-parallel ranks x the paper's tower split.
 
 Read ``Trainer.fit`` top to bottom: resume, then per epoch build the input pipeline for
-(seed, dp_rank, epoch), step, validate, let the schedule react, checkpoint. Everything that must
-happen on all ranks at once (a preemption signal, an operator's LR-drop or profile request, a timed
-checkpoint, a divergence) is decided in one small all-reduce every ``control_every`` steps, so every
-rank acts at the same step boundary. A divergent update (non-finite or spiking loss or gradient norm) is
-never applied: ``pipeline.faults.divergence`` decides on the device each step and fused SGD skips it.
+(seed, dp_rank, epoch), step (``pipeline.train_step``: one batch's update, top to bottom), validate, let
+the schedule react, checkpoint. ``build_trainer`` builds the parts, in the order the seeds need.
+Everything that must happen on all ranks at once (a preemption signal, an operator's LR-drop or profile
+request, a timed checkpoint, a divergence) is decided in one small all-reduce every ``control_every``
+steps, so every rank acts at the same step boundary. A divergent update (non-finite or spiking loss or
+gradient norm) is never applied: ``pipeline.faults.divergence`` decides on the device each step and fused
+SGD skips it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from basics.errors import UserError
 from pipeline import config, data, model, perf, seeds
@@ -34,12 +35,12 @@ from pipeline.mesh import Mesh
 from pipeline.metrics import EvalCounts, MetricWriter, StepTimer, count
 from pipeline.phases import PhaseMarks
 from pipeline.profiling import Profiler
+from pipeline.run_dir import RunDir
 from pipeline.schedule import LRSchedule, ManualRequests
 from pipeline.train_log import StepRecord, TrainLog
+from pipeline.train_step import FirstCompile, TrainStep, build_optimizer, wrap_ddp
 
 log = logging.getLogger("alexnet")
-
-PREEMPT_REQUEST = "preempt.request"
 
 
 @dataclass(frozen=True)
@@ -80,124 +81,46 @@ class Outcome:
 
 
 class Trainer:
+    """The loop around the step: epochs, validation, the control all-reduce, checkpoints (built by
+    :func:`build_trainer`)."""
+
     def __init__(
         self,
         cfg: RunConfig,
         mesh: Mesh,
         device: torch.device,
         stop: threading.Event,
+        *,
+        train_step: TrainStep,
+        state: TrainState,
+        checkpointer: Checkpointer,
+        writer: MetricWriter,
+        train_log: TrainLog,
+        stragglers: StragglerWatch,
+        profiler: Profiler,
+        local_batch: int,
         loaders: Loaders = Loaders(),
         heartbeat: Callable[[], None] | None = None,
-        marks: PhaseMarks | None = None,
     ):
-        self.cfg = cfg
-        self.marks = marks or PhaseMarks()  # where this rank is (pipeline.phases): the watchdog, profiler, log read it
-        self.heartbeat = heartbeat  # the run dir's writer lease, refreshed by the main rank at each control step
-        self.mesh = mesh
-        self.dims = mesh.dims
-        self.device = device
-        self.stop = stop
+        self.cfg, self.mesh, self.dims, self.device, self.stop = cfg, mesh, mesh.dims, device, stop
+        self.train_step = train_step
+        self.model, self.ddp, self.guard = train_step.model, train_step.ddp, train_step.guard
+        self.marks = train_step.marks  # where this rank is (pipeline.phases): the watchdog, profiler, log read it
+        self.state, self.schedule = state, state.schedule
+        self.checkpointer, self.writer, self.train_log = checkpointer, writer, train_log
+        self.stragglers, self.profiler = stragglers, profiler
+        self.local_batch = local_batch
         self.loaders = loaders
-        self.run_dir = Path(cfg.run_dir)
+        self.heartbeat = heartbeat  # the run dir's writer lease, refreshed by the main rank at each control step
+        self.run_dir = RunDir(cfg.run_dir)
+        self.requests = ManualRequests(self.run_dir.root)
         self.ahead = data.Ahead()  # the next epoch's plan and shard hashing, prepared during this one
-
-        seeds.seed_init(cfg.train.seed, self.dims.rank)
-        self.model = model.build_model(cfg.model, tp_group=mesh.tp_group).to(device)
-        seeds.seed_dropout(cfg.train.seed, self.dims.dp_rank)  # a pair shares masks, replicas do not
-        # Phase seconds as the device spent them (CUDA events on a GPU): stragglers, data wait, TensorBoard.
-        self.marks.time_on(device)
-        # The first training step and the first validation batch compile under --model.compile (slow phase).
-        self._compile_pending = {"train", "validation"} if cfg.model.compile else set()
-        self.ddp = self._wrap_ddp(self.model)
-        # Fused: its kernel skips an update the divergence guard rejects (``found_inf``), on the device. Momentum
-        # buffers exist from the start (zeros: the same first step), so a rejected first step leaves none unset.
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=cfg.optim.lr,
-            momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay,
-            fused=True,
-        )
-        for p in self.model.parameters():
-            self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr)
-        layout = {"world_size": self.dims.world_size, "dp_size": self.dims.dp_size, "tp_size": self.dims.tp_size}
-        self.guard = divergence.DivergenceGuard(
-            cfg.faults.divergence,
-            device,
-            rank=self.dims.rank,
-            world_size=self.dims.world_size,
-            dp_size=self.dims.dp_size,
-        )
-        self.state = TrainState(
-            self.model,
-            self.optimizer,
-            self.schedule,
-            cfg,
-            layout,
-            rank=self.dims.rank,
-            tp_rank=self.dims.tp_rank,
-            towers=cfg.model.towers,
-            divergence=self.guard,
-            dataset=_dataset_identity(cfg.data.data),
-        )
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, self.dims.rank, marks=self.marks)
-        self.requests = ManualRequests(self.run_dir)
-        self.writer = MetricWriter(self.run_dir, enabled=self.dims.is_main)
-        self.train_log = TrainLog(
-            self.writer,
-            cfg.train,
-            is_main=self.dims.is_main,
-            device=device,
-            named_parameters=lambda: dict(self.model.named_parameters()),
-            conv1_filters=self.model_conv1_filters,
-            throughput=perf.Throughput(
-                perf.forward_flops_per_image(cfg.model),
-                self.dims.world_size,
-                perf.peak_tflops(device, cfg.train.amp, cfg.profile.peak_tflops),
-            ),
-            phase_seconds=self.marks.window().take,
-        )
-        self.local_batch = _local_batch(cfg.optim.batch_size, self.dims.dp_size)
         self.last_checkpoint: Path | None = None
-        self.stragglers = StragglerWatch(
-            self.dims.rank,
-            self.dims.world_size,
-            _hosts(),
-            cfg.faults.stragglers.threshold,
-            cfg.faults.stragglers.window,
-        )
-        self.profiler = Profiler(
-            self.run_dir,
-            cfg.profile,
-            rank=self.dims.rank,
-            is_main=self.dims.is_main,
-            device=device,
-            marks=self.marks,
-            layout=layout,
-        )
         self._control_step = 0  # the step of the last control all-reduce (the straggler figures are per step)
-        # conv1's gradient is the last one backward computes: from then on a rank only waits for the
-        # gradient all-reduce (the straggler statistics tell its own work from waiting by this marker).
-        first_layer = next(self.model.parameters())
-        first_layer.register_post_accumulate_grad_hook(lambda _: self.marks.enter("gradient-sync"))
 
     @property
     def progress(self) -> Progress:
         return self.state.progress
-
-    def _wrap_ddp(self, module: torch.nn.Module) -> torch.nn.Module:
-        if self.dims.dp_size == 1:
-            return module
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DistributedDataParallel(module, device_ids=device_ids, process_group=self.mesh.dp_group)
-        if self.cfg.train.grad_compression == "bf16":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-            ddp.register_comm_hook(self.mesh.dp_group, default_hooks.bf16_compress_hook)
-        return ddp
 
     # ------------------------------------------------------------------ the loop
 
@@ -257,54 +180,35 @@ class Trainer:
         return Outcome(self.progress, preempted, val_error, self.schedule.drops, self.last_checkpoint)
 
     def _train_epoch(self, loader: Any, steps_in_epoch: int) -> EpochEnd:
-        cfg = self.cfg.train
         self.ddp.train()
         timer = StepTimer()
-        marks = self.marks
-        batches = marks.iterate(loader, "data", first="loader")  # the first batch waits for the pipeline's start
+        batches = self.marks.iterate(loader, "data", first="loader")  # the first batch waits for the pipeline's start
         for i, (images, labels) in enumerate(batches, start=self.progress.step_in_epoch):
             timer.data_ready()
-            compiling = "train" in self._compile_pending
-            self._compile_pending.discard("train")
-            marks.enter("compile" if compiling else "forward", self.progress.step)
+            step = self.progress.step  # the steps done before this batch
             lr = self.schedule.lr(self.progress.epoch + i / max(steps_in_epoch, 1)) * self.guard.lr_scale
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                logits = self.ddp(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            marks.enter("compile" if compiling else "backward")  # then "gradient-sync" (DDP's all-reduce)
-            loss.backward()
-            marks.enter("step")
-            log_now = self.train_log.due(self.progress.step)
-            self.optimizer.found_inf = self.guard.observe(loss, self._params, self.progress.step + 1)
-            grad_norm = float(self.guard.grad_norm) if log_now else None
-            self.optimizer.step()
-            self.progress.step += 1
-            self.progress.step_in_epoch = i + 1
+            loss, logits = self.train_step(images, labels, lr=lr, step=step)
+            self.progress.step, self.progress.step_in_epoch = step + 1, i + 1
             timer.step_done(images.shape[0] * self.dims.dp_size)
-
-            if log_now:
-                p = self.progress
-                record = StepRecord(
-                    p.epoch, p.step, p.step_in_epoch, steps_in_epoch, loss, logits, labels, images, lr, grad_norm
-                )
-                self.train_log.step(record, timer)
-                timer.reset()
-            last = i + 1 == steps_in_epoch
-            save_due = self.checkpointer.step_due(self.progress.step) and not last  # the epoch end saves anyway
-            control_due = self.progress.step % cfg.control_every == 0 or last or self._step_budget_spent()
-            # Saves go through the control step too, so a divergence is never checkpointed.
-            if control_due or save_due:
-                end = self._control(save_now=save_due)
-                if end is not None:
-                    return end
-            self.profiler.step(self.progress.step)  # opens or closes a profiler window; nothing otherwise
-            if self._step_budget_spent():
-                return EpochEnd.BUDGET
+            if self.train_log.due(step):
+                self._log_step(loss, logits, labels, images, lr, steps_in_epoch, timer)
+            end = self._between_steps(last=i + 1 == steps_in_epoch)
+            if end is not None:
+                return end
         return EpochEnd.DONE
+
+    def _between_steps(self, last: bool) -> EpochEnd | None:
+        """What each step boundary may hold: the control all-reduce (saves go through it, so a divergence is
+        never checkpointed), a profiler window's start or end, the step budget."""
+        step = self.progress.step
+        save_due = self.checkpointer.step_due(step) and not last  # the epoch end saves anyway
+        control_due = step % self.cfg.train.control_every == 0 or last or self._step_budget_spent()
+        if control_due or save_due:
+            end = self._control(save_now=save_due)
+            if end is not None:
+                return end
+        self.profiler.step(step)  # opens or closes a profiler window; nothing otherwise
+        return EpochEnd.BUDGET if self._step_budget_spent() else None
 
     def _control(self, save_now: bool = False) -> EpochEnd | None:
         """One all-reduce decides for every rank: stop (signal), LR drop (request), save (timer), divergence.
@@ -322,7 +226,7 @@ class Trainer:
         flags = torch.zeros(n + self.stragglers.slots(), device=self.device)
         self.stragglers.fill(flags[n:], self.marks.take_seconds(), self.progress.step - self._control_step)
         self._control_step = self.progress.step
-        flags[Flag.STOP] = float(self.stop.is_set() or (main and (self.run_dir / PREEMPT_REQUEST).exists()))
+        flags[Flag.STOP] = float(self.stop.is_set() or (main and self.run_dir.preempt_request.exists()))
         flags[Flag.LR_DROP] = float(bool(pending))
         flags[Flag.SAVE] = float(save_now or (main and self.checkpointer.time_due()))
         flags[Flag.NONFINITE] = self.guard.pending
@@ -347,7 +251,7 @@ class Trainer:
             self._save(is_best=False)
             self.checkpointer.wait()
             if main:
-                (self.run_dir / PREEMPT_REQUEST).unlink(missing_ok=True)
+                self.run_dir.preempt_request.unlink(missing_ok=True)
                 log.warning(
                     "stopped at epoch %d, step %d (%d steps into the epoch): checkpoint %s; run the same "
                     "command to continue",
@@ -394,8 +298,7 @@ class Trainer:
         )
         # The towers compute collectively, so both tp ranks run the model; their counts are equal.
         amp = self.cfg.train.amp == "bf16"
-        first = "compile" if "validation" in self._compile_pending else None  # eval mode recompiles
-        self._compile_pending.discard("validation")
+        first = "compile" if self.train_step.compiles.take("validation") else None  # eval mode recompiles
         batches = self.marks.ticking(loader, "validation", first=first)
         totals = count(self.model, batches, ten_crop=ten_crop, amp=amp)
         totals_t = totals.as_tensor(self.device)
@@ -465,16 +368,100 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
 
-    @property
-    def _params(self) -> list[torch.nn.Parameter]:
-        return self.optimizer.param_groups[0]["params"]
-
-    def model_conv1_filters(self) -> list[torch.Tensor]:
-        """Both towers' conv1 filters (the paper's figure 3); collective under tp=2."""
-        return [f.detach().cpu() for f in model.unwrap(self.model).conv1_filters()]
+    def _log_step(
+        self, loss: Any, logits: Any, labels: Any, images: Any, lr: float, steps: int, timer: StepTimer
+    ) -> None:
+        """A logged step (every ``--train.log-every``): reading the loss and the gradient norm syncs."""
+        p, grad_norm = self.progress, float(self.guard.grad_norm)
+        record = StepRecord(p.epoch, p.step, p.step_in_epoch, steps, loss, logits, labels, images, lr, grad_norm)
+        self.train_log.step(record, timer)
+        timer.reset()
 
     def _log_drop(self) -> None:
         self.train_log.lr_drop(self.schedule.drops[-1], len(self.schedule.drops))
+
+
+def build_trainer(
+    cfg: RunConfig,
+    mesh: Mesh,
+    device: torch.device,
+    stop: threading.Event,
+    loaders: Loaders = Loaders(),
+    heartbeat: Callable[[], None] | None = None,
+    marks: PhaseMarks | None = None,
+) -> Trainer:
+    """Every part of a run on this rank. The order is part of the result: the model's initial weights and
+    the dropout masks come from the seeds set around the model's construction, and every rank runs the
+    collectives (DDP's broadcast, the checkpointer's group, the host names) in the same order."""
+    dims, run_dir = mesh.dims, Path(cfg.run_dir)
+    marks = marks or PhaseMarks()  # where this rank is (pipeline.phases): the watchdog, profiler, log read it
+    seeds.seed_init(cfg.train.seed, dims.rank)
+    net = model.build_model(cfg.model, tp_group=mesh.tp_group).to(device)
+    seeds.seed_dropout(cfg.train.seed, dims.dp_rank)  # a pair shares masks, replicas do not
+    # Phase seconds as the device spent them (CUDA events on a GPU): stragglers, data wait, TensorBoard.
+    marks.time_on(device)
+    ddp = wrap_ddp(net, mesh, device, cfg.train.grad_compression)
+    optimizer = build_optimizer(net, cfg.optim)
+    layout = {"world_size": dims.world_size, "dp_size": dims.dp_size, "tp_size": dims.tp_size}
+    schedule = LRSchedule(cfg.schedule, cfg.optim.lr)
+    guard = divergence.DivergenceGuard(
+        cfg.faults.divergence, device, rank=dims.rank, world_size=dims.world_size, dp_size=dims.dp_size
+    )
+    state = TrainState(
+        net,
+        optimizer,
+        schedule,
+        cfg,
+        layout,
+        rank=dims.rank,
+        tp_rank=dims.tp_rank,
+        towers=cfg.model.towers,
+        divergence=guard,
+        dataset=_dataset_identity(cfg.data.data),
+    )
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint, dims.rank, marks=marks)
+    writer = MetricWriter(run_dir, enabled=dims.is_main)
+    train_log = TrainLog(
+        writer,
+        cfg.train,
+        is_main=dims.is_main,
+        device=device,
+        named_parameters=lambda: dict(net.named_parameters()),
+        conv1_filters=lambda: [f.detach().cpu() for f in model.unwrap(net).conv1_filters()],  # collective, tp=2
+        throughput=perf.Throughput(
+            perf.forward_flops_per_image(cfg.model),
+            dims.world_size,
+            perf.peak_tflops(device, cfg.train.amp, cfg.profile.peak_tflops),
+        ),
+        phase_seconds=marks.window().take,
+    )
+    local_batch = _local_batch(cfg.optim.batch_size, dims.dp_size)
+    stragglers = StragglerWatch(
+        dims.rank, dims.world_size, _hosts(), cfg.faults.stragglers.threshold, cfg.faults.stragglers.window
+    )
+    profiler = Profiler(
+        run_dir, cfg.profile, rank=dims.rank, is_main=dims.is_main, device=device, marks=marks, layout=layout
+    )
+    compiles = FirstCompile(cfg.model.compile)
+    train_step = TrainStep(
+        net, ddp, optimizer, guard, marks, device=device, amp=cfg.train.amp == "bf16", compiles=compiles
+    )
+    return Trainer(
+        cfg,
+        mesh,
+        device,
+        stop,
+        train_step=train_step,
+        state=state,
+        checkpointer=checkpointer,
+        writer=writer,
+        train_log=train_log,
+        stragglers=stragglers,
+        profiler=profiler,
+        local_batch=local_batch,
+        loaders=loaders,
+        heartbeat=heartbeat,
+    )
 
 
 def _hosts() -> list[str]:

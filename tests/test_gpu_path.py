@@ -281,7 +281,7 @@ def test_first_step_and_first_validation_batch_under_compile_are_marked_compile(
     from pipeline.config import RunConfig
     from pipeline.mesh import ParallelDims, build_mesh
     from pipeline.model import ModelConfig
-    from pipeline.train import Loaders, Trainer
+    from pipeline.train import Loaders, build_trainer
 
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)  # the marks are the point here
     seen: list[tuple[str, int]] = []
@@ -304,7 +304,7 @@ def test_first_step_and_first_validation_batch_under_compile_are_marked_compile(
     cfg.model = ModelConfig(num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16, compile=True)
     cfg.train.tp, cfg.train.max_steps, cfg.train.epochs, cfg.optim.batch_size = 1, 3, 1, 2
     cfg.checkpoint.every_minutes, cfg.train.ten_crop = 0, False
-    trainer = Trainer(
+    trainer = build_trainer(
         cfg,
         build_mesh(ParallelDims(1, 0, 1), "cpu"),
         torch.device("cpu"),

@@ -238,7 +238,7 @@ def run_trainer(
 
     from pipeline.config import OptimConfig, RunConfig, TrainConfig
     from pipeline.mesh import ParallelDims, build_mesh
-    from pipeline.train import Loaders, Trainer
+    from pipeline.train import Loaders, build_trainer
 
     total = warmup + steps + 1
     record = Recording()
@@ -261,7 +261,7 @@ def run_trainer(
         ),
     )
     device = torch.device(setup.device)
-    trainer = Trainer(
+    trainer = build_trainer(
         cfg, build_mesh(ParallelDims(1, 0, 1), device.type), device, threading.Event(), Loaders(train=train)
     )
     trainer.fit()

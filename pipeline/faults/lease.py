@@ -35,8 +35,9 @@ from typing import Any
 from basics import procfs
 from basics.errors import UserError, run_cli
 from basics.files import fsync_dir
+from pipeline.run_dir import LEASE, RunDir
 
-LEASE_NAME = "writer.lease"
+LEASE_NAME = LEASE  # the name tests and tools import from here
 log = logging.getLogger("alexnet")
 
 # Slurm job states (`squeue -o %T`, `scontrol show job`) of a job that will not run again by itself (a
@@ -175,7 +176,7 @@ class Lease:
     """This process's hold on RUN_DIR: take it, refresh it (``heartbeat``), give it back (``release``)."""
 
     def __init__(self, run_dir: Path, holder: Holder, token: str, timeout_s: float, started: float):
-        self.path = run_dir / LEASE_NAME
+        self.path = RunDir(run_dir).lease
         self.holder = holder
         self.token = token
         self.timeout_s = timeout_s
@@ -191,7 +192,7 @@ class Lease:
             raise UserError(f"the lease timeout must be positive (got {timeout_s / 60:g} minutes)")
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / LEASE_NAME
+        path = RunDir(run_dir).lease
         token = uuid.uuid4().hex
         for _ in range(20):  # each round ends in a win, a refusal, or a lost race that changed the file
             now = time.time()
@@ -342,7 +343,7 @@ def held_message(path: Path, record: Mapping[str, Any], now: float | None = None
 
 def check(run_dir: str | Path, holder: Holder | None) -> None:
     """LeaseHeld if a writer other than ``holder`` (None: anyone) holds ``run_dir``; nothing is written."""
-    path = Path(run_dir) / LEASE_NAME
+    path = RunDir(run_dir).lease
     current = _read(path)
     if current is None or (holder is not None and current.get("key") == holder.key):
         return
@@ -353,7 +354,7 @@ def check(run_dir: str | Path, holder: Holder | None) -> None:
 def live_writer(run_dir: str | Path) -> dict[str, Any] | None:
     """The lease record of the job that writes ``run_dir`` now (a running, or requeued and pending, job);
     None when no live writer holds it (never started, finished, or its holder is gone or stale)."""
-    current = _read(Path(run_dir) / LEASE_NAME)
+    current = _read(RunDir(run_dir).lease)
     if current is None or stale_reason(current) is not None:
         return None
     return current

@@ -48,12 +48,11 @@ from basics import procfs
 from basics.files import atomic_output, write_json_atomic
 from pipeline.faults import reach
 from pipeline.phases import Allowance, Mark, PhaseMarks
+from pipeline.run_dir import RunDir
 
 log = logging.getLogger("alexnet")
 
 HANG_EXIT = 75  # EX_TEMPFAIL: "try again", what the launcher's restart does
-PROGRESS_DIR = "progress"
-HANGS_DIR = "hangs"
 VERDICT = "hang.json"  # in each hang folder, by the reporting rank
 
 
@@ -137,8 +136,8 @@ class Watchdog:
         self._clock = clock  # wall time, as the marks' progress_at (tests pass a fake one with the marks')
         self._mark: Mark  # the rank's latest mark, kept up to date by the subscription (from now on)
         self._unsubscribe = marks.subscribe(self._seen)
-        self.progress_dir = Path(run_dir) / PROGRESS_DIR
-        self.hangs_dir = Path(run_dir) / HANGS_DIR
+        self.progress_dir = RunDir(run_dir).progress
+        self.hangs_dir = RunDir(run_dir).hangs
         # A beat often enough that a stopped heartbeat shows well within the allowance, rarely enough to
         # cost nothing on a shared file system (one small file per rank every 10 s at the defaults).
         self.beat_s = min(max(allowance.step_s / 10, 0.2), 10.0)

@@ -32,6 +32,7 @@ from typing import Any
 
 from basics.errors import UserError, run_cli
 from basics.files import write_bytes_atomic, write_json_atomic
+from pipeline.run_dir import RunDir
 from pipeline.tools.report import read_scalars, save_figure
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,7 +131,7 @@ def finished(run_dir: Path) -> bool:
     from pipeline.config import upgrade
 
     try:
-        config = json.loads((run_dir / "config.json").read_text())
+        config = json.loads(RunDir(run_dir).config.read_text())
         meta = json.loads((resolve_checkpoint(run_dir, "latest") / "meta.json").read_text())
     except (OSError, ValueError, UserError):
         return False

@@ -39,6 +39,7 @@ from basics.errors import UserError, run_cli
 from basics.files import atomic_output, write_bytes_atomic, write_json_atomic
 from pipeline.checkpoint import resolve as resolve_checkpoint
 from pipeline.process import ProcessEnv, process_group, select_device
+from pipeline.run_dir import RunDir
 from pipeline.tools.evaluate import Member, class_names, load_member
 from preprocess import format as fmt
 
@@ -323,7 +324,7 @@ def neighbours(
 ) -> dict[str, Any] | None:
     """Figure 4 for ``member``: features (all ranks), then search and drawing (rank 0); its summary."""
     started = time.perf_counter()
-    root = member.run_dir / "analysis" / f"fc7-{member.path.name}"
+    root = RunDir(member.run_dir).analysis / f"fc7-{member.path.name}"
     store = extract_train_features(member, root, rank=rank, world=world, device=device, batch_size=batch_size)
     extracted = time.perf_counter()
     if rank != 0:
@@ -370,7 +371,7 @@ def neighbours(
                 ],
             }
         )
-    out = member.run_dir / "figures" / f"neighbours-{member.path.name}.png"
+    out = RunDir(member.run_dir).neighbours_figure(member.path.name)
     figure = neighbours_figure(rows, out)
     summary = {
         **figure,
@@ -393,7 +394,7 @@ def neighbours(
 def filters(member: Member, device: torch.device | None = None) -> dict[str, Any]:
     """Figure 3 for ``member``: ``RUN/figures/conv1-filters-<checkpoint>.png`` and its JSON summary."""
     towers = member.build(device or torch.device("cpu")).conv1_filters()
-    out = member.run_dir / "figures" / f"conv1-filters-{member.path.name}.png"
+    out = RunDir(member.run_dir).figures / f"conv1-filters-{member.path.name}.png"
     summary = {
         **filters_figure(towers, out, f"conv1 kernels, {member.run_dir.name} step {member.step}"),
         "checkpoint": str(member.path),

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from basics.errors import UserError, run_cli
 from basics.files import write_json_atomic
 from pipeline.metrics import EvalCounts, predict
+from pipeline.run_dir import RunDir
 
 
 @dataclass
@@ -334,10 +335,10 @@ def _report(args: argparse.Namespace, members: list[Member], tallies: list[Tally
             "step": members[0].step,
             "ten_crop": args.ten_crop,
         }
-        out = args.out or members[0].run_dir / f"eval-{members[0].path.name}{'' if args.ten_crop else '-centre'}.json"
+        out = args.out or RunDir(members[0].run_dir).eval_result(members[0].path.name, ten_crop=args.ten_crop)
     else:
         result = {**ensemble.summary(names, args.confused), "ten_crop": args.ten_crop, "members": rows}
-        out = args.out or members[0].run_dir / "eval-ensemble.json"
+        out = args.out or RunDir(members[0].run_dir).eval_ensemble
     write_json_atomic(out, result)
     print(f"{'model':<48}{'top-1 err':>10}{'top-5 err':>10}   ({result['images']} val images, {views})")
     for member, row in zip(members, rows):

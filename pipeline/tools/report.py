@@ -27,6 +27,7 @@ import torch
 
 from basics.errors import UserError, run_cli
 from basics.files import write_bytes_atomic, write_json_atomic
+from pipeline.run_dir import CONFIG, RunDir
 
 PAPER_TABLE2 = {"top1_error": 0.407, "top5_error": 0.182}
 """The paper's Table 2, one CNN, ILSVRC-2012 val (its 10-view test)."""
@@ -39,7 +40,7 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     found: dict[str, dict[int, tuple[float, float]]] = {}
-    for path in sorted((Path(run_dir) / "tensorboard").glob("events.out.tfevents.*")):
+    for path in sorted(RunDir(run_dir).tensorboard.glob("events.out.tfevents.*")):
         acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
@@ -110,7 +111,7 @@ def final_errors(run_dir: Path, checkpoint: Path, evaluate_missing: bool) -> dic
     from pipeline.tools.evaluate import evaluate_members, load_member
 
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(run_dir.glob("eval-*.json")):
+    for path in RunDir(run_dir).eval_results():
         result = json.loads(path.read_text())
         if result.get("checkpoint") == str(checkpoint) and "ten_crop" in result:
             found["10-crop" if result["ten_crop"] else "centre crop"] = result
@@ -121,14 +122,14 @@ def final_errors(run_dir: Path, checkpoint: Path, evaluate_missing: bool) -> dic
         member = member or load_member(checkpoint)
         [tally], _ = evaluate_members([member], ten_crop=ten_crop, batch_size=32, device=torch.device("cpu"))
         found[views] = {**tally.counts().summary(), "checkpoint": str(checkpoint), "ten_crop": ten_crop}
-        write_json_atomic(run_dir / f"eval-{checkpoint.name}{'' if ten_crop else '-centre'}.json", found[views])
+        write_json_atomic(RunDir(run_dir).eval_result(checkpoint.name, ten_crop=ten_crop), found[views])
     return found
 
 
 def checkpoints_table(run_dir: Path) -> list[str]:
     from pipeline.checkpoint import META, health
 
-    root = run_dir / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     pointers = {name: (root / name).read_text().strip() for name in ("latest", "best") if (root / name).exists()}
     lines = ["| checkpoint | epoch | step | val top-1 (best so far) | size | |", "|---|---|---|---|---|---|"]
     for path in sorted(p for p in root.glob("step-*") if (p / META).exists()):
@@ -150,12 +151,13 @@ def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) ->
     from pipeline.tools.evaluate import load_member
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise UserError(f"{run_dir}: no config.json; is this a run directory?")
-    config = json.loads((run_dir / "config.json").read_text())
+    layout = RunDir(run_dir)
+    if not layout.is_run():
+        raise UserError(f"{run_dir}: no {CONFIG}; is this a run directory?")
+    config = json.loads(layout.config.read_text())
     checkpoint = resolve_checkpoint(run_dir, which)
     meta = json.loads((checkpoint / "meta.json").read_text())
-    out = run_dir / "report"
+    out = layout.report
     scalars = read_scalars(run_dir)
     drawn = curves_figure(scalars, out / "curves.png") if scalars else []
     filters = analysis.filters(load_member(checkpoint))
@@ -270,7 +272,7 @@ def filters_section(filters: dict[str, Any]) -> list[str]:
 
 
 def neighbours_section(run_dir: Path, checkpoint: Path, which: str) -> list[str]:
-    neighbours = run_dir / "figures" / f"neighbours-{checkpoint.name}.png"
+    neighbours = RunDir(run_dir).neighbours_figure(checkpoint.name)
     md = ["## Nearest training images in fc7 space (figure 4)", ""]
     if neighbours.exists():
         return [*md, f"![neighbours](../figures/{neighbours.name})"]

@@ -26,7 +26,7 @@ def record_marks(rank: int, workdir: str) -> None:
     from pipeline import config
     from pipeline.mesh import ParallelDims, build_mesh
     from pipeline.phases import Mark, PhaseMarks
-    from pipeline.train import Loaders, Trainer
+    from pipeline.train import Loaders, build_trainer
     from tests.support.harness import FixedLoader, fixed_loaders
 
     torch.set_num_threads(1)
@@ -66,7 +66,9 @@ def record_marks(rank: int, workdir: str) -> None:
         seen.subscribe(record)
         dims = ParallelDims(2, rank, 1)
         loaders = Loaders(train=fixed_loaders().train, val=val_loader)
-        trainer = Trainer(cfg, build_mesh(dims, "cpu"), torch.device("cpu"), threading.Event(), loaders, marks=seen)
+        trainer = build_trainer(
+            cfg, build_mesh(dims, "cpu"), torch.device("cpu"), threading.Event(), loaders, marks=seen
+        )
         outcome = trainer.fit()
         result = {"marks": marks, "ticks": ticks, "step": outcome.progress.step}
         (root / f"marks-rank{rank}.json").write_text(json.dumps(result))

@@ -131,7 +131,7 @@ def trainer_dropout_masks(rank: int, workdir: str, world: int, tp: int, model_cf
 
     from pipeline.config import RunConfig
     from pipeline.mesh import ParallelDims, build_mesh
-    from pipeline.train import Trainer
+    from pipeline.train import build_trainer
 
     torch.set_num_threads(1)
     root = Path(workdir)
@@ -143,7 +143,7 @@ def trainer_dropout_masks(rank: int, workdir: str, world: int, tp: int, model_cf
         cfg.model = ModelConfig(**model_cfg)
         cfg.train.seed, cfg.train.tp = seed, tp
         dims = ParallelDims(world, rank, tp)
-        trainer = Trainer(cfg, build_mesh(dims, "cpu"), torch.device("cpu"), threading.Event())
+        trainer = build_trainer(cfg, build_mesh(dims, "cpu"), torch.device("cpu"), threading.Event())
         tower = trainer.model.train()
         width = tower.fc6.out_features
         masks = [tower._dropout(torch.ones(6, width), "fc6") != 0 for _ in range(2)]

@@ -1,0 +1,106 @@
+"""One training step, read top to bottom: forward, loss, backward, the divergence guard's verdict, the update.
+
+``TrainStep.__call__`` is the whole of it; the phase marks (what the watchdog, the straggler figures and
+the profiler see) are one line at each boundary. The parts it runs are built here too: the model under
+DDP over the data-parallel group, and fused SGD (its kernel skips an update the guard rejects, on the
+device, without a host sync). The loop around it (``pipeline.train``) sets nothing inside a step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import OptimConfig
+from pipeline.faults.divergence import DivergenceGuard
+from pipeline.mesh import Mesh
+from pipeline.phases import PhaseMarks
+
+
+class FirstCompile:
+    """Under ``--model.compile`` the first training step and the first validation batch compile: the
+    watchdog allows that phase ("compile") longer than a step. Each asks once."""
+
+    def __init__(self, enabled: bool):
+        self._pending = {"train", "validation"} if enabled else set()
+
+    def take(self, what: str) -> bool:
+        """Whether ``what`` ("train" or "validation") runs for the first time and compiles now."""
+        first = what in self._pending
+        self._pending.discard(what)
+        return first
+
+
+class TrainStep:
+    """The update of one batch on this rank, with the parts it needs."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        ddp: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        guard: DivergenceGuard,
+        marks: PhaseMarks,
+        *,
+        device: torch.device,
+        amp: bool,
+        compiles: FirstCompile,
+    ):
+        self.model, self.ddp, self.optimizer, self.guard = model, ddp, optimizer, guard
+        self.marks = marks
+        self.device, self.amp, self.compiles = device, amp, compiles
+        self.params: list[torch.nn.Parameter] = optimizer.param_groups[0]["params"]
+        # conv1's gradient is the last one backward computes: from then on a rank only waits for the
+        # gradient all-reduce (the straggler statistics tell its own work from waiting by this marker).
+        first_layer = next(self.model.parameters())
+        first_layer.register_post_accumulate_grad_hook(lambda _: self.marks.enter("gradient-sync"))
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, *, lr: float, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on one batch at rate ``lr``; ``step``: the steps done before it. Returns (loss, logits) on the
+        device, unread: reading them costs a sync, which only logged steps pay."""
+        compiling = self.compiles.take("train")  # the whole first step is one slow "compile" phase
+        self.marks.enter("compile" if compiling else "forward", step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.ddp(images)
+        loss = F.cross_entropy(logits.float(), labels)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.marks.enter("compile" if compiling else "backward")  # then "gradient-sync" (DDP's all-reduce)
+        loss.backward()
+
+        self.marks.enter("step")
+        # The guard's verdict (1: non-finite or a spike) stays on the device; fused SGD skips the update then.
+        self.optimizer.found_inf = self.guard.observe(loss, self.params, step + 1)
+        self.optimizer.step()
+        return loss, logits
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
+    """Fused SGD with momentum buffers from the start (zeros: the same first step), so a rejected first
+    step leaves none unset (a checkpoint then holds every buffer)."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True
+    )
+    for p in model.parameters():
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return optimizer
+
+
+def wrap_ddp(model: torch.nn.Module, mesh: Mesh, device: torch.device, grad_compression: str) -> torch.nn.Module:
+    """DDP over the data-parallel group (the model itself with one replica); bf16 gradients on request."""
+    if mesh.dims.dp_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=mesh.dp_group)
+    if grad_compression == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(mesh.dp_group, default_hooks.bf16_compress_hook)
+    return ddp
