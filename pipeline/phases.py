@@ -12,7 +12,7 @@ same code path. So:
   checkpoint while the others wait for it, the state of a background writer), is a *tick*
   (:meth:`PhaseMarks.tick`): progress, and possibly a new phase name, without a mark.
 
-``tests/test_phases.py`` runs two ranks through training, validation and a save and compares their marks.
+``tests/integration/test_phases.py`` runs two ranks through training, validation and a save and compares their marks.
 
 A phase's name also says how long a rank may stay in it without progress (:class:`Allowance`): seconds
 in a training step, minutes where single steps are legitimately slow (:data:`SLOW_PHASES`).

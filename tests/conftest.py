@@ -22,7 +22,15 @@ TEST_STATE_DIR = Path(os.environ.get("ALEXNET_TEST_SLURM_STATE_DIR", "/tmp/alexn
 TEST_PORT_BASE = int(os.environ.get("ALEXNET_TEST_SLURM_PORT_BASE", "6947"))
 
 
-pytest_plugins = ("tests.support.tiers",)
+# tiers: the markers and their check; pytester: tests of that plugin; the others: fixtures that a unit and an
+# integration module of the same topic share.
+pytest_plugins = (
+    "tests.support.tiers",
+    "pytester",
+    "tests.support.data_scale",
+    "tests.support.documented_commands",
+    "tests.support.tiers_cases",
+)
 
 
 @pytest.fixture(scope="session")

@@ -237,7 +237,7 @@ def check(args: argparse.Namespace) -> int:
     c.python("shards val", [*shard, "--src", str(src / "val"), "--devkit", str(src / "devkit"), "--split", "val"], 60)
 
     # The file that holds them: collecting every test module would import what this machine need not have.
-    cuda_tests = ["-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_gpu_path.py"]
+    cuda_tests = ["-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider", "tests/unit/test_gpu_path.py"]
     c.python("cuda tests", cuda_tests, 90)
 
     run_cpu = work / "resume-run"

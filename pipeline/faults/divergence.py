@@ -27,7 +27,7 @@ paper's 1000, 2.3 for the demo's 10) and falls. The cap (10x the largest loss se
 paper's recipe (N(0, 0.01) init, lr 0.01) sits on a plateau at ln(1000) for its first thousands of steps,
 where the window's std is tiny; the std is therefore taken as at least 1% of the window's mean, so noise on
 a plateau needs a 6% jump (6.9 -> 7.3) to count, which a batch of 128 at chance does not make (its loss
-varies by about 0.01). The demo's curve (configs/demo.toml) is checked in tests/test_divergence.py.
+varies by about 0.01). The demo's curve (configs/demo.toml) is checked in tests/{unit,integration}/test_divergence.py.
 
 What follows a divergence (stop or rollback) is decided by the trainer with :func:`rollback_plan`; this
 module's state (the window, the largest loss, the rollbacks and the learning-rate scale they left) is part of

@@ -16,6 +16,10 @@ A test lands in the right tier by default, without anyone remembering a marker:
   either tier;
 - a fast-tier test that takes longer than SLOW_S is named at the end of the run (not failed: speed
   depends on the machine), so it can be tagged `slow`.
+
+Where a test lives says what it is: ``tests/unit/`` holds tests that run in the test's own process, in the
+fast tier; ``tests/integration/`` the ones that run real processes, Slurm, namespaces, or take long. A test
+in ``tests/unit/`` that is tagged (or found to need) a heavy tier fails, saying to move it.
 """
 
 from __future__ import annotations
@@ -258,8 +262,22 @@ def tiers_of(item: pytest.Item) -> set[str]:
     return {name for name in MARKERS if item.get_closest_marker(name)}
 
 
+UNIT_DIR = "unit"  # tests/unit/: the fast tier only (the heavy tiers live in tests/integration/)
+
+
+def misplaced(item: pytest.Item) -> str | None:
+    """Why a test in tests/unit/ does not belong there (it is tagged with a heavy tier), or None."""
+    heavy = sorted(tiers_of(item) & set(HEAVY))
+    if heavy and item.path.parent.name == UNIT_DIR and item.path.parent.parent.name == "tests":
+        return f"{item.nodeid}: tagged {', '.join(heavy)} but lives in tests/unit/: move it to tests/integration/"
+    return None
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    why = misplaced(item)
+    if why:
+        pytest.fail(why, pytrace=False)
     WATCH.reset()  # from set-up on: what the test's fixtures start counts as the test's
     return (yield)
 
@@ -290,6 +308,6 @@ def check_call(item: pytest.Item, report: pytest.TestReport) -> None:
     if reason:
         report.outcome = "failed"
         report.longrepr = (
-            f"{item.nodeid}: {reason}; tag it @pytest.mark.multiprocess so that `make test-fast` leaves it out "
-            "(tests/support/tiers.py)"
+            f"{item.nodeid}: {reason}; tag it @pytest.mark.multiprocess so that `make test-fast` leaves it out, "
+            "and keep it in tests/integration/ (tests/support/tiers.py)"
         )

@@ -3,9 +3,7 @@ a full disk under the preprocessing output. Each must end in a resumable state o
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -19,10 +17,8 @@ import pytest
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
 from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
-from tests.support.datasets import preprocess, shard_args
+from tests.support.faults import RUN_TIMEOUT, _mount_tmpfs, _one_error_line, _train_error, _umount
 from tests.support.processes import children, cmdline, descendants, kill_group, run_logged, small_env, tail, wait_for
-
-RUN_TIMEOUT = 300  # seconds for any one training run (they take 10-40 s on 2 cores)
 
 
 def _latest(run_dir: Path) -> Path | None:
@@ -186,39 +182,6 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_shards: Path, 
 # Damaged shards: one-line errors, exit code 2
 
 
-def _train_error(data: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
-    proc = subprocess.run(
-        [PYTHON, *flags("-m launch.train --data {} --run-dir {}", data, run_dir), *SMALL_RUN, "--tp", "1", *extra],
-        cwd=REPO,
-        env=small_env(),
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=RUN_TIMEOUT,
-    )
-    return proc.returncode, proc.stderr
-
-
-def _one_error_line(stderr: str) -> str:
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-4000:]
-    return errors[0]
-
-
-def test_truncated_shard_is_a_one_line_error(demo_shards: Path, tmp_path: Path) -> None:
-    data = tmp_path / "shards"
-    shutil.copytree(demo_shards, data)
-    shard = data / "train" / "train-000001.tar"
-    os.truncate(shard, shard.stat().st_size // 2)
-    rc, stderr = _train_error(data, tmp_path / "run", "--max-steps", "2")
-    assert rc == 2, stderr[-4000:]
-    line = _one_error_line(stderr)
-    assert str(shard) in line and "truncated" in line, line
-    assert not (tmp_path / "run" / "checkpoints").exists() or not list(
-        (tmp_path / "run" / "checkpoints").glob("step-*")
-    )
-
-
 @pytest.mark.slow
 def test_corrupt_shard_of_the_right_size_is_a_one_line_error(demo_shards: Path, tmp_path: Path) -> None:
     """Same size as the manifest says: the sha256 check names the shard before anything trains; with
@@ -245,90 +208,6 @@ def test_corrupt_shard_of_the_right_size_is_a_one_line_error(demo_shards: Path, 
 
 # ------------------------------------------------------------------------------------------------
 # A full disk under the preprocessing output
-
-
-def _mount_tmpfs(directory: Path, size_kb: int) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [*flags("mount -t tmpfs -o"), f"size={size_kb}k", "tmpfs", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or f'exit {proc.returncode}'}")
-
-
-def _umount(directory: Path) -> None:
-    if subprocess.run(["umount", str(directory)], capture_output=True, timeout=30).returncode != 0:
-        subprocess.run(flags("umount -l {}", directory), capture_output=True, timeout=30)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _assert_only_complete_shards_visible(split_dir: Path) -> list[str]:
-    """Every .tar under its final name has a done-record whose checksum and size match; no temporaries."""
-    visible = sorted(p.name for p in split_dir.glob("*.tar"))
-    for name in visible:
-        done = json.loads((split_dir / (name[: -len(".tar")] + ".json")).read_text())
-        assert done["sha256"] == _sha256(split_dir / name) and done["bytes"] == (split_dir / name).stat().st_size, name
-        assert (split_dir / (name[: -len(".tar")] + ".idx")).exists(), name
-    leftovers = [p.name for p in split_dir.iterdir() if ".tmp." in p.name]
-    assert not leftovers, leftovers
-    return visible
-
-
-@pytest.mark.parametrize(
-    "where",
-    [
-        "shards",
-        "finalize",
-    ],
-)
-def test_disk_full_during_preprocessing(demo_data: Path, tmp_path: Path, where: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    if not shutil.which("mount") or not shutil.which("umount"):
-        pytest.skip("no mount/umount")
-    src = demo_data / "src"
-    normal = tmp_path / "normal"
-    preprocess(*shard_args(src, normal, "train", workers=2))
-    tars = sorted((normal / "train").glob("*.tar"))
-    assert len(tars) == 3
-    split_bytes = sum(p.stat().st_size for p in (normal / "train").iterdir())
-    if where == "shards":  # room for the first shard only: the second one fails mid-write
-        size_kb = math.ceil((tars[0].stat().st_size + 128 * 1024) / 1024)
-        assert size_kb * 1024 < tars[0].stat().st_size + tars[1].stat().st_size
-    else:  # room for every shard, not for the 768 KiB mean image that finalize writes
-        size_kb = math.ceil((split_bytes + 64 * 1024) / 1024)
-
-    mnt = tmp_path / "mnt"
-    _mount_tmpfs(mnt, size_kb)
-    try:
-        out = mnt / "shards"
-        full = preprocess(*shard_args(src, out, "train", workers=1), check=False)
-        assert full.returncode == 2, full.stderr[-4000:]
-        line = _one_error_line(full.stderr)
-        assert "no space left" in line.lower(), line
-        visible = _assert_only_complete_shards_visible(out / "train")
-        if where == "shards":
-            assert visible == [tars[0].name], visible
-        assert not (out / "manifest.json").exists()
-
-        # More space (the same mount, grown), the same command: completes, rewriting only what is missing.
-        grown = subprocess.run(flags("mount -o remount,size=16m {}", mnt), capture_output=True, text=True, timeout=30)
-        assert grown.returncode == 0, grown.stderr
-        again = preprocess(*shard_args(src, out, "train", workers=2))
-        assert f"{len(visible)} already complete" in again.stderr, again.stderr
-        assert (out / "manifest.json").read_text() == (normal / "manifest.json").read_text()
-        for tar in tars:
-            assert _sha256(out / "train" / tar.name) == _sha256(tar), tar.name
-        assert _sha256(out / "mean_image.npy") == _sha256(normal / "mean_image.npy")
-    finally:
-        _umount(mnt)
-    assert not os.path.ismount(mnt)
 
 
 # ------------------------------------------------------------------------------------------------

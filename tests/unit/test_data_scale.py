@@ -21,7 +21,7 @@ import pytest
 
 from basics.errors import UserError
 from pipeline import data as D
-from pipeline.data import integrity, planner
+from pipeline.data import integrity
 from pipeline.data.dataset import Split, open_split
 from pipeline.data.epoch_plan import plan_epoch
 from pipeline.data.index_cache import index_rows, read_index
@@ -29,18 +29,7 @@ from preprocess import format as fmt
 from preprocess.__main__ import main as preprocess_main
 from preprocess.replicate import replicate
 from tests.support import flags
-from tests.support.datasets import make_dataset
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    flat = np.full((256, 256, 3), 100, np.uint8)
-    return make_dataset(
-        tmp_path_factory.mktemp("small"),
-        {"train": [300, 200], "val": [50]},
-        image=lambda i: flat,
-        label=lambda i: i % 7,
-    )
+from tests.support.data_scale import _epoch, cfg_for
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +37,6 @@ def big(small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("big") / "data"
     assert preprocess_main(flags("replicate --src {} --out {} --samples 100000", small, out)) == 0
     return out
-
-
-def cfg_for(root: Path, **kw) -> D.DataConfig:
-    kw.setdefault("workers", 1)
-    return D.DataConfig(data=str(root), loader="torch", **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,22 +134,11 @@ def test_fast_index_parse_equals_the_line_parser(small: Path, tmp_path: Path) ->
 # Shard hashing: per dataset, changed bytes caught, split between ranks
 
 
-@pytest.fixture
-def copy(small: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "copy"
-    shutil.copytree(small, out)
-    return out
-
-
 def _counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     hashed: list[str] = []
     real = integrity.file_sha256
     monkeypatch.setattr(integrity, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
     return hashed
-
-
-def _epoch(root: Path, epoch: int = 0, **kw) -> D.Loader:
-    return D.train_loader(cfg_for(root), dp_rank=0, dp_size=1, epoch=epoch, seed=0, device="cpu", batch_size=8, **kw)
 
 
 def test_a_second_run_on_the_dataset_hashes_nothing(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,44 +235,3 @@ def test_two_ranks_reading_the_same_shards_split_the_hashing(big: Path, tmp_path
 
 # --------------------------------------------------------------------------------------------
 # The next epoch, prepared while this one trains
-
-
-@pytest.mark.slow
-def test_the_next_epoch_is_prepared_in_the_background(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    planned: list[str] = []
-    monkeypatch.setattr(
-        planner, "plan_epoch", lambda *a, **k: planned.append(threading.current_thread().name) or plan_epoch(*a, **k)
-    )
-    ahead = D.Ahead()
-    try:
-        first = _epoch(copy, ahead=ahead)
-        ahead.wait()
-        assert len(planned) == 1, "nothing prepared ahead before the epoch's first step"
-        _two_batches(first)
-        second = _epoch(copy, epoch=1, ahead=ahead)
-        _two_batches(second)
-        ahead.wait()
-        assert planned[0] == threading.current_thread().name
-        assert planned[1:] == ["alexnet-epoch-ahead", "alexnet-epoch-ahead"], "epochs 1 and 2 planned ahead"
-        # Same batches as without it.
-        for loader, epoch in ((first, 0), (second, 1)):
-            for (a, la), (b, lb) in zip(loader, _epoch(copy, epoch=epoch)):
-                assert (a == b).all() and (la == lb).all()
-        # A shard written after epoch 2 was verified ahead is hashed again before epoch 2 reads it.
-        shard = copy / "train" / fmt.shard_name("train", 0)
-        before = shard.stat()
-        data = bytearray(shard.read_bytes())
-        data[400] ^= 0x01
-        shard.write_bytes(bytes(data))
-        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
-        with pytest.raises(UserError, match="does not match the manifest"):
-            _epoch(copy, epoch=2, ahead=ahead)
-    finally:
-        ahead.close()
-
-
-def _two_batches(loader: D.Loader) -> None:
-    """The first batch, and the request for the second: the first step is done."""
-    batches = iter(loader)
-    next(batches)
-    next(batches)

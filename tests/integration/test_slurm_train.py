@@ -381,8 +381,8 @@ def test_strict_preflight_fails_the_job_on_real_slurm_without_requeue(
     slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path
 ) -> None:
     """PREFLIGHT=strict with rank 1's device measured slow (tests/support/hooks): the job ends FAILED with
-    exit 1 before training, and Slurm does not requeue it (tests/test_train_script.py covers the script's
-    decisions with stand-ins; this is Slurm acting on them)."""
+    exit 1 before training, and Slurm does not requeue it (tests/*/test_train_script.py cover the
+    script's decisions with stand-ins; this is Slurm acting on them)."""
     run_dir = tmp_path / "run"
     hooks = os.pathsep.join([str(REPO / "tests" / "support" / "hooks"), str(REPO)])
     env = {"PREFLIGHT": "strict", "PYTHONPATH": hooks, "ALEXNET_TEST_SLOW_MATMUL_RANK": "1"}

@@ -9,30 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.tools.analysis import (
     FeatureStore,
     colour_fraction,
     filters_figure,
-    main,
     nearest,
-    read_image,
     write_rank_features,
 )
-
-
-def run_analysis(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """The command line in this process: (exit status, stdout, stderr)."""
-    status = main(list(args))
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_png(path: Path, size: list[int]) -> None:
-    with Image.open(path) as image:
-        assert image.format == "PNG" and list(image.size) == size
-        assert len(set(np.asarray(image.convert("L")).flatten().tolist())) > 10  # not a blank canvas
+from tests.support.analysis import assert_png
 
 
 def test_colour_fraction_separates_grey_from_colour_opponent_kernels() -> None:
@@ -87,47 +72,3 @@ def test_a_loader_that_gives_the_wrong_count_leaves_no_feature_file(tmp_path: Pa
     with pytest.raises(RuntimeError, match="expected 5"):
         write_rank_features(tmp_path, 0, batches, 5, 4)
     assert not (tmp_path / "features-rank0.f16").exists()
-
-
-def test_figures_of_a_trained_run(
-    trained_run: Path,
-    demo_shards: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    status, stdout, stderr = run_analysis(capsys, "filters", "--run-dir", str(trained_run))
-    assert status == 0, stderr
-    best = (trained_run / "checkpoints" / "best").read_text().strip()
-    fig3 = json.loads((trained_run / "figures" / f"conv1-filters-{best}.json").read_text())
-    assert_png(Path(fig3["png"]), fig3["size"])
-    assert len(fig3["colour_fraction"]) == 2 and "colour fraction per tower" in stdout
-
-    status, _, stderr = run_analysis(
-        capsys,
-        "neighbours",
-        "--run-dir",
-        str(trained_run),
-        "--images",
-        "3",
-        "--k",
-        "6",
-        "--chunk-rows",
-        "16",
-        "--batch-size",
-        "16",
-    )
-    assert status == 0, stderr
-    fig4 = json.loads((trained_run / "figures" / f"neighbours-{best}.json").read_text())
-    assert_png(Path(fig4["png"]), fig4["size"])
-    assert len(fig4["queries"]) == 3
-    for query in fig4["queries"]:
-        assert len(query["top5"]) == 4  # 4 classes
-        assert sum(p["probability"] for p in query["top5"]) == pytest.approx(1.0, abs=1e-4)
-        assert len(query["neighbours"]) == 6
-        assert [n["distance"] for n in query["neighbours"]] == sorted(n["distance"] for n in query["neighbours"])
-        for n in query["neighbours"]:  # the stored label is the shard's label of that train image
-            assert read_image(demo_shards, "train", n["index"])[1] == n["label"]
-    features = Path(fig4["features"])
-    stamp = (features / "meta.json").stat().st_mtime_ns
-    status, _, stderr = run_analysis(capsys, "neighbours", "--run-dir", str(trained_run), "--images", "2")
-    assert status == 0, stderr
-    assert (features / "meta.json").stat().st_mtime_ns == stamp  # the features were reused

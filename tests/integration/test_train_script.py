@@ -2,7 +2,7 @@
 a one-node allocation) and ``scontrol`` (records what it is asked): PREFLIGHT=strict ends the job before
 training with exit 1 and no requeue, PREFLIGHT=warn puts the pre-flight's table and verdict in the job log and
 trains, and a hung job is requeued at most HANG_REQUEUES times. The same script under a real Slurm cluster
-(submission, signals, requeue by Slurm itself) is tests/test_slurm_train.py."""
+(submission, signals, requeue by Slurm itself) is tests/integration/test_slurm_train.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import os
 import re
 import socket
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,6 @@ SCONTROL = """#!/bin/bash
 echo "scontrol $*" >> "$FAKE_SLURM_CALLS"
 [[ "$1 $2" == "show hostnames" ]] && hostname
 exit 0
-"""
-# The training step's stand-in (for the hang-requeue decisions): it records a hang as the watchdog does
-# (RUN_DIR/hangs/<time>/) when FAKE_HANG is set, and fails; everything else is the real interpreter.
-TRAINING_THAT_HANGS = """#!/bin/bash
-if [[ " $* " == *" -m launch.train "* ]]; then
-    [[ -n "${{FAKE_HANG:-}}" ]] && mkdir -p "$FAKE_RUN_DIR/hangs/$(date +%Y%m%d-%H%M%S.%N)"
-    exit 1
-fi
-exec {python} "$@"
 """
 
 
@@ -135,41 +125,3 @@ def test_preflight_warn_logs_the_table_and_trains(demo_shards: Path, tmp_path: P
 
 # ------------------------------------------------------------------------------------------------
 # A hung job: requeued while SLURM_RESTART_COUNT < HANG_REQUEUES (default 3), then left failed
-
-
-@pytest.mark.parametrize(
-    "restarts, cap, hang, requeued",
-    [
-        ("0", None, True, True),
-        ("2", None, True, True),
-        ("3", None, True, False),  # the default cap reached
-        ("3", "5", True, True),
-        ("5", "5", True, False),
-        ("0", None, False, False),  # a failure without a hang is not requeued
-    ],
-)
-def test_a_hung_job_is_requeued_up_to_hang_requeues(
-    tmp_path: Path, restarts: str, cap: str | None, hang: bool, requeued: bool
-) -> None:
-    run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    fake_python = tmp_path / "bin" / "python-stand-in"
-    (tmp_path / "bin").mkdir()
-    _script(fake_python, TRAINING_THAT_HANGS.format(python=PYTHON))
-    extra = {"SLURM_RESTART_COUNT": restarts, "PREFLIGHT": "off", "MAX_RESTARTS": "0", "FAKE_RUN_DIR": str(run_dir)}
-    if cap is not None:
-        extra["HANG_REQUEUES"] = cap
-    if hang:
-        extra["FAKE_HANG"] = "1"
-    env = _job_env(tmp_path, PYTHON=str(fake_python), **extra)
-    # A hang recorded before this job started is an earlier incarnation's: it never counts.
-    old = run_dir / "hangs" / "earlier-incarnation"
-    old.mkdir(parents=True)
-    os.utime(old, (time.time() - 3600, time.time() - 3600))
-    rc = run_logged(["bash", "slurm/train.sh", *flags("--data /nonexistent --run-dir {}", run_dir)], log, env, 120)
-    text = log.read_text(errors="replace")
-    if requeued:
-        assert rc == 0 and _requeues(tmp_path) == [f"scontrol requeue {JOB}"], text
-        assert "training failed after a hang" in text, text
-    else:
-        assert rc == 1 and _requeues(tmp_path) == [], text
-        assert "requeueing" not in text, text

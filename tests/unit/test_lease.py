@@ -3,7 +3,7 @@
 A second writer is refused with one line naming the holder; the same job (a requeue, an elastic
 restart) takes over; a stale lease (old heartbeat, or a holder that is gone) is taken with a warning
 and the old holder learns it at its next heartbeat; of several racing takers exactly one wins.
-The end-to-end cases on real Slurm are in tests/test_slurm_train.py and tests/test_submit.py.
+The end-to-end cases on real Slurm are in tests/integration/test_slurm_train.py and tests/integration/test_submit.py.
 """
 
 from __future__ import annotations
@@ -20,16 +20,9 @@ import pytest
 
 from pipeline.faults import lease as lease_mod
 from pipeline.faults.lease import LEASE_NAME, Holder, Lease, LeaseHeld, LeaseLost
-from preprocess import format as fmt
-from tests.support import PYTHON, REPO, TORCHRUN, flags
+from tests.support import PYTHON, REPO, flags
+from tests.support.lease import MINUTE, _foreign_lease, remote
 from tests.support.processes import small_env
-
-MINUTE = 60.0
-
-
-def remote(key: str, name: str = "Slurm job 7 on cluster far", hint: str = "scancel 7") -> Holder:
-    """A holder this machine cannot probe (another cluster's job): only its heartbeat tells."""
-    return Holder(key, name, hint, probe_pid=None, slurm_job=None, slurm_cluster=None)
 
 
 def age_heartbeat(run_dir: Path, seconds: float) -> None:
@@ -237,10 +230,6 @@ def test_without_hard_links_exclusive_create_still_admits_one(tmp_path: Path, mo
 # ------------------------------------------------------------------------------- the entry points
 
 
-def _foreign_lease(run_dir: Path) -> None:
-    Lease.take(run_dir, remote("slurm:far:7"), timeout_s=30 * MINUTE)
-
-
 def test_check_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     argv = [PYTHON, *flags("-m pipeline.faults.lease check {}", tmp_path)]
     assert subprocess.run(argv, cwd=REPO, env=small_env(), capture_output=True, timeout=60).returncode == 0
@@ -248,31 +237,6 @@ def test_check_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(argv, cwd=REPO, env=small_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"error: {tmp_path} is being written by Slurm job 7 on cluster far")
-
-
-@pytest.mark.multiprocess
-def test_launch_train_refuses_a_held_run_dir_before_writing_anything(tmp_path: Path) -> None:
-    """Plain python and torchrun with 2 ranks: every rank fails with the holder's line, nothing is written."""
-    run_dir, data = tmp_path / "run", tmp_path / "data"
-    _foreign_lease(run_dir)
-    data.mkdir()
-    fmt.write_manifest(data, fmt.Manifest(classes=[{"index": i, "wnid": f"n{i}", "name": ""} for i in range(4)]))
-    args = flags("-m launch.train --data {} --run-dir {} --tp 1 --train.device cpu", data, run_dir)
-    single = subprocess.run([PYTHON, *args], cwd=REPO, env=small_env(), capture_output=True, text=True, timeout=300)
-    assert single.returncode == 2, single.stderr
-    assert single.stderr.strip().splitlines()[-1].startswith(f"error: {run_dir} is being written by Slurm job 7")
-    assert "Traceback" not in single.stderr
-    two = subprocess.run(
-        [TORCHRUN, *flags("--standalone --nproc-per-node=2 --max-restarts=0"), *args],
-        cwd=REPO,
-        env=small_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert two.returncode != 0
-    assert two.stderr.count(f"error: {run_dir} is being written by Slurm job 7") == 2, two.stderr[-3000:]
-    assert sorted(p.name for p in run_dir.iterdir()) == [LEASE_NAME]  # no config.json, no checkpoints/
 
 
 def test_a_full_disk_neither_stops_training_at_a_heartbeat_nor_leaves_files(

@@ -9,43 +9,8 @@ import re
 import pytest
 
 from tests.support import REPO, TORCHRUN, tiers
+from tests.support.tiers_cases import BODIES, CONFTEST
 
-pytest_plugins = ("pytester",)
-
-CONFTEST = 'pytest_plugins = ("tests.support.tiers",)\n'
-BODIES = {
-    "two_trainers": """
-import subprocess, sys
-def test_it():
-    procs = [subprocess.Popen([sys.executable, "harness.py"]) for _ in range(2)]
-    for p in procs:
-        p.wait()
-""",
-    "trainers_one_after_another": """
-import subprocess, sys
-def test_it():
-    for _ in range(2):
-        subprocess.run([sys.executable, "harness.py"], check=True)
-""",
-    "a_process_pool": """
-import multiprocessing as mp
-def test_it():
-    with mp.get_context("spawn").Pool(2) as pool:
-        assert pool.map(abs, [-1, -2]) == [1, 2]
-""",
-    "torch_ranks": """
-import torch.multiprocessing as mp
-def rank(i):
-    pass
-def test_it():
-    mp.start_processes(rank, nprocs=2, start_method="spawn")
-""",
-    "torchrun": """
-import subprocess
-def test_it():
-    subprocess.run(["./torchrun", "--standalone"], check=True)
-""",
-}
 # Torchrun started every other way a test may start it (the stand-in ./torchrun, a stand-in
 # torch.distributed.run package and slurm/train.sh in the test's directory): one inner run judges them all.
 WAYS = {
@@ -71,8 +36,6 @@ def test_it(job):
     pass
 """,
 }
-# spawned torch ranks import torch in each process: ~20 s on 2 loaded cores
-MULTIPROCESS = ["two_trainers", pytest.param("torch_ranks", marks=pytest.mark.slow), "torchrun"]
 FAST = ["trainers_one_after_another", "a_process_pool"]
 
 
@@ -97,34 +60,6 @@ def test_torchrun_is_recognised_however_it_is_started() -> None:
     assert not tiers.is_torchrun(["python3", "-c", "import torchrun"])
     assert not tiers.is_torchrun(["bash", "-c", "echo torchrun"])
     assert tiers.is_training(["bash", "-c", "exec python -u -m launch.train --run-dir r"])
-
-
-@pytest.fixture
-def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    """A test directory with the tiers plugin, a stand-in training entry point (the harness's name: what the
-    watch goes by) and a stand-in torchrun, both of which train nothing and exit at once."""
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(harness="import time\ntime.sleep(0.5)\n")
-    torchrun = pytester.path / "torchrun"
-    torchrun.write_text("#!/bin/sh\nexit 0\n")
-    torchrun.chmod(0o755)
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the inner pytest imports the plugin from this checkout
-    return pytester
-
-
-@pytest.mark.parametrize("body", MULTIPROCESS)
-def test_untagged_multiprocess_work_fails_naming_the_marker(suite: pytest.Pytester, body: str) -> None:
-    suite.makepyfile(test_case=BODIES[body])
-    result = suite.runpytest_subprocess("-q")
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*tag it @pytest.mark.multiprocess*"])
-
-
-@pytest.mark.parametrize("body", MULTIPROCESS)
-def test_tagged_multiprocess_work_passes_and_leaves_the_fast_tier(suite: pytest.Pytester, body: str) -> None:
-    suite.makepyfile(test_case="import pytest\npytestmark = pytest.mark.multiprocess\n" + BODIES[body])
-    suite.runpytest_subprocess("-q").assert_outcomes(passed=1)
-    suite.runpytest_subprocess("-q", "-m", tiers.FAST_EXPRESSION).assert_outcomes(deselected=1)
 
 
 def test_torchrun_started_any_other_way_fails_naming_the_marker(suite: pytest.Pytester) -> None:
@@ -158,3 +93,15 @@ def test_make_test_fast_selects_the_fast_tier() -> None:
     recipe = re.search(r"^test-fast:.*\n((?:\t.*\n)+)", makefile, re.M)
     assert recipe, "Makefile has no test-fast target"
     assert f'-m "{tiers.FAST_EXPRESSION}"' in recipe.group(1)
+
+
+def test_a_heavy_test_in_tests_unit_fails_saying_where_it_belongs(suite: pytest.Pytester) -> None:
+    """Where a test lives says what it is: a `slow` (or any heavy-tier) test under tests/unit/ fails, naming
+    tests/integration/; the same test under tests/integration/, or an untagged one under tests/unit/, passes."""
+    body = "import pytest\n@pytest.mark.slow\ndef test_heavy():\n    pass\n"
+    for folder, text in (("unit", body), ("integration", body), ("unit", "def test_light():\n    pass\n")):
+        (suite.path / "tests" / folder).mkdir(parents=True, exist_ok=True)
+        (suite.path / "tests" / folder / f"test_{folder}_{len(text)}.py").write_text(text)
+    result = suite.runpytest_subprocess("-p", "no:cacheprovider", "tests")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*test_heavy*tagged slow but lives in tests/unit/: move it to tests/integration/*"])

@@ -31,6 +31,7 @@ from pipeline.config import RunConfig
 from pipeline.model import ModelConfig, build_model
 from pipeline.run_dir import RunDir
 from pipeline.schedule import LRSchedule
+from tests.support.checkpoint import _v1_run
 
 CPU = torch.device("cpu")
 LAYOUT = {"world_size": 1, "dp_size": 1, "tp_size": 1}
@@ -358,17 +359,6 @@ def test_async_save_failure_is_one_line_and_keeps_the_previous(tmp_path: Path, m
 
 # ---------------------------------------------------------------------------------------------- format v1
 
-V1 = Path(__file__).parent / "data" / "checkpoint-v1"  # written by main before the package split (its README)
-
-
-def _v1_run(tmp_path: Path) -> Path:
-    """A writable copy of the kept run directory (a resume writes beside it)."""
-    import shutil
-
-    run = tmp_path / "v1"
-    shutil.copytree(V1, run)
-    return run
-
 
 def _v1_state(run: Path) -> TrainState:
     """A tp=1 trainer's state built from the kept run's own config.json, read as ``--config`` reads it."""
@@ -418,29 +408,3 @@ def test_checkpoint_written_by_v1_resumes_and_saves_the_same_bytes(tmp_path: Pat
     assert new["files"]["__0_0.distcp"] == old["files"]["__0_0.distcp"]
     saver.mark_health(0, 3)  # the step after both was taken: both good
     assert [m["health"] for _, m in checkpoint.readable(run)] == [checkpoint.GOOD, checkpoint.GOOD]
-
-
-@pytest.mark.slow
-def test_checkpoint_written_by_v1_resumes_a_training_run(tmp_path: Path, demo_shards: Path) -> None:
-    """The trainer itself, started as a user restarts a run: its own config.json as --config."""
-    import subprocess
-
-    from tests.support import HARNESS, PYTHON, REPO, flags
-    from tests.support.processes import small_env
-
-    run = _v1_run(tmp_path)
-    args = flags("--config {} --run-dir {} --data {}", run / "config.json", run, demo_shards)
-    proc = subprocess.run(
-        [PYTHON, HARNESS, *args, *flags("--max-steps 4 --train.log-every 1")],
-        cwd=REPO,
-        env=small_env({"HARNESS_OUT": str(tmp_path)}),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resumed from" in proc.stderr and "epoch 0, step 2" in proc.stderr, proc.stderr[-4000:]
-    last = checkpoint.latest(run)
-    assert checkpoint.read_meta(last)["progress"]["step"] == 4 and checkpoint.verify(last) is None
-    assert checkpoint.read_meta(run / "checkpoints" / "step-00000002")["health"] == checkpoint.GOOD
