@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from pipeline.config import RunConfig
     from pipeline.faults.lease import Lease
     from pipeline.faults.watchdog import Watchdog
+    from pipeline.goodput import Recorder
     from pipeline.phases import PhaseMarks
 
 SAME_INTERRUPT_S = 1.0
@@ -103,12 +104,14 @@ def run(
     Every option and path is checked before anything is written to the run directory.
     """
     from pipeline import config
+    from pipeline.goodput import end_reason
     from pipeline.mesh import ParallelDims, build_mesh
     from pipeline.perf import oom_snapshot
     from pipeline.phases import PhaseMarks
     from pipeline.train import Loaders, build_trainer, write_run_config
     from preprocess.format import read_manifest
 
+    entry = time.time()  # the goodput ledger's end of "imports" (from the process's start)
     env = env or ProcessEnv.from_environ()
     setup_logging(env.rank)
     cfg, args = config.parse(argv)
@@ -119,11 +122,12 @@ def run(
     if stop is None:
         stop = threading.Event()
         install_stop_handlers(stop)
-    lease, outcome, watchdog = None, None, None
+    lease, outcome, watchdog, ledger, error = None, None, None, None, None
     with process_group(env, device, timedelta(minutes=cfg.faults.hang.collective_timeout_min)):
         try:
             lease = take_lease(cfg.run_dir, cfg.faults.lease.minutes, env.rank)  # before anything is written
             marks = PhaseMarks()
+            ledger = start_goodput(cfg, env, marks, entry)
             watchdog = start_watchdog(cfg, env, marks)
             mesh = build_mesh(dims, device.type)
             if dims.is_main:
@@ -133,14 +137,34 @@ def run(
             # A CUDA out-of-memory error leaves a memory snapshot in RUN_DIR/memory and one line naming it.
             with oom_snapshot(cfg.run_dir, env.rank, device, cfg.profile.memory_history):
                 trainer = build_trainer(cfg, mesh, device, stop, loaders or Loaders(), heartbeat=heartbeat, marks=marks)
+                if ledger is not None:
+                    ledger.attach(trainer)
                 outcome = trainer.fit(resume=args.resume)
             return outcome
+        except BaseException as e:
+            error = e
+            raise
         finally:
+            if ledger is not None:
+                ledger.end(end_reason(outcome, error))
             if watchdog is not None:
                 watchdog.close()
             # A run stopped for preemption keeps its lease: the requeued job (the same holder) takes it over.
             if lease is not None and not (outcome is not None and outcome.preempted):
                 lease.release()
+
+
+def start_goodput(cfg: RunConfig, env: ProcessEnv, marks: PhaseMarks, entry: float) -> Recorder | None:
+    """Global rank 0's record of this attempt in RUN_DIR/goodput/ledger.jsonl (pipeline.goodput); under
+    --model.compile, torch.compile's caches go to RUN_DIR/compile-cache so a restart does not compile again."""
+    from pipeline.goodput import Recorder
+    from pipeline.run_dir import RunDir
+
+    if cfg.model.compile:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(RunDir(cfg.run_dir).compile_cache))
+    if env.rank != 0:
+        return None
+    return Recorder(cfg.run_dir, marks, entry=entry, marks_at=time.time())
 
 
 def start_watchdog(cfg: RunConfig, env: ProcessEnv, marks: PhaseMarks) -> Watchdog | None:

@@ -11,6 +11,8 @@
       hangs/<time>/            stacks and hang.json of a hang (pipeline.faults.watchdog)
       profiles/<time>/         traces on demand (pipeline.profiling)
       memory/                  CUDA out-of-memory snapshots (pipeline.perf)
+      goodput/ledger.jsonl     every attempt's time: kept steps and badput by cause (pipeline.goodput)
+      compile-cache/           torch.compile's caches, kept across restarts (launch.train)
       analysis/ figures/ report/   the tools' output (pipeline.tools)
       eval-<checkpoint>.json   evaluation results (pipeline.tools.evaluate)
       <name>.request.<...>     an operator's request to the running job (lr_drop, profile, preempt)
@@ -35,6 +37,9 @@ MEMORY = "memory"
 ANALYSIS = "analysis"
 FIGURES = "figures"
 REPORT = "report"
+GOODPUT = "goodput"
+GOODPUT_LEDGER = "ledger.jsonl"
+COMPILE_CACHE = "compile-cache"
 
 # operator requests (pipeline.schedule.write_request): the request's name, a time and a pid follow
 LR_DROP_REQUEST = "lr_drop.request"
@@ -94,6 +99,20 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / REPORT
+
+    @property
+    def goodput(self) -> Path:
+        return self.root / GOODPUT
+
+    @property
+    def goodput_ledger(self) -> Path:
+        """Every attempt's records, appended (pipeline.goodput)."""
+        return self.goodput / GOODPUT_LEDGER
+
+    @property
+    def compile_cache(self) -> Path:
+        """torch.compile's caches (TORCHINDUCTOR_CACHE_DIR): a restart or requeue does not compile again."""
+        return self.root / COMPILE_CACHE
 
     @property
     def preempt_request(self) -> Path:

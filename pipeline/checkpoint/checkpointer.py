@@ -130,6 +130,8 @@ class Checkpointer:
         self.unverified: list[tuple[int, str]] = []  # (step, name): this process's saves of unknown health
         self._last_save = time.monotonic()
         self._pending: _PendingSave | None = None
+        self.restore_s = 0.0  # the last restore's seconds, and the background saves' (pipeline.goodput reads them)
+        self.background_s = 0.0
         # Collective (every rank builds its Checkpointer at the same point): a CPU group for background saves.
         self._save_group = dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized() else None
 
@@ -199,9 +201,11 @@ class Checkpointer:
 
         def write() -> None:
             # Only the training thread marks phases: the writer's go to `pending.phase`, which wait() shows.
+            began = time.monotonic()
             pending.error = self._write(
                 name, tensors, meta, is_best, self._async_group(), lambda phase, alone: setattr(pending, "phase", phase)
             )
+            self.background_s += time.monotonic() - began
 
         pending.thread = threading.Thread(target=write, name=f"checkpoint-{name}", daemon=True)
         pending.thread.start()
@@ -392,6 +396,7 @@ class Checkpointer:
         """Collective: load ``resume`` (best, latest or a path; must verify) or, without it, the newest
         checkpoint that verifies, walking back from ``latest`` with a warning for each one skipped.
         Returns the checkpoint loaded, or None for a fresh start."""
+        began = time.monotonic()
         chosen, error = None, None
         if self.rank == 0:
             try:
@@ -433,6 +438,7 @@ class Checkpointer:
             state.progress = Progress(state.progress.epoch + 1, state.progress.step, 0)
         self._continue_lineage(path, meta)
         self.unverified = [(meta["step"], path.name)] if health(meta) == UNVERIFIED else []
+        self.restore_s = time.monotonic() - began
         return path
 
     def _choose_resume(self, resume: str | None) -> Path | None:
