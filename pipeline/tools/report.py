@@ -173,6 +173,7 @@ def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) ->
         *divergence_section(meta, config),
         *curves_section(drawn),
         *speed_section(scalars),
+        *goodput_section(run_dir),
         *filters_section(filters),
         *neighbours_section(run_dir, checkpoint, which),
         *checkpoints_section(run_dir),
@@ -255,6 +256,32 @@ def speed_section(scalars: dict[str, list[tuple[int, float]]]) -> list[str]:
         values = [v for _, v in scalars.get(tag, [])[1:]] or [v for _, v in scalars.get(tag, [])]
         if values:
             md.append(f"- {label}: median {scale * statistics.median(values):.3g}{unit} over {len(values)} logs")
+    return md
+
+
+def goodput_section(run_dir: Path) -> list[str]:
+    """Where the run's wall-clock went (pipeline.goodput), when it has a ledger."""
+    from pipeline.goodput import CATEGORIES, account, read_records
+
+    records = read_records(RunDir(run_dir).goodput_ledger)
+    if not records:
+        return []
+    run = account(records)
+    md = [
+        "",
+        "## Goodput",
+        "",
+        f"Kept training {run.goodput:.1%} of {run.wall:.0f} s over {len(run.attempts)} attempts",
+    ]
+    md += ["(`python -m pipeline.tools.goodput` for each attempt).", "", "| cause | seconds | share |", "|---|---|---|"]
+    for cause in CATEGORIES:
+        value = run.totals[cause]
+        if value:
+            md.append(
+                f"| {cause} | {value:.1f} | {value / run.wall:.1%} |"
+                if run.wall > 0
+                else f"| {cause} | {value:.1f} | |"
+            )
     return md
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from pipeline.goodput import CATEGORIES, RunAccount, account, read_records
 from pipeline.run_dir import RunDir
+from pipeline.tools.report import goodput_section, read_scalars
 from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
 from tests.support.processes import kill_group, run_logged, small_env, tail, wait_for
 
@@ -92,6 +93,9 @@ def test_a_clean_run_keeps_close_to_all_its_steps(classes_only: Path, tmp_path: 
         check=True,
     )
     assert json.loads(tool.stdout)[str(run_dir)]["goodput"] == pytest.approx(run.goodput)
+    logged = read_scalars(run_dir)  # TensorBoard's goodput/* at each tick; the run report's section
+    assert logged["goodput/kept_s"][-1][1] > 0 and 0 < logged["goodput/goodput"][-1][1] <= 1
+    assert "| kept |" in "\n".join(goodput_section(run_dir))
 
 
 def test_a_kill_k_steps_after_a_checkpoint_books_k_steps_as_lost(classes_only: Path, tmp_path: Path) -> None:
