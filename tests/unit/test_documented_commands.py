@@ -49,6 +49,9 @@ COVERED = {
     "python -m pipeline.tools.analysis filters": "tests/integration/test_analysis.py::test_figures_of_a_trained_run",
     "python -m pipeline.tools.analysis neighbours": "tests/integration/test_analysis.py::test_figures_of_a_trained_run",
     "python -m pipeline.tools.report": "tests/integration/test_ablate_report.py::test_run_report",
+    "python -m pipeline.tools.goodput": (
+        "tests/integration/test_goodput.py::test_a_clean_run_keeps_close_to_all_its_steps"
+    ),
     "python -m pipeline.tools.ablate": (
         "tests/integration/test_ablate_report.py::test_runner_trains_one_switch_per_run_and_tabulates"
     ),
