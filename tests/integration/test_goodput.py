@@ -147,3 +147,48 @@ def test_a_rollback_books_the_rolled_back_steps(classes_only: Path, tmp_path: Pa
     assert "rolled back to step-00000001" in log.read_text(), tail(log)
     assert one.rolled_back_steps == 2 and one.seconds["rolled_back"] >= 2 * STEP_S
     assert one.seconds["kept"] + one.seconds["rolled_back"] >= one.last_step * STEP_S
+
+
+HANG_S = 4  # --faults.hang.timeout: the watchdog names a hang after this long without progress on any rank
+
+
+@pytest.mark.multiprocess
+def test_a_stopped_rank_books_the_hang_detection_time(classes_only: Path, tmp_path: Path) -> None:
+    """Two ranks under torchrun; rank 1 is SIGSTOPped before step 5: the watchdog names the hang after
+    ``HANG_S`` s, torchrun restarts, and the next attempt books those seconds as hang detection."""
+    run_dir, log, gate = tmp_path / "run", tmp_path / "torchrun.log", tmp_path / "gate"
+    argv = [
+        PYTHON,
+        *flags("-m torch.distributed.run --standalone --nproc_per_node=2 --max-restarts=1 --monitor-interval=0.2"),
+        *_argv(classes_only, run_dir, "--epochs", "2")[1:],
+        *flags("--faults.hang.timeout {} --faults.hang.slow-phase-timeout 20", HANG_S),
+        *flags("--faults.hang.collective-timeout-min 2"),
+    ]
+    env = _env(tmp_path, HARNESS_SLOW_STEP_S="0")
+    proc = _paused(argv, log, env, gate, at=5)
+    victim = None
+    try:
+        wait_for(lambda: (gate / "paused-rank1").exists(), TIMEOUT, "rank 1 at step 5", proc)
+        record = wait_for(lambda: _progress(run_dir, 1), TIMEOUT, "rank 1's progress record", proc)
+        victim = record["pid"]
+        os.kill(victim, signal.SIGSTOP)
+        (gate / "go").touch()
+        assert proc.wait(timeout=TIMEOUT) == 0, tail(log)
+    finally:
+        if victim is not None:
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        kill_group(proc)
+    first, second = _account(run_dir).attempts
+    assert first.ended == "hang" and second.ended == "done", tail(log)
+    assert HANG_S <= second.seconds["hang_detection"] <= HANG_S + 10
+    assert second.seconds["gap"] >= 0 and second.first_step == 4
+
+
+def _progress(run_dir: Path, rank: int) -> dict | None:
+    try:
+        return json.loads((RunDir(run_dir).progress / f"rank-{rank}.json").read_text())
+    except (OSError, ValueError):
+        return None
