@@ -432,11 +432,11 @@ class Checkpointer:
         """A mid-epoch checkpoint goes on at its next global step, on any dp size: the epoch's order does not
         depend on it. What the order cannot continue (an order from before, another global batch) starts
         the next epoch, saying why."""
-        was, now = meta["progress"].get("order"), state.progress.order
+        was = meta.get("sample_order")
         batch = meta.get("config", {}).get("optim", {}).get("batch_size")
         why = None
         if was != SAMPLE_ORDER:
-            why = f"the checkpoint's epoch order ({was or 'per dp rank, an earlier version'}) is not this one's ({now})"
+            why = f"the checkpoint's epoch order ({was or 'per dp rank: an earlier version'}) is not {SAMPLE_ORDER}"
         elif batch != state.config.optim.batch_size:
             why = f"the global batch changed ({batch} -> {state.config.optim.batch_size})"
         if why is None:

@@ -90,7 +90,7 @@ def test_restore_is_exact_weights_momentum_rng_progress(tmp_path: Path) -> None:
         torch.equal(m, fresh.optimizer.state[p]["momentum_buffer"]) for m, p in zip(momentum, fresh.model.parameters())
     )
     assert (random.random(), np.random.rand(), torch.rand(1)) == expect  # bit-exact RNG, no pickle
-    assert vars(fresh.progress) == {"epoch": 2, "step": 40, "step_in_epoch": 7, "order": SAMPLE_ORDER}
+    assert vars(fresh.progress) == {"epoch": 2, "step": 40, "step_in_epoch": 7}
     assert fresh.best_top1_error == 0.25
     meta = json.loads((path / META).read_text())
     assert set(meta["files"]) == {p.name for p in path.iterdir() if p.name != META}
@@ -415,7 +415,7 @@ def test_checkpoint_written_by_v1_resumes_and_saves_the_same_bytes(tmp_path: Pat
     saver = Checkpointer(run, state.config.checkpoint, rank=0)
     assert saver.restore(state, None) == kept
     # Two steps into epoch 0 in the order drawn per dp rank, which this version does not draw: the next epoch.
-    assert vars(state.progress) == {"epoch": 1, "step": 2, "step_in_epoch": 0, "order": SAMPLE_ORDER}
+    assert vars(state.progress) == {"epoch": 1, "step": 2, "step_in_epoch": 0}
     assert state.rng_restored == {"torch", "python", "python_gauss", "numpy", "numpy_gauss"}
     assert state.divergence.seen == 2 and state.divergence.rollbacks == []
     exported = checkpoint.export_model(kept)
@@ -424,11 +424,12 @@ def test_checkpoint_written_by_v1_resumes_and_saves_the_same_bytes(tmp_path: Pat
     again = saver.save(state, CPU)
     old, new = checkpoint.read_meta(kept), checkpoint.read_meta(again)
     assert again.name == "step-00000002-1" and checkpoint.verify(again) is None
-    assert sorted(new) == sorted(old) and new["tensors"] == old["tensors"]
+    assert sorted(new) == sorted([*old, "sample_order"]) and new["tensors"] == old["tensors"]
+    assert new["sample_order"] == SAMPLE_ORDER
     assert {k: new[k] for k in ("layout", "schedule", "divergence", "format", "lineage")} == {
         k: old[k] for k in ("layout", "schedule", "divergence", "format", "lineage")
     }
-    assert new["progress"] == {**old["progress"], "epoch": 1, "step_in_epoch": 0, "order": SAMPLE_ORDER}
+    assert new["progress"] == {**old["progress"], "epoch": 1, "step_in_epoch": 0}
     assert new["files"]["__0_0.distcp"] == old["files"]["__0_0.distcp"]
     saver.mark_health(0, 3)  # the step after both was taken: both good
     assert [m["health"] for _, m in checkpoint.readable(run)] == [checkpoint.GOOD, checkpoint.GOOD]
