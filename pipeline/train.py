@@ -1,7 +1,7 @@
 """The training loop: AlexNet on DALI batches, DDP over data-parallel ranks x the paper's tower split.
 
 Read ``Trainer.fit`` top to bottom: resume, then per epoch build the input pipeline for
-(seed, dp_rank, epoch), step (``pipeline.train_step``: one batch's update, top to bottom), validate, let
+(seed, epoch; this rank's lanes), step (``pipeline.train_step``: one batch's update, top to bottom), validate, let
 the schedule react, checkpoint. ``build_trainer`` builds the parts, in the order the seeds need.
 Everything that must happen on all ranks at once (a preemption signal, an operator's LR-drop or profile
 request, a timed checkpoint, a divergence) is decided in one small all-reduce every ``control_every``
