@@ -88,6 +88,8 @@ class TrainConfig(Section):
     """auto (this rank's GPU if CUDA is usable; an error if the machine has GPUs torch cannot use), cuda or cpu"""
     grad_compression: str = option("none", one_of("none", "bf16"))
     """data-parallel gradient all-reduce: none (fp32) or bf16 (DDP's bf16_compress_hook: half the bytes)"""
+    record_samples: bool = False
+    """write each step's sample keys to RUN_DIR/samples/rank-N.jsonl (the consumed-samples ledger)"""
 
 
 @dataclass

@@ -8,6 +8,7 @@
       checkpoints/             step-NNNNNNNN/, latest, best, lineage (pipeline.checkpoint)
       tensorboard/             event files (pipeline.metrics)
       progress/rank-N.json     each rank's last phase mark, for the watchdog (pipeline.faults.watchdog)
+      samples/rank-N.jsonl     each step's sample keys, --train.record-samples (pipeline.data.sample_ledger)
       hangs/<time>/            stacks and hang.json of a hang (pipeline.faults.watchdog)
       profiles/<time>/         traces on demand (pipeline.profiling)
       memory/                  CUDA out-of-memory snapshots (pipeline.perf)
@@ -31,6 +32,7 @@ LEASE = "writer.lease"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 PROGRESS = "progress"
+SAMPLES = "samples"
 HANGS = "hangs"
 PROFILES = "profiles"
 MEMORY = "memory"
@@ -75,6 +77,14 @@ class RunDir:
     @property
     def progress(self) -> Path:
         return self.root / PROGRESS
+
+    @property
+    def samples(self) -> Path:
+        """The consumed-samples ledger (``pipeline.data.sample_ledger``), written with --train.record-samples."""
+        return self.root / SAMPLES
+
+    def samples_of(self, rank: int) -> Path:
+        return self.samples / f"rank-{rank}.jsonl"
 
     @property
     def hangs(self) -> Path:

@@ -1,7 +1,7 @@
 """The training loop: AlexNet on DALI batches, DDP over data-parallel ranks x the paper's tower split.
 
 Read ``Trainer.fit`` top to bottom: resume, then per epoch build the input pipeline for
-(seed, dp_rank, epoch), step (``pipeline.train_step``: one batch's update, top to bottom), validate, let
+(seed, epoch; this rank's lanes), step (``pipeline.train_step``: one batch's update, top to bottom), validate, let
 the schedule react, checkpoint. ``build_trainer`` builds the parts, in the order the seeds need.
 Everything that must happen on all ranks at once (a preemption signal, an operator's LR-drop or profile
 request, a timed checkpoint, a divergence) is decided in one small all-reduce every ``control_every``
@@ -29,6 +29,7 @@ from basics.errors import UserError
 from pipeline import config, data, model, perf, seeds
 from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState, read_meta
 from pipeline.config import RunConfig
+from pipeline.data.sample_ledger import SampleLedger
 from pipeline.faults import divergence
 from pipeline.faults.stragglers import StragglerWatch
 from pipeline.mesh import Mesh
@@ -116,6 +117,7 @@ class Trainer:
         self.requests = ManualRequests(self.run_dir.root)
         self.ahead = data.Ahead()  # the next epoch's plan and shard hashing, prepared during this one
         self.last_checkpoint: Path | None = None
+        self.ledger: SampleLedger | None = None  # --train.record-samples: each step's sample keys
         self._control_step = 0  # the step of the last control all-reduce (the straggler figures are per step)
 
     @property
@@ -127,6 +129,16 @@ class Trainer:
     def fit(self, resume: str | None = None) -> Outcome:
         self._resume(resume)
         cfg = self.cfg.train
+        if cfg.record_samples:
+            d = self.dims
+            self.ledger = SampleLedger.open(
+                self.run_dir,
+                rank=d.rank,
+                dp_rank=d.dp_rank,
+                dp_size=d.dp_size,
+                tp_rank=d.tp_rank,
+                from_step=self.progress.step,
+            )
         val_error = None
         self.train_log.start(self.progress.step)
         self.profiler.step(self.progress.step)  # a --profile.steps window may open at once
@@ -176,6 +188,8 @@ class Trainer:
 
     def _outcome(self, preempted: bool, val_error: float | None) -> Outcome:
         self.ahead.close()
+        if self.ledger is not None:
+            self.ledger.close()
         self.profiler.close(self.progress.step)
         return Outcome(self.progress, preempted, val_error, self.schedule.drops, self.last_checkpoint)
 
@@ -188,6 +202,8 @@ class Trainer:
             step = self.progress.step  # the steps done before this batch
             lr = self.schedule.lr(self.progress.epoch + i / max(steps_in_epoch, 1)) * self.guard.lr_scale
             loss, logits = self.train_step(images, labels, lr=lr, step=step)
+            if self.ledger is not None:
+                self.ledger.record(epoch=self.progress.epoch, step=step, step_in_epoch=i, keys=loader.batch_keys(i))
             self.progress.step, self.progress.step_in_epoch = step + 1, i + 1
             timer.step_done(images.shape[0] * self.dims.dp_size)
             if self.train_log.due(step):

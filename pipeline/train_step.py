@@ -67,7 +67,9 @@ class TrainStep:
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.ddp(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        # A rank's slice of an epoch's last global batch is empty where that batch holds fewer samples than
+        # ranks (pipeline.data's lanes): a zero loss with zero gradients, not the NaN of an empty mean.
+        loss = F.cross_entropy(logits.float(), labels) if labels.numel() else logits.float().sum() * 0.0
 
         self.optimizer.zero_grad(set_to_none=True)
         self.marks.enter("compile" if compiling else "backward")  # then "gradient-sync" (DDP's all-reduce)

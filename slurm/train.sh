@@ -5,6 +5,7 @@
 #   sbatch slurm/train.sh --data /scratch/shards --run-dir /scratch/runs/alexnet
 #   sbatch -N 4 --gpus-per-node=8 slurm/train.sh --data /scratch/shards --run-dir /scratch/runs/a4 \
 #       --config configs/paper_4node_8gpu.toml
+#   sbatch -N 3-4 --gpus-per-node=8 slurm/train.sh ...   # a node range: trains on the nodes it gets
 #
 # Arguments after the script name go to `python -m launch.train` (see its --help). Environment
 # overrides: NPROC_PER_NODE (default: GPUs on the node, else 2), RDZV_PORT (see below), MAX_RESTARTS
@@ -15,6 +16,10 @@
 # the kernel picks (torchrun's c10d store on port 0), a multi-node job on its first node at port
 # 20000 + SLURM_JOB_ID % 12000 (launch.submit.rendezvous_port: the same formula; below the usual
 # ephemeral range 32768-60999, stable across requeues). An explicit RDZV_PORT wins in both cases.
+# A node range (sbatch -N MIN-MAX) starts on whatever Slurm allocates, and a requeue may come back with
+# another count: the nodes are read at each start (SLURM_JOB_NUM_NODES, else SLURM_NNODES), and a checkpoint
+# resumes on another data-parallel size mid-epoch at its next step (the epoch's order does not depend on it);
+# the data-parallel size (nodes x processes / tp) must divide --batch-size, else the run refuses in one line.
 # One job per run directory: a run directory written by another live job (RUN_DIR/writer.lease,
 # see pipeline/faults/lease.py) fails this job at once with one `error:` line naming that job; a requeue
 # of this job takes its own lease over.
@@ -73,7 +78,7 @@ if [[ -z "$run_dir" ]]; then
 fi
 mkdir -p "$run_dir"
 
-nodes=${SLURM_JOB_NUM_NODES:-1}
+nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}   # what this allocation got (a range: any count in it)
 head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" 2>/dev/null | head -n 1)
 head_node=${head_node:-$(hostname)}
 # Rendezvous at the head node's address as Slurm knows it (NodeAddr; it defaults to the node name,

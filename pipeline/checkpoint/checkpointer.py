@@ -65,6 +65,7 @@ from pipeline.checkpoint.errors import CheckpointError, NonFiniteState
 from pipeline.checkpoint.integrity import check_permissions, file_sha256, read_tensors, verify
 from pipeline.checkpoint.state import OPTIONAL_RNG, Progress, TrainState
 from pipeline.checkpoint.writer import MarkPhase, PhaseMarkingWriter
+from pipeline.data.epoch_plan import SAMPLE_ORDER
 from pipeline.phases import PhaseMarks
 from pipeline.run_dir import RunDir
 
@@ -426,20 +427,37 @@ class Checkpointer:
                     "(--num-classes, widths) or a new --run-dir"
                 )
         state.load_state_dict({"tensors": tensors, "meta": meta})
-        if not same_layout and state.progress.step_in_epoch:
-            # The epoch's sample order depends on dp_size: replaying the rest of a half-done epoch under
-            # another layout would not be the same samples, so start the next epoch cleanly.
-            log.warning(
-                "layout changed (%s -> %s): resuming at the start of epoch %d",
-                meta["layout"],
-                state.layout,
-                state.progress.epoch + 1,
-            )
-            state.progress = Progress(state.progress.epoch + 1, state.progress.step, 0)
+        if state.progress.step_in_epoch:
+            self._continue_epoch(meta, state)
         self._continue_lineage(path, meta)
         self.unverified = [(meta["step"], path.name)] if health(meta) == UNVERIFIED else []
         self.restore_s = time.monotonic() - began
         return path
+
+    def _continue_epoch(self, meta: dict[str, Any], state: TrainState) -> None:
+        """A mid-epoch checkpoint goes on at its next global step, on any dp size: the epoch's order does not
+        depend on it. What the order cannot continue (an order from before, another global batch) starts
+        the next epoch, saying why."""
+        was = meta.get("sample_order")
+        batch = meta.get("config", {}).get("optim", {}).get("batch_size")
+        why = None
+        if was != SAMPLE_ORDER:
+            why = f"the checkpoint's epoch order ({was or 'per dp rank: an earlier version'}) is not {SAMPLE_ORDER}"
+        elif batch != state.config.optim.batch_size:
+            why = f"the global batch changed ({batch} -> {state.config.optim.batch_size})"
+        if why is None:
+            if meta["layout"] != state.layout:
+                log.info(
+                    "layout changed (%s -> %s): epoch %d goes on at step %d, sample %d",
+                    meta["layout"],
+                    state.layout,
+                    state.progress.epoch,
+                    state.progress.step_in_epoch,
+                    state.progress.step_in_epoch * state.config.optim.batch_size,
+                )
+            return
+        log.warning("%s: resuming at the start of epoch %d", why, state.progress.epoch + 1)
+        state.progress = Progress(state.progress.epoch + 1, state.progress.step, 0)
 
     def _choose_resume(self, resume: str | None) -> Path | None:
         if resume:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import model as model_lib
+from pipeline.data.epoch_plan import SAMPLE_ORDER
 
 if TYPE_CHECKING:  # both import the config, which imports this package (CheckpointConfig)
     from pipeline.config import RunConfig
@@ -47,7 +48,7 @@ class DatasetIdentity(TypedDict):
 class Progress:
     epoch: int = 0  # the epoch in progress (or the next one, at an epoch boundary)
     step: int = 0  # optimizer steps taken since the start of training
-    step_in_epoch: int = 0  # steps of ``epoch`` already taken
+    step_in_epoch: int = 0  # global steps of ``epoch`` already taken: its first step_in_epoch x global batch samples
 
 
 @dataclass(eq=False, repr=False)  # live models and optimizers: identity, not value
@@ -111,6 +112,7 @@ class TrainState:
     def meta(self) -> dict[str, Any]:
         return {
             "progress": vars(self.progress).copy(),
+            "sample_order": SAMPLE_ORDER,  # the epoch order step_in_epoch counts in (none before it was dp-independent)
             "layout": dict(self.layout),
             "schedule": self.schedule.state_dict(),
             "best_top1_error": self.best_top1_error,

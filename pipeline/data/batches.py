@@ -73,7 +73,8 @@ class Loader:
 
     ``len()`` is the number of batches it yields (``steps_in_epoch - start_batch``, equal on all
     dp ranks); ``samples`` is how many real samples this rank has in the whole epoch, ``total``
-    the split's size. ``make`` yields the non-empty batches; the rest are empty ones.
+    the split's size. ``make`` yields the non-empty batches; the rest are empty ones. ``batch_keys``
+    names a step's samples (``keys``, when the implementation's plan is known).
     """
 
     def __init__(
@@ -85,9 +86,11 @@ class Loader:
         samples: int,
         total: int,
         empty: Callable[[], tuple[Any, Any]],
+        keys: Callable[[int], list[str]] | None = None,
     ):
         self._make = make
         self._empty = empty
+        self._keys = keys
         self.steps_in_epoch = steps_in_epoch
         self.start_batch = start_batch
         self.samples = samples
@@ -95,6 +98,12 @@ class Loader:
 
     def __len__(self) -> int:
         return self.steps_in_epoch - self.start_batch
+
+    def batch_keys(self, step: int) -> list[str]:
+        """The sample keys of this rank's batch at ``step`` of the epoch (the consumed-samples ledger)."""
+        if self._keys is None:
+            raise NotImplementedError("this loader does not name its samples")
+        return self._keys(step)
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         given = 0

@@ -141,6 +141,7 @@ def _loader(
         samples=len(prepared.plan),
         total=prepared.split.total,
         empty=empty,
+        keys=lambda step: prepared.plan.keys(*prepared.epoch_bounds[step]),
     )
 
 

@@ -19,7 +19,15 @@ import numpy as np
 from basics.errors import UserError
 from pipeline.data.config import DataConfig, resolve_workers
 from pipeline.data.dataset import Normalization, Split, open_dataset
-from pipeline.data.epoch_plan import Plan, augment_seed, batch_bounds, plan_epoch, shard_order, steps_per_epoch
+from pipeline.data.epoch_plan import (
+    Plan,
+    batch_bounds,
+    epoch_seed,
+    lane_batches,
+    plan_epoch,
+    shard_order,
+    steps_per_epoch,
+)
 from pipeline.data.index_cache import INDEX_CACHE
 from pipeline.data.integrity import Verified, dataset_cache, verify_shards
 
@@ -34,6 +42,7 @@ class PreparedEpoch:
     train: bool
     batch_size: int
     bounds: list[tuple[int, int]]  # the non-empty batches to yield
+    epoch_bounds: list[tuple[int, int]]  # every step's batch from the epoch's start (empty ones too)
     steps: int
     start_batch: int
     cache: Path | None  # where the verified shards are recorded (None: --data.verify size)
@@ -61,7 +70,7 @@ class EpochInputs:
             train=True,
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
-            seed=augment_seed(self.seed, self.dp_rank, epoch),
+            seed=epoch_seed(self.seed, epoch),
             batch_size=self.batch_size,
             start_batch=start_batch,
             verify_cache=self.verify_cache,
@@ -94,21 +103,29 @@ def prepare_epoch(
     if not 0 <= start_batch <= steps:
         raise UserError(
             f"cannot start the epoch at batch {start_batch}: it has {steps} steps of {batch_size} "
-            "per rank (was the batch size or the dp size changed since the checkpoint?)"
+            "per rank (was the batch size changed since the checkpoint?)"
         )
     try:
         indexes: Path | None = dataset_cache(split.root) / INDEX_CACHE
         indexes.mkdir(exist_ok=True)
     except (UserError, OSError):
         indexes = None  # nowhere writable: parse the index files every epoch
-    plan = plan_epoch(split, norm, dp_rank=dp_rank, dp_size=dp_size, seed=seed, train=train, index_cache=indexes)
-    bounds = [(lo, hi) for lo, hi in batch_bounds(len(plan), steps, batch_size)[start_batch:] if hi > lo]
+    # Training: one lane per slot of the global batch, so the global batches do not depend on dp_size.
+    lanes = dp_size * batch_size if train else dp_size
+    plan = plan_epoch(
+        split, norm, dp_rank=dp_rank, dp_size=dp_size, seed=seed, train=train, lanes=lanes, index_cache=indexes
+    )
+    cut = lane_batches if train else batch_bounds
+    epoch_bounds = cut(len(plan), steps, batch_size)
+    bounds = [(lo, hi) for lo, hi in epoch_bounds[start_batch:] if hi > lo]
     cache, verified = None, None
     if cfg.verify == "full" and bounds:
         cache = Path(verify_cache) if verify_cache is not None else dataset_cache(split.root)
         read = np.unique(plan.shard[bounds[0][0] :]).tolist()  # the shards this rank reads from here on
         verified = verify_shards(split, read, cache=cache, threads=resolve_workers(cfg.workers), cancel=cancel)
-    return PreparedEpoch(split, norm, plan, train, batch_size, bounds, steps, start_batch, cache, verified)
+    return PreparedEpoch(
+        split, norm, plan, train, batch_size, bounds, epoch_bounds, steps, start_batch, cache, verified
+    )
 
 
 class Ahead:

@@ -28,6 +28,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.checkpoint.integrity import file_sha256
 from pipeline.config import RunConfig
+from pipeline.data.epoch_plan import SAMPLE_ORDER
 from pipeline.model import ModelConfig, build_model
 from pipeline.run_dir import RunDir
 from pipeline.schedule import LRSchedule
@@ -357,6 +358,27 @@ def test_async_save_failure_is_one_line_and_keeps_the_previous(tmp_path: Path, m
     assert checkpoint.latest(tmp_path) == good and not list(RunDir(tmp_path).checkpoints.glob("*.tmp"))
 
 
+@pytest.mark.parametrize("batch, progress", [(128, (2, 40, 7)), (64, (3, 40, 0))])
+def test_a_mid_epoch_checkpoint_goes_on_at_its_next_step_on_another_dp_size(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, batch: int, progress: tuple[int, int, int]
+) -> None:
+    """Saved at dp 1 seven steps into epoch 2, resumed at dp 4: the same global step (the epoch's order does not
+    depend on the dp size); with another global batch the order cannot go on, so the next epoch, saying why."""
+    state = _state(tmp_path)
+    state.progress.epoch, state.progress.step_in_epoch = 2, 7
+    _save_at(_saver(tmp_path), state, 40)
+    fresh = _state(tmp_path, seed=1)
+    fresh.layout = {"world_size": 4, "dp_size": 4, "tp_size": 1}
+    fresh.config.optim.batch_size = batch
+    with caplog.at_level(logging.INFO, logger="alexnet"):
+        _saver(tmp_path).restore(fresh, None)
+    assert (fresh.progress.epoch, fresh.progress.step, fresh.progress.step_in_epoch) == progress
+    if progress[2]:
+        assert "epoch 2 goes on at step 7, sample 896" in caplog.text, caplog.text
+    else:
+        assert "the global batch changed (128 -> 64): resuming at the start of epoch 3" in caplog.text, caplog.text
+
+
 # ---------------------------------------------------------------------------------------------- format v1
 
 
@@ -392,7 +414,8 @@ def test_checkpoint_written_by_v1_resumes_and_saves_the_same_bytes(tmp_path: Pat
     state = _v1_state(run)
     saver = Checkpointer(run, state.config.checkpoint, rank=0)
     assert saver.restore(state, None) == kept
-    assert vars(state.progress) == {"epoch": 0, "step": 2, "step_in_epoch": 2}
+    # Two steps into epoch 0 in the order drawn per dp rank, which this version does not draw: the next epoch.
+    assert vars(state.progress) == {"epoch": 1, "step": 2, "step_in_epoch": 0}
     assert state.rng_restored == {"torch", "python", "python_gauss", "numpy", "numpy_gauss"}
     assert state.divergence.seen == 2 and state.divergence.rollbacks == []
     exported = checkpoint.export_model(kept)
@@ -401,10 +424,12 @@ def test_checkpoint_written_by_v1_resumes_and_saves_the_same_bytes(tmp_path: Pat
     again = saver.save(state, CPU)
     old, new = checkpoint.read_meta(kept), checkpoint.read_meta(again)
     assert again.name == "step-00000002-1" and checkpoint.verify(again) is None
-    assert sorted(new) == sorted(old) and new["tensors"] == old["tensors"]
-    assert {k: new[k] for k in ("progress", "layout", "schedule", "divergence", "format", "lineage")} == {
-        k: old[k] for k in ("progress", "layout", "schedule", "divergence", "format", "lineage")
+    assert sorted(new) == sorted([*old, "sample_order"]) and new["tensors"] == old["tensors"]
+    assert new["sample_order"] == SAMPLE_ORDER
+    assert {k: new[k] for k in ("layout", "schedule", "divergence", "format", "lineage")} == {
+        k: old[k] for k in ("layout", "schedule", "divergence", "format", "lineage")
     }
+    assert new["progress"] == {**old["progress"], "epoch": 1, "step_in_epoch": 0}
     assert new["files"]["__0_0.distcp"] == old["files"]["__0_0.distcp"]
     saver.mark_health(0, 3)  # the step after both was taken: both good
     assert [m["health"] for _, m in checkpoint.readable(run)] == [checkpoint.GOOD, checkpoint.GOOD]

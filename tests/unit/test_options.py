@@ -232,7 +232,9 @@ def test_a_saved_config_of_the_old_layout_loads_compares_and_reports() -> None:
     saved = {**config.RunConfig().to_dict(), "train": dict(OLD_TRAIN)}
     del saved["faults"]
     new = config.upgrade(saved)
-    assert set(new["train"]) == set(config.TrainConfig().__dataclass_fields__) and saved["train"] == OLD_TRAIN
+    added_since = {"record_samples"}  # train options newer than the old layout: their defaults apply
+    assert set(new["train"]) | added_since == set(config.TrainConfig().__dataclass_fields__)
+    assert saved["train"] == OLD_TRAIN
     assert new["faults"]["divergence"] == {
         "action": "rollback", "rollback_lr_factor": 0.5, "max_rollbacks": 3, "spike_sigma": 6.0, "spike_window": 8,
         "spike_warmup": 0, "spike_factor": 10.0,
@@ -241,7 +243,11 @@ def test_a_saved_config_of_the_old_layout_loads_compares_and_reports() -> None:
     assert cfg.faults.hang.timeout == 0 and cfg.faults.divergence.spike_window == 8 and cfg.train.epochs == 3
     # A resume from such a checkpoint lists what changed under today's names, and nothing else.
     now = config.from_dict({"train": {**OLD_TRAIN, "epochs": 4, "hang_timeout": 120.0}}).to_dict()
-    assert config.changes(saved, now) == ["--faults.hang.timeout 0.0 -> 120.0", "--train.epochs 3 -> 4"]
+    assert config.changes(saved, now) == [
+        "--faults.hang.timeout 0.0 -> 120.0",
+        "--train.epochs 3 -> 4",
+        "--train.record-samples ? -> False",  # newer than the old layout: shown as unknown before
+    ]
     assert "No rollback (--faults.divergence.action rollback)." in report.divergence_section({}, saved)
     assert ("faults.divergence.spike_window", 8, 128) in report.config_diff(saved)
 

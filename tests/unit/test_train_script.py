@@ -120,3 +120,37 @@ def test_a_hung_job_is_requeued_up_to_hang_requeues(
     else:
         assert rc == 1 and _requeues(tmp_path) == [], text
         assert "requeueing" not in text, text
+
+
+# ------------------------------------------------------------------------------------------------
+# A node range (sbatch -N 3-4): torchrun spans the nodes this allocation got, read at each start
+
+# The training step's stand-in: torchrun's command line recorded, nothing run; everything else is the interpreter.
+TORCHRUN_RECORDED = """#!/bin/bash
+if [[ " $* " == *" -m torch.distributed.run "* ]]; then
+    echo "$*" >> "$FAKE_TORCHRUN"
+    exit 0
+fi
+exec {python} "$@"
+"""
+
+
+@pytest.mark.parametrize(
+    "allocated",
+    [{"SLURM_JOB_NUM_NODES": "3", "SLURM_NNODES": "3"}, {"SLURM_NNODES": "4"}],  # older Slurm: SLURM_NNODES only
+)
+def test_a_node_range_trains_on_the_nodes_it_got(tmp_path: Path, allocated: dict[str, str]) -> None:
+    run_dir, log, calls = tmp_path / "run", tmp_path / "job.out", tmp_path / "torchrun.calls"
+    fake_python = tmp_path / "bin" / "python-stand-in"
+    (tmp_path / "bin").mkdir()
+    _script(fake_python, TORCHRUN_RECORDED.format(python=PYTHON))
+    env = _job_env(tmp_path, PYTHON=str(fake_python), PREFLIGHT="off", FAKE_TORCHRUN=str(calls))
+    del env["SLURM_JOB_NUM_NODES"]
+    env.update(allocated)
+    rc = run_logged(["bash", "slurm/train.sh", *flags("--data /nonexistent --run-dir {}", run_dir)], log, env, 120)
+    text = log.read_text(errors="replace")
+    nodes = allocated["SLURM_NNODES"]
+    assert rc == 0, text
+    assert f"{nodes} node(s) x 2 process(es)" in text, text
+    (line,) = calls.read_text().splitlines()
+    assert f"--nnodes={nodes} " in line and "-m launch.train" in line, line
