@@ -264,6 +264,57 @@ def test_rng_not_restored_after_a_layout_change_is_reseeded_per_replica_and_step
     assert len({seeds.replica_seed(3, d, s) for d in range(4) for s in (0, 40)}) == 8
 
 
+def _layout_state(run_dir: Path, channels_last: bool, seed: int) -> checkpoint.TrainState:
+    """The trainer's own optimizer (fused SGD, buffers from the start) on a model in the layout asked for."""
+    from pipeline.config import RunConfig
+    from pipeline.model import ModelConfig, build_model
+    from pipeline.schedule import LRSchedule
+    from pipeline.train_step import build_optimizer
+
+    cfg = RunConfig(run_dir=str(run_dir))
+    cfg.model = ModelConfig(
+        num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16, dropout=0.0, channels_last=channels_last
+    )
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    layout = {"world_size": 1, "dp_size": 1, "tp_size": 1}
+    return checkpoint.TrainState(
+        model, build_optimizer(model, cfg.optim), LRSchedule(cfg.schedule, 0.01), cfg, layout, rank=0, tp_rank=0
+    )
+
+
+def _sgd_step(state: checkpoint.TrainState, x: torch.Tensor) -> None:
+    state.optimizer.zero_grad()
+    state.model(x).square().mean().backward()
+    state.optimizer.step()
+
+
+def test_a_resume_with_the_memory_layout_flipped_keeps_its_momentum(tmp_path: Path) -> None:
+    """Saved in channels_last, resumed without (and the reverse): the momentum goes into the live weights'
+    strides, so the first step after the resume is the same-layout resume's step within layout noise. The
+    saved strides would scramble every conv layer's update (CPU; fused SGD on CUDA refuses them)."""
+    x = torch.randn(2, 3, 227, 227, generator=torch.Generator().manual_seed(0))
+    for saved_layout in (True, False):
+        run = tmp_path / f"saved-channels-last-{saved_layout}"
+        saved = _layout_state(run, saved_layout, seed=0)
+        for _ in range(3):  # momentum that differs from zero and from the gradient
+            _sgd_step(saved, x)
+        _saver(run).save(saved, torch.device("cpu"))
+        updates = {}
+        for layout in (saved_layout, not saved_layout):
+            resumed = _layout_state(run, layout, seed=1)
+            assert _saver(run).restore(resumed, None) is not None
+            for p in resumed.model.parameters():
+                assert resumed.optimizer.state[p]["momentum_buffer"].stride() == p.stride()
+            before = {n: p.detach().clone() for n, p in resumed.model.named_parameters()}
+            _sgd_step(resumed, x)
+            updates[layout] = {n: p.detach() - before[n] for n, p in resumed.model.named_parameters()}
+        same, flipped = updates[saved_layout], updates[not saved_layout]
+        for name in (n for n in same if n.startswith("conv") and n.endswith("weight")):
+            relative = ((flipped[name] - same[name]).norm() / same[name].norm()).item()
+            assert relative < 1e-2, (saved_layout, name, relative)  # noise ~1e-4; scrambled ~1
+
+
 # ------------------------------------------------------------------------------------------ torch.compile
 
 
