@@ -149,6 +149,42 @@ def test_mfu_uses_the_peak_table() -> None:
     assert all({"bf16", "fp32"} <= set(p) for p in perf.PEAK_TFLOPS.values())
 
 
+@pytest.mark.parametrize(
+    ("name", "row"),
+    [
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 80GB HBM3", "H100"),  # SXM5
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+        ("NVIDIA L4", None),
+    ],
+)
+def test_the_peak_table_matches_the_most_specific_name(monkeypatch, name: str, row: str | None) -> None:
+    assert perf.peak_row(name) == row
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    want = perf.PEAK_TFLOPS[row]["bf16"] if row else None
+    assert perf.peak_tflops(torch.device("cuda", 0), "bf16") == want
+
+
+def test_counting_flops_never_compiles(monkeypatch) -> None:
+    """With --model.compile true the FLOP count runs on an eager model: no compile at every start, and Dynamo
+    sees no batch-1 forward that would turn the real graphs' batch dimension dynamic."""
+    import torch._dynamo
+
+    from pipeline.model import ModelConfig
+
+    compiled: list[object] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compiled.append(a) or (a[0] if a else None))
+    torch._dynamo.reset()
+    cfg = ModelConfig(num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16, compile=True)
+    flops = perf.forward_flops_per_image(cfg)
+    assert compiled == [] and torch._dynamo.utils.counters["stats"]["calls_captured"] == 0
+    assert cfg.compile  # the run's own config is left as it was
+    assert flops == perf.forward_flops_per_image(ModelConfig(num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16))
+
+
 def _event(name: str, ts: float, dur: float, tid: int = 1, cat: str = "cpu_op", **args) -> dict:
     return {"ph": "X", "name": name, "ts": ts, "dur": dur, "tid": tid, "pid": 1, "cat": cat, "args": args}
 
