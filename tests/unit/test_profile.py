@@ -228,6 +228,30 @@ def test_summary_of_a_gpu_trace_by_hand() -> None:
     assert s.overlap == pytest.approx(0.5) and s.collectives == {"nccl:allreduce": pytest.approx(100e-6)}
 
 
+def test_kernels_launched_through_the_driver_api_are_attributed_too() -> None:
+    """Triton's kernels (torch.compile) and many of cuDNN's are launched with cuLaunchKernel (kineto's
+    ``cuda_driver``), the rest with cudaLaunchKernel (``cuda_runtime``): each kernel belongs to the phase of
+    its own launch, whichever API made it, not to the phase in progress when it ran on the device."""
+    annotation = "user_annotation"
+    events = [
+        _event("phase/forward", 0, 100, cat=annotation),
+        _event("phase/backward", 100, 100, cat=annotation),
+        _event("phase/step", 200, 100, cat=annotation),
+        # queued in forward (one launch per API), run while the host is already in backward
+        _event("cuLaunchKernel", 10, 5, cat="cuda_driver", correlation=11),
+        _event("triton_poi_fused_relu_0", 120, 40, tid=7, cat="kernel", correlation=11),
+        _event("cudaLaunchKernel", 20, 5, cat="cuda_runtime", correlation=12),
+        _event("cudnn_conv_fwd", 160, 20, tid=7, cat="kernel", correlation=12),
+        # queued in backward through the driver, run during step
+        _event("cuLaunchKernelEx", 150, 5, cat="cuda_driver", correlation=13),
+        _event("triton_red_fused_bwd_1", 210, 30, tid=7, cat="kernel", correlation=13),
+    ]
+    s = summary_tool.summarise({"traceEvents": events, "alexnet": {"wall_s": 300e-6, "rank": 0}}, 0)
+    assert s.parts["forward"] == pytest.approx(60e-6)
+    assert s.parts["backward"] == pytest.approx(30e-6)
+    assert s.parts["optimizer"] == 0.0
+
+
 def test_summary_of_a_cpu_trace_by_hand() -> None:
     """A made-up CPU trace whose answer is known: the training thread's operators and a gloo all-reduce in
     gloo's thread, 30 of whose 100 us run beside backward's operator; an operator inside the collective's own
