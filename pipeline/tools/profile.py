@@ -50,6 +50,7 @@ CATEGORY = {
     "backward": "backward",
     "gradient-sync": "backward",
     "step": "optimizer",
+    "step-sync": "optimizer",  # the divergence guard's all-reduce (its wait is communication or idle anyway)
 }
 COMM_PREFIXES = ("gloo:", "nccl:")  # torch's record_param_comms ranges of a collective
 # The host's launch calls, tied to their kernels by correlation id: the runtime API's (cudaLaunchKernel ...) and
