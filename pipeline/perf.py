@@ -17,7 +17,8 @@ workspaces are the used memory less torch's reserved (``mem/device_other_gib``).
 
 On a CUDA out-of-memory error the run writes ``RUN_DIR/memory/oom-<time>-rank-N.pickle``
 (``torch.cuda.memory._dump_snapshot``; the allocation history is recorded from the start, bounded by
-``--profile.memory-history`` entries) and ends with one line naming the file and the viewer.
+``--profile.memory-history`` entries: 10,000 by default, ~1.5-2 KB of host memory each, docs/BENCHMARKS.md)
+and ends with one line naming the file and the viewer.
 """
 
 from __future__ import annotations

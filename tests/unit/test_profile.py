@@ -292,3 +292,31 @@ def test_summary_of_a_folder_without_traces_is_one_line(tmp_path: Path, capsys: 
     (tmp_path / "rank-0.json").write_text("{not json")
     assert summary_tool.main([str(tmp_path)]) == 2
     assert "not a JSON trace" in capsys.readouterr().err
+
+
+def test_the_oom_history_default_costs_a_few_mb_of_host_memory_per_rank() -> None:
+    """What an entry of the allocation history holds on the host beyond its fixed ~200 bytes is its Python
+    traceback (stacks="python"): one is gathered here at this test's depth inside a model's forward (deeper
+    than the trainer's), held 4,000 times, and the resident set grows by that many. The default's cost
+    must stay a few MB per rank (docs/BENCHMARKS.md: 100,000 entries cost ~150 MB per rank, 10,000 ~15)."""
+    import gc
+
+    from torch._C._profiler import gather_traceback
+
+    from pipeline.config import ProfileConfig
+
+    held: list[object] = []
+    conv = torch.nn.Conv2d(3, 4, 3)
+    conv.register_forward_hook(lambda *_: held.append(gather_traceback(python=True, script=True, cpp=False)))
+    n = 4_000
+    x = torch.zeros(1, 3, 5, 5)
+    for _ in range(n // 4):  # warm: the first calls' own allocations (kernels' caches) are not history
+        conv(x)
+    held.clear()
+    gc.collect()
+    before = perf.host_rss_bytes()
+    for _ in range(n):
+        conv(x)
+    per_entry = (perf.host_rss_bytes() - before) / n + 200  # + the TraceEntry itself (c10 CachingDeviceAllocator.h)
+    assert 100 < per_entry < 8192, per_entry  # torch's docs: "several KB" at most
+    assert ProfileConfig().memory_history * per_entry < 32 * 2**20, (ProfileConfig().memory_history, per_entry)
