@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import threading
 import types
@@ -632,3 +633,89 @@ def test_gpu_check_steps_record_failures_time_limits_and_the_budget(tmp_path: Pa
     text = gpu_check.markdown(result)
     assert "| ok | ok |" in text and "## bad (exit 3)" in text and "## slow (exit None)" in text
     assert "broken" in (tmp_path / "gpu-check.log").read_text()
+
+
+def test_gpu_check_fits_its_budget_with_a_margin_per_step() -> None:
+    """Every step's limit leaves it half again its expected seconds on one H100, and the limits together
+    leave the budget a margin for what runs between them (versions, start-ups, the report)."""
+    from pipeline.bench import gpu_check
+
+    assert gpu_check.BUDGET_S == 480  # 8 minutes
+    assert all(p.limit_s >= 1.5 * p.expected_s for p in gpu_check.PLAN), gpu_check.PLAN
+    assert sum(p.limit_s for p in gpu_check.PLAN) == 440 and gpu_check.margin_s() == 40
+    assert len(gpu_check.LIMITS) == len(gpu_check.PLAN)  # one limit per step name
+    source = Path(gpu_check.__file__).read_text()
+    used = set(re.findall(r'LIMITS\["([^"]+)"\]', source))
+    assert used == set(gpu_check.LIMITS), used ^ set(gpu_check.LIMITS)  # each step runs under its planned limit
+    docs = (REPO / "docs" / "gpu-check.md").read_text()
+    assert all(f"| {p.name} | {p.expected_s:g} | {p.limit_s:g} |" in docs for p in gpu_check.PLAN)
+
+
+def _report_figures(**over: float) -> dict[str, dict[str, float]]:
+    report = {"trainer_vs_model_alone": 0.95, "trainer_data_wait_fraction": 0.01, "image_mae_max": 0.8}
+    return {
+        "gpu report": {**report, "channel_mean_gap": 0.2, **over},
+        "profile summary": {"forward_s": 0.05, "backward_s": 0.1},
+    }
+
+
+@pytest.mark.parametrize(
+    ("over", "failed"),
+    [
+        ({}, []),
+        ({"trainer_vs_model_alone": 0.89}, ["trainer within 10% of the model alone (same batch)"]),
+        ({"trainer_vs_model_alone": 0.90}, []),  # exactly 10% slower passes
+        ({"trainer_data_wait_fraction": 0.05}, []),
+        ({"trainer_data_wait_fraction": 0.051}, ["trainer's data wait below 5%"]),
+        (
+            {"image_mae_max": 2.5, "channel_mean_gap": 1.5},
+            ["GPU batches: worst image's mean abs. difference", "GPU batches: largest channel-mean gap"],
+        ),  # fmt: skip
+    ],
+)
+def test_gpu_check_thresholds_judge_the_figures(over: dict[str, float], failed: list[str]) -> None:
+    from pipeline.bench import gpu_check
+
+    judged = gpu_check.verdicts(_report_figures(**over))
+    assert [v["name"] for v in judged if not v["ok"]] == failed
+    assert len(judged) == len(gpu_check.THRESHOLDS)
+
+
+def test_gpu_check_fails_a_threshold_whose_figure_is_missing() -> None:
+    from pipeline.bench import gpu_check
+
+    figures = _report_figures()
+    del figures["profile summary"]  # the step failed: no figures
+    judged = gpu_check.verdicts(figures)
+    assert [v["name"] for v in judged if not v["ok"]] == [
+        t.name for t in gpu_check.THRESHOLDS if t.step == "profile summary"
+    ]
+    keys = ("gpu", "capability", "torch", "torch_cuda", "cudnn", "dali", "python", "commit", "date_utc")
+    versions = dict.fromkeys(keys, "v")
+    result = {"ok": False, "seconds": 1.0, "versions": versions, "steps": [], "thresholds": judged, "not_checked": []}
+    assert "| no figure | >= 1e-06 | FAILED |" in gpu_check.markdown(result)
+
+
+def test_gpu_check_installs_from_the_index_for_torchs_cuda_or_refuses_in_one_line(monkeypatch, tmp_path) -> None:
+    from pipeline.bench import gpu_check
+
+    assert gpu_check.requirements(["nvidia.dali", "simplejpeg"], "13.0") == [
+        "nvidia-dali-cuda130==2.4.0",
+        "simplejpeg==1.9.0",
+    ]
+    assert gpu_check.requirements(["nvidia.dali"], "12.8") == ["nvidia-dali-cuda120==2.4.0"]
+    monkeypatch.setattr(gpu_check, "_importable", lambda module: module != "webdataset")
+    with pytest.raises(UserError) as refused:
+        gpu_check.install_missing(None, allowed=False)
+    assert "\n" not in str(refused.value) and "-m pip install webdataset==1.0.2" in str(refused.value)
+    ran: list[list[str]] = []
+
+    def pip(command, **kwargs):
+        ran.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version (no index)\n")
+
+    monkeypatch.setattr(subprocess, "run", pip)
+    log = (tmp_path / "log").open("w")
+    with pytest.raises(UserError, match=r"pip install webdataset==1.0.2 failed \(ERROR: Could not find"):
+        gpu_check.install_missing(log, allowed=True)
+    assert ran == [[gpu_check.sys.executable, "-m", "pip", "install", "webdataset==1.0.2"]]  # the index, no wheels
