@@ -104,9 +104,11 @@ class ProfileConfig(Section):
     peak_tflops: float = option(0.0, finite(0))
     """a device's peak TFLOP/s for MFU; 0 = from the table in pipeline/perf.py (A100, H100, H200; no MFU on
     CPU: give the pre-flight's matmul GFLOP/s / 1000 here to get one)"""
-    memory_history: int = option(100000, at_least(0, " (0 = no history)"))
+    memory_history: int = option(10000, at_least(0, " (0 = no history)"))
     """CUDA allocations kept for the memory snapshot written on an out-of-memory error (torch's
-    _record_memory_history max_entries; 0 = no history, no snapshot)"""
+    _record_memory_history max_entries; 0 = no history, no snapshot). Each entry holds ~1.5-2 KB of host
+    memory (its Python stack, measured: docs/BENCHMARKS.md), so 10,000 (the last few steps) cost ~15-20 MB
+    per rank; the 100,000 of before cost ~150-220 MB per rank"""
 
     def window(self) -> tuple[int, int] | None:
         """(A, B) of --profile.steps, None when empty."""

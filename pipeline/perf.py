@@ -17,11 +17,13 @@ workspaces are the used memory less torch's reserved (``mem/device_other_gib``).
 
 On a CUDA out-of-memory error the run writes ``RUN_DIR/memory/oom-<time>-rank-N.pickle``
 (``torch.cuda.memory._dump_snapshot``; the allocation history is recorded from the start, bounded by
-``--profile.memory-history`` entries) and ends with one line naming the file and the viewer.
+``--profile.memory-history`` entries: 10,000 by default, ~1.5-2 KB of host memory each, docs/BENCHMARKS.md)
+and ends with one line naming the file and the viewer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -43,21 +45,33 @@ MEMORY_VIEWER = "https://pytorch.org/memory_viz"
 
 # Dense peak TFLOP/s per device (vendor data sheets, no sparsity). "fp32" is the CUDA-core figure, "tf32"
 # the tensor-core one that cuDNN's convolutions use for fp32 tensors by default (torch.backends.cudnn.allow_tf32).
-# Order matters: the first name found in torch.cuda.get_device_name() wins ("H100 PCIe" before "H100").
+# Matching: the most specific name first (the longest key found in torch.cuda.get_device_name() wins, whatever
+# the table's order), so "NVIDIA H100 NVL" takes the NVL row, not the SXM5 one that a bare "H100" names.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},  # per GPU, as the others
     "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
     "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM5
     "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
 
 
+def peak_row(device_name: str) -> str | None:
+    """The table's key for a device name: the longest one found in it (None: not in the table)."""
+    found = [key for key in PEAK_TFLOPS if key in device_name]
+    return max(found, key=len) if found else None
+
+
 def forward_flops_per_image(cfg: ModelConfig) -> int:
-    """The whole model's forward FLOPs per image, from the layer table (shapes only: built on the meta device)."""
+    """The whole model's forward FLOPs per image, from the layer table (shapes only: built on the meta device,
+    never compiled, whatever ``cfg.compile`` says)."""
+    # Never compiled: a compile here costs a cold compile at every start, and Dynamo keeps its shape guesses
+    # per code object, so after this batch-1 forward the run's training and evaluation graphs would compile
+    # with a dynamic batch dimension instead of the static ones the model benchmark measured.
     # Building draws initial weights from the RNG even on the meta device: fork it, so counting FLOPs leaves
     # the run's random stream (dropout masks, seeded per replica just before) as it was.
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(dataclasses.replace(cfg, compile=False))
     return sum(row.flops for row in layer_table(model))
 
 
@@ -75,11 +89,8 @@ def peak_tflops(device: torch.device, amp: str, override: float = 0.0) -> float 
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in name:
-            return peaks[precision(amp)]
-    return None
+    key = peak_row(torch.cuda.get_device_name(device))
+    return PEAK_TFLOPS[key][precision(amp)] if key else None
 
 
 class Throughput:

@@ -54,7 +54,8 @@ class Phase(StrEnum):
     FORWARD = "forward"
     BACKWARD = "backward"
     GRADIENT_SYNC = "gradient-sync"  # conv1's gradient is done: only DDP's all-reduce is left of the backward
-    STEP = "step"  # the divergence guard and the optimizer
+    STEP = "step"  # the divergence guard's own figures and the optimizer
+    STEP_SYNC = "step-sync"  # the divergence guard's all-reduce (loss, gradient norm): waiting for the other ranks
     CONTROL = "control"  # the control all-reduce (stop, LR drop, save, divergence, straggler figures)
     VALIDATION = "validation"  # validation batches (ticks: ranks may get different numbers)
     VALIDATION_SYNC = "validation-sync"  # the all-reduce of the validation counts
@@ -71,7 +72,15 @@ PHASES = frozenset(Phase)
 # compiles at once on the node's shared CPUs; a slow compile is not a hang, and a restart compiles again).
 SLOW_PHASES = frozenset({Phase.START, Phase.LOADER, Phase.CHECKPOINT, Phase.COMPILE})
 # One training step's phases (the straggler figures and the data-wait fraction are shares of them).
-STEP_PHASES = (Phase.DATA, Phase.FORWARD, Phase.BACKWARD, Phase.GRADIENT_SYNC, Phase.STEP, Phase.CONTROL)
+STEP_PHASES = (
+    Phase.DATA,
+    Phase.FORWARD,
+    Phase.BACKWARD,
+    Phase.GRADIENT_SYNC,
+    Phase.STEP,
+    Phase.STEP_SYNC,
+    Phase.CONTROL,
+)
 
 
 @dataclass(frozen=True)

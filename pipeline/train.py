@@ -453,7 +453,12 @@ def build_trainer(
     )
     local_batch = _local_batch(cfg.optim.batch_size, dims.dp_size)
     stragglers = StragglerWatch(
-        dims.rank, dims.world_size, _hosts(), cfg.faults.stragglers.threshold, cfg.faults.stragglers.window
+        dims.rank,
+        dims.world_size,
+        _hosts(),
+        cfg.faults.stragglers.threshold,
+        cfg.faults.stragglers.window,
+        tp_size=dims.tp_size,
     )
     profiler = Profiler(
         run_dir, cfg.profile, rank=dims.rank, is_main=dims.is_main, device=device, marks=marks, layout=layout

@@ -77,7 +77,11 @@ class TrainStep:
 
         self.marks.enter("step")
         # The guard's verdict (1: non-finite or a spike) stays on the device; fused SGD skips the update then.
-        self.optimizer.found_inf = self.guard.observe(loss, self.params, step + 1)
+        # Its all-reduce waits for the slowest rank: a wait phase of its own ("step-sync"), then "step" again.
+        self.optimizer.found_inf = self.guard.observe(
+            loss, self.params, step + 1, before_sync=lambda: self.marks.enter("step-sync")
+        )
+        self.marks.enter("step")
         self.optimizer.step()
         return loss, logits
 

@@ -135,7 +135,11 @@ class TrainState:
         model_lib.unwrap(self.model).load_state_dict(self._from_towers(parts["model"]))
         momentum = self._from_towers(parts["momentum"])
         for name, p in self.model.named_parameters():
-            self.optimizer.state[p]["momentum_buffer"] = momentum[name].to(p.device, p.dtype).clone()
+            # In the live parameter's strides, not the saved ones: a run resumed with another memory layout
+            # (--model.channels-last flipped) would otherwise hand fused SGD a channels_last buffer for a
+            # contiguous weight, which CUDA refuses and the CPU kernel applies element by element in the
+            # wrong order (scrambled momentum). copy_ reorders the values into the parameter's layout.
+            self.optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(momentum[name])
         prefix = f"rng.rank{self.rank}."
         rng = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if rng:

@@ -37,6 +37,7 @@ every checkpoint (``state_dict``), so a resume continues the same rule and a rer
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,13 +83,23 @@ class DivergenceGuard:
 
     # -- every step
 
-    def observe(self, loss: torch.Tensor, parameters: list[torch.nn.Parameter], step: int) -> torch.Tensor:
-        """The verdict on the step about to be applied (``step`` counts it): 1.0 skips it (``found_inf``)."""
+    def observe(
+        self,
+        loss: torch.Tensor,
+        parameters: list[torch.nn.Parameter],
+        step: int,
+        before_sync: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """The verdict on the step about to be applied (``step`` counts it): 1.0 skips it (``found_inf``).
+        ``before_sync`` is called just before the all-reduce (on every rank, alone too): the trainer's mark
+        of a wait phase, so waiting for a slower rank there is not counted as this rank's own work."""
         grads = [p.grad for p in parameters if p.grad is not None]  # leaves: no graph to detach from
         grad_sq = torch.stack(torch._foreach_norm(grads)).float().square().sum()
         pair = torch.stack([loss.detach().float(), grad_sq])
         local_bad = ~torch.isfinite(pair)  # this rank's own [loss, gradients] non-finite, to name it later
         both = torch.cat([pair, local_bad.any().float().unsqueeze(0)])
+        if before_sync is not None:
+            before_sync()
         if self.world_size > 1:
             dist.all_reduce(both)  # SUM over the world: NaN/inf on any rank reaches every rank
         mean = both[0] / self.world_size

@@ -11,6 +11,12 @@ only after it has recovered). The figures travel in the trainer's control all-re
 per-rank slots, which gathers them), so they cost no collective of their own. On a GPU the seconds are
 device time (``pipeline.phases``: CUDA events at the phase marks): host clocks would book a rank's
 queued kernels as waiting in control, make every rank's own work equal and never name a slow GPU.
+
+Under tp=2 the towers of a pair exchange activations inside forward and backward (the tower collectives),
+so a slow GPU's healthy partner waits there, in what counts as its own work: both would pass the
+threshold. Within a pair that is slow together, the rank whose time outside any collective (its data
+and its optimizer step, :data:`ALONE_PHASES`) is the shorter is the one waiting, and is not named; where
+those are equal both are (nothing tells them apart).
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from pipeline.phases import STEP_PHASES
 log = logging.getLogger("alexnet")
 
 # Seconds per step each rank reports: the STEP_PHASES only (validation, checkpoints, set-up excluded).
-WAIT_PHASES = ("gradient-sync", "control")  # where a rank waits for the others
-FIELDS = 3  # step seconds, data seconds, waiting seconds, per step
+WAIT_PHASES = ("gradient-sync", "step-sync", "control")  # where a rank waits for the others
+ALONE_PHASES = ("data", "step")  # what a rank does with no collective inside: no waiting for a partner there
+FIELDS = 4  # step seconds, data seconds, waiting seconds, seconds alone (ALONE_PHASES), per step
 
 
 @dataclass
@@ -37,6 +44,7 @@ class StragglerWatch:
     hosts: list[str]
     threshold: float
     window: int
+    tp_size: int = 1  # 2: ranks 2k and 2k + 1 are the towers of one pair (pipeline.mesh)
     slow_runs: list[int] = field(default_factory=list)  # consecutive slow control steps per rank
     named: set[int] = field(default_factory=set)
 
@@ -54,6 +62,7 @@ class StragglerWatch:
             sum(seconds.get(p, 0.0) for p in STEP_PHASES) / steps,
             seconds.get("data", 0.0) / steps,
             sum(seconds.get(p, 0.0) for p in WAIT_PHASES) / steps,
+            sum(seconds.get(p, 0.0) for p in ALONE_PHASES) / steps,
         ]
         out[FIELDS * self.rank : FIELDS * (self.rank + 1)] = torch.tensor(per, dtype=out.dtype, device=out.device)
 
@@ -65,11 +74,13 @@ class StragglerWatch:
         least_wait = min(row[2] for row in rows)
         work = [row[0] - (row[2] - least_wait) for row in rows]
         data_fraction = [min(row[1] / w, 1.0) if w > 0 else 0.0 for row, w in zip(rows, work)]
+        medians = [statistics.median(work[:r] + work[r + 1 :]) for r in range(self.world_size)]
+        slow = [m > 0 and work[r] > self.threshold * m for r, m in enumerate(medians)]
+        slow = self._excuse_waiting_partners(slow, [row[3] for row in rows])
         for r in range(self.world_size):
-            others = statistics.median(work[:r] + work[r + 1 :])
-            slow = others > 0 and work[r] > self.threshold * others
-            self.slow_runs[r] = self.slow_runs[r] + 1 if slow else 0
-            if not slow:
+            others = medians[r]
+            self.slow_runs[r] = self.slow_runs[r] + 1 if slow[r] else 0
+            if not slow[r]:
                 self.named.discard(r)
             elif self.slow_runs[r] >= self.window and r not in self.named:
                 self.named.add(r)
@@ -83,6 +94,18 @@ class StragglerWatch:
             "perf/rank_data_wait_fraction_median": statistics.median(data_fraction),
             "perf/slowest_rank": float(slowest),
         }
+
+    def _excuse_waiting_partners(self, slow: list[bool], alone: list[float]) -> list[bool]:
+        """Under tp=2, of a pair slow together, the partner that spends less time alone waits for the other
+        inside the tower collectives: it is not slow itself."""
+        if self.tp_size != 2:
+            return slow
+        out = list(slow)
+        for a in range(0, self.world_size - 1, 2):
+            b = a + 1
+            if slow[a] and slow[b] and alone[a] != alone[b]:
+                out[a if alone[a] < alone[b] else b] = False
+        return out
 
     def _line(self, r: int, work: list[float], data_fraction: list[float], others: float) -> str:
         median_data = statistics.median(data_fraction[:r] + data_fraction[r + 1 :])

@@ -50,8 +50,12 @@ CATEGORY = {
     "backward": "backward",
     "gradient-sync": "backward",
     "step": "optimizer",
+    "step-sync": "optimizer",  # the divergence guard's all-reduce (its wait is communication or idle anyway)
 }
 COMM_PREFIXES = ("gloo:", "nccl:")  # torch's record_param_comms ranges of a collective
+# The host's launch calls, tied to their kernels by correlation id: the runtime API's (cudaLaunchKernel ...) and
+# the driver API's (cuLaunchKernel, cuLaunchKernelEx: Triton's kernels under torch.compile, many of cuDNN's).
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 MAX_TRACE_BYTES = 2 * 2**30
 
 
@@ -155,7 +159,7 @@ def summarise(trace: dict[str, Any], rank: int) -> Summary:
         launches = {
             e["args"].get("correlation"): e["ts"]
             for e in events
-            if e.get("cat") == "cuda_runtime" and isinstance(e.get("args"), dict)
+            if e.get("cat") in LAUNCH_CATEGORIES and isinstance(e.get("args"), dict)
         }
         for k in kernels:
             a, b = k["ts"], k["ts"] + k["dur"]

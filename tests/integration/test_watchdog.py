@@ -47,7 +47,7 @@ def _progress(run_dir: Path, rank: int) -> dict | None:
         return None
 
 
-TRAINING_PHASES = ("data", "forward", "backward", "gradient-sync", "step", "control")
+TRAINING_PHASES = ("data", "forward", "backward", "gradient-sync", "step", "step-sync", "control")
 SAVE_PHASES = ("checkpoint", "checkpoint-sync")  # stopped in its slow save, or just after it
 VALIDATION_PHASES = ("validation", "validation-sync")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import threading
 import types
@@ -264,6 +265,57 @@ def test_rng_not_restored_after_a_layout_change_is_reseeded_per_replica_and_step
     assert len({seeds.replica_seed(3, d, s) for d in range(4) for s in (0, 40)}) == 8
 
 
+def _layout_state(run_dir: Path, channels_last: bool, seed: int) -> checkpoint.TrainState:
+    """The trainer's own optimizer (fused SGD, buffers from the start) on a model in the layout asked for."""
+    from pipeline.config import RunConfig
+    from pipeline.model import ModelConfig, build_model
+    from pipeline.schedule import LRSchedule
+    from pipeline.train_step import build_optimizer
+
+    cfg = RunConfig(run_dir=str(run_dir))
+    cfg.model = ModelConfig(
+        num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16, dropout=0.0, channels_last=channels_last
+    )
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    layout = {"world_size": 1, "dp_size": 1, "tp_size": 1}
+    return checkpoint.TrainState(
+        model, build_optimizer(model, cfg.optim), LRSchedule(cfg.schedule, 0.01), cfg, layout, rank=0, tp_rank=0
+    )
+
+
+def _sgd_step(state: checkpoint.TrainState, x: torch.Tensor) -> None:
+    state.optimizer.zero_grad()
+    state.model(x).square().mean().backward()
+    state.optimizer.step()
+
+
+def test_a_resume_with_the_memory_layout_flipped_keeps_its_momentum(tmp_path: Path) -> None:
+    """Saved in channels_last, resumed without (and the reverse): the momentum goes into the live weights'
+    strides, so the first step after the resume is the same-layout resume's step within layout noise. The
+    saved strides would scramble every conv layer's update (CPU; fused SGD on CUDA refuses them)."""
+    x = torch.randn(2, 3, 227, 227, generator=torch.Generator().manual_seed(0))
+    for saved_layout in (True, False):
+        run = tmp_path / f"saved-channels-last-{saved_layout}"
+        saved = _layout_state(run, saved_layout, seed=0)
+        for _ in range(3):  # momentum that differs from zero and from the gradient
+            _sgd_step(saved, x)
+        _saver(run).save(saved, torch.device("cpu"))
+        updates = {}
+        for layout in (saved_layout, not saved_layout):
+            resumed = _layout_state(run, layout, seed=1)
+            assert _saver(run).restore(resumed, None) is not None
+            for p in resumed.model.parameters():
+                assert resumed.optimizer.state[p]["momentum_buffer"].stride() == p.stride()
+            before = {n: p.detach().clone() for n, p in resumed.model.named_parameters()}
+            _sgd_step(resumed, x)
+            updates[layout] = {n: p.detach() - before[n] for n, p in resumed.model.named_parameters()}
+        same, flipped = updates[saved_layout], updates[not saved_layout]
+        for name in (n for n in same if n.startswith("conv") and n.endswith("weight")):
+            relative = ((flipped[name] - same[name]).norm() / same[name].norm()).item()
+            assert relative < 1e-2, (saved_layout, name, relative)  # noise ~1e-4; scrambled ~1
+
+
 # ------------------------------------------------------------------------------------------ torch.compile
 
 
@@ -439,12 +491,24 @@ def test_gpu_check_refuses_in_one_line_without_cuda(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ on a GPU (make gpu-check)
 
 
+def _warm_up(device: torch.device, a: torch.Tensor) -> None:
+    """What a fresh process does once, outside the timed regions: the first matmul creates the cuBLAS handle
+    and workspace and loads the kernels' modules on the host (tens to hundreds of ms, all of it host time
+    inside the "queued" figure: ``forward > 3 * queued`` then fails); the first backward starts autograd's
+    device thread; the first CUDA event creates its pool."""
+    w = torch.randn_like(a, requires_grad=True)
+    (w @ a).clamp(-1, 1).square().mean().backward()
+    torch.cuda.Event(enable_timing=True).record()
+    torch.cuda.synchronize(device)
+
+
 @pytest.mark.cuda
 def test_cuda_event_clock_sees_the_device_time_the_host_only_queued() -> None:
     import time
 
     device = torch.device("cuda", 0)
     a = torch.randn(4096, 4096, device=device)
+    _warm_up(device, a)
     marks = PhaseMarks()
     marks.time_on(device)
     window = marks.window()
@@ -569,3 +633,89 @@ def test_gpu_check_steps_record_failures_time_limits_and_the_budget(tmp_path: Pa
     text = gpu_check.markdown(result)
     assert "| ok | ok |" in text and "## bad (exit 3)" in text and "## slow (exit None)" in text
     assert "broken" in (tmp_path / "gpu-check.log").read_text()
+
+
+def test_gpu_check_fits_its_budget_with_a_margin_per_step() -> None:
+    """Every step's limit leaves it half again its expected seconds on one H100, and the limits together
+    leave the budget a margin for what runs between them (versions, start-ups, the report)."""
+    from pipeline.bench import gpu_check
+
+    assert gpu_check.BUDGET_S == 480  # 8 minutes
+    assert all(p.limit_s >= 1.5 * p.expected_s for p in gpu_check.PLAN), gpu_check.PLAN
+    assert sum(p.limit_s for p in gpu_check.PLAN) == 440 and gpu_check.margin_s() == 40
+    assert len(gpu_check.LIMITS) == len(gpu_check.PLAN)  # one limit per step name
+    source = Path(gpu_check.__file__).read_text()
+    used = set(re.findall(r'LIMITS\["([^"]+)"\]', source))
+    assert used == set(gpu_check.LIMITS), used ^ set(gpu_check.LIMITS)  # each step runs under its planned limit
+    docs = (REPO / "docs" / "gpu-check.md").read_text()
+    assert all(f"| {p.name} | {p.expected_s:g} | {p.limit_s:g} |" in docs for p in gpu_check.PLAN)
+
+
+def _report_figures(**over: float) -> dict[str, dict[str, float]]:
+    report = {"trainer_vs_model_alone": 0.95, "trainer_data_wait_fraction": 0.01, "image_mae_max": 0.8}
+    return {
+        "gpu report": {**report, "channel_mean_gap": 0.2, **over},
+        "profile summary": {"forward_s": 0.05, "backward_s": 0.1},
+    }
+
+
+@pytest.mark.parametrize(
+    ("over", "failed"),
+    [
+        ({}, []),
+        ({"trainer_vs_model_alone": 0.89}, ["trainer within 10% of the model alone (same batch)"]),
+        ({"trainer_vs_model_alone": 0.90}, []),  # exactly 10% slower passes
+        ({"trainer_data_wait_fraction": 0.05}, []),
+        ({"trainer_data_wait_fraction": 0.051}, ["trainer's data wait below 5%"]),
+        (
+            {"image_mae_max": 2.5, "channel_mean_gap": 1.5},
+            ["GPU batches: worst image's mean abs. difference", "GPU batches: largest channel-mean gap"],
+        ),  # fmt: skip
+    ],
+)
+def test_gpu_check_thresholds_judge_the_figures(over: dict[str, float], failed: list[str]) -> None:
+    from pipeline.bench import gpu_check
+
+    judged = gpu_check.verdicts(_report_figures(**over))
+    assert [v["name"] for v in judged if not v["ok"]] == failed
+    assert len(judged) == len(gpu_check.THRESHOLDS)
+
+
+def test_gpu_check_fails_a_threshold_whose_figure_is_missing() -> None:
+    from pipeline.bench import gpu_check
+
+    figures = _report_figures()
+    del figures["profile summary"]  # the step failed: no figures
+    judged = gpu_check.verdicts(figures)
+    assert [v["name"] for v in judged if not v["ok"]] == [
+        t.name for t in gpu_check.THRESHOLDS if t.step == "profile summary"
+    ]
+    keys = ("gpu", "capability", "torch", "torch_cuda", "cudnn", "dali", "python", "commit", "date_utc")
+    versions = dict.fromkeys(keys, "v")
+    result = {"ok": False, "seconds": 1.0, "versions": versions, "steps": [], "thresholds": judged, "not_checked": []}
+    assert "| no figure | >= 1e-06 | FAILED |" in gpu_check.markdown(result)
+
+
+def test_gpu_check_installs_from_the_index_for_torchs_cuda_or_refuses_in_one_line(monkeypatch, tmp_path) -> None:
+    from pipeline.bench import gpu_check
+
+    assert gpu_check.requirements(["nvidia.dali", "simplejpeg"], "13.0") == [
+        "nvidia-dali-cuda130==2.4.0",
+        "simplejpeg==1.9.0",
+    ]
+    assert gpu_check.requirements(["nvidia.dali"], "12.8") == ["nvidia-dali-cuda120==2.4.0"]
+    monkeypatch.setattr(gpu_check, "_importable", lambda module: module != "webdataset")
+    with pytest.raises(UserError) as refused:
+        gpu_check.install_missing(None, allowed=False)
+    assert "\n" not in str(refused.value) and "-m pip install webdataset==1.0.2" in str(refused.value)
+    ran: list[list[str]] = []
+
+    def pip(command, **kwargs):
+        ran.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version (no index)\n")
+
+    monkeypatch.setattr(subprocess, "run", pip)
+    log = (tmp_path / "log").open("w")
+    with pytest.raises(UserError, match=r"pip install webdataset==1.0.2 failed \(ERROR: Could not find"):
+        gpu_check.install_missing(log, allowed=True)
+    assert ran == [[gpu_check.sys.executable, "-m", "pip", "install", "webdataset==1.0.2"]]  # the index, no wheels

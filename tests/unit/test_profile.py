@@ -149,6 +149,42 @@ def test_mfu_uses_the_peak_table() -> None:
     assert all({"bf16", "fp32"} <= set(p) for p in perf.PEAK_TFLOPS.values())
 
 
+@pytest.mark.parametrize(
+    ("name", "row"),
+    [
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 80GB HBM3", "H100"),  # SXM5
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+        ("NVIDIA L4", None),
+    ],
+)
+def test_the_peak_table_matches_the_most_specific_name(monkeypatch, name: str, row: str | None) -> None:
+    assert perf.peak_row(name) == row
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    want = perf.PEAK_TFLOPS[row]["bf16"] if row else None
+    assert perf.peak_tflops(torch.device("cuda", 0), "bf16") == want
+
+
+def test_counting_flops_never_compiles(monkeypatch) -> None:
+    """With --model.compile true the FLOP count runs on an eager model: no compile at every start, and Dynamo
+    sees no batch-1 forward that would turn the real graphs' batch dimension dynamic."""
+    import torch._dynamo
+
+    from pipeline.model import ModelConfig
+
+    compiled: list[object] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compiled.append(a) or (a[0] if a else None))
+    torch._dynamo.reset()
+    cfg = ModelConfig(num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16, compile=True)
+    flops = perf.forward_flops_per_image(cfg)
+    assert compiled == [] and torch._dynamo.utils.counters["stats"]["calls_captured"] == 0
+    assert cfg.compile  # the run's own config is left as it was
+    assert flops == perf.forward_flops_per_image(ModelConfig(num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16))
+
+
 def _event(name: str, ts: float, dur: float, tid: int = 1, cat: str = "cpu_op", **args) -> dict:
     return {"ph": "X", "name": name, "ts": ts, "dur": dur, "tid": tid, "pid": 1, "cat": cat, "args": args}
 
@@ -192,6 +228,30 @@ def test_summary_of_a_gpu_trace_by_hand() -> None:
     assert s.overlap == pytest.approx(0.5) and s.collectives == {"nccl:allreduce": pytest.approx(100e-6)}
 
 
+def test_kernels_launched_through_the_driver_api_are_attributed_too() -> None:
+    """Triton's kernels (torch.compile) and many of cuDNN's are launched with cuLaunchKernel (kineto's
+    ``cuda_driver``), the rest with cudaLaunchKernel (``cuda_runtime``): each kernel belongs to the phase of
+    its own launch, whichever API made it, not to the phase in progress when it ran on the device."""
+    annotation = "user_annotation"
+    events = [
+        _event("phase/forward", 0, 100, cat=annotation),
+        _event("phase/backward", 100, 100, cat=annotation),
+        _event("phase/step", 200, 100, cat=annotation),
+        # queued in forward (one launch per API), run while the host is already in backward
+        _event("cuLaunchKernel", 10, 5, cat="cuda_driver", correlation=11),
+        _event("triton_poi_fused_relu_0", 120, 40, tid=7, cat="kernel", correlation=11),
+        _event("cudaLaunchKernel", 20, 5, cat="cuda_runtime", correlation=12),
+        _event("cudnn_conv_fwd", 160, 20, tid=7, cat="kernel", correlation=12),
+        # queued in backward through the driver, run during step
+        _event("cuLaunchKernelEx", 150, 5, cat="cuda_driver", correlation=13),
+        _event("triton_red_fused_bwd_1", 210, 30, tid=7, cat="kernel", correlation=13),
+    ]
+    s = summary_tool.summarise({"traceEvents": events, "alexnet": {"wall_s": 300e-6, "rank": 0}}, 0)
+    assert s.parts["forward"] == pytest.approx(60e-6)
+    assert s.parts["backward"] == pytest.approx(30e-6)
+    assert s.parts["optimizer"] == 0.0
+
+
 def test_summary_of_a_cpu_trace_by_hand() -> None:
     """A made-up CPU trace whose answer is known: the training thread's operators and a gloo all-reduce in
     gloo's thread, 30 of whose 100 us run beside backward's operator; an operator inside the collective's own
@@ -232,3 +292,31 @@ def test_summary_of_a_folder_without_traces_is_one_line(tmp_path: Path, capsys: 
     (tmp_path / "rank-0.json").write_text("{not json")
     assert summary_tool.main([str(tmp_path)]) == 2
     assert "not a JSON trace" in capsys.readouterr().err
+
+
+def test_the_oom_history_default_costs_a_few_mb_of_host_memory_per_rank() -> None:
+    """What an entry of the allocation history holds on the host beyond its fixed ~200 bytes is its Python
+    traceback (stacks="python"): one is gathered here at this test's depth inside a model's forward (deeper
+    than the trainer's), held 4,000 times, and the resident set grows by that many. The default's cost
+    must stay a few MB per rank (docs/BENCHMARKS.md: 100,000 entries cost ~150 MB per rank, 10,000 ~15)."""
+    import gc
+
+    from torch._C._profiler import gather_traceback
+
+    from pipeline.config import ProfileConfig
+
+    held: list[object] = []
+    conv = torch.nn.Conv2d(3, 4, 3)
+    conv.register_forward_hook(lambda *_: held.append(gather_traceback(python=True, script=True, cpp=False)))
+    n = 4_000
+    x = torch.zeros(1, 3, 5, 5)
+    for _ in range(n // 4):  # warm: the first calls' own allocations (kernels' caches) are not history
+        conv(x)
+    held.clear()
+    gc.collect()
+    before = perf.host_rss_bytes()
+    for _ in range(n):
+        conv(x)
+    per_entry = (perf.host_rss_bytes() - before) / n + 200  # + the TraceEntry itself (c10 CachingDeviceAllocator.h)
+    assert 100 < per_entry < 8192, per_entry  # torch's docs: "several KB" at most
+    assert ProfileConfig().memory_history * per_entry < 32 * 2**20, (ProfileConfig().memory_history, per_entry)

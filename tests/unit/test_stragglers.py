@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from pipeline.faults.stragglers import StragglerWatch
+from pipeline.faults.stragglers import FIELDS, StragglerWatch
 
 HOSTS = ["h0", "h1", "h2"]
 
@@ -34,9 +34,10 @@ def lines() -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
-def _gathered(rows: list[tuple[float, float, float]]) -> list[float]:
-    """Per rank (step s, data s, waiting s) per step, flattened as the control all-reduce gathers them."""
-    return [value for row in rows for value in row]
+def _gathered(rows: list[tuple[float, ...]]) -> list[float]:
+    """Per rank (step s, data s, waiting s[, alone s]) per step, flattened as the control all-reduce gathers
+    them; the seconds alone (data and optimizer step) only matter under tp=2: the data seconds unless given."""
+    return [value for row in rows for value in (row if len(row) == 4 else (*row, row[1]))]
 
 
 # Every rank's step takes 0.45 s (the collectives make them equal); the collectives alone cost 0.05 s (the
@@ -54,11 +55,20 @@ def _watch(rank: int = 0, threshold: float = 1.5, window: int = 3) -> StragglerW
 def test_fill_puts_this_ranks_figures_per_step_in_its_slots() -> None:
     watch = StragglerWatch(1, 3, HOSTS, 1.5, 3)
     out = torch.zeros(watch.slots())
-    assert len(out) == 9
-    seconds = {"data": 0.4, "forward": 0.2, "backward": 0.3, "gradient-sync": 0.1, "step": 0.1, "control": 0.1}
+    assert len(out) == 12
+    seconds = {
+        "data": 0.4,
+        "forward": 0.2,
+        "backward": 0.3,
+        "gradient-sync": 0.1,
+        "step": 0.1,
+        "step-sync": 0.2,
+        "control": 0.1,
+    }
     watch.fill(out, {**seconds, "validation": 50.0, "checkpoint": 9.0}, steps=2)  # not step phases
-    assert out[:3].tolist() == [0, 0, 0] and out[6:].tolist() == [0, 0, 0]
-    assert out[3:6].tolist() == pytest.approx([0.6, 0.2, 0.1])  # step, data, waiting (sync + control), per step
+    assert out[:4].tolist() == [0, 0, 0, 0] and out[8:].tolist() == [0, 0, 0, 0]
+    # step, data, waiting (gradient-sync, the guard's all-reduce, control), alone (data, step), per step
+    assert out[4:8].tolist() == pytest.approx([0.7, 0.2, 0.2, 0.25])
     untouched = torch.zeros(watch.slots())
     watch.fill(untouched, seconds, steps=0)  # no step since the last control step
     assert not untouched.any()
@@ -130,9 +140,9 @@ def test_only_rank_0_logs_but_every_rank_keeps_count(lines: list[str]) -> None:
 
 
 def test_nothing_to_judge_without_figures_from_every_rank(lines: list[str]) -> None:
-    assert StragglerWatch(0, 1, ["h0"], 1.5, 1).observe([0.4, 0.1, 0.0]) == {}  # one rank
+    assert StragglerWatch(0, 1, ["h0"], 1.5, 1).observe([0.4, 0.1, 0.0, 0.1]) == {}  # one rank
     missing = list(SLOW_ON_COMPUTE)
-    missing[6] = 0.0  # rank 2 made no step since the last control step
+    missing[8] = 0.0  # rank 2 made no step since the last control step
     assert _watch(window=1).observe(missing) == {} and lines == []
 
 
@@ -200,3 +210,84 @@ def test_a_rank_that_only_waits_and_one_that_counts_more_data_than_work(lines: l
     assert scalars["perf/rank_data_wait_fraction_max"] == pytest.approx(0.2), scalars
     scalars = StragglerWatch(0, 2, HOSTS, 1.5, 1).observe(_gathered([(0.5, 0.5, 0.3), (0.5, 0.1, 0.0)]))
     assert scalars["perf/rank_data_wait_fraction_max"] == 1.0, scalars
+
+
+class PairClock:
+    """Fake device clocks of two tp pairs (ranks 0+1, 2+3), one step each: every tower collective is a
+    rendezvous, so a rank's forward and backward last until its partner's compute is done too."""
+
+    def __init__(self, compute: list[float], data: float = 0.05, step: float = 0.02) -> None:
+        self.compute, self.data, self.step = compute, data, step  # compute: forward + backward, per rank alone
+
+    def seconds(self, rank: int) -> dict[str, float]:
+        pair = (rank - rank % 2, rank - rank % 2 + 1)
+        inside = max(self.compute[r] for r in pair)  # waits in the tower collectives count as forward/backward
+        slowest_pair = max(max(self.compute[r] for r in (0, 1)), max(self.compute[r] for r in (2, 3)))
+        speed = self.compute[rank] / min(self.compute)  # a slow GPU is slow at everything it runs alone too
+        return {
+            "data": self.data,
+            "forward": inside / 3,
+            "backward": 2 * inside / 3,
+            "gradient-sync": slowest_pair - inside,  # the dp all-reduce waits for the slowest pair
+            "step": self.step * speed,
+            "step-sync": 0.001,
+            "control": 0.001,
+        }
+
+
+def _pair_figures(clock: PairClock, tp_size: int) -> list[float]:
+    out = torch.zeros(4 * FIELDS, dtype=torch.float64)
+    for r in range(4):
+        StragglerWatch(r, 4, HOSTS, 1.5, 1, tp_size=tp_size).fill(out, clock.seconds(r), steps=1)
+    return out.tolist()
+
+
+@pytest.mark.parametrize("slow_rank", [0, 1, 3])
+def test_under_tp2_the_healthy_partner_of_a_slow_gpu_is_not_named(lines: list[str], slow_rank: int) -> None:
+    """Rank ``slow_rank``'s GPU computes 3x slower; its partner waits for it inside the tower collectives
+    (booked as its own forward and backward), so both pass the threshold: only the slow one is named."""
+    compute = [0.2] * 4
+    compute[slow_rank] = 0.6
+    figures = _pair_figures(PairClock(compute), tp_size=2)
+    watch = StragglerWatch(0, 4, HOSTS, 1.5, 1, tp_size=2)
+    watch.observe(figures)
+    assert watch.named == {slow_rank}, (watch.named, lines)
+    assert len(lines) == 1 and lines[0].startswith(f"straggler: rank {slow_rank} "), lines
+    # Without the pair rule (what tp=1 reasoning gives) the partner is named too.
+    naive = StragglerWatch(0, 4, HOSTS, 1.5, 1)
+    naive.observe(figures)
+    assert naive.named == {slow_rank, slow_rank ^ 1}
+
+
+def test_under_tp2_a_pair_with_nothing_to_tell_them_apart_is_named_whole(lines: list[str]) -> None:
+    clock = PairClock([0.6, 0.6, 0.2, 0.2])  # both GPUs of pair 0 slow alike: their time alone is equal
+    watch = StragglerWatch(0, 4, HOSTS, 1.5, 1, tp_size=2)
+    watch.observe(_pair_figures(clock, tp_size=2))
+    assert watch.named == {0, 1}
+
+
+def test_the_divergence_all_reduce_waits_in_a_wait_phase_of_its_own(monkeypatch) -> None:
+    """The guard's per-step all-reduce waits for the slowest rank: inside "step-sync" (a wait phase), not in
+    "step", which would count that wait as this rank's own work; the optimizer runs in "step" again."""
+    import torch.distributed as dist
+
+    from pipeline.faults.config import DivergenceConfig
+    from pipeline.faults.divergence import DivergenceGuard
+    from pipeline.faults.stragglers import WAIT_PHASES
+    from pipeline.phases import STEP_PHASES, PhaseMarks
+    from pipeline.train_step import FirstCompile, TrainStep
+
+    marks = PhaseMarks()
+    at_reduce: list[str] = []
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: at_reduce.append(marks.current.phase))
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    at_step: list[str] = []
+    optimizer.register_step_pre_hook(lambda *a: at_step.append(marks.current.phase))
+    guard = DivergenceGuard(DivergenceConfig(), torch.device("cpu"), rank=0, world_size=2, dp_size=2)
+    step = TrainStep(
+        model, model, optimizer, guard, marks, device=torch.device("cpu"), amp=False, compiles=FirstCompile(False)
+    )
+    step(torch.randn(2, 4), torch.tensor([0, 1]), lr=0.1, step=0)
+    assert at_reduce == ["step-sync"] and at_step == ["step"]
+    assert "step-sync" in WAIT_PHASES and "step-sync" in STEP_PHASES
