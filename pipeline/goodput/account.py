@@ -26,7 +26,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-STEP_PHASES = ("forward", "backward", "gradient-sync", "step", "control")
+from pipeline.phases import STEP_PHASES as _STEP_PHASES
+from pipeline.phases import Phase
+
+# a training step's work: every phase of a step but its data wait (booked apart)
+STEP_PHASES = tuple(str(p) for p in _STEP_PHASES if p != Phase.DATA)
 STARTUP = (
     "startup.imports",
     "startup.process_group",
