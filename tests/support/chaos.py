@@ -234,6 +234,8 @@ def draw(seed: int, kinds: Sequence[str], count: int, steps: int) -> list[Fault]
     unknown = sorted(set(kinds) - set(CATALOGUE))
     if unknown:
         raise SystemExit(f"error: unknown fault kind(s) {', '.join(unknown)}; known: {', '.join(CATALOGUE)}")
+    if not 1 <= count <= steps - 4:
+        raise SystemExit(f"error: --count {count}: between 1 and {steps - 4} faults fit a run of {steps} steps")
     rng = random.Random(seed)
     chosen = [kinds[i % len(kinds)] for i in range(count)]
     rng.shuffle(chosen)
@@ -455,17 +457,18 @@ def consumed(record: Path) -> dict[int, list[tuple[int, int, list[str]]]]:
     return out
 
 
-def accounting(record: Path, all_keys: Sequence[str], epochs: int, steps: int) -> list[str]:
-    """What was lost or seen twice: [] when every epoch trained on every sample exactly once."""
+def accounting(record: Path, all_keys: Sequence[str], steps: dict[int, set[int]]) -> list[str]:
+    """What was lost or seen twice: [] when every epoch trained on every sample exactly once. ``steps``: each
+    epoch's steps as an uninterrupted run records them (whatever the record's step numbering)."""
     problems = []
     ranks = consumed(record)
     if sorted(ranks) != list(range(NODES)):
         return [f"records of ranks {sorted(ranks)}, not 0..{NODES - 1}"]
     for rank, taken in ranks.items():
-        missing = sorted(set(range(1, epochs * steps + 1)) - {s for _, s, _ in taken})
+        missing = sorted(s for e, want in steps.items() for s in want - {s for e2, s, _ in taken if e2 == e})
         if missing:
             problems.append(f"rank {rank} never trained on the batches of steps {missing}")
-    for epoch in range(epochs):
+    for epoch in sorted(steps):
         seen: dict[str, int] = {}
         for taken in ranks.values():
             for key in (key for e, _, keys in taken if e == epoch for key in keys):
@@ -475,6 +478,14 @@ def accounting(record: Path, all_keys: Sequence[str], epochs: int, steps: int) -
         if lost or twice:
             problems.append(f"epoch {epoch}: {len(lost)} samples never seen {lost[:5]}, {len(twice)} seen twice")
     return problems
+
+
+def epoch_steps(record: Path) -> dict[int, set[int]]:
+    """Each epoch's steps in an uninterrupted run's record (rank 0's)."""
+    out: dict[int, set[int]] = {}
+    for epoch, step, _ in consumed(record)[0]:
+        out.setdefault(epoch, set()).add(step)
+    return out
 
 
 def train_keys(data: Path) -> list[str]:
@@ -548,9 +559,14 @@ def campaign(seed: int, kinds: Sequence[str], count: int, data: Path, out: Path,
                 group.tag,
             )
         seconds = time.monotonic() - t0
+    if not reference.finished():
+        problems.append("the uninterrupted run did not finish")
     if not chaos.finished():
         problems.append(f"the run did not finish (launchers exited {[p.returncode for p in chaos.launchers.values()]})")
-    problems += accounting(chaos.record, train_keys(data), EPOCHS, steps)
+    epochs = epoch_steps(reference.record)
+    if sorted(epochs) != list(range(EPOCHS)) or accounting(reference.record, train_keys(data), epochs):
+        problems.append(f"the uninterrupted run's own record is incomplete: epochs {sorted(epochs)}")
+    problems += accounting(chaos.record, train_keys(data), epochs)
     text = chaos.logs_text()
     for fault, pattern in zip(faults, expected):
         if not re.search(pattern, text):
@@ -564,7 +580,9 @@ def campaign(seed: int, kinds: Sequence[str], count: int, data: Path, out: Path,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.support.chaos", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tests.support.chaos", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--faults", default=",".join(ON_MAIN), help=f"kinds to draw from (default: {','.join(ON_MAIN)})")
     p.add_argument("--count", type=int, default=0, help="faults to inject (default: one of each kind)")

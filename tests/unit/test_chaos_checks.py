@@ -9,6 +9,7 @@ from pathlib import Path
 from tests.support import chaos
 
 KEYS = [f"k{i:02d}" for i in range(16)]  # 2 epochs of 2 steps, 4 ranks x 2 samples
+STEPS = {0: {1, 2}, 1: {3, 4}}  # each epoch's global steps
 
 
 def _write(record: Path, lines_by_rank: dict[int, list[tuple[int, int]]]) -> None:
@@ -23,13 +24,13 @@ def _write(record: Path, lines_by_rank: dict[int, list[tuple[int, int]]]) -> Non
 
 
 def test_the_same_seed_draws_the_same_faults_and_another_seed_others() -> None:
-    kinds = list(chaos.ON_MAIN)
-    first = [(f.kind, f.step, f.target) for f in chaos.draw(7, kinds, 6, 18)]
-    assert first == [(f.kind, f.step, f.target) for f in chaos.draw(7, kinds, 6, 18)]
-    assert first != [(f.kind, f.step, f.target) for f in chaos.draw(8, kinds, 6, 18)]
+    kinds, n = list(chaos.ON_MAIN), len(chaos.ON_MAIN)
+    first = [(f.kind, f.step, f.target) for f in chaos.draw(7, kinds, n, 18)]
+    assert first == [(f.kind, f.step, f.target) for f in chaos.draw(7, kinds, n, 18)]
+    assert first != [(f.kind, f.step, f.target) for f in chaos.draw(8, kinds, n, 18)]
     assert sorted(k for k, _, _ in first) == sorted(kinds)  # each kind once before any repeats
     steps = [s for _, s, _ in first]
-    assert steps == sorted(steps) and len(set(steps)) == 6 and 2 <= min(steps) and max(steps) <= 15
+    assert steps == sorted(steps) and len(set(steps)) == n and 2 <= min(steps) and max(steps) <= 15
 
 
 def test_a_replay_after_a_resume_counts_once(tmp_path: Path) -> None:
@@ -37,14 +38,14 @@ def test_a_replay_after_a_resume_counts_once(tmp_path: Path) -> None:
     run = [(0, 1), (0, 2), (1, 3), (0, 2), (1, 3), (1, 4)]
     _write(tmp_path, {r: run for r in range(4)})
     assert [s for _, s, _ in chaos.consumed(tmp_path)[0]] == [1, 2, 3, 4]
-    assert chaos.accounting(tmp_path, KEYS[:16], epochs=2, steps=2) == []
+    assert chaos.accounting(tmp_path, KEYS, STEPS) == []
 
 
 def test_a_lost_batch_and_a_repeated_one_are_named(tmp_path: Path) -> None:
     # rank 1 jumps from step 2 to 4 (a resume past a batch it never trained on)
     whole = [(0, 1), (0, 2), (1, 3), (1, 4)]
     _write(tmp_path, {0: whole, 1: [(0, 1), (0, 2), (1, 4)], 2: whole, 3: whole})
-    problems = chaos.accounting(tmp_path, KEYS, epochs=2, steps=2)
+    problems = chaos.accounting(tmp_path, KEYS, STEPS)
     assert problems == [
         "rank 1 never trained on the batches of steps [3]",
         "epoch 1: 2 samples never seen ['k02', 'k03'], 0 seen twice",
@@ -53,4 +54,4 @@ def test_a_lost_batch_and_a_repeated_one_are_named(tmp_path: Path) -> None:
     _write(twice, {r: [(0, 1), (0, 2), (1, 3), (1, 4)] for r in range(4)})
     with (twice / "rank-3.jsonl").open("a") as f:  # rank 3 trains on rank 0's samples at step 4
         f.write(json.dumps({"epoch": 1, "step": 5, "keys": KEYS[8:10]}) + "\n")
-    assert any("epoch 1: 0 samples never seen [], 2 seen twice" in p for p in chaos.accounting(twice, KEYS, 2, 2))
+    assert any("epoch 1: 0 samples never seen [], 2 seen twice" in p for p in chaos.accounting(twice, KEYS, STEPS))
