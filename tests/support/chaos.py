@@ -203,8 +203,10 @@ class RepeatingCrash(Fault):
 
 
 class FullDisk(Fault):
-    """Rank 0's next checkpoint write fails with ENOSPC once. Off by default: what the run does then (its one
-    error line, the restart that follows) is not settled on main."""
+    """Rank 0's next checkpoint write fails with ENOSPC once; torchrun's restart resumes from the checkpoint
+    before. Off by default: the hook raises above the checkpointer's own ENOSPC handling, so the run survives
+    but names it only in a traceback (a run directory on a small tmpfs would take the real path, which
+    tests/integration/test_faults.py covers on one node)."""
 
     def inject(self, c: Campaign) -> str:
         (c.control / "disk-full").touch()
@@ -224,7 +226,16 @@ CATALOGUE: dict[str, type[Fault]] = {
     "repeating-crash": RepeatingCrash,
     "full-disk": FullDisk,
 }
-ON_MAIN = ("kill-rank", "kill-launcher", "stop-rank", "link-cut", "preempt", "damaged-latest", "slow-rank")
+ON_MAIN = (
+    "kill-rank",
+    "kill-launcher",
+    "stop-rank",
+    "link-cut",
+    "preempt",
+    "damaged-latest",
+    "slow-rank",
+    "non-finite",
+)
 """The kinds the default campaign draws from: what the training code on main survives."""
 
 
