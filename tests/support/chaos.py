@@ -98,8 +98,10 @@ class KillRank(Fault):
 
 
 class KillLauncher(Fault):
-    """SIGKILL of a node's torchrun and of what it started (the node is lost); the campaign starts the node's
-    launcher again (a replacement node), which joins the survivors' next rendezvous."""
+    """SIGKILL of a node's torchrun and of what it started (the node is lost). Another node's launcher: the
+    campaign starts the node's torchrun again (a replacement node), which joins the survivors' next
+    rendezvous. The first node's: it hosted the rendezvous store, so the survivors' torchruns fail too (one
+    `RendezvousConnectionError` each) and the campaign starts the whole job again (a requeue)."""
 
     def inject(self, c: Campaign) -> str:
         launcher = c.launchers[self.target]
@@ -109,6 +111,11 @@ class KillLauncher(Fault):
             except ProcessLookupError:
                 pass
         launcher.wait()
+        if self.target == 0:
+            c.wait_for(c.job_over, 300, "the other launchers' end without their store")
+            c.start_job()
+            c.wait_restart()
+            return r"RendezvousConnectionError: The connection to the C10d store has failed"
         c.start_node(self.target)
         c.wait_restart()
         # On main only gloo's error in the survivors' tracebacks names the lost node (by its address); the node
@@ -602,6 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     # `kill PID` ends the campaign like Ctrl-C: the namespaces and every process in them are removed
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also where started with SIGINT ignored (`cmd &`)
     if os.geteuid() != 0:
         print("error: the chaos campaign makes network namespaces: run it as root", file=sys.stderr)
         return 2
