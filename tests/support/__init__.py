@@ -4,7 +4,9 @@ datasets         the demo dataset through the real preprocessing, image folders,
 processes        subprocesses: environment, ports, waiting for a state, killing a process tree, logs
 trained_run      a tiny trained run (the evaluation, figure, report and ablation tests)
 slurm            a real single-host Slurm cluster
-netns            emulated nodes in Linux network namespaces
+netns            emulated nodes in Linux network namespaces (a pair on a veth, or a group on a bridge)
+chaos            a seeded chaos campaign on four emulated nodes and its checks (``make chaos``)
+chaos_rank       a script: the chaos campaign's training rank (the harness plus its fault hooks)
 tensor_parallel  two gloo ranks on CPU and the tower-split rank body
 checkpoint_phases  two gloo ranks saving a checkpoint, their watchdog phases sampled (test_watchdog)
 harness          a script: ``launch.train`` in-process, with test-controlled loaders, gates and holds

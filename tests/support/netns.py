@@ -1,4 +1,4 @@
-"""Emulated nodes on one host: two Linux network namespaces joined by a veth pair (no pytest here).
+"""Emulated nodes on one host: Linux network namespaces joined by a veth pair or a bridge (no pytest here).
 
     with NodePair() as pair:                       # root (CAP_NET_ADMIN, CAP_SYS_ADMIN)
         a, b = pair.nodes                          # node-a 10.231.7.1, node-b 10.231.7.2
@@ -13,6 +13,10 @@ to its veth address the way it does on a real cluster. Commands run as
 `ip netns exec NS unshare --uts --mount ... sh -c 'mount --bind HOSTS /etc/hosts; hostname NAME; exec CMD'`.
 Nothing on the host changes besides the two namespaces, which `down` (and the context manager, and
 the next `up` for namespaces of dead processes) removes.
+
+`NodeGroup(n)` makes `n` nodes the same way, each with a veth pair to one bridge that lives in a namespace of
+its own (the "switch", never a node's and never the host's), in a private /24: the chaos campaign's four
+nodes (tests/support/chaos.py). `set_link(node, False)` cuts a node off the switch in both cases.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PREFIX = "alexnet-"  # namespace names: alexnet-<pid>-a, alexnet-<pid>-b
-_STALE = re.compile(rf"^{re.escape(PREFIX)}[a-z]?(\d+)-[ab]$")  # the tag is (a letter and) the pid
+PREFIX = "alexnet-"  # namespace names: alexnet-<tag>-a, alexnet-<tag>-b, ... (a group's switch: -<tag>-z)
+_STALE = re.compile(rf"^{re.escape(PREFIX)}[a-z]?(\d+)-[a-z]$")  # the tag is (a letter and) the pid
+_SWITCH = "z"  # the suffix of a NodeGroup's bridge namespace (so at most 25 nodes: a..y)
 
 
 class NetnsUnavailable(RuntimeError):
@@ -101,40 +106,46 @@ def remove_stale() -> None:
             delete_netns(name)
 
 
-class NodePair:
-    """Two emulated nodes, `nodes[0]` and `nodes[1]`, linked by a veth pair in a private /30."""
+class _Nodes:
+    """What every set of emulated nodes shares: the namespaces' lifecycle, the hosts file, running commands.
+    A subclass names its nodes and wires them (`_wire`, `_links`)."""
 
-    def __init__(
-        self, tag: str | None = None, subnet: str = "10.231.7", hostnames: Sequence[str] = ("node-a", "node-b")
-    ):
+    prefix_len: int
+    nodes: tuple[Node, ...]
+
+    def __init__(self, tag: str | None) -> None:
         tag = tag or str(os.getpid())
         if not re.fullmatch(r"[0-9a-z]{1,9}", tag):
             raise ValueError(f"tag must be 1-9 lowercase letters/digits (veth names are <= 15 chars): {tag!r}")
         self.tag = tag
-        self.nodes = tuple(
-            Node(hostname=h, netns=f"{PREFIX}{tag}-{s}", addr=f"{subnet}.{i + 1}", ifname=f"ax{tag}{s}")
-            for i, (h, s) in enumerate(zip(hostnames, "ab"))
-        )
-        self.prefix_len = 30
         self._procs: list[subprocess.Popen[Any]] = []
         self._workdir: Path | None = None
         self._up = False
 
+    def _namespaces(self) -> list[str]:
+        return [node.netns for node in self.nodes]
+
+    def _wire(self) -> None:
+        raise NotImplementedError
+
+    def _links(self) -> list[tuple[str, str]]:
+        """(namespace, interface) of each end that must be up before traffic passes."""
+        return [(node.netns, node.ifname) for node in self.nodes]
+
     # --- lifecycle -------------------------------------------------------------------------------
 
-    def up(self) -> "NodePair":
+    def up(self) -> "_Nodes":
         for tool in ("ip", "unshare", "mount", "hostname"):
             if not shutil.which(tool):
                 raise NetnsUnavailable(f"`{tool}` is not installed")
         remove_stale()
-        for node in self.nodes:  # a leftover of the same name (same pid, earlier run in-process)
-            delete_netns(node.netns)
+        for netns in self._namespaces():  # a leftover of the same name (same pid, earlier run in-process)
+            delete_netns(netns)
         self._up = True
         try:
-            a, b = self.nodes
-            for node in self.nodes:
-                _ip("netns", "add", node.netns)
-            _ip("link", "add", a.ifname, "netns", a.netns, "type", "veth", "peer", "name", b.ifname, "netns", b.netns)
+            for netns in self._namespaces():
+                _ip("netns", "add", netns)
+            self._wire()
             for node in self.nodes:
                 _ip("-n", node.netns, "link", "set", "lo", "up")
                 _ip("-n", node.netns, "addr", "add", f"{node.addr}/{self.prefix_len}", "dev", node.ifname)
@@ -142,22 +153,23 @@ class NodePair:
             self._workdir = Path(tempfile.mkdtemp(prefix=f"netns-{self.tag}-"))
             hosts = "127.0.0.1 localhost\n" + "".join(f"{n.addr} {n.hostname}\n" for n in self.nodes)
             (self._workdir / "hosts").write_text(hosts)
-            # The veth pair may need a moment before it passes traffic.
-            self._wait_link()
+            # The veth pairs may need a moment before they pass traffic.
+            for netns, ifname in self._links():
+                self._wait_link(netns, ifname)
         except BaseException:
             self.down()
             raise
         return self
 
-    def _wait_link(self, timeout: float = 10.0) -> None:
-        a, b = self.nodes
+    @staticmethod
+    def _wait_link(netns: str, ifname: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            state = _ip("-n", a.netns, "-o", "link", "show", a.ifname, check=False).stdout
+            state = _ip("-n", netns, "-o", "link", "show", ifname, check=False).stdout
             if "LOWER_UP" in state or "state UP" in state:
                 return
             if time.monotonic() > deadline:
-                raise NetnsUnavailable(f"veth {a.ifname} did not come up: {state.strip()}")
+                raise NetnsUnavailable(f"veth {ifname} did not come up: {state.strip()}")
             time.sleep(0.05)
 
     def down(self) -> None:
@@ -168,9 +180,9 @@ class NodePair:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except (ProcessLookupError, PermissionError):
                     pass
-        for node in self.nodes:
-            if self._up:
-                delete_netns(node.netns)
+        if self._up:
+            for netns in self._namespaces():
+                delete_netns(netns)
         for proc in self._procs:
             if proc.poll() is None:
                 try:
@@ -187,14 +199,14 @@ class NodePair:
             self._workdir = None
         self._up = False
 
-    def __enter__(self) -> "NodePair":
+    def __enter__(self):  # the subclass's own type, for `with NodePair() as pair:`
         return self.up()
 
     def __exit__(self, *exc: object) -> None:
         self.down()
 
     def set_link(self, node: Node, up: bool) -> None:
-        """The node's end of the veth pair up, or down: a cut link (no packet passes either way)."""
+        """The node's end of its veth pair up, or down: a cut link (no packet passes either way)."""
         _ip("-n", node.netns, "link", "set", node.ifname, "up" if up else "down")
 
     # --- running commands on a node --------------------------------------------------------------
@@ -249,6 +261,82 @@ class NodePair:
             if proc.poll() is not None and proc in self._procs:
                 self._procs.remove(proc)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+class NodePair(_Nodes):
+    """Two emulated nodes, `nodes[0]` and `nodes[1]`, linked by a veth pair in a private /30."""
+
+    def __init__(
+        self, tag: str | None = None, subnet: str = "10.231.7", hostnames: Sequence[str] = ("node-a", "node-b")
+    ):
+        super().__init__(tag)
+        self.nodes = tuple(
+            Node(hostname=h, netns=f"{PREFIX}{self.tag}-{s}", addr=f"{subnet}.{i + 1}", ifname=f"ax{self.tag}{s}")
+            for i, (h, s) in enumerate(zip(hostnames, "ab"))
+        )
+        self.prefix_len = 30
+
+    def _wire(self) -> None:
+        a, b = self.nodes
+        _ip("link", "add", a.ifname, "netns", a.netns, "type", "veth", "peer", "name", b.ifname, "netns", b.netns)
+
+    def _links(self) -> list[tuple[str, str]]:
+        a = self.nodes[0]
+        return [(a.netns, a.ifname)]
+
+
+class NodeGroup(_Nodes):
+    """`count` emulated nodes (node-a, node-b, ...; `subnet`.1, .2, ...) on one bridge in a private /24.
+
+    The bridge lives in a namespace of its own (`alexnet-<tag>-z`), each node reaches it over a veth pair
+    (`ax<tag><letter>` in the node, `ax<tag><letter>s` at the switch): cutting one node's link leaves the
+    others talking to each other, as a failed cable or NIC does on a cluster."""
+
+    def __init__(self, count: int, tag: str | None = None, subnet: str = "10.231.9"):
+        if not 2 <= count <= 25:
+            raise ValueError(f"a NodeGroup has 2 to 25 nodes, not {count}")
+        super().__init__(tag)
+        letters = "abcdefghijklmnopqrstuvwxy"[:count]
+        self.nodes = tuple(
+            Node(
+                hostname=f"node-{s}",
+                netns=f"{PREFIX}{self.tag}-{s}",
+                addr=f"{subnet}.{i + 1}",
+                ifname=f"ax{self.tag}{s}",
+            )
+            for i, s in enumerate(letters)
+        )
+        self.switch = f"{PREFIX}{self.tag}-{_SWITCH}"
+        self.bridge = f"ax{self.tag}br"
+        self.prefix_len = 24
+
+    def _namespaces(self) -> list[str]:
+        return [*super()._namespaces(), self.switch]
+
+    def _wire(self) -> None:
+        _ip("-n", self.switch, "link", "add", self.bridge, "type", "bridge")
+        _ip("-n", self.switch, "link", "set", self.bridge, "up")
+        for node in self.nodes:
+            port = f"{node.ifname}s"
+            _ip(
+                "link",
+                "add",
+                node.ifname,
+                "netns",
+                node.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                self.switch,
+            )
+            _ip("-n", self.switch, "link", "set", port, "master", self.bridge)
+            _ip("-n", self.switch, "link", "set", port, "up")
+
+    def _links(self) -> list[tuple[str, str]]:
+        return [*super()._links(), *((self.switch, f"{n.ifname}s") for n in self.nodes)]
 
 
 def netns_skip_reason() -> str | None:

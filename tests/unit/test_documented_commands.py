@@ -68,6 +68,8 @@ COVERED = {
     ),
     "python -m launch.profile": "tests/integration/test_profile.py::test_profile_requested_while_training",
     "python -m pipeline.tools.profile": "tests/integration/test_profile.py::test_profile_requested_while_training",
+    "python -m tests.support.chaos": "tests/integration/test_chaos.py::test_a_seeded_campaign_loses_nothing",
+    "make chaos": "tests/integration/test_chaos.py::test_a_seeded_campaign_loses_nothing",  # its one command: above
 }
 
 

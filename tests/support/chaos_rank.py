@@ -1,0 +1,124 @@
+"""A chaos campaign's training rank: tests/support/harness.py with the campaign's hooks (no pytest here).
+
+Run by torchrun as a script, like the harness. ``CHAOS_CONTROL=DIR`` is where the campaign
+(tests/support/chaos.py) leaves files that switch a fault on in a running rank, so a fault lands at a
+step the campaign chose, not at a time:
+
+``slow-rank-R``      every training batch of rank R arrives ``CHAOS_SLOW_S`` seconds late while it exists
+``poison-step-S``    rank 0's batch of global step S is NaN once (rank 0 renames the file ``...done``)
+``crash-step-S``     every rank raises at global step S, every time (a crash that repeats)
+``disk-full``        rank 0's next checkpoint write fails with ENOSPC once (the file is removed)
+
+``CHAOS_RECORD=DIR`` writes ``DIR/rank-N.jsonl``: one JSON line per training batch handed to the loop,
+``{"epoch", "step", "keys"}`` (``step`` global and 1-based, ``keys`` the batch's sample keys, from the
+epoch's deterministic plan), the format of ``--train.record-samples``. A line is written when the batch is
+yielded, so a batch a fault interrupted is recorded and then recorded again by the resumed run:
+:func:`tests.support.chaos.consumed` keeps what the final trajectory trained on.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.support import harness  # noqa: E402
+
+
+class Chaotic:
+    """A train loader that records each batch's keys and applies the control directory's faults."""
+
+    def __init__(self, inner, *, first_step: int, epoch: int, keys, rank: int, control: Path, record: Path | None):
+        self.inner, self.first_step, self.epoch, self.keys = inner, first_step, epoch, keys
+        self.rank, self.control, self.record = rank, control, record
+        self.steps_in_epoch = inner.steps_in_epoch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        slow_s = float(os.environ.get("CHAOS_SLOW_S", "0.5"))
+        for k, (images, labels) in enumerate(self.inner):
+            step = self.first_step + k + 1
+            if (self.control / f"crash-step-{step}").exists():
+                raise RuntimeError(f"chaos: the crash that repeats, at step {step}")
+            poison = self.control / f"poison-step-{step}"
+            if self.rank == 0 and poison.exists():
+                poison.rename(poison.with_name(f"{poison.name}.done"))
+                images = images * float("nan")
+            if (self.control / f"slow-rank-{self.rank}").exists():
+                time.sleep(slow_s)
+            if self.record is not None:
+                line = {"epoch": self.epoch, "step": step, "keys": self.keys(k)}
+                with (self.record / f"rank-{self.rank}.jsonl").open("a") as f:
+                    f.write(json.dumps(line) + "\n")
+            yield images, labels
+
+
+def chaotic(loaders, rank: int):
+    from pipeline.data.planner import EpochInputs
+    from pipeline.train import Loaders
+
+    control = Path(os.environ["CHAOS_CONTROL"])
+    record = Path(os.environ["CHAOS_RECORD"]) if os.environ.get("CHAOS_RECORD") else None
+    if record is not None:
+        record.mkdir(parents=True, exist_ok=True)
+    loaders = loaders or Loaders()
+
+    def train_loader(cfg, *, epoch, start_batch=0, **kwargs):
+        inner = loaders.train(cfg, epoch=epoch, start_batch=start_batch, **kwargs)
+        # The epoch's plan again (a pure function of these): which samples each batch holds.
+        inputs = EpochInputs(
+            cfg,
+            kwargs["dp_rank"],
+            kwargs["dp_size"],
+            kwargs["seed"],
+            kwargs["batch_size"],
+            kwargs.get("num_classes"),
+            None,
+        )
+        prepared = inputs.prepare(epoch, start_batch)
+        bounds = prepared.bounds
+
+        def keys(k: int) -> list[str]:
+            if k >= len(bounds):
+                return []
+            lo, hi = bounds[k]
+            return [prepared.plan.key(i) for i in range(lo, hi)]
+
+        first = epoch * inner.steps_in_epoch + start_batch
+        return Chaotic(inner, first_step=first, epoch=epoch, keys=keys, rank=rank, control=control, record=record)
+
+    return Loaders(train=train_loader, val=loaders.val)
+
+
+def full_disk(rank: int) -> None:
+    from pipeline.checkpoint import Checkpointer
+
+    flag = Path(os.environ["CHAOS_CONTROL"]) / "disk-full"
+    write = Checkpointer._write
+
+    def failing_write(self, *args, **kwargs):
+        if rank == 0 and flag.exists():
+            flag.unlink(missing_ok=True)
+            raise OSError(errno.ENOSPC, "No space left on device (chaos: a full disk during a save)")
+        return write(self, *args, **kwargs)
+
+    Checkpointer._write = failing_write
+
+
+def main() -> int:
+    rank = int(os.environ.get("RANK", 0))
+    slowed = harness.slowed
+    harness.slowed = lambda loaders, r: chaotic(slowed(loaders, r), r)
+    full_disk(rank)
+    return harness.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
