@@ -249,10 +249,26 @@ class Watchdog:
             write_verdict(folder / VERDICT, verdict, cut, line)
         if cut is not None and cut.named and prober and self._on_cut is not None:
             self._on_cut(f"{', '.join(p.node for p in cut.named)} and the other nodes cannot reach each other")
+        if self.rank != reporter:
+            self.await_report(folder)
         for handler in logging.getLogger().handlers + log.handlers:
             handler.flush()
         sys.stderr.flush()
         self._exit(HANG_EXIT)
+
+    def await_report(self, folder: Path) -> bool:
+        """Wait (bounded) until the reporting rank has written its verdict, before this rank exits.
+
+        A launcher ends every rank of the group as soon as one exits: a rank that left first could have the
+        reporter killed before its line was written (seen in the chaos campaign: a stopped rank named by no
+        line, no hang.json). The reporter reaches the same verdict within a beat or two of this rank, plus a
+        network probe; a reporter that never writes (it died too) costs this rank that long, once."""
+        deadline = time.monotonic() + reach.PROBE_S + 3 * self.beat_s + 5
+        while not (folder / VERDICT).exists():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.1, self.poll_s))
+        return True
 
     def check_network(self, folder: Path, peers: dict[str, reach.Peer], prober: bool) -> reach.Cut | None:
         """Probe the other nodes (this node's lowest rank), then read every node's findings: they arrive

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pipeline.faults.watchdog import HANG_EXIT, Record, Watchdog, judge
+from pipeline.faults.watchdog import HANG_EXIT, VERDICT, Record, Verdict, Watchdog, judge
 from pipeline.phases import Allowance, PhaseMarks
 from tests.support import flags
 from tests.support.processes import wait_for
@@ -220,6 +221,36 @@ def test_watchdog_thread_dumps_stacks_and_exits(tmp_path: Path) -> None:
     (folder,) = (tmp_path / "hangs").iterdir()
     text = (folder / "rank-0.txt").read_text()
     assert "phase backward step 5" in text and "test_watchdog.py" in text, text  # the main thread's stack
+
+
+def test_a_rank_that_does_not_report_leaves_only_after_the_reporters_line(tmp_path: Path) -> None:
+    """Rank 2 stopped; rank 0 reports, rank 1 does not. Rank 1 must not exit (which lets the launcher kill
+    rank 0) before rank 0's verdict is on disk: it waits for hang.json, then exits (the chaos campaign's lost
+    line). The wait is a state (the file), bounded for a reporter that never writes."""
+    marks, exits = PhaseMarks(), []
+    marks.enter("backward", 5)
+    dog = Watchdog(tmp_path, 1, 3, "att", marks, Allowance(1.0, 2.0), exit_process=exits.append)
+    now = time.time()
+    records = {r: Record(r, "h", 100 + r, "att", 3, 5, "backward", now - 20, now) for r in (0, 1)}
+    records[2] = Record(2, "h", 102, "att", 3, 5, "forward", now - 20, now - 20)
+    verdict = Verdict([records[2]], {2}, records, 20.0)
+    acting = threading.Thread(target=dog.act, args=(verdict,))
+    acting.start()
+    folder = tmp_path / "hangs" / verdict.folder_name()
+    wait_for(lambda: (folder / "rank-1.txt").exists(), 30, "rank 1's stacks")
+    acting.join(timeout=1.0)  # rank 1 has written its stacks and now waits for the reporter
+    assert not exits and acting.is_alive(), "rank 1 left before the reporter's line was written"
+    (folder / VERDICT).write_text("{}")  # rank 0's verdict arrives
+    acting.join(timeout=30)
+    assert exits == [HANG_EXIT]
+    # A reporter that never writes: the wait ends by itself
+    exits.clear()
+    dog.beat_s = dog.poll_s = 0.01
+    gone = Verdict([records[2]], {2}, {**records, 2: Record(2, "h", 102, "att", 3, 5, "data", now - 90, now - 90)}, 90)
+    started = time.monotonic()
+    dog.act(gone)
+    assert exits == [HANG_EXIT] and time.monotonic() - started < 60
+    dog.close()
 
 
 # ------------------------------------------------------------------------------------------------
