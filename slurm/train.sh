@@ -37,6 +37,11 @@
 # off in RUN_DIR/hangs/<time>/hang.json and ends each node's torchrun at once instead of letting it
 # re-rendezvous (which waited 12-18 minutes for the unreachable node); srun --kill-on-bad-exit=1 ends the
 # job step with the first of them, and the script requeues the job excluding that node (ExcNodeList).
+#
+# A crash that repeats: when two attempts in a row died of the same error at the same step
+# (RUN_DIR/crashes.jsonl, pipeline/faults/crashes.py), the next attempt ends before training with one
+# `error:` line and ends torchrun, so its restarts are not used up; the script then exits 3 and does not
+# requeue. Exit codes: 0 finished or requeued, 2 a one-line error, 3 a crash that repeats, else a failure.
 #SBATCH --job-name=alexnet
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -151,6 +156,13 @@ if [[ $requeue == 1 ]]; then
     echo "$(date +%T) training stopped for preemption (exit $status); requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
+fi
+# A crash that repeats (pipeline/faults/crashes.py): no requeue would get past it.
+repeats=0
+[[ $status != 0 ]] && { "$PYTHON" -m pipeline.faults.crashes check "$run_dir" 2>/dev/null || repeats=$?; }
+if [[ $repeats == 3 ]]; then
+    echo "$(date +%T) training failed with a crash that repeats (the error: line above); not requeueing (exit 3)"
+    exit 3
 fi
 requeue_excluding() {  # requeue this job, then exclude nodes from its next allocation
     local nodes=$1 old

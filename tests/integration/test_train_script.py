@@ -125,3 +125,36 @@ def test_preflight_warn_logs_the_table_and_trains(demo_shards: Path, tmp_path: P
 
 # ------------------------------------------------------------------------------------------------
 # A hung job: requeued while SLURM_RESTART_COUNT < HANG_REQUEUES (default 3), then left failed
+
+
+# ------------------------------------------------------------------------------------------------
+# A crash that repeats ends the job after the second time; one that does not repeat is restarted
+
+
+def _crash_job(demo_shards: Path, tmp_path: Path, **extra: str) -> tuple[int, str, Path]:
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    env = _job_env(tmp_path, PREFLIGHT="off", ALEXNET_TEST_CRASH_AT="2", **extra)
+    argv = ["bash", "slurm/train.sh", *flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN]
+    rc = run_logged([*argv, *flags("--tp 1 --max-steps 4 --faults.hang.timeout 0")], log, env, TIMEOUT)
+    return rc, log.read_text(errors="replace"), run_dir
+
+
+@pytest.mark.multiprocess
+def test_a_crash_that_repeats_ends_the_job_after_the_second_time(demo_shards: Path, tmp_path: Path) -> None:
+    """Both ranks raise at step 2 every attempt (the message differs: it holds the pid): torchrun restarts the
+    group once, the third attempt ends before training with one line and ends torchrun (MAX_RESTARTS 3 not used
+    up), and the script exits 3 without a requeue."""
+    rc, text, run_dir = _crash_job(demo_shards, tmp_path)
+    assert rc == 3, text[-4000:]
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert errors == [errors[0]] and "the same crash twice at step 2 (RuntimeError: injected crash" in errors[0], errors
+    assert text.count("world 2 = dp 2 x tp 1") == 2, text[-4000:]  # two attempts trained, the third did not
+    assert "not requeueing (exit 3)" in text and _requeues(tmp_path) == [], text[-4000:]
+
+
+@pytest.mark.multiprocess
+def test_a_crash_that_does_not_repeat_is_restarted_and_the_run_finishes(demo_shards: Path, tmp_path: Path) -> None:
+    rc, text, run_dir = _crash_job(demo_shards, tmp_path, ALEXNET_TEST_CRASH_ONCE=str(tmp_path / "crashed"))
+    assert rc == 0, text[-4000:]
+    assert (tmp_path / "crashed").exists() and "injected crash" in text, text[-4000:]
+    assert "error: " not in text and (run_dir / "checkpoints" / "latest").exists(), text[-4000:]
