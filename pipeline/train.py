@@ -332,6 +332,9 @@ class Trainer:
         self.last_checkpoint = path
         restored, cuda = self.state.rng_restored, self.device.type == "cuda"
         seeds.after_resume(self.cfg.train.seed, self.dims.dp_rank, self.progress.step, restored, cuda)
+        meta = read_meta(path)
+        was_lr = config.upgrade(meta["config"]).get("optim", {}).get("lr")
+        why_lr = divergence.lr_scale_on_resume(self.guard, was_lr=was_lr, now_lr=self.cfg.optim.lr)
         if self.dims.is_main:
             log.info(
                 "resumed from %s: epoch %d, step %d, lr drops %d, rollbacks %d",
@@ -341,7 +344,10 @@ class Trainer:
                 len(self.schedule.drops),
                 len(self.guard.rollbacks),
             )
-            meta = read_meta(path)
+            lr = self.schedule.lr(self.progress.epoch) * self.guard.lr_scale
+            log.info(
+                "training at learning rate %g: --optim.lr %g, the schedule's drops, %s", lr, self.cfg.optim.lr, why_lr
+            )
             changed = config.changes(meta["config"], self.cfg.to_dict())
             was, now = meta.get("dataset", {}).get("manifest_sha256"), self.state.dataset["manifest_sha256"]
             if was and was != now:

@@ -169,6 +169,25 @@ class DivergenceGuard:
         self.clear()
 
 
+def lr_scale_on_resume(guard: DivergenceGuard, *, was_lr: float | None, now_lr: float) -> str:
+    """After a resume restored the rollbacks' learning-rate scale: keep it, or drop it when ``--optim.lr`` changed
+    (a new --lr means what it says) unless ``--faults.divergence.keep-lr-scale``; returns why, for the resume line."""
+    stored = guard.lr_scale
+    if stored == 1.0:
+        return "no rollback scale"
+    if was_lr is None or was_lr == now_lr:
+        return f"x the rollbacks' stored scale {stored:g}"
+    if guard.cfg.keep_lr_scale:
+        return (
+            f"x the rollbacks' stored scale {stored:g}, kept for the new --optim.lr (--faults.divergence.keep-lr-scale)"
+        )
+    guard.lr_scale = 1.0
+    return (
+        f"the rollbacks' stored scale {stored:g} dropped: --optim.lr changed {was_lr:g} -> {now_lr:g} "
+        "(--faults.divergence.keep-lr-scale true keeps it)"
+    )
+
+
 def rollback_plan(
     guard: DivergenceGuard, event: Event, *, good: Any, good_step: int | None, step: int
 ) -> tuple[dict[str, Any] | None, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,29 @@ def test_every_rank_agrees_under_dp2_and_tp2(demo_shards: Path, tmp_path: Path, 
 
 
 # ------------------------------------------------------------------------------------------ the rules
+
+
+@pytest.mark.slow
+def test_a_new_lr_on_resume_means_what_it_says_unless_the_scale_is_kept(demo_shards: Path, tmp_path: Path) -> None:
+    """A rollback at step 9 stored the scale 0.5; a resume with a new --optim.lr trains at that rate (the line
+    says the stored scale was dropped, and why), and with --faults.divergence.keep-lr-scale at half of it."""
+    from pipeline.tools.report import read_scalars
+
+    first = tmp_path / "first"
+    proc = _run(tmp_path / "o1", _spiked(demo_shards, first, "--max-steps", "11"), env=SPIKE)
+    assert proc.returncode == 0 and "rolled back" in proc.stderr, proc.stderr[-3000:]
+    assert _meta(checkpoint.latest(first))["divergence"]["lr_scale"] == 0.5
+    lines, lr = {}, {}
+    for keep in ("false", "true"):
+        run_dir = tmp_path / f"keep-{keep}"
+        shutil.copytree(first, run_dir)
+        extra = flags("--max-steps 12 --optim.lr 0.02 --faults.divergence.keep-lr-scale {}", keep)
+        proc = _run(tmp_path / f"o-{keep}", _spiked(demo_shards, run_dir, *extra), env=SPIKE)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        [lines[keep]] = [ln for ln in proc.stderr.splitlines() if "training at learning rate" in ln]
+        lr[keep] = dict(read_scalars(run_dir)["train/lr"])[12]
+    assert "--optim.lr 0.02" in lines["false"], lines
+    assert "stored scale 0.5 dropped: --optim.lr changed 0.01 -> 0.02" in lines["false"], lines
+    assert "stored scale 0.5, kept for the new --optim.lr" in lines["true"], lines
+    assert lr["true"] == pytest.approx(0.5 * lr["false"]) and lr["false"] == pytest.approx(0.02), lr
+    assert _meta(checkpoint.latest(tmp_path / "keep-false"))["divergence"]["lr_scale"] == 1.0
