@@ -255,9 +255,21 @@ def take_lease(run_dir: str, minutes: float, rank: int) -> Lease | None:
     return lease
 
 
+def name_leftover_threads() -> None:
+    """Everything a run starts ends with it (pipeline.data.Ahead, the watchdog, the checkpoint writer): a daemon
+    thread still in native code at the interpreter's exit is ended by pthread_exit, which aborts a finished
+    rank (SIGABRT, "terminate called without an active exception"). One that is left is named, to be fixed."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and thread.daemon and thread.is_alive():
+            logging.getLogger("alexnet").warning(
+                "thread %r still running at exit: it may abort the process", thread.name
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         run(argv)  # a stop by signal is a clean exit: the trainer logged where and how to continue
+        name_leftover_threads()
         return 0
 
     return run_cli(body)

@@ -11,6 +11,10 @@ matmul (~10 ms on a CPU) measures a slow device there, every time, and names tha
 ALEXNET_TEST_CRASH_AT=STEP: in training ranks, the step after STEP steps raises RuntimeError (its message holds
 the pid, which differs every attempt); with ALEXNET_TEST_CRASH_ONCE=PATH only while PATH does not exist (it is
 created first): a crash that does not repeat.
+ALEXNET_TEST_SLOW_PLAN_S=SECONDS: in training ranks, preparing an epoch in the background (the next epoch's plan)
+runs torch matmuls (native code, the GIL released) until it is cancelled and then SECONDS more, as a plan that
+cannot stop half-way on a loaded machine does: a thread still in it when the interpreter exits aborts the
+process ("terminate called without an active exception").
 """
 
 import errno
@@ -93,3 +97,24 @@ if os.environ.get("ALEXNET_TEST_CRASH_AT") and "RANK" in os.environ:
         return _call(self, *args, step=step, **kwargs)
 
     train_step.TrainStep.__call__ = _crashing_call
+
+if os.environ.get("ALEXNET_TEST_SLOW_PLAN_S") and "RANK" in os.environ:
+    import time
+
+    import torch
+
+    from pipeline.data import planner
+
+    _plan_s = float(os.environ["ALEXNET_TEST_SLOW_PLAN_S"])
+    _prepare = planner.EpochInputs.prepare
+
+    def _slow_prepare(self, *args, cancel=None, **kwargs):
+        a, end = torch.rand(400, 400), time.monotonic() + 120
+        while cancel is not None and not cancel.is_set() and time.monotonic() < end:
+            a @ a
+        end = time.monotonic() + _plan_s
+        while time.monotonic() < end:
+            a @ a
+        return _prepare(self, *args, cancel=cancel, **kwargs)
+
+    planner.EpochInputs.prepare = _slow_prepare
