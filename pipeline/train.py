@@ -177,6 +177,7 @@ class Trainer:
     def _outcome(self, preempted: bool, val_error: float | None) -> Outcome:
         self.ahead.close()
         self.profiler.close(self.progress.step)
+        self.writer.close()  # a stopped run too: no thread of the run outlives it (launch.train names one)
         return Outcome(self.progress, preempted, val_error, self.schedule.drops, self.last_checkpoint)
 
     def _train_epoch(self, loader: Any, steps_in_epoch: int) -> EpochEnd:
