@@ -189,6 +189,11 @@ class Trainer:
             step = self.progress.step  # the steps done before this batch
             lr = self.schedule.lr(self.progress.epoch + i / max(steps_in_epoch, 1)) * self.guard.lr_scale
             loss, logits = self.train_step(images, labels, lr=lr, step=step)
+            if self.train_step.rerun is not None:  # a divergent step was re-run in place: what its verdict says
+                keys = loader.batch_keys(i) if hasattr(loader, "batch_keys") else []
+                divergence.settle_rerun(
+                    self.train_step.rerun, self.run_dir, keys, rank=self.dims.rank, epoch=self.progress.epoch
+                )
             self.progress.step, self.progress.step_in_epoch = step + 1, i + 1
             timer.step_done(images.shape[0] * self.dims.dp_size)
             if self.train_log.due(step):
@@ -451,7 +456,15 @@ def build_trainer(
     )
     compiles = FirstCompile(cfg.model.compile)
     train_step = TrainStep(
-        net, ddp, optimizer, guard, marks, device=device, amp=cfg.train.amp == "bf16", compiles=compiles
+        net,
+        ddp,
+        optimizer,
+        guard,
+        marks,
+        device=device,
+        amp=cfg.train.amp == "bf16",
+        compiles=compiles,
+        rerun_divergent=cfg.faults.divergence.rerun,
     )
     return Trainer(
         cfg,

@@ -85,8 +85,10 @@ class Loader:
         samples: int,
         total: int,
         empty: Callable[[], tuple[Any, Any]],
+        keys: Callable[[int], list[str]] | None = None,
     ):
         self._make = make
+        self._keys = keys
         self._empty = empty
         self.steps_in_epoch = steps_in_epoch
         self.start_batch = start_batch
@@ -95,6 +97,10 @@ class Loader:
 
     def __len__(self) -> int:
         return self.steps_in_epoch - self.start_batch
+
+    def batch_keys(self, i: int) -> list[str]:
+        """The sample keys of the epoch's batch ``i`` on this rank (a bad batch is recorded by them)."""
+        return self._keys(i) if self._keys is not None else []
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         given = 0

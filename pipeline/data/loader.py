@@ -141,7 +141,16 @@ def _loader(
         samples=len(prepared.plan),
         total=prepared.split.total,
         empty=empty,
+        keys=lambda i: _batch_keys(prepared, i),
     )
+
+
+def _batch_keys(prepared: PreparedEpoch, i: int) -> list[str]:
+    k = i - prepared.start_batch
+    if not 0 <= k < len(prepared.bounds):
+        return []  # an empty batch (a rank with fewer samples than steps)
+    lo, hi = prepared.bounds[k]
+    return [prepared.plan.key(j) for j in range(lo, hi)]
 
 
 def _calling_after_first(batches: Callable[[], Iterator[Any]], then: Callable[[], None]) -> Callable[[], Iterator[Any]]:
