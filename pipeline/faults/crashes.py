@@ -123,11 +123,14 @@ def repeated(run_dir: str | Path, *, this: str | None = None) -> Repeat | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] != "check":
-        print("usage: python -m pipeline.faults.crashes check RUN_DIR", file=sys.stderr)
-        return 2
-    found = repeated(args[1])
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.faults.crashes", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help=f"exit {EXIT_REPEATED} with one line when this job's crash repeated")
+    check.add_argument("run_dir", metavar="RUN_DIR")
+    args = p.parse_args(argv)
+    found = repeated(args.run_dir)
     if found is None:
         return 0
     print(f"error: {found.line()}", file=sys.stderr)

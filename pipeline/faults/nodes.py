@@ -63,12 +63,15 @@ def record_hangs(run_dir: str | Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] not in ("exclude", "record-hangs"):
-        print("usage: python -m pipeline.faults.nodes {exclude,record-hangs} RUN_DIR", file=sys.stderr)
-        return 2
-    nodes = failed_nodes(args[1]) if args[0] == "exclude" else record_hangs(args[1])
-    print(",".join(nodes))
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.faults.nodes", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("exclude", help="print the ledger's nodes, comma-separated").add_argument("run_dir")
+    sub.add_parser("record-hangs", help="append the nodes RUN_DIR's hangs named unreachable").add_argument("run_dir")
+    args = p.parse_args(argv)
+    found = failed_nodes(args.run_dir) if args.command == "exclude" else record_hangs(args.run_dir)
+    print(",".join(found))
     return 0
 
 

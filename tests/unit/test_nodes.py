@@ -23,7 +23,9 @@ def test_hangs_feed_the_ledger_beside_the_run_directories(
     a, b = tmp_path / "a", tmp_path / "b"
     _hang(a, "1", "n2")
     _hang(a, "2", "n2", "n5")
-    assert nodes.record_hangs(a) == ["n2", "n5"] and nodes.record_hangs(a) == []  # each node once
+    assert nodes.main(["record-hangs", str(a)]) == 0  # what slurm/train.sh runs after a hang
+    assert capsys.readouterr().out.strip() == "n2,n5"
+    assert nodes.record_hangs(a) == []  # each node once
     assert (tmp_path / ".alexnet-nodes.jsonl").is_file()
     assert nodes.main(["exclude", str(b)]) == 0  # another run under the same parent reads it
     assert capsys.readouterr().out.strip() == "n2,n5"
