@@ -86,3 +86,31 @@ def file_sha256(path: str | Path) -> str:
         while block := f.read(8 << 20):
             hasher.update(block)
     return hasher.hexdigest()
+
+
+def append_json_line(path: str | Path, obj: Any) -> None:
+    """Append ``obj`` as one JSON line to a journal several processes write (crashes, bad batches, the node
+    ledger): one ``write`` on an ``O_APPEND`` descriptor, so lines from racing writers never interleave and a
+    kill leaves at most a last line cut short, which :func:`read_json_lines` skips."""
+    line = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_json_lines(path: str | Path) -> list[Any]:
+    """Every whole line of a journal written by :func:`append_json_line` (none if it does not exist)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a kill
+    return records

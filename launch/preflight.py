@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 from basics.errors import UserError, run_cli
+from pipeline.faults import nodes
+from pipeline.faults.reach import node_name
 from pipeline.process import ProcessEnv, process_group, select_device
 
 log = logging.getLogger("alexnet")
@@ -244,6 +246,7 @@ def _check(args: argparse.Namespace, env: ProcessEnv, device: torch.device, back
 
         row = {
             "host": socket.gethostname(),
+            "node": node_name(),  # as Slurm names it: what the node ledger keeps
             "matmul": matmul_gflops(device, args.seconds, sync),
             "read": read_mb_per_s(Path(args.data), env.rank, env.world_size, args.read_mb, args.seconds),
             "memory": free_memory_gib(device),
@@ -267,6 +270,12 @@ def _check(args: argparse.Namespace, env: ProcessEnv, device: torch.device, back
             named.append(warning)
         for line in named:
             log.warning("%s", line)
+        if named and args.strict and os.environ.get(nodes.ENV):  # the job ends: later jobs avoid the node too
+            named_ranks = {
+                r for r in range(len(rows)) if any(line.startswith(f"preflight: rank {r} ") for line in named)
+            }
+            for node in sorted({rows[r]["node"] for r in named_ranks}):
+                nodes.record(Path("."), node, "preflight", "a rank far below the others (PREFLIGHT=strict)")
         if not named:
             log.info("preflight: no rank far below the others (%d ranks on %d hosts)", len(rows), len(hosts))
         return 1 if named and args.strict else 0

@@ -22,6 +22,9 @@ a second job on the same --run-dir fails at once, on every rank, with one line n
 Then every rank starts its progress watchdog (pipeline.faults.watchdog): a hang is named in one line, the
 live ranks' stacks go to RUN_DIR/hangs/, and they exit with code 75 for torchrun to restart them.
 When the hang is a node the others cannot reach, torchrun is ended instead (``end_torchrun``).
+A rank that dies of an exception records it in RUN_DIR/crashes.jsonl (pipeline.faults.crashes); when the
+job's last two attempts died of the same error at the same step, the next one ends before training with one
+``error:`` line and exit code 3, and ends torchrun too, so no restart or requeue repeats it a third time.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from basics.errors import UserError, run_cli
+from pipeline.faults import crashes
 from pipeline.process import ProcessEnv, process_group, select_device
 
 if TYPE_CHECKING:
@@ -122,10 +126,13 @@ def run(
     if stop is None:
         stop = threading.Event()
         install_stop_handlers(stop)
-    lease, outcome, watchdog, ledger, error = None, None, None, None, None
+    refuse_repeated_crash(cfg.run_dir, env.rank)
+    lease, outcome, watchdog, ledger, error, trainer = None, None, None, None, None, None
     with process_group(env, device, timedelta(minutes=cfg.faults.hang.collective_timeout_min)):
         try:
             lease = take_lease(cfg.run_dir, cfg.faults.lease.minutes, env.rank)  # before anything is written
+            if env.rank == 0:
+                crashes.record_start(cfg.run_dir)
             marks = PhaseMarks()
             ledger = start_goodput(cfg, env, marks, entry)
             watchdog = start_watchdog(cfg, env, marks)
@@ -143,6 +150,10 @@ def run(
             return outcome
         except BaseException as e:
             error = e
+            if isinstance(e, Exception) and not isinstance(e, UserError):
+                # a one-line error says what to fix; a restart does not repeat it
+                step = trainer.progress.step if trainer is not None else None
+                crashes.record_crash(cfg.run_dir, e, step=step, rank=env.rank)
             raise
         finally:
             if ledger is not None:
@@ -185,6 +196,36 @@ def start_watchdog(cfg: RunConfig, env: ProcessEnv, marks: PhaseMarks) -> Watchd
     return Watchdog(cfg.run_dir, env.rank, env.world_size, box[0], marks, allowance, on_cut=end_torchrun).start()
 
 
+def refuse_repeated_crash(run_dir: str, rank: int) -> None:
+    """Before this attempt trains: when the job's last two attempts crashed alike, every rank ends its node's
+    torchrun (a restart would crash a third time), rank 0 prints the one line, and the rank exits 3."""
+    found = crashes.repeated(run_dir, this=crashes.attempt_id())
+    if found is None:
+        return
+    agent = torchrun_agent()
+    if agent is not None:
+        os.kill(agent, signal.SIGKILL)  # before exiting: torchrun must not see a failed worker and restart it
+    if rank == 0:
+        print(f"error: {found.line()}", file=sys.stderr, flush=True)
+    sys.exit(crashes.EXIT_REPEATED)
+
+
+def torchrun_agent() -> int | None:
+    """The pid of the torchrun agent that started this process, or None (plain python, srun tasks)."""
+    from pathlib import Path
+
+    parent = os.getppid()
+    try:
+        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not any(
+        a.endswith((b"torchrun", b"torch.distributed.run")) for a in argv[:3]
+    ):
+        return None
+    return parent
+
+
 def end_torchrun(reason: str) -> None:
     """Ends this node's torchrun agent (SIGKILL) when a node of the job cannot be reached.
 
@@ -196,18 +237,10 @@ def end_torchrun(reason: str) -> None:
     live in sessions of their own and exit by themselves (their watchdogs act on the same verdict); under
     srun the task's bad exit ends the job step. Outside torchrun (plain python, srun tasks) nothing is done.
     """
-    from pathlib import Path
-
     from pipeline.faults.reach import node_name
 
-    parent = os.getppid()
-    try:
-        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not any(
-        a.endswith((b"torchrun", b"torch.distributed.run")) for a in argv[:3]
-    ):
+    parent = torchrun_agent()
+    if parent is None:
         return
     logging.getLogger("alexnet").error(
         "%s: ending torchrun (pid %d) on this node instead of restarting: %s, so a new rendezvous would wait for it",
@@ -245,9 +278,21 @@ def take_lease(run_dir: str, minutes: float, rank: int) -> Lease | None:
     return lease
 
 
+def name_leftover_threads() -> None:
+    """Everything a run starts ends with it (pipeline.data.Ahead, the watchdog, the checkpoint writer): a daemon
+    thread still in native code at the interpreter's exit is ended by pthread_exit, which aborts a finished
+    rank (SIGABRT, "terminate called without an active exception"). One that is left is named, to be fixed."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and thread.daemon and thread.is_alive():
+            logging.getLogger("alexnet").warning(
+                "thread %r still running at exit: it may abort the process", thread.name
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         run(argv)  # a stop by signal is a clean exit: the trainer logged where and how to continue
+        name_leftover_threads()
         return 0
 
     return run_cli(body)

@@ -10,6 +10,8 @@
       progress/rank-N.json     each rank's last phase mark, for the watchdog (pipeline.faults.watchdog)
       samples/rank-N.jsonl     each step's sample keys, --train.record-samples (pipeline.data.sample_ledger)
       hangs/<time>/            stacks and hang.json of a hang (pipeline.faults.watchdog)
+      crashes.jsonl            each attempt's start and each rank's crash (pipeline.faults.crashes)
+      bad_batches.jsonl        batches that diverged again when re-run, skipped (pipeline.faults.divergence)
       profiles/<time>/         traces on demand (pipeline.profiling)
       memory/                  CUDA out-of-memory snapshots (pipeline.perf)
       goodput/ledger.jsonl     every attempt's time: kept steps and badput by cause (pipeline.goodput)
@@ -17,6 +19,7 @@
       analysis/ figures/ report/   the tools' output (pipeline.tools)
       eval-<checkpoint>.json   evaluation results (pipeline.tools.evaluate)
       <name>.request.<...>     an operator's request to the running job (lr_drop, profile, preempt)
+    RUN_DIR/../.alexnet-nodes.jsonl   the node ledger beside the run directories (pipeline.faults.nodes)
 
 The layout is a file format: a run directory written by an earlier version must still read, so a name
 here changes only with a migration.
@@ -42,6 +45,9 @@ REPORT = "report"
 GOODPUT = "goodput"
 GOODPUT_LEDGER = "ledger.jsonl"
 COMPILE_CACHE = "compile-cache"
+CRASHES = "crashes.jsonl"
+BAD_BATCHES = "bad_batches.jsonl"
+NODE_LEDGER = ".alexnet-nodes.jsonl"  # beside the run directories: later jobs read it
 
 # operator requests (pipeline.schedule.write_request): the request's name, a time and a pid follow
 LR_DROP_REQUEST = "lr_drop.request"
@@ -123,6 +129,22 @@ class RunDir:
     def compile_cache(self) -> Path:
         """torch.compile's caches (TORCHINDUCTOR_CACHE_DIR): a restart or requeue does not compile again."""
         return self.root / COMPILE_CACHE
+
+    @property
+    def crashes(self) -> Path:
+        """Each attempt's start and each rank's crash, appended (pipeline.faults.crashes)."""
+        return self.root / CRASHES
+
+    @property
+    def bad_batches(self) -> Path:
+        """The sample keys of batches that diverged again when re-run in place, appended; skipped by every rank."""
+        return self.root / BAD_BATCHES
+
+    @property
+    def node_ledger(self) -> Path:
+        """The ledger of nodes that failed, beside the run directories (``$ALEXNET_NODE_LEDGER`` overrides it:
+        pipeline.faults.nodes)."""
+        return self.root.resolve().parent / NODE_LEDGER
 
     @property
     def preempt_request(self) -> Path:

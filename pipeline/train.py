@@ -191,6 +191,7 @@ class Trainer:
         if self.ledger is not None:
             self.ledger.close()
         self.profiler.close(self.progress.step)
+        self.writer.close()  # a stopped run too: no thread of the run outlives it (launch.train names one)
         return Outcome(self.progress, preempted, val_error, self.schedule.drops, self.last_checkpoint)
 
     def _train_epoch(self, loader: Any, steps_in_epoch: int) -> EpochEnd:
@@ -204,6 +205,11 @@ class Trainer:
             loss, logits = self.train_step(images, labels, lr=lr, step=step)
             if self.ledger is not None:
                 self.ledger.record(epoch=self.progress.epoch, step=step, step_in_epoch=i, keys=loader.batch_keys(i))
+            if self.train_step.rerun is not None:  # a divergent step was re-run in place: what its verdict says
+                keys = _batch_keys_or_none(loader, i)
+                divergence.settle_rerun(
+                    self.train_step.rerun, self.run_dir, keys, rank=self.dims.rank, epoch=self.progress.epoch
+                )
             self.progress.step, self.progress.step_in_epoch = step + 1, i + 1
             timer.step_done(images.shape[0] * self.dims.dp_size)
             if self.train_log.due(step):
@@ -348,6 +354,9 @@ class Trainer:
         self.last_checkpoint = path
         restored, cuda = self.state.rng_restored, self.device.type == "cuda"
         seeds.after_resume(self.cfg.train.seed, self.dims.dp_rank, self.progress.step, restored, cuda)
+        meta = read_meta(path)
+        was_lr = config.upgrade(meta["config"]).get("optim", {}).get("lr")
+        why_lr = divergence.lr_scale_on_resume(self.guard, was_lr=was_lr, now_lr=self.cfg.optim.lr)
         if self.dims.is_main:
             log.info(
                 "resumed from %s: epoch %d, step %d, lr drops %d, rollbacks %d",
@@ -357,7 +366,10 @@ class Trainer:
                 len(self.schedule.drops),
                 len(self.guard.rollbacks),
             )
-            meta = read_meta(path)
+            lr = self.schedule.lr(self.progress.epoch) * self.guard.lr_scale
+            log.info(
+                "training at learning rate %g: --optim.lr %g, the schedule's drops, %s", lr, self.cfg.optim.lr, why_lr
+            )
             changed = config.changes(meta["config"], self.cfg.to_dict())
             was, now = meta.get("dataset", {}).get("manifest_sha256"), self.state.dataset["manifest_sha256"]
             if was and was != now:
@@ -465,7 +477,15 @@ def build_trainer(
     )
     compiles = FirstCompile(cfg.model.compile)
     train_step = TrainStep(
-        net, ddp, optimizer, guard, marks, device=device, amp=cfg.train.amp == "bf16", compiles=compiles
+        net,
+        ddp,
+        optimizer,
+        guard,
+        marks,
+        device=device,
+        amp=cfg.train.amp == "bf16",
+        compiles=compiles,
+        rerun_divergent=cfg.faults.divergence.rerun,
     )
     return Trainer(
         cfg,
@@ -483,6 +503,14 @@ def build_trainer(
         loaders=loaders,
         heartbeat=heartbeat,
     )
+
+
+def _batch_keys_or_none(loader: Any, i: int) -> list[str]:
+    """The sample keys of batch ``i`` (to record a bad batch by), or [] from a loader that does not name them."""
+    try:
+        return loader.batch_keys(i)
+    except (AttributeError, NotImplementedError):
+        return []
 
 
 def _hosts() -> list[str]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import OptimConfig
-from pipeline.faults.divergence import DivergenceGuard
+from pipeline.faults.divergence import DivergenceGuard, Rerun
 from pipeline.mesh import Mesh
 from pipeline.phases import PhaseMarks
 
@@ -45,7 +45,10 @@ class TrainStep:
         device: torch.device,
         amp: bool,
         compiles: FirstCompile,
+        rerun_divergent: bool = False,
     ):
+        self.rerun_divergent = rerun_divergent  # --faults.divergence.rerun
+        self.rerun: Rerun | None = None  # the last step's re-run in place, for the loop to settle
         self.model, self.ddp, self.optimizer, self.guard = model, ddp, optimizer, guard
         self.marks = marks
         self.device, self.amp, self.compiles = device, amp, compiles
@@ -64,7 +67,23 @@ class TrainStep:
         self.marks.enter("compile" if compiling else "forward", step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.rerun = None
+        # A divergent step is re-run once in place from the same state: its update was not applied, and the
+        # RNG (dropout masks) is put back as it was. Reading the verdict is one host sync per step.
+        before = (_rng_state(self.device), self.guard.snapshot()) if self.rerun_divergent else None
+        loss, logits = self._update(images, labels, step, compiling)
+        if before is not None and bool(self.optimizer.found_inf):
+            first_local = self.guard.local
+            _set_rng_state(self.device, before[0])
+            self.guard.restore(before[1])
+            self.marks.enter("forward", step)
+            loss, logits = self._update(images, labels, step, compiling=False)
+            self.rerun = self.guard.rerun_verdict(step + 1, first_local, self.optimizer.found_inf)
+        return loss, logits
 
+    def _update(
+        self, images: torch.Tensor, labels: torch.Tensor, step: int, compiling: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.ddp(images)
         # A rank's slice of an epoch's last global batch is empty where that batch holds fewer samples than
@@ -84,6 +103,16 @@ class TrainStep:
         self.marks.enter("step")
         self.optimizer.step()
         return loss, logits
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.SGD:

@@ -42,6 +42,16 @@
 # off in RUN_DIR/hangs/<time>/hang.json and ends each node's torchrun at once instead of letting it
 # re-rendezvous (which waited 12-18 minutes for the unreachable node); srun --kill-on-bad-exit=1 ends the
 # job step with the first of them, and the script requeues the job excluding that node (ExcNodeList).
+#
+# The node ledger: the nodes a hang named unreachable, the strict pre-flight named, or a divergence that did not
+# repeat when re-run in place named are appended to RUN_DIR/../.alexnet-nodes.jsonl (ALEXNET_NODE_LEDGER overrides
+# it; pipeline/faults/nodes.py). A later job that lands on one of them says so and requeues itself excluding it
+# (LEDGER_REQUEUE=0: says so and trains there). Delete a node's lines to take it back into service.
+#
+# A crash that repeats: when two attempts in a row died of the same error at the same step
+# (RUN_DIR/crashes.jsonl, pipeline/faults/crashes.py), the next attempt ends before training with one
+# `error:` line and ends torchrun, so its restarts are not used up; the script then exits 3 and does not
+# requeue. Exit codes: 0 finished or requeued, 2 a one-line error, 3 a crash that repeats, else a failure.
 #SBATCH --job-name=alexnet
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -118,6 +128,36 @@ torchrun_on_all_nodes() {  # torchrun once per node through srun; the rest of th
             --rdzv-backend=c10d --rdzv-endpoint="$endpoint" "$@"
 }
 
+requeue_excluding() {  # requeue this job, then exclude nodes from its next allocation
+    local nodes=$1 old
+    old=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | tr ' ' '\n' | sed -n 's/^ExcNodeList=//p')
+    [[ -n "$old" && "$old" != "(null)" ]] && nodes=$old,$nodes
+    # Slurm changes ExcNodeList only on a pending job: the requeue makes it pending at once and TERMs this
+    # script, which then has KillWait seconds (30 by default) for the update.
+    trap '' TERM
+    scontrol requeue "$SLURM_JOB_ID"
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$nodes" 2>/dev/null && return 0
+        sleep 0.5
+    done
+    echo "$(date +%T) could not exclude $nodes from job $SLURM_JOB_ID (scontrol update refused): it may land there again"
+}
+
+# The node ledger (pipeline/faults/nodes.py): nodes a hang, the strict pre-flight or a divergence re-run named
+# in earlier jobs. A job that landed on one says so and is requeued without it (LEDGER_REQUEUE=0: only says so).
+export ALEXNET_NODE_LEDGER=${ALEXNET_NODE_LEDGER:-$(cd "$run_dir/.." && pwd -P)/.alexnet-nodes.jsonl}
+failed_before=$("$PYTHON" -m pipeline.faults.nodes exclude "$run_dir" 2>/dev/null | tr ',' '\n')
+allocated=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" 2>/dev/null)
+bad_here=$(comm -12 <(sort -u <<<"$allocated") <(sort -u <<<"$failed_before") | paste -sd, -)
+if [[ -n "$bad_here" ]]; then
+    if [[ ${LEDGER_REQUEUE:-1} == 1 && -n "${SLURM_JOB_ID:-}" && ${SLURM_RESTART_COUNT:-0} -lt ${HANG_REQUEUES:-3} ]]; then
+        echo "$(date +%T) $bad_here failed in an earlier job ($ALEXNET_NODE_LEDGER): requeueing job $SLURM_JOB_ID excluding $bad_here"
+        requeue_excluding "$bad_here"
+        exit 0
+    fi
+    echo "$(date +%T) $bad_here failed in an earlier job ($ALEXNET_NODE_LEDGER); training on it anyway"
+fi
+
 preflight=${PREFLIGHT:-warn}
 if [[ "$preflight" != off && -n "$data_dir" ]]; then
     echo "$(date +%T) pre-flight on every rank (PREFLIGHT=$preflight; PREFLIGHT=off skips it)"
@@ -157,25 +197,19 @@ if [[ $requeue == 1 ]]; then
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
-requeue_excluding() {  # requeue this job, then exclude nodes from its next allocation
-    local nodes=$1 old
-    old=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | tr ' ' '\n' | sed -n 's/^ExcNodeList=//p')
-    [[ -n "$old" && "$old" != "(null)" ]] && nodes=$old,$nodes
-    # Slurm changes ExcNodeList only on a pending job: the requeue makes it pending at once and TERMs this
-    # script, which then has KillWait seconds (30 by default) for the update.
-    trap '' TERM
-    scontrol requeue "$SLURM_JOB_ID"
-    for _ in 1 2 3 4 5 6 7 8 9 10; do
-        scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$nodes" 2>/dev/null && return 0
-        sleep 0.5
-    done
-    echo "$(date +%T) could not exclude $nodes from job $SLURM_JOB_ID (scontrol update refused): it may land there again"
-}
+# A crash that repeats (pipeline/faults/crashes.py): no requeue would get past it.
+repeats=0
+[[ $status != 0 ]] && { "$PYTHON" -m pipeline.faults.crashes check "$run_dir" 2>/dev/null || repeats=$?; }
+if [[ $repeats == 3 ]]; then
+    echo "$(date +%T) training failed with a crash that repeats (the error: line above); not requeueing (exit 3)"
+    exit 3
+fi
 
 # A hang recorded by this job (a folder under RUN_DIR/hangs/ newer than its start) that torchrun's
 # restarts did not get past: requeue, so the job comes back on a fresh allocation; without the nodes
 # its hang.json names as cut off from the others (pipeline/faults/reach.py), which a new allocation must avoid.
 hung=$(find "$run_dir/hangs" -mindepth 1 -maxdepth 1 -newermt "@$started" 2>/dev/null | sort | tail -n 1)
+[[ -n "$hung" ]] && "$PYTHON" -m pipeline.faults.nodes record-hangs "$run_dir" >/dev/null 2>&1
 if [[ $status != 0 && -n "$hung" && ${SLURM_RESTART_COUNT:-0} -lt ${HANG_REQUEUES:-3} && -n "${SLURM_JOB_ID:-}" ]]; then
     unreachable=$("$PYTHON" -c 'import json, sys; print(",".join(u["node"] for u in json.load(open(sys.argv[1]))["unreachable"]))' \
         "$hung/hang.json" 2>/dev/null)

@@ -188,11 +188,14 @@ class Ahead:
             self._thread.join()
 
     def close(self) -> None:
-        """Stop preparing (the run is over), without waiting: hashing stops at its next shard, and a plan
-        being built is dropped with the (daemon) thread; records are written atomically, so at worst a
-        temporary file is left in the cache if the process ends first."""
-        self.cancelled.set()
+        """Stop preparing (the run is over) and wait for the thread: hashing stops at its next shard, a plan
+        being built is finished and dropped. Not left running: a daemon thread still inside native code when
+        the interpreter exits is ended by ``pthread_exit``, whose unwinding through a C++ frame aborts the
+        process ("terminate called without an active exception", SIGABRT) after the run has finished."""
+        thread = self._thread
         self._thread, self._key, self._result = None, None, []
+        if thread is not None:
+            self._stop(thread)
 
     def _stop(self, thread: threading.Thread) -> None:
         self.cancelled.set()

@@ -66,6 +66,14 @@ class DivergenceConfig(Section):
     checkpoint, skip the batches since, train on)"""
     rollback_lr_factor: float = option(1.0, Check(lambda x: 0 < x <= 1, "in (0, 1]"))
     """rollback: multiply the learning rate by this at each rollback (1 = unchanged)"""
+    rerun: bool = True
+    """re-run a divergent step once in place (same weights, batch and dropout masks) before acting on it: diverged
+    again, the batch is at fault (its sample keys go to RUN_DIR/bad_batches.jsonl, then stop or rollback as
+    --faults.divergence.action says); not again, the node is suspect (named in one line and in the node ledger)
+    and the re-run's update is applied. Costs one host sync per step"""
+    keep_lr_scale: bool = False
+    """on resume with another --optim.lr: keep multiplying it by the rollbacks' stored scale (off: the new
+    --lr is the rate the run trains at; the scale stays in force while --optim.lr is unchanged)"""
     max_rollbacks: int = option(3, at_least(1))
     """rollback: stop as --faults.divergence.action stop does once a run has rolled back this many times"""
     spike_sigma: float = option(6.0, finite(0, note=" (0 = off)"))

@@ -52,6 +52,15 @@ _STEP, _KIND, _LOSS, _NORM, _LOCAL_LOSS, _LOCAL_GRAD = range(6)  # slots of the 
 
 
 @dataclass
+class Rerun:
+    """A divergent step re-run in place (same weights and momentum, batch and dropout masks), as every rank saw it."""
+
+    step: int  # steps done, the divergent one included
+    reproducible: bool  # diverged again: the batch (or the state) is at fault, not the hardware
+    ranks: list[int]  # the ranks whose own loss or gradient norm differed between the two runs
+
+
+@dataclass
 class Event:
     """The first divergent step since the last control step, as every rank agreed on it."""
 
@@ -78,6 +87,7 @@ class DivergenceGuard:
         self.seen = 0  # steps observed (host-side: the rules arm without reading the device)
         self.record = torch.zeros(6, device=device)  # the latched first divergent step (slot _STEP 0: none)
         self.grad_norm = torch.zeros((), device=device)  # the last step's total gradient norm
+        self.local = torch.zeros(2, device=device)  # this rank's own [loss, gradient norm²] of the last step
         self.rollbacks: list[dict[str, Any]] = []
         self.lr_scale = 1.0  # the product of --faults.divergence.rollback-lr-factor over the rollbacks taken
 
@@ -96,6 +106,7 @@ class DivergenceGuard:
         grads = [p.grad for p in parameters if p.grad is not None]  # leaves: no graph to detach from
         grad_sq = torch.stack(torch._foreach_norm(grads)).float().square().sum()
         pair = torch.stack([loss.detach().float(), grad_sq])
+        self.local = pair
         local_bad = ~torch.isfinite(pair)  # this rank's own [loss, gradients] non-finite, to name it later
         both = torch.cat([pair, local_bad.any().float().unsqueeze(0)])
         if before_sync is not None:
@@ -125,6 +136,28 @@ class DivergenceGuard:
         now = torch.cat([head, local_bad.float()])
         self.record = torch.where(first, now, self.record)
         return bad.float()
+
+    # -- a re-run in place (pipeline.train_step: only after a divergent step, every rank together)
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """What :meth:`observe` changes about a rejected step (its window slot is left as it was)."""
+        return self.seen, self.record, self.largest, self.grad_norm, self.local
+
+    def restore(self, snapshot: tuple[Any, ...]) -> None:
+        self.seen, self.record, self.largest, self.grad_norm, self.local = snapshot
+
+    def rerun_verdict(self, step: int, first_local: torch.Tensor, again_bad: torch.Tensor) -> Rerun:
+        """Collective: whether the re-run diverged too, and which ranks' own results differed between the runs
+        (a deterministic recomputation on sound hardware gives the same numbers; NaN equals NaN here)."""
+        now = self.local
+        same = (first_local == now) | (torch.isnan(first_local) & torch.isnan(now))
+        differs = (~same).any().float().reshape(1)
+        if self.world_size > 1:
+            gathered = [torch.zeros_like(differs) for _ in range(self.world_size)]
+            dist.all_gather(gathered, differs)
+        else:
+            gathered = [differs]
+        return Rerun(step, bool(again_bad), [r for r, d in enumerate(gathered) if d.item() > 0])
 
     @property
     def pending(self) -> torch.Tensor:
@@ -178,6 +211,68 @@ class DivergenceGuard:
         self.rollbacks = [dict(r) for r in state["rollbacks"]]
         self.lr_scale = float(state["lr_scale"])
         self.clear()
+
+
+def lr_scale_on_resume(guard: DivergenceGuard, *, was_lr: float | None, now_lr: float) -> str:
+    """After a resume restored the rollbacks' learning-rate scale: keep it, or drop it when ``--optim.lr`` changed
+    (a new --lr means what it says) unless ``--faults.divergence.keep-lr-scale``; returns why, for the resume line."""
+    stored = guard.lr_scale
+    if stored == 1.0:
+        return "no rollback scale"
+    if was_lr is None or was_lr == now_lr:
+        return f"x the rollbacks' stored scale {stored:g}"
+    if guard.cfg.keep_lr_scale:
+        return (
+            f"x the rollbacks' stored scale {stored:g}, kept for the new --optim.lr (--faults.divergence.keep-lr-scale)"
+        )
+    guard.lr_scale = 1.0
+    return (
+        f"the rollbacks' stored scale {stored:g} dropped: --optim.lr changed {was_lr:g} -> {now_lr:g} "
+        "(--faults.divergence.keep-lr-scale true keeps it)"
+    )
+
+
+def settle_rerun(rerun: Rerun, run_dir: Any, keys: list[str], *, rank: int, epoch: int) -> None:
+    """Collective, after a re-run in place: a reproducible divergence records the batch's sample keys (every rank's
+    share) in RUN_DIR/bad_batches.jsonl, a transient one names the node(s) whose results differed in one line and
+    in the node ledger (pipeline.faults.nodes). What follows a reproducible one (stop or rollback) is unchanged."""
+    import logging
+
+    from basics.files import append_json_line
+    from pipeline.faults import nodes
+    from pipeline.faults.reach import node_name
+    from pipeline.run_dir import RunDir
+
+    mine = (node_name(), keys)
+    everyone = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    if rank != 0:
+        return
+    log = logging.getLogger("alexnet")
+    layout = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    if rerun.reproducible:
+        batch = [k for _, ks in everyone for k in ks]
+        append_json_line(layout.bad_batches, {"epoch": epoch, "step": rerun.step, "keys": batch})
+        log.warning(
+            "divergence at step %d repeated when re-run in place: the batch is at fault (%d sample keys in %s)",
+            rerun.step,
+            len(batch),
+            layout.bad_batches,
+        )
+        return
+    suspects = sorted({everyone[r][0] for r in rerun.ranks})
+    where = ", ".join(f"{n} (rank(s) {','.join(str(r) for r in rerun.ranks if everyone[r][0] == n)})" for n in suspects)
+    log.warning(
+        "divergence at step %d did not repeat when re-run in place: %s; the re-run's update was applied",
+        rerun.step,
+        f"node {where} suspect: its own loss or gradients differed between the two runs"
+        if suspects
+        else "no rank's own numbers differed (a transient fault in the reduction)",
+    )
+    for node in suspects:
+        nodes.record(layout, node, "divergence-rerun", f"step {rerun.step} did not repeat when re-run in place")
 
 
 def rollback_plan(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +217,63 @@ def test_every_rank_agrees_under_dp2_and_tp2(demo_shards: Path, tmp_path: Path, 
 
 
 # ------------------------------------------------------------------------------------------ the rules
+
+
+@pytest.mark.slow
+def test_a_new_lr_on_resume_means_what_it_says_unless_the_scale_is_kept(demo_shards: Path, tmp_path: Path) -> None:
+    """A rollback at step 9 stored the scale 0.5; a resume with a new --optim.lr trains at that rate (the line
+    says the stored scale was dropped, and why), and with --faults.divergence.keep-lr-scale at half of it."""
+    from pipeline.tools.report import read_scalars
+
+    first = tmp_path / "first"
+    proc = _run(tmp_path / "o1", _spiked(demo_shards, first, "--max-steps", "11"), env=SPIKE)
+    assert proc.returncode == 0 and "rolled back" in proc.stderr, proc.stderr[-3000:]
+    assert _meta(checkpoint.latest(first))["divergence"]["lr_scale"] == 0.5
+    lines, lr = {}, {}
+    for keep in ("false", "true"):
+        run_dir = tmp_path / f"keep-{keep}"
+        shutil.copytree(first, run_dir)
+        extra = flags("--max-steps 12 --optim.lr 0.02 --faults.divergence.keep-lr-scale {}", keep)
+        proc = _run(tmp_path / f"o-{keep}", _spiked(demo_shards, run_dir, *extra), env=SPIKE)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        [lines[keep]] = [ln for ln in proc.stderr.splitlines() if "training at learning rate" in ln]
+        lr[keep] = dict(read_scalars(run_dir)["train/lr"])[12]
+    assert "--optim.lr 0.02" in lines["false"], lines
+    assert "stored scale 0.5 dropped: --optim.lr changed 0.01 -> 0.02" in lines["false"], lines
+    assert "stored scale 0.5, kept for the new --optim.lr" in lines["true"], lines
+    assert lr["true"] == pytest.approx(0.5 * lr["false"]) and lr["false"] == pytest.approx(0.02), lr
+    assert _meta(checkpoint.latest(tmp_path / "keep-false"))["divergence"]["lr_scale"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------ re-run in place
+
+
+@pytest.mark.slow
+def test_a_batch_that_spikes_again_when_re_run_is_recorded_by_its_keys(demo_shards: Path, tmp_path: Path) -> None:
+    """The batch of step 9 is x1000 every time: the re-run in place spikes too, so the batch is at fault: its 8
+    sample keys go to RUN_DIR/bad_batches.jsonl, then the rollback happens as before."""
+    run_dir = tmp_path / "run"
+    proc = _run(tmp_path / "o", _spiked(demo_shards, run_dir, "--max-steps", "10"), env=SPIKE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "divergence at step 9 repeated when re-run in place: the batch is at fault (8 sample keys" in proc.stderr
+    assert "rolled back to step-00000007" in proc.stderr, proc.stderr[-3000:]
+    [record] = [json.loads(line) for line in (run_dir / "bad_batches.jsonl").read_text().splitlines()]
+    assert record["step"] == 9 and record["epoch"] == 0 and len(set(record["keys"])) == 8, record
+    assert not (tmp_path / ".alexnet-nodes.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_spike_that_does_not_repeat_names_the_node(demo_shards: Path, tmp_path: Path) -> None:
+    """The images of step 9 are x1000 in its first computation only (a device that erred once): the re-run is
+    finite, its update is applied, nothing rolls back, and this node is named suspect, in the log and the ledger."""
+    run_dir, ledger = tmp_path / "run", tmp_path / "ledger.jsonl"
+    env = {**SPIKE, "HARNESS_POISON_ONCE": "1", "ALEXNET_NODE_LEDGER": str(ledger)}
+    proc = _run(tmp_path / "o", _spiked(demo_shards, run_dir, "--max-steps", "10"), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    node = socket.gethostname()
+    line = f"divergence at step 9 did not repeat when re-run in place: node {node} (rank(s) 0) suspect"
+    assert line in proc.stderr and "rolled back" not in proc.stderr, proc.stderr[-3000:]
+    assert not (run_dir / "bad_batches.jsonl").exists()
+    [entry] = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert entry["node"] == node and entry["source"] == "divergence-rerun", entry
+    assert sorted(_losses(run_dir)) == list(range(1, 11))  # step 9's loss is the re-run's, finite

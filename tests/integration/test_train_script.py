@@ -6,6 +6,7 @@ trains, and a hung job is requeued at most HANG_REQUEUES times. The same script 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -97,6 +98,9 @@ def test_preflight_strict_ends_the_job_before_training_without_requeue(demo_shar
     assert "pre-flight failed (exit 1): not training on this allocation" in text, text[-4000:]
     assert f"job {JOB} restart" not in text and not (run_dir / "checkpoints").exists(), text[-4000:]
     assert _requeues(tmp_path) == [], _requeues(tmp_path)
+    # The node is in the ledger beside the run directories: a later job allocated there requeues without it.
+    [entry] = [json.loads(line) for line in (tmp_path / ".alexnet-nodes.jsonl").read_text().splitlines()]
+    assert (entry["node"], entry["source"]) == (socket.gethostname(), "preflight"), entry
 
 
 @pytest.mark.multiprocess
@@ -125,3 +129,71 @@ def test_preflight_warn_logs_the_table_and_trains(demo_shards: Path, tmp_path: P
 
 # ------------------------------------------------------------------------------------------------
 # A hung job: requeued while SLURM_RESTART_COUNT < HANG_REQUEUES (default 3), then left failed
+
+
+# ------------------------------------------------------------------------------------------------
+# A crash that repeats ends the job after the second time; one that does not repeat is restarted
+
+
+def _crash_job(demo_shards: Path, tmp_path: Path, **extra: str) -> tuple[int, str, Path]:
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    env = _job_env(tmp_path, PREFLIGHT="off", ALEXNET_TEST_CRASH_AT="2", **extra)
+    argv = ["bash", "slurm/train.sh", *flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN]
+    rc = run_logged([*argv, *flags("--tp 1 --max-steps 4 --faults.hang.timeout 0")], log, env, TIMEOUT)
+    return rc, log.read_text(errors="replace"), run_dir
+
+
+@pytest.mark.multiprocess
+def test_a_crash_that_repeats_ends_the_job_after_the_second_time(demo_shards: Path, tmp_path: Path) -> None:
+    """Both ranks raise at step 2 every attempt (the message differs: it holds the pid): torchrun restarts the
+    group once, the third attempt ends before training with one line and ends torchrun (MAX_RESTARTS 3 not used
+    up), and the script exits 3 without a requeue."""
+    rc, text, run_dir = _crash_job(demo_shards, tmp_path)
+    assert rc == 3, text[-4000:]
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert errors == [errors[0]] and "the same crash twice at step 2 (RuntimeError: injected crash" in errors[0], errors
+    assert text.count("world 2 = dp 2 x tp 1") == 2, text[-4000:]  # two attempts trained, the third did not
+    assert "not requeueing (exit 3)" in text and _requeues(tmp_path) == [], text[-4000:]
+
+
+@pytest.mark.multiprocess
+def test_a_crash_that_does_not_repeat_is_restarted_and_the_run_finishes(demo_shards: Path, tmp_path: Path) -> None:
+    rc, text, run_dir = _crash_job(demo_shards, tmp_path, ALEXNET_TEST_CRASH_ONCE=str(tmp_path / "crashed"))
+    assert rc == 0, text[-4000:]
+    assert (tmp_path / "crashed").exists() and "injected crash" in text, text[-4000:]
+    assert "error: " not in text and (run_dir / "checkpoints" / "latest").exists(), text[-4000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# The node ledger: a node that failed in an earlier job is excluded from this one
+
+
+@pytest.mark.multiprocess
+def test_a_node_in_the_ledger_is_excluded_by_a_requeue_saying_so(demo_shards: Path, tmp_path: Path) -> None:
+    """An earlier job's hang named this host unreachable (RUN_DIR/hangs/*/hang.json, recorded into the ledger
+    beside the run directories): this job, allocated there, says so and requeues itself excluding it, without
+    training; with LEDGER_REQUEUE=0 it says so and trains."""
+    from pipeline.faults import nodes
+
+    host = socket.gethostname()
+    earlier = tmp_path / "runs" / "earlier"
+    (earlier / "hangs" / "20260101-000000").mkdir(parents=True)
+    hang = {"unreachable": [{"node": host, "rank": 1}]}
+    (earlier / "hangs" / "20260101-000000" / "hang.json").write_text(json.dumps(hang))
+    assert nodes.main(["record-hangs", str(earlier)]) == 0  # what slurm/train.sh runs after a hang
+    run_dir, log = tmp_path / "runs" / "run", tmp_path / "job.out"
+    argv = ["bash", "slurm/train.sh", *flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN]
+    argv += flags("--tp 1 --max-steps 1")
+    rc = run_logged(argv, log, _job_env(tmp_path, PREFLIGHT="off"), TIMEOUT)
+    text = log.read_text(errors="replace")
+    assert rc == 0, text[-4000:]
+    ledger = tmp_path / "runs" / ".alexnet-nodes.jsonl"
+    assert f"{host} failed in an earlier job ({ledger}): requeueing job {JOB} excluding {host}" in text, text[-4000:]
+    calls = (tmp_path / "scontrol.calls").read_text()
+    assert f"scontrol requeue {JOB}" in calls and f"ExcNodeList={host}" in calls, calls
+    assert f"job {JOB} restart" not in text and not (run_dir / "checkpoints").exists(), text[-4000:]
+
+    rc = run_logged(argv, log, _job_env(tmp_path, PREFLIGHT="off", LEDGER_REQUEUE="0"), TIMEOUT)
+    text = log.read_text(errors="replace")
+    assert rc == 0 and f"{host} failed in an earlier job ({ledger}); training on it anyway" in text, text[-4000:]
+    assert (run_dir / "checkpoints" / "latest").exists(), text[-4000:]

@@ -11,6 +11,8 @@ run in a known state (a signal lands between two given steps, whatever the machi
 ``HARNESS_POISON_AT=N`` spoils the training batch of global step ``N`` (1-based: the step that trains on it):
 ``HARNESS_POISON=nan`` makes its images NaN, ``HARNESS_POISON=scale:K`` multiplies them by K (a finite loss
 spike); ``HARNESS_POISON_RANK=r`` limits it to rank r. A divergence test then diverges at a known step.
+``HARNESS_POISON_ONCE=1`` spoils it in the step's first computation only, not when the step is re-run in
+place (a transient fault of the device: the divergence does not repeat).
 ``HARNESS_HOLD_SAVE=DIR`` holds rank 0's checkpoint commit at the point named in ``DIR/hold`` (see
 :func:`hold_saves`) and marks it with ``DIR/held``: a kill then provably lands inside a save.
 ``HARNESS_GATE_SAVE=1`` (with ``HARNESS_GATE``) holds every rank at the start of its first checkpoint
@@ -135,6 +137,7 @@ class Poisoned:
     def __init__(self, inner, *, first_step: int, at: int, spoil):
         self.inner, self.first_step, self.at, self.spoil = inner, first_step, at, spoil
         self.steps_in_epoch = inner.steps_in_epoch
+        self.batch_keys = inner.batch_keys
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -163,6 +166,25 @@ def poisoned(loaders, rank: int):
         return Poisoned(inner, first_step=epoch * inner.steps_in_epoch + start_batch, at=at, spoil=spoil)
 
     return Loaders(train=train_loader, val=loaders.val)
+
+
+def poison_once(rank: int) -> None:
+    """``HARNESS_POISON_ONCE``: the images of step ``HARNESS_POISON_AT`` x ``HARNESS_POISON`` (scale:K) in that
+    step's first computation only, on ``HARNESS_POISON_RANK`` (default: every rank)."""
+    from pipeline import train_step
+
+    at, factor = int(os.environ["HARNESS_POISON_AT"]), float(os.environ["HARNESS_POISON"].removeprefix("scale:"))
+    if os.environ.get("HARNESS_POISON_RANK", str(rank)) != str(rank):
+        return
+    update, done = train_step.TrainStep._update, []
+
+    def once(self, images, labels, step, compiling):
+        if step + 1 == at and not done:
+            done.append(step)
+            images = images * factor
+        return update(self, images, labels, step, compiling)
+
+    train_step.TrainStep._update = once
 
 
 def hold_saves(gate: Path) -> None:
@@ -308,7 +330,9 @@ def main() -> int:
     if os.environ.get("HARNESS_GATE_SAVE"):
         gate_saves(Path(os.environ["HARNESS_GATE"]), rank)
     unreachable(rank)
-    if os.environ.get("HARNESS_POISON_AT"):
+    if os.environ.get("HARNESS_POISON_AT") and os.environ.get("HARNESS_POISON_ONCE"):
+        poison_once(rank)
+    elif os.environ.get("HARNESS_POISON_AT"):
         loaders = poisoned(loaders, rank)
     if os.environ.get("HARNESS_PAUSE_AT"):
         loaders = gated(loaders, int(os.environ["HARNESS_PAUSE_AT"]), Path(os.environ["HARNESS_GATE"]), rank)

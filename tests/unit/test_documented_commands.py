@@ -43,6 +43,15 @@ COVERED = {
         "tests/integration/test_train.py::test_manual_lr_drop_reaches_every_rank_and_survives_tp_change"
     ),
     "python -m pipeline.faults.lease check": "tests/unit/test_lease.py::test_check_cli_exits_2_with_one_line",
+    "python -m pipeline.faults.crashes check": (
+        "tests/unit/test_crashes.py::test_an_attempt_between_that_did_not_crash_resets_it"
+    ),
+    "python -m pipeline.faults.nodes exclude": (
+        "tests/unit/test_nodes.py::test_hangs_feed_the_ledger_beside_the_run_directories"
+    ),
+    "python -m pipeline.faults.nodes record-hangs": (
+        "tests/unit/test_nodes.py::test_hangs_feed_the_ledger_beside_the_run_directories"
+    ),
     "python -m pipeline.model": "tests/unit/test_model.py::test_layer_table_cli",
     "python -m pipeline.bench.train": "tests/integration/test_bench_train.py::test_tower_split_and_checkpoint_stall",
     "python -m pipeline.tools.evaluate": "tests/integration/test_evaluate.py::test_under_torchrun_equals_one_process",

@@ -243,10 +243,13 @@ def test_a_saved_config_of_the_old_layout_loads_compares_and_reports() -> None:
     assert cfg.faults.hang.timeout == 0 and cfg.faults.divergence.spike_window == 8 and cfg.train.epochs == 3
     # A resume from such a checkpoint lists what changed under today's names, and nothing else.
     now = config.from_dict({"train": {**OLD_TRAIN, "epochs": 4, "hang_timeout": 120.0}}).to_dict()
+    # Options the old layout never had (issue 37's) show as `?`, as any option one side lacks does.
     assert config.changes(saved, now) == [
+        "--faults.divergence.keep-lr-scale ? -> False",
+        "--faults.divergence.rerun ? -> True",
         "--faults.hang.timeout 0.0 -> 120.0",
         "--train.epochs 3 -> 4",
-        "--train.record-samples ? -> False",  # newer than the old layout: shown as unknown before
+        "--train.record-samples ? -> False",
     ]
     assert "No rollback (--faults.divergence.action rollback)." in report.divergence_section({}, saved)
     assert ("faults.divergence.spike_window", 8, 128) in report.config_diff(saved)

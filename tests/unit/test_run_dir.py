@@ -20,6 +20,9 @@ DISTINCT = {
     run_dir.LR_DROP_REQUEST,
     run_dir.PROFILE_REQUEST,
     run_dir.PREEMPT_REQUEST,
+    run_dir.CRASHES,
+    run_dir.BAD_BATCHES,
+    run_dir.NODE_LEDGER,
     RunDir(".").eval_ensemble.name,
 }
 # Modules that still spell their own names while issue 34's other branches move them onto RunDir; an entry

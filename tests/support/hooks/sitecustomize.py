@@ -8,6 +8,13 @@ ALEXNET_TEST_UNREACHABLE_NODE=NODE: ranks on Slurm node NODE listen for the watc
 on a socket that answers nothing (tests/support/harness.py BlackholeListener), as behind a cut link.
 ALEXNET_TEST_SLOW_MATMUL_RANK=R: on rank R every `a @ b` of torch tensors takes 0.1 s longer: launch.preflight's
 matmul (~10 ms on a CPU) measures a slow device there, every time, and names that rank.
+ALEXNET_TEST_CRASH_AT=STEP: in training ranks, the step after STEP steps raises RuntimeError (its message holds
+the pid, which differs every attempt); with ALEXNET_TEST_CRASH_ONCE=PATH only while PATH does not exist (it is
+created first): a crash that does not repeat.
+ALEXNET_TEST_SLOW_PLAN_S=SECONDS: in training ranks, preparing an epoch in the background (the next epoch's plan)
+runs torch matmuls (native code, the GIL released) until it is cancelled and then SECONDS more, as a plan that
+cannot stop half-way on a loaded machine does: a thread still in it when the interpreter exits aborts the
+process ("terminate called without an active exception").
 """
 
 import errno
@@ -72,3 +79,42 @@ if os.environ.get("ALEXNET_TEST_SLOW_MATMUL_RANK") == os.environ.get("RANK", "-"
         return _matmul(self, other)
 
     torch.Tensor.__matmul__ = _slow_matmul
+
+if os.environ.get("ALEXNET_TEST_CRASH_AT") and "RANK" in os.environ:
+    from pathlib import Path
+
+    from pipeline import train_step
+
+    _crash_at = int(os.environ["ALEXNET_TEST_CRASH_AT"])
+    _once = os.environ.get("ALEXNET_TEST_CRASH_ONCE")
+    _call = train_step.TrainStep.__call__
+
+    def _crashing_call(self, *args, step, **kwargs):
+        if step == _crash_at and not (_once and Path(_once).exists()):
+            if _once:
+                Path(_once).touch()
+            raise RuntimeError(f"injected crash in pid {os.getpid()} at 0x{id(self):x}")
+        return _call(self, *args, step=step, **kwargs)
+
+    train_step.TrainStep.__call__ = _crashing_call
+
+if os.environ.get("ALEXNET_TEST_SLOW_PLAN_S") and "RANK" in os.environ:
+    import time
+
+    import torch
+
+    from pipeline.data import planner
+
+    _plan_s = float(os.environ["ALEXNET_TEST_SLOW_PLAN_S"])
+    _prepare = planner.EpochInputs.prepare
+
+    def _slow_prepare(self, *args, cancel=None, **kwargs):
+        a, end = torch.rand(400, 400), time.monotonic() + 120
+        while cancel is not None and not cancel.is_set() and time.monotonic() < end:
+            a @ a
+        end = time.monotonic() + _plan_s
+        while time.monotonic() < end:
+            a @ a
+        return _prepare(self, *args, cancel=cancel, **kwargs)
+
+    planner.EpochInputs.prepare = _slow_prepare
