@@ -22,6 +22,8 @@ from pipeline.goodput import CATEGORIES, Ledger, account, interval, read_records
 from pipeline.goodput.account import hang_detect_s
 from pipeline.goodput.interval import AutoInterval, History, history, young_daly_minutes
 from pipeline.options import AUTO
+from pipeline.run_dir import RunDir
+from pipeline.tools import goodput as goodput_tool
 from tests.support import REPO, flags
 from tests.support.processes import small_env, wait_for
 
@@ -213,3 +215,47 @@ def test_a_run_with_auto_saves_at_the_chosen_cadence(tmp_path: Path) -> None:
     assert saved_at[0] == 1800.0
     assert [b - a for a, b in zip(saved_at, saved_at[1:])] == [6.0 + 210.0] * (len(saved_at) - 1)
 
+
+# -- the tool's projection to larger node counts
+
+
+def test_the_tool_projects_goodput_at_larger_node_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A synthetic run: killed 3 steps after a checkpoint, its restart named the hang after 7 s and started 20 s
+    after the kill (13 s gap); 2 saves of 1 s stall each; each start-up 5 s. At 64 nodes of 100 h MTBF each the
+    job fails every 5625 s: Young/Daly's interval sqrt(2 x 1 s x 5625 s) = 106 s."""
+    first = _attempt("a", 100.0, resumed=0, steps=7, step_s=1.0, end=None)
+    second = _attempt("b", first[-1]["t"] + 20, resumed=4, steps=8, step_s=1.0, end="done", hang={"detect_s": 7.0})
+    first[-1] |= {"saves": 1, "save_stall_s": 1.0}
+    second[-1] |= {"saves": 1, "save_stall_s": 1.0}
+    ledger = Ledger(RunDir(tmp_path).goodput_ledger)
+    for record in first + second:
+        ledger.append(record)
+    ledger.close()
+
+    assert goodput_tool.main([str(tmp_path), "--project", "1,64,4096", "--node-mtbf-hours", "100", "--json"]) == 0
+    projection = json.loads(capsys.readouterr().out)[str(tmp_path)]["projection"]
+    measured, at = projection["measured"], {p["nodes"]: p for p in projection["at"]}
+    assert measured["save_stall_s"] == 1.0 and measured["restarts"] == 1
+    assert measured["restart_s"] == {"start-up": 5.0, "hang detection": 7.0, "gap": 13.0}
+    run = account(first + second)
+    steady = run.totals["kept"] / (run.wall - 2.0 - 3.0 - 7.0 - 13.0 - 5.0)  # less saves, lost, hang, gap, restart
+    assert measured["steady"] == pytest.approx(steady)
+    mtbf = 100 * 3600 / 64
+    interval_s = (2 * 1.0 * mtbf) ** 0.5
+    assert at[64]["interval_s"] == pytest.approx(interval_s)
+    waste = 1.0 / interval_s + interval_s / (2 * mtbf) + (5.0 + 7.0 + 13.0) / mtbf
+    assert at[64]["goodput"] == pytest.approx(steady * (1 - waste))
+    assert at[4096]["interval_s"] == 60.0  # the floor: never more often than every minute
+    assert at[1]["goodput"] > at[64]["goodput"] > at[4096]["goodput"]
+
+    assert goodput_tool.main([str(tmp_path), "--project", "1,64,4096", "--node-mtbf-hours", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "projected at 100 h MTBF per node" in out and "save stall 1.00 s (mean of 2 saves)" in out
+    row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["64"])
+    assert row[-1] == f"{at[64]['goodput']:.1%}"
+    # lost work: 60 s / (2 x 87.9 s) = 34% at 4096 nodes, from 849 s / (2 x 100 h) = 0.1% at 1 node: more than any
+    # restart part (gap: 13 s / 87.9 s = 15%)
+    assert "grows fastest: lost work, 0.1% of the wall-clock at 1 nodes -> 34.1% at 4096" in out
+
+    assert goodput_tool.main([str(tmp_path), "--project", "8"]) == 2
+    assert "--node-mtbf-hours" in capsys.readouterr().err
