@@ -148,8 +148,11 @@ class Recorder:
 
     def _extras(self) -> dict[str, Any]:
         checkpointer = getattr(self.trainer, "checkpointer", None)
-        fields = ("background_s", "saves", "save_stall_s")  # saves' figures: --checkpoint.every-minutes auto, the tool
-        return {k: getattr(checkpointer, k) for k in fields if hasattr(checkpointer, k)}
+        return {
+            "background_s": getattr(checkpointer, "background_s", 0.0),
+            "saves": getattr(checkpointer, "saves", 0),  # for --checkpoint.every-minutes auto and the projection
+            "save_stall_s": getattr(checkpointer, "save_stall_s", 0.0),
+        }
 
     def tick(self, step: int) -> None:
         self._last_tick = time.monotonic()
