@@ -172,7 +172,13 @@ def start_goodput(cfg: RunConfig, env: ProcessEnv, marks: PhaseMarks, entry: flo
     from pipeline.run_dir import RunDir
 
     if cfg.model.compile:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(RunDir(cfg.run_dir).compile_cache))
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        # Not setdefault: importing torch with TORCH_LOGS naming an inductor module already sets the variable to
+        # inductor's default (/tmp/torchinductor_USER); only a directory the user chose is kept.
+        given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if given is None or os.path.abspath(given) == os.path.abspath(default_cache_dir()):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(RunDir(cfg.run_dir).compile_cache)
     if env.rank != 0:
         return None
     return Recorder(cfg.run_dir, marks, entry=entry, marks_at=time.time())

@@ -57,6 +57,28 @@ def finite(low: float = 0.0, *, above: bool = False, note: str = "") -> Check:
     return Check(lambda x: math.isfinite(x) and x >= low, f"a finite number >= {low:g}{note}")
 
 
+AUTO = "auto"  # the word a FloatOrAuto option takes for "let the program choose"
+
+
+class FloatOrAuto:
+    """A field type: a number, or the word ``auto`` (the field then holds the string ``AUTO``; the module
+    that reads it chooses the value). Only a type to annotate with: its values are plain floats or ``AUTO``."""
+
+
+def or_auto(check: Check) -> Check:
+    """``check``, or the word ``auto`` (for a :class:`FloatOrAuto` field)."""
+    return Check(lambda x: x == AUTO or check.test(x), f"{check.want}, or {AUTO}")
+
+
+def parse_float_or_auto(text: str) -> float | str:
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or {AUTO}, got {text!r}") from None
+
+
 def one_of(*choices: Any) -> Check:
     shown = [str(c) for c in choices]
     return Check(lambda x: x in choices, " or ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown))
@@ -230,10 +252,16 @@ def coerce(kind: Any, value: Any, path: str) -> Any:
             raise TypeError(f"--{flag(path)}: expected a list, got {value!r}")
         items = [coerce(args[0], v, path) for v in value] if args else list(value)
         return tuple(items) if origin is tuple else items
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if kind is FloatOrAuto and isinstance(value, str):
+        if value.strip().lower() == AUTO:
+            return AUTO
+        raise TypeError(f"--{flag(path)}: expected a number or {AUTO}, got {value!r}")
+    if kind in (float, FloatOrAuto) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind in (int, str, bool) and type(value) is kind:
         return value
+    if kind is FloatOrAuto:
+        raise TypeError(f"--{flag(path)}: expected a number or {AUTO}, got {value!r}")
     if kind in (int, float, str, bool):
         want = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
         raise TypeError(f"--{flag(path)}: expected {want}, got {value!r}")
@@ -253,6 +281,8 @@ def text_parser(kind: Any) -> Any:
         return lambda s: None if s.lower() in ("none", "null", "") else base(s)
     if kind is bool:
         return parse_bool
+    if kind is FloatOrAuto:
+        return parse_float_or_auto
     if origin in (list, tuple):
         item = text_parser(args[0]) if args else str
         return lambda s: [item(x) for x in s.split(",") if x.strip()]
@@ -272,6 +302,8 @@ def parse_bool(text: str) -> bool:
 def metavar(kind: Any) -> str:
     if kind is bool:
         return "BOOL"
+    if kind is FloatOrAuto:
+        return f"FLOAT|{AUTO}"
     origin = typing.get_origin(kind)
     if origin in (list, tuple):
         return "A,B,..."

@@ -66,6 +66,9 @@ from pipeline.checkpoint.integrity import check_permissions, file_sha256, read_t
 from pipeline.checkpoint.state import OPTIONAL_RNG, Progress, TrainState
 from pipeline.checkpoint.writer import MarkPhase, PhaseMarkingWriter
 from pipeline.data.epoch_plan import SAMPLE_ORDER
+from pipeline.goodput.interval import AutoInterval, history
+from pipeline.goodput.ledger import read_records
+from pipeline.options import AUTO
 from pipeline.phases import PhaseMarks
 from pipeline.run_dir import RunDir
 
@@ -129,10 +132,15 @@ class Checkpointer:
         self.parent: str | None = None  # the checkpoint the live state descends from
         self.last_saved_step: int | None = None
         self.unverified: list[tuple[int, str]] = []  # (step, name): this process's saves of unknown health
-        self._last_save = time.monotonic()
+        self.clock = time.monotonic  # the time decision's clock (a test drives it)
+        self._last_save = self.clock()
         self._pending: _PendingSave | None = None
         self.restore_s = 0.0  # the last restore's seconds, and the background saves' (pipeline.goodput reads them)
         self.background_s = 0.0
+        self.saves, self.save_stall_s = 0, 0.0  # this attempt's saves and the loop's stall in them (pipeline.goodput)
+        self.auto = auto_interval(self.run_dir, cfg) if cfg.every_minutes == AUTO and rank == 0 else None
+        if self.auto is not None:
+            self.auto.minutes()  # says the interval and why in the log, at start
         # Collective (every rank builds its Checkpointer at the same point): a CPU group for background saves.
         self._save_group = dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized() else None
 
@@ -140,7 +148,15 @@ class Checkpointer:
 
     def time_due(self) -> bool:
         """Global rank 0's clock decides; the trainer shares the decision with every rank."""
-        return self.cfg.every_minutes > 0 and time.monotonic() - self._last_save >= 60 * self.cfg.every_minutes
+        minutes = self.interval_minutes()
+        return minutes > 0 and self.clock() - self._last_save >= 60 * minutes
+
+    def interval_minutes(self) -> float:
+        """``--checkpoint.every-minutes``, or under ``auto`` the interval it picks now (0 on the ranks that do
+        not decide)."""
+        if self.cfg.every_minutes != AUTO:
+            return self.cfg.every_minutes
+        return self.auto.minutes() if self.auto is not None else 0.0
 
     def epoch_due(self, epochs_done: int) -> bool:
         return epochs_done % self.cfg.every_epochs == 0
@@ -172,6 +188,15 @@ class Checkpointer:
         the checkpoint becomes visible (``latest`` moves) only once every rank's files are written.
         ``wait()`` settles it; the next save, a stop and the end of training call it.
         """
+        began = self.clock()
+        path = self._save(state, device, is_best)
+        stall = self.clock() - began  # what the loop waited (under async_save: the copy, and the previous write)
+        self.saves, self.save_stall_s = self.saves + 1, self.save_stall_s + stall
+        if self.auto is not None:
+            self.auto.saved(stall)
+        return path
+
+    def _save(self, state: TrainState, device: torch.device, is_best: bool) -> Path:
         self.wait()  # at most one save in flight
         self._mark("checkpoint-sync")  # the finite check and the name's broadcast
         step = state.progress.step
@@ -193,7 +218,7 @@ class Checkpointer:
         self._mark("checkpoint")  # the copy to host memory, then the write's own markers
         tensors = state.tensors(copy=self.cfg.async_save)
         meta = {**state.meta(), "step": step, "health": UNVERIFIED}
-        self._last_save = time.monotonic()
+        self._last_save = self.clock()
         self.last_saved_step = step
         if not self.cfg.async_save:
             self._settle_save(step, name, self._write(name, tensors, meta, is_best, self.group, self._mark))
@@ -503,6 +528,11 @@ class Checkpointer:
     def _start_lineage(self, existing: list[tuple[Path, dict[str, Any]]]) -> None:
         self.lineage = 1 + max([m.get("lineage", 0) for _, m in existing] + [recorded_lineage(self.run_dir) or 0])
         write_bytes_atomic(self.dir / LINEAGE, str(self.lineage).encode())
+
+
+def auto_interval(run_dir: Path, cfg: CheckpointConfig) -> AutoInterval:
+    """``--checkpoint.every-minutes auto``'s interval, with what this run's ledger says of earlier attempts."""
+    return AutoInterval(cfg.mtbf_hours, history(read_records(RunDir(run_dir).goodput_ledger), os.getpid()))
 
 
 def _check_classes(path: Path, meta: dict[str, Any], config: RunConfig) -> None:

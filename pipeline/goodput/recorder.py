@@ -8,7 +8,8 @@ Records (JSON lines, ``pipeline.goodput.ledger``), each with ``kind``, ``attempt
 - ``resumed``: at the first mark after start-up (the step it resumes at, the checkpoint, the restore's seconds);
 - ``first-step``: the phase seconds when the first training step begins (start-up ends there);
 - ``tick``: the phase seconds so far, at a control step at most every ``tick_s`` (``ALEXNET_GOODPUT_TICK_S``),
-  with the checkpoints' background seconds; a killed attempt's account ends at its last tick;
+  with the checkpoints' background seconds, this attempt's saves and the loop's stall in them (``saves``,
+  ``save_stall_s``); a killed attempt's account ends at its last tick;
 - ``rollback``: a divergence rolled the state back from ``at_step`` to ``restored_step``;
 - ``end``: why the attempt ended (done, preempted, ``error: X``), with the final phase seconds.
 
@@ -147,7 +148,11 @@ class Recorder:
 
     def _extras(self) -> dict[str, Any]:
         checkpointer = getattr(self.trainer, "checkpointer", None)
-        return {"background_s": getattr(checkpointer, "background_s", 0.0)}
+        return {
+            "background_s": getattr(checkpointer, "background_s", 0.0),
+            "saves": getattr(checkpointer, "saves", 0),  # for --checkpoint.every-minutes auto and the projection
+            "save_stall_s": getattr(checkpointer, "save_stall_s", 0.0),
+        }
 
     def tick(self, step: int) -> None:
         self._last_tick = time.monotonic()

@@ -3,6 +3,8 @@
     python -m pipeline.tools.goodput RUN_DIR [RUN_DIR ...]          # several runs side by side
     python -m pipeline.tools.goodput RUN_DIR --attempts             # and each attempt of each run
     python -m pipeline.tools.goodput RUN_DIR --json                 # for scripts
+    python -m pipeline.tools.goodput RUN_DIR --project 8,64,512 --node-mtbf-hours 2000
+                                # its goodput at larger node counts, for a per-node MTBF (pipeline.goodput.projection)
 
 Goodput is the training steps' time that was kept over the wall-clock from the first attempt's process
 start to the last attempt's last record, the gaps between attempts included (``pipeline.goodput.account``).
@@ -17,15 +19,66 @@ from pathlib import Path
 
 from basics.errors import UserError, run_cli
 from pipeline.goodput import CATEGORIES, RunAccount, account, read_records
+from pipeline.goodput.interval import history
+from pipeline.goodput.projection import SHARES, Measured, Projection, fastest, measure, project
 from pipeline.run_dir import RunDir
 
 
-def load(run_dir: str | Path) -> RunAccount:
+def records_of(run_dir: str | Path) -> list[dict]:
     path = RunDir(run_dir).goodput_ledger
     records = read_records(path)
     if not records:
         raise UserError(f"{run_dir}: no goodput ledger ({path}); it is written by training runs from this version on")
-    return account(records)
+    return records
+
+
+def load(run_dir: str | Path) -> RunAccount:
+    return account(records_of(run_dir))
+
+
+def measured_for_projection(run_dir: str | Path, save_stall_s: float | None) -> Measured:
+    records = records_of(run_dir)
+    past = history(records)
+    measured = measure(account(records), past.saves, past.stall_s)
+    if save_stall_s is not None:
+        measured.save_stall_s = save_stall_s
+    elif not past.saves:
+        raise UserError(f"{run_dir}: its ledger records no checkpoint save; pass a save's stall: --save-stall-s S")
+    return measured
+
+
+def projection_table(name: str, measured: Measured, projections: list[Projection], node_mtbf_h: float) -> str:
+    m = measured
+    restart = ", ".join(f"{k} {_duration(v)}" for k, v in m.restart_s.items())
+    source = f"mean of {m.restarts} restarts" if m.restarts else "no restart in this run: the first start-up"
+    saves = f"mean of {m.saves} saves" if m.saves else "given"
+    lines = [
+        f"{name}: projected at {node_mtbf_h:g} h MTBF per node (the job's: that / nodes), checkpoints at Young/Daly's "
+        "interval (pipeline.goodput.projection)",
+        f"  measured: save stall {m.save_stall_s:.2f} s ({saves}); per restart {restart} ({source}); "
+        f"steady goodput {m.steady:.1%} (without checkpoints and failures)",
+        f"{'nodes':>7} {'job MTBF':>9} {'interval':>9} " + " ".join(f"{k:>14}" for k in SHARES) + f" {'goodput':>8}",
+    ]
+    for p in projections:
+        shares = " ".join(f"{p.shares[k]:>14.1%}" for k in SHARES)
+        lines.append(f"{p.nodes:>7} {_duration(p.mtbf_s):>9} {_duration(p.interval_s):>9} {shares} {p.goodput:>8.1%}")
+    if len(projections) > 1:
+        cause, small, large = fastest(projections)
+        lines.append(
+            f"grows fastest: {cause}, {small:.1%} of the wall-clock at {projections[0].nodes} nodes -> {large:.1%} "
+            f"at {projections[-1].nodes}"
+        )
+    return "\n".join(lines)
+
+
+def node_counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected node counts like 8,64,512, got {text!r}")
+    return counts
 
 
 def table(runs: dict[str, RunAccount]) -> str:
@@ -76,12 +129,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     parser.add_argument("--attempts", action="store_true", help="also each attempt of each run")
     parser.add_argument("--json", action="store_true", help="one JSON object: run directory -> its account")
+    parser.add_argument(
+        "--project", type=node_counts, metavar="NODES[,NODES...]", help="also each run's goodput at these node counts"
+    )
+    parser.add_argument("--node-mtbf-hours", type=float, metavar="H", help="with --project: one node's MTBF")
+    parser.add_argument(
+        "--save-stall-s", type=float, metavar="S", help="with --project: a save's stall (default: the ledger's mean)"
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
+        if args.project and not (args.node_mtbf_hours and args.node_mtbf_hours > 0):
+            raise UserError("--project needs the per-node failure rate: --node-mtbf-hours H (H > 0)")
         runs = {str(d): load(d) for d in args.run_dirs}
+        projected = {}
+        for name in runs if args.project else ():
+            measured = measured_for_projection(name, args.save_stall_s)
+            projected[name] = (measured, [project(measured, n, args.node_mtbf_hours) for n in args.project])
         if args.json:
-            json.dump({name: run.as_json() for name, run in runs.items()}, sys.stdout, indent=1)
+            out = {name: run.as_json() for name, run in runs.items()}
+            for name, (measured, projections) in projected.items():
+                out[name]["projection"] = {"measured": vars(measured), "at": [p.as_json() for p in projections]}
+            json.dump(out, sys.stdout, indent=1)
             print()
             return 0
         print(table({Path(n).name or n: r for n, r in runs.items()}))
@@ -89,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, run in runs.items():
                 print()
                 print(attempts_table(name, run))
+        for name, (measured, projections) in projected.items():
+            print()
+            print(projection_table(Path(name).name or name, measured, projections, args.node_mtbf_hours))
         return 0
 
     return run_cli(body)

@@ -192,3 +192,25 @@ def _progress(run_dir: Path, rank: int) -> dict | None:
         return json.loads((RunDir(run_dir).progress / f"rank-{rank}.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def test_a_restart_reuses_the_compile_cache_in_the_run_directory(classes_only: Path, tmp_path: Path) -> None:
+    """Under --model.compile the first start compiles into RUN_DIR/compile-cache; the restart (a resume in
+    the same run directory) finds its graphs there (inductor's cache hits, no graph compiled again), and the
+    ledger books both starts' compile parts. States, not durations: the times are in docs/BENCHMARKS.md."""
+    run_dir = tmp_path / "run"
+    env = _env(tmp_path, HARNESS_SLOW_STEP_S="0", TORCH_LOGS="torch._inductor.codecache")  # its hits and misses
+    argv = _argv(classes_only, run_dir, *flags("--epochs 3 --model.compile true"))
+    _train([*argv, "--max-steps", "1"], tmp_path / "first.log", env)
+    first = (tmp_path / "first.log").read_text()
+    cache = RunDir(run_dir).compile_cache
+    compiled = sorted(p.relative_to(cache) for p in cache.rglob("*.so"))
+    assert compiled and "fx graph cache miss" in first and "fx graph cache hit" not in first, tail(
+        tmp_path / "first.log"
+    )
+    _train([*argv, "--max-steps", "2"], tmp_path / "restart.log", env)
+    restart = (tmp_path / "restart.log").read_text()
+    assert "fx graph cache hit" in restart and "fx graph cache miss" not in restart, tail(tmp_path / "restart.log")
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*.so")) == compiled  # nothing compiled again
+    one, two = _account(run_dir).attempts
+    assert two.first_step == 1 and one.seconds["startup.compile"] > 0 and two.seconds["startup.compile"] > 0
