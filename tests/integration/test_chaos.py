@@ -32,7 +32,7 @@ def test_a_seeded_campaign_loses_nothing(demo_data: Path, tmp_path: Path) -> Non
         [
             PYTHON,
             *flags(
-                "-m tests.support.chaos --seed {} --faults {} --data {} --out {}",
+                "-m tests.support.chaos --seed {} --faults {} --data {} --out {} --wait",  # after a campaign running here
                 SEED,
                 FAULTS,
                 demo_data / "shards",

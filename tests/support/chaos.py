@@ -606,6 +606,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=0, help="faults to inject (default: one of each kind)")
     p.add_argument("--data", type=Path, help="a demo dataset's shards (default: built under --out)")
     p.add_argument("--out", type=Path, default=Path("chaos-out"))
+    p.add_argument(
+        "--wait", action="store_true", help="wait for a campaign already running here to end (default: refuse)"
+    )
     args = p.parse_args(argv)
     # `kill PID` ends the campaign like Ctrl-C: the namespaces and every process in them are removed
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -623,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_demo(args.out / "data")
     with open(LOCK, "a") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if args.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             print(f"error: another chaos campaign is running on this machine ({LOCK} is locked)", file=sys.stderr)
             return 2
