@@ -32,7 +32,8 @@ def test_a_seeded_campaign_loses_nothing(demo_data: Path, tmp_path: Path) -> Non
         [
             PYTHON,
             *flags(
-                "-m tests.support.chaos --seed {} --faults {} --data {} --out {} --wait",  # after a campaign running here
+                # --wait: after a campaign already running on this machine, not beside it
+                "-m tests.support.chaos --seed {} --faults {} --data {} --out {} --wait",
                 SEED,
                 FAULTS,
                 demo_data / "shards",
