@@ -1,8 +1,9 @@
 """slurm/train.sh as real Slurm jobs on the two-node local cluster (tests/support/slurm.py, conftest.py):
 one node (the tower pair as 2 processes), preemption by SIGUSR1 -> checkpoint -> requeue -> resume
 (the run directory's lease passes to the requeued job), two nodes (dp=2 x tp=2, 4 processes), two
-jobs sharing one node (their own rendezvous each), and a second job on a run directory that a live
-job writes (refused at once with one line). The nodes have 2 CPUs and no GPUs, so jobs are submitted
+jobs sharing one node (their own rendezvous each), a second job on a run directory that a live
+job writes (refused at once with one line), and a job that lands on a node of the node ledger (requeued
+without it). The nodes have 2 CPUs and no GPUs, so jobs are submitted
 with --gpus-per-node=0 --cpus-per-task=2 (the script's header asks for 2 GPUs and 16 CPUs)."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 from launch.submit import rendezvous_port
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
+from pipeline.faults import nodes
 from pipeline.faults.lease import ENDED_STATES, LEASE_NAME
 from tests.support import PYTHON, REPO, SMALL_RUN, flags
 from tests.support.processes import free_port
@@ -398,3 +400,29 @@ def test_strict_preflight_fails_the_job_on_real_slurm_without_requeue(
     assert "pre-flight failed (exit 1): not training on this allocation" in log, log
     assert re.search(r"preflight: rank 1 \(host \S+\) matmul GFLOP/s [\d.]+ is below", log), log
     assert not (run_dir / "checkpoints").exists(), log
+
+
+def test_a_node_in_the_ledger_is_excluded_and_the_job_finishes_on_the_other(
+    slurm_cluster: SlurmCluster, demo_shards: Path, tmp_path: Path
+) -> None:
+    """The ledger beside the run directories (RUN_DIR/../.alexnet-nodes.jsonl) names n1, as an earlier job's
+    hang would have. A one-node job is placed on n1 (both nodes idle: Slurm takes the first), says so, is
+    requeued excluding n1 before it trains, and trains to the end on n2 (tests/*/test_train_script.py cover
+    the script's decision with stand-ins; this is Slurm acting on it)."""
+    run_dir = tmp_path / "run"
+    nodes.record(run_dir, "n1", "hang", "unreachable from the other nodes (an earlier job)")
+    assert nodes.ledger(run_dir) == tmp_path / ".alexnet-nodes.jsonl"
+    args = [*flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN, *flags("--max-steps 2")]
+    job = _submit(slurm_cluster, tmp_path, args, env={"PREFLIGHT": "off"})
+    try:
+        (record,) = slurm_cluster.wait(job, timeout=300)
+    finally:
+        _cancel(slurm_cluster, job)
+    log = _log(record)
+    assert (record["JobState"], record["ExitCode"], record.get("Restarts")) == ("COMPLETED", "0:0", "1"), log
+    assert (record["NodeList"], record["ExcNodeList"]) == ("n2", "n1"), (record, log)
+    ledger = tmp_path / ".alexnet-nodes.jsonl"
+    assert f"n1 failed in an earlier job ({ledger}): requeueing job {job} excluding n1" in log, log
+    # The first allocation (n1) ended before its first job step; only the requeued one trained.
+    assert f"job {job} restart 0:" not in log and f"job {job} restart 1: 1 node(s)" in log, log
+    assert _meta(_latest(run_dir))["progress"]["step"] == 2
