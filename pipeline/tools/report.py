@@ -6,7 +6,9 @@ What it holds: the resolved config and every field that differs from the paper's
 defaults of ``pipeline.config.RunConfig``); the LR drops (step, epoch, reason, new rate, from the
 checkpoint); the divergences the run rolled back from (step, kind, loss, the checkpoint it returned to, the
 batches skipped); train and val curves (``curves.png``, from the TensorBoard scalars); final centre-crop
-and 10-crop top-1/top-5 errors beside the paper's Table 2 (ILSVRC-2012 val, one CNN: 40.7% / 18.2%);
+and 10-crop top-1/top-5 errors beside the paper's Table 2 (ILSVRC-2012 val, one CNN: 40.7% / 18.2%); the seed, and
+for a run of the demo recipe where its 10-crop errors fall in the range measured over seeds
+(``pipeline.tools.demo_range``);
 throughput, data-wait, model FLOP/s and MFU; conv1's kernels per tower with their colour fraction (figure 3); figure 4
 when ``python -m pipeline.tools.analysis neighbours`` has made it; the checkpoints on disk. The errors are
 read from ``RUN/eval-<checkpoint>*.json`` when they exist, else evaluated here on one device
@@ -28,6 +30,7 @@ import torch
 from basics.errors import UserError, run_cli
 from basics.files import write_bytes_atomic, write_json_atomic
 from pipeline.run_dir import CONFIG, RunDir
+from pipeline.tools import demo_range
 
 PAPER_TABLE2 = {"top1_error": 0.407, "top5_error": 0.182}
 """The paper's Table 2, one CNN, ILSVRC-2012 val (its 10-view test)."""
@@ -161,13 +164,15 @@ def report(run_dir: Path, which: str = "best", evaluate_missing: bool = True) ->
     scalars = read_scalars(run_dir)
     drawn = curves_figure(scalars, out / "curves.png") if scalars else []
     filters = analysis.filters(load_member(checkpoint))
+    errors = final_errors(run_dir, checkpoint, evaluate_missing)
     md = [
         f"# Run report: `{run_dir.name}`",
         "",
         f"Checkpoint `{checkpoint.name}` (epoch {meta['progress']['epoch']}, step {meta['progress']['step']}); "
-        f"layout {meta['layout']}; data `{config['data']['data']}`.",
+        f"layout {meta['layout']}; data `{config['data']['data']}`; seed {config['train'].get('seed', 0)}.",
         "",
-        *errors_section(final_errors(run_dir, checkpoint, evaluate_missing)),
+        *errors_section(errors),
+        *demo_range.placement(config, errors.get("10-crop"), demo_range.load_expected()),
         *recipe_section(config),
         *drops_section(meta, config),
         *divergence_section(meta, config),

@@ -102,7 +102,10 @@ def test_the_issues_reproduction_stops_at_a_good_checkpoint_that_a_lower_lr_trai
     assert "resumed with settings that differ" in proc.stderr and "--optim.lr 300.0 -> 0.01" in proc.stderr
 
 
-SPIKE_RULE = flags("--faults.divergence.spike-warmup 0 --faults.divergence.spike-window 8")
+# the z-score rule at the default sigma (configs/demo.toml turns it off), armed from the first step
+SPIKE_RULE = flags(
+    "--faults.divergence.spike-sigma 6 --faults.divergence.spike-warmup 0 --faults.divergence.spike-window 8"
+)
 
 
 def _spiked(demo_shards: Path, run_dir: Path, *extra: str) -> list[str]:
