@@ -137,7 +137,10 @@ class Poisoned:
     def __init__(self, inner, *, first_step: int, at: int, spoil):
         self.inner, self.first_step, self.at, self.spoil = inner, first_step, at, spoil
         self.steps_in_epoch = inner.steps_in_epoch
-        self.batch_keys = inner.batch_keys
+
+    def batch_keys(self, step: int) -> list[str]:
+        """The inner loader's keys (a bad batch is recorded by them); a loader that names none has none."""
+        return self.inner.batch_keys(step) if hasattr(self.inner, "batch_keys") else []
 
     def __len__(self) -> int:
         return len(self.inner)
