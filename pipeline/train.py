@@ -30,7 +30,7 @@ from pipeline import config, data, model, perf, seeds
 from pipeline.checkpoint import Checkpointer, NonFiniteState, Progress, TrainState, read_meta
 from pipeline.config import RunConfig
 from pipeline.data.sample_ledger import SampleLedger
-from pipeline.faults import divergence
+from pipeline.faults import divergence, rerun
 from pipeline.faults.stragglers import StragglerWatch
 from pipeline.mesh import Mesh
 from pipeline.metrics import EvalCounts, MetricWriter, StepTimer, count
@@ -118,6 +118,7 @@ class Trainer:
         self.ahead = data.Ahead()  # the next epoch's plan and shard hashing, prepared during this one
         self.last_checkpoint: Path | None = None
         self.ledger: SampleLedger | None = None  # --train.record-samples: each step's sample keys
+        self.bad_batches = rerun.BadBatches()  # batches skipped for diverging again when re-run (read at resume)
         self._control_step = 0  # the step of the last control all-reduce (the straggler figures are per step)
 
     @property
@@ -128,6 +129,11 @@ class Trainer:
 
     def fit(self, resume: str | None = None) -> Outcome:
         self._resume(resume)
+        self.bad_batches = rerun.BadBatches.load(self.run_dir, self.guard)
+        if self.bad_batches and self.dims.is_main:
+            log.info(
+                "%d batches skipped before are skipped again here (%s)", len(self.bad_batches), self.run_dir.bad_batches
+            )
         cfg = self.cfg.train
         if cfg.record_samples:
             d = self.dims
@@ -202,14 +208,13 @@ class Trainer:
             timer.data_ready()
             step = self.progress.step  # the steps done before this batch
             lr = self.schedule.lr(self.progress.epoch + i / max(steps_in_epoch, 1)) * self.guard.lr_scale
-            loss, logits = self.train_step(images, labels, lr=lr, step=step)
+            batch = (self.progress.epoch, i, self.cfg.optim.batch_size)
+            known_bad, skips = batch in self.bad_batches, len(self.guard.skipped)
+            weight = _loss_weight(loader, i, images.shape[0], self.dims.dp_size, self.cfg.optim.batch_size)
+            loss, logits = self.train_step(images, labels, lr=lr, step=step, known_bad=known_bad, loss_weight=weight)
             if self.ledger is not None:
                 self.ledger.record(epoch=self.progress.epoch, step=step, step_in_epoch=i, keys=loader.batch_keys(i))
-            if self.train_step.rerun is not None:  # a divergent step was re-run in place: what its verdict says
-                keys = _batch_keys_or_none(loader, i)
-                divergence.settle_rerun(
-                    self.train_step.rerun, self.run_dir, keys, rank=self.dims.rank, epoch=self.progress.epoch
-                )
+            self._settle_skips(loader, batch, step + 1, known_bad, skips)
             self.progress.step, self.progress.step_in_epoch = step + 1, i + 1
             timer.step_done(images.shape[0] * self.dims.dp_size)
             if self.train_log.due(step):
@@ -261,10 +266,11 @@ class Trainer:
         self.writer.scalars(self.stragglers.observe(values[n:]), self.progress.step)
         if save_failed or bad:
             self.checkpointer.wait()  # raises a failed save's error on every rank; lets a good one finish
-        if bad:
-            self._diverged(int(values[Flag.NONFINITE]))  # raises, unless it rolled back
+        if bad:  # acted on from the first step of a streak of skips, if one led to it (the state is at fault)
+            self._diverged(self.guard.streak_first or int(values[Flag.NONFINITE]))  # raises, unless it rolled back
             return EpochEnd.ROLLBACK
-        self.checkpointer.mark_health(0, self.progress.step)  # the saves before this step have trained on
+        if not self.guard.streak_first:  # during a streak of skips the state is not yet known to be good
+            self.checkpointer.mark_health(0, self.progress.step)  # the saves before this step have trained on
         if drop:
             self._manual_drop(pending)
         if profile:
@@ -299,6 +305,37 @@ class Trainer:
         if note:
             log.warning("%s", note)
             self.writer.text("lr_drop_requests", note, step)
+
+    def _settle_skips(self, loader: Any, batch: rerun.BatchId, step: int, known_bad: bool, skips: int) -> None:
+        """After a step (``step`` counts it): a batch skipped before is skipped again (a resume from before its
+        skip), counted again; a divergent step's re-run in place is acted on (pipeline.faults.rerun)."""
+        epoch, index, batch_size = batch
+        if known_bad:
+            self.guard.skip(step=step, epoch=epoch, batch=index, batch_size=batch_size, known=True)
+            if self.dims.is_main:
+                log.warning(
+                    "step %d: batch %d of epoch %d skipped, as before (it diverged again when re-run; %s)",
+                    step,
+                    index,
+                    epoch,
+                    self.run_dir.bad_batches,
+                )
+        elif self.train_step.rerun is not None:
+            keys = _batch_keys_or_none(loader, index)
+            rank = self.dims.rank
+            rerun.settle(
+                self.train_step.rerun,
+                self.guard,
+                self.bad_batches,
+                self.run_dir,
+                keys,
+                rank=rank,
+                epoch=epoch,
+                batch=index,
+                batch_size=batch_size,
+            )
+        if len(self.guard.skipped) != skips:
+            self.writer.scalars({"train/batches_skipped": len(self.guard.skipped)}, step)
 
     def _step_budget_spent(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.progress.step
@@ -385,12 +422,13 @@ class Trainer:
         good_step = read_meta(good)["progress"]["step"] if good is not None else None
         plan, why = divergence.rollback_plan(self.guard, event, good=good, good_step=good_step, step=step)
         if plan is None:
-            raise NonFiniteState(divergence.stop_line(event, good, why, self.cfg.faults.divergence.action))
+            mode = self.cfg.faults.divergence.action
+            raise NonFiniteState(divergence.stop_line(event, good, why, mode, self.guard.streak_first))
         progress = Progress(**vars(self.progress))  # the data goes on after the batches that diverged
-        history = self.guard.rollbacks
+        history, skipped = self.guard.rollbacks, self.guard.skipped
         self.checkpointer.restore(self.state, str(good))
         self.state.progress = progress
-        self.guard.rolled_back(plan, history)
+        self.guard.rolled_back(plan, history, skipped)
         self.train_log.rollback(plan, len(self.guard.rollbacks), self.cfg.faults.divergence.max_rollbacks, step)
         self._save(is_best=False)  # the rollback and the skipped range are on disk: a resume skips them too
 
@@ -530,6 +568,18 @@ def _dataset_identity(path: str) -> dict[str, Any]:
     except OSError:
         digest = "unreadable"
     return {"path": str(path), "manifest_sha256": digest}
+
+
+def _loss_weight(loader: Any, i: int, local: int, dp_size: int, global_batch: int) -> float:
+    """What this rank's mean loss is multiplied by before backward so that DDP's average over the dp ranks is
+    the mean over the global batch: its share of the batch times the dp size. 1 wherever the slices are equal;
+    an epoch's short last batch is cut into unequal slices (pipeline.data's lanes), whose samples would
+    otherwise weigh by the dp size that takes it (a resume on another dp size must train the same update)."""
+    total = getattr(loader, "total", None)
+    if local * dp_size == global_batch or total is None:
+        return 1.0
+    in_batch = min(global_batch, total - i * global_batch)  # the global batch's samples, the last one short
+    return local * dp_size / in_batch if in_batch > 0 else 1.0
 
 
 def _local_batch(global_batch: int, dp_size: int) -> int:

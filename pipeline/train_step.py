@@ -49,6 +49,7 @@ class TrainStep:
     ):
         self.rerun_divergent = rerun_divergent  # --faults.divergence.rerun
         self.rerun: Rerun | None = None  # the last step's re-run in place, for the loop to settle
+        self.loss_weight = 1.0  # the current batch's (see __call__)
         self.model, self.ddp, self.optimizer, self.guard = model, ddp, optimizer, guard
         self.marks = marks
         self.device, self.amp, self.compiles = device, amp, compiles
@@ -59,30 +60,49 @@ class TrainStep:
         first_layer.register_post_accumulate_grad_hook(lambda _: self.marks.enter("gradient-sync"))
 
     def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, *, lr: float, step: int
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        lr: float,
+        step: int,
+        known_bad: bool = False,
+        loss_weight: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one batch at rate ``lr``; ``step``: the steps done before it. Returns (loss, logits) on the
-        device, unread: reading them costs a sync, which only logged steps pay."""
+        device, unread: reading them costs a sync, which only logged steps pay. ``known_bad``: a batch this run
+        skipped before (pipeline.faults.rerun.BadBatches): computed once, as its re-run was, and not applied.
+        ``loss_weight``: this rank's share of the global batch times the dp size (pipeline.train._loss_weight),
+        what the gradient is scaled by; the loss returned and judged is the rank's plain mean."""
+        self.loss_weight = loss_weight
         compiling = self.compiles.take("train")  # the whole first step is one slow "compile" phase
         self.marks.enter("compile" if compiling else "forward", step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.rerun = None
+        if known_bad:  # the same dropout masks drawn and the same guard state left as where it was skipped
+            return self._update(images, labels, step, compiling, known_bad=True)
         # A divergent step is re-run once in place from the same state: its update was not applied, and the
         # RNG (dropout masks) is put back as it was. Reading the verdict is one host sync per step.
         before = (_rng_state(self.device), self.guard.snapshot()) if self.rerun_divergent else None
         loss, logits = self._update(images, labels, step, compiling)
-        if before is not None and bool(self.optimizer.found_inf):
-            first_local = self.guard.local
-            _set_rng_state(self.device, before[0])
-            self.guard.restore(before[1])
-            self.marks.enter("forward", step)
-            loss, logits = self._update(images, labels, step, compiling=False)
-            self.rerun = self.guard.rerun_verdict(step + 1, first_local, self.optimizer.found_inf)
+        if before is None:
+            return loss, logits
+        if not bool(self.optimizer.found_inf):
+            self.guard.applied()
+            return loss, logits
+        first_local = self.guard.local
+        _set_rng_state(self.device, before[0])
+        self.guard.restore(before[1])
+        self.marks.enter("forward", step)
+        loss, logits = self._update(images, labels, step, compiling=False)
+        self.rerun = self.guard.rerun_verdict(step + 1, first_local, self.optimizer.found_inf)
+        if not self.rerun.reproducible:
+            self.guard.applied()
         return loss, logits
 
     def _update(
-        self, images: torch.Tensor, labels: torch.Tensor, step: int, compiling: bool
+        self, images: torch.Tensor, labels: torch.Tensor, step: int, compiling: bool, known_bad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.ddp(images)
@@ -92,13 +112,13 @@ class TrainStep:
 
         self.optimizer.zero_grad(set_to_none=True)
         self.marks.enter("compile" if compiling else "backward")  # then "gradient-sync" (DDP's all-reduce)
-        loss.backward()
+        (loss if self.loss_weight == 1.0 else loss * self.loss_weight).backward()
 
         self.marks.enter("step")
         # The guard's verdict (1: non-finite or a spike) stays on the device; fused SGD skips the update then.
         # Its all-reduce waits for the slowest rank: a wait phase of its own ("step-sync"), then "step" again.
         self.optimizer.found_inf = self.guard.observe(
-            loss, self.params, step + 1, before_sync=lambda: self.marks.enter("step-sync")
+            loss, self.params, step + 1, before_sync=lambda: self.marks.enter("step-sync"), known_bad=known_bad
         )
         self.marks.enter("step")
         self.optimizer.step()

@@ -68,9 +68,16 @@ class DivergenceConfig(Section):
     """rollback: multiply the learning rate by this at each rollback (1 = unchanged)"""
     rerun: bool = True
     """re-run a divergent step once in place (same weights, batch and dropout masks) before acting on it: diverged
-    again, the batch is at fault (its sample keys go to RUN_DIR/bad_batches.jsonl, then stop or rollback as
-    --faults.divergence.action says); not again, the node is suspect (named in one line and in the node ledger)
+    again, the batch is at fault: it is skipped (its update not applied, its sample keys in
+    RUN_DIR/bad_batches.jsonl, skipped again by a resume that meets it) and the run goes on, within
+    --faults.divergence.max-skips; not again, the node is suspect (named in one line and in the node ledger)
     and the re-run's update is applied. Costs one host sync per step"""
+    max_skips: int = option(10, at_least(0))
+    """rerun: batches a run may skip for diverging again when re-run; the next one is acted on as
+    --faults.divergence.action says (0: never skip)"""
+    max_skips_in_a_row: int = option(2, at_least(1))
+    """rerun: consecutive steps that may be skipped; a divergence right after that many is the state's fault, not
+    the batches' (every batch diverges from it): acted on as --faults.divergence.action says"""
     keep_lr_scale: bool = False
     """on resume with another --optim.lr: keep multiplying it by the rollbacks' stored scale (off: the new
     --lr is the rate the run trains at; the scale stays in force while --optim.lr is unchanged)"""

@@ -29,9 +29,17 @@ where the window's std is tiny; the std is therefore taken as at least 1% of the
 a plateau needs a 6% jump (6.9 -> 7.3) to count, which a batch of 128 at chance does not make (its loss
 varies by about 0.01). The demo's curve (configs/demo.toml) is checked in tests/{unit,integration}/test_divergence.py.
 
+With ``--faults.divergence.rerun`` (the default) a divergent step is first re-run in place
+(:mod:`pipeline.train_step`). Diverged again, the batch is at fault and skipped: the update is not applied,
+the run goes on, and :class:`BadBatches` remembers it (RUN_DIR/bad_batches.jsonl) so that a resume meeting the
+same batch again skips it without re-running it, keeping the trajectory of the run that went straight on.
+Skips are bounded (``max_skips`` a run, ``max_skips_in_a_row``): when every batch diverges, the state is at
+fault, and the streak's first step is acted on as below.
+
 What follows a divergence (stop or rollback) is decided by the trainer with :func:`rollback_plan`; this
-module's state (the window, the largest loss, the rollbacks and the learning-rate scale they left) is part of
-every checkpoint (``state_dict``), so a resume continues the same rule and a rerun reproduces it exactly.
+module's state (the window, the largest loss, the rollbacks and the learning-rate scale they left, the skipped
+batches) is part of every checkpoint (``state_dict``), so a resume continues the same rule and a rerun
+reproduces it exactly.
 """
 
 from __future__ import annotations
@@ -90,6 +98,9 @@ class DivergenceGuard:
         self.local = torch.zeros(2, device=device)  # this rank's own [loss, gradient norm²] of the last step
         self.rollbacks: list[dict[str, Any]] = []
         self.lr_scale = 1.0  # the product of --faults.divergence.rollback-lr-factor over the rollbacks taken
+        self.skipped: list[dict[str, Any]] = []  # the batches skipped for diverging again when re-run
+        self.in_a_row = 0  # steps skipped since the last applied one
+        self.streak_first = 0  # the first of them (0: none): a stop or rollback acts from there
 
     # -- every step
 
@@ -99,10 +110,13 @@ class DivergenceGuard:
         parameters: list[torch.nn.Parameter],
         step: int,
         before_sync: Callable[[], None] | None = None,
+        known_bad: bool = False,
     ) -> torch.Tensor:
         """The verdict on the step about to be applied (``step`` counts it): 1.0 skips it (``found_inf``).
         ``before_sync`` is called just before the all-reduce (on every rank, alone too): the trainer's mark
-        of a wait phase, so waiting for a slower rank there is not counted as this rank's own work."""
+        of a wait phase, so waiting for a slower rank there is not counted as this rank's own work.
+        ``known_bad``: a batch skipped before (:class:`BadBatches`), skipped again whatever its numbers say,
+        and not latched as a new divergence."""
         grads = [p.grad for p in parameters if p.grad is not None]  # leaves: no graph to detach from
         grad_sq = torch.stack(torch._foreach_norm(grads)).float().square().sum()
         pair = torch.stack([loss.detach().float(), grad_sq])
@@ -125,12 +139,12 @@ class DivergenceGuard:
             kind = torch.where((kind == 0) & z_trip, 2.0, kind)
         if cfg.spike_factor > 0 and self.seen > 1:
             kind = torch.where((kind == 0) & (mean > cfg.spike_factor * self.largest), 3.0, kind)
-        bad = kind > 0
+        bad = (kind > 0) | known_bad
         # A rejected loss enters neither the window nor the largest seen (it would raise the bar for the next).
         slot = (self.seen - 1) % cfg.spike_window
         self.window[slot] = torch.where(bad, self.window[slot], mean)
         self.largest = torch.where(bad, self.largest, torch.maximum(self.largest, mean))
-        first = bad & (self.record[_STEP] == 0)
+        first = bad & (self.record[_STEP] == 0) & (not known_bad)
         step_t = torch.full((), float(step), device=self.device)  # exact in float32 below 2**24 steps
         head = torch.stack([step_t, kind, mean, self.grad_norm])
         now = torch.cat([head, local_bad.float()])
@@ -145,6 +159,33 @@ class DivergenceGuard:
 
     def restore(self, snapshot: tuple[Any, ...]) -> None:
         self.seen, self.record, self.largest, self.grad_norm, self.local = snapshot
+        self._record_before = self.record  # what :meth:`skip` puts back: the re-run latches the step again
+
+    # -- skipping a batch that diverged again (pipeline.train: every rank decides the same from the same Rerun)
+
+    def may_skip(self) -> str:
+        """Why the batch that just diverged again may not be skipped ("" if it may): the bounds are spent."""
+        if len(self.skipped) >= self.cfg.max_skips:
+            return f"{len(self.skipped)} batches skipped already (--faults.divergence.max-skips {self.cfg.max_skips})"
+        if self.in_a_row >= self.cfg.max_skips_in_a_row:
+            return (
+                f"the {self.in_a_row} steps before it were skipped too (--faults.divergence.max-skips-in-a-row "
+                f"{self.cfg.max_skips_in_a_row}): the state, not the batch, is at fault"
+            )
+        return ""
+
+    def skip(self, *, step: int, epoch: int, batch: int, batch_size: int, known: bool = False) -> None:
+        """The step's batch is skipped: no update, no divergence latched (``known``: it was never latched)."""
+        if not known:
+            self.record = self._record_before
+        self.skipped.append({"step": step, "epoch": epoch, "batch": batch, "batch_size": batch_size})
+        if self.cfg.rerun:  # without re-runs no step's verdict is read on the host: no streak can be told to end
+            self.streak_first = self.streak_first or step
+            self.in_a_row += 1
+
+    def applied(self) -> None:
+        """A step's update was applied: a streak of skips (if any) has ended."""
+        self.in_a_row, self.streak_first = 0, 0
 
     def rerun_verdict(self, step: int, first_local: torch.Tensor, again_bad: torch.Tensor) -> Rerun:
         """Collective: whether the re-run diverged too, and which ranks' own results differed between the runs
@@ -182,23 +223,32 @@ class DivergenceGuard:
     def clear(self) -> None:
         self.record.zero_()
 
-    def rolled_back(self, rollback: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    def rolled_back(
+        self, rollback: dict[str, Any], history: list[dict[str, Any]], skipped: list[dict[str, Any]]
+    ) -> None:
         """After the state was restored (its window and largest loss): the run's rollbacks so far (``history``,
-        not the restored checkpoint's, which may predate some) and this one; it scales the learning rate."""
+        not the restored checkpoint's, which may predate some) and this one; it scales the learning rate. The
+        run's skipped batches (``skipped``) still count against --faults.divergence.max-skips."""
         self.rollbacks = [*history, rollback]
         self.lr_scale = rollback["lr_scale"]
+        self.skipped = skipped
+        self.applied()  # the restored state is a good one: no streak of skips runs on from it
         self.clear()
 
     # -- checkpointed
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "window": self.window.tolist(),
             "largest": float(self.largest),
             "seen": self.seen,
             "rollbacks": [dict(r) for r in self.rollbacks],
             "lr_scale": self.lr_scale,
         }
+        if self.skipped:  # absent until a batch is skipped: older checkpoints read and save unchanged
+            state["skipped"] = [dict(s) for s in self.skipped]
+            state["in_a_row"], state["streak_first"] = self.in_a_row, self.streak_first
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         window = torch.tensor(state["window"], device=self.device, dtype=torch.float32)
@@ -210,6 +260,8 @@ class DivergenceGuard:
         self.largest = torch.tensor(float(state["largest"]), device=self.device)
         self.rollbacks = [dict(r) for r in state["rollbacks"]]
         self.lr_scale = float(state["lr_scale"])
+        self.skipped = [dict(s) for s in state.get("skipped", [])]
+        self.in_a_row, self.streak_first = int(state.get("in_a_row", 0)), int(state.get("streak_first", 0))
         self.clear()
 
 
@@ -230,49 +282,6 @@ def lr_scale_on_resume(guard: DivergenceGuard, *, was_lr: float | None, now_lr: 
         f"the rollbacks' stored scale {stored:g} dropped: --optim.lr changed {was_lr:g} -> {now_lr:g} "
         "(--faults.divergence.keep-lr-scale true keeps it)"
     )
-
-
-def settle_rerun(rerun: Rerun, run_dir: Any, keys: list[str], *, rank: int, epoch: int) -> None:
-    """Collective, after a re-run in place: a reproducible divergence records the batch's sample keys (every rank's
-    share) in RUN_DIR/bad_batches.jsonl, a transient one names the node(s) whose results differed in one line and
-    in the node ledger (pipeline.faults.nodes). What follows a reproducible one (stop or rollback) is unchanged."""
-    import logging
-
-    from basics.files import append_json_line
-    from pipeline.faults import nodes
-    from pipeline.faults.reach import node_name
-    from pipeline.run_dir import RunDir
-
-    mine = (node_name(), keys)
-    everyone = [mine]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-    if rank != 0:
-        return
-    log = logging.getLogger("alexnet")
-    layout = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    if rerun.reproducible:
-        batch = [k for _, ks in everyone for k in ks]
-        append_json_line(layout.bad_batches, {"epoch": epoch, "step": rerun.step, "keys": batch})
-        log.warning(
-            "divergence at step %d repeated when re-run in place: the batch is at fault (%d sample keys in %s)",
-            rerun.step,
-            len(batch),
-            layout.bad_batches,
-        )
-        return
-    suspects = sorted({everyone[r][0] for r in rerun.ranks})
-    where = ", ".join(f"{n} (rank(s) {','.join(str(r) for r in rerun.ranks if everyone[r][0] == n)})" for n in suspects)
-    log.warning(
-        "divergence at step %d did not repeat when re-run in place: %s; the re-run's update was applied",
-        rerun.step,
-        f"node {where} suspect: its own loss or gradients differed between the two runs"
-        if suspects
-        else "no rank's own numbers differed (a transient fault in the reduction)",
-    )
-    for node in suspects:
-        nodes.record(layout, node, "divergence-rerun", f"step {rerun.step} did not repeat when re-run in place")
 
 
 def rollback_plan(
@@ -301,8 +310,9 @@ def rollback_plan(
     }, ""
 
 
-def stop_line(event: Event, good: Any, why: str, mode: str) -> str:
-    """The one line a stop prints: what diverged where, and the checkpoint the same command resumes from."""
+def stop_line(event: Event, good: Any, why: str, mode: str, skipped_from: int = 0) -> str:
+    """The one line a stop prints: what diverged where, and the checkpoint the same command resumes from.
+    ``skipped_from``: the first of the steps just before it that were skipped (0: none)."""
     if good is not None:
         resume = f"the same command resumes from the last good checkpoint {good} (latest names it); lower --lr"
     else:
@@ -311,7 +321,14 @@ def stop_line(event: Event, good: Any, why: str, mode: str) -> str:
             "lower --lr or add --schedule.warmup-epochs"
         )
     why = f" ({why})" if why else ""
+    streak = ""
+    if skipped_from and skipped_from < event.step:
+        streak = (
+            f", after the batches of steps {skipped_from}..{event.step - 1} diverged again when re-run and were "
+            "skipped (every batch diverges: the state is at fault)"
+        )
     return (
-        f"training diverged: {event.describe()}; its update was not applied and nothing after it was saved{why}; "
+        f"training diverged: {event.describe()}{streak}; its update was not applied and nothing after it was "
+        f"saved{why}; "
         f"{resume}, or check the data" + (", or pass --faults.divergence.action rollback" if mode == "stop" else "")
     )

@@ -224,6 +224,7 @@ def divergence_section(meta: dict[str, Any], config: dict[str, Any]) -> list[str
 
     md = ["", "## Divergence", ""]
     rollbacks = meta.get("divergence", {}).get("rollbacks", [])
+    md += _skipped_batches(meta.get("divergence", {}).get("skipped", []))
     if not rollbacks:
         action = upgrade(config).get("faults", {}).get("divergence", {}).get("action", "stop")
         return [*md, f"No rollback (--faults.divergence.action {action})."]
@@ -234,6 +235,18 @@ def divergence_section(meta: dict[str, Any], config: dict[str, Any]) -> list[str
     ]
     header = "| diverged at step | kind | loss | grad norm | rolled back to | batches skipped (steps) | lr scale |"
     return [*md, header, "|---|---|---|---|---|---|---|", *rows]
+
+
+def _skipped_batches(skipped: list[dict[str, Any]]) -> list[str]:
+    """The batches that diverged again when re-run in place (their keys: RUN_DIR/bad_batches.jsonl)."""
+    if not skipped:
+        return []
+    where = ", ".join(f"step {s['step']} (epoch {s['epoch']}, batch {s['batch']})" for s in skipped)
+    return [
+        f"Skipped {len(skipped)} batch(es) that diverged again when re-run in place: {where}; their sample "
+        "keys are in bad_batches.jsonl.",
+        "",
+    ]
 
 
 def _g(value: Any) -> str:

@@ -62,6 +62,15 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return dict(read_scalars(run_dir)["train/loss"])
 
 
+def _batch_keys(run_dir: Path, step: int) -> list[str]:
+    """The global batch of ``step`` (1-based: the step that trains on it), every rank's share, from the run's
+    --train.record-samples ledger."""
+    from pipeline.data.sample_ledger import read_ledger
+    from pipeline.run_dir import RunDir
+
+    return read_ledger(RunDir(run_dir))[step - 1]
+
+
 def _error_line(proc: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, proc.stderr[-3000:]
@@ -86,7 +95,11 @@ def test_the_issues_reproduction_stops_at_a_good_checkpoint_that_a_lower_lr_trai
     good = checkpoint.latest(run_dir)
     assert good is not None and _meta(good)["health"] == GOOD
     assert f"last good checkpoint {good}" in line and "rank" in line and "grad norm" in line
-    assert "spike (above the cap) at step 3" in line, line
+    # Steps 3 and 4 diverged again when re-run and were skipped (--faults.divergence.max-skips-in-a-row 2); the
+    # third in a row is the state's fault: acted on from the first of them.
+    assert "at step 5" in line and "after the batches of steps 3..4 diverged again when re-run" in line, line
+    assert "the state is at fault" in line and "spike (above the cap)" in line, line
+    assert _meta(good)["step"] == 1, line  # step 2 was applied; its state made step 3 diverge
     # Everything saved after the good one is marked, and no automatic resume would pick it.
     good_step = _meta(good)["step"]
     later = [p for p, m in checkpoint.readable(run_dir) if m["seq"] > _meta(good)["seq"]]
@@ -108,12 +121,18 @@ SPIKE_RULE = flags(
 )
 
 
+# A batch that diverges again when re-run is acted on at once instead of skipped: the stop and rollback paths.
+NO_SKIPS = flags("--faults.divergence.max-skips 0")
+
+
 def _spiked(demo_shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    """Rollback, and the z-score rule armed from step 9 (a window of 8) so that the spike below counts."""
+    """Rollback (never a skip), and the z-score rule armed from step 9 (a window of 8) so that the spike below
+    counts."""
     return _demo(
         demo_shards,
         run_dir,
         *flags("--faults.divergence.action rollback --faults.divergence.rollback-lr-factor 0.5"),
+        *NO_SKIPS,
         *SPIKE_RULE,
         *extra,
     )
@@ -169,7 +188,9 @@ def test_a_nan_batch_is_never_applied(demo_shards: Path, tmp_path: Path) -> None
     the NaN update been applied, every later loss would be NaN). No checkpoint was good: the line says so."""
     run_dir = tmp_path / "run"
     nan = {"HARNESS_POISON_AT": "3", "HARNESS_POISON": "nan"}
-    args = _demo(demo_shards, run_dir, *flags("--epochs 1 --checkpoint.every-steps 0 --train.control-every 6"))
+    args = _demo(
+        demo_shards, run_dir, *NO_SKIPS, *flags("--epochs 1 --checkpoint.every-steps 0 --train.control-every 6")
+    )
     proc = _run(tmp_path / "o", args, env=nan)
     assert proc.returncode == 2
     line = _error_line(proc)
@@ -192,10 +213,11 @@ def test_the_demo_recipe_never_trips_the_spike_rules(demo_shards: Path, tmp_path
 @pytest.mark.parametrize("tp", [1, 2])
 def test_every_rank_agrees_under_dp2_and_tp2(demo_shards: Path, tmp_path: Path, tp: int) -> None:
     """A NaN batch on rank 1 alone: every rank skips the update and stops with the same line naming rank 1
-    (under tp=2 the towers exchange activations, so both see it); a spike on rank 1 alone rolls both back."""
+    (under tp=2 the towers exchange activations, so both see it); a spike on rank 1 alone, that repeats when re-run:
+    under dp=2 both ranks skip its batch and record both halves' keys, under tp=2 (no skips) both roll back."""
     run_dir = tmp_path / "run"
     nan_on_1 = {"HARNESS_POISON_AT": "5", "HARNESS_POISON": "nan", "HARNESS_POISON_RANK": "1"}
-    args = _demo(demo_shards, run_dir, "--tp", str(tp), "--epochs", "1")
+    args = _demo(demo_shards, run_dir, "--tp", str(tp), "--epochs", "1", *NO_SKIPS)
     proc = _run(tmp_path / "o1", args, nproc=2, env=nan_on_1, timeout=240)
     # torchrun exits 1 when a worker fails; each worker that ended by itself exited 2 (the one-line error), the
     # others were ended by torchrun (SIGTERM, -15) once the first had.
@@ -210,13 +232,24 @@ def test_every_rank_agrees_under_dp2_and_tp2(demo_shards: Path, tmp_path: Path, 
 
     # A finite spike in rank 1's batch alone: only the all-reduced loss shows it to rank 0 as well.
     spike_on_1 = {**SPIKE, "HARNESS_POISON_RANK": "1"}
-    rollback = _spiked(demo_shards, tmp_path / "run2", "--tp", str(tp), "--epochs", "1")
-    proc = _run(tmp_path / "o2", rollback, nproc=2, env=spike_on_1, timeout=240)
+    run2 = tmp_path / "run2"
+    extra = flags("--tp {} --epochs 1 --train.record-samples true", tp) + (
+        ["--faults.divergence.max-skips", "1"] if tp == 1 else []
+    )
+    proc = _run(tmp_path / "o2", _spiked(demo_shards, run2, *extra), nproc=2, env=spike_on_1, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcomes = [json.loads((tmp_path / "o2" / f"outcome-rank{r}.json").read_text()) for r in (0, 1)]
     assert outcomes[0] == outcomes[1] and outcomes[0]["progress"]["step"] == 12
-    [record] = _meta(checkpoint.latest(tmp_path / "run2"))["divergence"]["rollbacks"]
-    assert record["skipped_steps"] == [8, 9] and record["kind"] == "spike (z-score)"
+    divergence = _meta(checkpoint.latest(run2))["divergence"]
+    if tp == 2:
+        [record] = divergence["rollbacks"]
+        assert record["skipped_steps"] == [8, 9] and record["kind"] == "spike (z-score)"
+        return
+    assert divergence["rollbacks"] == [] and divergence["skipped"] == [
+        {"step": 9, "epoch": 0, "batch": 8, "batch_size": 8}
+    ]
+    [record] = [json.loads(line) for line in (run2 / "bad_batches.jsonl").read_text().splitlines()]
+    assert sorted(record["keys"]) == sorted(_batch_keys(run2, 9)), record  # rank 0's half and rank 1's
 
 
 # ------------------------------------------------------------------------------------------ the rules
@@ -251,18 +284,46 @@ def test_a_new_lr_on_resume_means_what_it_says_unless_the_scale_is_kept(demo_sha
 # ------------------------------------------------------------------------------------------ re-run in place
 
 
+def _weights_equal(a: Path, b: Path) -> bool:
+    wa, wb = checkpoint.export_model(checkpoint.latest(a)), checkpoint.export_model(checkpoint.latest(b))
+    return all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.slow
-def test_a_batch_that_spikes_again_when_re_run_is_recorded_by_its_keys(demo_shards: Path, tmp_path: Path) -> None:
-    """The batch of step 9 is x1000 every time: the re-run in place spikes too, so the batch is at fault: its 8
-    sample keys go to RUN_DIR/bad_batches.jsonl, then the rollback happens as before."""
-    run_dir = tmp_path / "run"
-    proc = _run(tmp_path / "o", _spiked(demo_shards, run_dir, "--max-steps", "10"), env=SPIKE)
+def test_a_batch_that_spikes_again_when_re_run_is_skipped_and_stays_skipped(demo_shards: Path, tmp_path: Path) -> None:
+    """The batch of step 9 is x1000 every time: the re-run in place spikes too, so the batch is at fault. It is
+    skipped (no update, no stop, no rollback), its 8 sample keys go to RUN_DIR/bad_batches.jsonl, and the run
+    trains on. A restart from a checkpoint before it (here with the batch no longer spiking, so only the record
+    can skip it) skips it again without a re-run and ends with the weights of the run that went straight on,
+    bit for bit, dropout included (the skipped step draws its masks once, as the re-run left them)."""
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    common = ("--train.record-samples", "true", "--checkpoint.keep-last", "99", *SPIKE_RULE)
+    proc = _run(tmp_path / "o1", _demo(demo_shards, straight, *common), env=SPIKE)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "divergence at step 9 repeated when re-run in place: the batch is at fault (8 sample keys" in proc.stderr
-    assert "rolled back to step-00000007" in proc.stderr, proc.stderr[-3000:]
-    [record] = [json.loads(line) for line in (run_dir / "bad_batches.jsonl").read_text().splitlines()]
-    assert record["step"] == 9 and record["epoch"] == 0 and len(set(record["keys"])) == 8, record
-    assert not (tmp_path / ".alexnet-nodes.jsonl").exists()
+    line = "divergence at step 9 repeated when re-run in place: the batch is at fault; skipped (8 sample keys"
+    assert line in proc.stderr and "rolled back" not in proc.stderr, proc.stderr[-3000:]
+    [record] = [json.loads(ln) for ln in (straight / "bad_batches.jsonl").read_text().splitlines()]
+    assert record["step"] == 9 and record["epoch"] == 0 and record["batch"] == 8 and record["skipped"] is True
+    assert sorted(record["keys"]) == sorted(_batch_keys(straight, 9)) and len(set(record["keys"])) == 8, record
+    assert _meta(checkpoint.latest(straight))["divergence"]["skipped"] == [
+        {"step": 9, "epoch": 0, "batch": 8, "batch_size": 8}
+    ]
+    assert not (tmp_path / ".alexnet-nodes.jsonl").exists()  # a batch at fault names no node
+    from pipeline.tools.report import read_scalars, report
+
+    assert read_scalars(straight)["train/batches_skipped"] == [(9, 1.0)]
+    text = report(straight, "latest", evaluate_missing=False).read_text()
+    assert "Skipped 1 batch(es) that diverged again when re-run in place: step 9 (epoch 0, batch 8)" in text
+
+    first = _run(tmp_path / "o2", _demo(demo_shards, restarted, *common, "--max-steps", "11"), env=SPIKE)
+    assert first.returncode == 0 and "the batch is at fault; skipped" in first.stderr, first.stderr[-3000:]
+    before = restarted / "checkpoints" / "step-00000007"
+    again = _run(tmp_path / "o3", _demo(demo_shards, restarted, *common, "--resume", str(before)))  # no spike now
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step 9: batch 8 of epoch 0 skipped, as before" in again.stderr, again.stderr[-3000:]
+    assert "re-run in place" not in again.stderr
+    assert len((restarted / "bad_batches.jsonl").read_text().splitlines()) == 1  # recorded once
+    assert _weights_equal(straight, restarted)
 
 
 @pytest.mark.slow

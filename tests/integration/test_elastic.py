@@ -1,6 +1,8 @@
 """The same run on another number of data-parallel ranks: a dp 4 run stopped mid-epoch, resumed on dp 2, then on
-dp 4 again, trains on the global batches of an uninterrupted dp 4 run, every sample of the epoch once (the
-consumed-samples ledger, --train.record-samples), and ends with its weights up to floating-point reduction order."""
+dp 4, then on dp 2 to the epoch's end, trains on the global batches of an uninterrupted dp 4 run, every sample of
+the epoch once (the consumed-samples ledger, --train.record-samples), and ends with its weights up to
+floating-point reduction order. The epoch's last batch is short (6 of 8 samples): dp 4 cuts it 1, 2, 1, 2 and dp
+2 cuts it 3, 3, so it trains the same update only because each rank's loss is weighted by its share."""
 
 from __future__ import annotations
 
@@ -37,19 +39,22 @@ def _train(out: Path, run_dir: Path, shards: Path, nproc: int, max_steps: int) -
 
 
 @pytest.mark.multiprocess
-def test_dp_4_to_2_to_4_mid_epoch_equals_an_uninterrupted_dp_4_run(demo_shards: Path, tmp_path: Path) -> None:
+def test_dp_4_2_4_2_through_an_epoch_equals_an_uninterrupted_dp_4_run(demo_shards: Path, tmp_path: Path) -> None:
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
-    _train(tmp_path / "o0", straight, demo_shards, 4, 6)
-    for i, (nproc, steps) in enumerate([(4, 2), (2, 4), (4, 6)]):  # 12 steps an epoch: all three stop mid-epoch
+    _train(tmp_path / "o0", straight, demo_shards, 4, 12)
+    # 12 steps an epoch (94 samples, batches of 8): three stops mid-epoch, then the last batch at dp 2.
+    segments = [(4, 2), (2, 4), (4, 7), (2, 12)]
+    for i, (nproc, steps) in enumerate(segments):
         log = _train(tmp_path / f"o{i + 1}", elastic, demo_shards, nproc, steps)
         if i:
-            assert f"goes on at step {steps - 2}, sample {8 * (steps - 2)}" in log, log[-4000:]
+            done = segments[i - 1][1]
+            assert f"goes on at step {done}, sample {8 * done}" in log, log[-4000:]
 
     batches, reference = read_ledger(RunDir(elastic)), read_ledger(RunDir(straight))
-    assert sorted(batches) == list(range(6)) and batches == reference, "the same global batches, step by step"
+    assert sorted(batches) == list(range(12)) and batches == reference, "the same global batches, step by step"
     keys = [k for b in batches.values() for k in b]
-    assert len(keys) == len(set(keys)) == 48, "every sample of the epoch's first 6 steps once"
+    assert len(keys) == len(set(keys)) == 94, "every sample of the epoch once"
     a, b = export_model(checkpoint.latest(straight)), export_model(checkpoint.latest(elastic))
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    print(f"dp 4 -> 2 -> 4 vs dp 4: max abs weight difference {worst:.3g}")
+    print(f"dp 4 -> 2 -> 4 -> 2 vs dp 4: max abs weight difference {worst:.3g}")
     assert worst <= TOLERANCE, worst

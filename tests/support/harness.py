@@ -137,6 +137,7 @@ class Poisoned:
     def __init__(self, inner, *, first_step: int, at: int, spoil):
         self.inner, self.first_step, self.at, self.spoil = inner, first_step, at, spoil
         self.steps_in_epoch = inner.steps_in_epoch
+        self.total = getattr(inner, "total", None)  # the split's size: the trainer weighs a short last batch by it
 
     def batch_keys(self, step: int) -> list[str]:
         """The inner loader's keys (a bad batch is recorded by them); a loader that names none has none."""

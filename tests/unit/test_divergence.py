@@ -19,9 +19,6 @@ from pipeline.faults.divergence import DivergenceGuard
 CPU = torch.device("cpu")
 
 
-# ------------------------------------------------------------------------------------------ end to end
-
-
 # ------------------------------------------------------------------------------------------ the rules
 
 
@@ -95,3 +92,51 @@ def test_a_resume_lists_each_changed_setting() -> None:
         "--optim.lr 0.01 -> 0.001",
     ]
     assert changes(was, RunConfig().to_dict()) == []
+
+
+# ------------------------------------------------------------------------------------------ skipping a batch
+
+
+def _diverge_again(guard: DivergenceGuard, step: int) -> None:
+    """A step that diverges (NaN), is re-run from the guard's snapshot, and diverges again (pipeline.train_step)."""
+    before = guard.snapshot()
+    _model_step(guard, float("nan"), step)
+    guard.restore(before)
+    _model_step(guard, float("nan"), step)
+
+
+def test_skips_are_bounded_in_a_row_and_per_run_and_leave_no_latched_divergence() -> None:
+    """Two batches in a row may be skipped, the third in a row is the state's fault; after an applied step the
+    streak starts again; the run's total is bounded too. A skipped step is not latched for the control step."""
+    guard = _guard(max_skips=3, max_skips_in_a_row=2)
+    for step in (1, 2):
+        _diverge_again(guard, step)
+        assert guard.may_skip() == ""
+        guard.skip(step=step, epoch=0, batch=step - 1, batch_size=8)
+        assert guard.pending == 0  # nothing for the control all-reduce to act on
+    _diverge_again(guard, 3)
+    assert "the state, not the batch, is at fault" in guard.may_skip() and guard.streak_first == 1
+    assert guard.pending == 3  # not skipped: latched, the control step acts on it
+    guard.clear()
+    guard.applied()
+    _diverge_again(guard, 5)
+    assert guard.may_skip() == ""
+    guard.skip(step=5, epoch=0, batch=4, batch_size=8)
+    guard.applied()
+    _diverge_again(guard, 7)
+    assert guard.may_skip() == "3 batches skipped already (--faults.divergence.max-skips 3)"
+
+
+def test_skips_survive_a_checkpoint_and_an_old_checkpoint_reads_unchanged() -> None:
+    guard = _guard()
+    old = guard.state_dict()
+    assert "skipped" not in old  # a run that skipped nothing saves what older versions saved
+    _diverge_again(guard, 4)
+    guard.skip(step=4, epoch=0, batch=3, batch_size=8)
+    state = json.loads(json.dumps(guard.state_dict()))
+    again = _guard()
+    again.load_state_dict(state)
+    assert again.skipped == [{"step": 4, "epoch": 0, "batch": 3, "batch_size": 8}]
+    assert (again.in_a_row, again.streak_first) == (1, 4)
+    again.load_state_dict(old)
+    assert again.skipped == [] and (again.in_a_row, again.streak_first) == (0, 0)

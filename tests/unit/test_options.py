@@ -246,6 +246,8 @@ def test_a_saved_config_of_the_old_layout_loads_compares_and_reports() -> None:
     # Options the old layout never had (issue 37's) show as `?`, as any option one side lacks does.
     assert config.changes(saved, now) == [
         "--faults.divergence.keep-lr-scale ? -> False",
+        "--faults.divergence.max-skips ? -> 10",
+        "--faults.divergence.max-skips-in-a-row ? -> 2",
         "--faults.divergence.rerun ? -> True",
         "--faults.hang.timeout 0.0 -> 120.0",
         "--train.epochs 3 -> 4",
