@@ -20,6 +20,8 @@
 # another count: the nodes are read at each start (SLURM_JOB_NUM_NODES, else SLURM_NNODES), and a checkpoint
 # resumes on another data-parallel size mid-epoch at its next step (the epoch's order does not depend on it);
 # the data-parallel size (nodes x processes / tp) must divide --batch-size, else the run refuses in one line.
+# No --ntasks-per-node below (srun starts one torchrun per node itself): with it Slurm counts the job's tasks
+# from the range's minimum and allocates that many nodes (-N 3-4 got 3 of 4 idle nodes, Slurm 22.05).
 # One job per run directory: a run directory written by another live job (RUN_DIR/writer.lease,
 # see pipeline/faults/lease.py) fails this job at once with one `error:` line naming that job; a requeue
 # of this job takes its own lease over.
@@ -54,7 +56,6 @@
 # requeue. Exit codes: 0 finished or requeued, 2 a one-line error, 3 a crash that repeats, else a failure.
 #SBATCH --job-name=alexnet
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=2
 #SBATCH --cpus-per-task=16
 #SBATCH --time=24:00:00

@@ -39,10 +39,21 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 
     Skips (with the reason) where Slurm cannot run: not root, or slurm-wlm not installable.
     """
+    yield from _session_cluster(SlurmCluster(state_dir=TEST_STATE_DIR, nodes=2, port_base=TEST_PORT_BASE))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_4nodes() -> Iterator[SlurmCluster]:
+    """Four slurmd nodes (n1-n4) for node-range jobs (`sbatch -N 3-4`): a cluster of its own (state dir, munged,
+    ports; the two-node one uses TEST_PORT_BASE to +2), so both can be up in one session."""
+    state_dir = TEST_STATE_DIR.with_name(TEST_STATE_DIR.name + "-4nodes")
+    yield from _session_cluster(SlurmCluster(state_dir=state_dir, nodes=4, port_base=TEST_PORT_BASE + 10))
+
+
+def _session_cluster(cluster: SlurmCluster) -> Iterator[SlurmCluster]:
     reason = slurm_skip_reason()
     if reason:
         pytest.skip(reason)
-    cluster = SlurmCluster(state_dir=TEST_STATE_DIR, nodes=2, port_base=TEST_PORT_BASE)
     try:
         # fresh: a cluster left behind by a killed session (with its jobs) is torn down first.
         cluster.start(fresh=True)

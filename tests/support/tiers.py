@@ -45,7 +45,7 @@ MARKERS = {
 HEAVY = ("slurm", "netns", "multiprocess", "slow")
 FAST_EXPRESSION = "not (" + " or ".join(HEAVY) + ")"
 # The fixtures that imply a tier: a test using one is tagged without a marker of its own.
-FIXTURE_TIERS = {"slurm_cluster": "slurm", "trained_run": "multiprocess"}
+FIXTURE_TIERS = {"slurm_cluster": "slurm", "slurm_cluster_4nodes": "slurm", "trained_run": "multiprocess"}
 # Tiers that already allow multi-process training (a Slurm job or an emulated node runs torchrun).
 ALLOWS_PROCESSES = {"slurm", "netns", "multiprocess"}
 SLOW_S = 20.0
