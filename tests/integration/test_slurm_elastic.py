@@ -91,9 +91,8 @@ def test_a_job_requeued_onto_fewer_nodes_finishes_the_epoch_it_began(
     its first control step (step 3 of 8) and the script requeues the job. Slurm can give it only n1, n3, n4
     now; it resumes the dp-4 checkpoint on dp 3 at step 3 and trains to the end of the epoch.
 
-    The reference is an uninterrupted dp 3 run, not dp 4: the epoch's last global batch is short (10 of 12)
-    and each rank averages its own slice of it (4, 4, 2 samples on dp 3; 3, 3, 2, 2 on dp 4), so that step's
-    update depends on the dp size that takes it."""
+    The reference is an uninterrupted dp 3 run started beside the job (any dp size trains the same updates,
+    the epoch's short last batch included: 4, 4, 2 samples on dp 3, each rank's loss weighted by its share)."""
     cluster = slurm_cluster_4nodes
     assert set(cluster.sinfo().values()) == {"idle"}, cluster.sinfo()
     run_dir = tmp_path / "run"
