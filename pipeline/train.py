@@ -575,11 +575,11 @@ def _loss_weight(loader: Any, i: int, local: int, dp_size: int, global_batch: in
     the mean over the global batch: its share of the batch times the dp size. 1 wherever the slices are equal;
     an epoch's short last batch is cut into unequal slices (pipeline.data's lanes), whose samples would
     otherwise weigh by the dp size that takes it (a resume on another dp size must train the same update)."""
-    total = getattr(loader, "total", None)
-    if local * dp_size == global_batch or total is None:
+    total = getattr(loader, "total", None)  # the split's size (a test's stand-in loader may not know it)
+    if total is None:
         return 1.0
     in_batch = min(global_batch, total - i * global_batch)  # the global batch's samples, the last one short
-    return local * dp_size / in_batch if in_batch > 0 else 1.0
+    return local * dp_size / in_batch if in_batch > 0 else 1.0  # exactly 1.0 for a full batch cut evenly
 
 
 def _local_batch(global_batch: int, dp_size: int) -> int:
