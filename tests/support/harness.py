@@ -182,11 +182,11 @@ def poison_once(rank: int) -> None:
         return
     update, done = train_step.TrainStep._update, []
 
-    def once(self, images, labels, step, compiling):
+    def once(self, images, labels, step, compiling, **kwargs):
         if step + 1 == at and not done:
             done.append(step)
             images = images * factor
-        return update(self, images, labels, step, compiling)
+        return update(self, images, labels, step, compiling, **kwargs)
 
     train_step.TrainStep._update = once
 
