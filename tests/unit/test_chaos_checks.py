@@ -24,7 +24,7 @@ def _write(record: Path, lines_by_rank: dict[int, list[tuple[int, int]]]) -> Non
 
 
 def test_the_same_seed_draws_the_same_faults_and_another_seed_others() -> None:
-    kinds, n = list(chaos.ON_MAIN), len(chaos.ON_MAIN)
+    kinds, n = list(chaos.DEFAULT_KINDS), len(chaos.DEFAULT_KINDS)
     first = [(f.kind, f.step, f.target) for f in chaos.draw(7, kinds, n, 18)]
     assert first == [(f.kind, f.step, f.target) for f in chaos.draw(7, kinds, n, 18)]
     assert first != [(f.kind, f.step, f.target) for f in chaos.draw(8, kinds, n, 18)]
