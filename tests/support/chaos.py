@@ -76,6 +76,7 @@ class Fault:
     uninterrupted one (a rollback), so only completion and accounting are compared."""
 
     changes_trajectory: ClassVar[bool] = False
+    room: ClassVar[int] = 4  # the steps past the one it is injected at that the run may train while it acts
     kind: str = ""
     step: int = 0  # the global training step at which the campaign injects it (drawn from the seed)
     target: int = 0  # which rank or node (drawn from the seed)
@@ -94,6 +95,7 @@ class KillRank(Fault):
     def inject(self, c: Campaign) -> str:
         pid = c.rank_pid(self.target)
         os.kill(pid, signal.SIGKILL)
+        c.release()
         c.wait_restart()
         return rf"exitcode: -9\) local_rank: 0 \(pid: {pid}\)"
 
@@ -112,6 +114,7 @@ class KillLauncher(Fault):
             except ProcessLookupError:
                 pass
         launcher.wait()
+        c.release()
         if self.target == 0:
             c.wait_for(c.job_over, 300, "the other launchers' end without their store")
             c.start_job()
@@ -132,6 +135,7 @@ class StopRank(Fault):
     def inject(self, c: Campaign) -> str:
         pid = c.rank_pid(self.target)
         os.kill(pid, signal.SIGSTOP)
+        c.release()
         c.wait_restart()
         # "process state T (stopped)", or "not running Python ...: stopped or stuck in the kernel"
         return rf"rank {self.target} \(host node-\w, pid {pid}\) last seen in phase [\w-]+ at step \d+.*stopped"
@@ -145,6 +149,7 @@ class LinkCut(Fault):
     def inject(self, c: Campaign) -> str:
         node = c.group.nodes[self.target]
         c.group.set_link(node, False)
+        c.release()
         try:
             c.wait_for(lambda: c.log_matches(r"cannot reach rank"), HANG_S * 6, "the watchdog's line")
             c.wait_for(c.job_over, 300, "the job's end after the cut")
@@ -177,9 +182,12 @@ class DamagedLatest(Fault):
 class SlowRank(Fault):
     """One rank's batches arrive late for a while: the straggler detector names it (nothing else changes)."""
 
+    room = 6  # --faults.stragglers.window control steps in a row, and the step that says so
+
     def inject(self, c: Campaign) -> str:
         flag = c.control / f"slow-rank-{self.target}"
         flag.touch()
+        c.release()
         pattern = rf"straggler: rank {self.target} "
         try:
             c.wait_for(lambda: c.log_matches(pattern), 240, "the straggler line")
@@ -198,6 +206,7 @@ class NonFinite(Fault):
     def inject(self, c: Campaign) -> str:
         step = c.step_ahead()
         (c.control / f"poison-step-{step}").touch()
+        c.release()
         c.wait_restart()
         return rf"non-finite \(NaN/inf\) at step {step} on rank\(s\) 0\b"
 
@@ -215,6 +224,7 @@ class RepeatingCrash(Fault):
         step = c.step_ahead()
         flag = c.control / f"crash-step-{step}"
         flag.touch()
+        c.release()
         c.wait_for(c.job_over, 600, "the job's end after the crash repeated")
         check = subprocess.run(
             [PYTHON, *flags("-m pipeline.faults.crashes check {}", c.run_dir)],
@@ -245,6 +255,7 @@ class FullDisk(Fault):
         from pipeline.checkpoint import latest, verify
 
         (c.control / "disk-full").touch()
+        c.release()
         pattern = (
             r"error: checkpoint at step \d+ failed: rank 0: OSError: \[Errno 28\] No space left on device: "
             r"\S+; the previous checkpoint \S+ is intact"
@@ -303,6 +314,7 @@ class Campaign:
     launchers: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     mark: dict[int, int] = field(default_factory=dict)  # each node's log size when the current fault struck
     jobs: int = 0  # jobs started, requeues included
+    released: int | None = None  # where the hold goes once the fault being injected has acted (None: away)
     job_id: str = ""  # the job's torchrun run id (its rendezvous id): kept by a requeue
     requeues: int = 0  # this job's requeues (Slurm's SLURM_RESTART_COUNT)
 
@@ -408,6 +420,22 @@ class Campaign:
                 steps.append(json.loads(lines[-1])["step"])
         return max(steps, default=0)
 
+    def hold(self, step: int | None) -> None:
+        """No rank is handed a batch past global step ``step`` (None: no hold) until it moves: a fault acts while
+        the run is held at its step, and the run cannot race past a fault not yet injected or end before it
+        (the ranks' ``gate``, tests/support/chaos_rank.py). Each hold lasts the campaign's reaction and a
+        fault's act (a signal, a file), well within --faults.hang.timeout."""
+        from basics.files import write_bytes_atomic
+
+        if step is None:
+            (self.control / "gate").unlink(missing_ok=True)
+        else:
+            write_bytes_atomic(self.control / "gate", str(step).encode(), durable=False)
+
+    def release(self) -> None:
+        """A fault has acted: the run trains on, up to the next fault's step or its ``room`` past this one."""
+        self.hold(self.released)
+
     def step_ahead(self) -> int:
         """A global step whose batch no rank has been handed yet (the drawn step may be past: an earlier fault's
         injection waited for its line while the run trained on)."""
@@ -430,6 +458,7 @@ class Campaign:
         """Signal every rank, wait for the job to end, run ``between`` (no job running), start it again."""
         for k in range(NODES):
             os.kill(self.rank_pid(k), sig)
+        self.release()
         self.wait_for(self.job_over, 300, "the preempted job's end")
         between()  # type: ignore[operator]
         self.start_job()
@@ -462,10 +491,15 @@ class Campaign:
         self.out.mkdir(parents=True, exist_ok=True)
         self.control.mkdir(exist_ok=True)
         (self.out / "outcome").mkdir(exist_ok=True)
+        import pipeline.checkpoint
+        import pipeline.faults.crashes  # noqa: F401  (now: torch's import takes seconds, which an injection must not)
+
         deadline = time.monotonic() + timeout
         expected = []
+        self.hold(self.faults[0].step if self.faults else None)
         self.start_job()
-        for fault in self.faults:
+        for i, fault in enumerate(self.faults):
+            self.hold(fault.step)
             self.wait_for(
                 lambda f=fault: self.latest_step() >= f.step or self.job_over(),
                 max(1.0, deadline - time.monotonic()),
@@ -475,7 +509,10 @@ class Campaign:
                 raise CampaignError(f"the job ended before {fault.describe()}:\n{self.logs_text()[-3000:]}")
             self.mark = self.log_sizes()
             print(f"chaos: injecting {fault.describe()}", flush=True)
-            expected.append(fault.inject(self))
+            later = self.faults[i + 1 :]
+            self.released = max(later[0].step, self.latest_step() + fault.room) if later else None
+            expected.append(fault.inject(self))  # acts while the run is held, then releases it
+            self.release()
         while True:
             self.wait_for(self.job_over, max(1.0, deadline - time.monotonic()), "the job's end")
             if not self.finished() and all(p.returncode == 0 for p in self.launchers.values()) and self.jobs < 20:

@@ -4,6 +4,7 @@ Run by torchrun as a script, like the harness. ``CHAOS_CONTROL=DIR`` is where th
 (tests/support/chaos.py) leaves files that switch a fault on in a running rank, so a fault lands at a
 step the campaign chose, not at a time:
 
+``gate``             holds S: no rank is handed the batch of a global step past S while it says so
 ``slow-rank-R``      every training batch of rank R arrives ``CHAOS_SLOW_S`` seconds late while it exists
 ``poison-step-S``    rank 0's batch of global step S is NaN once (rank 0 renames the file ``...done``)
 ``crash-step-S``     every rank raises at global step S, every time (a bug: the crash repeats until the file goes)
@@ -48,6 +49,8 @@ class Chaotic:
         slow_s = float(os.environ.get("CHAOS_SLOW_S", "0.5"))
         for k, (images, labels) in enumerate(self.inner):
             step = self.first_step + k + 1
+            while step > gate(self.control / "gate"):
+                time.sleep(0.05)
             if (self.control / f"crash-step-{step}").exists():
                 raise RuntimeError(f"chaos: a bug that raises at step {step}")
             poison = self.control / f"poison-step-{step}"
@@ -61,6 +64,14 @@ class Chaotic:
                 with (self.record / f"rank-{self.rank}.jsonl").open("a") as f:
                     f.write(json.dumps(line) + "\n")
             yield images, labels
+
+
+def gate(path: Path) -> float:
+    """The last step the campaign lets the ranks train (no file: every step)."""
+    try:
+        return int(path.read_text())
+    except FileNotFoundError:
+        return float("inf")
 
 
 def chaotic(loaders, rank: int):
