@@ -118,10 +118,10 @@ class KillLauncher(Fault):
         if self.target == 0:
             c.wait_for(c.job_over, 300, "the other launchers' end without their store")
             c.start_job()
-            c.wait_restart()
+            c.wait_trained()
             return r"RendezvousConnectionError: The connection to the C10d store has failed"
         c.start_node(self.target)
-        c.wait_restart()
+        c.wait_trained()
         # On main only gloo's error in the survivors' tracebacks names the lost node (by its address); the node
         # ledger of issue 37 is to name it in a line of its own.
         addr = re.escape(c.group.nodes[self.target].addr)
@@ -156,8 +156,12 @@ class LinkCut(Fault):
         finally:
             c.group.set_link(node, True)
         c.start_job()
-        c.wait_restart()
-        return rf"cannot reach rank {self.target} \(host {node.hostname}, {re.escape(node.addr)}:\d+\)"
+        c.wait_trained()
+        # the others name the cut node; when it is node-a (the watchdog's reporter, rank 0) it names itself
+        return (
+            rf"cannot reach rank {self.target} \(host {node.hostname}, {re.escape(node.addr)}:\d+\)"
+            rf"|{node.hostname} and the other nodes cannot reach each other"
+        )
 
 
 class Preempt(Fault):
@@ -242,7 +246,7 @@ class RepeatingCrash(Fault):
             )
         flag.unlink()  # the user fixed the bug
         c.start_job(new=True)
-        c.wait_restart()
+        c.wait_trained()
         return re.escape(line)
 
 
@@ -394,18 +398,17 @@ class Campaign:
 
     def rank_pid(self, rank: int) -> int:
         """The training process of ``rank`` (node ``rank``: one rank a node), waiting for it to run."""
+        return self.wait_for(lambda: self.find_rank(rank), 120, f"rank {rank}'s process")
 
-        def find() -> int | None:
-            launcher = self.launchers[rank]
-            for pid in descendants(launcher.pid):
-                if RANK_SCRIPT in cmdline(pid) and not children(pid):
-                    return pid
-            for pid in descendants(launcher.pid):
-                if RANK_SCRIPT in cmdline(pid):
-                    return pid
-            return None
-
-        return self.wait_for(find, 120, f"rank {rank}'s process")
+    def find_rank(self, rank: int) -> int | None:
+        launcher = self.launchers[rank]
+        for pid in descendants(launcher.pid):
+            if RANK_SCRIPT in cmdline(pid) and not children(pid):
+                return pid
+        for pid in descendants(launcher.pid):
+            if RANK_SCRIPT in cmdline(pid):
+                return pid
+        return None
 
     def progress(self) -> int:
         """Batches handed to the loop so far, all ranks and attempts (grows while the run trains)."""
@@ -442,7 +445,18 @@ class Campaign:
         return self.latest_step() + 2
 
     def wait_restart(self) -> None:
-        """Until the restarted group trains again: every rank hands the loop a new batch."""
+        """Until the restarted group trains again: every rank is a new process (the fault may strike a step or
+        two after it was injected) and has handed the loop two batches since."""
+        old = {self.find_rank(k) for k in range(NODES)} - {None}
+        self.wait_for(
+            lambda: self.job_over() or all(self.find_rank(k) not in old | {None} for k in range(NODES)),
+            400,
+            "the restarted group's processes",
+        )
+        self.wait_trained()
+
+    def wait_trained(self) -> None:
+        """Until every rank has handed the loop two batches more (after a job's start: its group trains)."""
         before = {f.name: len(f.read_text().splitlines()) for f in self.record.glob("rank-*.jsonl")}
 
         def trained() -> bool:
@@ -462,7 +476,7 @@ class Campaign:
         self.wait_for(self.job_over, 300, "the preempted job's end")
         between()  # type: ignore[operator]
         self.start_job()
-        self.wait_restart()
+        self.wait_trained()
 
     def damage_latest(self) -> str:
         from pipeline.checkpoint import latest
