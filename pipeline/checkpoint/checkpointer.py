@@ -26,6 +26,7 @@ import os
 import shutil
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,13 @@ warnings.filterwarnings(
 
 
 def _first_line(e: BaseException) -> str:
+    """The error's line. DCP's CheckpointException holds every failed rank's traceback, whose source lines
+    may say "Error" before the error does: it is named by its first failed rank's own exception instead
+    (a full disk: "rank 0: OSError: [Errno 28] No space left on device: '.../__0_0.distcp'")."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank = min(e.failures)
+        inner = e.failures[rank][0] if isinstance(e.failures[rank], tuple) else e.failures[rank]
+        return f"rank {rank}: {traceback.format_exception_only(type(inner), inner)[-1].strip()[:300]}"
     text = str(e).strip().splitlines()
     line = next((ln for ln in text if "Error" in ln or "error" in ln), text[0] if text else type(e).__name__)
     return line.strip()[:300]

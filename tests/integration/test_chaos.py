@@ -17,9 +17,10 @@ from tests.support.processes import small_env
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 SEED = 3
-# The kinds that resume exactly (so the weights are compared), one of each: a worker's SIGKILL, a preemption
-# and a damaged `latest` after it (the requeue replays from the checkpoint before). ~3 min on 2 loaded cores.
-FAULTS = "kill-rank,preempt,damaged-latest"
+# Kinds that resume exactly (so the weights are compared), one of each: a full disk under a checkpoint's file
+# (the checkpointer's line, torchrun's restart), a preemption and a damaged `latest` after it (the requeue
+# replays from the checkpoint before). ~3 min on 2 loaded cores; `make chaos` draws from every kind.
+FAULTS = "full-disk,preempt,damaged-latest"
 TIMEOUT = 600
 
 

@@ -8,7 +8,9 @@ one torchrun per node (``--nnodes 4 --nproc-per-node 1 --max-restarts``), dp 4 x
 the demo data, each rank :mod:`tests.support.chaos_rank` (the harness plus the campaign's hooks). The seed
 draws which faults strike, in which order, at which training step (``--faults``: the kinds to draw from;
 each drawn once, more with ``--count``); the campaign waits for that step (a state, never a duration),
-injects, and goes on. A job that ends unfinished (a preemption) is started again, as a requeue would.
+injects, and goes on. A job that ends unfinished (a preemption) is started again, as a requeue would (the
+same torchrun run id, Slurm's requeue count one higher); a job that a repeating crash stopped is started as a
+new job (a new run id) once the bug is "fixed", as its user would.
 
 Then it checks, and says so in one line each (``chaos: ok ...`` / ``chaos: FAILED ...``):
   * the run finished (every rank returned from the trainer, not preempted, at the last step);
@@ -18,9 +20,8 @@ Then it checks, and says so in one line each (``chaos: ok ...`` / ``chaos: FAILE
   * every fault was named in the logs by the line its kind expects (:attr:`Fault.expect`).
 
 The catalogue (:data:`CATALOGUE`): a fault is a small class, ``inject(campaign)`` acts and returns the
-regular expression of the line that must name it. ``ON_MAIN`` are the kinds the current training code
-survives; the others are in the catalogue for the features that will make them survivable (a repeating
-crash stopping the job, a full disk during a save), selectable with ``--faults`` and documented as such.
+regular expression of the line that must name it, a line the training code writes (never the campaign).
+The default campaign draws from every kind (:data:`DEFAULT_KINDS`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from tests.support import NARROW, PYTHON, REPO, flags
+from tests.support import NARROW, PYTHON, REPO, flags, processes
 from tests.support.netns import Node, NodeGroup
 from tests.support.processes import children, cmdline, descendants, small_env
 
@@ -75,6 +76,7 @@ class Fault:
     uninterrupted one (a rollback), so only completion and accounting are compared."""
 
     changes_trajectory: ClassVar[bool] = False
+    room: ClassVar[int] = 4  # the steps past the one it is injected at that the run may train while it acts
     kind: str = ""
     step: int = 0  # the global training step at which the campaign injects it (drawn from the seed)
     target: int = 0  # which rank or node (drawn from the seed)
@@ -93,6 +95,7 @@ class KillRank(Fault):
     def inject(self, c: Campaign) -> str:
         pid = c.rank_pid(self.target)
         os.kill(pid, signal.SIGKILL)
+        c.release()
         c.wait_restart()
         return rf"exitcode: -9\) local_rank: 0 \(pid: {pid}\)"
 
@@ -111,13 +114,14 @@ class KillLauncher(Fault):
             except ProcessLookupError:
                 pass
         launcher.wait()
+        c.release()
         if self.target == 0:
             c.wait_for(c.job_over, 300, "the other launchers' end without their store")
             c.start_job()
-            c.wait_restart()
+            c.wait_trained()
             return r"RendezvousConnectionError: The connection to the C10d store has failed"
         c.start_node(self.target)
-        c.wait_restart()
+        c.wait_trained()
         # On main only gloo's error in the survivors' tracebacks names the lost node (by its address); the node
         # ledger of issue 37 is to name it in a line of its own.
         addr = re.escape(c.group.nodes[self.target].addr)
@@ -131,6 +135,7 @@ class StopRank(Fault):
     def inject(self, c: Campaign) -> str:
         pid = c.rank_pid(self.target)
         os.kill(pid, signal.SIGSTOP)
+        c.release()
         c.wait_restart()
         # "process state T (stopped)", or "not running Python ...: stopped or stuck in the kernel"
         return rf"rank {self.target} \(host node-\w, pid {pid}\) last seen in phase [\w-]+ at step \d+.*stopped"
@@ -144,14 +149,19 @@ class LinkCut(Fault):
     def inject(self, c: Campaign) -> str:
         node = c.group.nodes[self.target]
         c.group.set_link(node, False)
+        c.release()
         try:
             c.wait_for(lambda: c.log_matches(r"cannot reach rank"), HANG_S * 6, "the watchdog's line")
             c.wait_for(c.job_over, 300, "the job's end after the cut")
         finally:
             c.group.set_link(node, True)
         c.start_job()
-        c.wait_restart()
-        return rf"cannot reach rank {self.target} \(host {node.hostname}, {re.escape(node.addr)}:\d+\)"
+        c.wait_trained()
+        # the others name the cut node; when it is node-a (the watchdog's reporter, rank 0) it names itself
+        return (
+            rf"cannot reach rank {self.target} \(host {node.hostname}, {re.escape(node.addr)}:\d+\)"
+            rf"|{node.hostname} and the other nodes cannot reach each other"
+        )
 
 
 class Preempt(Fault):
@@ -176,9 +186,12 @@ class DamagedLatest(Fault):
 class SlowRank(Fault):
     """One rank's batches arrive late for a while: the straggler detector names it (nothing else changes)."""
 
+    room = 6  # --faults.stragglers.window control steps in a row, and the step that says so
+
     def inject(self, c: Campaign) -> str:
         flag = c.control / f"slow-rank-{self.target}"
         flag.touch()
+        c.release()
         pattern = rf"straggler: rank {self.target} "
         try:
             c.wait_for(lambda: c.log_matches(pattern), 240, "the straggler line")
@@ -188,37 +201,76 @@ class SlowRank(Fault):
 
 
 class NonFinite(Fault):
-    """Rank 0's batch at the drawn step is NaN, once. The divergence guard applies no update and, at its default
-    action (stop), ends the group naming the step and the last good checkpoint (exit 2); torchrun's restart
-    resumes from it and, the batch being good this time, trains what an uninterrupted run trains. (With
-    ``--faults.divergence.action rollback`` the batches since would be skipped: another trajectory.)"""
+    """Rank 0's batch of a step just ahead (:meth:`Campaign.step_ahead`) is NaN, once. The divergence guard
+    applies no update and, at its default action (stop), ends the group naming the step and the last good
+    checkpoint (exit 2); torchrun's restart resumes from it and, the batch being good this time, trains what an
+    uninterrupted run trains. (With ``--faults.divergence.action rollback`` the batches since would be
+    skipped: another trajectory.)"""
 
     def inject(self, c: Campaign) -> str:
-        (c.control / f"poison-step-{self.step + 2}").touch()
+        step = c.step_ahead()
+        (c.control / f"poison-step-{step}").touch()
+        c.release()
         c.wait_restart()
-        return rf"non-finite \(NaN/inf\) at step {self.step + 2} on rank\(s\) 0\b"
+        return rf"non-finite \(NaN/inf\) at step {step} on rank\(s\) 0\b"
 
 
 class RepeatingCrash(Fault):
-    """Every rank raises at the same step every time. Needs issue 37's "a repeating crash stops the job after
-    the second time"; on main it uses up --max-restarts and the job fails (so it is off by default, and the
-    campaign then only checks its line)."""
+    """Every rank raises at a step just ahead, every time (a bug). pipeline/faults/crashes.py stops the job after
+    the second time: the third attempt's ranks end their torchruns, rank 0 says so in one line, and the check
+    that slurm/train.sh runs after the job exits 3 with the same line. The campaign checks both, "fixes the
+    bug" (removes the flag) and starts a new job, which resumes from ``latest`` and trains what an
+    uninterrupted run trains."""
 
     def inject(self, c: Campaign) -> str:
-        (c.control / f"crash-step-{self.step + 2}").touch()
-        return rf"chaos: the crash that repeats, at step {self.step + 2}"
+        from pipeline.faults.crashes import EXIT_REPEATED, Repeat
+
+        step = c.step_ahead()
+        flag = c.control / f"crash-step-{step}"
+        flag.touch()
+        c.release()
+        c.wait_for(c.job_over, 600, "the job's end after the crash repeated")
+        check = subprocess.run(
+            [PYTHON, *flags("-m pipeline.faults.crashes check {}", c.run_dir)],
+            env=small_env({"TORCHELASTIC_RUN_ID": c.job_id}),  # the job, as torchrun names it to its ranks
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        # crashes.py's line for this crash: the step its ranks had done, the error chaos_rank.py raises
+        line = "error: " + Repeat(step - 1, f"RuntimeError: chaos: a bug that raises at step {step}").line()
+        if check.returncode != EXIT_REPEATED or check.stderr.strip() != line:
+            raise CampaignError(
+                f"{self.describe()}: the job's check exited {check.returncode} ({check.stderr.strip()!r}), "
+                f"not {EXIT_REPEATED} with {line!r}"
+            )
+        flag.unlink()  # the user fixed the bug
+        c.start_job(new=True)
+        c.wait_trained()
+        return re.escape(line)
 
 
 class FullDisk(Fault):
-    """Rank 0's next checkpoint write fails with ENOSPC once; torchrun's restart resumes from the checkpoint
-    before. Off by default: the hook raises above the checkpointer's own ENOSPC handling, so the run survives
-    but names it only in a traceback (a run directory on a small tmpfs would take the real path, which
-    tests/integration/test_faults.py covers on one node)."""
+    """Rank 0's next checkpoint file fails at its first write with ENOSPC (tests/support/chaos_rank.py), once.
+    The checkpointer names it in one line, removes the unfinished save and stops every rank (exit 2), keeping
+    ``latest``; the campaign checks that ``latest`` still verifies; torchrun's restart resumes from it."""
 
     def inject(self, c: Campaign) -> str:
+        from pipeline.checkpoint import latest, verify
+
         (c.control / "disk-full").touch()
+        c.release()
+        pattern = (
+            r"error: checkpoint at step \d+ failed: rank 0: OSError: \[Errno 28\] No space left on device: "
+            r"\S+; the previous checkpoint \S+ is intact"
+        )
+        c.wait_for(lambda: c.log_matches(pattern), 600, "the checkpointer's line")
+        kept = latest(c.run_dir)
+        reason = verify(kept) if kept is not None else "missing"
+        if reason:
+            raise CampaignError(f"{self.describe()}: `latest` ({kept}) after the full disk: {reason}")
         c.wait_restart()
-        return r"No space left on device"
+        return pattern
 
 
 CATALOGUE: dict[str, type[Fault]] = {
@@ -233,17 +285,8 @@ CATALOGUE: dict[str, type[Fault]] = {
     "repeating-crash": RepeatingCrash,
     "full-disk": FullDisk,
 }
-ON_MAIN = (
-    "kill-rank",
-    "kill-launcher",
-    "stop-rank",
-    "link-cut",
-    "preempt",
-    "damaged-latest",
-    "slow-rank",
-    "non-finite",
-)
-"""The kinds the default campaign draws from: what the training code on main survives."""
+DEFAULT_KINDS = tuple(CATALOGUE)
+"""The kinds the default campaign draws from: the whole catalogue (the training code survives each)."""
 
 
 def draw(seed: int, kinds: Sequence[str], count: int, steps: int) -> list[Fault]:
@@ -274,7 +317,10 @@ class Campaign:
     faults: list[Fault] = field(default_factory=list)
     launchers: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     mark: dict[int, int] = field(default_factory=dict)  # each node's log size when the current fault struck
-    jobs: int = 0
+    jobs: int = 0  # jobs started, requeues included
+    released: int | None = None  # where the hold goes once the fault being injected has acted (None: away)
+    job_id: str = ""  # the job's torchrun run id (its rendezvous id): kept by a requeue
+    requeues: int = 0  # this job's requeues (Slurm's SLURM_RESTART_COUNT)
 
     @property
     def run_dir(self) -> Path:
@@ -315,7 +361,7 @@ class Campaign:
             *flags("-m torch.distributed.run --nnodes {} --nproc-per-node 1 --max-restarts 12", NODES),
             "--rdzv-backend=c10d",
             "--monitor-interval=0.5",
-            f"--rdzv-id=chaos-{self.seed}-{self.out.name}",
+            f"--rdzv-id={self.job_id}",
             f"--rdzv-endpoint={self.group.nodes[0].hostname}:{RDZV_PORT}",
             "--rdzv-conf=join_timeout=180,read_timeout=120,last_call_timeout=2",
             RANK_SCRIPT,
@@ -329,6 +375,8 @@ class Campaign:
                 "CHAOS_RECORD": str(self.record),
                 "CHAOS_SLOW_S": str(SLOW_S),
                 "GLOO_SOCKET_IFNAME": node.ifname,
+                # as Slurm's requeue count: the crash journal tells a requeue's attempts from its job's first ones
+                "SLURM_RESTART_COUNT": str(self.requeues),
                 # as slurm/train.sh: a restarted group must not read the dead group's addresses from a shared store
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
             }
@@ -336,7 +384,12 @@ class Campaign:
         with self.log(k).open("ab") as log:
             self.launchers[k] = self.group.popen(node, argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
-    def start_job(self) -> None:
+    def start_job(self, new: bool = False) -> None:
+        """Start every node's torchrun: the job again (a requeue), or with ``new`` (or at first) a new job."""
+        if new or not self.job_id:
+            self.job_id, self.requeues = f"chaos-{self.seed}-{self.out.name}-{self.jobs + 1}", 0
+        else:
+            self.requeues += 1
         self.jobs += 1
         for f in (self.out / "outcome").glob("outcome-rank*.json"):
             f.unlink()
@@ -345,18 +398,17 @@ class Campaign:
 
     def rank_pid(self, rank: int) -> int:
         """The training process of ``rank`` (node ``rank``: one rank a node), waiting for it to run."""
+        return self.wait_for(lambda: self.find_rank(rank), 120, f"rank {rank}'s process")
 
-        def find() -> int | None:
-            launcher = self.launchers[rank]
-            for pid in descendants(launcher.pid):
-                if RANK_SCRIPT in cmdline(pid) and not children(pid):
-                    return pid
-            for pid in descendants(launcher.pid):
-                if RANK_SCRIPT in cmdline(pid):
-                    return pid
-            return None
-
-        return self.wait_for(find, 120, f"rank {rank}'s process")
+    def find_rank(self, rank: int) -> int | None:
+        launcher = self.launchers[rank]
+        for pid in descendants(launcher.pid):
+            if RANK_SCRIPT in cmdline(pid) and not children(pid):
+                return pid
+        for pid in descendants(launcher.pid):
+            if RANK_SCRIPT in cmdline(pid):
+                return pid
+        return None
 
     def progress(self) -> int:
         """Batches handed to the loop so far, all ranks and attempts (grows while the run trains)."""
@@ -371,8 +423,40 @@ class Campaign:
                 steps.append(json.loads(lines[-1])["step"])
         return max(steps, default=0)
 
+    def hold(self, step: int | None) -> None:
+        """No rank is handed a batch past global step ``step`` (None: no hold) until it moves: a fault acts while
+        the run is held at its step, and the run cannot race past a fault not yet injected or end before it
+        (the ranks' ``gate``, tests/support/chaos_rank.py). Each hold lasts the campaign's reaction and a
+        fault's act (a signal, a file), well within --faults.hang.timeout."""
+        from basics.files import write_bytes_atomic
+
+        if step is None:
+            (self.control / "gate").unlink(missing_ok=True)
+        else:
+            write_bytes_atomic(self.control / "gate", str(step).encode(), durable=False)
+
+    def release(self) -> None:
+        """A fault has acted: the run trains on, up to the next fault's step or its ``room`` past this one."""
+        self.hold(self.released)
+
+    def step_ahead(self) -> int:
+        """A global step whose batch no rank has been handed yet (the drawn step may be past: an earlier fault's
+        injection waited for its line while the run trained on)."""
+        return self.latest_step() + 2
+
     def wait_restart(self) -> None:
-        """Until the restarted group trains again: every rank hands the loop a new batch."""
+        """Until the restarted group trains again: every rank is a new process (the fault may strike a step or
+        two after it was injected) and has handed the loop two batches since."""
+        old = {self.find_rank(k) for k in range(NODES)} - {None}
+        self.wait_for(
+            lambda: self.job_over() or all(self.find_rank(k) not in old | {None} for k in range(NODES)),
+            400,
+            "the restarted group's processes",
+        )
+        self.wait_trained()
+
+    def wait_trained(self) -> None:
+        """Until every rank has handed the loop two batches more (after a job's start: its group trains)."""
         before = {f.name: len(f.read_text().splitlines()) for f in self.record.glob("rank-*.jsonl")}
 
         def trained() -> bool:
@@ -388,10 +472,11 @@ class Campaign:
         """Signal every rank, wait for the job to end, run ``between`` (no job running), start it again."""
         for k in range(NODES):
             os.kill(self.rank_pid(k), sig)
+        self.release()
         self.wait_for(self.job_over, 300, "the preempted job's end")
         between()  # type: ignore[operator]
         self.start_job()
-        self.wait_restart()
+        self.wait_trained()
 
     def damage_latest(self) -> str:
         from pipeline.checkpoint import latest
@@ -407,14 +492,11 @@ class Campaign:
 
     @staticmethod
     def wait_for(predicate, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise CampaignError(f"timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(0.2)
+        """tests.support.processes.wait_for, its time-out a CampaignError (the campaign reports it, not raises)."""
+        try:
+            return processes.wait_for(predicate, timeout, what, poll=0.2)
+        except AssertionError as e:
+            raise CampaignError(str(e)) from None
 
     # --- one whole campaign ----------------------------------------------------------------------
 
@@ -423,10 +505,15 @@ class Campaign:
         self.out.mkdir(parents=True, exist_ok=True)
         self.control.mkdir(exist_ok=True)
         (self.out / "outcome").mkdir(exist_ok=True)
+        import pipeline.checkpoint
+        import pipeline.faults.crashes  # noqa: F401  (now: torch's import takes seconds, which an injection must not)
+
         deadline = time.monotonic() + timeout
         expected = []
+        self.hold(self.faults[0].step if self.faults else None)
         self.start_job()
-        for fault in self.faults:
+        for i, fault in enumerate(self.faults):
+            self.hold(fault.step)
             self.wait_for(
                 lambda f=fault: self.latest_step() >= f.step or self.job_over(),
                 max(1.0, deadline - time.monotonic()),
@@ -436,7 +523,10 @@ class Campaign:
                 raise CampaignError(f"the job ended before {fault.describe()}:\n{self.logs_text()[-3000:]}")
             self.mark = self.log_sizes()
             print(f"chaos: injecting {fault.describe()}", flush=True)
-            expected.append(fault.inject(self))
+            later = self.faults[i + 1 :]
+            self.released = max(later[0].step, self.latest_step() + fault.room) if later else None
+            expected.append(fault.inject(self))  # acts while the run is held, then releases it
+            self.release()
         while True:
             self.wait_for(self.job_over, max(1.0, deadline - time.monotonic()), "the job's end")
             if not self.finished() and all(p.returncode == 0 for p in self.launchers.values()) and self.jobs < 20:
@@ -602,7 +692,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m tests.support.chaos", description=" ".join(__doc__.split("\n\n")[0].split())
     )
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--faults", default=",".join(ON_MAIN), help=f"kinds to draw from (default: {','.join(ON_MAIN)})")
+    p.add_argument(
+        "--faults", default=",".join(DEFAULT_KINDS), help=f"kinds to draw from (default: {','.join(DEFAULT_KINDS)})"
+    )
     p.add_argument("--count", type=int, default=0, help="faults to inject (default: one of each kind)")
     p.add_argument("--data", type=Path, help="a demo dataset's shards (default: built under --out)")
     p.add_argument("--out", type=Path, default=Path("chaos-out"))

@@ -4,10 +4,11 @@ Run by torchrun as a script, like the harness. ``CHAOS_CONTROL=DIR`` is where th
 (tests/support/chaos.py) leaves files that switch a fault on in a running rank, so a fault lands at a
 step the campaign chose, not at a time:
 
+``gate``             holds S: no rank is handed the batch of a global step past S while it says so
 ``slow-rank-R``      every training batch of rank R arrives ``CHAOS_SLOW_S`` seconds late while it exists
 ``poison-step-S``    rank 0's batch of global step S is NaN once (rank 0 renames the file ``...done``)
-``crash-step-S``     every rank raises at global step S, every time (a crash that repeats)
-``disk-full``        rank 0's next checkpoint write fails with ENOSPC once (the file is removed)
+``crash-step-S``     every rank raises at global step S, every time (a bug: the crash repeats until the file goes)
+``disk-full``        rank 0's next checkpoint file fails at its first write with ENOSPC, once (the file is removed)
 
 ``CHAOS_RECORD=DIR`` writes ``DIR/rank-N.jsonl``: one JSON line per training batch handed to the loop,
 ``{"epoch", "step", "keys"}`` (``step`` global and 1-based, ``keys`` the batch's sample keys, from the
@@ -23,7 +24,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -45,8 +49,10 @@ class Chaotic:
         slow_s = float(os.environ.get("CHAOS_SLOW_S", "0.5"))
         for k, (images, labels) in enumerate(self.inner):
             step = self.first_step + k + 1
+            while step > gate(self.control / "gate"):
+                time.sleep(0.05)
             if (self.control / f"crash-step-{step}").exists():
-                raise RuntimeError(f"chaos: the crash that repeats, at step {step}")
+                raise RuntimeError(f"chaos: a bug that raises at step {step}")
             poison = self.control / f"poison-step-{step}"
             if self.rank == 0 and poison.exists():
                 poison.rename(poison.with_name(f"{poison.name}.done"))
@@ -58,6 +64,14 @@ class Chaotic:
                 with (self.record / f"rank-{self.rank}.jsonl").open("a") as f:
                     f.write(json.dumps(line) + "\n")
             yield images, labels
+
+
+def gate(path: Path) -> float:
+    """The last step the campaign lets the ranks train (no file: every step)."""
+    try:
+        return int(path.read_text())
+    except FileNotFoundError:
+        return float("inf")
 
 
 def chaotic(loaders, rank: int):
@@ -97,19 +111,49 @@ def chaotic(loaders, rank: int):
     return Loaders(train=train_loader, val=loaders.val)
 
 
+class NoSpace:
+    """A checkpoint file's stream on a full disk: it was created, and every write fails with ENOSPC, as the
+    kernel's write does (the rest of the stream is the real one)."""
+
+    def __init__(self, stream: Any, path: str):
+        self._stream, self._path = stream, path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def write(self, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._path)
+
+
+def full_disk_on(disk_full: Callable[[], bool]) -> None:
+    """The file streams of torch.distributed.checkpoint's writer (every checkpoint file passes through
+    ``FileSystem.create_stream``) strike a full disk when ``disk_full()`` says so as one is opened for
+    writing: the error rises where a real one does, under the checkpointer's own handling of it."""
+    from torch.distributed.checkpoint import filesystem
+
+    create_stream = filesystem.FileSystem.create_stream
+
+    @contextmanager
+    def striking(self: Any, path: Any, mode: str) -> Iterator[Any]:
+        with create_stream(self, path, mode) as stream:
+            yield NoSpace(stream, str(path)) if "w" in mode and disk_full() else stream
+
+    filesystem.FileSystem.create_stream = striking
+
+
 def full_disk(rank: int) -> None:
-    from pipeline.checkpoint import Checkpointer
-
+    """``disk-full``: rank 0's next checkpoint file, once (the rank takes the file away)."""
     flag = Path(os.environ["CHAOS_CONTROL"]) / "disk-full"
-    write = Checkpointer._write
 
-    def failing_write(self, *args, **kwargs):
-        if rank == 0 and flag.exists():
-            flag.unlink(missing_ok=True)
-            raise OSError(errno.ENOSPC, "No space left on device (chaos: a full disk during a save)")
-        return write(self, *args, **kwargs)
+    def once() -> bool:
+        try:
+            flag.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
-    Checkpointer._write = failing_write
+    if rank == 0:
+        full_disk_on(once)
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ def _write(record: Path, lines_by_rank: dict[int, list[tuple[int, int]]]) -> Non
 
 
 def test_the_same_seed_draws_the_same_faults_and_another_seed_others() -> None:
-    kinds, n = list(chaos.ON_MAIN), len(chaos.ON_MAIN)
+    kinds, n = list(chaos.DEFAULT_KINDS), len(chaos.DEFAULT_KINDS)
     first = [(f.kind, f.step, f.target) for f in chaos.draw(7, kinds, n, 18)]
     assert first == [(f.kind, f.step, f.target) for f in chaos.draw(7, kinds, n, 18)]
     assert first != [(f.kind, f.step, f.target) for f in chaos.draw(8, kinds, n, 18)]
@@ -55,3 +55,34 @@ def test_a_lost_batch_and_a_repeated_one_are_named(tmp_path: Path) -> None:
     with (twice / "rank-3.jsonl").open("a") as f:  # rank 3 trains on rank 0's samples at step 4
         f.write(json.dumps({"epoch": 1, "step": 5, "keys": KEYS[8:10]}) + "\n")
     assert any("epoch 1: 0 samples never seen [], 2 seen twice" in p for p in chaos.accounting(twice, KEYS, STEPS))
+
+
+def test_a_rank_is_handed_no_batch_past_the_campaigns_gate(tmp_path: Path, monkeypatch) -> None:
+    """A chaos rank waits before the batch of a step past ``control/gate`` (so the run cannot race past a fault
+    the campaign has not injected yet) and goes on when the campaign moves it."""
+    from tests.support import chaos_rank
+
+    class Inner(list):
+        steps_in_epoch = 4
+
+    handed: list[int] = []
+    waited: list[int] = []
+
+    def campaign_moves_the_gate(seconds: float) -> None:  # the rank's wait: the campaign moves the gate by one
+        waited.append(len(handed))
+        (tmp_path / "gate").write_text(str(int((tmp_path / "gate").read_text()) + 1))
+
+    monkeypatch.setattr(chaos_rank.time, "sleep", campaign_moves_the_gate)
+    (tmp_path / "gate").write_text("2")
+    loader = chaos_rank.Chaotic(
+        Inner([(i, None) for i in range(4)]),
+        first_step=0,
+        epoch=0,
+        keys=lambda k: [],
+        rank=1,
+        control=tmp_path,
+        record=None,
+    )
+    for images, _ in loader:
+        handed.append(images)
+    assert handed == [0, 1, 2, 3] and waited == [2, 3]

@@ -358,6 +358,26 @@ def test_async_save_failure_is_one_line_and_keeps_the_previous(tmp_path: Path, m
     assert checkpoint.latest(tmp_path) == good and not list(RunDir(tmp_path).checkpoints.glob("*.tmp"))
 
 
+def test_a_full_disk_in_a_checkpoint_file_is_named_by_its_os_error(tmp_path: Path, monkeypatch) -> None:
+    """The disk fills while DCP writes a file (the chaos campaign's seam): the one line names the OS error, not a
+    source line of DCP's traceback that says "Error" first; nothing half-written stays; ``latest`` verifies."""
+    from torch.distributed.checkpoint import filesystem
+
+    from tests.support.chaos_rank import full_disk_on
+
+    state, saver = _state(tmp_path), _saver(tmp_path)
+    good = _save_at(saver, state, 10)
+    monkeypatch.setattr(filesystem.FileSystem, "create_stream", filesystem.FileSystem.create_stream)  # restored after
+    full_disk_on(lambda: True)
+    with pytest.raises(CheckpointError) as err:
+        _save_at(saver, state, 20)
+    line = str(err.value)
+    assert "\n" not in line and "intact" in line, line
+    assert line.startswith("checkpoint at step 20 failed: rank 0: OSError: [Errno 28] No space left on device: "), line
+    assert checkpoint.latest(tmp_path) == good and checkpoint.verify(good) is None
+    assert not list(RunDir(tmp_path).checkpoints.glob("*.tmp"))
+
+
 @pytest.mark.parametrize("batch, progress", [(128, (2, 40, 7)), (64, (3, 40, 0))])
 def test_a_mid_epoch_checkpoint_goes_on_at_its_next_step_on_another_dp_size(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, batch: int, progress: tuple[int, int, int]
