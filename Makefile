@@ -55,7 +55,7 @@ gpu-check:
 	$(PYTHON) -m pipeline.bench.gpu_check --out $(GPU_CHECK_OUT)
 
 # A seeded chaos campaign (root: it makes network namespaces): one run on four emulated nodes, faults drawn by
-# SEED from FAULTS (default: the kinds the run survives today; the catalogue: tests/support/chaos.py), then the
+# SEED from FAULTS (default: every kind in the catalogue, tests/support/chaos.py), then the
 # checks that nothing was lost. `make chaos SEED=7 FAULTS=kill-rank,link-cut,preempt COUNT=6`; output in CHAOS_OUT.
 SEED ?= 1
 FAULTS ?=

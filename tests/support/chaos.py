@@ -201,18 +201,34 @@ class SlowRank(Fault):
 
 
 class NonFinite(Fault):
-    """Rank 0's batch of a step just ahead (:meth:`Campaign.step_ahead`) is NaN, once. The divergence guard
-    applies no update and, at its default action (stop), ends the group naming the step and the last good
-    checkpoint (exit 2); torchrun's restart resumes from it and, the batch being good this time, trains what an
-    uninterrupted run trains. (With ``--faults.divergence.action rollback`` the batches since would be
-    skipped: another trajectory.)"""
+    """Rank 0's loss is NaN at a step just ahead (:meth:`Campaign.step_ahead`) in that step's first computation
+    only: a device that erred once. The divergence guard applies no update and re-runs the step in place; the
+    re-run is finite, so its update is applied (the trajectory of an uninterrupted run) and rank 0's node is
+    named suspect in one line and in the node ledger."""
+
+    def inject(self, c: Campaign) -> str:
+        step = c.step_ahead()
+        (c.control / f"nan-once-step-{step}").touch()
+        c.release()
+        pattern = rf"divergence at step {step} did not repeat when re-run in place: node \S+ \(rank\(s\) 0\) suspect"
+        c.wait_for(lambda: c.log_matches(pattern), 240, "the re-run's line")
+        return pattern
+
+
+class BadBatch(Fault):
+    """Rank 0's batch of a step just ahead is NaN, in every computation of it: the batch is at fault. The guard
+    applies no update, the re-run in place diverges again, and the batch is skipped (its keys in
+    RUN_DIR/bad_batches.jsonl) while training goes on: one batch not trained on, another trajectory."""
+
+    changes_trajectory = True
 
     def inject(self, c: Campaign) -> str:
         step = c.step_ahead()
         (c.control / f"poison-step-{step}").touch()
         c.release()
-        c.wait_restart()
-        return rf"non-finite \(NaN/inf\) at step {step} on rank\(s\) 0\b"
+        pattern = rf"divergence at step {step} repeated when re-run in place: the batch is at fault; skipped"
+        c.wait_for(lambda: c.log_matches(pattern), 240, "the skipped batch's line")
+        return pattern
 
 
 class RepeatingCrash(Fault):
@@ -282,6 +298,7 @@ CATALOGUE: dict[str, type[Fault]] = {
     "damaged-latest": DamagedLatest,
     "slow-rank": SlowRank,
     "non-finite": NonFinite,
+    "bad-batch": BadBatch,
     "repeating-crash": RepeatingCrash,
     "full-disk": FullDisk,
 }

@@ -6,7 +6,10 @@ step the campaign chose, not at a time:
 
 ``gate``             holds S: no rank is handed the batch of a global step past S while it says so
 ``slow-rank-R``      every training batch of rank R arrives ``CHAOS_SLOW_S`` seconds late while it exists
-``poison-step-S``    rank 0's batch of global step S is NaN once (rank 0 renames the file ``...done``)
+``poison-step-S``    rank 0's batch of global step S is NaN, in every computation of it (a bad batch; rank 0
+                     renames the file ``...done`` once it handed the batch out)
+``nan-once-step-S``  rank 0's images of global step S are NaN in the step's first computation only, not in its
+                     re-run in place (a device that erred once; the file is renamed ``...done``)
 ``crash-step-S``     every rank raises at global step S, every time (a bug: the crash repeats until the file goes)
 ``disk-full``        rank 0's next checkpoint file fails at its first write with ENOSPC, once (the file is removed)
 
@@ -41,6 +44,7 @@ class Chaotic:
         self.inner, self.first_step, self.epoch, self.keys = inner, first_step, epoch, keys
         self.rank, self.control, self.record = rank, control, record
         self.steps_in_epoch = inner.steps_in_epoch
+        self.total = getattr(inner, "total", None)  # the split's size: the trainer weighs a short last batch by it
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -156,11 +160,30 @@ def full_disk(rank: int) -> None:
         full_disk_on(once)
 
 
+def nan_once(rank: int) -> None:
+    """``nan-once-step-S``: rank 0's images of step S are NaN in that step's first computation only."""
+    if rank != 0:
+        return
+    from pipeline import train_step
+
+    control, update = Path(os.environ["CHAOS_CONTROL"]), train_step.TrainStep._update
+
+    def erring(self, images, labels, step, compiling, **kwargs):
+        flag = control / f"nan-once-step-{step + 1}"
+        if flag.exists():
+            flag.rename(flag.with_name(f"{flag.name}.done"))
+            images = images * float("nan")
+        return update(self, images, labels, step, compiling, **kwargs)
+
+    train_step.TrainStep._update = erring
+
+
 def main() -> int:
     rank = int(os.environ.get("RANK", 0))
     slowed = harness.slowed
     harness.slowed = lambda loaders, r: chaotic(slowed(loaders, r), r)
     full_disk(rank)
+    nan_once(rank)
     return harness.main()
 
 
