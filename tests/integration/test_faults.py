@@ -207,10 +207,6 @@ def test_corrupt_shard_of_the_right_size_is_a_one_line_error(demo_shards: Path, 
 
 
 # ------------------------------------------------------------------------------------------------
-# A full disk under the preprocessing output
-
-
-# ------------------------------------------------------------------------------------------------
 # The kill soak: SIGKILL at random moments, the same command again, the same weights at the end
 
 SOAK_KILLS = 10

@@ -128,10 +128,6 @@ def test_preflight_warn_logs_the_table_and_trains(demo_shards: Path, tmp_path: P
 
 
 # ------------------------------------------------------------------------------------------------
-# A hung job: requeued while SLURM_RESTART_COUNT < HANG_REQUEUES (default 3), then left failed
-
-
-# ------------------------------------------------------------------------------------------------
 # A crash that repeats ends the job after the second time; one that does not repeat is restarted
 
 

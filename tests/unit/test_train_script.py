@@ -77,10 +77,6 @@ def _requeues(tmp_path: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Pre-flight modes (rank 1's device measured at a hundredth of its speed by the test hook)
-
-
-# ------------------------------------------------------------------------------------------------
 # A hung job: requeued while SLURM_RESTART_COUNT < HANG_REQUEUES (default 3), then left failed
 
 
