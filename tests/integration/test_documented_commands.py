@@ -1,15 +1,5 @@
-"""Every command README.md, docs/, the Makefile, slurm/*.sh and the ``--help`` texts show still runs.
-
-test_docs.py checks that documented arguments parse; this file checks that the commands run: every
-documented ``python -m MODULE [SUBCOMMAND]`` exists and its ``--help`` exits 0 (the module run as
-``__main__``, as ``python -m`` does), every word documented after a module is one of its subcommands,
-every documented ``make TARGET`` and script exists, and every documented invocation is run somewhere in
-the suite: the cheap ones here on tiny data and the CPU (``test_cheap_documented_commands_run``), the
-others by the test named in ``COVERED``, whose source must show it running the command. A newly
-documented command with neither fails ``test_every_documented_command_is_run_by_the_suite`` (the
-``pipeline.bench.model`` crash went unseen because no test ran it; a fast test now runs it on a
-narrow model).
-"""
+"""The slow half of tests/unit/test_documented_commands.py (its docstring says what the pair checks): the
+documented commands no other test runs, run on tiny data and the CPU."""
 
 from __future__ import annotations
 
