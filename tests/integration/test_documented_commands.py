@@ -4,18 +4,17 @@ documented commands no other test runs, run on tiny data and the CPU."""
 from __future__ import annotations
 
 import json
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.support import PYTHON, REPO
+from tests.support import PYTHON
 from tests.support.datasets import make_dataset
 from tests.support.documented_commands import (
     _here,
 )
-from tests.support.processes import small_env
+from tests.support.processes import run_captured
 
 
 @pytest.mark.slow
@@ -25,15 +24,7 @@ def test_cheap_documented_commands_run(tmp_path: Path) -> None:
 
     def run(key: str, commands: list[list[str]]) -> list[str]:
         for args in commands:  # in order: a later one may read what an earlier one wrote
-            proc = subprocess.run(
-                [PYTHON, "-m", *args],
-                cwd=REPO,
-                env=small_env(),
-                capture_output=True,
-                text=True,
-                timeout=400,
-                stdin=subprocess.DEVNULL,
-            )
+            proc = run_captured([PYTHON, "-m", *args], 400)
             if proc.returncode != 0:
                 return [f"{key}: python -m {' '.join(args)} exits {proc.returncode}:\n{proc.stderr[-2000:]}"]
         return []

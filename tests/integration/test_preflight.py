@@ -15,7 +15,17 @@ import pytest
 
 from tests.support import PYTHON, REPO, flags
 from tests.support.netns import NodePair, netns_skip_reason
-from tests.support.processes import children, cmdline, kill_group, rank_of, resume, small_env, start_logged, wait_for
+from tests.support.processes import (
+    children,
+    cmdline,
+    kill_group,
+    rank_of,
+    resume,
+    run_captured,
+    small_env,
+    start_logged,
+    wait_for,
+)
 
 TIMEOUT = 240
 
@@ -35,15 +45,7 @@ def _rows(text: str) -> list[list[str]]:
 
 @pytest.mark.multiprocess
 def test_preflight_prints_one_table_of_every_rank(demo_shards: Path) -> None:
-    proc = subprocess.run(
-        _argv(demo_shards, "--seconds", "0.3"),
-        cwd=REPO,
-        env=small_env(),
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=TIMEOUT,
-    )
+    proc = run_captured(_argv(demo_shards, "--seconds", "0.3"), TIMEOUT)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     assert text.count("matmul GFLOP/s") == 1, text  # one table, from rank 0

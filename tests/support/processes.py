@@ -164,6 +164,21 @@ def start_logged(
         )
 
 
+def run_captured(
+    argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run to completion in the repository (``small_env()`` unless ``env``), no stdin, its output captured as text."""
+    return subprocess.run(
+        list(argv),
+        cwd=REPO,
+        env=dict(env) if env is not None else small_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def run_logged(argv: Sequence[str], log: Path, env: Mapping[str, str], timeout: float, cwd: Path = REPO) -> int:
     """Run to completion with stdout+stderr into ``log``; kill its whole group on timeout."""
     proc = start_logged(argv, log, env, cwd)
