@@ -17,6 +17,11 @@ from tests.support.train_script import JOB, job_env, requeues
 TIMEOUT = 420
 
 
+def _train_sh(data: Path, run_dir: Path, options: str) -> list[str]:
+    """slurm/train.sh with the small run's training flags and ``options`` (one line, as ``flags`` reads it)."""
+    return ["bash", "slurm/train.sh", *flags("--data {} --run-dir {}", data, run_dir), *SMALL_RUN, *flags(options)]
+
+
 def _table_rows(text: str) -> dict[int, list[str]]:
     """The pre-flight table's rows by rank (rank, host, figures)."""
     rows = [line.split() for line in text.splitlines() if re.match(r"\s*\d+\s+\S+\s+[\d.]+\s+[\d.]+\s+[\d.]+", line)]
@@ -31,13 +36,7 @@ def _table_rows(text: str) -> dict[int, list[str]]:
 def test_preflight_strict_ends_the_job_before_training_without_requeue(demo_shards: Path, tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     env = job_env(tmp_path, PREFLIGHT="strict", ALEXNET_TEST_SLOW_MATMUL_RANK="1")
-    argv = [
-        "bash",
-        "slurm/train.sh",
-        *flags("--data {} --run-dir {}", demo_shards, run_dir),
-        *SMALL_RUN,
-        *flags("--tp 1 --max-steps 2"),  # short, should the job train after all
-    ]
+    argv = _train_sh(demo_shards, run_dir, "--tp 1 --max-steps 2")  # short, should the job train after all
     rc = run_logged(argv, log, env, TIMEOUT)
     text = log.read_text(errors="replace")
     assert rc == 1, text[-4000:]
@@ -55,13 +54,7 @@ def test_preflight_strict_ends_the_job_before_training_without_requeue(demo_shar
 def test_preflight_warn_logs_the_table_and_trains(demo_shards: Path, tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     env = job_env(tmp_path, ALEXNET_TEST_SLOW_MATMUL_RANK="1")  # PREFLIGHT unset: warn, the default
-    argv = [
-        "bash",
-        "slurm/train.sh",
-        *flags("--data {} --run-dir {}", demo_shards, run_dir),
-        *SMALL_RUN,
-        *flags("--tp 1 --max-steps 2"),
-    ]
+    argv = _train_sh(demo_shards, run_dir, "--tp 1 --max-steps 2")
     rc = run_logged(argv, log, env, TIMEOUT)
     text = log.read_text(errors="replace")
     assert rc == 0, text[-4000:]
@@ -82,8 +75,8 @@ def test_preflight_warn_logs_the_table_and_trains(demo_shards: Path, tmp_path: P
 def _crash_job(demo_shards: Path, tmp_path: Path, **extra: str) -> tuple[int, str, Path]:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     env = job_env(tmp_path, PREFLIGHT="off", ALEXNET_TEST_CRASH_AT="2", **extra)
-    argv = ["bash", "slurm/train.sh", *flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN]
-    rc = run_logged([*argv, *flags("--tp 1 --max-steps 4 --faults.hang.timeout 0")], log, env, TIMEOUT)
+    argv = _train_sh(demo_shards, run_dir, "--tp 1 --max-steps 4 --faults.hang.timeout 0")
+    rc = run_logged(argv, log, env, TIMEOUT)
     return rc, log.read_text(errors="replace"), run_dir
 
 
@@ -126,8 +119,7 @@ def test_a_node_in_the_ledger_is_excluded_by_a_requeue_saying_so(demo_shards: Pa
     (earlier / "hangs" / "20260101-000000" / "hang.json").write_text(json.dumps(hang))
     assert nodes.main(["record-hangs", str(earlier)]) == 0  # what slurm/train.sh runs after a hang
     run_dir, log = tmp_path / "runs" / "run", tmp_path / "job.out"
-    argv = ["bash", "slurm/train.sh", *flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN]
-    argv += flags("--tp 1 --max-steps 1")
+    argv = _train_sh(demo_shards, run_dir, "--tp 1 --max-steps 1")
     rc = run_logged(argv, log, job_env(tmp_path, PREFLIGHT="off"), TIMEOUT)
     text = log.read_text(errors="replace")
     assert rc == 0, text[-4000:]
