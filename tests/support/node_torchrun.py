@@ -18,7 +18,9 @@ def torchrun_argv(
     """torchrun's own arguments for one agent of a two-node job (the script and its arguments follow)."""
     return [
         PYTHON,
-        *flags("-m torch.distributed.run --nnodes=2 --nproc-per-node={} --max-restarts={}", nproc, max_restarts),
+        *flags("-m torch.distributed.run --nnodes=2"),
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={endpoint}",
         f"--rdzv-id={rdzv_id}",
