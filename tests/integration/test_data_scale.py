@@ -21,18 +21,6 @@ from preprocess import format as fmt
 from tests.support.data_scale import _epoch
 
 # --------------------------------------------------------------------------------------------
-# preprocess replicate
-
-
-# --------------------------------------------------------------------------------------------
-# The epoch plan: numpy columns, nothing per sample in Python
-
-
-# --------------------------------------------------------------------------------------------
-# Shard hashing: per dataset, changed bytes caught, split between ranks
-
-
-# --------------------------------------------------------------------------------------------
 # The next epoch, prepared while this one trains
 
 

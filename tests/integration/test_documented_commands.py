@@ -1,31 +1,20 @@
-"""Every command README.md, docs/, the Makefile, slurm/*.sh and the ``--help`` texts show still runs.
-
-test_docs.py checks that documented arguments parse; this file checks that the commands run: every
-documented ``python -m MODULE [SUBCOMMAND]`` exists and its ``--help`` exits 0 (the module run as
-``__main__``, as ``python -m`` does), every word documented after a module is one of its subcommands,
-every documented ``make TARGET`` and script exists, and every documented invocation is run somewhere in
-the suite: the cheap ones here on tiny data and the CPU (``test_cheap_documented_commands_run``), the
-others by the test named in ``COVERED``, whose source must show it running the command. A newly
-documented command with neither fails ``test_every_documented_command_is_run_by_the_suite`` (the
-``pipeline.bench.model`` crash went unseen because no test ran it; a fast test now runs it on a
-narrow model).
-"""
+"""The slow half of tests/unit/test_documented_commands.py (its docstring says what the pair checks): the
+documented commands no other test runs, run on tiny data and the CPU."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.support import PYTHON, REPO
+from tests.support import PYTHON
 from tests.support.datasets import make_dataset
 from tests.support.documented_commands import (
     _here,
 )
-from tests.support.processes import small_env
+from tests.support.processes import run_captured
 
 
 @pytest.mark.slow
@@ -35,15 +24,7 @@ def test_cheap_documented_commands_run(tmp_path: Path) -> None:
 
     def run(key: str, commands: list[list[str]]) -> list[str]:
         for args in commands:  # in order: a later one may read what an earlier one wrote
-            proc = subprocess.run(
-                [PYTHON, "-m", *args],
-                cwd=REPO,
-                env=small_env(),
-                capture_output=True,
-                text=True,
-                timeout=400,
-                stdin=subprocess.DEVNULL,
-            )
+            proc = run_captured([PYTHON, "-m", *args], 400)
             if proc.returncode != 0:
                 return [f"{key}: python -m {' '.join(args)} exits {proc.returncode}:\n{proc.stderr[-2000:]}"]
         return []

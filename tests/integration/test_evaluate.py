@@ -12,22 +12,17 @@ import torch
 
 from pipeline import data
 from pipeline.tools.evaluate import class_names, evaluate_members, load_member
-from tests.support import REPO, TORCHRUN
+from tests.support import TORCHRUN
 from tests.support.evaluate import evaluate
-from tests.support.processes import free_port, small_env
+from tests.support.processes import free_port, run_captured
 
 CPU = torch.device("cpu")
 
 
 def torchrun_evaluate(*args: str, nproc: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return run_captured(
         [TORCHRUN, f"--nproc_per_node={nproc}", f"--master-port={free_port()}", "-m", "pipeline.tools.evaluate", *args],
-        cwd=REPO,
-        env=small_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
+        600,
     )
 
 

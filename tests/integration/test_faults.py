@@ -16,9 +16,20 @@ import pytest
 
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
-from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
+from tests.support import HARNESS, PYTHON, SMALL_RUN, flags
 from tests.support.faults import RUN_TIMEOUT, _mount_tmpfs, _one_error_line, _train_error, _umount
-from tests.support.processes import children, cmdline, descendants, kill_group, run_logged, small_env, tail, wait_for
+from tests.support.processes import (
+    children,
+    cmdline,
+    descendants,
+    environ,
+    kill_group,
+    run_logged,
+    small_env,
+    start_logged,
+    tail,
+    wait_for,
+)
 
 
 def _latest(run_dir: Path) -> Path | None:
@@ -27,14 +38,6 @@ def _latest(run_dir: Path) -> Path | None:
 
 def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
-
-
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except (FileNotFoundError, ProcessLookupError):
-        return {}
-    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,22 +65,13 @@ def test_killed_worker_restarts_and_resumes(demo_shards: Path, tmp_path: Path) -
     gate = tmp_path / "gate"
     gate.mkdir()
     env.update(HARNESS_PAUSE_AT="3", HARNESS_GATE=str(gate))
-    with log.open("wb") as sink:
-        agent = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    agent = start_logged(argv, log, env)
     try:
         wait_for(lambda: len(list(gate.glob("paused-rank*"))) == 2, 180, "both ranks at step 3", agent)
         first = _latest(run_dir)
         workers = [p for p in children(agent.pid) if HARNESS in cmdline(p)]
         assert len(workers) == 2, (workers, tail(log))
-        victim = next(p for p in workers if _environ(p).get("LOCAL_RANK") == "1")
+        victim = next(p for p in workers if environ(p).get("LOCAL_RANK") == "1")
         step_at_kill = json.loads((first / META).read_text())["step"]
         assert step_at_kill == 2, first
         os.kill(victim, signal.SIGKILL)
@@ -139,16 +133,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(demo_shards: Path, 
         return None
 
     try:
-        with log.open("wb") as sink:
-            proc = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=small_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start_logged(argv, log, small_env())
         try:
             tmp = wait_for(writing, 240, "a checkpoint being written after a complete one", proc, poll=0.01)
             os.kill(proc.pid, signal.SIGKILL)
@@ -207,10 +192,6 @@ def test_corrupt_shard_of_the_right_size_is_a_one_line_error(demo_shards: Path, 
 
 
 # ------------------------------------------------------------------------------------------------
-# A full disk under the preprocessing output
-
-
-# ------------------------------------------------------------------------------------------------
 # The kill soak: SIGKILL at random moments, the same command again, the same weights at the end
 
 SOAK_KILLS = 10
@@ -259,16 +240,7 @@ def test_kill_soak_resumes_to_the_uninterrupted_weights(demo_shards: Path, tmp_p
         (gate / "held").unlink(missing_ok=True)
         hold = ("written", "renamed")[kill // 2 % 2] if kill % 2 else ""
         (gate / "hold").write_text(hold)
-        with log.open("ab") as sink:
-            proc = subprocess.Popen(
-                _soak_argv(demo_shards, soaked),
-                cwd=REPO,
-                env={**env, "HARNESS_HOLD_SAVE": str(gate)},
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start_logged(_soak_argv(demo_shards, soaked), log, {**env, "HARNESS_HOLD_SAVE": str(gate)})
         try:
             if hold:  # inside a checkpoint save: its data written and nothing committed, or renamed before `latest`
                 wait_for(lambda: (gate / "held").exists(), RUN_TIMEOUT, f"a checkpoint save held at {hold!r}", proc)

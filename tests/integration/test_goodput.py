@@ -19,7 +19,8 @@ from pipeline.goodput import CATEGORIES, RunAccount, account, read_records
 from pipeline.run_dir import RunDir
 from pipeline.tools.report import goodput_section, read_scalars
 from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
-from tests.support.processes import kill_group, run_logged, small_env, tail, wait_for
+from tests.support.processes import kill_group, resume, run_logged, small_env, start_logged, tail, wait_for
+from tests.support.run_records import progress_record
 
 pytestmark = pytest.mark.slow  # each test trains (and restarts) a narrow model for a few steps
 
@@ -60,16 +61,7 @@ def _train(argv: list[str], log: Path, env: dict[str, str]) -> None:
 
 def _paused(argv: list[str], log: Path, env: dict[str, str], gate: Path, at: int) -> subprocess.Popen:
     gate.mkdir()
-    with log.open("ab") as sink:
-        proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env={**env, "HARNESS_PAUSE_AT": str(at), "HARNESS_GATE": str(gate)},
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_logged(argv, log, {**env, "HARNESS_PAUSE_AT": str(at), "HARNESS_GATE": str(gate)})
     wait_for(lambda: (gate / "paused-rank0").exists(), TIMEOUT, f"step {at}", proc)
     return proc
 
@@ -170,29 +162,18 @@ def test_a_stopped_rank_books_the_hang_detection_time(classes_only: Path, tmp_pa
     victim = None
     try:
         wait_for(lambda: (gate / "paused-rank1").exists(), TIMEOUT, "rank 1 at step 5", proc)
-        record = wait_for(lambda: _progress(run_dir, 1), TIMEOUT, "rank 1's progress record", proc)
+        record = wait_for(lambda: progress_record(run_dir, 1), TIMEOUT, "rank 1's progress record", proc)
         victim = record["pid"]
         os.kill(victim, signal.SIGSTOP)
         (gate / "go").touch()
         assert proc.wait(timeout=TIMEOUT) == 0, tail(log)
     finally:
-        if victim is not None:
-            try:
-                os.kill(victim, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume(victim)
         kill_group(proc)
     first, second = _account(run_dir).attempts
     assert first.ended == "hang" and second.ended == "done", tail(log)
     assert HANG_S <= second.seconds["hang_detection"] <= HANG_S + 10
     assert second.seconds["gap"] >= 0 and second.first_step == 4
-
-
-def _progress(run_dir: Path, rank: int) -> dict | None:
-    try:
-        return json.loads((RunDir(run_dir).progress / f"rank-{rank}.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def test_a_restart_reuses_the_compile_cache_in_the_run_directory(classes_only: Path, tmp_path: Path) -> None:

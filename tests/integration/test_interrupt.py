@@ -14,8 +14,17 @@ import pytest
 
 from pipeline import checkpoint
 from pipeline.checkpoint import META, export_model
-from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
-from tests.support.processes import descendants, interruptible, kill_group, run_logged, small_env, tail, wait_for
+from tests.support import HARNESS, PYTHON, SMALL_RUN, flags
+from tests.support.processes import (
+    descendants,
+    interruptible,
+    kill_group,
+    run_logged,
+    small_env,
+    start_logged,
+    tail,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow  # each test trains, is interrupted and resumes
 
@@ -52,17 +61,7 @@ def _logged_step(log: Path) -> int:
 
 
 def _start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with log.open("ab") as sink:
-        return subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=interruptible,
-        )
+    return start_logged(argv, log, env, preexec_fn=interruptible)
 
 
 def _interrupt_and_resume(data: Path, tmp_path: Path, nproc: int) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,10 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.checkpoint import export_model, read_towers
-from tests.support import HARNESS, NARROW, PYTHON, REPO, flags
+from tests.support import HARNESS, NARROW, PYTHON, flags
 from tests.support.netns import Node, NodePair
-from tests.support.processes import run_logged, small_env, tail
+from tests.support.node_torchrun import start_on_both, torchrun_argv
+from tests.support.processes import run_logged, small_env, tail, wait_all
 
 pytestmark = pytest.mark.netns
 NETNS_TAG = "m"  # namespace names (conftest.py node_pair)
@@ -70,33 +70,20 @@ def test_two_nodes_equal_one_process(node_pair: NodePair, classes_only: Path, tm
     env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "fixed"})
     rx_before = {n.hostname: _veth_bytes(n) for n in (a, b)}
     logs = {n.hostname: tmp_path / f"{n.hostname}.log" for n in (a, b)}
-    procs = {}
-    for node in (b, a):  # the client first: it must wait for the host's store
-        argv = [
-            PYTHON,
-            *flags("-m torch.distributed.run --nnodes=2 --nproc-per-node=2 --max-restarts=0"),
-            *flags("--rdzv-backend=c10d"),
-            f"--rdzv-endpoint={a.hostname}:{RDZV_PORT}",
-            f"--rdzv-id=mn-{node_pair.tag}",
-            "--rdzv-conf=join_timeout=60,read_timeout=60,last_call_timeout=2",
-            HARNESS,
-            *common,
-            *flags("--tp 2 --run-dir {}", tmp_path / "r4"),
-        ]
-        procs[node.hostname] = node_pair.popen(
-            node, argv, env=env, cwd=REPO, stdout=logs[node.hostname].open("wb"), stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + TIMEOUT
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    codes = {h: p.poll() for h, p in procs.items()}
-    report = "\n".join(f"--- {h} (exit {codes[h]})\n{tail(logs[h])}" for h in logs)
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
+    argv = [
+        *torchrun_argv(
+            nproc=2,
+            max_restarts=0,
+            endpoint=f"{a.hostname}:{RDZV_PORT}",
+            rdzv_id=f"mn-{node_pair.tag}",
+            options=["--rdzv-conf=join_timeout=60,read_timeout=60,last_call_timeout=2"],
+        ),
+        HARNESS,
+        *common,
+        *flags("--tp 2 --run-dir {}", tmp_path / "r4"),
+    ]
+    procs = start_on_both(node_pair, argv, env, logs)
+    codes, report = wait_all(procs, logs, TIMEOUT)
     assert codes == {a.hostname: 0, b.hostname: 0}, report
 
     # Every rank took the same steps; the ranks of each node are a tower pair on that node.

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import flags
 from tests.support.netns import Node, NodePair
+from tests.support.node_torchrun import torchrun_argv
+from tests.support.processes import wait_all
 
 pytestmark = pytest.mark.netns
 
@@ -44,14 +43,8 @@ dist.destroy_process_group()
 def _torchrun(
     pair: NodePair, node: Node, endpoint: str, local_addr: bool, script: Path, out: Path, log: Path
 ) -> subprocess.Popen[bytes]:
-    argv = [
-        sys.executable,
-        *flags("-m torch.distributed.run --nnodes=2 --nproc-per-node=2 --max-restarts=0"),
-        *flags("--rdzv-backend=c10d"),
-        f"--rdzv-endpoint={endpoint}",
-        f"--rdzv-id=netns-{pair.tag}",
-        "--rdzv-conf=join_timeout=60,read_timeout=30,last_call_timeout=2",
-    ]
+    conf = "--rdzv-conf=join_timeout=60,read_timeout=30,last_call_timeout=2"
+    argv = torchrun_argv(nproc=2, max_restarts=0, endpoint=endpoint, rdzv_id=f"netns-{pair.tag}", options=[conf])
     if local_addr:
         argv.append(f"--local-addr={node.addr}")  # what the node advertises (MASTER_ADDR of its ranks)
     argv += [str(script), str(out)]
@@ -78,17 +71,7 @@ def test_gloo_allreduce_two_nodes(node_pair: NodePair, tmp_path: Path, style: st
         n.hostname: _torchrun(node_pair, n, endpoint, local_addr, script, out, logs[n.hostname]) for n in (b, a)
     }  # the client first: it must wait for the host's store
 
-    deadline = time.monotonic() + TIMEOUT
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    codes = {h: p.poll() for h, p in procs.items()}
-    report = "\n".join(f"--- {h} (exit {codes[h]})\n{logs[h].read_text(errors='replace')[-4000:]}" for h in logs)
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
+    codes, report = wait_all(procs, logs, TIMEOUT)
     assert codes == {a.hostname: 0, b.hostname: 0}, report
 
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]

@@ -10,15 +10,15 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.faults.reach import PROBE_S
-from tests.support import HARNESS, NARROW, PYTHON, REPO, flags
+from tests.support import HARNESS, NARROW, flags
 from tests.support.netns import NodePair
+from tests.support.node_torchrun import start_on_both, torchrun_argv
 from tests.support.processes import small_env, tail, wait_for
 
 pytestmark = pytest.mark.netns
@@ -58,24 +58,22 @@ def test_cut_link_is_named_and_both_launchers_end(
         env["HARNESS_GATE_SAVE"] = "1"  # every rank holds at the start of the step-3 save's file collectives
         held = "saving-rank"
     logs = {n.hostname: tmp_path / f"{n.hostname}.log" for n in (a, b)}
-    procs = {}
-    for node in (b, a):  # the client first: it must wait for the host's store
-        argv = [
-            PYTHON,
-            *flags("-m torch.distributed.run --nnodes=2 --nproc-per-node=1 --max-restarts=1"),
-            *flags("--rdzv-backend=c10d --monitor-interval=0.5"),
-            f"--rdzv-endpoint={a.hostname}:{RDZV_PORT}",
-            f"--rdzv-id=cut-{where}-{node_pair.tag}",
-            HARNESS,
-            *flags("--data {} --run-dir {} --tp 1", classes_only, run_dir),
-            *NARROW,
-            *flags("--model.dropout 0 --batch-size 8 --epochs 100 --train.ten-crop false"),
-            *flags("--checkpoint.every-minutes 0 --checkpoint.every-steps 3 --train.log-every 1"),
-            *WATCH,
-        ]
-        procs[node.hostname] = node_pair.popen(
-            node, argv, env=env, cwd=REPO, stdout=logs[node.hostname].open("wb"), stderr=subprocess.STDOUT
-        )
+    argv = [
+        *torchrun_argv(
+            nproc=1,
+            max_restarts=1,
+            endpoint=f"{a.hostname}:{RDZV_PORT}",
+            rdzv_id=f"cut-{where}-{node_pair.tag}",
+            options=["--monitor-interval=0.5"],
+        ),
+        HARNESS,
+        *flags("--data {} --run-dir {} --tp 1", classes_only, run_dir),
+        *NARROW,
+        *flags("--model.dropout 0 --batch-size 8 --epochs 100 --train.ten-crop false"),
+        *flags("--checkpoint.every-minutes 0 --checkpoint.every-steps 3 --train.log-every 1"),
+        *WATCH,
+    ]
+    procs = start_on_both(node_pair, argv, env, logs)
 
     def report() -> str:
         return "\n".join(f"--- {h} (exit {p.poll()})\n{tail(logs[h], 6000)}" for h, p in procs.items())

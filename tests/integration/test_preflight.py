@@ -15,7 +15,17 @@ import pytest
 
 from tests.support import PYTHON, REPO, flags
 from tests.support.netns import NodePair, netns_skip_reason
-from tests.support.processes import children, cmdline, kill_group, small_env, wait_for
+from tests.support.processes import (
+    children,
+    cmdline,
+    kill_group,
+    rank_of,
+    resume,
+    run_captured,
+    small_env,
+    start_logged,
+    wait_for,
+)
 
 TIMEOUT = 240
 
@@ -35,15 +45,7 @@ def _rows(text: str) -> list[list[str]]:
 
 @pytest.mark.multiprocess
 def test_preflight_prints_one_table_of_every_rank(demo_shards: Path) -> None:
-    proc = subprocess.run(
-        _argv(demo_shards, "--seconds", "0.3"),
-        cwd=REPO,
-        env=small_env(),
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=TIMEOUT,
-    )
+    proc = run_captured(_argv(demo_shards, "--seconds", "0.3"), TIMEOUT)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     assert text.count("matmul GFLOP/s") == 1, text  # one table, from rank 0
@@ -59,22 +61,13 @@ def test_preflight_prints_one_table_of_every_rank(demo_shards: Path) -> None:
 @pytest.mark.multiprocess
 def test_preflight_names_a_slow_rank_and_strict_fails(demo_shards: Path, tmp_path: Path) -> None:
     log = tmp_path / "preflight.log"
-    with log.open("wb") as sink:
-        agent = subprocess.Popen(
-            _argv(demo_shards, "--seconds", "2", "--strict"),
-            cwd=REPO,
-            env=small_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    agent = start_logged(_argv(demo_shards, "--seconds", "2", "--strict"), log, small_env())
     victim = None
     try:
 
         def rank1() -> int | None:
             for pid in children(agent.pid):
-                if "launch.preflight" in cmdline(pid) and _rank_of(pid) == 1:
+                if "launch.preflight" in cmdline(pid) and rank_of(pid) == 1:
                     return pid
             return None
 
@@ -88,25 +81,12 @@ def test_preflight_names_a_slow_rank_and_strict_fails(demo_shards: Path, tmp_pat
     except ProcessLookupError:
         rc = agent.wait(timeout=TIMEOUT)
     finally:
-        if victim is not None:
-            try:
-                os.kill(victim, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume(victim)
         kill_group(agent)
     text = log.read_text(errors="replace")
     assert re.search(r"preflight: rank 1 \(host \S+\) matmul GFLOP/s [\d.]+ is below 0.5 x", text), text[-4000:]
     assert "preflight: rank 0" not in text, text[-4000:]
     assert rc != 0, text[-4000:]
-
-
-def _rank_of(pid: int) -> int | None:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    env = dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
-    return int(env["RANK"]) if "RANK" in env else None
 
 
 # ------------------------------------------------------------------------------------------------

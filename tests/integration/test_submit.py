@@ -23,9 +23,6 @@ from tests.support.slurm import SlurmCluster
 CPU_JOB = flags("--gpus-per-node 0 --cpus-per-task 1 --time-min 10")
 
 
-# ------------------------------------------------------------------------------- CLI, no Slurm
-
-
 # ------------------------------------------------------------------------------- real Slurm jobs
 
 

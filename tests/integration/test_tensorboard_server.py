@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import HARNESS, PYTHON, SMALL_RUN, flags
-from tests.support.processes import kill_group, run_logged, small_env, tail
+from tests.support.processes import kill_group, run_logged, small_env, start_logged, tail
 
 pytestmark = pytest.mark.multiprocess  # two gloo ranks spawned per case
 
@@ -54,16 +53,12 @@ def test_tensorboard_serves_the_runs_scalars(demo_shards: Path, tmp_path: Path) 
     assert steps == 12, outcome
 
     server_log = tmp_path / "tensorboard.log"
-    with server_log.open("wb") as sink:
-        server = subprocess.Popen(
-            [TENSORBOARD, *flags("--logdir {} --host 127.0.0.1 --port 0 --reload_interval 1", run_dir / "tensorboard")],
-            cwd=tmp_path,
-            env=small_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = start_logged(
+        [TENSORBOARD, *flags("--logdir {} --host 127.0.0.1 --port 0 --reload_interval 1", run_dir / "tensorboard")],
+        server_log,
+        small_env(),
+        cwd=tmp_path,
+    )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         base = None

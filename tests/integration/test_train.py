@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,26 +13,8 @@ import torch
 from pipeline import checkpoint
 from pipeline.checkpoint import export_model, read_towers
 from pipeline.model import ModelConfig, build_model
-from tests.support import HARNESS, NARROW_MODEL, REPO, TORCHRUN, flags
-
-
-def _env(out: Path, data: str = "real") -> dict[str, str]:
-    env = {**os.environ, "HARNESS_OUT": str(out), "HARNESS_DATA": data, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return env
-
-
-def _train(
-    out: Path, args: list[str], nproc: int = 1, data: str = "real", timeout: int = 300, check: bool = True
-) -> subprocess.CompletedProcess:
-    out.mkdir(parents=True, exist_ok=True)
-    if nproc == 1:
-        cmd = [sys.executable, HARNESS, *args]
-    else:
-        cmd = [TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", HARNESS, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(out, data), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+from tests.support import NARROW_MODEL, REPO, flags
+from tests.support.harness_runs import train
 
 
 def _outcome(out: Path, rank: int = 0) -> dict:
@@ -60,8 +41,8 @@ def test_one_process_equals_dp2_x_tp2(classes_only: Path, tmp_path: Path) -> Non
         *NARROW_MODEL,
         *flags("--model.dropout 0 --batch-size 8 --lr 0.05 --epochs 1 --train.ten-crop false"),
     ]
-    _train(tmp_path / "o1", [*common, *flags("--tp 1 --run-dir {}", tmp_path / "r1")], data="fixed")
-    _train(tmp_path / "o4", [*common, *flags("--tp 2 --run-dir {}", tmp_path / "r4")], nproc=4, data="fixed")
+    train(tmp_path / "o1", [*common, *flags("--tp 1 --run-dir {}", tmp_path / "r1")], data="fixed")
+    train(tmp_path / "o4", [*common, *flags("--tp 2 --run-dir {}", tmp_path / "r4")], nproc=4, data="fixed")
 
     single = export_model(_latest(tmp_path / "r1"))
     split = export_model(_latest(tmp_path / "r4"))
@@ -90,11 +71,11 @@ def _small(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 def test_preempt_then_resume_equals_uninterrupted(demo_shards: Path, tmp_path: Path) -> None:
     """Stop at a step boundary mid-epoch (as on SIGUSR1), resume: the same weights as one straight run."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    _train(tmp_path / "o1", _small(demo_shards, straight, "--tp", "2", "--max-steps", "6"), nproc=2)
+    train(tmp_path / "o1", _small(demo_shards, straight, "--tp", "2", "--max-steps", "6"), nproc=2)
 
     stopped.mkdir()
     (stopped / "preempt.request").touch()  # what slurm/train.sh's signal trap writes
-    _train(
+    train(
         tmp_path / "o2",
         _small(demo_shards, stopped, "--tp", "2", "--max-steps", "6", "--train.control-every", "3"),
         nproc=2,
@@ -103,7 +84,7 @@ def test_preempt_then_resume_equals_uninterrupted(demo_shards: Path, tmp_path: P
     assert first["preempted"] and first["progress"] == {"epoch": 0, "step": 3, "step_in_epoch": 3}
     assert not (stopped / "preempt.request").exists()
 
-    _train(
+    train(
         tmp_path / "o3",
         _small(demo_shards, stopped, "--tp", "2", "--max-steps", "6", "--train.control-every", "3"),
         nproc=2,
@@ -127,7 +108,7 @@ def test_manual_lr_drop_reaches_every_rank_and_survives_tp_change(demo_shards: P
         check=True,
         capture_output=True,
     )
-    _train(
+    train(
         tmp_path / "o",
         _small(demo_shards, run_dir, "--tp", "2", "--max-steps", "4", "--train.control-every", "2"),
         nproc=2,
@@ -139,7 +120,7 @@ def test_manual_lr_drop_reaches_every_rank_and_survives_tp_change(demo_shards: P
     assert (run_dir / "lr_drop.applied-step2").exists() and not list(run_dir.glob("lr_drop.request*"))
 
     # The tp=2 checkpoint resumes in one process (tp=1), drop history and all.
-    _train(tmp_path / "o1", _small(demo_shards, run_dir, "--tp", "1", "--max-steps", "6"))
+    train(tmp_path / "o1", _small(demo_shards, run_dir, "--tp", "1", "--max-steps", "6"))
     resumed = _outcome(tmp_path / "o1")
     assert resumed["progress"]["step"] == 6 and resumed["lr_drops"] == drops[0]
 
@@ -164,9 +145,9 @@ def test_manual_lr_drop_reaches_every_rank_and_survives_tp_change(demo_shards: P
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    _train(tmp_path / "o", _small(demo_shards, run_dir, "--tp", "1", "--max-steps", "2"))
+    train(tmp_path / "o", _small(demo_shards, run_dir, "--tp", "1", "--max-steps", "2"))
     good = _latest(run_dir)
-    proc = _train(
+    proc = train(
         tmp_path / "o", _small(demo_shards, run_dir, "--tp", "1", "--max-steps", "12", "--lr", "1e12"), check=False
     )
     assert proc.returncode == 2
@@ -178,7 +159,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_shards: Path, tm
 def test_demo_config_learns(demo_shards: Path, tmp_path: Path) -> None:
     """The demo recipe on real shards: loss falls and val accuracy beats chance (25%)."""
     run_dir = tmp_path / "run"
-    _train(
+    train(
         tmp_path / "o",
         [
             *flags(
@@ -204,7 +185,7 @@ def test_demo_config_learns(demo_shards: Path, tmp_path: Path) -> None:
 def test_paper_model_end_to_end(demo_shards: Path, tmp_path: Path) -> None:
     """The paper's full widths over the two-tower split: train, checkpoint, 10-crop evaluation."""
     run_dir = tmp_path / "run"
-    _train(
+    train(
         tmp_path / "o",
         [
             *flags("--data {} --run-dir {} --num-classes 4 --tp 2 --batch-size 4 --max-steps 2", demo_shards, run_dir),

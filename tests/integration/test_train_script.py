@@ -1,72 +1,25 @@
-"""slurm/train.sh's own decisions, run by bash outside Slurm with stand-ins for ``srun`` (runs its command once:
-a one-node allocation) and ``scontrol`` (records what it is asked): PREFLIGHT=strict ends the job before
-training with exit 1 and no requeue, PREFLIGHT=warn puts the pre-flight's table and verdict in the job log and
-trains, and a hung job is requeued at most HANG_REQUEUES times. The same script under a real Slurm cluster
-(submission, signals, requeue by Slurm itself) is tests/integration/test_slurm_train.py."""
+"""slurm/train.sh's decisions that need a training run (the pre-flight modes, a crash that repeats, the node
+ledger), run by bash outside Slurm as tests/unit/test_train_script.py describes."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import stat
 from pathlib import Path
 
 import pytest
 
-from tests.support import HOOKS, PYTHON, REPO, SMALL_RUN, flags
+from tests.support import SMALL_RUN, flags
 from tests.support.processes import run_logged
+from tests.support.train_script import JOB, job_env, requeues
 
 TIMEOUT = 420
-JOB = "4242"
-
-SRUN = """#!/bin/bash
-# srun stand-in: its own options dropped, the command run once (this host is the one-node allocation)
-while [[ "${1:-}" == --* ]]; do shift; done
-exec "$@"
-"""
-SCONTROL = """#!/bin/bash
-# scontrol stand-in: every call recorded; `show hostnames` answers this host, `show node` knows no NodeAddr
-echo "scontrol $*" >> "$FAKE_SLURM_CALLS"
-[[ "$1 $2" == "show hostnames" ]] && hostname
-exit 0
-"""
 
 
-def _script(path: Path, text: str) -> None:
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-
-
-def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment sbatch would give the script (one node, job 4242), with the stand-ins first on PATH."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    _script(bin_dir / "srun", SRUN)
-    _script(bin_dir / "scontrol", SCONTROL)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PREFLIGHT", "HANG_", "MAX_RESTARTS"))}
-    env.update(
-        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-        PYTHON=PYTHON,
-        PYTHONPATH=os.pathsep.join([HOOKS, str(REPO)]),
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
-        SLURM_JOB_ID=JOB,
-        SLURM_JOB_NUM_NODES="1",
-        SLURM_JOB_NODELIST=socket.gethostname(),
-        SLURM_SUBMIT_DIR=str(REPO),
-        SLURM_CPUS_PER_TASK="2",
-        NPROC_PER_NODE="2",
-        FAKE_SLURM_CALLS=str(tmp_path / "scontrol.calls"),
-    )
-    env.update(extra)
-    return env
-
-
-def _requeues(tmp_path: Path) -> list[str]:
-    calls = tmp_path / "scontrol.calls"
-    return [c for c in (calls.read_text().splitlines() if calls.exists() else []) if c.startswith("scontrol requeue")]
+def _train_sh(data: Path, run_dir: Path, options: str) -> list[str]:
+    """slurm/train.sh with the small run's training flags and ``options`` (one line, as ``flags`` reads it)."""
+    return ["bash", "slurm/train.sh", *flags("--data {} --run-dir {}", data, run_dir), *SMALL_RUN, *flags(options)]
 
 
 def _table_rows(text: str) -> dict[int, list[str]]:
@@ -82,14 +35,8 @@ def _table_rows(text: str) -> dict[int, list[str]]:
 @pytest.mark.multiprocess
 def test_preflight_strict_ends_the_job_before_training_without_requeue(demo_shards: Path, tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    env = _job_env(tmp_path, PREFLIGHT="strict", ALEXNET_TEST_SLOW_MATMUL_RANK="1")
-    argv = [
-        "bash",
-        "slurm/train.sh",
-        *flags("--data {} --run-dir {}", demo_shards, run_dir),
-        *SMALL_RUN,
-        *flags("--tp 1 --max-steps 2"),  # short, should the job train after all
-    ]
+    env = job_env(tmp_path, PREFLIGHT="strict", ALEXNET_TEST_SLOW_MATMUL_RANK="1")
+    argv = _train_sh(demo_shards, run_dir, "--tp 1 --max-steps 2")  # short, should the job train after all
     rc = run_logged(argv, log, env, TIMEOUT)
     text = log.read_text(errors="replace")
     assert rc == 1, text[-4000:]
@@ -97,7 +44,7 @@ def test_preflight_strict_ends_the_job_before_training_without_requeue(demo_shar
     assert re.search(r"preflight: rank 1 \(host \S+\) matmul GFLOP/s [\d.]+ is below 0.5 x", text), text[-4000:]
     assert "pre-flight failed (exit 1): not training on this allocation" in text, text[-4000:]
     assert f"job {JOB} restart" not in text and not (run_dir / "checkpoints").exists(), text[-4000:]
-    assert _requeues(tmp_path) == [], _requeues(tmp_path)
+    assert requeues(tmp_path) == [], requeues(tmp_path)
     # The node is in the ledger beside the run directories: a later job allocated there requeues without it.
     [entry] = [json.loads(line) for line in (tmp_path / ".alexnet-nodes.jsonl").read_text().splitlines()]
     assert (entry["node"], entry["source"]) == (socket.gethostname(), "preflight"), entry
@@ -106,14 +53,8 @@ def test_preflight_strict_ends_the_job_before_training_without_requeue(demo_shar
 @pytest.mark.multiprocess
 def test_preflight_warn_logs_the_table_and_trains(demo_shards: Path, tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    env = _job_env(tmp_path, ALEXNET_TEST_SLOW_MATMUL_RANK="1")  # PREFLIGHT unset: warn, the default
-    argv = [
-        "bash",
-        "slurm/train.sh",
-        *flags("--data {} --run-dir {}", demo_shards, run_dir),
-        *SMALL_RUN,
-        *flags("--tp 1 --max-steps 2"),
-    ]
+    env = job_env(tmp_path, ALEXNET_TEST_SLOW_MATMUL_RANK="1")  # PREFLIGHT unset: warn, the default
+    argv = _train_sh(demo_shards, run_dir, "--tp 1 --max-steps 2")
     rc = run_logged(argv, log, env, TIMEOUT)
     text = log.read_text(errors="replace")
     assert rc == 0, text[-4000:]
@@ -124,11 +65,7 @@ def test_preflight_warn_logs_the_table_and_trains(demo_shards: Path, tmp_path: P
     verdict = text.index("preflight: rank 1 (host ")
     assert verdict < text.index(f"job {JOB} restart 0:"), text[-4000:]  # reported, then trained anyway
     assert "pre-flight failed" not in text and (run_dir / "checkpoints").is_dir(), text[-4000:]
-    assert _requeues(tmp_path) == []
-
-
-# ------------------------------------------------------------------------------------------------
-# A hung job: requeued while SLURM_RESTART_COUNT < HANG_REQUEUES (default 3), then left failed
+    assert requeues(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,9 +74,9 @@ def test_preflight_warn_logs_the_table_and_trains(demo_shards: Path, tmp_path: P
 
 def _crash_job(demo_shards: Path, tmp_path: Path, **extra: str) -> tuple[int, str, Path]:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    env = _job_env(tmp_path, PREFLIGHT="off", ALEXNET_TEST_CRASH_AT="2", **extra)
-    argv = ["bash", "slurm/train.sh", *flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN]
-    rc = run_logged([*argv, *flags("--tp 1 --max-steps 4 --faults.hang.timeout 0")], log, env, TIMEOUT)
+    env = job_env(tmp_path, PREFLIGHT="off", ALEXNET_TEST_CRASH_AT="2", **extra)
+    argv = _train_sh(demo_shards, run_dir, "--tp 1 --max-steps 4 --faults.hang.timeout 0")
+    rc = run_logged(argv, log, env, TIMEOUT)
     return rc, log.read_text(errors="replace"), run_dir
 
 
@@ -153,7 +90,7 @@ def test_a_crash_that_repeats_ends_the_job_after_the_second_time(demo_shards: Pa
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert errors == [errors[0]] and "the same crash twice at step 2 (RuntimeError: injected crash" in errors[0], errors
     assert text.count("world 2 = dp 2 x tp 1") == 2, text[-4000:]  # two attempts trained, the third did not
-    assert "not requeueing (exit 3)" in text and _requeues(tmp_path) == [], text[-4000:]
+    assert "not requeueing (exit 3)" in text and requeues(tmp_path) == [], text[-4000:]
 
 
 @pytest.mark.multiprocess
@@ -182,9 +119,8 @@ def test_a_node_in_the_ledger_is_excluded_by_a_requeue_saying_so(demo_shards: Pa
     (earlier / "hangs" / "20260101-000000" / "hang.json").write_text(json.dumps(hang))
     assert nodes.main(["record-hangs", str(earlier)]) == 0  # what slurm/train.sh runs after a hang
     run_dir, log = tmp_path / "runs" / "run", tmp_path / "job.out"
-    argv = ["bash", "slurm/train.sh", *flags("--data {} --run-dir {}", demo_shards, run_dir), *SMALL_RUN]
-    argv += flags("--tp 1 --max-steps 1")
-    rc = run_logged(argv, log, _job_env(tmp_path, PREFLIGHT="off"), TIMEOUT)
+    argv = _train_sh(demo_shards, run_dir, "--tp 1 --max-steps 1")
+    rc = run_logged(argv, log, job_env(tmp_path, PREFLIGHT="off"), TIMEOUT)
     text = log.read_text(errors="replace")
     assert rc == 0, text[-4000:]
     ledger = tmp_path / "runs" / ".alexnet-nodes.jsonl"
@@ -193,7 +129,7 @@ def test_a_node_in_the_ledger_is_excluded_by_a_requeue_saying_so(demo_shards: Pa
     assert f"scontrol requeue {JOB}" in calls and f"ExcNodeList={host}" in calls, calls
     assert f"job {JOB} restart" not in text and not (run_dir / "checkpoints").exists(), text[-4000:]
 
-    rc = run_logged(argv, log, _job_env(tmp_path, PREFLIGHT="off", LEDGER_REQUEUE="0"), TIMEOUT)
+    rc = run_logged(argv, log, job_env(tmp_path, PREFLIGHT="off", LEDGER_REQUEUE="0"), TIMEOUT)
     text = log.read_text(errors="replace")
     assert rc == 0 and f"{host} failed in an earlier job ({ledger}); training on it anyway" in text, text[-4000:]
     assert (run_dir / "checkpoints" / "latest").exists(), text[-4000:]

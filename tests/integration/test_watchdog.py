@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,8 +16,20 @@ import pytest
 from pipeline import checkpoint
 from pipeline.faults.watchdog import HANG_EXIT
 from pipeline.phases import Allowance
-from tests.support import HARNESS, PYTHON, REPO, SMALL_RUN, flags
-from tests.support.processes import children, cmdline, kill_group, run_logged, small_env, tail, wait_for
+from tests.support import HARNESS, PYTHON, SMALL_RUN, flags
+from tests.support.processes import (
+    children,
+    cmdline,
+    kill_group,
+    rank_of,
+    resume,
+    run_logged,
+    small_env,
+    start_logged,
+    tail,
+    wait_for,
+)
+from tests.support.run_records import progress_record
 
 RUN_TIMEOUT = 300
 HANG_S = 10  # --faults.hang.timeout in these tests (default 120)
@@ -29,22 +40,7 @@ WATCH = [
 
 
 # ------------------------------------------------------------------------------------------------
-# The verdict, on hand-made records
-
-
-# ------------------------------------------------------------------------------------------------
-# When the verdict comes, on a fake wall clock: one pass of the watchdog's thread every PASS_S
-
-
-# ------------------------------------------------------------------------------------------------
 # A rank SIGSTOPped mid-epoch under torchrun
-
-
-def _progress(run_dir: Path, rank: int) -> dict | None:
-    try:
-        return json.loads((run_dir / "progress" / f"rank-{rank}.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 TRAINING_PHASES = ("data", "forward", "backward", "gradient-sync", "step", "step-sync", "control")
@@ -82,25 +78,21 @@ def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_pat
         }
     )
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
-    with log.open("wb") as sink:
-        agent = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    agent = start_logged(argv, log, env)
     victims: list[int] = []
     times: list[tuple[float, float, float]] = []
     try:
         for attempt, phases in enumerate([TRAINING_PHASES, SAVE_PHASES, VALIDATION_PHASES]):
 
             def rank1(attempt: int = attempt) -> int | None:
-                pids = [p for p in children(agent.pid) if HARNESS in cmdline(p) and _rank_of(p) == 1]
+                pids = [p for p in children(agent.pid) if HARNESS in cmdline(p) and rank_of(p) == 1]
                 return pids[0] if pids and pids[0] not in victims else None
 
             victim = wait_for(rank1, 180, f"rank 1 of attempt {attempt}", agent)
             # The moment: rank 1's own record says it is in the phase (mid-epoch: training, after step 6's save).
             wait_for(
                 lambda v=victim, ph=phases: (
-                    (r := _progress(run_dir, 1)) and r["pid"] == v and r["phase"] in ph and r["step"] >= 7
+                    (r := progress_record(run_dir, 1)) and r["pid"] == v and r["phase"] in ph and r["step"] >= 7
                 ),
                 180,
                 f"rank 1 in {phases}",
@@ -118,11 +110,7 @@ def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_pat
         rc = agent.wait(timeout=RUN_TIMEOUT)
         done_at = time.monotonic()
     finally:
-        for victim in victims:
-            try:
-                os.kill(victim, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume(*victims)
         kill_group(agent)
     text = log.read_text(errors="replace")
     assert rc == 0, text[-6000:]
@@ -158,15 +146,6 @@ def test_stopped_rank_is_named_and_the_job_comes_back(demo_shards: Path, tmp_pat
     # the thread, is pinned by test_the_verdict_comes_when_the_allowance_is_spent: a 1.25x allowance fails it).
     delays = [round(reported - stopped, 1) for stopped, reported, _ in times]
     assert all(HANG_S - 2 <= d <= HANG_S + 3 for d in delays), (delays, HANG_S)
-
-
-def _rank_of(pid: int) -> int | None:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    env = dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
-    return int(env["RANK"]) if "RANK" in env else None
 
 
 def _hang_lines(log: Path) -> list[str]:
@@ -241,15 +220,11 @@ def test_straggler_is_named(demo_shards: Path, tmp_path: Path) -> None:
         "1.5",
     )
     env = small_env({"HARNESS_OUT": str(out), "HARNESS_DATA": "real"})
-    with log.open("wb") as sink:
-        agent = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    agent = start_logged(argv, log, env)
     victim = None
     try:
         wait_for(lambda: "dp 2 x tp 1" in log.read_text(errors="replace"), 180, "the workers' start", agent)
-        victim = next(p for p in children(agent.pid) if HARNESS in cmdline(p) and _rank_of(p) == 1)
+        victim = next(p for p in children(agent.pid) if HARNESS in cmdline(p) and rank_of(p) == 1)
 
         def named() -> str | None:
             return next((ln for ln in log.read_text(errors="replace").splitlines() if "straggler: " in ln), None)
@@ -263,11 +238,7 @@ def test_straggler_is_named(demo_shards: Path, tmp_path: Path) -> None:
             line = named()
         rc = agent.wait(timeout=RUN_TIMEOUT)
     finally:
-        if victim is not None:
-            try:
-                os.kill(victim, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume(victim)
         kill_group(agent)
     text = log.read_text(errors="replace")
     assert rc == 0, text[-6000:]

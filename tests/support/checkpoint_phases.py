@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from tests.support.tensor_parallel import gloo_group
 
 DELAY_S = 1.5
 
@@ -30,12 +30,7 @@ def save_with_delays(rank: int, workdir: str) -> None:
     from pipeline.phases import PhaseMarks
     from pipeline.schedule import LRSchedule
 
-    torch.set_num_threads(1)
-    root = Path(workdir)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, workdir) as root:
         cfg = RunConfig(run_dir=str(root / "run"))
         cfg.model = ModelConfig(num_classes=4, widths=(8, 16, 16, 16, 8), fc_width=16)
         model = build_model(cfg.model)
@@ -78,5 +73,3 @@ def save_with_delays(rank: int, workdir: str) -> None:
         done.set()
         sampler.join()
         (root / f"phases-rank{rank}.json").write_text(json.dumps({"samples": samples, "seq": marks.current.seq}))
-    finally:
-        dist.destroy_process_group()

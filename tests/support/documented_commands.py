@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.support import PYTHON, REPO, flags
-from tests.support.processes import small_env
+from tests.support.processes import run_captured
 
 OURS = ("preprocess", "pipeline", "launch", "tests")
 
@@ -106,15 +105,7 @@ print(json.dumps(results))
 
 def _helps(argvs: list[list[str]]) -> dict[str, tuple[object, str]]:
     """``python -m M [SUB] --help`` for each, run as __main__ in one fresh interpreter (imports shared)."""
-    proc = subprocess.run(
-        [PYTHON, "-c", HELP_RUNNER, json.dumps(argvs)],
-        cwd=REPO,
-        env=small_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = run_captured([PYTHON, "-c", HELP_RUNNER, json.dumps(argvs)], 300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

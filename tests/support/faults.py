@@ -7,22 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import PYTHON, REPO, SMALL_RUN, flags
-from tests.support.processes import small_env
+from tests.support import PYTHON, SMALL_RUN, flags
+from tests.support.processes import run_captured
 
 RUN_TIMEOUT = 300  # seconds for any one training run (they take 10-40 s on 2 cores)
 
 
 def _train_error(data: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
-    proc = subprocess.run(
-        [PYTHON, *flags("-m launch.train --data {} --run-dir {}", data, run_dir), *SMALL_RUN, "--tp", "1", *extra],
-        cwd=REPO,
-        env=small_env(),
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=RUN_TIMEOUT,
-    )
+    argv = [PYTHON, *flags("-m launch.train --data {} --run-dir {}", data, run_dir), *SMALL_RUN, "--tp", "1", *extra]
+    proc = run_captured(argv, RUN_TIMEOUT)
     return proc.returncode, proc.stderr
 
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import timedelta
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from tests.support import SMALL_RUN, flags
+from tests.support.tensor_parallel import gloo_group
 
 EPOCHS = 2
 
@@ -29,12 +27,7 @@ def record_marks(rank: int, workdir: str) -> None:
     from pipeline.train import Loaders, build_trainer
     from tests.support.harness import FixedLoader, fixed_loaders
 
-    torch.set_num_threads(1)
-    root = Path(workdir)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, workdir) as root:
         argv = [
             *flags("--data {} --run-dir {}", root / "no-data", root / "run"),
             *SMALL_RUN,
@@ -72,5 +65,3 @@ def record_marks(rank: int, workdir: str) -> None:
         outcome = trainer.fit()
         result = {"marks": marks, "ticks": ticks, "step": outcome.progress.step}
         (root / f"marks-rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()

@@ -69,6 +69,32 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def environ(pid: int) -> dict[str, str]:
+    """The environment ``pid`` started with ({} once it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def rank_of(pid: int) -> int | None:
+    """The ``RANK`` torchrun gave worker ``pid`` (None: not a worker, or gone)."""
+    env = environ(pid)
+    return int(env["RANK"]) if "RANK" in env else None
+
+
+def resume(*pids: int | None) -> None:
+    """SIGCONT to each stopped process still there (None: none was stopped), so that it can be ended."""
+    for pid in pids:
+        if pid is None:
+            continue
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def _signal(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -120,10 +146,13 @@ def wait_for(
         time.sleep(poll)
 
 
-def run_logged(argv: Sequence[str], log: Path, env: Mapping[str, str], timeout: float, cwd: Path = REPO) -> int:
-    """Run to completion with stdout+stderr into ``log``; kill its whole group on timeout."""
+def start_logged(
+    argv: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path = REPO, **popen: Any
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own (``kill_group`` ends it), stdout+stderr appended to ``log``, no
+    stdin; ``popen`` adds Popen's other arguments (``preexec_fn=interruptible``)."""
     with log.open("ab") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             list(argv),
             cwd=cwd,
             env=dict(env),
@@ -131,15 +160,55 @@ def run_logged(argv: Sequence[str], log: Path, env: Mapping[str, str], timeout: 
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            **popen,
         )
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+
+
+def run_captured(
+    argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run to completion in the repository (``small_env()`` unless ``env``), no stdin, its output captured as text."""
+    return subprocess.run(
+        list(argv),
+        cwd=REPO,
+        env=dict(env) if env is not None else small_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def run_logged(argv: Sequence[str], log: Path, env: Mapping[str, str], timeout: float, cwd: Path = REPO) -> int:
+    """Run to completion with stdout+stderr into ``log``; kill its whole group on timeout."""
+    proc = start_logged(argv, log, env, cwd)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise AssertionError(f"{' '.join(argv[:4])} ... ran past {timeout:.0f} s:\n{tail(log)}") from None
+    finally:
+        if proc.poll() is None:
             kill_group(proc)
-            raise AssertionError(f"{' '.join(argv[:4])} ... ran past {timeout:.0f} s:\n{tail(log)}") from None
-        finally:
-            if proc.poll() is None:
-                kill_group(proc)
+
+
+def wait_all(
+    procs: Mapping[str, subprocess.Popen[Any]], logs: Mapping[str, Path], timeout: float
+) -> tuple[dict[str, int | None], str]:
+    """Wait for every process (by name) within one deadline, then kill those still running: their exit codes
+    (None: killed here) and a report of each log's tail for an assertion."""
+    deadline = time.monotonic() + timeout
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    codes = {name: proc.poll() for name, proc in procs.items()}
+    report = "\n".join(f"--- {name} (exit {codes[name]})\n{tail(logs[name])}" for name in logs)
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+    return codes, report
 
 
 def tail(path: Path, chars: int = 4000) -> str:

@@ -1,4 +1,5 @@
-"""Two gloo ranks on CPU for the tensor-parallel tests: a spawner with a deadline and the rank body.
+"""Two gloo ranks on CPU for the tensor-parallel tests: a spawner with a deadline, the group a rank joins, and
+the rank body (the spawner and the group serve the other spawned rank bodies too).
 
 The rank body lives here (not in a test module) so spawned processes import it without pytest's
 collection; ranks read their inputs from and write their results to files, and the test process
@@ -8,7 +9,8 @@ compares them with the single-device model.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,22 +48,30 @@ def spawn_ranks(fn: Callable[..., None], args: tuple[Any, ...], nprocs: int, tim
                 process.join()
 
 
-def tp_ranks(rank: int, workdir: str) -> None:
-    """One rank: for every case in ``workdir/cases.pt`` build the tower, run it, save what it saw."""
+@contextmanager
+def gloo_group(rank: int, workdir: str, world: int = WORLD) -> Iterator[Path]:
+    """This process as ``rank`` of a gloo group of ``world`` met through the file store ``workdir/store``, on
+    one thread (the ranks share the CPU); the group is destroyed on the way out. Yields ``workdir``."""
     torch.set_num_threads(1)
     root = Path(workdir)
     dist.init_process_group(
-        "gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     try:
+        yield root
+    finally:
+        dist.destroy_process_group()
+
+
+def tp_ranks(rank: int, workdir: str) -> None:
+    """One rank: for every case in ``workdir/cases.pt`` build the tower, run it, save what it saw."""
+    with gloo_group(rank, workdir) as root:
         group = dist.new_group(list(range(WORLD)))  # the model must use the group it is given
         cases = torch.load(root / "cases.pt")
         results: dict[str, Any] = {name: _run_case(case, group, rank) for name, case in cases.items()}
         results["collectives"] = _run_collectives(group, rank)
         results["training"] = train_steps(torch.load(root / "training.pt"), group)
         torch.save(results, root / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _run_case(case: dict[str, Any], group: dist.ProcessGroup, rank: int) -> dict[str, Any]:
@@ -133,12 +143,7 @@ def trainer_dropout_masks(rank: int, workdir: str, world: int, tp: int, model_cf
     from pipeline.mesh import ParallelDims, build_mesh
     from pipeline.train import build_trainer
 
-    torch.set_num_threads(1)
-    root = Path(workdir)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, workdir, world) as root:
         cfg = RunConfig(run_dir=str(root / "run"))
         cfg.model = ModelConfig(**model_cfg)
         cfg.train.seed, cfg.train.tp = seed, tp
@@ -149,5 +154,3 @@ def trainer_dropout_masks(rank: int, workdir: str, world: int, tp: int, model_cf
         masks = [tower._dropout(torch.ones(6, width), "fc6") != 0 for _ in range(2)]
         torch.save({"dp": dims.dp_rank, "tp": dims.tp_rank, "masks": masks}, root / f"masks{rank}.pt")
         trainer.writer.close()
-    finally:
-        dist.destroy_process_group()

@@ -231,7 +231,3 @@ def test_two_ranks_reading_the_same_shards_split_the_hashing(big: Path, tmp_path
     assert a and b, "both ranks hashed"
     assert not set(a) & set(b), "no shard hashed twice"
     assert sorted(a + b) == list(range(shards)) == sorted(a + a_found) == sorted(b + b_found)
-
-
-# --------------------------------------------------------------------------------------------
-# The next epoch, prepared while this one trains

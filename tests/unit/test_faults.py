@@ -18,14 +18,6 @@ from tests.support.datasets import preprocess, shard_args
 from tests.support.faults import _mount_tmpfs, _one_error_line, _train_error, _umount
 
 # ------------------------------------------------------------------------------------------------
-# kill -9 of one worker under torchrun's elastic restarts
-
-
-# ------------------------------------------------------------------------------------------------
-# kill -9 while a checkpoint is being written
-
-
-# ------------------------------------------------------------------------------------------------
 # Damaged shards: one-line errors, exit code 2
 
 
@@ -112,11 +104,3 @@ def test_disk_full_during_preprocessing(demo_data: Path, tmp_path: Path, where: 
     finally:
         _umount(mnt)
     assert not os.path.ismount(mnt)
-
-
-# ------------------------------------------------------------------------------------------------
-# The kill soak: SIGKILL at random moments, the same command again, the same weights at the end
-
-
-# ------------------------------------------------------------------------------------------------
-# A full disk during a checkpoint save

@@ -19,7 +19,7 @@ from PIL import Image
 
 from preprocess import format as fmt
 from preprocess import image, sources
-from tests.support import REPO
+from tests.support import REPO, flags
 from tests.support.archives import tar_bytes, val_name, write_meta
 from tests.support.datasets import jpeg_of_colour as _jpeg
 
@@ -35,6 +35,16 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
+    )
+
+
+def _shard_val(tmp_path: Path, src: Path, devkit: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``preprocess shard`` of the val split in ``src`` with ``devkit`` (a meta.mat or the devkit archive)."""
+    return _run(
+        "shard",
+        *flags("--src {} --out {} --split val --devkit {}", src, tmp_path / "out", devkit),
+        *extra,
+        "--no-progress",
     )
 
 
@@ -212,38 +222,14 @@ def test_corrupt_meta_mat_is_one_line_naming_the_file(tmp_path: Path, damage: st
     )
     truth = tmp_path / "truth.txt"
     truth.write_text("1\n2\n")
-    proc = _run(
-        "shard",
-        "--src",
-        str(_val_folder(tmp_path / "val")),
-        "--out",
-        str(tmp_path / "out"),
-        "--split",
-        "val",
-        "--devkit",
-        str(meta),
-        "--labels",
-        str(truth),
-        "--no-progress",
-    )
+    proc = _shard_val(tmp_path, _val_folder(tmp_path / "val"), meta, "--labels", str(truth))
     _one_line_error(proc, str(meta), "meta.mat")
 
     kit = _devkit_tgz(
         tmp_path / "devkit.tar.gz",
         {"data/meta.mat": meta.read_bytes(), "data/ILSVRC2012_validation_ground_truth.txt": b"1\n2\n"},
     )
-    proc = _run(
-        "shard",
-        "--src",
-        str(tmp_path / "val"),
-        "--out",
-        str(tmp_path / "out"),
-        "--split",
-        "val",
-        "--devkit",
-        str(kit),
-        "--no-progress",
-    )
+    proc = _shard_val(tmp_path, tmp_path / "val", kit)
     _one_line_error(proc, str(kit), "meta.mat")
 
 
@@ -256,35 +242,13 @@ def test_oversize_or_truncated_devkit_member_is_refused_unread(tmp_path: Path) -
         {"data/meta.mat": meta.read_bytes(), "data/ILSVRC2012_validation_ground_truth.txt": b"\0" * huge},
     )
     val = _val_folder(tmp_path / "val")
-    proc = _run(
-        "shard",
-        "--src",
-        str(val),
-        "--out",
-        str(tmp_path / "out"),
-        "--split",
-        "val",
-        "--devkit",
-        str(kit),
-        "--no-progress",
-    )
+    proc = _shard_val(tmp_path, val, kit)
     _one_line_error(proc, str(kit), "ILSVRC2012_validation_ground_truth.txt", "far larger")
 
     # A gzip stream cut short: one line, not a traceback from tarfile or zlib.
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(kit.read_bytes()[:-5000])
-    proc = _run(
-        "shard",
-        "--src",
-        str(val),
-        "--out",
-        str(tmp_path / "out"),
-        "--split",
-        "val",
-        "--devkit",
-        str(cut),
-        "--no-progress",
-    )
+    proc = _shard_val(tmp_path, val, cut)
     _one_line_error(proc, str(cut))
 
 
@@ -306,18 +270,5 @@ def test_compressed_meta_mat_is_read_and_a_zip_bomb_refused(tmp_path: Path) -> N
     assert meta.stat().st_size < 1 << 20
     truth = tmp_path / "truth.txt"
     truth.write_text("1\n2\n")
-    proc = _run(
-        "shard",
-        "--src",
-        str(_val_folder(tmp_path / "val")),
-        "--out",
-        str(tmp_path / "out"),
-        "--split",
-        "val",
-        "--devkit",
-        str(meta),
-        "--labels",
-        str(truth),
-        "--no-progress",
-    )
+    proc = _shard_val(tmp_path, _val_folder(tmp_path / "val"), meta, "--labels", str(truth))
     _one_line_error(proc, str(meta), "inflates to more than 64 MB")

@@ -53,7 +53,3 @@ def test_far_below_compares_with_the_other_ranks() -> None:
     assert len(lines) == 2, lines
     assert lines[0].startswith("preflight: rank 1 (host b) matmul GFLOP/s 40 is below 0.5 x")
     assert lines[1].startswith("preflight: rank 2 (host c) link to 0 MB/s 80 is below 0.5 x")
-
-
-# ------------------------------------------------------------------------------------------------
-# A slow link between two emulated nodes (network namespaces + veth, tc netem on one end)

@@ -242,6 +242,3 @@ def test_import_is_light() -> None:
     code = f"import sys, launch.submit; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-# ------------------------------------------------------------------------------- real Slurm jobs

@@ -1,37 +1,17 @@
-"""Distributed training on CPU with gloo: layout invariance, exact resume, LR drops, TensorBoard, guard rails."""
+"""The trainer's own decisions on a one-process harness run (when it saves); the distributed runs, with
+the same harness, are tests/integration/test_train.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.support import HARNESS, NARROW_MODEL, REPO, TORCHRUN, flags
-
-
-def _env(out: Path, data: str = "real") -> dict[str, str]:
-    env = {**os.environ, "HARNESS_OUT": str(out), "HARNESS_DATA": data, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return env
-
-
-def _train(
-    out: Path, args: list[str], nproc: int = 1, data: str = "real", timeout: int = 300, check: bool = True
-) -> subprocess.CompletedProcess:
-    out.mkdir(parents=True, exist_ok=True)
-    if nproc == 1:
-        cmd = [sys.executable, HARNESS, *args]
-    else:
-        cmd = [TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", HARNESS, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(out, data), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+from tests.support import NARROW_MODEL, flags
+from tests.support.harness_runs import train
 
 
 def test_epoch_end_saves_every_n_epochs(classes_only: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = _train(
+    proc = train(
         tmp_path / "o",
         [
             *flags("--data {} --run-dir {}", classes_only, run_dir),

@@ -2,34 +2,22 @@
 a one-node allocation) and ``scontrol`` (records what it is asked): PREFLIGHT=strict ends the job before
 training with exit 1 and no requeue, PREFLIGHT=warn puts the pre-flight's table and verdict in the job log and
 trains, and a hung job is requeued at most HANG_REQUEUES times. The same script under a real Slurm cluster
-(submission, signals, requeue by Slurm itself) is tests/integration/test_slurm_train.py."""
+(submission, signals, requeue by Slurm itself) is tests/integration/test_slurm_train.py. The stand-ins and the
+job's environment are in tests/support/train_script.py; the decisions that need a training run are in
+tests/integration/test_train_script.py."""
 
 from __future__ import annotations
 
 import os
-import socket
-import stat
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import HOOKS, PYTHON, REPO, flags
+from tests.support import PYTHON, flags
 from tests.support.processes import run_logged
+from tests.support.train_script import JOB, job_env, requeues, write_script
 
-JOB = "4242"
-
-SRUN = """#!/bin/bash
-# srun stand-in: its own options dropped, the command run once (this host is the one-node allocation)
-while [[ "${1:-}" == --* ]]; do shift; done
-exec "$@"
-"""
-SCONTROL = """#!/bin/bash
-# scontrol stand-in: every call recorded; `show hostnames` answers this host, `show node` knows no NodeAddr
-echo "scontrol $*" >> "$FAKE_SLURM_CALLS"
-[[ "$1 $2" == "show hostnames" ]] && hostname
-exit 0
-"""
 # The training step's stand-in (for the hang-requeue decisions): it records a hang as the watchdog does
 # (RUN_DIR/hangs/<time>/) when FAKE_HANG is set, and fails; everything else is the real interpreter.
 TRAINING_THAT_HANGS = """#!/bin/bash
@@ -39,45 +27,6 @@ if [[ " $* " == *" -m launch.train "* ]]; then
 fi
 exec {python} "$@"
 """
-
-
-def _script(path: Path, text: str) -> None:
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-
-
-def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment sbatch would give the script (one node, job 4242), with the stand-ins first on PATH."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    _script(bin_dir / "srun", SRUN)
-    _script(bin_dir / "scontrol", SCONTROL)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PREFLIGHT", "HANG_", "MAX_RESTARTS"))}
-    env.update(
-        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-        PYTHON=PYTHON,
-        PYTHONPATH=os.pathsep.join([HOOKS, str(REPO)]),
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
-        SLURM_JOB_ID=JOB,
-        SLURM_JOB_NUM_NODES="1",
-        SLURM_JOB_NODELIST=socket.gethostname(),
-        SLURM_SUBMIT_DIR=str(REPO),
-        SLURM_CPUS_PER_TASK="2",
-        NPROC_PER_NODE="2",
-        FAKE_SLURM_CALLS=str(tmp_path / "scontrol.calls"),
-    )
-    env.update(extra)
-    return env
-
-
-def _requeues(tmp_path: Path) -> list[str]:
-    calls = tmp_path / "scontrol.calls"
-    return [c for c in (calls.read_text().splitlines() if calls.exists() else []) if c.startswith("scontrol requeue")]
-
-
-# ------------------------------------------------------------------------------------------------
-# Pre-flight modes (rank 1's device measured at a hundredth of its speed by the test hook)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,13 +50,13 @@ def test_a_hung_job_is_requeued_up_to_hang_requeues(
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     fake_python = tmp_path / "bin" / "python-stand-in"
     (tmp_path / "bin").mkdir()
-    _script(fake_python, TRAINING_THAT_HANGS.format(python=PYTHON))
+    write_script(fake_python, TRAINING_THAT_HANGS.format(python=PYTHON))
     extra = {"SLURM_RESTART_COUNT": restarts, "PREFLIGHT": "off", "MAX_RESTARTS": "0", "FAKE_RUN_DIR": str(run_dir)}
     if cap is not None:
         extra["HANG_REQUEUES"] = cap
     if hang:
         extra["FAKE_HANG"] = "1"
-    env = _job_env(tmp_path, PYTHON=str(fake_python), **extra)
+    env = job_env(tmp_path, PYTHON=str(fake_python), **extra)
     # A hang recorded before this job started is an earlier incarnation's: it never counts.
     old = run_dir / "hangs" / "earlier-incarnation"
     old.mkdir(parents=True)
@@ -115,10 +64,10 @@ def test_a_hung_job_is_requeued_up_to_hang_requeues(
     rc = run_logged(["bash", "slurm/train.sh", *flags("--data /nonexistent --run-dir {}", run_dir)], log, env, 120)
     text = log.read_text(errors="replace")
     if requeued:
-        assert rc == 0 and _requeues(tmp_path) == [f"scontrol requeue {JOB}"], text
+        assert rc == 0 and requeues(tmp_path) == [f"scontrol requeue {JOB}"], text
         assert "training failed after a hang" in text, text
     else:
-        assert rc == 1 and _requeues(tmp_path) == [], text
+        assert rc == 1 and requeues(tmp_path) == [], text
         assert "requeueing" not in text, text
 
 
@@ -143,8 +92,8 @@ def test_a_node_range_trains_on_the_nodes_it_got(tmp_path: Path, allocated: dict
     run_dir, log, calls = tmp_path / "run", tmp_path / "job.out", tmp_path / "torchrun.calls"
     fake_python = tmp_path / "bin" / "python-stand-in"
     (tmp_path / "bin").mkdir()
-    _script(fake_python, TORCHRUN_RECORDED.format(python=PYTHON))
-    env = _job_env(tmp_path, PYTHON=str(fake_python), PREFLIGHT="off", FAKE_TORCHRUN=str(calls))
+    write_script(fake_python, TORCHRUN_RECORDED.format(python=PYTHON))
+    env = job_env(tmp_path, PYTHON=str(fake_python), PREFLIGHT="off", FAKE_TORCHRUN=str(calls))
     del env["SLURM_JOB_NUM_NODES"]
     env.update(allocated)
     rc = run_logged(["bash", "slurm/train.sh", *flags("--data /nonexistent --run-dir {}", run_dir)], log, env, 120)

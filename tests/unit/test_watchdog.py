@@ -254,18 +254,6 @@ def test_a_rank_that_does_not_report_leaves_only_after_the_reporters_line(tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------
-# A rank SIGSTOPped mid-epoch under torchrun
-
-
-# ------------------------------------------------------------------------------------------------
-# False alarms: a slow validation (progressing batch by batch) and a slow checkpoint write
-
-
-# ------------------------------------------------------------------------------------------------
-# A straggler: rank 1 stopped and continued in a duty cycle
-
-
-# ------------------------------------------------------------------------------------------------
 # A checkpoint's collectives are judged by the step allowance, its disk work by the slow one
 
 
