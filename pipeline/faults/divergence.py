@@ -65,7 +65,7 @@ class Rerun:
 
     step: int  # steps done, the divergent one included
     reproducible: bool  # diverged again: the batch (or the state) is at fault, not the hardware
-    ranks: list[int]  # the ranks whose own loss or gradient norm differed between the two runs
+    ranks: list[int]  # the ranks whose own loss differed between the two runs (under tp=2: both towers)
 
 
 @dataclass
@@ -188,11 +188,12 @@ class DivergenceGuard:
         self.in_a_row, self.streak_first = 0, 0
 
     def rerun_verdict(self, step: int, first_local: torch.Tensor, again_bad: torch.Tensor) -> Rerun:
-        """Collective: whether the re-run diverged too, and which ranks' own results differed between the runs
-        (a deterministic recomputation on sound hardware gives the same numbers; NaN equals NaN here)."""
-        now = self.local
-        same = (first_local == now) | (torch.isnan(first_local) & torch.isnan(now))
-        differs = (~same).any().float().reshape(1)
+        """Collective: whether the re-run diverged too, and which ranks' own loss differed between the runs (a
+        deterministic recomputation on sound hardware gives the same numbers; NaN equals NaN here). The loss,
+        not the gradients: DDP's all-reduce hands one rank's bad gradients to every rank."""
+        first, now = first_local[0], self.local[0]
+        differs = ~((first == now) | (torch.isnan(first) & torch.isnan(now)))
+        differs = differs.float().reshape(1)
         if self.world_size > 1:
             gathered = [torch.zeros_like(differs) for _ in range(self.world_size)]
             dist.all_gather(gathered, differs)

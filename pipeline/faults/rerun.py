@@ -8,9 +8,9 @@ and calls :func:`settle` together:
   :meth:`~pipeline.faults.divergence.DivergenceGuard.may_skip` the batch is skipped and the run goes on; its
   sample keys (every rank's share) go to RUN_DIR/bad_batches.jsonl with ``"skipped": true``. Beyond them the
   divergence stays latched and the next control step stops or rolls back as before.
-- not again: the hardware erred once. The re-run's update was applied; the node(s) whose own numbers differed
-  between the runs are named in one line and in the node ledger (:mod:`pipeline.faults.nodes`), which later jobs'
-  ``slurm/train.sh`` reads.
+- not again: the hardware erred once. The re-run's update was applied; the node(s) whose own loss differed
+  between the runs (not the gradients: the all-reduce shares one rank's with all) are named in one line and in
+  the node ledger (:mod:`pipeline.faults.nodes`), which later jobs' ``slurm/train.sh`` reads.
 
 :class:`BadBatches` is what a resume reads back: the (epoch, batch, global batch size) of every skipped batch, so
 that passing the same batch again (a restart from an earlier checkpoint, a rollback's replay) skips it without
@@ -131,9 +131,9 @@ def _name_suspects(rerun: Rerun, run_dir: RunDir, node_of_rank: list[str]) -> No
     log.warning(
         "divergence at step %d did not repeat when re-run in place: %s; the re-run's update was applied",
         rerun.step,
-        f"node {where} suspect: its own loss or gradients differed between the two runs"
+        f"node {where} suspect: its own loss differed between the two runs"
         if suspects
-        else "no rank's own numbers differed (a transient fault in the reduction)",
+        else "no rank's own loss differed (a transient fault in backward or the gradient reduction)",
     )
     for node in suspects:
         nodes.record(run_dir, node, "divergence-rerun", f"step {rerun.step} did not repeat when re-run in place")

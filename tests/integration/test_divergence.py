@@ -297,7 +297,7 @@ def test_a_batch_that_spikes_again_when_re_run_is_skipped_and_stays_skipped(demo
     can skip it) skips it again without a re-run and ends with the weights of the run that went straight on,
     bit for bit, dropout included (the skipped step draws its masks once, as the re-run left them)."""
     straight, restarted = tmp_path / "straight", tmp_path / "restarted"
-    common = ("--train.record-samples", "true", "--checkpoint.keep-last", "99", *SPIKE_RULE)
+    common = ("--epochs", "1", "--train.record-samples", "true", "--checkpoint.keep-last", "99", *SPIKE_RULE)
     proc = _run(tmp_path / "o1", _demo(demo_shards, straight, *common), env=SPIKE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = "divergence at step 9 repeated when re-run in place: the batch is at fault; skipped (8 sample keys"
@@ -326,16 +326,18 @@ def test_a_batch_that_spikes_again_when_re_run_is_skipped_and_stays_skipped(demo
     assert _weights_equal(straight, restarted)
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_spike_that_does_not_repeat_names_the_node(demo_shards: Path, tmp_path: Path) -> None:
-    """The images of step 9 are x1000 in its first computation only (a device that erred once): the re-run is
-    finite, its update is applied, nothing rolls back, and this node is named suspect, in the log and the ledger."""
+    """Rank 1's images of step 9 are x1000 in its first computation only (a device that erred once), under dp 2:
+    the re-run is finite, its update is applied, nothing rolls back, and rank 1 alone is named suspect (by its
+    own loss: DDP's all-reduce gave its bad gradients to rank 0 too), in the log and the ledger."""
     run_dir, ledger = tmp_path / "run", tmp_path / "ledger.jsonl"
-    env = {**SPIKE, "HARNESS_POISON_ONCE": "1", "ALEXNET_NODE_LEDGER": str(ledger)}
-    proc = _run(tmp_path / "o", _spiked(demo_shards, run_dir, "--max-steps", "10"), env=env)
+    env = {**SPIKE, "HARNESS_POISON_ONCE": "1", "HARNESS_POISON_RANK": "1", "ALEXNET_NODE_LEDGER": str(ledger)}
+    args = _spiked(demo_shards, run_dir, "--max-steps", "10")
+    proc = _run(tmp_path / "o", args, nproc=2, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     node = socket.gethostname()
-    line = f"divergence at step 9 did not repeat when re-run in place: node {node} (rank(s) 0) suspect"
+    line = f"divergence at step 9 did not repeat when re-run in place: node {node} (rank(s) 1) suspect"
     assert line in proc.stderr and "rolled back" not in proc.stderr, proc.stderr[-3000:]
     assert not (run_dir / "bad_batches.jsonl").exists()
     [entry] = [json.loads(line) for line in ledger.read_text().splitlines()]

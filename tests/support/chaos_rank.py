@@ -45,6 +45,11 @@ class Chaotic:
         self.rank, self.control, self.record = rank, control, record
         self.steps_in_epoch = inner.steps_in_epoch
         self.total = getattr(inner, "total", None)  # the split's size: the trainer weighs a short last batch by it
+        self.start_batch = first_step - epoch * inner.steps_in_epoch
+
+    def batch_keys(self, step: int) -> list[str]:
+        """This rank's sample keys of the epoch's batch ``step`` (a skipped batch is recorded by them)."""
+        return self.keys(step - self.start_batch)
 
     def __len__(self) -> int:
         return len(self.inner)
