@@ -15,7 +15,9 @@ import pytest
 from tests.support import HARNESS, HOOKS, REPO, SMALL_RUN, TORCHRUN, flags
 from tests.support.processes import free_port, kill_group, run_logged, small_env
 
-RUNS = int(os.environ.get("ALEXNET_TEST_SHUTDOWN_RUNS", 10))  # fewer to try a change quickly
+# The slow plan hook makes the abort certain in every run without the fix (seen: the first of 4 aborted), so a
+# few runs suffice; more to soak a change.
+RUNS = int(os.environ.get("ALEXNET_TEST_SHUTDOWN_RUNS", 4))
 RUN_TIMEOUT = 300
 
 
@@ -51,7 +53,7 @@ def _short_runs(demo_shards: Path, tmp_path: Path, runs: int, **extra: str) -> l
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_every_rank_of_a_finished_run_exits_0_under_load(demo_shards: Path, tmp_path: Path) -> None:
-    """Ten 2-rank runs to the end beside a CPU burner; the next epoch's plan (prepared in the background, never
+    """Four 2-rank runs to the end beside a CPU burner; the next epoch's plan (prepared in the background, never
     used: the run has 1 epoch) is still in native code for 1 s after the run is over and cancels it."""
     for rc, text in _short_runs(demo_shards, tmp_path, RUNS, ALEXNET_TEST_SLOW_PLAN_S="1"):
         assert rc == 0 and "terminate called" not in text and "failed (exitcode" not in text, text[-4000:]
