@@ -47,7 +47,7 @@ class BadBatches:
         takes its set, so that all skip the same steps; the restored checkpoint's own skips are added."""
         rows: list[Any] = [None]
         if not dist.is_initialized() or dist.get_rank() == 0:
-            rows[0] = sorted(_batch_id(r) for r in read_json_lines(run_dir.bad_batches) if _batch_id(r))
+            rows[0] = sorted(filter(None, map(_batch_id, read_json_lines(run_dir.bad_batches))))
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(rows, src=0)
         known = {tuple(r) for r in rows[0]} | {b for b in map(_batch_id, guard.skipped) if b}

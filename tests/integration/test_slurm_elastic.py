@@ -12,7 +12,6 @@ import json
 import os
 import re
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from pipeline.run_dir import RunDir
 from tests.integration.test_elastic import TOLERANCE  # the reduction-order tolerance of dp 4 vs dp 2
 from tests.support import NARROW, PYTHON, REPO, TORCHRUN, flags
 from tests.support.chaos import train_keys
-from tests.support.processes import free_port, kill_group, tail
+from tests.support.processes import free_port, kill_group, tail, wait_for
 from tests.support.slurm import SlurmCluster
 
 pytestmark = pytest.mark.slurm
@@ -50,15 +49,16 @@ def _log(record: dict[str, str]) -> str:
 
 
 def _wait_for(cluster: SlurmCluster, job: str, what: str, done: Callable[[dict[str, str]], bool]) -> dict:
-    """Until `done(record)`; fails (with the log) if the job ends first or after 300 s."""
-    deadline = time.monotonic() + 300
-    while True:
+    """Until `done(record)`; fails (with the log) if the job ends first, or after 300 s."""
+
+    def reached() -> dict | None:
         (record,) = cluster.jobs(job)
         if done(record):
             return record
         assert record["JobState"] not in ENDED_STATES, f"job {job} ended before {what}:\n{_log(record)}"
-        assert time.monotonic() < deadline, f"job {job}: no {what} after 300 s: {record}\n{_log(record)}"
-        time.sleep(0.5)
+        return None
+
+    return wait_for(reached, 300, f"job {job}: {what}", poll=0.5)
 
 
 def _dp_sizes(run_dir: Path) -> dict[int, set[int]]:

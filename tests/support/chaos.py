@@ -200,19 +200,26 @@ class SlowRank(Fault):
         return pattern
 
 
+def _diverge(c: Campaign, flag: str, pattern: str, what: str) -> str:
+    """A NaN at a step just ahead (:meth:`Campaign.step_ahead`) through the control file ``flag``-STEP; the run
+    goes on (no restart) and names it by ``pattern`` (with the step filled in)."""
+    step = c.step_ahead()
+    (c.control / f"{flag}-{step}").touch()
+    c.release()
+    pattern = pattern.format(step=step)
+    c.wait_for(lambda: c.log_matches(pattern), 240, what)
+    return pattern
+
+
 class NonFinite(Fault):
-    """Rank 0's loss is NaN at a step just ahead (:meth:`Campaign.step_ahead`) in that step's first computation
-    only: a device that erred once. The divergence guard applies no update and re-runs the step in place; the
-    re-run is finite, so its update is applied (the trajectory of an uninterrupted run) and rank 0's node is
-    named suspect in one line and in the node ledger."""
+    """Rank 0's loss is NaN at a step just ahead in that step's first computation only: a device that erred once.
+    The divergence guard applies no update and re-runs the step in place; the re-run is finite, so its update is
+    applied (the trajectory of an uninterrupted run) and rank 0's node is named suspect in one line and in the
+    node ledger."""
 
     def inject(self, c: Campaign) -> str:
-        step = c.step_ahead()
-        (c.control / f"nan-once-step-{step}").touch()
-        c.release()
-        pattern = rf"divergence at step {step} did not repeat when re-run in place: node \S+ \(rank\(s\) 0\) suspect"
-        c.wait_for(lambda: c.log_matches(pattern), 240, "the re-run's line")
-        return pattern
+        suspect = r"divergence at step {step} did not repeat when re-run in place: node \S+ \(rank\(s\) 0\) suspect"
+        return _diverge(c, "nan-once-step", suspect, "the re-run's line")
 
 
 class BadBatch(Fault):
@@ -223,12 +230,8 @@ class BadBatch(Fault):
     changes_trajectory = True
 
     def inject(self, c: Campaign) -> str:
-        step = c.step_ahead()
-        (c.control / f"poison-step-{step}").touch()
-        c.release()
-        pattern = rf"divergence at step {step} repeated when re-run in place: the batch is at fault; skipped"
-        c.wait_for(lambda: c.log_matches(pattern), 240, "the skipped batch's line")
-        return pattern
+        skipped = r"divergence at step {step} repeated when re-run in place: the batch is at fault; skipped"
+        return _diverge(c, "poison-step", skipped, "the skipped batch's line")
 
 
 class RepeatingCrash(Fault):
